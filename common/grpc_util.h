@@ -1,0 +1,31 @@
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "grpcpp/grpcpp.h"
+
+namespace taskmaster {
+
+// Limits both ends agree on: one value sets the send and receive caps.
+inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
+
+// How a worker or client reaches the master.
+struct ChannelOptions {
+  std::string address;                          // host:port
+  int max_message_bytes = kDefaultMaxMessageBytes;
+  std::string tls_ca_file;    // non-empty: TLS, verifying the master against this CA bundle
+  std::string tls_cert_file;  // with tls_key_file: mutual TLS, presenting this certificate
+  std::string tls_key_file;
+  bool keepalive = false;  // long-lived worker streams ping to notice a dead peer
+};
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options);
+
+// Status conversion at the gRPC edge.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+}  // namespace taskmaster

@@ -1,0 +1,53 @@
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace taskmaster {
+
+// Reads a whole file (tokens, certificates, keys); NOT_FOUND names the path.
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
+
+// `n` random bytes as lowercase hex, from a per-thread generator seeded by the OS.
+std::string RandomHex(size_t n);
+
+// Removes leading and trailing spaces, tabs and carriage returns.
+std::string_view Trim(std::string_view s);
+
+// The lines of `text`, each trimmed.
+std::vector<std::string_view> SplitLines(std::string_view text);
+
+// Words separated by spaces or tabs.
+std::vector<std::string> SplitWords(std::string_view s);
+
+// Splits "a,b,,c" into {"a","b","c"}, trimming spaces.
+std::vector<std::string> SplitList(std::string_view s);
+
+// Parses "k=v,k2=v2" into a map. Keys follow the queue-name rule.
+absl::StatusOr<std::map<std::string, std::string>> ParseLabels(std::string_view s);
+
+// Queue names, kinds and label keys: [A-Za-z0-9_.-]{1,64}.
+bool IsValidName(std::string_view s);
+
+// Exponential backoff with full jitter, for reconnect loops.
+class Backoff {
+ public:
+  Backoff(std::chrono::milliseconds initial, std::chrono::milliseconds max)
+      : initial_(initial), max_(max), next_(initial) {}
+  // The wait before the next attempt: uniform in [next/2, next], then next doubles up to max.
+  std::chrono::milliseconds Next();
+  void Reset() { next_ = initial_; }
+
+ private:
+  std::chrono::milliseconds initial_, max_, next_;
+  std::mt19937_64 rng_{std::random_device{}()};
+};
+
+}  // namespace taskmaster

@@ -1,0 +1,1045 @@
+#include "master/broker.h"
+
+#include <algorithm>
+#include <deque>
+#include <functional>
+#include <map>
+#include <queue>
+#include <set>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "common/util.h"
+
+namespace taskmaster {
+
+std::string_view TaskStateName(TaskState state) {
+  switch (state) {
+    case TaskState::kPending:
+      return "PENDING";
+    case TaskState::kDelayed:
+      return "DELAYED";
+    case TaskState::kLeased:
+      return "LEASED";
+    case TaskState::kSucceeded:
+      return "SUCCEEDED";
+    case TaskState::kDead:
+      return "DEAD";
+    case TaskState::kCancelled:
+      return "CANCELLED";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr char kDefaultQueue[] = "default";
+constexpr size_t kMaxIdempotencyKey = 256;
+constexpr int32_t kMaxAttemptsLimit = 100;
+constexpr int32_t kMaxSlots = 100'000;
+
+struct Job;
+struct Worker;
+
+struct QueueCounters {
+  int64_t pending = 0;
+  int64_t leased = 0;
+  int64_t succeeded = 0;
+  int64_t failed = 0;
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+};
+
+struct ReadyEntry {
+  uint64_t seq;
+  TaskId id;
+};
+
+// Tasks of one (queue, kind, required labels): a worker either can run all of them or none, so
+// dispatch looks only at the classes a worker is eligible for.
+struct TaskClass {
+  std::string queue;
+  std::string kind;
+  Labels labels;
+  QueueCounters* counters;
+  // Ready tasks: highest priority first, FIFO within one. Entries of tasks that left PENDING
+  // since are skipped when they reach the front (their seq no longer matches).
+  std::map<int32_t, std::deque<ReadyEntry>, std::greater<>> ready;
+};
+
+struct Task {
+  TaskId id = 0;
+  Job* job = nullptr;
+  TaskClass* cls = nullptr;
+  Worker* leased_to = nullptr;  // set from lease until the worker reports or the lease is lost
+  std::string payload;
+  std::string output;
+  std::string error;
+  std::string idempotency_key;
+  std::string worker;  // name of the last worker that held it
+  int64_t created_ms = 0;
+  int64_t not_before_ms = 0;
+  int64_t finished_ms = 0;
+  int64_t lease_deadline_ms = 0;
+  int64_t timeout_ms = 0;
+  uint64_t seq = 0;  // position in its ready list
+  int32_t priority = 0;
+  int32_t attempts = 0;
+  int32_t max_attempts = 0;
+  TaskState state = TaskState::kPending;
+};
+
+struct Job {
+  std::string id;
+  int64_t total = 0;
+  int64_t done = 0;
+  int64_t succeeded = 0;
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+  int64_t created_ms = 0;
+  std::vector<TaskId> tasks;
+  std::vector<TaskId> completed;  // completion order
+  std::vector<std::shared_ptr<JobWatcher>> watchers;
+};
+
+struct Worker {
+  std::string id;
+  std::string name;
+  std::string host;
+  std::vector<std::string> kinds;
+  std::vector<std::string> queues;
+  Labels labels;
+  int32_t slots = 1;
+  int32_t credits = 0;
+  uint64_t generation = 0;
+  bool connected = false;
+  bool draining = false;
+  int64_t connected_ms = 0;
+  int64_t disconnected_ms = 0;
+  std::shared_ptr<WorkerChannel> channel;
+  std::unordered_set<TaskId> leases;
+  std::vector<TaskClass*> eligible;
+  WorkerOutbound outbox;  // collected under the lock, sent after it
+  bool dirty = false;
+};
+
+bool Contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+bool CanRun(const Worker& w, const TaskClass& c) {
+  if (!Contains(w.queues, c.queue) || !Contains(w.kinds, c.kind)) return false;
+  for (const auto& [key, value] : c.labels) {
+    auto it = w.labels.find(key);
+    if (it == w.labels.end() || it->second != value) return false;
+  }
+  return true;
+}
+
+std::string DescribeClass(const TaskClass& c) {
+  std::string out = absl::StrCat("kind '", c.kind, "' on queue '", c.queue, "'");
+  if (!c.labels.empty()) {
+    absl::StrAppend(&out, " with labels ", absl::StrJoin(c.labels, ",", absl::PairFormatter("=")));
+  }
+  return out;
+}
+
+// What a locked section leaves to do once the lock is released.
+struct Effects {
+  std::vector<std::pair<std::shared_ptr<WorkerChannel>, WorkerOutbound>> sends;
+  std::vector<std::shared_ptr<JobWatcher>> notify;
+  std::unordered_set<Job*> touched;
+};
+
+}  // namespace
+
+class Broker::Impl {
+ public:
+  Impl(BrokerOptions options, const Clock* clock, Store* store,
+       std::shared_ptr<spdlog::logger> log)
+      : options_(options), clock_(clock), store_(store), log_(std::move(log)),
+        epoch_(store->Epoch()) {}
+
+  // Runs `fn` under the lock, then sends and notifies what it left to do.
+  template <typename Fn>
+  auto Locked(Fn&& fn) {
+    Effects fx;
+    auto deliver = [&] {
+      for (auto& [channel, message] : fx.sends) channel->Send(std::move(message));
+      for (auto& watcher : fx.notify) watcher->OnJobChanged();
+    };
+    if constexpr (std::is_void_v<decltype(fn(fx))>) {
+      {
+        absl::MutexLock lock(&mu_);
+        fn(fx);
+        Collect(fx);
+      }
+      deliver();
+    } else {
+      decltype(fn(fx)) result;
+      {
+        absl::MutexLock lock(&mu_);
+        result = fn(fx);
+        Collect(fx);
+      }
+      deliver();
+      return result;
+    }
+  }
+
+  absl::StatusOr<SubmitOutcome> SubmitLocked(std::vector<TaskSpec>& specs, Effects& fx)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (specs.empty()) return absl::InvalidArgumentError("a submit needs at least one task");
+    if (specs.size() > options_.max_batch) {
+      return absl::InvalidArgumentError(absl::StrCat("a batch holds at most ", options_.max_batch,
+                                                     " tasks; this one has ", specs.size()));
+    }
+    std::map<std::string, int64_t> added_per_queue;
+    size_t new_classes = 0;
+    std::set<std::tuple<std::string, std::string, Labels>> seen_new;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      TaskSpec& s = specs[i];
+      if (s.queue.empty()) s.queue = kDefaultQueue;
+      if (absl::Status st = Validate(s); !st.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("task ", i, ": ", st.message()));
+      }
+      ++added_per_queue[s.queue];
+      auto key = std::make_tuple(s.queue, s.kind, s.labels);
+      if (!classes_.contains(key) && seen_new.insert(key).second) ++new_classes;
+    }
+    for (const auto& [queue, added] : added_per_queue) {
+      auto it = counters_.find(queue);
+      const int64_t pending = it == counters_.end() ? 0 : it->second.pending;
+      if (pending + added > static_cast<int64_t>(options_.max_queue_length)) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("queue '", queue, "' is full: ", pending, " pending, limit ",
+                         options_.max_queue_length, "; retry later or raise --max-queue-length"));
+      }
+    }
+    if (classes_.size() + new_classes > options_.max_task_classes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("too many distinct (queue, kind, labels) combinations; limit ",
+                       options_.max_task_classes));
+    }
+
+    const int64_t now = clock_->NowMs();
+    auto job_owner = std::make_unique<Job>();
+    Job* job = job_owner.get();
+    job->id = "job-" + RandomHex(8);
+    job->total = static_cast<int64_t>(specs.size());
+    job->created_ms = now;
+    job->tasks.reserve(specs.size());
+    jobs_[job->id] = std::move(job_owner);
+
+    SubmitOutcome out;
+    out.job_id = job->id;
+    out.task_ids.reserve(specs.size());
+    std::set<TaskClass*> unserved;
+    for (TaskSpec& s : specs) {
+      if (!s.idempotency_key.empty()) {
+        if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
+          AddExistingToJob(job, it->second, fx);
+          out.task_ids.push_back(it->second);
+          continue;
+        }
+      }
+      TaskClass* cls = ClassFor(s.queue, s.kind, s.labels);
+      auto& t = tasks_[next_id_];
+      t.id = next_id_++;
+      t.job = job;
+      t.cls = cls;
+      t.payload = std::move(s.payload);
+      t.idempotency_key = std::move(s.idempotency_key);
+      t.created_ms = now;
+      t.timeout_ms = s.timeout_ms > 0 ? s.timeout_ms : options_.default_timeout_ms;
+      t.priority = s.priority;
+      t.max_attempts = s.max_attempts > 0 ? s.max_attempts : options_.default_max_attempts;
+      if (!t.idempotency_key.empty()) keys_[t.idempotency_key] = t.id;
+      job->tasks.push_back(t.id);
+      out.task_ids.push_back(t.id);
+      cls->counters->pending++;  // both PENDING and DELAYED count as pending
+      if (s.delay_ms > 0) {
+        Delay(t, now + s.delay_ms);
+      } else {
+        MakeReady(t, /*front=*/false);
+      }
+      if (!HasWorkerFor(*cls)) unserved.insert(cls);
+    }
+    for (TaskClass* cls : unserved) {
+      out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
+                                          "; its tasks wait until one does"));
+    }
+    MaybeJobComplete(job, now, fx);
+    DispatchAll(fx);
+    return out;
+  }
+
+  absl::Status Validate(const TaskSpec& s) const {
+    if (!IsValidName(s.queue)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("queue name '", s.queue, "' must match [A-Za-z0-9_.-]{1,64}"));
+    }
+    if (s.kind.empty()) return absl::InvalidArgumentError("kind is empty");
+    if (!IsValidName(s.kind)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kind '", s.kind, "' must match [A-Za-z0-9_.-]{1,64}"));
+    }
+    if (s.payload.size() > options_.max_payload_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("payload of ", s.payload.size(),
+                                                     " bytes exceeds the limit of ",
+                                                     options_.max_payload_bytes));
+    }
+    if (s.delay_ms < 0) return absl::InvalidArgumentError("delay is negative");
+    if (s.timeout_ms < 0) return absl::InvalidArgumentError("timeout is negative");
+    if (s.max_attempts < 0 || s.max_attempts > kMaxAttemptsLimit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("max attempts must be between 1 and ", kMaxAttemptsLimit));
+    }
+    if (s.idempotency_key.size() > kMaxIdempotencyKey) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("idempotency key longer than ", kMaxIdempotencyKey, " bytes"));
+    }
+    for (const auto& [key, value] : s.labels) {
+      if (!IsValidName(key)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("label key '", key, "' must match [A-Za-z0-9_.-]{1,64}"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // A resubmitted idempotency key: the new job follows the original task.
+  void AddExistingToJob(Job* job, TaskId id, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    job->tasks.push_back(id);
+    Task& t = tasks_.at(id);
+    if (IsFinished(t.state)) {
+      CountDone(job, t, fx);
+    } else {
+      extra_jobs_.emplace(id, job);
+    }
+  }
+
+  TaskClass* ClassFor(const std::string& queue, const std::string& kind, const Labels& labels)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto key = std::make_tuple(queue, kind, labels);
+    auto it = classes_.find(key);
+    if (it != classes_.end()) return it->second.get();
+    auto cls = std::make_unique<TaskClass>();
+    cls->queue = queue;
+    cls->kind = kind;
+    cls->labels = labels;
+    cls->counters = &counters_[queue];
+    for (auto& [id, w] : workers_) {
+      if (CanRun(*w, *cls)) w->eligible.push_back(cls.get());
+    }
+    return classes_.emplace(key, std::move(cls)).first->second.get();
+  }
+
+  bool HasWorkerFor(const TaskClass& cls) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const auto& [id, w] : workers_) {
+      if (w->connected && !w->draining && CanRun(*w, cls)) return true;
+    }
+    return false;
+  }
+
+  // ---- State transitions. Counters follow every one of them. ----
+
+  void MakeReady(Task& t, bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    t.state = TaskState::kPending;
+    t.not_before_ms = 0;
+    auto& lane = t.cls->ready[t.priority];
+    if (front) {
+      lane.push_front({t.seq, t.id});  // a task given back keeps its place
+    } else {
+      t.seq = next_seq_++;
+      lane.push_back({t.seq, t.id});
+    }
+  }
+
+  void Delay(Task& t, int64_t not_before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    t.state = TaskState::kDelayed;
+    t.not_before_ms = not_before;
+    delayed_.push({not_before, t.id});
+  }
+
+  void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    t.state = TaskState::kLeased;
+    t.attempts++;
+    t.leased_to = &w;
+    t.worker = w.name;
+    t.lease_deadline_ms = clock_->NowMs() + options_.lease_timeout_ms;
+    t.cls->counters->pending--;
+    t.cls->counters->leased++;
+    w.leases.insert(t.id);
+    w.credits--;
+    w.outbox.tasks.push_back(
+        {t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
+    w.dirty = true;
+  }
+
+  // The worker no longer holds `t`; a leased task is counted as a failed attempt.
+  void LoseLease(Task& t, const std::string& reason, Effects& fx)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (t.leased_to) t.leased_to->leases.erase(t.id);
+    t.leased_to = nullptr;
+    if (t.state != TaskState::kLeased) return;
+    t.cls->counters->leased--;
+    t.cls->counters->failed++;
+    t.error = reason;
+    if (t.attempts >= t.max_attempts) {
+      Finish(t, TaskState::kDead, fx);
+    } else {
+      t.cls->counters->pending++;
+      MakeReady(t, /*front=*/false);
+    }
+  }
+
+  // A leased task goes back without using its attempt (it never started).
+  void GiveBack(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (t.leased_to) t.leased_to->leases.erase(t.id);
+    t.leased_to = nullptr;
+    t.attempts--;
+    t.cls->counters->leased--;
+    t.cls->counters->pending++;
+    MakeReady(t, /*front=*/true);
+  }
+
+  void Finish(Task& t, TaskState state, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    QueueCounters& c = *t.cls->counters;
+    if (t.state == TaskState::kLeased) {
+      c.leased--;
+    } else if (t.state == TaskState::kPending || t.state == TaskState::kDelayed) {
+      c.pending--;
+    }
+    t.state = state;
+    const int64_t now = clock_->NowMs();
+    t.finished_ms = now;
+    if (state == TaskState::kSucceeded) c.succeeded++;
+    if (state == TaskState::kDead) c.dead++;
+    if (state == TaskState::kCancelled) c.cancelled++;
+    expiry_.push_back({now + options_.result_retention_ms, t.id});
+    CountDone(t.job, t, fx);
+    if (!extra_jobs_.empty()) {
+      auto [begin, end] = extra_jobs_.equal_range(t.id);
+      for (auto it = begin; it != end; ++it) CountDone(it->second, t, fx);
+      extra_jobs_.erase(t.id);
+    }
+  }
+
+  void CountDone(Job* job, const Task& t, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    job->done++;
+    if (t.state == TaskState::kSucceeded) job->succeeded++;
+    if (t.state == TaskState::kDead) job->dead++;
+    if (t.state == TaskState::kCancelled) job->cancelled++;
+    job->completed.push_back(t.id);
+    MaybeJobComplete(job, t.finished_ms, fx);
+    if (!job->watchers.empty() && fx.touched.insert(job).second) {
+      fx.notify.insert(fx.notify.end(), job->watchers.begin(), job->watchers.end());
+    }
+  }
+
+  void MaybeJobComplete(Job* job, int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (job->done == job->total) job_expiry_.push_back({now + options_.result_retention_ms, job->id});
+  }
+
+  // Returns whether the task was cancelled (false when it had finished already).
+  bool CancelLocked(Task& t, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (IsFinished(t.state)) return false;
+    if (t.state == TaskState::kLeased && t.leased_to) {
+      // Its slot stays taken until the worker reports the task stopped.
+      t.leased_to->outbox.cancel.push_back(t.id);
+      t.leased_to->dirty = true;
+    }
+    t.error = "cancelled by a client";
+    Finish(t, TaskState::kCancelled, fx);
+    return true;
+  }
+
+  // ---- Dispatch ----
+
+  // The best ready task `w` can run: highest priority, then oldest. Drops stale entries.
+  Task* PopBest(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    TaskClass* best = nullptr;
+    int32_t best_priority = 0;
+    uint64_t best_seq = 0;
+    for (TaskClass* cls : w.eligible) {
+      const ReadyEntry* head = nullptr;
+      while (!cls->ready.empty()) {
+        auto lane = cls->ready.begin();
+        while (!lane->second.empty() && IsStale(lane->second.front())) lane->second.pop_front();
+        if (lane->second.empty()) {
+          cls->ready.erase(lane);
+          continue;
+        }
+        head = &lane->second.front();
+        if (!best || lane->first > best_priority ||
+            (lane->first == best_priority && head->seq < best_seq)) {
+          best = cls;
+          best_priority = lane->first;
+          best_seq = head->seq;
+        }
+        break;
+      }
+    }
+    if (!best) return nullptr;
+    auto lane = best->ready.begin();
+    const TaskId id = lane->second.front().id;
+    lane->second.pop_front();
+    if (lane->second.empty()) best->ready.erase(lane);
+    return &tasks_.at(id);
+  }
+
+  bool IsStale(const ReadyEntry& e) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = tasks_.find(e.id);
+    return it == tasks_.end() || it->second.state != TaskState::kPending || it->second.seq != e.seq;
+  }
+
+  bool CanTake(const Worker& w) const {
+    return w.connected && !w.draining && w.credits > 0 && !w.eligible.empty();
+  }
+
+  void DispatchTo(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (shutting_down_) return;
+    while (CanTake(w)) {
+      Task* t = PopBest(w);
+      if (!t) break;
+      Lease(*t, w);
+    }
+  }
+
+  // Hands ready tasks to every worker with credit, one at a time round robin: first to workers
+  // with an idle slot, then into prefetch, so no task waits behind a busy worker while another
+  // worker has a slot free.
+  void DispatchAll(Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (shutting_down_) return;
+    std::vector<Worker*> hungry;
+    for (auto& [id, w] : workers_) {
+      if (CanTake(*w)) hungry.push_back(w.get());
+    }
+    for (bool slots_only : {true, false}) {
+      bool progress = true;
+      while (progress) {
+        progress = false;
+        for (Worker* w : hungry) {
+          if (!CanTake(*w)) continue;
+          if (slots_only && static_cast<int32_t>(w->leases.size()) >= w->slots) continue;
+          Task* t = PopBest(*w);
+          if (!t) continue;
+          Lease(*t, *w);
+          progress = true;
+        }
+      }
+    }
+  }
+
+  void Collect(Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (auto& [id, w] : workers_) {
+      if (!w->dirty) continue;
+      w->dirty = false;
+      if (w->channel && !w->outbox.empty()) {
+        fx.sends.emplace_back(w->channel, std::move(w->outbox));
+      }
+      w->outbox = WorkerOutbound{};
+    }
+  }
+
+  Worker* FindWorker(const WorkerHandle& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = workers_.find(h.worker_id);
+    if (it == workers_.end() || it->second->generation != h.generation) return nullptr;
+    return it->second.get();
+  }
+
+  // Returns every lease of `w` (counting the attempt) and forgets the worker.
+  void RemoveWorker(Worker& w, const std::string& reason, Effects& fx)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
+    for (TaskId id : leases) {
+      auto it = tasks_.find(id);
+      if (it != tasks_.end() && it->second.leased_to == &w) LoseLease(it->second, reason, fx);
+    }
+    workers_.erase(w.id);
+  }
+
+  WorkerView ViewOf(const Worker& w) const {
+    return {w.id,    w.name,  w.host,      w.kinds,    w.queues,          w.labels,
+            w.slots, static_cast<int32_t>(w.leases.size()), w.connected, w.draining,
+            w.connected_ms};
+  }
+
+  TaskView ViewOf(const Task& t) const {
+    TaskView v;
+    v.id = t.id;
+    v.job_id = t.job->id;
+    v.queue = t.cls->queue;
+    v.kind = t.cls->kind;
+    v.state = t.state;
+    v.attempts = t.attempts;
+    v.max_attempts = t.max_attempts;
+    v.priority = t.priority;
+    v.payload = t.payload;
+    v.output = t.output;
+    v.error = t.error;
+    v.worker = t.worker;
+    v.created_ms = t.created_ms;
+    v.finished_ms = t.finished_ms;
+    v.not_before_ms = t.not_before_ms;
+    return v;
+  }
+
+  JobView ViewOf(const Job& j) const {
+    return {j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms};
+  }
+
+  std::string WaitingFor(const Task& t) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (t.state == TaskState::kDelayed) {
+      return absl::StrCat(t.attempts > 0 ? "retry backoff" : "delay", ": due in ",
+                          std::max<int64_t>(0, t.not_before_ms - clock_->NowMs()), " ms");
+    }
+    if (t.state != TaskState::kPending) return "";
+    int capable = 0;
+    for (const auto& [id, w] : workers_) {
+      if (w->connected && !w->draining && CanRun(*w, *t.cls)) ++capable;
+    }
+    if (capable == 0) return absl::StrCat("no connected worker runs ", DescribeClass(*t.cls));
+    return absl::StrCat("all ", capable, " workers that run ", DescribeClass(*t.cls),
+                        " are busy");
+  }
+
+  const BrokerOptions options_;
+  const Clock* const clock_;
+  Store* const store_;
+  const std::shared_ptr<spdlog::logger> log_;
+  const std::string epoch_;
+
+  mutable absl::Mutex mu_;
+  std::unordered_map<TaskId, Task> tasks_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<std::string, TaskId> keys_ ABSL_GUARDED_BY(mu_);  // idempotency keys
+  // Jobs that follow a task of another job through a resubmitted idempotency key.
+  std::unordered_multimap<TaskId, Job*> extra_jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<std::tuple<std::string, std::string, Labels>, std::unique_ptr<TaskClass>> classes_
+      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, QueueCounters> counters_ ABSL_GUARDED_BY(mu_);  // by queue name
+  std::unordered_map<std::string, std::unique_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
+  // Delayed tasks by due time; entries whose task moved on are skipped when due.
+  using Due = std::pair<int64_t, TaskId>;
+  std::priority_queue<Due, std::vector<Due>, std::greater<>> delayed_ ABSL_GUARDED_BY(mu_);
+  // Finished tasks and complete jobs by expiry; retention is one constant, so both are sorted.
+  std::deque<std::pair<int64_t, TaskId>> expiry_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<int64_t, std::string>> job_expiry_ ABSL_GUARDED_BY(mu_);
+  TaskId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+
+  friend class Broker;
+};
+
+Broker::Broker(BrokerOptions options, const Clock* clock, Store* store,
+               std::shared_ptr<spdlog::logger> log)
+    : impl_(std::make_unique<Impl>(options, clock, store, std::move(log))) {}
+
+Broker::~Broker() = default;
+
+std::string Broker::epoch() const { return impl_->epoch_; }
+
+void Broker::Submit(std::vector<TaskSpec> specs,
+                    std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
+  absl::StatusOr<SubmitOutcome> outcome =
+      impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return impl_->SubmitLocked(specs, fx);
+      });
+  if (!outcome.ok()) {
+    done(std::move(outcome));
+    return;
+  }
+  impl_->store_->Flush(
+      [done = std::move(done), outcome = std::move(*outcome)](absl::Status status) mutable {
+        if (status.ok()) {
+          done(std::move(outcome));
+        } else {
+          done(absl::UnavailableError(
+              absl::StrCat("the batch could not be stored: ", status.message())));
+        }
+      });
+}
+
+absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
+  absl::MutexLock lock(&impl_->mu_);
+  auto it = impl_->tasks_.find(id);
+  if (it == impl_->tasks_.end()) {
+    return absl::NotFoundError(absl::StrCat("no task ", id, " (never submitted, or past retention)"));
+  }
+  TaskView view = impl_->ViewOf(it->second);
+  view.waiting_for = impl_->WaitingFor(it->second);
+  return view;
+}
+
+absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
+  absl::MutexLock lock(&impl_->mu_);
+  auto it = impl_->jobs_.find(job_id);
+  if (it == impl_->jobs_.end()) {
+    return absl::NotFoundError(absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
+  }
+  return impl_->ViewOf(*it->second);
+}
+
+absl::StatusOr<int64_t> Broker::CancelTask(TaskId id) {
+  return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
+    auto it = impl_->tasks_.find(id);
+    if (it == impl_->tasks_.end()) return absl::NotFoundError(absl::StrCat("no task ", id));
+    return impl_->CancelLocked(it->second, fx) ? 1 : 0;
+  });
+}
+
+absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
+  return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
+    auto it = impl_->jobs_.find(job_id);
+    if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+    int64_t cancelled = 0;
+    for (TaskId id : it->second->tasks) {
+      auto t = impl_->tasks_.find(id);
+      if (t != impl_->tasks_.end() && impl_->CancelLocked(t->second, fx)) ++cancelled;
+    }
+    return cancelled;
+  });
+}
+
+absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t after,
+                                          size_t max) const {
+  absl::MutexLock lock(&impl_->mu_);
+  auto it = impl_->jobs_.find(job_id);
+  if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  const Job& job = *it->second;
+  JobEvents events;
+  events.progress = impl_->ViewOf(job);
+  const auto total = static_cast<int64_t>(job.completed.size());
+  for (int64_t i = std::max<int64_t>(0, after); i < total && events.results.size() < max; ++i) {
+    auto t = impl_->tasks_.find(job.completed[i]);
+    if (t == impl_->tasks_.end()) {
+      // Past retention: keep the position so the cursor stays right.
+      TaskView gone;
+      gone.id = job.completed[i];
+      gone.job_id = job.id;
+      gone.error = "result expired";
+      events.results.push_back(std::move(gone));
+    } else {
+      events.results.push_back(impl_->ViewOf(t->second));
+    }
+  }
+  return events;
+}
+
+absl::Status Broker::Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher) {
+  absl::MutexLock lock(&impl_->mu_);
+  auto it = impl_->jobs_.find(job_id);
+  if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  it->second->watchers.push_back(std::move(watcher));
+  return absl::OkStatus();
+}
+
+void Broker::Unwatch(const std::string& job_id, const JobWatcher* watcher) {
+  absl::MutexLock lock(&impl_->mu_);
+  auto it = impl_->jobs_.find(job_id);
+  if (it == impl_->jobs_.end()) return;
+  std::erase_if(it->second->watchers, [&](const auto& w) { return w.get() == watcher; });
+}
+
+std::vector<QueueStatsView> Broker::QueueStats() const {
+  absl::MutexLock lock(&impl_->mu_);
+  std::vector<QueueStatsView> out;
+  for (const auto& [queue, c] : impl_->counters_) {
+    out.push_back({queue, c.pending, c.leased, c.succeeded, c.failed, c.dead, c.cancelled});
+  }
+  return out;
+}
+
+std::vector<WorkerView> Broker::Workers() const {
+  absl::MutexLock lock(&impl_->mu_);
+  std::vector<WorkerView> out;
+  for (const auto& [id, w] : impl_->workers_) out.push_back(impl_->ViewOf(*w));
+  std::sort(out.begin(), out.end(),
+            [](const WorkerView& a, const WorkerView& b) { return a.name < b.name; });
+  return out;
+}
+
+absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
+                                                    std::shared_ptr<WorkerChannel> channel) {
+  if (hello.worker_id.empty()) return absl::InvalidArgumentError("hello: worker_id is empty");
+  if (hello.slots < 1 || hello.slots > kMaxSlots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hello: slots must be between 1 and ", kMaxSlots));
+  }
+  if (hello.kinds.empty()) return absl::InvalidArgumentError("hello: the worker runs no kind");
+  if (hello.queues.empty()) hello.queues = {kDefaultQueue};
+  for (const auto& names : {hello.kinds, hello.queues}) {
+    for (const std::string& name : names) {
+      if (!IsValidName(name)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("hello: '", name, "' must match [A-Za-z0-9_.-]{1,64}"));
+      }
+    }
+  }
+  return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> WorkerHandle {
+    Impl& b = *impl_;
+    const int64_t now = b.clock_->NowMs();
+    auto& slot = b.workers_[hello.worker_id];
+    if (!slot) {
+      slot = std::make_unique<Worker>();
+      slot->id = hello.worker_id;
+    }
+    Worker& w = *slot;
+    // Keep the leases the worker still holds; requeue those lost on the way (never started).
+    std::vector<TaskRef> held = hello.master_epoch == b.epoch_ ? hello.held : std::vector<TaskRef>{};
+    const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
+    for (TaskId id : leases) {
+      auto it = b.tasks_.find(id);
+      if (it == b.tasks_.end() || it->second.leased_to != &w) {
+        w.leases.erase(id);
+        continue;
+      }
+      Task& t = it->second;
+      if (std::find(held.begin(), held.end(), TaskRef{id, t.attempts}) != held.end()) {
+        t.lease_deadline_ms = now + b.options_.lease_timeout_ms;
+      } else if (t.state == TaskState::kLeased) {
+        b.GiveBack(t);
+      } else {
+        w.leases.erase(id);
+        t.leased_to = nullptr;
+      }
+    }
+    Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
+    for (const TaskRef& ref : hello.held) {
+      if (!w.leases.contains(ref.id) || b.tasks_.at(ref.id).attempts != ref.attempt) {
+        welcome.revoked.push_back(ref);
+      }
+    }
+    w.name = hello.name.empty() ? hello.worker_id : hello.name;
+    w.host = std::move(hello.host);
+    w.kinds = std::move(hello.kinds);
+    w.queues = std::move(hello.queues);
+    w.labels = std::move(hello.labels);
+    w.slots = hello.slots;
+    w.credits = 0;
+    w.generation = b.next_generation_++;
+    w.connected = true;
+    w.draining = false;
+    w.connected_ms = now;
+    w.channel = std::move(channel);
+    w.eligible.clear();
+    for (auto& [key, cls] : b.classes_) {
+      if (CanRun(w, *cls)) w.eligible.push_back(cls.get());
+    }
+    w.outbox = WorkerOutbound{};
+    w.outbox.welcome = std::move(welcome);
+    w.dirty = true;
+    b.log_->info("worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept",
+                 w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","),
+                 absl::StrJoin(w.queues, ","), w.leases.size());
+    b.DispatchAll(fx);  // tasks it gave back may go to others
+    return WorkerHandle{w.id, w.generation};
+  });
+}
+
+void Broker::AddCredits(const WorkerHandle& handle, int32_t credits) {
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    Worker* w = impl_->FindWorker(handle);
+    if (!w || credits <= 0) return;
+    // Never more outstanding credit than a worker could plausibly use.
+    w->credits = std::min(w->credits + credits, kMaxSlots);
+    impl_->DispatchTo(*w);
+  });
+}
+
+void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports) {
+  std::shared_ptr<WorkerChannel> channel;
+  std::vector<TaskRef> acked;
+  acked.reserve(reports.size());
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    Impl& b = *impl_;
+    Worker* w = b.FindWorker(handle);
+    if (!w) return;
+    channel = w->channel;
+    bool gave_back = false;
+    for (TaskReport& r : reports) {
+      acked.push_back({r.id, r.attempt});
+      auto it = b.tasks_.find(r.id);
+      if (it == b.tasks_.end()) continue;
+      Task& t = it->second;
+      if (t.leased_to != w || t.attempts != r.attempt) {
+        ++b.duplicates_;  // a stale attempt, or a result already recorded
+        continue;
+      }
+      if (t.state != TaskState::kLeased) {  // cancelled while it ran: the slot is free again
+        w->leases.erase(t.id);
+        t.leased_to = nullptr;
+        continue;
+      }
+      switch (r.outcome) {
+        case Outcome::kSucceeded:
+          w->leases.erase(t.id);
+          t.leased_to = nullptr;
+          t.output = std::move(r.output);
+          t.error.clear();
+          b.Finish(t, TaskState::kSucceeded, fx);
+          break;
+        case Outcome::kFailed:
+          w->leases.erase(t.id);
+          t.leased_to = nullptr;
+          t.error = std::move(r.error);
+          t.cls->counters->failed++;
+          if (t.attempts >= t.max_attempts) {
+            b.Finish(t, TaskState::kDead, fx);
+          } else {
+            t.cls->counters->leased--;
+            t.cls->counters->pending++;
+            const int shift = std::min(t.attempts - 1, 30);
+            const int64_t backoff =
+                std::min(b.options_.retry_backoff_max_ms, b.options_.retry_backoff_ms << shift);
+            b.Delay(t, b.clock_->NowMs() + backoff);
+          }
+          break;
+        case Outcome::kCancelled:
+          w->leases.erase(t.id);
+          t.leased_to = nullptr;
+          t.error = r.error.empty() ? "cancelled" : std::move(r.error);
+          b.Finish(t, TaskState::kCancelled, fx);
+          break;
+        case Outcome::kReturned:
+          b.GiveBack(t);
+          gave_back = true;
+          break;
+      }
+    }
+    if (gave_back) {
+      b.DispatchAll(fx);
+    } else {
+      b.DispatchTo(*w);
+    }
+  });
+  if (!channel || acked.empty()) return;
+  impl_->store_->Flush([channel, acked = std::move(acked)](absl::Status status) mutable {
+    // Unacknowledged results stay with the worker, which sends them again after reconnecting.
+    if (!status.ok()) return;
+    WorkerOutbound message;
+    message.acked = std::move(acked);
+    channel->Send(std::move(message));
+  });
+}
+
+void Broker::Heartbeat(const WorkerHandle& handle) {
+  absl::MutexLock lock(&impl_->mu_);
+  Worker* w = impl_->FindWorker(handle);
+  if (!w) return;
+  const int64_t deadline = impl_->clock_->NowMs() + impl_->options_.lease_timeout_ms;
+  for (TaskId id : w->leases) {
+    auto it = impl_->tasks_.find(id);
+    if (it != impl_->tasks_.end()) it->second.lease_deadline_ms = deadline;
+  }
+}
+
+void Broker::Drain(const WorkerHandle& handle) {
+  absl::MutexLock lock(&impl_->mu_);
+  Worker* w = impl_->FindWorker(handle);
+  if (!w) return;
+  w->draining = true;
+  w->credits = 0;
+  impl_->log_->info("worker {} is draining with {} tasks", w->name, w->leases.size());
+}
+
+void Broker::Detach(const WorkerHandle& handle, bool bye) {
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    Impl& b = *impl_;
+    Worker* w = b.FindWorker(handle);
+    if (!w) return;
+    if (bye) {
+      b.log_->info("worker {} left with {} unfinished tasks", w->name, w->leases.size());
+      b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " stopped while running it"), fx);
+    } else {
+      b.log_->warn("worker {} disconnected with {} tasks; they wait {} ms for it to come back",
+                   w->name, w->leases.size(), b.options_.reconnect_grace_ms);
+      w->connected = false;
+      w->channel.reset();
+      w->credits = 0;
+      w->disconnected_ms = b.clock_->NowMs();
+    }
+    b.DispatchAll(fx);
+  });
+}
+
+void Broker::Tick() {
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    Impl& b = *impl_;
+    const int64_t now = b.clock_->NowMs();
+    while (!b.delayed_.empty() && b.delayed_.top().first <= now) {
+      auto [due, id] = b.delayed_.top();
+      b.delayed_.pop();
+      auto it = b.tasks_.find(id);
+      if (it != b.tasks_.end() && it->second.state == TaskState::kDelayed &&
+          it->second.not_before_ms == due) {
+        b.MakeReady(it->second, /*front=*/false);
+      }
+    }
+    std::vector<Worker*> gone;
+    for (auto& [worker_id, w] : b.workers_) {
+      if (!w->connected && now - w->disconnected_ms >= b.options_.reconnect_grace_ms) {
+        gone.push_back(w.get());
+        continue;
+      }
+      std::vector<TaskId> expired;
+      for (TaskId id : w->leases) {
+        auto it = b.tasks_.find(id);
+        if (it == b.tasks_.end() || it->second.lease_deadline_ms <= now) expired.push_back(id);
+      }
+      for (TaskId id : expired) {
+        auto it = b.tasks_.find(id);
+        if (it == b.tasks_.end()) {
+          w->leases.erase(id);
+          continue;
+        }
+        b.log_->warn("task {} lease expired on worker {}", id, w->name);
+        w->outbox.cancel.push_back(id);
+        w->dirty = true;
+        b.LoseLease(it->second,
+                    absl::StrCat("lease expired: no heartbeat from worker ", w->name, " for ",
+                                 b.options_.lease_timeout_ms, " ms"),
+                    fx);
+      }
+    }
+    for (Worker* w : gone) {
+      b.log_->warn("worker {} did not come back within {} ms; its {} tasks are requeued", w->name,
+                   b.options_.reconnect_grace_ms, w->leases.size());
+      b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " disconnected while running it"), fx);
+    }
+    while (!b.expiry_.empty() && b.expiry_.front().first <= now) {
+      auto it = b.tasks_.find(b.expiry_.front().second);
+      b.expiry_.pop_front();
+      if (it == b.tasks_.end()) continue;
+      if (!it->second.idempotency_key.empty()) b.keys_.erase(it->second.idempotency_key);
+      b.tasks_.erase(it);
+    }
+    while (!b.job_expiry_.empty() && b.job_expiry_.front().first <= now) {
+      b.jobs_.erase(b.job_expiry_.front().second);
+      b.job_expiry_.pop_front();
+    }
+    b.DispatchAll(fx);
+  });
+}
+
+void Broker::Shutdown() {
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    impl_->shutting_down_ = true;
+    for (auto& [id, w] : impl_->workers_) {
+      if (!w->connected) continue;
+      w->outbox.shutting_down = true;
+      w->dirty = true;
+    }
+  });
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,116 @@
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/clock.h"
+#include "master/store.h"
+#include "master/task.h"
+#include "spdlog/logger.h"
+
+namespace taskmaster {
+
+struct BrokerOptions {
+  // A leased task returns to pending when no heartbeat of its worker came for this long.
+  int64_t lease_timeout_ms = 30'000;
+  // How often workers send heartbeats; told to them in the Welcome.
+  int64_t heartbeat_interval_ms = 5'000;
+  // How long a worker whose stream broke may reconnect and keep its leases.
+  int64_t reconnect_grace_ms = 10'000;
+  // Execution timeout of a task that does not set one.
+  int64_t default_timeout_ms = 300'000;
+  // Attempts of a task that does not set them.
+  int32_t default_max_attempts = 3;
+  // Backoff before retry k (k = 1, 2 ...): base * 2^(k-1), capped.
+  int64_t retry_backoff_ms = 1'000;
+  int64_t retry_backoff_max_ms = 60'000;
+  // Finished tasks and their results are kept this long.
+  int64_t result_retention_ms = 24 * 3600 * 1000;
+  // Input limits: each answers INVALID_ARGUMENT or RESOURCE_EXHAUSTED when crossed.
+  size_t max_payload_bytes = 1 << 20;
+  size_t max_batch = 10'000;
+  size_t max_queue_length = 1'000'000;  // PENDING + DELAYED per queue
+  // Distinct (queue, kind, labels) combinations; each keeps a small index for good.
+  size_t max_task_classes = 10'000;
+};
+
+// The broker core: queues, leases, retries, results and jobs, in memory, with no gRPC or SQLite
+// types. Services translate their protocols to these calls; the store persists changes.
+//
+// Thread-safe: every call takes one internal mutex and releases it before it sends anything to
+// a WorkerChannel, notifies a JobWatcher or waits for the store. Time comes only from the Clock,
+// and timers advance only in Tick(), so tests drive it with a FakeClock.
+class Broker {
+ public:
+  // A worker stream as the broker knows it: a reconnect of the same worker id makes a new
+  // generation, and calls that carry an older generation are ignored.
+  struct WorkerHandle {
+    std::string worker_id;
+    uint64_t generation = 0;
+  };
+
+  Broker(BrokerOptions options, const Clock* clock, Store* store,
+         std::shared_ptr<spdlog::logger> log);
+  ~Broker();
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  // ---- Clients ----
+
+  // Validates and enqueues a batch as one job. `done` runs once the batch is durable (inline for
+  // the memory store); the batch is visible to workers at once, as a store never loses what it
+  // was given unless the process dies, and then the client was not acknowledged.
+  void Submit(std::vector<TaskSpec> specs,
+              std::function<void(absl::StatusOr<SubmitOutcome>)> done);
+
+  absl::StatusOr<TaskView> GetTask(TaskId id) const;
+  absl::StatusOr<JobView> GetJob(const std::string& job_id) const;
+
+  // Cancels one task, or every unfinished task of a job; returns how many were cancelled.
+  // A leased task's worker is told to stop it.
+  absl::StatusOr<int64_t> CancelTask(TaskId id);
+  absl::StatusOr<int64_t> CancelJob(const std::string& job_id);
+
+  // Results of a job after the first `after` in completion order, at most `max` of them.
+  absl::StatusOr<JobEvents> ReadJob(const std::string& job_id, int64_t after, size_t max) const;
+  // `watcher` is told after every change of the job until Unwatch.
+  absl::Status Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher);
+  void Unwatch(const std::string& job_id, const JobWatcher* watcher);
+
+  std::vector<QueueStatsView> QueueStats() const;
+  std::vector<WorkerView> Workers() const;
+
+  // ---- Workers ----
+
+  // A worker stream opened. The Welcome (with the tasks it must drop) goes to `channel`.
+  absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
+  // The worker can take `credits` more tasks.
+  void AddCredits(const WorkerHandle& worker, int32_t credits);
+  // Results and give-backs. Each report is acknowledged on the channel once durable.
+  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports);
+  void Heartbeat(const WorkerHandle& worker);
+  // The worker takes no more tasks.
+  void Drain(const WorkerHandle& worker);
+  // The stream ended. With `bye` the worker left for good and its leases return now; otherwise
+  // they wait out the reconnect grace.
+  void Detach(const WorkerHandle& worker, bool bye);
+
+  // ---- Timers and life cycle ----
+
+  // Promotes due delayed tasks, expires leases and absent workers, drops results past retention.
+  // Call it every few hundred milliseconds.
+  void Tick();
+  // Tells every connected worker that the master is stopping, and stops dispatching.
+  void Shutdown();
+
+  std::string epoch() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace taskmaster

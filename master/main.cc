@@ -1,0 +1,82 @@
+// taskmaster: the master daemon. Flags → MasterOptions → Start → wait for a signal → Shutdown.
+#include <fstream>
+
+#include "CLI/CLI.hpp"
+#include "common/logging.h"
+#include "common/signals.h"
+#include "master/server.h"
+
+int main(int argc, char** argv) {
+  taskmaster::BlockTerminationSignals();
+  taskmaster::MasterOptions o;
+  taskmaster::BrokerOptions& b = o.broker;
+  std::string log_level = "info";
+  std::string port_file;
+  int64_t shutdown_ms = 5'000;
+  int64_t tick_ms = o.tick.count();
+
+  CLI::App app{"taskmaster: the master of a distributed task queue"};
+  app.add_option("--listen", o.listen, "host:port to listen on (port 0: any free port)")
+      ->capture_default_str();
+  app.add_option("--tokens", o.tokens_file, "file of 'ROLE TOKEN' lines (roles: submit, work, admin)");
+  app.add_flag("--insecure", o.insecure, "run without authentication (loopback addresses only)");
+  app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve TLS");
+  app.add_option("--tls-key", o.tls_key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", o.tls_client_ca_file,
+                 "PEM CA bundle: require client certificates it signed (mutual TLS)");
+  app.add_option("--max-message-bytes", o.max_message_bytes, "largest gRPC message either way")
+      ->capture_default_str();
+  app.add_option("--max-payload-bytes", b.max_payload_bytes, "largest task payload")
+      ->capture_default_str();
+  app.add_option("--max-batch", b.max_batch, "most tasks in one submit")->capture_default_str();
+  app.add_option("--max-queue-length", b.max_queue_length, "most pending tasks in one queue")
+      ->capture_default_str();
+  app.add_option("--lease-timeout-ms", b.lease_timeout_ms,
+                 "requeue a task when its worker sent no heartbeat for this long")
+      ->capture_default_str();
+  app.add_option("--heartbeat-ms", b.heartbeat_interval_ms, "heartbeat interval told to workers")
+      ->capture_default_str();
+  app.add_option("--reconnect-grace-ms", b.reconnect_grace_ms,
+                 "how long a disconnected worker keeps its tasks")
+      ->capture_default_str();
+  app.add_option("--default-timeout-ms", b.default_timeout_ms,
+                 "execution timeout of tasks that set none")
+      ->capture_default_str();
+  app.add_option("--default-max-attempts", b.default_max_attempts,
+                 "attempts of tasks that set none")
+      ->capture_default_str();
+  app.add_option("--retry-backoff-ms", b.retry_backoff_ms, "first retry delay (doubles each time)")
+      ->capture_default_str();
+  app.add_option("--retry-backoff-max-ms", b.retry_backoff_max_ms, "longest retry delay")
+      ->capture_default_str();
+  app.add_option("--result-retention-ms", b.result_retention_ms,
+                 "how long finished tasks and results are kept")
+      ->capture_default_str();
+  app.add_option("--tick-ms", tick_ms, "how often timers (leases, delays, retention) run")
+      ->capture_default_str();
+  app.add_option("--shutdown-timeout-ms", shutdown_ms,
+                 "on SIGTERM, how long calls may take to end before they are cancelled")
+      ->capture_default_str();
+  app.add_option("--port-file", port_file, "write the port listened on to this file");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  if (absl::Status s = taskmaster::SetupLogging(log_level); !s.ok()) {
+    fprintf(stderr, "taskmaster: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  o.tick = std::chrono::milliseconds(tick_ms);
+  auto master = taskmaster::Master::Start(o);
+  if (!master.ok()) {
+    fprintf(stderr, "taskmaster: %s\n", std::string(master.status().message()).c_str());
+    return 1;
+  }
+  if (!port_file.empty()) {
+    std::ofstream(port_file + ".tmp") << (*master)->port() << "\n";
+    std::rename((port_file + ".tmp").c_str(), port_file.c_str());
+  }
+  while (taskmaster::WaitForTermination(std::chrono::seconds(3600)) == 0) {
+  }
+  (*master)->Shutdown(std::chrono::milliseconds(shutdown_ms));
+  return 0;
+}

@@ -1,0 +1,168 @@
+#include "master/server.h"
+
+#include <condition_variable>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/auth.h"
+#include "common/logging.h"
+#include "common/util.h"
+#include "grpcpp/grpcpp.h"
+#include "master/service.h"
+
+namespace taskmaster {
+
+bool IsLoopbackAddress(const std::string& host_port) {
+  std::string host = host_port;
+  if (absl::StartsWith(host, "[")) {
+    host = host.substr(1, host.find(']') - 1);
+  } else if (std::count(host.begin(), host.end(), ':') == 1) {
+    host = host.substr(0, host.find(':'));
+  }
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
+namespace {
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const MasterOptions& o) {
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (o.tls_cert_file.empty()) {
+    if (!o.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  absl::StatusOr<std::string> cert = ReadWholeFile(o.tls_cert_file);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadWholeFile(o.tls_key_file);
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  if (!o.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadWholeFile(o.tls_client_ca_file);
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+class MasterImpl final : public Master {
+ public:
+  MasterImpl(const MasterOptions& options, std::optional<TokenSet> tokens)
+      : options_(options),
+        log_(GetLogger("master")),
+        store_(NewMemoryStore()),
+        broker_(options.broker, SystemClock::Get(), store_.get(), GetLogger("broker")),
+        auth_(std::move(tokens)),
+        queue_service_(&broker_, &auth_),
+        worker_service_(&broker_, &auth_, log_) {}
+
+  absl::Status Init() {
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = ServerCredentials(options_);
+    if (!creds.ok()) return creds.status();
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(options_.listen, *creds, &port_);
+    builder.RegisterService(&queue_service_);
+    builder.RegisterService(&worker_service_);
+    builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+    builder.SetMaxSendMessageSize(options_.max_message_bytes);
+    // Workers ping every 30 s even when idle; allow it rather than answering GOAWAY.
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20'000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    server_ = builder.BuildAndStart();
+    if (!server_ || port_ == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
+    }
+    ticker_ = std::thread([this] { TickLoop(); });
+    log_->info("listening on {} (port {}), {}{}, epoch {}", options_.listen, port_,
+               options_.insecure ? "INSECURE: no authentication" : "token authentication",
+               options_.tls_cert_file.empty()
+                   ? ""
+                   : (options_.tls_client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
+               broker_.epoch());
+    return absl::OkStatus();
+  }
+
+  ~MasterImpl() override { Shutdown(std::chrono::milliseconds(0)); }
+
+  int port() const override { return port_; }
+
+  void Shutdown(std::chrono::milliseconds deadline) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (ticker_.joinable()) ticker_.join();
+    log_->info("shutting down: telling workers, waiting up to {} ms for calls", deadline.count());
+    broker_.Shutdown();
+    if (server_) {
+      server_->Shutdown(std::chrono::system_clock::now() + deadline);
+      server_->Wait();
+    }
+    log_->info("stopped");
+  }
+
+ private:
+  void TickLoop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      cv_.wait_for(lock, options_.tick);
+      if (stopping_) break;
+      lock.unlock();
+      broker_.Tick();
+      lock.lock();
+    }
+  }
+
+  const MasterOptions options_;
+  const std::shared_ptr<spdlog::logger> log_;
+  const std::unique_ptr<Store> store_;
+  Broker broker_;
+  const Authorizer auth_;
+  TaskQueueService queue_service_;
+  WorkerServiceImpl worker_service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::thread ticker_;
+
+  std::mutex mu_;
+  bool stopping_ = false;  // guarded by mu_
+  std::condition_variable cv_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& options) {
+  std::optional<TokenSet> tokens;
+  if (options.insecure) {
+    if (!options.tokens_file.empty()) {
+      return absl::InvalidArgumentError("--insecure and --tokens exclude each other");
+    }
+    if (!IsLoopbackAddress(options.listen)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--insecure listens on loopback addresses only, not ", options.listen));
+    }
+  } else {
+    if (options.tokens_file.empty()) {
+      return absl::InvalidArgumentError(
+          "no --tokens file: the master refuses to run without authentication "
+          "(say --insecure to run without it, on loopback only)");
+    }
+    absl::StatusOr<TokenSet> loaded = TokenSet::Load(options.tokens_file);
+    if (!loaded.ok()) return loaded.status();
+    tokens = std::move(*loaded);
+  }
+  auto master = std::make_unique<MasterImpl>(options, std::move(tokens));
+  if (absl::Status status = master->Init(); !status.ok()) return status;
+  return master;
+}
+
+}  // namespace taskmaster

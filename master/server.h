@@ -1,0 +1,46 @@
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "master/broker.h"
+
+namespace taskmaster {
+
+struct MasterOptions {
+  // host:port to listen on; port 0 picks a free port (see Master::port).
+  std::string listen = "127.0.0.1:7070";
+  // File of `ROLE TOKEN` lines. Required unless `insecure`.
+  std::string tokens_file;
+  // No authentication at all; allowed on loopback addresses only.
+  bool insecure = false;
+  // TLS: the master's certificate and key; with a client CA, clients must present a
+  // certificate it signed (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  int max_message_bytes = 64 << 20;
+  // How often leases, delays and retention are checked.
+  std::chrono::milliseconds tick{100};
+  BrokerOptions broker;
+};
+
+// A running master: broker, store and gRPC server. Thread-safe.
+class Master {
+ public:
+  static absl::StatusOr<std::unique_ptr<Master>> Start(const MasterOptions& options);
+  virtual ~Master() = default;
+
+  // The port the server listens on (the chosen one when options.listen asked for port 0).
+  virtual int port() const = 0;
+  // Tells workers, stops accepting, and waits for calls to end until `deadline` has passed,
+  // then cancels what is left.
+  virtual void Shutdown(std::chrono::milliseconds deadline) = 0;
+};
+
+// True for 127.0.0.0/8, ::1 and localhost, with or without a port.
+bool IsLoopbackAddress(const std::string& host_port);
+
+}  // namespace taskmaster

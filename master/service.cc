@@ -1,0 +1,531 @@
+#include "master/service.h"
+
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_util.h"
+
+namespace taskmaster {
+namespace {
+
+// Results per JobEvent: bounds the size of one write while a big job catches up.
+constexpr size_t kMaxResultsPerEvent = 1000;
+// A worker-bound message is closed for more tasks past this many payload bytes.
+constexpr size_t kMaxBytesPerMessage = 1 << 20;
+
+TaskSpec FromProto(v1::TaskSpec& p) {
+  TaskSpec s;
+  s.queue = std::move(*p.mutable_queue());
+  s.kind = std::move(*p.mutable_kind());
+  s.payload = std::move(*p.mutable_payload());
+  s.priority = p.priority();
+  s.delay_ms = p.delay_ms();
+  s.timeout_ms = p.timeout_ms();
+  s.max_attempts = p.max_attempts();
+  s.idempotency_key = std::move(*p.mutable_idempotency_key());
+  s.labels = Labels(p.labels().begin(), p.labels().end());
+  return s;
+}
+
+v1::TaskState ToProto(TaskState s) {
+  switch (s) {
+    case TaskState::kPending:
+      return v1::PENDING;
+    case TaskState::kDelayed:
+      return v1::DELAYED;
+    case TaskState::kLeased:
+      return v1::LEASED;
+    case TaskState::kSucceeded:
+      return v1::SUCCEEDED;
+    case TaskState::kDead:
+      return v1::DEAD;
+    case TaskState::kCancelled:
+      return v1::CANCELLED;
+  }
+  return v1::TASK_STATE_UNSPECIFIED;
+}
+
+void ToProto(TaskView& v, v1::TaskInfo* p) {
+  p->set_id(v.id);
+  p->set_job_id(std::move(v.job_id));
+  p->set_queue(std::move(v.queue));
+  p->set_kind(std::move(v.kind));
+  // A task past retention has no kind and no state worth reporting.
+  p->set_state(p->kind().empty() ? v1::TASK_STATE_UNSPECIFIED : ToProto(v.state));
+  p->set_attempts(v.attempts);
+  p->set_max_attempts(v.max_attempts);
+  p->set_priority(v.priority);
+  p->set_payload(std::move(v.payload));
+  p->set_output(std::move(v.output));
+  p->set_error(std::move(v.error));
+  p->set_worker(std::move(v.worker));
+  p->set_waiting_for(std::move(v.waiting_for));
+  p->set_created_ms(v.created_ms);
+  p->set_finished_ms(v.finished_ms);
+  p->set_not_before_ms(v.not_before_ms);
+}
+
+void ToProto(const JobView& v, v1::JobInfo* p) {
+  p->set_job_id(v.job_id);
+  p->set_total(v.total);
+  p->set_done(v.done);
+  p->set_succeeded(v.succeeded);
+  p->set_dead(v.dead);
+  p->set_cancelled(v.cancelled);
+  p->set_created_ms(v.created_ms);
+}
+
+void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
+  p->set_worker_id(v.worker_id);
+  p->set_name(v.name);
+  p->set_host(v.host);
+  for (const auto& k : v.kinds) p->add_kinds(k);
+  for (const auto& q : v.queues) p->add_queues(q);
+  p->mutable_labels()->insert(v.labels.begin(), v.labels.end());
+  p->set_slots(v.slots);
+  p->set_running(v.running);
+  p->set_connected(v.connected);
+  p->set_draining(v.draining);
+  p->set_connected_ms(v.connected_ms);
+}
+
+WorkerHello FromProto(v1::Hello& p) {
+  WorkerHello h;
+  h.worker_id = std::move(*p.mutable_worker_id());
+  h.name = std::move(*p.mutable_name());
+  h.host = std::move(*p.mutable_host());
+  h.kinds.assign(p.kinds().begin(), p.kinds().end());
+  h.queues.assign(p.queues().begin(), p.queues().end());
+  h.labels = Labels(p.labels().begin(), p.labels().end());
+  h.slots = p.slots();
+  for (const auto& ref : p.held()) h.held.push_back({ref.task_id(), ref.attempt()});
+  h.master_epoch = std::move(*p.mutable_master_epoch());
+  return h;
+}
+
+Outcome FromProto(v1::TaskResult::Outcome o) {
+  switch (o) {
+    case v1::TaskResult::SUCCEEDED:
+      return Outcome::kSucceeded;
+    case v1::TaskResult::CANCELLED:
+      return Outcome::kCancelled;
+    case v1::TaskResult::RETURNED:
+      return Outcome::kReturned;
+    default:
+      return Outcome::kFailed;
+  }
+}
+
+void AddRefs(const std::vector<TaskRef>& refs,
+             google::protobuf::RepeatedPtrField<v1::TaskRef>* out) {
+  for (const TaskRef& r : refs) {
+    v1::TaskRef* p = out->Add();
+    p->set_task_id(r.id);
+    p->set_attempt(r.attempt);
+  }
+}
+
+// Finishes a unary call with a broker status.
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+// Follows one job: writes what is new whenever the broker says the job changed, one write in
+// flight at a time, and finishes once every result has been written.
+class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
+ public:
+  JobStream(Broker* broker, std::string job_id, int64_t after)
+      : broker_(broker), job_id_(std::move(job_id)), cursor_(after),
+        link_(std::make_shared<Link>(this)) {
+    if (absl::Status status = broker_->Watch(job_id_, link_); !status.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpcStatus(status));
+      return;
+    }
+    Pump();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write failed"));
+        return;
+      }
+      if (last_written_) {
+        FinishLocked(grpc::Status::OK);
+        return;
+      }
+    }
+    Pump();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (!writing_) FinishLocked(grpc::Status::CANCELLED);
+    cancelled_ = true;
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&link_->mu);
+      link_->stream = nullptr;
+    }
+    broker_->Unwatch(job_id_, link_.get());
+    delete this;
+  }
+
+ private:
+  // The broker's handle on this stream; it outlives the stream, which detaches in OnDone.
+  struct Link final : JobWatcher {
+    explicit Link(JobStream* s) : stream(s) {}
+    void OnJobChanged() override {
+      absl::MutexLock lock(&mu);
+      if (stream) stream->Pump();
+    }
+    absl::Mutex mu;
+    JobStream* stream ABSL_GUARDED_BY(mu);
+  };
+
+  void Pump() {
+    absl::MutexLock lock(&mu_);
+    if (writing_ || finished_) return;
+    if (cancelled_) {
+      FinishLocked(grpc::Status::CANCELLED);
+      return;
+    }
+    absl::StatusOr<JobEvents> events = broker_->ReadJob(job_id_, cursor_, kMaxResultsPerEvent);
+    if (!events.ok()) {
+      FinishLocked(ToGrpcStatus(events.status()));
+      return;
+    }
+    if (events->results.empty() && wrote_any_) return;  // nothing new yet
+    event_.Clear();
+    for (TaskView& v : events->results) ToProto(v, event_.add_results());
+    cursor_ += static_cast<int64_t>(events->results.size());
+    ToProto(events->progress, event_.mutable_progress());
+    last_written_ = events->progress.done == events->progress.total &&
+                    cursor_ >= events->progress.done;
+    wrote_any_ = true;
+    writing_ = true;
+    StartWrite(&event_);
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  Broker* const broker_;
+  const std::string job_id_;
+  absl::Mutex mu_;
+  int64_t cursor_ ABSL_GUARDED_BY(mu_);
+  v1::JobEvent event_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool wrote_any_ ABSL_GUARDED_BY(mu_) = false;
+  bool last_written_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  const std::shared_ptr<Link> link_;
+};
+
+// One worker's stream. Reads are handled one at a time; what the broker sends is queued and
+// written one message at a time, coalescing whatever piled up during a write.
+class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
+ public:
+  WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth)
+      : broker_(broker), log_(std::move(log)), channel_(std::make_shared<Channel>(this)) {
+    if (!auth.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(auth);
+      return;
+    }
+    StartRead(&in_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The worker closed its side, or the connection broke.
+      if (attached_) broker_->Detach(handle_, bye_);
+      absl::MutexLock lock(&mu_);
+      FinishLocked(grpc::Status::OK);
+      return;
+    }
+    if (!attached_) {
+      if (!in_.has_hello()) {
+        absl::MutexLock lock(&mu_);
+        FinishLocked(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                  "the first message of a worker stream must carry a hello"));
+        return;
+      }
+      absl::StatusOr<Broker::WorkerHandle> handle =
+          broker_->Attach(FromProto(*in_.mutable_hello()), channel_);
+      if (!handle.ok()) {
+        absl::MutexLock lock(&mu_);
+        FinishLocked(ToGrpcStatus(handle.status()));
+        return;
+      }
+      handle_ = *handle;
+      attached_ = true;
+    }
+    Handle(in_);
+    StartRead(&in_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) return;  // the read side sees the broken stream and finishes
+    if (finish_pending_) {
+      FinishLocked(*finish_pending_);
+      return;
+    }
+    WriteNextLocked();
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&channel_->mu);
+      channel_->stream = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  // The broker's handle on this stream; it outlives the stream, which detaches in OnDone.
+  struct Channel final : WorkerChannel {
+    explicit Channel(WorkerStream* s) : stream(s) {}
+    void Send(WorkerOutbound message) override {
+      absl::MutexLock lock(&mu);
+      if (stream) stream->Enqueue(std::move(message));
+    }
+    absl::Mutex mu;
+    WorkerStream* stream ABSL_GUARDED_BY(mu);
+  };
+
+  void Handle(v1::WorkerMessage& m) {
+    if (m.results_size() > 0) {
+      std::vector<TaskReport> reports;
+      reports.reserve(m.results_size());
+      for (v1::TaskResult& r : *m.mutable_results()) {
+        reports.push_back({r.task_id(), r.attempt(), FromProto(r.outcome()),
+                           std::move(*r.mutable_output()), std::move(*r.mutable_error())});
+      }
+      broker_->Report(handle_, std::move(reports));
+    }
+    if (m.heartbeat()) broker_->Heartbeat(handle_);
+    if (m.draining()) broker_->Drain(handle_);
+    if (m.credits() > 0) broker_->AddCredits(handle_, m.credits());
+    if (m.bye()) bye_ = true;
+  }
+
+  void Enqueue(WorkerOutbound message) {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    if (outbox_.empty() || outbox_bytes_.back() >= kMaxBytesPerMessage) {
+      outbox_.emplace_back();
+      outbox_bytes_.push_back(0);
+    }
+    v1::MasterMessage& out = outbox_.back();
+    if (message.welcome) {
+      v1::Welcome* w = out.mutable_welcome();
+      w->set_master_epoch(message.welcome->master_epoch);
+      w->set_heartbeat_interval_ms(message.welcome->heartbeat_interval_ms);
+      w->set_lease_timeout_ms(message.welcome->lease_timeout_ms);
+      AddRefs(message.welcome->revoked, w->mutable_revoked());
+    }
+    for (LeasedTask& t : message.tasks) {
+      v1::Task* p = out.add_tasks();
+      p->set_task_id(t.id);
+      p->set_attempt(t.attempt);
+      p->set_kind(std::move(t.kind));
+      outbox_bytes_.back() += t.payload.size() + 32;
+      p->set_payload(std::move(t.payload));
+      p->set_timeout_ms(t.timeout_ms);
+      p->set_queue(std::move(t.queue));
+    }
+    for (TaskId id : message.cancel) out.add_cancel(id);
+    AddRefs(message.acked, out.mutable_acked());
+    if (message.shutting_down) out.set_shutting_down(true);
+    WriteNextLocked();
+  }
+
+  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_ || outbox_.empty()) return;
+    writing_msg_ = std::move(outbox_.front());
+    outbox_.pop_front();
+    outbox_bytes_.pop_front();
+    writing_ = true;
+    StartWrite(&writing_msg_);
+  }
+
+  // Finish waits for a write in flight, so that one is never abandoned half way.
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    if (writing_) {
+      finish_pending_ = status;
+      return;
+    }
+    finished_ = true;
+    Finish(status);
+  }
+
+  Broker* const broker_;
+  const std::shared_ptr<spdlog::logger> log_;
+  const std::shared_ptr<Channel> channel_;
+
+  // Used only by the reactions on the read side, which gRPC runs one at a time.
+  v1::WorkerMessage in_;
+  Broker::WorkerHandle handle_;
+  bool attached_ = false;
+  bool bye_ = false;
+
+  absl::Mutex mu_;
+  std::deque<v1::MasterMessage> outbox_ ABSL_GUARDED_BY(mu_);
+  std::deque<size_t> outbox_bytes_ ABSL_GUARDED_BY(mu_);
+  v1::MasterMessage writing_msg_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> finish_pending_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::Status Authorizer::Check(const grpc::CallbackServerContext* context, Role need,
+                               const char* call) const {
+  if (!tokens_) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing 'authorization: Bearer <token>' metadata");
+  }
+  std::optional<std::string_view> token =
+      BearerToken(std::string_view(it->second.data(), it->second.size()));
+  std::optional<Role> role = token ? tokens_->Lookup(*token) : std::nullopt;
+  if (!role) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  if (!RoleAllows(*role, need)) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat("a '", RoleName(*role), "' token may not call ", call,
+                                     " (it needs a '", RoleName(need), "' or 'admin' token)"));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::Submit(grpc::CallbackServerContext* context,
+                                                   const v1::SubmitRequest* request,
+                                                   v1::SubmitResponse* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Submit"); !s.ok()) {
+    return Reply(context, s);
+  }
+  std::vector<TaskSpec> specs;
+  specs.reserve(request->tasks_size());
+  // The request is ours until Finish: move the payloads out instead of copying them.
+  for (v1::TaskSpec& p : *const_cast<v1::SubmitRequest*>(request)->mutable_tasks()) {
+    specs.push_back(FromProto(p));
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  broker_->Submit(std::move(specs), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
+    if (!outcome.ok()) {
+      reactor->Finish(ToGrpcStatus(outcome.status()));
+      return;
+    }
+    response->set_job_id(std::move(outcome->job_id));
+    response->mutable_task_ids()->Add(outcome->task_ids.begin(), outcome->task_ids.end());
+    for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::GetTask(grpc::CallbackServerContext* context,
+                                                    const v1::GetTaskRequest* request,
+                                                    v1::TaskInfo* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetTask"); !s.ok()) {
+    return Reply(context, s);
+  }
+  absl::StatusOr<TaskView> view = broker_->GetTask(request->id());
+  if (view.ok()) ToProto(*view, response);
+  return Reply(context, ToGrpcStatus(view.status()));
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::GetJob(grpc::CallbackServerContext* context,
+                                                   const v1::GetJobRequest* request,
+                                                   v1::JobInfo* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetJob"); !s.ok()) {
+    return Reply(context, s);
+  }
+  absl::StatusOr<JobView> view = broker_->GetJob(request->job_id());
+  if (view.ok()) ToProto(*view, response);
+  return Reply(context, ToGrpcStatus(view.status()));
+}
+
+grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::WatchJob(
+    grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "WatchJob"); !s.ok()) {
+    // A reactor that only finishes.
+    struct Refused final : grpc::ServerWriteReactor<v1::JobEvent> {
+      explicit Refused(const grpc::Status& s) { Finish(s); }
+      void OnDone() override { delete this; }
+    };
+    return new Refused(s);
+  }
+  return new JobStream(broker_, request->job_id(), request->after());
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::Cancel(grpc::CallbackServerContext* context,
+                                                   const v1::CancelRequest* request,
+                                                   v1::CancelResponse* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Cancel"); !s.ok()) {
+    return Reply(context, s);
+  }
+  absl::StatusOr<int64_t> cancelled =
+      request->has_task_id() ? broker_->CancelTask(request->task_id())
+      : request->has_job_id()
+          ? broker_->CancelJob(request->job_id())
+          : absl::InvalidArgumentError("cancel needs a task id or a job id");
+  if (cancelled.ok()) response->set_cancelled(*cancelled);
+  return Reply(context, ToGrpcStatus(cancelled.status()));
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::Stats(grpc::CallbackServerContext* context,
+                                                  const v1::StatsRequest* request,
+                                                  v1::StatsResponse* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Stats"); !s.ok()) {
+    return Reply(context, s);
+  }
+  for (const QueueStatsView& q : broker_->QueueStats()) {
+    v1::QueueStats* p = response->add_queues();
+    p->set_queue(q.queue);
+    p->set_pending(q.pending);
+    p->set_leased(q.leased);
+    p->set_succeeded(q.succeeded);
+    p->set_failed(q.failed);
+    p->set_dead(q.dead);
+    p->set_cancelled(q.cancelled);
+  }
+  for (const WorkerView& w : broker_->Workers()) ToProto(w, response->add_workers());
+  return Reply(context, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* TaskQueueService::Workers(grpc::CallbackServerContext* context,
+                                                    const v1::WorkersRequest* request,
+                                                    v1::WorkersResponse* response) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Workers"); !s.ok()) {
+    return Reply(context, s);
+  }
+  for (const WorkerView& w : broker_->Workers()) ToProto(w, response->add_workers());
+  return Reply(context, grpc::Status::OK);
+}
+
+grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* WorkerServiceImpl::Connect(
+    grpc::CallbackServerContext* context) {
+  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"));
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,177 @@
+#pragma once
+
+// Plain types the broker core shares with its store and its service layer. No gRPC, no SQLite.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace taskmaster {
+
+using TaskId = uint64_t;
+using Labels = std::map<std::string, std::string>;
+
+enum class TaskState : uint8_t { kPending, kDelayed, kLeased, kSucceeded, kDead, kCancelled };
+
+std::string_view TaskStateName(TaskState state);
+inline bool IsFinished(TaskState s) {
+  return s == TaskState::kSucceeded || s == TaskState::kDead || s == TaskState::kCancelled;
+}
+
+// One task as a client submits it.
+struct TaskSpec {
+  std::string queue;  // empty: "default"
+  std::string kind;
+  std::string payload;
+  int32_t priority = 0;
+  int64_t delay_ms = 0;
+  int64_t timeout_ms = 0;    // 0: the master's default
+  int32_t max_attempts = 0;  // 0: the master's default
+  std::string idempotency_key;
+  Labels labels;  // required worker labels
+};
+
+// A consistent copy of one task, for status and results.
+struct TaskView {
+  TaskId id = 0;
+  std::string job_id;
+  std::string queue;
+  std::string kind;
+  TaskState state = TaskState::kPending;
+  int32_t attempts = 0;
+  int32_t max_attempts = 0;
+  int32_t priority = 0;
+  std::string payload;
+  std::string output;
+  std::string error;
+  std::string worker;
+  std::string waiting_for;  // why a pending task has not started; set by GetTask only
+  int64_t created_ms = 0;
+  int64_t finished_ms = 0;
+  int64_t not_before_ms = 0;
+};
+
+struct JobView {
+  std::string job_id;
+  int64_t total = 0;
+  int64_t done = 0;
+  int64_t succeeded = 0;
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+  int64_t created_ms = 0;
+};
+
+struct SubmitOutcome {
+  std::string job_id;
+  std::vector<TaskId> task_ids;       // in the order of the request
+  std::vector<std::string> warnings;  // e.g. no connected worker runs a kind
+};
+
+struct JobEvents {
+  std::vector<TaskView> results;  // finished tasks after the cursor, in completion order
+  JobView progress;
+};
+
+struct QueueStatsView {
+  std::string queue;
+  int64_t pending = 0;  // PENDING and DELAYED now
+  int64_t leased = 0;   // now
+  // Totals since the master started.
+  int64_t succeeded = 0;
+  int64_t failed = 0;  // failed attempts, retried or not
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+};
+
+struct WorkerView {
+  std::string worker_id;
+  std::string name;
+  std::string host;
+  std::vector<std::string> kinds;
+  std::vector<std::string> queues;
+  Labels labels;
+  int32_t slots = 0;
+  int32_t running = 0;
+  bool connected = false;
+  bool draining = false;
+  int64_t connected_ms = 0;
+};
+
+// ---- The worker stream, in core terms ----
+
+struct TaskRef {
+  TaskId id = 0;
+  int32_t attempt = 0;
+  bool operator==(const TaskRef&) const = default;
+};
+
+struct WorkerHello {
+  std::string worker_id;
+  std::string name;
+  std::string host;
+  std::vector<std::string> kinds;
+  std::vector<std::string> queues;  // empty: {"default"}
+  Labels labels;
+  int32_t slots = 1;
+  std::vector<TaskRef> held;  // tasks kept from an earlier stream of the same worker
+  std::string master_epoch;   // the epoch `held` came from
+};
+
+struct LeasedTask {
+  TaskId id = 0;
+  int32_t attempt = 0;
+  std::string kind;
+  std::string payload;
+  int64_t timeout_ms = 0;
+  std::string queue;
+};
+
+enum class Outcome : uint8_t { kSucceeded, kFailed, kCancelled, kReturned };
+
+struct TaskReport {
+  TaskId id = 0;
+  int32_t attempt = 0;
+  Outcome outcome = Outcome::kSucceeded;
+  std::string output;
+  std::string error;
+};
+
+struct Welcome {
+  std::string master_epoch;
+  int64_t heartbeat_interval_ms = 0;
+  int64_t lease_timeout_ms = 0;
+  std::vector<TaskRef> revoked;
+};
+
+// What the master sends a worker; any combination of fields in one message.
+struct WorkerOutbound {
+  std::optional<Welcome> welcome;
+  std::vector<LeasedTask> tasks;
+  std::vector<TaskId> cancel;
+  std::vector<TaskRef> acked;
+  bool shutting_down = false;
+
+  bool empty() const {
+    return !welcome && tasks.empty() && cancel.empty() && acked.empty() && !shutting_down;
+  }
+};
+
+// The service's end of one worker stream. Send is called without any broker lock held, from
+// any thread, and must not block.
+class WorkerChannel {
+ public:
+  virtual ~WorkerChannel() = default;
+  virtual void Send(WorkerOutbound message) = 0;
+};
+
+// Told when a job has new results; must not block (read them with Broker::ReadJob).
+class JobWatcher {
+ public:
+  virtual ~JobWatcher() = default;
+  virtual void OnJobChanged() = 0;
+};
+
+}  // namespace taskmaster

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages taskmaster needs to build and test, only those missing.
+set -euo pipefail
+packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+  libgrpc++-dev libabsl-dev libspdlog-dev libcli11-dev libsqlite3-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,75 @@
+// taskworker: runs tasks for a master. Flags → WorkerOptions → Start → drain on SIGTERM/SIGINT
+// (a second signal leaves at once).
+#include <cstdlib>
+#include <thread>
+
+#include "CLI/CLI.hpp"
+#include "common/auth.h"
+#include "common/logging.h"
+#include "common/signals.h"
+#include "common/util.h"
+#include "worker/worker.h"
+
+int main(int argc, char** argv) {
+  taskmaster::BlockTerminationSignals();
+  taskmaster::WorkerOptions o;
+  std::string token_file, queues = "default", labels, log_level = "info";
+  int64_t drain_ms = o.drain_timeout.count();
+  int64_t reconnect_max_ms = o.reconnect_max.count();
+
+  CLI::App app{"taskworker: runs tasks for a taskmaster master"};
+  app.add_option("--master", o.master.address, "host:port of the master")
+      ->envname("TASKMASTER_ADDR")
+      ->required();
+  app.add_option("--token-file", token_file,
+                 "file holding a 'work' token (or set TASKMASTER_TOKEN)");
+  app.add_option("--threads", o.threads, "tasks run at once (default: one per core)");
+  app.add_option("--prefetch", o.prefetch, "tasks held beyond free threads (default: = threads)");
+  app.add_option("--queues", queues, "queues to take tasks from, comma separated")
+      ->capture_default_str();
+  app.add_option("--labels", labels, "labels of this worker: k=v,k2=v2");
+  app.add_option("--name", o.name, "name shown by taskctl workers (default: host-pid)");
+  app.add_option("--drain-timeout-ms", drain_ms,
+                 "on SIGTERM, how long running tasks may take to finish")
+      ->capture_default_str();
+  app.add_option("--reconnect-max-ms", reconnect_max_ms, "longest wait between reconnects")
+      ->capture_default_str();
+  app.add_option("--tls-ca", o.master.tls_ca_file, "PEM CA bundle: connect with TLS");
+  app.add_option("--tls-cert", o.master.tls_cert_file, "PEM client certificate (mutual TLS)");
+  app.add_option("--tls-key", o.master.tls_key_file, "PEM key of --tls-cert");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  auto fail = [](const absl::Status& status) {
+    fprintf(stderr, "taskworker: %s\n", std::string(status.message()).c_str());
+    return 2;
+  };
+  if (absl::Status s = taskmaster::SetupLogging(log_level); !s.ok()) return fail(s);
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = taskmaster::ReadTokenFile(token_file);
+    if (!token.ok()) return fail(token.status());
+    o.token = *token;
+  } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
+    o.token = env;
+  }
+  o.queues = taskmaster::SplitList(queues);
+  auto parsed = taskmaster::ParseLabels(labels);
+  if (!parsed.ok()) return fail(parsed.status());
+  o.labels = *parsed;
+  o.drain_timeout = std::chrono::milliseconds(drain_ms);
+  o.reconnect_max = std::chrono::milliseconds(reconnect_max_ms);
+
+  taskmaster::Registry registry;
+  if (absl::Status s = taskmaster::RegisterBuiltins(registry); !s.ok()) return fail(s);
+  auto worker = taskmaster::Worker::Start(o, &registry);
+  if (!worker.ok()) return fail(worker.status());
+
+  while (taskmaster::WaitForTermination(std::chrono::seconds(3600)) == 0) {
+  }
+  std::thread drain([&] { (*worker)->Drain(); });
+  while (!(*worker)->Stopped()) {
+    if (taskmaster::WaitForTermination(std::chrono::milliseconds(100)) != 0) (*worker)->Abort();
+  }
+  drain.join();
+  return 0;
+}

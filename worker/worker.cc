@@ -1,0 +1,486 @@
+#include "worker/worker.h"
+
+#include <unistd.h>
+
+#include <deque>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "common/logging.h"
+#include "common/util.h"
+#include "taskmaster/v1/taskmaster.grpc.pb.h"
+
+namespace taskmaster {
+namespace {
+
+using TaskId = uint64_t;
+
+// Results per message: bounds one write when many piled up during an outage.
+constexpr int kMaxResultsPerMessage = 1000;
+// Cancels that arrived before their task (messages can pass each other), remembered this many.
+constexpr size_t kRecentCancels = 4096;
+// After the drain, how long results may wait for the master's acknowledgement.
+constexpr auto kAckGrace = std::chrono::seconds(5);
+
+std::string HostName() {
+  char buf[256] = {};
+  gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+class WorkerImpl final : public Worker {
+ public:
+  WorkerImpl(WorkerOptions options, const Registry* registry,
+             std::shared_ptr<grpc::Channel> channel)
+      : options_(std::move(options)),
+        registry_(registry),
+        log_(GetLogger("worker")),
+        host_(HostName()),
+        name_(options_.name.empty() ? absl::StrCat(host_, "-", getpid()) : options_.name),
+        worker_id_(absl::StrCat(name_, "-", RandomHex(6))),
+        threads_(options_.threads > 0 ? options_.threads
+                                      : std::max(1u, std::thread::hardware_concurrency())),
+        capacity_(threads_ + (options_.prefetch >= 0 ? options_.prefetch : threads_)),
+        stub_(v1::WorkerService::NewStub(channel)) {}
+
+  void Run() {
+    for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
+    session_thread_ = std::thread([this] { SessionLoop(); });
+    log_->info("worker {} started: {} threads, {} prefetch, kinds [{}], master {}", name_,
+               threads_, capacity_ - threads_, absl::StrJoin(registry_->Kinds(), ","),
+               options_.master.address);
+  }
+
+  ~WorkerImpl() override { Abort(); }
+
+  void Drain() override {
+    const auto deadline = absl::Now() + absl::FromChrono(options_.drain_timeout);
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopped_ || draining_) return;
+      draining_ = true;
+      credits_to_send_ = 0;
+      // Give back what has not started; the master requeues it without using an attempt.
+      for (TaskId id : queue_) {
+        AddResultLocked(id, held_.at(id).attempt, v1::TaskResult::RETURNED, "", "");
+        held_.erase(id);
+      }
+      const size_t returned = queue_.size();
+      queue_.clear();
+      log_->info("draining: {} tasks given back, {} running (up to {} ms)", returned,
+                 held_.size(), options_.drain_timeout.count());
+      auto running_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); };
+      mu_.AwaitWithDeadline(absl::Condition(&running_done), deadline);
+      if (!held_.empty()) {
+        log_->warn("drain timeout: leaving {} tasks unfinished for the master to requeue",
+                   held_.size());
+      }
+      auto all_acked = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return unacked_.empty(); };
+      mu_.AwaitWithDeadline(absl::Condition(&all_acked), deadline + absl::FromChrono(kAckGrace));
+      if (!unacked_.empty()) {
+        log_->warn("leaving with {} results the master has not acknowledged", unacked_.size());
+      }
+      leaving_ = true;
+      // The sender says bye and the stream ends; wait a little for that before cutting it.
+      auto session_over = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !session_open_; };
+      mu_.AwaitWithTimeout(absl::Condition(&session_over), absl::Seconds(5));
+    }
+    Abort();
+  }
+
+  void Abort() override {
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopped_) return;
+      stopped_ = true;
+      leaving_ = true;
+      for (auto& [id, h] : held_) h.cancelled->store(true);
+      queue_.clear();
+      if (live_context_) live_context_->TryCancel();
+    }
+    if (session_thread_.joinable()) session_thread_.join();
+    for (std::thread& t : pool_) t.join();
+    log_->info("worker {} stopped", name_);
+  }
+
+  bool Stopped() const override {
+    absl::MutexLock lock(&mu_);
+    return stopped_;
+  }
+
+ private:
+  // A task this worker holds: queued or running.
+  struct Held {
+    int32_t attempt = 0;
+    std::string kind;
+    std::string payload;
+    int64_t timeout_ms = 0;
+    std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    bool running = false;
+    bool discard = false;  // revoked by the master: its result would be stale
+  };
+
+  void SessionLoop() {
+    Backoff backoff(options_.reconnect_min, options_.reconnect_max);
+    bool warned = false;
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (leaving_) return;
+      }
+      grpc::Status status;
+      if (RunSession(&status)) {
+        backoff.Reset();
+        warned = false;
+      }
+      const auto wait = backoff.Next();
+      if (!warned || status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+          status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+        log_->warn("master {} unreachable or refused ({}: {}); retrying with backoff",
+                   options_.master.address, static_cast<int>(status.error_code()),
+                   status.error_message());
+        warned = true;
+      }
+      absl::MutexLock lock(&mu_);
+      auto leaving = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return leaving_; };
+      if (mu_.AwaitWithTimeout(absl::Condition(&leaving), absl::FromChrono(wait))) return;
+    }
+  }
+
+  // One stream, from hello to its end. Returns whether the master welcomed us.
+  bool RunSession(grpc::Status* status) {
+    grpc::ClientContext context;
+    if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
+    v1::WorkerMessage hello_message;
+    {
+      absl::MutexLock lock(&mu_);
+      if (leaving_) return false;
+      live_context_ = &context;
+      v1::Hello* hello = hello_message.mutable_hello();
+      hello->set_worker_id(worker_id_);
+      hello->set_name(name_);
+      hello->set_host(host_);
+      for (const std::string& kind : registry_->Kinds()) hello->add_kinds(kind);
+      for (const std::string& queue : options_.queues) hello->add_queues(queue);
+      hello->mutable_labels()->insert(options_.labels.begin(), options_.labels.end());
+      hello->set_slots(threads_);
+      auto add_held = [hello](TaskId id, int32_t attempt) {
+        v1::TaskRef* ref = hello->add_held();
+        ref->set_task_id(id);
+        ref->set_attempt(attempt);
+      };
+      for (const auto& [id, h] : held_) {
+        if (!h.discard) add_held(id, h.attempt);
+      }
+      for (const auto& [id, r] : unacked_) {
+        if (!held_.contains(id)) add_held(id, r.attempt());
+      }
+      hello->set_master_epoch(epoch_);
+    }
+    auto stream = stub_->Connect(&context);
+    v1::MasterMessage in;
+    const bool welcomed = stream->Write(hello_message) && stream->Read(&in) && in.has_welcome();
+    if (!welcomed) {
+      context.TryCancel();
+      *status = stream->Finish();
+      absl::MutexLock lock(&mu_);
+      live_context_ = nullptr;
+      return false;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      AcceptWelcomeLocked(in.welcome());
+    }
+    log_->info("connected to master {} (epoch {})", options_.master.address,
+               in.welcome().master_epoch());
+    std::thread sender([this, s = stream.get()] { SendLoop(s); });
+    bool master_stopping = false;
+    do {
+      HandleMessage(in);
+      if (in.shutting_down()) {
+        master_stopping = true;
+        break;
+      }
+    } while (stream->Read(&in));
+    {
+      absl::MutexLock lock(&mu_);
+      session_open_ = false;
+    }
+    context.TryCancel();  // unblocks the sender if it waits on flow control
+    sender.join();
+    *status = stream->Finish();
+    if (master_stopping) *status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "master stopping");
+    absl::MutexLock lock(&mu_);
+    live_context_ = nullptr;
+    return true;
+  }
+
+  void AcceptWelcomeLocked(const v1::Welcome& welcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!epoch_.empty() && epoch_ != welcome.master_epoch()) {
+      log_->warn("the master lost its state (epoch {} -> {}): dropping {} held tasks and {} "
+                 "unacknowledged results",
+                 epoch_, welcome.master_epoch(), held_.size(), unacked_.size());
+      for (auto& [id, h] : held_) RevokeLocked(id);
+      unacked_.clear();
+    }
+    for (const v1::TaskRef& ref : welcome.revoked()) {
+      if (held_.contains(ref.task_id())) RevokeLocked(ref.task_id());
+      unacked_.erase(ref.task_id());
+    }
+    epoch_ = welcome.master_epoch();
+    heartbeat_interval_ =
+        std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
+    to_send_.clear();
+    for (const auto& [id, r] : unacked_) to_send_.push_back(id);
+    int32_t busy = 0;
+    for (const auto& [id, h] : held_) busy += h.discard ? 0 : 1;
+    credits_to_send_ = draining_ ? 0 : std::max(0, capacity_ - busy);
+    drain_sent_ = false;
+    session_open_ = true;
+  }
+
+  // Drops a held task: a queued one now, a running one when its handler returns.
+  void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Held& h = held_.at(id);
+    if (h.running) {
+      h.discard = true;
+      h.cancelled->store(true);
+    } else {
+      std::erase(queue_, id);
+      held_.erase(id);
+    }
+  }
+
+  void HandleMessage(v1::MasterMessage& in) {
+    absl::MutexLock lock(&mu_);
+    for (v1::Task& t : *in.mutable_tasks()) {
+      const TaskId id = t.task_id();
+      if (held_.contains(id)) continue;  // delivered twice
+      if (recent_cancels_.erase(id) > 0) {
+        AddResultLocked(id, t.attempt(), v1::TaskResult::CANCELLED, "", "cancelled");
+        credits_to_send_ += draining_ ? 0 : 1;
+        continue;
+      }
+      if (draining_) {
+        AddResultLocked(id, t.attempt(), v1::TaskResult::RETURNED, "", "");
+        continue;
+      }
+      Held& h = held_[id];
+      h.attempt = t.attempt();
+      h.kind = std::move(*t.mutable_kind());
+      h.payload = std::move(*t.mutable_payload());
+      h.timeout_ms = t.timeout_ms();
+      queue_.push_back(id);
+    }
+    for (TaskId id : in.cancel()) {
+      auto it = held_.find(id);
+      if (it == held_.end()) {
+        if (recent_cancels_order_.size() >= kRecentCancels) {
+          recent_cancels_.erase(recent_cancels_order_.front());
+          recent_cancels_order_.pop_front();
+        }
+        recent_cancels_.insert(id);
+        recent_cancels_order_.push_back(id);
+      } else if (it->second.running) {
+        it->second.cancelled->store(true);
+      } else {
+        AddResultLocked(id, it->second.attempt, v1::TaskResult::CANCELLED, "", "cancelled");
+        std::erase(queue_, id);
+        held_.erase(it);
+        credits_to_send_ += draining_ ? 0 : 1;
+      }
+    }
+    for (const v1::TaskRef& ref : in.acked()) {
+      auto it = unacked_.find(ref.task_id());
+      if (it != unacked_.end() && it->second.attempt() == ref.attempt()) unacked_.erase(it);
+    }
+  }
+
+  void AddResultLocked(TaskId id, int32_t attempt, v1::TaskResult::Outcome outcome,
+                       std::string output, std::string error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    v1::TaskResult& r = unacked_[id];
+    r.set_task_id(id);
+    r.set_attempt(attempt);
+    r.set_outcome(outcome);
+    r.set_output(std::move(output));
+    r.set_error(std::move(error));
+    to_send_.push_back(id);
+  }
+
+  void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream) {
+    auto next_heartbeat = std::chrono::steady_clock::now() + heartbeat_interval_;
+    while (true) {
+      v1::WorkerMessage m;
+      bool bye = false;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return !session_open_ || !to_send_.empty() || credits_to_send_ > 0 ||
+                 (draining_ && !drain_sent_) || leaving_;
+        };
+        const auto until_heartbeat = next_heartbeat - std::chrono::steady_clock::now();
+        mu_.AwaitWithTimeout(absl::Condition(&ready), absl::FromChrono(until_heartbeat));
+        if (!session_open_) return;
+        while (!to_send_.empty() && m.results_size() < kMaxResultsPerMessage) {
+          auto it = unacked_.find(to_send_.front());
+          to_send_.pop_front();
+          if (it != unacked_.end()) *m.add_results() = it->second;
+        }
+        if (credits_to_send_ > 0 && !draining_) m.set_credits(credits_to_send_);
+        credits_to_send_ = 0;
+        if (draining_ && !drain_sent_) {
+          m.set_draining(true);
+          drain_sent_ = true;
+        }
+        if (leaving_ && to_send_.empty()) {
+          m.set_bye(true);
+          bye = true;
+        }
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= next_heartbeat) {
+        m.set_heartbeat(true);
+        next_heartbeat = now + heartbeat_interval_;
+      }
+      if (m.ByteSizeLong() == 0) continue;
+      if (!stream->Write(m)) return;
+      if (bye) {
+        stream->WritesDone();
+        return;
+      }
+    }
+  }
+
+  void PoolLoop() {
+    while (true) {
+      TaskId id;
+      int32_t attempt;
+      std::string kind, payload;
+      int64_t timeout_ms;
+      std::shared_ptr<std::atomic<bool>> cancelled;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stopped_ || !queue_.empty();
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (stopped_) return;
+        id = queue_.front();
+        queue_.pop_front();
+        Held& h = held_.at(id);
+        h.running = true;
+        attempt = h.attempt;
+        kind = h.kind;
+        payload = std::move(h.payload);
+        timeout_ms = h.timeout_ms;
+        cancelled = h.cancelled;
+      }
+      v1::TaskResult result = Execute(id, attempt, kind, payload, timeout_ms, cancelled);
+      absl::MutexLock lock(&mu_);
+      auto it = held_.find(id);
+      const bool discard = it == held_.end() || it->second.discard;
+      if (it != held_.end()) held_.erase(it);
+      if (!discard) {
+        unacked_[id] = std::move(result);
+        to_send_.push_back(id);
+      }
+      if (!draining_) credits_to_send_++;
+    }
+  }
+
+  v1::TaskResult Execute(TaskId id, int32_t attempt, const std::string& kind,
+                         const std::string& payload, int64_t timeout_ms,
+                         const std::shared_ptr<std::atomic<bool>>& cancelled) {
+    v1::TaskResult r;
+    r.set_task_id(id);
+    r.set_attempt(attempt);
+    const Handler* handler = registry_->Find(kind);
+    if (!handler) {
+      r.set_outcome(v1::TaskResult::FAILED);
+      r.set_error(absl::StrCat("worker ", name_, " does not run kind '", kind, "'"));
+      return r;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = timeout_ms > 0 ? start + std::chrono::milliseconds(timeout_ms)
+                                         : std::chrono::steady_clock::time_point::max();
+    TaskContext context(id, attempt, payload, deadline, cancelled);
+    absl::StatusOr<std::string> output;
+    try {
+      output = (*handler)(context);
+    } catch (const std::exception& e) {
+      output = absl::InternalError(absl::StrCat("handler threw: ", e.what()));
+    }
+    if (cancelled->load()) {
+      r.set_outcome(v1::TaskResult::CANCELLED);
+      r.set_error("cancelled while running");
+    } else if (std::chrono::steady_clock::now() >= deadline) {
+      r.set_outcome(v1::TaskResult::FAILED);
+      r.set_error(absl::StrCat("timed out after ", timeout_ms, " ms"));
+    } else if (output.ok()) {
+      r.set_outcome(v1::TaskResult::SUCCEEDED);
+      r.set_output(std::move(*output));
+    } else {
+      r.set_outcome(v1::TaskResult::FAILED);
+      r.set_error(std::string(output.status().message()));
+    }
+    log_->debug("task {} attempt {} ({}): {}", id, attempt, kind,
+                v1::TaskResult::Outcome_Name(r.outcome()));
+    return r;
+  }
+
+  const WorkerOptions options_;
+  const Registry* const registry_;
+  const std::shared_ptr<spdlog::logger> log_;
+  const std::string host_;
+  const std::string name_;
+  const std::string worker_id_;
+  const int threads_;
+  const int capacity_;  // threads plus prefetch: the most tasks held at once
+  const std::unique_ptr<v1::WorkerService::Stub> stub_;
+  std::vector<std::thread> pool_;
+  std::thread session_thread_;
+
+  mutable absl::Mutex mu_;
+  std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
+  std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
+  // Results (and give-backs) until the master acknowledges them; sent again after a reconnect.
+  std::map<TaskId, v1::TaskResult> unacked_ ABSL_GUARDED_BY(mu_);
+  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);  // unacked results not written yet
+  int32_t credits_to_send_ ABSL_GUARDED_BY(mu_) = 0;
+  std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
+  std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
+  std::string epoch_ ABSL_GUARDED_BY(mu_);
+  std::chrono::milliseconds heartbeat_interval_ ABSL_GUARDED_BY(mu_){5'000};
+  grpc::ClientContext* live_context_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool session_open_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool drain_sent_ ABSL_GUARDED_BY(mu_) = false;
+  bool leaving_ ABSL_GUARDED_BY(mu_) = false;  // say bye, then no more sessions
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;  // pool threads exit
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
+                                                      const Registry* registry) {
+  if (registry->Kinds().empty()) return absl::InvalidArgumentError("the worker runs no kind");
+  if (options.threads < 0) return absl::InvalidArgumentError("--threads must be positive");
+  if (options.queues.empty()) options.queues = {"default"};
+  for (const std::string& q : options.queues) {
+    if (!IsValidName(q)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("queue name '", q, "' must match [A-Za-z0-9_.-]{1,64}"));
+    }
+  }
+  options.master.keepalive = true;
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
+  if (!channel.ok()) return channel.status();
+  auto worker = std::make_unique<WorkerImpl>(std::move(options), registry, *channel);
+  worker->Run();
+  return worker;
+}
+
+}  // namespace taskmaster

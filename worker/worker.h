@@ -1,0 +1,48 @@
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/grpc_util.h"
+#include "worker/handlers.h"
+
+namespace taskmaster {
+
+struct WorkerOptions {
+  ChannelOptions master;  // address and transport of the master
+  std::string token;      // bearer token with the `work` role; empty for an --insecure master
+  std::string name;       // shown in `taskctl workers`; empty: host-pid
+  int threads = 0;        // 0: one per core
+  int prefetch = -1;      // tasks held beyond the free threads; -1: as many as threads
+  std::vector<std::string> queues = {"default"};
+  std::map<std::string, std::string> labels;
+  // On Stop, how long running tasks may take to finish before the worker leaves anyway.
+  std::chrono::milliseconds drain_timeout{30'000};
+  // Reconnect backoff while the master is unreachable: doubles from min to max, with jitter.
+  std::chrono::milliseconds reconnect_min{100};
+  std::chrono::milliseconds reconnect_max{10'000};
+};
+
+// A worker process's engine: one stream to the master, a pool of threads running handlers.
+// Thread-safe.
+class Worker {
+ public:
+  // `registry` must outlive the worker.
+  static absl::StatusOr<std::unique_ptr<Worker>> Start(WorkerOptions options,
+                                                       const Registry* registry);
+  virtual ~Worker() = default;
+
+  // Stops taking tasks, gives back those not started, lets running ones finish within the
+  // drain timeout, delivers their results and leaves. Blocks until done.
+  virtual void Drain() = 0;
+  // Leaves at once: running tasks are abandoned, and the master requeues them.
+  virtual void Abort() = 0;
+  // True once the worker has left (after Drain or Abort).
+  virtual bool Stopped() const = 0;
+};
+
+}  // namespace taskmaster
