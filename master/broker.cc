@@ -893,7 +893,7 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports)
           t.leased_to = nullptr;
           t.error = std::move(r.error);
           t.cls->counters->failed++;
-          if (t.attempts >= t.max_attempts) {
+          if (r.permanent || t.attempts >= t.max_attempts) {
             b.Finish(t, TaskState::kDead, fx);
           } else {
             t.cls->counters->leased--;

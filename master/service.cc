@@ -314,7 +314,8 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       reports.reserve(m.results_size());
       for (v1::TaskResult& r : *m.mutable_results()) {
         reports.push_back({r.task_id(), r.attempt(), FromProto(r.outcome()),
-                           std::move(*r.mutable_output()), std::move(*r.mutable_error())});
+                           std::move(*r.mutable_output()), std::move(*r.mutable_error()),
+                           r.permanent()});
       }
       broker_->Report(handle_, std::move(reports));
     }

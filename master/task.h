@@ -137,6 +137,7 @@ struct TaskReport {
   Outcome outcome = Outcome::kSucceeded;
   std::string output;
   std::string error;
+  bool permanent = false;  // a failure that retrying cannot fix
 };
 
 struct Welcome {

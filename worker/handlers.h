@@ -39,7 +39,8 @@ class TaskContext {
   std::shared_ptr<const std::atomic<bool>> cancelled_;
 };
 
-// A handler returns the task's output, or an error message that fails this attempt.
+// A handler returns the task's output, or an error that fails this attempt. An
+// INVALID_ARGUMENT error (a malformed payload) is permanent: the task is DEAD without retries.
 using Handler = std::function<absl::StatusOr<std::string>(const TaskContext&)>;
 
 // Kinds a worker runs, by name. Filled before the worker starts, read-only afterwards.

@@ -137,6 +137,10 @@ class WorkerImpl final : public Worker {
         warned = false;
       }
       const auto wait = backoff.Next();
+      {
+        absl::MutexLock lock(&mu_);
+        if (leaving_) return;
+      }
       if (!warned || status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
           status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
         log_->warn("master {} unreachable or refused ({}: {}); retrying with backoff",
@@ -425,6 +429,7 @@ class WorkerImpl final : public Worker {
     } else {
       r.set_outcome(v1::TaskResult::FAILED);
       r.set_error(std::string(output.status().message()));
+      r.set_permanent(absl::IsInvalidArgument(output.status()));
     }
     log_->debug("task {} attempt {} ({}): {}", id, attempt, kind,
                 v1::TaskResult::Outcome_Name(r.outcome()));

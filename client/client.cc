@@ -1,0 +1,157 @@
+#include "client/client.h"
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/util.h"
+
+namespace taskmaster {
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
+  if (options.master.address.empty()) {
+    return absl::InvalidArgumentError("no master address: pass --master or set TASKMASTER_ADDR");
+  }
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
+  if (!channel.ok()) return channel.status();
+  return std::unique_ptr<Client>(new Client(std::move(options), *channel));
+}
+
+Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
+    : options_(std::move(options)), stub_(v1::TaskQueue::NewStub(channel)) {}
+
+void Client::Prepare(grpc::ClientContext* context) const {
+  if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+  context->set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+}
+
+absl::Status Client::Explain(const grpc::Status& status) const {
+  const std::string& addr = options_.master.address;
+  switch (status.error_code()) {
+    case grpc::StatusCode::OK:
+      return absl::OkStatus();
+    case grpc::StatusCode::UNAVAILABLE:
+      return absl::UnavailableError(absl::StrCat("cannot reach the master at ", addr, ": ",
+                                                 status.error_message()));
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return absl::DeadlineExceededError(
+          absl::StrCat("the master at ", addr, " did not answer in time"));
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return absl::UnauthenticatedError(
+          absl::StrCat("the master refused the token (", status.error_message(),
+                       "): check --token-file or TASKMASTER_TOKEN"));
+    default:
+      return FromGrpcStatus(status);
+  }
+}
+
+absl::StatusOr<v1::SubmitResponse> Client::Submit(const v1::SubmitRequest& request) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::SubmitResponse response;
+  if (grpc::Status s = stub_->Submit(&context, request, &response); !s.ok()) return Explain(s);
+  return response;
+}
+
+absl::StatusOr<v1::TaskInfo> Client::GetTask(uint64_t id) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::GetTaskRequest request;
+  request.set_id(id);
+  v1::TaskInfo response;
+  if (grpc::Status s = stub_->GetTask(&context, request, &response); !s.ok()) return Explain(s);
+  return response;
+}
+
+absl::StatusOr<v1::JobInfo> Client::GetJob(const std::string& job_id) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  v1::JobInfo response;
+  if (grpc::Status s = stub_->GetJob(&context, request, &response); !s.ok()) return Explain(s);
+  return response;
+}
+
+absl::StatusOr<int64_t> Client::CancelTask(uint64_t id) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::CancelRequest request;
+  request.set_task_id(id);
+  v1::CancelResponse response;
+  if (grpc::Status s = stub_->Cancel(&context, request, &response); !s.ok()) return Explain(s);
+  return response.cancelled();
+}
+
+absl::StatusOr<int64_t> Client::CancelJob(const std::string& job_id) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::CancelRequest request;
+  request.set_job_id(job_id);
+  v1::CancelResponse response;
+  if (grpc::Status s = stub_->Cancel(&context, request, &response); !s.ok()) return Explain(s);
+  return response.cancelled();
+}
+
+absl::StatusOr<v1::StatsResponse> Client::Stats() const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::StatsResponse response;
+  if (grpc::Status s = stub_->Stats(&context, {}, &response); !s.ok()) return Explain(s);
+  return response;
+}
+
+absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  v1::WorkersResponse response;
+  if (grpc::Status s = stub_->Workers(&context, {}, &response); !s.ok()) return Explain(s);
+  return response;
+}
+
+absl::Status Client::WatchJob(const std::string& job_id,
+                              const std::function<void(const v1::JobEvent&)>& on_event) const {
+  int64_t seen = 0;
+  Backoff backoff(std::chrono::milliseconds(100), std::chrono::milliseconds(2'000));
+  auto last_contact = std::chrono::steady_clock::now();
+  bool lost_master = false;
+  while (true) {
+    grpc::ClientContext context;
+    if (!options_.token.empty()) {
+      context.AddMetadata("authorization", "Bearer " + options_.token);
+    }
+    v1::WatchJobRequest request;
+    request.set_job_id(job_id);
+    request.set_after(seen);
+    auto reader = stub_->WatchJob(&context, request);
+    v1::JobEvent event;
+    bool complete = false;
+    while (reader->Read(&event)) {
+      last_contact = std::chrono::steady_clock::now();
+      backoff.Reset();
+      seen += event.results_size();
+      on_event(event);
+      complete = event.progress().done() == event.progress().total() &&
+                 seen >= event.progress().done();
+    }
+    const grpc::Status status = reader->Finish();
+    if (complete) return absl::OkStatus();
+    if (status.error_code() == grpc::StatusCode::NOT_FOUND && lost_master) {
+      return absl::NotFoundError(absl::StrCat(
+          "the master came back without job ", job_id,
+          " (a master on the memory store forgets everything when it restarts)"));
+    }
+    const bool retryable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                           status.error_code() == grpc::StatusCode::CANCELLED ||
+                           status.ok();  // ended early by a master shutting down
+    if (!retryable) return Explain(status);
+    if (std::chrono::steady_clock::now() - last_contact > options_.reconnect_timeout) {
+      return absl::UnavailableError(
+          absl::StrCat("lost the master at ", options_.master.address, " for over ",
+                       options_.reconnect_timeout.count(), " ms while following ", job_id));
+    }
+    lost_master = true;
+    std::this_thread::sleep_for(backoff.Next());
+  }
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,50 @@
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/grpc_util.h"
+#include "taskmaster/v1/taskmaster.grpc.pb.h"
+
+namespace taskmaster {
+
+struct ClientOptions {
+  ChannelOptions master;
+  std::string token;  // bearer token with the `submit` (or `admin`) role
+  std::chrono::milliseconds rpc_timeout{30'000};
+  // WatchJob keeps reconnecting this long after losing the master (e.g. across a restart).
+  std::chrono::milliseconds reconnect_timeout{60'000};
+};
+
+// The C++ client of a master. Thread-safe. Errors carry a message a person can act on.
+class Client {
+ public:
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientOptions options);
+
+  absl::StatusOr<v1::SubmitResponse> Submit(const v1::SubmitRequest& request) const;
+  absl::StatusOr<v1::TaskInfo> GetTask(uint64_t id) const;
+  absl::StatusOr<v1::JobInfo> GetJob(const std::string& job_id) const;
+  absl::StatusOr<int64_t> CancelTask(uint64_t id) const;
+  absl::StatusOr<int64_t> CancelJob(const std::string& job_id) const;
+  absl::StatusOr<v1::StatsResponse> Stats() const;
+  absl::StatusOr<v1::WorkersResponse> Workers() const;
+
+  // Follows a job until every task has finished, calling `on_event` with each batch of new
+  // results in completion order. Survives master restarts (within reconnect_timeout) and
+  // delivers each result once.
+  absl::Status WatchJob(const std::string& job_id,
+                        const std::function<void(const v1::JobEvent&)>& on_event) const;
+
+ private:
+  Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);
+  void Prepare(grpc::ClientContext* context) const;
+  absl::Status Explain(const grpc::Status& status) const;
+
+  const ClientOptions options_;
+  const std::unique_ptr<v1::TaskQueue::Stub> stub_;
+};
+
+}  // namespace taskmaster

@@ -1,0 +1,291 @@
+#include "client/commands.h"
+
+#include <charconv>
+#include <cmath>
+#include <iomanip>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/util.h"
+#include "nlohmann/json.hpp"
+
+namespace taskmaster {
+namespace {
+
+using nlohmann::json;
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+int Fail(const Console& console, const absl::Status& status) {
+  console.err << "taskctl: " << status.message() << "\n";
+  return kExitError;
+}
+
+absl::StatusOr<uint64_t> ParseTaskId(const std::string& id) {
+  uint64_t task_id = 0;
+  const auto [end, ec] = std::from_chars(id.data(), id.data() + id.size(), task_id);
+  if (id.empty() || ec != std::errc() || end != id.data() + id.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", id, "' is neither a task id (a number) nor a job id (job-...)"));
+  }
+  return task_id;
+}
+
+std::string StateName(v1::TaskState state) {
+  return state == v1::TASK_STATE_UNSPECIFIED ? "EXPIRED" : v1::TaskState_Name(state);
+}
+
+json TaskJson(const v1::TaskInfo& t) {
+  json j = {{"id", t.id()},
+            {"job_id", t.job_id()},
+            {"queue", t.queue()},
+            {"kind", t.kind()},
+            {"state", StateName(t.state())},
+            {"attempts", t.attempts()},
+            {"max_attempts", t.max_attempts()},
+            {"priority", t.priority()},
+            {"payload", t.payload()},
+            {"output", t.output()},
+            {"error", t.error()},
+            {"worker", t.worker()},
+            {"created_ms", t.created_ms()},
+            {"finished_ms", t.finished_ms()}};
+  if (!t.waiting_for().empty()) j["waiting_for"] = t.waiting_for();
+  if (t.not_before_ms() > 0) j["not_before_ms"] = t.not_before_ms();
+  return j;
+}
+
+json JobJson(const v1::JobInfo& j) {
+  return {{"job_id", j.job_id()},     {"total", j.total()}, {"done", j.done()},
+          {"succeeded", j.succeeded()}, {"dead", j.dead()},   {"cancelled", j.cancelled()},
+          {"created_ms", j.created_ms()}};
+}
+
+json WorkerJson(const v1::WorkerInfo& w) {
+  return {{"worker_id", w.worker_id()},
+          {"name", w.name()},
+          {"host", w.host()},
+          {"kinds", std::vector<std::string>(w.kinds().begin(), w.kinds().end())},
+          {"queues", std::vector<std::string>(w.queues().begin(), w.queues().end())},
+          {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
+          {"slots", w.slots()},
+          {"running", w.running()},
+          {"connected", w.connected()},
+          {"draining", w.draining()}};
+}
+
+// One line per finished task, as the seed's result.get() printed them.
+std::string ResultLine(const v1::TaskInfo& t) {
+  if (t.state() == v1::SUCCEEDED) return t.output();
+  return absl::StrCat("task ", t.id(), " ", StateName(t.state()), ": ", t.error());
+}
+
+void DrawProgress(const Console& console, int64_t done, int64_t total) {
+  constexpr int kWidth = 30;
+  const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
+  console.err << "\r[" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] "
+              << done << "/" << total << std::flush;
+}
+
+void PrintWorkersTable(const Console& console,
+                       const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
+  console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST"
+              << std::setw(8) << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(14)
+              << "STATE" << "KINDS\n";
+  for (const v1::WorkerInfo& w : workers) {
+    std::string kinds;
+    for (const auto& k : w.kinds()) absl::StrAppend(&kinds, kinds.empty() ? "" : ",", k);
+    const char* state = !w.connected() ? "disconnected" : w.draining() ? "draining" : "connected";
+    console.out << std::left << std::setw(24) << w.name() << std::setw(20) << w.host()
+                << std::setw(8) << w.slots() << std::setw(8) << w.running() << std::setw(14)
+                << state << kinds << "\n";
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
+  std::string_view s = Trim(text);
+  size_t unit_at = s.size();
+  while (unit_at > 0 && std::isalpha(static_cast<unsigned char>(s[unit_at - 1]))) --unit_at;
+  const std::string_view unit = s.substr(unit_at);
+  const std::string number(s.substr(0, unit_at));
+  double value = 0;
+  const auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), value);
+  double scale = 0;
+  if (unit == "ms") scale = 1;
+  if (unit == "s" || unit.empty()) scale = 1000;
+  if (unit == "m") scale = 60'000;
+  if (unit == "h") scale = 3'600'000;
+  if (number.empty() || ec != std::errc() || end != number.data() + number.size() ||
+      scale == 0 || value < 0 || !std::isfinite(value)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "'", text, "' is not a duration (a number with ms, s, m or h; seconds by default)"));
+  }
+  return static_cast<int64_t>(std::llround(value * scale));
+}
+
+int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console) {
+  if (args.payloads.empty()) return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
+  absl::StatusOr<std::map<std::string, std::string>> labels = ParseLabels(args.labels);
+  if (!labels.ok()) return Fail(console, labels.status());
+  v1::SubmitRequest request;
+  request.mutable_tasks()->Reserve(static_cast<int>(args.payloads.size()));
+  for (size_t i = 0; i < args.payloads.size(); ++i) {
+    v1::TaskSpec* t = request.add_tasks();
+    t->set_queue(args.queue);
+    t->set_kind(args.kind);
+    t->set_payload(args.payloads[i]);
+    t->set_priority(args.priority);
+    t->set_delay_ms(args.delay_ms);
+    t->set_timeout_ms(args.timeout_ms);
+    t->set_max_attempts(args.max_attempts);
+    if (!args.key.empty()) {
+      t->set_idempotency_key(args.payloads.size() == 1 ? args.key : absl::StrCat(args.key, "/", i));
+    }
+    t->mutable_labels()->insert(labels->begin(), labels->end());
+  }
+  absl::StatusOr<v1::SubmitResponse> response = client.Submit(request);
+  if (!response.ok()) return Fail(console, response.status());
+  for (const std::string& warning : response->warnings()) {
+    console.err << "taskctl: warning: " << warning << "\n";
+  }
+  if (console.format == OutputFormat::kJson) {
+    console.out << Dump({{"job_id", response->job_id()},
+                         {"task_ids", std::vector<uint64_t>(response->task_ids().begin(),
+                                                            response->task_ids().end())},
+                         {"warnings", std::vector<std::string>(response->warnings().begin(),
+                                                               response->warnings().end())}})
+                << "\n";
+  } else {
+    console.out << response->job_id() << "\n";
+  }
+  console.out.flush();
+  return args.wait ? RunWait(client, response->job_id(), console) : kExitOk;
+}
+
+int RunWait(const Client& client, const std::string& job_id, const Console& console) {
+  v1::JobInfo last;
+  absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    if (console.progress) console.err << "\r\033[K" << std::flush;
+    for (const v1::TaskInfo& t : event.results()) {
+      console.out << (console.format == OutputFormat::kJson ? Dump(TaskJson(t)) : ResultLine(t))
+                  << "\n";
+    }
+    console.out.flush();
+    last = event.progress();
+    if (console.progress) DrawProgress(console, last.done(), last.total());
+  });
+  if (console.progress) console.err << "\r\033[K" << std::flush;
+  if (!status.ok()) return Fail(console, status);
+  if (console.progress) {
+    console.err << last.done() << "/" << last.total() << " done: " << last.succeeded()
+                << " succeeded, " << last.dead() << " dead, " << last.cancelled()
+                << " cancelled\n";
+  }
+  return last.succeeded() == last.total() ? kExitOk : kExitTaskFailed;
+}
+
+int RunStatus(const Client& client, const std::string& id, const Console& console) {
+  if (id.rfind("job-", 0) == 0) {
+    absl::StatusOr<v1::JobInfo> job = client.GetJob(id);
+    if (!job.ok()) return Fail(console, job.status());
+    if (console.format == OutputFormat::kJson) {
+      console.out << Dump(JobJson(*job)) << "\n";
+    } else {
+      console.out << "job:       " << job->job_id() << "\n"
+                  << "total:     " << job->total() << "\n"
+                  << "done:      " << job->done() << "\n"
+                  << "succeeded: " << job->succeeded() << "\n"
+                  << "dead:      " << job->dead() << "\n"
+                  << "cancelled: " << job->cancelled() << "\n";
+    }
+    return kExitOk;
+  }
+  absl::StatusOr<uint64_t> task_id = ParseTaskId(id);
+  if (!task_id.ok()) return Fail(console, task_id.status());
+  absl::StatusOr<v1::TaskInfo> task = client.GetTask(*task_id);
+  if (!task.ok()) return Fail(console, task.status());
+  if (console.format == OutputFormat::kJson) {
+    console.out << Dump(TaskJson(*task)) << "\n";
+    return kExitOk;
+  }
+  console.out << "task:     " << task->id() << "\n"
+              << "job:      " << task->job_id() << "\n"
+              << "queue:    " << task->queue() << "\n"
+              << "kind:     " << task->kind() << "\n"
+              << "state:    " << StateName(task->state()) << "\n"
+              << "attempts: " << task->attempts() << "/" << task->max_attempts() << "\n";
+  if (!task->worker().empty()) console.out << "worker:   " << task->worker() << "\n";
+  if (!task->waiting_for().empty()) console.out << "waiting:  " << task->waiting_for() << "\n";
+  if (task->state() == v1::SUCCEEDED) console.out << "output:   " << task->output() << "\n";
+  if (!task->error().empty()) console.out << "error:    " << task->error() << "\n";
+  return kExitOk;
+}
+
+int RunCancel(const Client& client, const std::string& id, const Console& console) {
+  absl::StatusOr<int64_t> cancelled;
+  if (id.rfind("job-", 0) == 0) {
+    cancelled = client.CancelJob(id);
+  } else {
+    absl::StatusOr<uint64_t> task_id = ParseTaskId(id);
+    if (!task_id.ok()) return Fail(console, task_id.status());
+    cancelled = client.CancelTask(*task_id);
+  }
+  if (!cancelled.ok()) return Fail(console, cancelled.status());
+  if (console.format == OutputFormat::kJson) {
+    console.out << Dump({{"cancelled", *cancelled}}) << "\n";
+  } else {
+    console.out << "cancelled " << *cancelled << " task" << (*cancelled == 1 ? "" : "s") << "\n";
+  }
+  return kExitOk;
+}
+
+int RunStats(const Client& client, const Console& console) {
+  absl::StatusOr<v1::StatsResponse> stats = client.Stats();
+  if (!stats.ok()) return Fail(console, stats.status());
+  if (console.format == OutputFormat::kJson) {
+    json queues = json::array();
+    for (const v1::QueueStats& q : stats->queues()) {
+      queues.push_back({{"queue", q.queue()},
+                        {"pending", q.pending()},
+                        {"leased", q.leased()},
+                        {"succeeded", q.succeeded()},
+                        {"failed", q.failed()},
+                        {"dead", q.dead()},
+                        {"cancelled", q.cancelled()}});
+    }
+    json workers = json::array();
+    for (const v1::WorkerInfo& w : stats->workers()) workers.push_back(WorkerJson(w));
+    console.out << Dump({{"queues", queues}, {"workers", workers}}) << "\n";
+    return kExitOk;
+  }
+  console.out << std::left << std::setw(20) << "QUEUE" << std::right << std::setw(10)
+              << "PENDING" << std::setw(10) << "LEASED" << std::setw(12) << "SUCCEEDED"
+              << std::setw(10) << "FAILED" << std::setw(10) << "DEAD" << std::setw(11)
+              << "CANCELLED" << "\n";
+  for (const v1::QueueStats& q : stats->queues()) {
+    console.out << std::left << std::setw(20) << q.queue() << std::right << std::setw(10)
+                << q.pending() << std::setw(10) << q.leased() << std::setw(12) << q.succeeded()
+                << std::setw(10) << q.failed() << std::setw(10) << q.dead() << std::setw(11)
+                << q.cancelled() << "\n";
+  }
+  console.out << "\n";
+  PrintWorkersTable(console, stats->workers());
+  return kExitOk;
+}
+
+int RunWorkers(const Client& client, const Console& console) {
+  absl::StatusOr<v1::WorkersResponse> workers = client.Workers();
+  if (!workers.ok()) return Fail(console, workers.status());
+  if (console.format == OutputFormat::kJson) {
+    json list = json::array();
+    for (const v1::WorkerInfo& w : workers->workers()) list.push_back(WorkerJson(w));
+    console.out << Dump(list) << "\n";
+    return kExitOk;
+  }
+  PrintWorkersTable(console, workers->workers());
+  return kExitOk;
+}
+
+}  // namespace taskmaster

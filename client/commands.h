@@ -1,0 +1,51 @@
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "client/client.h"
+
+namespace taskmaster {
+
+// Exit codes of taskctl.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitTaskFailed = 1;  // a task ended DEAD or CANCELLED
+inline constexpr int kExitError = 2;       // bad input, master unreachable, refused ...
+
+enum class OutputFormat { kText, kJson };
+
+// Where a command writes. `progress` draws a progress bar on `err` (a terminal).
+struct Console {
+  std::ostream& out;
+  std::ostream& err;
+  OutputFormat format = OutputFormat::kText;
+  bool progress = false;
+};
+
+struct SubmitArgs {
+  std::string kind;
+  std::vector<std::string> payloads;
+  std::string queue;
+  int32_t priority = 0;
+  int64_t delay_ms = 0;
+  int64_t timeout_ms = 0;
+  int32_t max_attempts = 0;
+  std::string key;  // one task: the key; several: key/0, key/1 ...
+  std::string labels;
+  bool wait = false;
+};
+
+// Each returns the process exit code and has written what the user needs to know.
+int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console);
+int RunWait(const Client& client, const std::string& job_id, const Console& console);
+int RunStatus(const Client& client, const std::string& id, const Console& console);
+int RunCancel(const Client& client, const std::string& id, const Console& console);
+int RunStats(const Client& client, const Console& console);
+int RunWorkers(const Client& client, const Console& console);
+
+// "250ms", "2s", "1.5m", "1h"; a bare number is seconds.
+absl::StatusOr<int64_t> ParseDurationMs(const std::string& text);
+
+}  // namespace taskmaster

@@ -1,0 +1,110 @@
+// taskctl: submit tasks and follow them. Flags → a command of client/commands.h.
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "client/commands.h"
+#include "common/auth.h"
+
+namespace {
+
+// One payload per line of `in`; blank lines are skipped.
+std::vector<std::string> ReadLines(std::istream& in) {
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) lines.push_back(std::move(line));
+  }
+  return lines;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  taskmaster::ClientOptions options;
+  std::string token_file, format = "text", file, delay = "0", timeout = "0";
+  taskmaster::SubmitArgs submit;
+  std::string id;
+
+  CLI::App app{"taskctl: submit tasks to a taskmaster master and follow them"};
+  app.require_subcommand(1);
+  app.add_option("--master", options.master.address, "host:port of the master")
+      ->envname("TASKMASTER_ADDR");
+  app.add_option("--token-file", token_file, "file holding a token (or set TASKMASTER_TOKEN)");
+  app.add_option("--format", format, "text or json")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--tls-ca", options.master.tls_ca_file, "PEM CA bundle: connect with TLS");
+  app.add_option("--tls-cert", options.master.tls_cert_file, "PEM client certificate (mutual TLS)");
+  app.add_option("--tls-key", options.master.tls_key_file, "PEM key of --tls-cert");
+
+  CLI::App* sub = app.add_subcommand("submit", "submit tasks; prints the job id first");
+  sub->add_option("--kind", submit.kind, "handler name, e.g. square")->required();
+  sub->add_option("payloads", submit.payloads, "payloads (default: one per line of --file/stdin)");
+  sub->add_option("--file", file, "read payloads one per line from this file ('-': stdin)");
+  sub->add_option("--queue", submit.queue, "queue name (default: default)");
+  sub->add_option("--priority", submit.priority, "higher runs first");
+  sub->add_option("--delay", delay, "run no sooner than this (e.g. 500ms, 10s, 5m)");
+  sub->add_option("--timeout", timeout, "execution timeout (default: the master's)");
+  sub->add_option("--max-attempts", submit.max_attempts, "attempts before DEAD (default: master's)");
+  sub->add_option("--key", submit.key, "idempotency key: resubmitting it returns the first task");
+  sub->add_option("--label", submit.labels, "required worker labels: k=v,k2=v2");
+  sub->add_flag("--wait", submit.wait, "follow the job and print each result");
+
+  CLI::App* wait = app.add_subcommand("wait", "follow a job, printing each result as it completes");
+  wait->add_option("job", id, "job id")->required();
+  CLI::App* status = app.add_subcommand("status", "show a task or a job");
+  status->add_option("id", id, "task id or job id")->required();
+  CLI::App* cancel = app.add_subcommand("cancel", "cancel a task, or every unfinished task of a job");
+  cancel->add_option("id", id, "task id or job id")->required();
+  CLI::App* stats = app.add_subcommand("stats", "queue counts and connected workers");
+  CLI::App* workers = app.add_subcommand("workers", "connected workers");
+  CLI11_PARSE(app, argc, argv);
+
+  taskmaster::Console console{std::cout, std::cerr,
+                              format == "json" ? taskmaster::OutputFormat::kJson
+                                               : taskmaster::OutputFormat::kText,
+                              isatty(STDERR_FILENO) == 1};
+  auto fail = [&](const absl::Status& s) {
+    std::cerr << "taskctl: " << s.message() << "\n";
+    return taskmaster::kExitError;
+  };
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = taskmaster::ReadTokenFile(token_file);
+    if (!token.ok()) return fail(token.status());
+    options.token = *token;
+  } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
+    options.token = env;
+  }
+  auto client = taskmaster::Client::Connect(options);
+  if (!client.ok()) return fail(client.status());
+
+  if (*sub) {
+    auto delay_ms = taskmaster::ParseDurationMs(delay);
+    if (!delay_ms.ok()) return fail(delay_ms.status());
+    auto timeout_ms = taskmaster::ParseDurationMs(timeout);
+    if (!timeout_ms.ok()) return fail(timeout_ms.status());
+    submit.delay_ms = *delay_ms;
+    submit.timeout_ms = *timeout_ms;
+    if (!file.empty() && !submit.payloads.empty()) {
+      return fail(absl::InvalidArgumentError("give payloads as arguments or --file, not both"));
+    }
+    if (file == "-" || (file.empty() && submit.payloads.empty())) {
+      submit.payloads = ReadLines(std::cin);
+    } else if (!file.empty()) {
+      std::ifstream in(file);
+      if (!in) return fail(absl::NotFoundError("cannot read " + file));
+      submit.payloads = ReadLines(in);
+    }
+    return taskmaster::RunSubmit(**client, submit, console);
+  }
+  if (*wait) return taskmaster::RunWait(**client, id, console);
+  if (*status) return taskmaster::RunStatus(**client, id, console);
+  if (*cancel) return taskmaster::RunCancel(**client, id, console);
+  if (*stats) return taskmaster::RunStats(**client, console);
+  if (*workers) return taskmaster::RunWorkers(**client, console);
+  return taskmaster::kExitError;
+}

@@ -1,0 +1,499 @@
+// Unit tests of the broker core, in memory, with a fake clock and fake worker channels.
+#include "master/broker.h"
+
+#include <gtest/gtest.h>
+
+#include <mutex>
+
+#include "common/logging.h"
+
+namespace taskmaster {
+namespace {
+
+// Records what the broker sends one worker.
+class FakeChannel final : public WorkerChannel {
+ public:
+  void Send(WorkerOutbound m) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (m.welcome) welcome = *m.welcome;
+    for (auto& t : m.tasks) tasks.push_back(std::move(t));
+    for (TaskId id : m.cancel) cancels.push_back(id);
+    for (auto& a : m.acked) acked.push_back(a);
+    shutting_down |= m.shutting_down;
+  }
+  // Tasks received since the last call.
+  std::vector<LeasedTask> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(tasks, {});
+  }
+
+  std::mutex mu_;
+  std::optional<Welcome> welcome;
+  std::vector<LeasedTask> tasks;
+  std::vector<TaskId> cancels;
+  std::vector<TaskRef> acked;
+  bool shutting_down = false;
+};
+
+class CountingWatcher final : public JobWatcher {
+ public:
+  void OnJobChanged() override { ++calls; }
+  int calls = 0;
+};
+
+TaskSpec Spec(std::string kind, std::string payload, int32_t priority = 0) {
+  TaskSpec s;
+  s.kind = std::move(kind);
+  s.payload = std::move(payload);
+  s.priority = priority;
+  return s;
+}
+
+class BrokerTest : public ::testing::Test {
+ protected:
+  BrokerTest() {
+    options_.lease_timeout_ms = 10'000;
+    options_.reconnect_grace_ms = 5'000;
+    options_.retry_backoff_ms = 1'000;
+    options_.retry_backoff_max_ms = 4'000;
+    options_.result_retention_ms = 60'000;
+    options_.max_queue_length = 100;
+    options_.max_payload_bytes = 64;
+    options_.max_batch = 50;
+    Reset();
+  }
+
+  void Reset() {
+    broker_ = std::make_unique<Broker>(options_, &clock_, store_.get(), GetLogger("broker-test"));
+  }
+
+  absl::StatusOr<SubmitOutcome> Submit(std::vector<TaskSpec> specs) {
+    absl::StatusOr<SubmitOutcome> result = absl::UnknownError("not called");
+    broker_->Submit(std::move(specs), [&](absl::StatusOr<SubmitOutcome> r) { result = r; });
+    return result;
+  }
+
+  TaskId SubmitOne(TaskSpec spec) {
+    auto out = Submit({std::move(spec)});
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? out->task_ids.at(0) : 0;
+  }
+
+  struct Attached {
+    Broker::WorkerHandle handle;
+    std::shared_ptr<FakeChannel> channel;
+  };
+
+  Attached Attach(const std::string& id, int32_t slots, int32_t credits,
+                  std::vector<std::string> kinds = {"square", "sleep", "echo"},
+                  Labels labels = {}, std::vector<TaskRef> held = {}) {
+    WorkerHello hello;
+    hello.worker_id = id;
+    hello.name = id;
+    hello.kinds = std::move(kinds);
+    hello.slots = slots;
+    hello.labels = std::move(labels);
+    hello.held = std::move(held);
+    hello.master_epoch = broker_->epoch();
+    auto channel = std::make_shared<FakeChannel>();
+    auto handle = broker_->Attach(hello, channel);
+    EXPECT_TRUE(handle.ok()) << handle.status();
+    if (credits > 0) broker_->AddCredits(*handle, credits);
+    return {*handle, channel};
+  }
+
+  void Report(const Attached& w, const LeasedTask& t, Outcome outcome, std::string out = "") {
+    TaskReport r;
+    r.id = t.id;
+    r.attempt = t.attempt;
+    r.outcome = outcome;
+    if (outcome == Outcome::kSucceeded) {
+      r.output = std::move(out);
+    } else {
+      r.error = std::move(out);
+    }
+    broker_->Report(w.handle, {r});
+  }
+
+  TaskState State(TaskId id) { return broker_->GetTask(id)->state; }
+
+  BrokerOptions options_;
+  FakeClock clock_;
+  std::unique_ptr<Store> store_ = NewMemoryStore();
+  std::unique_ptr<Broker> broker_;
+};
+
+TEST_F(BrokerTest, HigherPriorityFirstThenFifo) {
+  SubmitOne(Spec("square", "a", 0));
+  SubmitOne(Spec("square", "b", 5));
+  SubmitOne(Spec("square", "c", 0));
+  SubmitOne(Spec("square", "d", 5));
+  auto w = Attach("w", 1, 4);
+  std::vector<std::string> order;
+  for (const auto& t : w.channel->Take()) order.push_back(t.payload);
+  EXPECT_EQ(order, (std::vector<std::string>{"b", "d", "a", "c"}));
+}
+
+TEST_F(BrokerTest, WelcomeCarriesEpochAndTimers) {
+  auto w = Attach("w", 1, 0);
+  ASSERT_TRUE(w.channel->welcome);
+  EXPECT_EQ(w.channel->welcome->master_epoch, broker_->epoch());
+  EXPECT_EQ(w.channel->welcome->lease_timeout_ms, options_.lease_timeout_ms);
+}
+
+TEST_F(BrokerTest, DelayedTaskWaitsForItsTime) {
+  TaskSpec s = Spec("square", "7");
+  s.delay_ms = 3'000;
+  const TaskId id = SubmitOne(s);
+  auto w = Attach("w", 1, 1);
+  EXPECT_EQ(State(id), TaskState::kDelayed);
+  clock_.Advance(2'999);
+  broker_->Tick();
+  EXPECT_TRUE(w.channel->Take().empty());
+  clock_.Advance(1);
+  broker_->Tick();
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);
+  EXPECT_EQ(tasks[0].id, id);
+}
+
+TEST_F(BrokerTest, TasksGoOnlyAgainstCredits) {
+  for (int i = 0; i < 5; ++i) SubmitOne(Spec("square", std::to_string(i)));
+  auto w = Attach("w", 2, 2);
+  EXPECT_EQ(w.channel->Take().size(), 2u);
+  broker_->AddCredits(w.handle, 1);
+  EXPECT_EQ(w.channel->Take().size(), 1u);
+  broker_->AddCredits(w.handle, 10);
+  EXPECT_EQ(w.channel->Take().size(), 2u);
+}
+
+TEST_F(BrokerTest, IdleSlotWinsOverPrefetch) {
+  // a: one slot, busy, with prefetch credit left. b: one idle slot.
+  auto a = Attach("a", 1, 3);
+  SubmitOne(Spec("sleep", "1000"));
+  ASSERT_EQ(a.channel->Take().size(), 1u);
+  auto b = Attach("b", 1, 1);
+  const TaskId next = SubmitOne(Spec("sleep", "1000"));
+  EXPECT_TRUE(a.channel->Take().empty());
+  auto got = b.channel->Take();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].id, next);
+  // With every slot busy, prefetch takes the next one.
+  SubmitOne(Spec("sleep", "1000"));
+  EXPECT_EQ(a.channel->Take().size(), 1u);
+}
+
+TEST_F(BrokerTest, LabelsAndKindsSelectWorkers) {
+  TaskSpec gpu = Spec("square", "1");
+  gpu.labels = {{"gpu", "yes"}};
+  const TaskId gpu_id = SubmitOne(gpu);
+  const TaskId echo_id = SubmitOne(Spec("echo", "x"));
+  auto plain = Attach("plain", 4, 4, {"square"});
+  EXPECT_TRUE(plain.channel->Take().empty());
+  auto fancy = Attach("fancy", 4, 4, {"square", "echo"}, {{"gpu", "yes"}, {"zone", "a"}});
+  auto got = fancy.channel->Take();
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].id, gpu_id);
+  EXPECT_EQ(got[1].id, echo_id);
+}
+
+TEST_F(BrokerTest, UnservedKindWaitsAndSaysWhy) {
+  auto out = Submit({Spec("resize", "img")});
+  ASSERT_TRUE(out.ok());
+  ASSERT_EQ(out->warnings.size(), 1u);
+  EXPECT_NE(out->warnings[0].find("kind 'resize'"), std::string::npos);
+  auto task = broker_->GetTask(out->task_ids[0]);
+  EXPECT_EQ(task->state, TaskState::kPending);
+  EXPECT_NE(task->waiting_for.find("no connected worker runs kind 'resize'"), std::string::npos);
+  auto w = Attach("w", 1, 0, {"resize"});
+  EXPECT_NE(broker_->GetTask(out->task_ids[0])->waiting_for.find("busy"), std::string::npos);
+}
+
+TEST_F(BrokerTest, SuccessIsRecordedOnceAndAcked) {
+  const TaskId id = SubmitOne(Spec("square", "3"));
+  auto w = Attach("w", 1, 1);
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);
+  Report(w, tasks[0], Outcome::kSucceeded, "3*3=9");
+  Report(w, tasks[0], Outcome::kSucceeded, "duplicate");
+  auto task = broker_->GetTask(id);
+  EXPECT_EQ(task->state, TaskState::kSucceeded);
+  EXPECT_EQ(task->output, "3*3=9");
+  EXPECT_EQ(w.channel->acked.size(), 2u);  // both acknowledged, one recorded
+  auto stats = broker_->QueueStats();
+  ASSERT_EQ(stats.size(), 1u);
+  EXPECT_EQ(stats[0].succeeded, 1);
+  EXPECT_EQ(stats[0].pending, 0);
+  EXPECT_EQ(stats[0].leased, 0);
+}
+
+TEST_F(BrokerTest, FailureRetriesWithExponentialBackoffThenDies) {
+  TaskSpec s = Spec("square", "x");
+  s.max_attempts = 3;
+  const TaskId id = SubmitOne(s);
+  auto w = Attach("w", 1, 10);
+  for (int attempt = 1; attempt <= 3; ++attempt) {
+    auto tasks = w.channel->Take();
+    ASSERT_EQ(tasks.size(), 1u) << "attempt " << attempt;
+    EXPECT_EQ(tasks[0].attempt, attempt);
+    Report(w, tasks[0], Outcome::kFailed, "boom " + std::to_string(attempt));
+    if (attempt == 3) break;
+    EXPECT_EQ(State(id), TaskState::kDelayed);
+    const int64_t backoff = 1'000 << (attempt - 1);  // 1 s, then 2 s
+    clock_.Advance(backoff - 1);
+    broker_->Tick();
+    EXPECT_TRUE(w.channel->Take().empty());
+    EXPECT_EQ(State(id), TaskState::kDelayed);
+    clock_.Advance(1);
+    broker_->Tick();
+  }
+  auto task = broker_->GetTask(id);
+  EXPECT_EQ(task->state, TaskState::kDead);
+  EXPECT_EQ(task->error, "boom 3");
+  EXPECT_EQ(task->attempts, 3);
+  EXPECT_EQ(broker_->QueueStats()[0].failed, 3);
+}
+
+TEST_F(BrokerTest, PermanentFailureDiesAtOnce) {
+  const TaskId id = SubmitOne(Spec("square", "abc"));
+  auto w = Attach("w", 1, 1);
+  auto tasks = w.channel->Take();
+  TaskReport r{tasks[0].id, tasks[0].attempt, Outcome::kFailed, "", "not an integer", true};
+  broker_->Report(w.handle, {r});
+  EXPECT_EQ(State(id), TaskState::kDead);
+}
+
+TEST_F(BrokerTest, LeaseExpiresWithoutHeartbeatsAndStaleResultIsDropped) {
+  const TaskId id = SubmitOne(Spec("square", "4"));
+  auto a = Attach("a", 1, 1);
+  auto first = a.channel->Take();
+  ASSERT_EQ(first.size(), 1u);
+  clock_.Advance(9'000);
+  broker_->Heartbeat(a.handle);  // keeps it
+  clock_.Advance(9'000);
+  broker_->Tick();
+  EXPECT_EQ(State(id), TaskState::kLeased);
+  clock_.Advance(1'001);
+  broker_->Tick();
+  EXPECT_EQ(State(id), TaskState::kPending);
+  EXPECT_EQ(a.channel->cancels, std::vector<TaskId>{id});
+  EXPECT_EQ(broker_->GetTask(id)->attempts, 1);  // counted
+
+  auto b = Attach("b", 1, 1);
+  auto second = b.channel->Take();
+  ASSERT_EQ(second.size(), 1u);
+  EXPECT_EQ(second[0].attempt, 2);
+  Report(a, first[0], Outcome::kSucceeded, "stale");
+  EXPECT_EQ(State(id), TaskState::kLeased);
+  Report(b, second[0], Outcome::kSucceeded, "4*4=16");
+  EXPECT_EQ(broker_->GetTask(id)->output, "4*4=16");
+}
+
+TEST_F(BrokerTest, LostLeasesUseUpAttempts) {
+  TaskSpec s = Spec("square", "4");
+  s.max_attempts = 1;
+  const TaskId id = SubmitOne(s);
+  auto a = Attach("a", 1, 1);
+  ASSERT_EQ(a.channel->Take().size(), 1u);
+  broker_->Detach(a.handle, /*bye=*/false);
+  clock_.Advance(5'000);
+  broker_->Tick();
+  auto task = broker_->GetTask(id);
+  EXPECT_EQ(task->state, TaskState::kDead);
+  EXPECT_NE(task->error.find("disconnected"), std::string::npos);
+}
+
+TEST_F(BrokerTest, ReconnectWithinGraceKeepsHeldLeases) {
+  const TaskId kept = SubmitOne(Spec("sleep", "1"));
+  const TaskId lost = SubmitOne(Spec("sleep", "2"));
+  auto a = Attach("a", 2, 2);
+  auto tasks = a.channel->Take();
+  ASSERT_EQ(tasks.size(), 2u);
+  broker_->Detach(a.handle, /*bye=*/false);
+  clock_.Advance(4'000);
+  // Back with the first task only; the second never arrived and goes back unused.
+  auto again = Attach("a", 2, 0, {"sleep"}, {}, {{kept, 1}, {999, 1}});
+  EXPECT_EQ(State(kept), TaskState::kLeased);
+  EXPECT_EQ(State(lost), TaskState::kPending);
+  EXPECT_EQ(broker_->GetTask(lost)->attempts, 0);
+  ASSERT_TRUE(again.channel->welcome);
+  EXPECT_EQ(again.channel->welcome->revoked, (std::vector<TaskRef>{{999, 1}}));
+  // The old stream's late calls are ignored.
+  Report(a, tasks[0], Outcome::kSucceeded, "old stream");
+  EXPECT_EQ(State(kept), TaskState::kLeased);
+  TaskReport r{kept, 1, Outcome::kSucceeded, "slept 1 ms", ""};
+  broker_->Report(again.handle, {r});
+  EXPECT_EQ(State(kept), TaskState::kSucceeded);
+  clock_.Advance(10'000);
+  broker_->Tick();
+  EXPECT_EQ(State(kept), TaskState::kSucceeded);
+}
+
+TEST_F(BrokerTest, ReturnedTaskKeepsItsAttemptAndPlace) {
+  const TaskId first = SubmitOne(Spec("square", "1"));
+  const TaskId second = SubmitOne(Spec("square", "2"));
+  auto a = Attach("a", 1, 1);
+  auto tasks = a.channel->Take();
+  ASSERT_EQ(tasks[0].id, first);
+  broker_->Drain(a.handle);
+  Report(a, tasks[0], Outcome::kReturned);
+  EXPECT_EQ(broker_->GetTask(first)->attempts, 0);
+  auto b = Attach("b", 1, 1);
+  auto got = b.channel->Take();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].id, first);  // still ahead of `second`
+  EXPECT_EQ(got[0].attempt, 1);
+  EXPECT_EQ(State(second), TaskState::kPending);
+}
+
+TEST_F(BrokerTest, ByeRequeuesWhatTheWorkerStillHeld) {
+  const TaskId id = SubmitOne(Spec("sleep", "100"));
+  auto a = Attach("a", 1, 1);
+  ASSERT_EQ(a.channel->Take().size(), 1u);
+  broker_->Detach(a.handle, /*bye=*/true);
+  EXPECT_EQ(State(id), TaskState::kPending);
+  EXPECT_TRUE(broker_->Workers().empty());
+}
+
+TEST_F(BrokerTest, IdempotencyKeyReturnsTheFirstTask) {
+  TaskSpec s = Spec("square", "5");
+  s.idempotency_key = "order-17";
+  auto first = Submit({s});
+  auto second = Submit({s});
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_EQ(first->task_ids, second->task_ids);
+  EXPECT_NE(first->job_id, second->job_id);
+  auto w = Attach("w", 1, 5);
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);  // one task, not two
+  Report(w, tasks[0], Outcome::kSucceeded, "5*5=25");
+  // Both jobs see it finish.
+  EXPECT_EQ(broker_->GetJob(first->job_id)->succeeded, 1);
+  EXPECT_EQ(broker_->GetJob(second->job_id)->succeeded, 1);
+  auto third = Submit({s});
+  EXPECT_EQ(broker_->GetJob(third->job_id)->done, 1);
+}
+
+TEST_F(BrokerTest, CancelPendingAndLeased) {
+  const TaskId pending = SubmitOne(Spec("echo", "p"));
+  EXPECT_EQ(*broker_->CancelTask(pending), 1);
+  EXPECT_EQ(State(pending), TaskState::kCancelled);
+  EXPECT_EQ(*broker_->CancelTask(pending), 0);  // already finished
+
+  const TaskId leased = SubmitOne(Spec("sleep", "10000"));
+  auto w = Attach("w", 1, 1);
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);
+  EXPECT_EQ(tasks[0].id, leased);  // the cancelled one was never sent
+  EXPECT_EQ(*broker_->CancelTask(leased), 1);
+  EXPECT_EQ(w.channel->cancels, std::vector<TaskId>{leased});
+  EXPECT_EQ(State(leased), TaskState::kCancelled);
+  // The slot stays taken until the worker reports.
+  EXPECT_EQ(broker_->Workers()[0].running, 1);
+  Report(w, tasks[0], Outcome::kCancelled, "stopped");
+  EXPECT_EQ(State(leased), TaskState::kCancelled);
+  EXPECT_EQ(broker_->Workers()[0].running, 0);
+  EXPECT_TRUE(absl::IsNotFound(broker_->CancelTask(12345).status()));
+}
+
+TEST_F(BrokerTest, CancelJobCancelsUnfinishedTasks) {
+  auto out = Submit({Spec("echo", "1"), Spec("echo", "2"), Spec("echo", "3")});
+  auto w = Attach("w", 1, 1);
+  auto tasks = w.channel->Take();
+  Report(w, tasks[0], Outcome::kSucceeded, "1");
+  EXPECT_EQ(*broker_->CancelJob(out->job_id), 2);
+  auto job = broker_->GetJob(out->job_id);
+  EXPECT_EQ(job->done, 3);
+  EXPECT_EQ(job->succeeded, 1);
+  EXPECT_EQ(job->cancelled, 2);
+}
+
+TEST_F(BrokerTest, WatchersSeeResultsInCompletionOrder) {
+  auto out = Submit({Spec("echo", "a"), Spec("echo", "b"), Spec("echo", "c")});
+  auto watcher = std::make_shared<CountingWatcher>();
+  ASSERT_TRUE(broker_->Watch(out->job_id, watcher).ok());
+  auto w = Attach("w", 3, 3);
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 3u);
+  Report(w, tasks[2], Outcome::kSucceeded, "c");
+  Report(w, tasks[0], Outcome::kSucceeded, "a");
+  EXPECT_EQ(watcher->calls, 2);
+  auto events = broker_->ReadJob(out->job_id, 0, 10);
+  ASSERT_EQ(events->results.size(), 2u);
+  EXPECT_EQ(events->results[0].output, "c");
+  EXPECT_EQ(events->results[1].output, "a");
+  Report(w, tasks[1], Outcome::kSucceeded, "b");
+  events = broker_->ReadJob(out->job_id, 2, 10);
+  ASSERT_EQ(events->results.size(), 1u);
+  EXPECT_EQ(events->results[0].output, "b");
+  EXPECT_EQ(events->progress.done, 3);
+  broker_->Unwatch(out->job_id, watcher.get());
+}
+
+TEST_F(BrokerTest, BadInputIsRejectedWithAReason) {
+  auto code = [&](TaskSpec s) { return Submit({s}).status().code(); };
+  EXPECT_EQ(code(Spec("", "x")), absl::StatusCode::kInvalidArgument);
+  TaskSpec bad_queue = Spec("echo", "x");
+  bad_queue.queue = "no spaces";
+  EXPECT_EQ(code(bad_queue), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Spec("echo", std::string(65, 'x'))), absl::StatusCode::kInvalidArgument);
+  TaskSpec negative = Spec("echo", "x");
+  negative.timeout_ms = -1;
+  EXPECT_EQ(code(negative), absl::StatusCode::kInvalidArgument);
+  TaskSpec attempts = Spec("echo", "x");
+  attempts.max_attempts = 1000;
+  EXPECT_EQ(code(attempts), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Submit({}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Submit(std::vector<TaskSpec>(51, Spec("echo", "x"))).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const absl::Status status = Submit({Spec("echo", "ok"), Spec("", "x")}).status();
+  EXPECT_NE(std::string(status.message()).find("task 1: kind is empty"), std::string::npos);
+  EXPECT_TRUE(broker_->QueueStats().empty());  // nothing of a rejected batch was kept
+}
+
+TEST_F(BrokerTest, FullQueueIsResourceExhausted) {
+  ASSERT_TRUE(Submit(std::vector<TaskSpec>(50, Spec("echo", "x"))).ok());
+  ASSERT_TRUE(Submit(std::vector<TaskSpec>(50, Spec("echo", "x"))).ok());
+  EXPECT_EQ(Submit({Spec("echo", "x")}).status().code(), absl::StatusCode::kResourceExhausted);
+  TaskSpec other = Spec("echo", "x");
+  other.queue = "other";
+  EXPECT_TRUE(Submit({other}).ok());
+}
+
+TEST_F(BrokerTest, ResultsExpireAfterRetention) {
+  auto out = Submit({Spec("echo", "x")});
+  const TaskId id = out->task_ids[0];
+  auto w = Attach("w", 1, 1);
+  Report(w, w.channel->Take()[0], Outcome::kSucceeded, "x");
+  clock_.Advance(59'999);
+  broker_->Tick();
+  EXPECT_TRUE(broker_->GetTask(id).ok());
+  clock_.Advance(1);
+  broker_->Tick();
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(out->job_id).status()));
+}
+
+TEST_F(BrokerTest, ShutdownTellsWorkersAndStopsDispatch) {
+  auto w = Attach("w", 1, 1);
+  broker_->Shutdown();
+  EXPECT_TRUE(w.channel->shutting_down);
+  SubmitOne(Spec("echo", "late"));
+  EXPECT_TRUE(w.channel->Take().empty());
+}
+
+TEST_F(BrokerTest, HelloIsValidated) {
+  WorkerHello hello;
+  hello.worker_id = "w";
+  hello.kinds = {"echo"};
+  hello.slots = 0;
+  EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  hello.slots = 1;
+  hello.kinds = {};
+  EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace taskmaster

@@ -1,0 +1,128 @@
+// Unit tests of tokens, parsing helpers and the built-in handlers.
+#include <gtest/gtest.h>
+
+#include "client/commands.h"
+#include "common/auth.h"
+#include "common/util.h"
+#include "master/server.h"
+#include "worker/handlers.h"
+
+namespace taskmaster {
+namespace {
+
+TEST(TokenSet, ParsesRolesAndComments) {
+  auto set = TokenSet::Parse(
+      "# tokens\n"
+      "submit  submit-token-0123456789\n"
+      "\n"
+      "work\twork-token-0123456789\r\n"
+      "admin admin-token-0123456789\n");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->size(), 3u);
+  EXPECT_EQ(set->Lookup("submit-token-0123456789"), Role::kSubmit);
+  EXPECT_EQ(set->Lookup("work-token-0123456789"), Role::kWork);
+  EXPECT_EQ(set->Lookup("admin-token-0123456789"), Role::kAdmin);
+  EXPECT_EQ(set->Lookup("work-token-012345678"), std::nullopt);
+  EXPECT_EQ(set->Lookup("work-token-01234567890"), std::nullopt);
+  EXPECT_EQ(set->Lookup(""), std::nullopt);
+}
+
+TEST(TokenSet, RejectsBadLines) {
+  EXPECT_FALSE(TokenSet::Parse("").ok());
+  EXPECT_FALSE(TokenSet::Parse("root some-token-0123456789\n").ok());
+  EXPECT_FALSE(TokenSet::Parse("submit short\n").ok());
+  auto bad = TokenSet::Parse("submit a-token-0123456789 extra\n");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("line 1"), std::string::npos);
+}
+
+TEST(Auth, RolesAndBearer) {
+  EXPECT_TRUE(RoleAllows(Role::kAdmin, Role::kWork));
+  EXPECT_TRUE(RoleAllows(Role::kSubmit, Role::kSubmit));
+  EXPECT_FALSE(RoleAllows(Role::kWork, Role::kSubmit));
+  EXPECT_EQ(BearerToken("Bearer abc"), "abc");
+  EXPECT_EQ(BearerToken("Basic abc"), std::nullopt);
+  EXPECT_EQ(BearerToken("Bearer   "), std::nullopt);
+}
+
+TEST(Util, LabelsAndNames) {
+  auto labels = ParseLabels("gpu=yes, zone = a");
+  ASSERT_TRUE(labels.ok());
+  EXPECT_EQ(labels->at("gpu"), "yes");
+  EXPECT_EQ(labels->at("zone"), "a");
+  EXPECT_FALSE(ParseLabels("novalue").ok());
+  EXPECT_TRUE(IsValidName("a-b_c.1"));
+  EXPECT_FALSE(IsValidName("a b"));
+  EXPECT_FALSE(IsValidName(std::string(65, 'a')));
+  EXPECT_EQ(SplitList(" a, ,b "), (std::vector<std::string>{"a", "b"}));
+}
+
+TEST(Util, LoopbackAddresses) {
+  EXPECT_TRUE(IsLoopbackAddress("127.0.0.1:7070"));
+  EXPECT_TRUE(IsLoopbackAddress("localhost:0"));
+  EXPECT_TRUE(IsLoopbackAddress("[::1]:7070"));
+  EXPECT_FALSE(IsLoopbackAddress("0.0.0.0:7070"));
+  EXPECT_FALSE(IsLoopbackAddress("[::]:7070"));
+  EXPECT_FALSE(IsLoopbackAddress("10.0.0.1:7070"));
+}
+
+TEST(Util, BackoffGrowsWithJitterAndCaps) {
+  Backoff b(std::chrono::milliseconds(100), std::chrono::milliseconds(400));
+  for (int64_t hi : {100, 200, 400, 400}) {
+    const auto d = b.Next().count();
+    EXPECT_GE(d, hi / 2);
+    EXPECT_LE(d, hi);
+  }
+  b.Reset();
+  EXPECT_LE(b.Next().count(), 100);
+}
+
+TEST(Durations, Parse) {
+  EXPECT_EQ(*ParseDurationMs("250ms"), 250);
+  EXPECT_EQ(*ParseDurationMs("2"), 2000);
+  EXPECT_EQ(*ParseDurationMs("1.5m"), 90'000);
+  EXPECT_EQ(*ParseDurationMs("1h"), 3'600'000);
+  EXPECT_FALSE(ParseDurationMs("-1s").ok());
+  EXPECT_FALSE(ParseDurationMs("soon").ok());
+  EXPECT_FALSE(ParseDurationMs("5x").ok());
+}
+
+class HandlersTest : public ::testing::Test {
+ protected:
+  HandlersTest() { EXPECT_TRUE(RegisterBuiltins(registry_).ok()); }
+
+  absl::StatusOr<std::string> Run(const std::string& kind, const std::string& payload,
+                                  std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+    TaskContext ctx(1, 1, payload, std::chrono::steady_clock::now() + timeout, cancelled_);
+    return (*registry_.Find(kind))(ctx);
+  }
+
+  Registry registry_;
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+TEST_F(HandlersTest, SquareAnswersLikeTheSeed) {
+  EXPECT_EQ(*Run("square", "2510"), "2510*2510=6300100");
+  EXPECT_EQ(*Run("square", " -3 "), "-3*-3=9");
+  EXPECT_TRUE(absl::IsInvalidArgument(Run("square", "12abc").status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(Run("square", "").status()));
+  EXPECT_TRUE(absl::IsOutOfRange(Run("square", "4000000000").status()));
+}
+
+TEST_F(HandlersTest, EchoSleepFail) {
+  EXPECT_EQ(*Run("echo", "hi"), "hi");
+  EXPECT_EQ(*Run("sleep", "5"), "slept 5 ms");
+  EXPECT_FALSE(Run("sleep", "5000", std::chrono::milliseconds(20)).ok());
+  cancelled_->store(true);
+  EXPECT_FALSE(Run("sleep", "5000").ok());
+  EXPECT_FALSE(Run("fail", "").ok());
+}
+
+TEST_F(HandlersTest, RegistryRejectsDuplicatesAndBadNames) {
+  EXPECT_FALSE(registry_.Register("square", nullptr).ok());
+  EXPECT_FALSE(registry_.Register("bad name", nullptr).ok());
+  EXPECT_EQ(registry_.Kinds(), (std::vector<std::string>{"echo", "fail", "sleep", "square"}));
+}
+
+}  // namespace
+}  // namespace taskmaster
