@@ -122,7 +122,14 @@ absl::Status Client::WatchJob(const std::string& job_id,
     v1::WatchJobRequest request;
     request.set_job_id(job_id);
     request.set_after(seen);
-    auto reader = stub_->WatchJob(&context, request);
+    // After losing the master, a fresh channel reconnects at our pace, not gRPC's.
+    std::unique_ptr<v1::TaskQueue::Stub> fresh;
+    if (lost_master) {
+      absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.master);
+      if (!channel.ok()) return channel.status();
+      fresh = v1::TaskQueue::NewStub(*channel);
+    }
+    auto reader = (fresh ? fresh : stub_)->WatchJob(&context, request);
     v1::JobEvent event;
     bool complete = false;
     while (reader->Read(&event)) {

@@ -22,6 +22,8 @@ struct ChannelOptions {
   bool keepalive = false;  // long-lived worker streams ping to notice a dead peer
 };
 
+// A new channel. Reconnect loops make a new one per attempt: a channel that lost its master
+// waits out gRPC's own connection backoff (seconds) before it tries again.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options);
 
 // Status conversion at the gRPC edge.

@@ -33,8 +33,7 @@ std::string HostName() {
 
 class WorkerImpl final : public Worker {
  public:
-  WorkerImpl(WorkerOptions options, const Registry* registry,
-             std::shared_ptr<grpc::Channel> channel)
+  WorkerImpl(WorkerOptions options, const Registry* registry)
       : options_(std::move(options)),
         registry_(registry),
         log_(GetLogger("worker")),
@@ -43,8 +42,7 @@ class WorkerImpl final : public Worker {
         worker_id_(absl::StrCat(name_, "-", RandomHex(6))),
         threads_(options_.threads > 0 ? options_.threads
                                       : std::max(1u, std::thread::hardware_concurrency())),
-        capacity_(threads_ + (options_.prefetch >= 0 ? options_.prefetch : threads_)),
-        stub_(v1::WorkerService::NewStub(channel)) {}
+        capacity_(threads_ + (options_.prefetch >= 0 ? options_.prefetch : threads_)) {}
 
   void Run() {
     for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
@@ -137,14 +135,19 @@ class WorkerImpl final : public Worker {
         warned = false;
       }
       const auto wait = backoff.Next();
+      log_->debug("stream ended ({}: {}); next attempt in {} ms",
+                  static_cast<int>(status.error_code()), status.error_message(), wait.count());
       {
         absl::MutexLock lock(&mu_);
         if (leaving_) return;
       }
-      if (!warned || status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
-          status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
-        log_->warn("master {} unreachable or refused ({}: {}); retrying with backoff",
-                   options_.master.address, static_cast<int>(status.error_code()),
+      if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+          status.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
+          status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        log_->error("master {} refused this worker: {}; retrying in {} ms",
+                    options_.master.address, status.error_message(), wait.count());
+      } else if (!warned) {
+        log_->warn("lost the master {} ({}); reconnecting with backoff", options_.master.address,
                    status.error_message());
         warned = true;
       }
@@ -184,11 +187,20 @@ class WorkerImpl final : public Worker {
       }
       hello->set_master_epoch(epoch_);
     }
-    auto stream = stub_->Connect(&context);
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.master);
+    if (!channel.ok()) {  // checked in Start: the files went away since
+      *status = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                             std::string(channel.status().message()));
+      absl::MutexLock lock(&mu_);
+      live_context_ = nullptr;
+      return false;
+    }
+    auto stub = v1::WorkerService::NewStub(*channel);
+    auto stream = stub->Connect(&context);
     v1::MasterMessage in;
-    const bool welcomed = stream->Write(hello_message) && stream->Read(&in) && in.has_welcome();
-    if (!welcomed) {
-      context.TryCancel();
+    const bool answered = stream->Write(hello_message) && stream->Read(&in);
+    if (!answered || !in.has_welcome()) {
+      if (answered) context.TryCancel();  // not a master we understand
       *status = stream->Finish();
       absl::MutexLock lock(&mu_);
       live_context_ = nullptr;
@@ -444,7 +456,6 @@ class WorkerImpl final : public Worker {
   const std::string worker_id_;
   const int threads_;
   const int capacity_;  // threads plus prefetch: the most tasks held at once
-  const std::unique_ptr<v1::WorkerService::Stub> stub_;
   std::vector<std::thread> pool_;
   std::thread session_thread_;
 
@@ -481,9 +492,12 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
     }
   }
   options.master.keepalive = true;
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
-  if (!channel.ok()) return channel.status();
-  auto worker = std::make_unique<WorkerImpl>(std::move(options), registry, *channel);
+  // Fail now on unreadable certificates rather than in every reconnect.
+  if (absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
+      !channel.ok()) {
+    return channel.status();
+  }
+  auto worker = std::make_unique<WorkerImpl>(std::move(options), registry);
   worker->Run();
   return worker;
 }

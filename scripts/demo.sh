@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The seed's scenario: installs what is missing, builds, starts a master and two workers on
+# loopback with generated tokens, submits ten random numbers as `square` tasks, prints each
+# result as n*n=r, and stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+echo "building (log: build/build.log) ..." >&2
+mkdir -p build
+if ! ./scripts/build.sh >build/build.log 2>&1; then
+  tail -n 40 build/build.log >&2
+  exit 1
+fi
+bin=build
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+submit_token=$(token)
+work_token=$(token)
+printf 'submit %s\nwork %s\n' "$submit_token" "$work_token" >"$work/tokens"
+echo "$submit_token" >"$work/submit.token"
+echo "$work_token" >"$work/work.token"
+chmod 600 "$work"/*
+
+"$bin/master/taskmaster" --listen 127.0.0.1:0 --tokens "$work/tokens" \
+  --port-file "$work/port" 2>"$work/master.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.1; done
+if [ ! -s "$work/port" ]; then
+  cat "$work/master.log" >&2
+  exit 1
+fi
+master="127.0.0.1:$(cat "$work/port")"
+echo "master listening on $master" >&2
+
+for i in 1 2; do
+  "$bin/worker/taskworker" --master "$master" --token-file "$work/work.token" \
+    --name "worker-$i" 2>"$work/worker-$i.log" &
+  pids+=($!)
+done
+
+ctl=("$bin/client/taskctl" --master "$master" --token-file "$work/submit.token")
+for _ in $(seq 100); do
+  [ "$("${ctl[@]}" --format json workers | grep -o '"connected":true' | wc -l)" -ge 2 ] && break
+  sleep 0.1
+done
+
+numbers=()
+for _ in $(seq 10); do numbers+=($((RANDOM % 10001))); done
+echo "submitting ${numbers[*]}" >&2
+"${ctl[@]}" submit --kind square --wait "${numbers[@]}"

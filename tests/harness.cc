@@ -1,0 +1,218 @@
+#include "tests/harness.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+extern char** environ;
+
+namespace taskmaster::testing {
+
+TempDir::TempDir() {
+  std::string pattern = (std::filesystem::temp_directory_path() / "taskmaster-test-XXXXXX");
+  if (!mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = pattern;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+void WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return done();
+}
+
+namespace {
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err,
+            const std::string& in) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, in.c_str(), O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  // The test runner may block signals; children start with the default mask.
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t empty;
+  sigemptyset(&empty);
+  posix_spawnattr_setsigmask(&attr, &empty);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  // Clients and workers must not pick up a developer's TASKMASTER_* environment.
+  std::vector<char*> env;
+  for (char** e = environ; *e; ++e) {
+    if (std::string_view(*e).rfind("TASKMASTER_", 0) != 0) env.push_back(*e);
+  }
+  env.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), env.data());
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) throw std::runtime_error("cannot start " + argv[0]);
+  return pid;
+}
+
+int DecodeStatus(int status) {
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+Process::Process(std::vector<std::string> argv, std::string log) : log_(std::move(log)) {
+  pid_ = Spawn(argv, log_, log_, "/dev/null");
+}
+
+Process::~Process() {
+  if (!exit_code_) {
+    kill(pid_, SIGKILL);
+    Wait(std::chrono::seconds(10));
+  }
+}
+
+void Process::Signal(int sig) {
+  if (!exit_code_) kill(pid_, sig);
+}
+
+std::optional<int> Process::Wait(std::chrono::milliseconds timeout) {
+  WaitFor(
+      [&] {
+        if (exit_code_) return true;
+        int status = 0;
+        if (waitpid(pid_, &status, WNOHANG) == pid_) exit_code_ = DecodeStatus(status);
+        return exit_code_.has_value();
+      },
+      timeout);
+  return exit_code_;
+}
+
+bool Process::Running() { return !Wait(std::chrono::milliseconds(0)); }
+
+CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input,
+                  std::chrono::milliseconds timeout) {
+  TempDir dir;
+  WriteFile(dir.File("in"), input);
+  const pid_t pid = Spawn(argv, dir.File("out"), dir.File("err"), dir.File("in"));
+  CommandResult result;
+  int status = 0;
+  const bool exited = WaitFor([&] { return waitpid(pid, &status, WNOHANG) == pid; }, timeout);
+  if (!exited) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+  }
+  result.exit_code = exited ? DecodeStatus(status) : -1;
+  result.out = ReadFile(dir.File("out"));
+  result.err = ReadFile(dir.File("err"));
+  return result;
+}
+
+Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::move(master_flags)) {
+  WriteFile(dir_.File("tokens"), std::string("# test tokens\nsubmit ") + kSubmitToken +
+                                     "\nwork " + kWorkToken + "\nadmin " + kAdminToken + "\n");
+  WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
+  WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
+}
+
+void Cluster::StartMaster() {
+  const std::string port_file = dir_.File("port");
+  std::filesystem::remove(port_file);
+  std::vector<std::string> argv = {TASKMASTER_BIN,
+                                   "--listen",
+                                   "127.0.0.1:" + std::to_string(port_),
+                                   "--tokens",
+                                   dir_.File("tokens"),
+                                   "--port-file",
+                                   port_file,
+                                   "--tick-ms",
+                                   "50",
+                                   "--heartbeat-ms",
+                                   "200",
+                                   "--shutdown-timeout-ms",
+                                   "1000"};
+  argv.insert(argv.end(), master_flags_.begin(), master_flags_.end());
+  master_ = std::make_unique<Process>(
+      argv, dir_.File("master-" + std::to_string(master_starts_++) + ".log"));
+  // A restart may find the old port still held for a moment: bounded retries.
+  const bool listening = WaitFor(
+      [&] { return std::filesystem::exists(port_file) || !master_->Running(); },
+      std::chrono::seconds(20));
+  if (!listening || !std::filesystem::exists(port_file)) {
+    throw std::runtime_error("master did not start: " + master_->Log());
+  }
+  port_ = std::stoi(ReadFile(port_file));
+}
+
+void Cluster::KillMaster(int sig) {
+  master_->Signal(sig);
+  master_->Wait(std::chrono::seconds(20));
+}
+
+Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
+  std::vector<std::string> argv = {TASKWORKER_BIN, "--master",      address(), "--token-file",
+                                   dir_.File("work.token"), "--name", name,      "--reconnect-max-ms",
+                                   "500"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log")));
+  return *workers_.back();
+}
+
+bool Cluster::WaitForWorkers(size_t n, std::chrono::milliseconds timeout) {
+  auto client = NewClient();
+  return WaitFor(
+      [&] {
+        auto workers = client->Workers();
+        if (!workers.ok()) return false;
+        size_t connected = 0;
+        for (const auto& w : workers->workers()) connected += w.connected() ? 1 : 0;
+        return connected == n;
+      },
+      timeout);
+}
+
+std::unique_ptr<Client> Cluster::NewClient(const std::string& token) const {
+  ClientOptions options;
+  options.master.address = address();
+  options.token = token;
+  options.rpc_timeout = std::chrono::seconds(20);
+  options.reconnect_timeout = std::chrono::seconds(30);
+  auto client = Client::Connect(options);
+  if (!client.ok()) throw std::runtime_error(std::string(client.status().message()));
+  return std::move(*client);
+}
+
+CommandResult Cluster::Taskctl(std::vector<std::string> args, const std::string& input) const {
+  std::vector<std::string> argv = {TASKCTL_BIN, "--master", address(), "--token-file",
+                                   dir_.File("submit.token")};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return RunCommand(argv, input);
+}
+
+}  // namespace taskmaster::testing

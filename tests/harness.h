@@ -1,0 +1,109 @@
+#pragma once
+
+// Starts the real binaries on loopback for integration and fault tests. Every wait is bounded,
+// and every process started here is stopped by its PID when its handle goes away.
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "client/client.h"
+
+namespace taskmaster::testing {
+
+// A private directory removed with its contents at destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void WriteFile(const std::string& path, const std::string& text);
+std::string ReadFile(const std::string& path);
+
+// Polls `done` every 20 ms until it holds or `timeout` passes; returns its last value.
+bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout);
+
+// A child process whose stdout and stderr go to `log`.
+class Process {
+ public:
+  Process(std::vector<std::string> argv, std::string log);
+  ~Process();  // SIGKILL if still running
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  pid_t pid() const { return pid_; }
+  void Signal(int sig);
+  // The exit code (128 + signal when killed), or nullopt if still running after `timeout`.
+  std::optional<int> Wait(std::chrono::milliseconds timeout);
+  bool Running();
+  std::string Log() const { return ReadFile(log_); }
+
+ private:
+  pid_t pid_ = -1;
+  std::optional<int> exit_code_;
+  std::string log_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+// Runs a command to completion (killed after `timeout`), with `input` on its stdin.
+CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "",
+                  std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+inline constexpr char kSubmitToken[] = "submit-token-for-tests-0123456789";
+inline constexpr char kWorkToken[] = "work-token-for-tests-0123456789";
+inline constexpr char kAdminToken[] = "admin-token-for-tests-0123456789";
+
+// A cluster on loopback: token files in a temp dir, a master on an OS-chosen port, workers.
+class Cluster {
+ public:
+  // Master flags beyond --listen/--tokens/--port-file; fast timers by default.
+  explicit Cluster(std::vector<std::string> master_flags = {});
+
+  // Starts (or restarts, on the same port once one was chosen) the master; waits until it listens.
+  void StartMaster();
+  Process& master() { return *master_; }
+  void KillMaster(int sig);
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // Starts a worker with the work token and the given extra flags.
+  Process& StartWorker(const std::string& name, std::vector<std::string> flags = {});
+  Process& worker(size_t i) { return *workers_.at(i); }
+
+  // Waits until the master lists `n` connected workers.
+  bool WaitForWorkers(size_t n, std::chrono::milliseconds timeout = std::chrono::seconds(20));
+
+  // A client with the submit token.
+  std::unique_ptr<Client> NewClient(const std::string& token = kSubmitToken) const;
+
+  // taskctl with --master and the submit token file.
+  CommandResult Taskctl(std::vector<std::string> args, const std::string& input = "") const;
+
+  const TempDir& dir() const { return dir_; }
+
+ private:
+  TempDir dir_;
+  std::vector<std::string> master_flags_;
+  int port_ = 0;
+  int master_starts_ = 0;
+  std::unique_ptr<Process> master_;
+  std::vector<std::unique_ptr<Process>> workers_;
+};
+
+}  // namespace taskmaster::testing

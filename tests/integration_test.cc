@@ -1,0 +1,293 @@
+// End-to-end tests: the real taskmaster, taskworker and taskctl binaries on loopback ports chosen
+// by the OS, with real tokens.
+#include <signal.h>
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "tests/harness.h"
+
+namespace taskmaster::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+v1::SubmitRequest Batch(const std::string& kind, const std::vector<std::string>& payloads,
+                        int32_t max_attempts = 0) {
+  v1::SubmitRequest request;
+  for (const std::string& p : payloads) {
+    v1::TaskSpec* t = request.add_tasks();
+    t->set_kind(kind);
+    t->set_payload(p);
+    t->set_max_attempts(max_attempts);
+  }
+  return request;
+}
+
+// Follows a job to its end; returns its results by task id, failing on any duplicate.
+std::map<uint64_t, v1::TaskInfo> Collect(const Client& client, const std::string& job_id) {
+  std::map<uint64_t, v1::TaskInfo> results;
+  absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    for (const v1::TaskInfo& t : event.results()) {
+      EXPECT_TRUE(results.emplace(t.id(), t).second) << "task " << t.id() << " reported twice";
+    }
+  });
+  EXPECT_TRUE(status.ok()) << status;
+  return results;
+}
+
+std::string Square(int64_t n) { return absl::StrCat(n, "*", n, "=", n * n); }
+
+TEST(Integration, SeedScenarioThroughTaskctl) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w1", {"--threads", "2"});
+  cluster.StartWorker("w2", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(2));
+
+  std::mt19937 rng(12345);
+  std::vector<std::string> args = {"submit", "--kind", "square", "--wait"};
+  std::multiset<std::string> expected;
+  for (int i = 0; i < 10; ++i) {
+    const int n = static_cast<int>(rng() % 10001);
+    args.push_back(std::to_string(n));
+    expected.insert(Square(n));
+  }
+  CommandResult r = cluster.Taskctl(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::vector<std::string> lines = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 11u) << r.out;
+  EXPECT_EQ(lines[0].rfind("job-", 0), 0u) << "the job id comes first: " << lines[0];
+  EXPECT_EQ(std::multiset<std::string>(lines.begin() + 1, lines.end()), expected);
+
+  // status, stats and workers answer, in text and JSON.
+  CommandResult status = cluster.Taskctl({"status", lines[0]});
+  EXPECT_EQ(status.exit_code, 0);
+  EXPECT_NE(status.out.find("succeeded: 10"), std::string::npos) << status.out;
+  CommandResult stats = cluster.Taskctl({"--format", "json", "stats"});
+  EXPECT_EQ(stats.exit_code, 0);
+  EXPECT_NE(stats.out.find("\"succeeded\":10"), std::string::npos) << stats.out;
+  CommandResult workers = cluster.Taskctl({"workers"});
+  EXPECT_NE(workers.out.find("w1"), std::string::npos);
+  EXPECT_NE(workers.out.find("w2"), std::string::npos);
+}
+
+TEST(Integration, PayloadsFromStdinAndFailuresSetTheExitCode) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w1", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  CommandResult r = cluster.Taskctl({"--format", "json", "submit", "--kind", "square", "--wait"},
+                                    "3\nnot-a-number\n");
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.out.find("\"output\":\"3*3=9\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"state\":\"DEAD\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("must be a decimal integer"), std::string::npos) << r.out;
+}
+
+TEST(Integration, TwoWorkersShareTwoThousandTasksExactlyOnce) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w1", {"--threads", "2"});
+  cluster.StartWorker("w2", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(2));
+  auto client = cluster.NewClient();
+  std::vector<std::string> payloads;
+  for (int i = 0; i < 2000; ++i) payloads.push_back(std::to_string(i));
+  // Slow enough per task that both workers get a share.
+  auto submitted = client->Submit(Batch("square", payloads));
+  ASSERT_TRUE(submitted.ok()) << submitted.status();
+  ASSERT_EQ(submitted->task_ids_size(), 2000);
+  auto results = Collect(*client, submitted->job_id());
+  ASSERT_EQ(results.size(), 2000u);
+  std::map<std::string, int> per_worker;
+  for (int i = 0; i < 2000; ++i) {
+    const v1::TaskInfo& t = results.at(submitted->task_ids(i));
+    EXPECT_EQ(t.state(), v1::SUCCEEDED);
+    EXPECT_EQ(t.output(), Square(i));
+    EXPECT_EQ(t.attempts(), 1);
+    per_worker[t.worker()]++;
+  }
+  EXPECT_EQ(per_worker.size(), 2u) << "both workers ran tasks";
+}
+
+TEST(Integration, KilledWorkersTaskFinishesElsewhere) {
+  Cluster cluster({"--reconnect-grace-ms", "300", "--lease-timeout-ms", "3000"});
+  cluster.StartMaster();
+  Process& doomed = cluster.StartWorker("doomed", {"--threads", "1", "--prefetch", "0"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  auto submitted = client->Submit(Batch("sleep", {"1500"}));
+  ASSERT_TRUE(submitted.ok());
+  const uint64_t id = submitted->task_ids(0);
+  ASSERT_TRUE(WaitFor([&] { return client->GetTask(id)->state() == v1::LEASED; }, seconds(10)));
+  cluster.StartWorker("survivor", {"--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(2));
+  doomed.Signal(SIGKILL);
+  auto results = Collect(*client, submitted->job_id());
+  ASSERT_EQ(results.size(), 1u);
+  const v1::TaskInfo& t = results.at(id);
+  EXPECT_EQ(t.state(), v1::SUCCEEDED);
+  EXPECT_EQ(t.worker(), "survivor");
+  EXPECT_EQ(t.attempts(), 2);
+}
+
+TEST(Integration, WorkerOutlivesMasterRestart) {
+  Cluster cluster;
+  cluster.StartMaster();
+  Process& worker = cluster.StartWorker("steady", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  cluster.KillMaster(SIGKILL);
+  std::this_thread::sleep_for(milliseconds(300));
+  cluster.StartMaster();
+  ASSERT_TRUE(cluster.WaitForWorkers(1)) << "the worker came back on its own";
+  auto client = cluster.NewClient();
+  auto submitted = client->Submit(Batch("square", {"11", "12"}));
+  ASSERT_TRUE(submitted.ok());
+  auto results = Collect(*client, submitted->job_id());
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_EQ(results.at(submitted->task_ids(0)).output(), Square(11));
+  EXPECT_TRUE(worker.Running());
+}
+
+TEST(Integration, TokensAreCheckedWithRoles) {
+  Cluster cluster;
+  cluster.StartMaster();
+  auto request = Batch("echo", {"x"});
+  EXPECT_TRUE(absl::IsUnauthenticated(cluster.NewClient("")->Submit(request).status()));
+  EXPECT_TRUE(absl::IsUnauthenticated(
+      cluster.NewClient("wrong-token-0123456789")->Submit(request).status()));
+  auto wrong_role = cluster.NewClient(kWorkToken)->Submit(request).status();
+  EXPECT_TRUE(absl::IsPermissionDenied(wrong_role)) << wrong_role;
+  EXPECT_TRUE(cluster.NewClient(kAdminToken)->Submit(request).ok());
+
+  // taskctl says what to fix.
+  WriteFile(cluster.dir().File("bad.token"), "nope-nope-nope-nope\n");
+  CommandResult r = RunCommand({TASKCTL_BIN, "--master", cluster.address(), "--token-file",
+                         cluster.dir().File("bad.token"), "stats"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("refused the token"), std::string::npos) << r.err;
+
+  // A worker with a submit token is refused, and the token never reaches the logs.
+  Process bad_worker({TASKWORKER_BIN, "--master", cluster.address(), "--token-file",
+                      cluster.dir().File("submit.token"), "--name", "intruder"},
+                     cluster.dir().File("intruder.log"));
+  EXPECT_TRUE(WaitFor(
+      [&] { return bad_worker.Log().find("may not call Connect") != std::string::npos; },
+      seconds(10)))
+      << bad_worker.Log();
+  EXPECT_TRUE(cluster.NewClient()->Workers()->workers().empty());
+  bad_worker.Signal(SIGTERM);
+  EXPECT_EQ(bad_worker.Wait(seconds(10)), 0);
+  EXPECT_EQ(bad_worker.Log().find(kSubmitToken), std::string::npos);
+  EXPECT_EQ(cluster.master().Log().find(kSubmitToken), std::string::npos);
+}
+
+TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
+  CommandResult no_tokens = RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0"});
+  EXPECT_NE(no_tokens.exit_code, 0);
+  EXPECT_NE(no_tokens.err.find("--insecure"), std::string::npos) << no_tokens.err;
+  CommandResult open = RunCommand({TASKMASTER_BIN, "--insecure", "--listen", "0.0.0.0:0"});
+  EXPECT_NE(open.exit_code, 0);
+  EXPECT_NE(open.err.find("loopback"), std::string::npos) << open.err;
+  TempDir dir;
+  WriteFile(dir.File("tokens"), "submit short\n");
+  CommandResult bad = RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0", "--tokens", dir.File("tokens")});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("line 1"), std::string::npos) << bad.err;
+}
+
+TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
+  TempDir dir;
+  Process master({TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file",
+                  dir.File("port")},
+                 dir.File("master.log"));
+  ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
+  EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);
+  const std::string port = std::to_string(std::stoi(ReadFile(dir.File("port"))));
+  CommandResult r = RunCommand({TASKCTL_BIN, "--master", "127.0.0.1:" + port, "stats"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  master.Signal(SIGTERM);
+  EXPECT_EQ(master.Wait(seconds(10)), 0);
+}
+
+TEST(Integration, BadInputIsInvalidArgumentAndTheMasterCarriesOn) {
+  Cluster cluster({"--max-payload-bytes", "16"});
+  cluster.StartMaster();
+  auto client = cluster.NewClient();
+  auto oversized = client->Submit(Batch("echo", {std::string(17, 'x')})).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(oversized)) << oversized;
+  v1::SubmitRequest bad_queue = Batch("echo", {"x"});
+  bad_queue.mutable_tasks(0)->set_queue("white space");
+  EXPECT_TRUE(absl::IsInvalidArgument(client->Submit(bad_queue).status()));
+  CommandResult r = cluster.Taskctl({"submit", "--kind", "echo", "--timeout", "-1", "x"});
+  EXPECT_EQ(r.exit_code, 2);
+  CommandResult empty_kind = cluster.Taskctl({"submit", "--kind", "", "x"});
+  EXPECT_EQ(empty_kind.exit_code, 2);
+  EXPECT_NE(empty_kind.err.find("kind is empty"), std::string::npos) << empty_kind.err;
+  // Still serving.
+  EXPECT_TRUE(client->Submit(Batch("echo", {"fine"})).ok());
+  // An unknown kind is accepted, and status says why it waits.
+  CommandResult unknown = cluster.Taskctl({"submit", "--kind", "resize", "img"});
+  EXPECT_EQ(unknown.exit_code, 0);
+  EXPECT_NE(unknown.err.find("no connected worker runs kind 'resize'"), std::string::npos);
+  auto info = client->GetTask(2);  // after "fine", the only other task accepted
+  ASSERT_TRUE(info.ok());
+  EXPECT_NE(info->waiting_for().find("no connected worker"), std::string::npos);
+}
+
+TEST(Integration, WorkerDrainsOnSigterm) {
+  Cluster cluster;
+  cluster.StartMaster();
+  Process& draining = cluster.StartWorker("draining", {"--threads", "1", "--prefetch", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  auto submitted = client->Submit(Batch("sleep", {"1000", "1000", "1000"}));
+  ASSERT_TRUE(submitted.ok());
+  const uint64_t first = submitted->task_ids(0);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto workers = client->Workers();
+        return workers.ok() && workers->workers_size() == 1 && workers->workers(0).running() == 3;
+      },
+      seconds(10)));
+  draining.Signal(SIGTERM);
+  EXPECT_EQ(draining.Wait(seconds(20)), 0) << draining.Log();
+  auto done = client->GetTask(first);
+  EXPECT_EQ(done->state(), v1::SUCCEEDED) << "the running task finished";
+  for (int i = 1; i < 3; ++i) {
+    auto returned = client->GetTask(submitted->task_ids(i));
+    EXPECT_EQ(returned->state(), v1::PENDING);
+    EXPECT_EQ(returned->attempts(), 0) << "given back without using an attempt";
+  }
+  cluster.StartWorker("next", {"--threads", "2"});
+  auto results = Collect(*client, submitted->job_id());
+  EXPECT_EQ(results.size(), 3u);
+}
+
+TEST(Integration, CancelStopsARunningTask) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w", {"--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  CommandResult submitted = cluster.Taskctl({"submit", "--kind", "sleep", "60000"});
+  ASSERT_EQ(submitted.exit_code, 0);
+  auto client = cluster.NewClient();
+  ASSERT_TRUE(WaitFor([&] { return client->GetTask(1)->state() == v1::LEASED; }, seconds(10)));
+  CommandResult cancel = cluster.Taskctl({"cancel", "1"});
+  EXPECT_EQ(cancel.exit_code, 0);
+  EXPECT_NE(cancel.out.find("cancelled 1 task"), std::string::npos);
+  // The worker stopped it: its slot is free again long before the minute is up.
+  EXPECT_TRUE(WaitFor(
+      [&] { return client->Workers()->workers(0).running() == 0; }, seconds(10)));
+  EXPECT_EQ(client->GetTask(1)->state(), v1::CANCELLED);
+}
+
+}  // namespace
+}  // namespace taskmaster::testing
