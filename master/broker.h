@@ -31,7 +31,7 @@ struct BrokerOptions {
   int64_t result_retention_ms = 24 * 3600 * 1000;
   // Input limits: each answers INVALID_ARGUMENT or RESOURCE_EXHAUSTED when crossed.
   size_t max_payload_bytes = 1 << 20;
-  size_t max_batch = 10'000;
+  size_t max_batch = 100'000;
   size_t max_queue_length = 1'000'000;  // PENDING + DELAYED per queue
   // Distinct (queue, kind, labels) combinations; each keeps a small index for good.
   size_t max_task_classes = 10'000;
