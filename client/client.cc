@@ -30,15 +30,15 @@ absl::Status Client::Explain(const grpc::Status& status) const {
     case grpc::StatusCode::OK:
       return absl::OkStatus();
     case grpc::StatusCode::UNAVAILABLE:
-      return absl::UnavailableError(absl::StrCat("cannot reach the master at ", addr, ": ",
-                                                 status.error_message()));
+      return absl::UnavailableError(
+          absl::StrCat("cannot reach the master at ", addr, ": ", status.error_message()));
     case grpc::StatusCode::DEADLINE_EXCEEDED:
       return absl::DeadlineExceededError(
           absl::StrCat("the master at ", addr, " did not answer in time"));
     case grpc::StatusCode::UNAUTHENTICATED:
-      return absl::UnauthenticatedError(
-          absl::StrCat("the master refused the token (", status.error_message(),
-                       "): check --token-file or TASKMASTER_TOKEN"));
+      return absl::UnauthenticatedError(absl::StrCat("the master refused the token (",
+                                                     status.error_message(),
+                                                     "): check --token-file or TASKMASTER_TOKEN"));
     default:
       return FromGrpcStatus(status);
   }
@@ -137,24 +137,24 @@ absl::Status Client::WatchJob(const std::string& job_id,
       backoff.Reset();
       seen += event.results_size();
       on_event(event);
-      complete = event.progress().done() == event.progress().total() &&
-                 seen >= event.progress().done();
+      complete =
+          event.progress().done() == event.progress().total() && seen >= event.progress().done();
     }
     const grpc::Status status = reader->Finish();
     if (complete) return absl::OkStatus();
     if (status.error_code() == grpc::StatusCode::NOT_FOUND && lost_master) {
-      return absl::NotFoundError(absl::StrCat(
-          "the master came back without job ", job_id,
-          " (a master on the memory store forgets everything when it restarts)"));
+      return absl::NotFoundError(
+          absl::StrCat("the master came back without job ", job_id,
+                       " (a master on the memory store forgets everything when it restarts)"));
     }
     const bool retryable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
                            status.error_code() == grpc::StatusCode::CANCELLED ||
                            status.ok();  // ended early by a master shutting down
     if (!retryable) return Explain(status);
     if (std::chrono::steady_clock::now() - last_contact > options_.reconnect_timeout) {
-      return absl::UnavailableError(
-          absl::StrCat("lost the master at ", options_.master.address, " for over ",
-                       options_.reconnect_timeout.count(), " ms while following ", job_id));
+      return absl::UnavailableError(absl::StrCat("lost the master at ", options_.master.address,
+                                                 " for over ", options_.reconnect_timeout.count(),
+                                                 " ms while following ", job_id));
     }
     lost_master = true;
     std::this_thread::sleep_for(backoff.Next());

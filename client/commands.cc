@@ -56,8 +56,8 @@ json TaskJson(const v1::TaskInfo& t) {
 }
 
 json JobJson(const v1::JobInfo& j) {
-  return {{"job_id", j.job_id()},     {"total", j.total()}, {"done", j.done()},
-          {"succeeded", j.succeeded()}, {"dead", j.dead()},   {"cancelled", j.cancelled()},
+  return {{"job_id", j.job_id()},        {"total", j.total()}, {"done", j.done()},
+          {"succeeded", j.succeeded()},  {"dead", j.dead()},   {"cancelled", j.cancelled()},
           {"created_ms", j.created_ms()}};
 }
 
@@ -89,9 +89,9 @@ void DrawProgress(const Console& console, int64_t done, int64_t total) {
 
 void PrintWorkersTable(const Console& console,
                        const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
-  console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST"
-              << std::setw(8) << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(14)
-              << "STATE" << "KINDS\n";
+  console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST" << std::setw(8)
+              << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(14) << "STATE"
+              << "KINDS\n";
   for (const v1::WorkerInfo& w : workers) {
     std::string kinds;
     for (const auto& k : w.kinds()) absl::StrAppend(&kinds, kinds.empty() ? "" : ",", k);
@@ -117,8 +117,8 @@ absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
   if (unit == "s" || unit.empty()) scale = 1000;
   if (unit == "m") scale = 60'000;
   if (unit == "h") scale = 3'600'000;
-  if (number.empty() || ec != std::errc() || end != number.data() + number.size() ||
-      scale == 0 || value < 0 || !std::isfinite(value)) {
+  if (number.empty() || ec != std::errc() || end != number.data() + number.size() || scale == 0 ||
+      value < 0 || !std::isfinite(value)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "'", text, "' is not a duration (a number with ms, s, m or h; seconds by default)"));
   }
@@ -126,7 +126,8 @@ absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
 }
 
 int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console) {
-  if (args.payloads.empty()) return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
+  if (args.payloads.empty())
+    return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
   absl::StatusOr<std::map<std::string, std::string>> labels = ParseLabels(args.labels);
   if (!labels.ok()) return Fail(console, labels.status());
   v1::SubmitRequest request;
@@ -180,8 +181,7 @@ int RunWait(const Client& client, const std::string& job_id, const Console& cons
   if (!status.ok()) return Fail(console, status);
   if (console.progress) {
     console.err << last.done() << "/" << last.total() << " done: " << last.succeeded()
-                << " succeeded, " << last.dead() << " dead, " << last.cancelled()
-                << " cancelled\n";
+                << " succeeded, " << last.dead() << " dead, " << last.cancelled() << " cancelled\n";
   }
   return last.succeeded() == last.total() ? kExitOk : kExitTaskFailed;
 }
@@ -260,10 +260,10 @@ int RunStats(const Client& client, const Console& console) {
     console.out << Dump({{"queues", queues}, {"workers", workers}}) << "\n";
     return kExitOk;
   }
-  console.out << std::left << std::setw(20) << "QUEUE" << std::right << std::setw(10)
-              << "PENDING" << std::setw(10) << "LEASED" << std::setw(12) << "SUCCEEDED"
-              << std::setw(10) << "FAILED" << std::setw(10) << "DEAD" << std::setw(11)
-              << "CANCELLED" << "\n";
+  console.out << std::left << std::setw(20) << "QUEUE" << std::right << std::setw(10) << "PENDING"
+              << std::setw(10) << "LEASED" << std::setw(12) << "SUCCEEDED" << std::setw(10)
+              << "FAILED" << std::setw(10) << "DEAD" << std::setw(11) << "CANCELLED"
+              << "\n";
   for (const v1::QueueStats& q : stats->queues()) {
     console.out << std::left << std::setw(20) << q.queue() << std::right << std::setw(10)
                 << q.pending() << std::setw(10) << q.leased() << std::setw(12) << q.succeeded()

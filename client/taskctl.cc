@@ -49,7 +49,8 @@ int main(int argc, char** argv) {
   sub->add_option("--priority", submit.priority, "higher runs first");
   sub->add_option("--delay", delay, "run no sooner than this (e.g. 500ms, 10s, 5m)");
   sub->add_option("--timeout", timeout, "execution timeout (default: the master's)");
-  sub->add_option("--max-attempts", submit.max_attempts, "attempts before DEAD (default: master's)");
+  sub->add_option("--max-attempts", submit.max_attempts,
+                  "attempts before DEAD (default: master's)");
   sub->add_option("--key", submit.key, "idempotency key: resubmitting it returns the first task");
   sub->add_option("--label", submit.labels, "required worker labels: k=v,k2=v2");
   sub->add_flag("--wait", submit.wait, "follow the job and print each result");
@@ -58,16 +59,17 @@ int main(int argc, char** argv) {
   wait->add_option("job", id, "job id")->required();
   CLI::App* status = app.add_subcommand("status", "show a task or a job");
   status->add_option("id", id, "task id or job id")->required();
-  CLI::App* cancel = app.add_subcommand("cancel", "cancel a task, or every unfinished task of a job");
+  CLI::App* cancel =
+      app.add_subcommand("cancel", "cancel a task, or every unfinished task of a job");
   cancel->add_option("id", id, "task id or job id")->required();
   CLI::App* stats = app.add_subcommand("stats", "queue counts and connected workers");
   CLI::App* workers = app.add_subcommand("workers", "connected workers");
   CLI11_PARSE(app, argc, argv);
 
-  taskmaster::Console console{std::cout, std::cerr,
-                              format == "json" ? taskmaster::OutputFormat::kJson
-                                               : taskmaster::OutputFormat::kText,
-                              isatty(STDERR_FILENO) == 1};
+  taskmaster::Console console{
+      std::cout, std::cerr,
+      format == "json" ? taskmaster::OutputFormat::kJson : taskmaster::OutputFormat::kText,
+      isatty(STDERR_FILENO) == 1};
   auto fail = [&](const absl::Status& s) {
     std::cerr << "taskctl: " << s.message() << "\n";
     return taskmaster::kExitError;

@@ -43,8 +43,8 @@ absl::StatusOr<TokenSet> TokenSet::Parse(std::string_view text) {
     if (line.empty() || line.front() == '#') continue;
     std::vector<std::string> fields = SplitWords(line);
     if (fields.size() != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokens line ", line_no, ": expected 'ROLE TOKEN' (ROLE: submit, work, admin)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokens line ", line_no, ": expected 'ROLE TOKEN' (ROLE: submit, work, admin)"));
     }
     Role role;
     if (fields[0] == "submit") {
@@ -58,9 +58,8 @@ absl::StatusOr<TokenSet> TokenSet::Parse(std::string_view text) {
                                                      fields[0], "' (submit, work, admin)"));
     }
     if (fields[1].size() < kMinTokenLength) {
-      return absl::InvalidArgumentError(absl::StrCat("tokens line ", line_no,
-                                                     ": token shorter than ", kMinTokenLength,
-                                                     " characters"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokens line ", line_no, ": token shorter than ", kMinTokenLength, " characters"));
     }
     set.entries_.push_back({fields[1], role});
   }
@@ -72,7 +71,9 @@ absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
   absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (!text.ok()) return text.status();
   absl::StatusOr<TokenSet> set = Parse(*text);
-  if (!set.ok()) return absl::Status(set.status().code(), absl::StrCat(path, ": ", std::string(set.status().message())));
+  if (!set.ok())
+    return absl::Status(set.status().code(),
+                        absl::StrCat(path, ": ", std::string(set.status().message())));
   return set;
 }
 

@@ -14,7 +14,7 @@ inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
 
 // How a worker or client reaches the master.
 struct ChannelOptions {
-  std::string address;                          // host:port
+  std::string address;  // host:port
   int max_message_bytes = kDefaultMaxMessageBytes;
   std::string tls_ca_file;    // non-empty: TLS, verifying the master against this CA bundle
   std::string tls_cert_file;  // with tls_key_file: mutual TLS, presenting this certificate

@@ -159,9 +159,11 @@ struct Effects {
 
 class Broker::Impl {
  public:
-  Impl(BrokerOptions options, const Clock* clock, Store* store,
-       std::shared_ptr<spdlog::logger> log)
-      : options_(options), clock_(clock), store_(store), log_(std::move(log)),
+  Impl(BrokerOptions options, const Clock* clock, Store* store, std::shared_ptr<spdlog::logger> log)
+      : options_(options),
+        clock_(clock),
+        store_(store),
+        log_(std::move(log)),
         epoch_(store->Epoch()) {}
 
   // Runs `fn` under the lock, then sends and notifies what it left to do.
@@ -443,7 +445,8 @@ class Broker::Impl {
   }
 
   void MaybeJobComplete(Job* job, int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (job->done == job->total) job_expiry_.push_back({now + options_.result_retention_ms, job->id});
+    if (job->done == job->total)
+      job_expiry_.push_back({now + options_.result_retention_ms, job->id});
   }
 
   // Returns whether the task was cancelled (false when it had finished already).
@@ -565,9 +568,9 @@ class Broker::Impl {
   }
 
   WorkerView ViewOf(const Worker& w) const {
-    return {w.id,    w.name,  w.host,      w.kinds,    w.queues,          w.labels,
-            w.slots, static_cast<int32_t>(w.leases.size()), w.connected, w.draining,
-            w.connected_ms};
+    return {w.id,        w.name,     w.host,        w.kinds,
+            w.queues,    w.labels,   w.slots,       static_cast<int32_t>(w.leases.size()),
+            w.connected, w.draining, w.connected_ms};
   }
 
   TaskView ViewOf(const Task& t) const {
@@ -605,8 +608,7 @@ class Broker::Impl {
       if (w->connected && !w->draining && CanRun(*w, *t.cls)) ++capable;
     }
     if (capable == 0) return absl::StrCat("no connected worker runs ", DescribeClass(*t.cls));
-    return absl::StrCat("all ", capable, " workers that run ", DescribeClass(*t.cls),
-                        " are busy");
+    return absl::StrCat("all ", capable, " workers that run ", DescribeClass(*t.cls), " are busy");
   }
 
   const BrokerOptions options_;
@@ -650,10 +652,8 @@ std::string Broker::epoch() const { return impl_->epoch_; }
 
 void Broker::Submit(std::vector<TaskSpec> specs,
                     std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
-  absl::StatusOr<SubmitOutcome> outcome =
-      impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return impl_->SubmitLocked(specs, fx);
-      });
+  absl::StatusOr<SubmitOutcome> outcome = impl_->Locked(
+      [&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS { return impl_->SubmitLocked(specs, fx); });
   if (!outcome.ok()) {
     done(std::move(outcome));
     return;
@@ -673,7 +673,8 @@ absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->tasks_.find(id);
   if (it == impl_->tasks_.end()) {
-    return absl::NotFoundError(absl::StrCat("no task ", id, " (never submitted, or past retention)"));
+    return absl::NotFoundError(
+        absl::StrCat("no task ", id, " (never submitted, or past retention)"));
   }
   TaskView view = impl_->ViewOf(it->second);
   view.waiting_for = impl_->WaitingFor(it->second);
@@ -684,7 +685,8 @@ absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->jobs_.find(job_id);
   if (it == impl_->jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
+    return absl::NotFoundError(
+        absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
   }
   return impl_->ViewOf(*it->second);
 }
@@ -795,7 +797,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     }
     Worker& w = *slot;
     // Keep the leases the worker still holds; requeue those lost on the way (never started).
-    std::vector<TaskRef> held = hello.master_epoch == b.epoch_ ? hello.held : std::vector<TaskRef>{};
+    std::vector<TaskRef> held =
+        hello.master_epoch == b.epoch_ ? hello.held : std::vector<TaskRef>{};
     const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
     for (TaskId id : leases) {
       auto it = b.tasks_.find(id);
@@ -839,8 +842,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.outbox.welcome = std::move(welcome);
     w.dirty = true;
     b.log_->info("worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept",
-                 w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","),
-                 absl::StrJoin(w.queues, ","), w.leases.size());
+                 w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
+                 w.leases.size());
     b.DispatchAll(fx);  // tasks it gave back may go to others
     return WorkerHandle{w.id, w.generation};
   });

@@ -63,8 +63,7 @@ class Broker {
   // Validates and enqueues a batch as one job. `done` runs once the batch is durable (inline for
   // the memory store); the batch is visible to workers at once, as a store never loses what it
   // was given unless the process dies, and then the client was not acknowledged.
-  void Submit(std::vector<TaskSpec> specs,
-              std::function<void(absl::StatusOr<SubmitOutcome>)> done);
+  void Submit(std::vector<TaskSpec> specs, std::function<void(absl::StatusOr<SubmitOutcome>)> done);
 
   absl::StatusOr<TaskView> GetTask(TaskId id) const;
   absl::StatusOr<JobView> GetJob(const std::string& job_id) const;

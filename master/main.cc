@@ -18,7 +18,8 @@ int main(int argc, char** argv) {
   CLI::App app{"taskmaster: the master of a distributed task queue"};
   app.add_option("--listen", o.listen, "host:port to listen on (port 0: any free port)")
       ->capture_default_str();
-  app.add_option("--tokens", o.tokens_file, "file of 'ROLE TOKEN' lines (roles: submit, work, admin)");
+  app.add_option("--tokens", o.tokens_file,
+                 "file of 'ROLE TOKEN' lines (roles: submit, work, admin)");
   app.add_flag("--insecure", o.insecure, "run without authentication (loopback addresses only)");
   app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve TLS");
   app.add_option("--tls-key", o.tls_key_file, "PEM private key of --tls-cert");
@@ -58,7 +59,8 @@ int main(int argc, char** argv) {
                  "on SIGTERM, how long calls may take to end before they are cancelled")
       ->capture_default_str();
   app.add_option("--port-file", port_file, "write the port listened on to this file");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   if (absl::Status s = taskmaster::SetupLogging(log_level); !s.ok()) {

@@ -25,8 +25,7 @@ bool IsLoopbackAddress(const std::string& host_port) {
 
 namespace {
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
-    const MasterOptions& o) {
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const MasterOptions& o) {
   if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
   }

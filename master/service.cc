@@ -138,7 +138,9 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const grpc
 class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
   JobStream(Broker* broker, std::string job_id, int64_t after)
-      : broker_(broker), job_id_(std::move(job_id)), cursor_(after),
+      : broker_(broker),
+        job_id_(std::move(job_id)),
+        cursor_(after),
         link_(std::make_shared<Link>(this)) {
     if (absl::Status status = broker_->Watch(job_id_, link_); !status.ok()) {
       absl::MutexLock lock(&mu_);
@@ -208,8 +210,8 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
     for (TaskView& v : events->results) ToProto(v, event_.add_results());
     cursor_ += static_cast<int64_t>(events->results.size());
     ToProto(events->progress, event_.mutable_progress());
-    last_written_ = events->progress.done == events->progress.total &&
-                    cursor_ >= events->progress.done;
+    last_written_ =
+        events->progress.done == events->progress.total && cursor_ >= events->progress.done;
     wrote_any_ = true;
     writing_ = true;
     StartWrite(&event_);
@@ -486,10 +488,9 @@ grpc::ServerUnaryReactor* TaskQueueService::Cancel(grpc::CallbackServerContext* 
     return Reply(context, s);
   }
   absl::StatusOr<int64_t> cancelled =
-      request->has_task_id() ? broker_->CancelTask(request->task_id())
-      : request->has_job_id()
-          ? broker_->CancelJob(request->job_id())
-          : absl::InvalidArgumentError("cancel needs a task id or a job id");
+      request->has_task_id()  ? broker_->CancelTask(request->task_id())
+      : request->has_job_id() ? broker_->CancelJob(request->job_id())
+                              : absl::InvalidArgumentError("cancel needs a task id or a job id");
   if (cancelled.ok()) response->set_cancelled(*cancelled);
   return Reply(context, ToGrpcStatus(cancelled.status()));
 }

@@ -15,8 +15,7 @@ class Authorizer {
  public:
   explicit Authorizer(std::optional<TokenSet> tokens) : tokens_(std::move(tokens)) {}
   // UNAUTHENTICATED without a known token, PERMISSION_DENIED when its role may not do `call`.
-  grpc::Status Check(const grpc::CallbackServerContext* context, Role need,
-                     const char* call) const;
+  grpc::Status Check(const grpc::CallbackServerContext* context, Role need, const char* call) const;
 
  private:
   const std::optional<TokenSet> tokens_;

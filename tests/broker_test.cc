@@ -85,8 +85,8 @@ class BrokerTest : public ::testing::Test {
   };
 
   Attached Attach(const std::string& id, int32_t slots, int32_t credits,
-                  std::vector<std::string> kinds = {"square", "sleep", "echo"},
-                  Labels labels = {}, std::vector<TaskRef> held = {}) {
+                  std::vector<std::string> kinds = {"square", "sleep", "echo"}, Labels labels = {},
+                  std::vector<TaskRef> held = {}) {
     WorkerHello hello;
     hello.worker_id = id;
     hello.name = id;

@@ -117,7 +117,7 @@ std::optional<int> Process::Wait(std::chrono::milliseconds timeout) {
 bool Process::Running() { return !Wait(std::chrono::milliseconds(0)); }
 
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input,
-                  std::chrono::milliseconds timeout) {
+                         std::chrono::milliseconds timeout) {
   TempDir dir;
   WriteFile(dir.File("in"), input);
   const pid_t pid = Spawn(argv, dir.File("out"), dir.File("err"), dir.File("in"));
@@ -135,8 +135,8 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
 }
 
 Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::move(master_flags)) {
-  WriteFile(dir_.File("tokens"), std::string("# test tokens\nsubmit ") + kSubmitToken +
-                                     "\nwork " + kWorkToken + "\nadmin " + kAdminToken + "\n");
+  WriteFile(dir_.File("tokens"), std::string("# test tokens\nsubmit ") + kSubmitToken + "\nwork " +
+                                     kWorkToken + "\nadmin " + kAdminToken + "\n");
   WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
   WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
 }
@@ -161,9 +161,9 @@ void Cluster::StartMaster() {
   master_ = std::make_unique<Process>(
       argv, dir_.File("master-" + std::to_string(master_starts_++) + ".log"));
   // A restart may find the old port still held for a moment: bounded retries.
-  const bool listening = WaitFor(
-      [&] { return std::filesystem::exists(port_file) || !master_->Running(); },
-      std::chrono::seconds(20));
+  const bool listening =
+      WaitFor([&] { return std::filesystem::exists(port_file) || !master_->Running(); },
+              std::chrono::seconds(20));
   if (!listening || !std::filesystem::exists(port_file)) {
     throw std::runtime_error("master did not start: " + master_->Log());
   }
@@ -176,8 +176,14 @@ void Cluster::KillMaster(int sig) {
 }
 
 Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
-  std::vector<std::string> argv = {TASKWORKER_BIN, "--master",      address(), "--token-file",
-                                   dir_.File("work.token"), "--name", name,      "--reconnect-max-ms",
+  std::vector<std::string> argv = {TASKWORKER_BIN,
+                                   "--master",
+                                   address(),
+                                   "--token-file",
+                                   dir_.File("work.token"),
+                                   "--name",
+                                   name,
+                                   "--reconnect-max-ms",
                                    "500"};
   argv.insert(argv.end(), flags.begin(), flags.end());
   workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log")));

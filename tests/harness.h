@@ -63,7 +63,7 @@ struct CommandResult {
 
 // Runs a command to completion (killed after `timeout`), with `input` on its stdin.
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "",
-                  std::chrono::milliseconds timeout = std::chrono::seconds(60));
+                         std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 inline constexpr char kSubmitToken[] = "submit-token-for-tests-0123456789";
 inline constexpr char kWorkToken[] = "work-token-for-tests-0123456789";

@@ -1,8 +1,7 @@
 // End-to-end tests: the real taskmaster, taskworker and taskctl binaries on loopback ports chosen
 // by the OS, with real tokens.
-#include <signal.h>
-
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <map>
 #include <random>
@@ -170,7 +169,7 @@ TEST(Integration, TokensAreCheckedWithRoles) {
   // taskctl says what to fix.
   WriteFile(cluster.dir().File("bad.token"), "nope-nope-nope-nope\n");
   CommandResult r = RunCommand({TASKCTL_BIN, "--master", cluster.address(), "--token-file",
-                         cluster.dir().File("bad.token"), "stats"});
+                                cluster.dir().File("bad.token"), "stats"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("refused the token"), std::string::npos) << r.err;
 
@@ -178,9 +177,9 @@ TEST(Integration, TokensAreCheckedWithRoles) {
   Process bad_worker({TASKWORKER_BIN, "--master", cluster.address(), "--token-file",
                       cluster.dir().File("submit.token"), "--name", "intruder"},
                      cluster.dir().File("intruder.log"));
-  EXPECT_TRUE(WaitFor(
-      [&] { return bad_worker.Log().find("may not call Connect") != std::string::npos; },
-      seconds(10)))
+  EXPECT_TRUE(
+      WaitFor([&] { return bad_worker.Log().find("may not call Connect") != std::string::npos; },
+              seconds(10)))
       << bad_worker.Log();
   EXPECT_TRUE(cluster.NewClient()->Workers()->workers().empty());
   bad_worker.Signal(SIGTERM);
@@ -198,16 +197,17 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
   EXPECT_NE(open.err.find("loopback"), std::string::npos) << open.err;
   TempDir dir;
   WriteFile(dir.File("tokens"), "submit short\n");
-  CommandResult bad = RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0", "--tokens", dir.File("tokens")});
+  CommandResult bad =
+      RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0", "--tokens", dir.File("tokens")});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("line 1"), std::string::npos) << bad.err;
 }
 
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
-  Process master({TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file",
-                  dir.File("port")},
-                 dir.File("master.log"));
+  Process master(
+      {TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file", dir.File("port")},
+      dir.File("master.log"));
   ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
   EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);
   const std::string port = std::to_string(std::stoi(ReadFile(dir.File("port"))));
@@ -284,9 +284,87 @@ TEST(Integration, CancelStopsARunningTask) {
   EXPECT_EQ(cancel.exit_code, 0);
   EXPECT_NE(cancel.out.find("cancelled 1 task"), std::string::npos);
   // The worker stopped it: its slot is free again long before the minute is up.
-  EXPECT_TRUE(WaitFor(
-      [&] { return client->Workers()->workers(0).running() == 0; }, seconds(10)));
+  EXPECT_TRUE(WaitFor([&] { return client->Workers()->workers(0).running() == 0; }, seconds(10)));
   EXPECT_EQ(client->GetTask(1)->state(), v1::CANCELLED);
+}
+
+}  // namespace
+}  // namespace taskmaster::testing
+
+namespace taskmaster::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
+  Cluster cluster;
+  cluster.StartMaster();
+  Process& worker = cluster.StartWorker("w", {"--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  CommandResult submitted = cluster.Taskctl({"submit", "--kind", "sleep", "60000"});
+  ASSERT_EQ(submitted.exit_code, 0);
+  const std::string job = submitted.out.substr(0, submitted.out.find('\n'));
+  // A follower of the job, across the master's restart.
+  Process wait({TASKCTL_BIN, "--master", cluster.address(), "--token-file",
+                cluster.dir().File("submit.token"), "wait", job},
+               cluster.dir().File("wait.log"));
+  std::this_thread::sleep_for(milliseconds(300));
+  const auto start = std::chrono::steady_clock::now();
+  cluster.KillMaster(SIGTERM);
+  EXPECT_EQ(cluster.master().Wait(milliseconds(0)), 0) << cluster.master().Log();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(5));
+  EXPECT_NE(cluster.master().Log().find("stopped"), std::string::npos);
+  EXPECT_TRUE(worker.Running());
+  cluster.StartMaster();
+  // The memory store forgot the job: wait says so instead of hanging or inventing results.
+  EXPECT_EQ(wait.Wait(seconds(20)), 2) << wait.Log();
+  EXPECT_NE(wait.Log().find("memory store"), std::string::npos) << wait.Log();
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+}
+
+// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+void MakeCertificates(const TempDir& dir) {
+  const std::string d = dir.path();
+  const std::string script =
+      "set -e; cd " + d +
+      "; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key "
+      "-out ca.pem 2>/dev/null"
+      "; printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext"
+      "; openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out "
+      "server.csr 2>/dev/null"
+      "; openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
+      "-extfile san.ext -out server.pem 2>/dev/null"
+      "; openssl req -newkey rsa:2048 -nodes -subj /CN=client -keyout client.key -out client.csr "
+      "2>/dev/null"
+      "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out "
+      "client.pem 2>/dev/null";
+  CommandResult r = RunCommand({"/bin/sh", "-c", script});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST(Integration, MutualTlsWithTokens) {
+  TempDir certs;
+  MakeCertificates(certs);
+  if (::testing::Test::HasFatalFailure()) return;
+  Cluster cluster({"--tls-cert", certs.File("server.pem"), "--tls-key", certs.File("server.key"),
+                   "--tls-client-ca", certs.File("ca.pem")});
+  cluster.StartMaster();
+  const std::vector<std::string> tls = {"--tls-ca",   certs.File("ca.pem"),
+                                        "--tls-cert", certs.File("client.pem"),
+                                        "--tls-key",  certs.File("client.key")};
+  cluster.StartWorker("tls-worker", tls);
+  std::vector<std::string> args = tls;
+  for (const char* a : {"submit", "--kind", "square", "--wait", "12"}) args.push_back(a);
+  CommandResult ok = cluster.Taskctl(args);
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_NE(ok.out.find("12*12=144"), std::string::npos) << ok.out;
+  // Without a client certificate, or without TLS at all, the master does not answer.
+  CommandResult no_cert = cluster.Taskctl({"--tls-ca", certs.File("ca.pem"), "stats"});
+  EXPECT_EQ(no_cert.exit_code, 2);
+  CommandResult plain = cluster.Taskctl({"stats"});
+  EXPECT_EQ(plain.exit_code, 2);
+  EXPECT_NE(plain.err.find("cannot reach the master"), std::string::npos) << plain.err;
 }
 
 }  // namespace

@@ -54,7 +54,8 @@ absl::StatusOr<int64_t> ParseInteger(std::string_view text, std::string_view wha
   int64_t n = 0;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
   if (ec != std::errc() || end != text.data() + text.size() || text.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(std::string(what), " must be a decimal integer, not '",
+    return absl::InvalidArgumentError(absl::StrCat(std::string(what),
+                                                   " must be a decimal integer, not '",
                                                    std::string(text.substr(0, 64)), "'"));
   }
   return n;

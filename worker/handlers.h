@@ -18,7 +18,10 @@ class TaskContext {
   TaskContext(uint64_t task_id, int32_t attempt, std::string_view payload,
               std::chrono::steady_clock::time_point deadline,
               std::shared_ptr<const std::atomic<bool>> cancelled)
-      : task_id_(task_id), attempt_(attempt), payload_(payload), deadline_(deadline),
+      : task_id_(task_id),
+        attempt_(attempt),
+        payload_(payload),
+        deadline_(deadline),
         cancelled_(std::move(cancelled)) {}
 
   uint64_t task_id() const { return task_id_; }

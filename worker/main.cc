@@ -37,7 +37,8 @@ int main(int argc, char** argv) {
   app.add_option("--tls-ca", o.master.tls_ca_file, "PEM CA bundle: connect with TLS");
   app.add_option("--tls-cert", o.master.tls_cert_file, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", o.master.tls_key_file, "PEM key of --tls-cert");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto fail = [](const absl::Status& status) {

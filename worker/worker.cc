@@ -47,8 +47,8 @@ class WorkerImpl final : public Worker {
   void Run() {
     for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
     session_thread_ = std::thread([this] { SessionLoop(); });
-    log_->info("worker {} started: {} threads, {} prefetch, kinds [{}], master {}", name_,
-               threads_, capacity_ - threads_, absl::StrJoin(registry_->Kinds(), ","),
+    log_->info("worker {} started: {} threads, {} prefetch, kinds [{}], master {}", name_, threads_,
+               capacity_ - threads_, absl::StrJoin(registry_->Kinds(), ","),
                options_.master.address);
   }
 
@@ -68,8 +68,8 @@ class WorkerImpl final : public Worker {
       }
       const size_t returned = queue_.size();
       queue_.clear();
-      log_->info("draining: {} tasks given back, {} running (up to {} ms)", returned,
-                 held_.size(), options_.drain_timeout.count());
+      log_->info("draining: {} tasks given back, {} running (up to {} ms)", returned, held_.size(),
+                 options_.drain_timeout.count());
       auto running_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); };
       mu_.AwaitWithDeadline(absl::Condition(&running_done), deadline);
       if (!held_.empty()) {
@@ -144,8 +144,8 @@ class WorkerImpl final : public Worker {
       if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
           status.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
           status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
-        log_->error("master {} refused this worker: {}; retrying in {} ms",
-                    options_.master.address, status.error_message(), wait.count());
+        log_->error("master {} refused this worker: {}; retrying in {} ms", options_.master.address,
+                    status.error_message(), wait.count());
       } else if (!warned) {
         log_->warn("lost the master {} ({}); reconnecting with backoff", options_.master.address,
                    status.error_message());
@@ -236,9 +236,10 @@ class WorkerImpl final : public Worker {
 
   void AcceptWelcomeLocked(const v1::Welcome& welcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!epoch_.empty() && epoch_ != welcome.master_epoch()) {
-      log_->warn("the master lost its state (epoch {} -> {}): dropping {} held tasks and {} "
-                 "unacknowledged results",
-                 epoch_, welcome.master_epoch(), held_.size(), unacked_.size());
+      log_->warn(
+          "the master lost its state (epoch {} -> {}): dropping {} held tasks and {} "
+          "unacknowledged results",
+          epoch_, welcome.master_epoch(), held_.size(), unacked_.size());
       for (auto& [id, h] : held_) RevokeLocked(id);
       unacked_.clear();
     }
@@ -379,9 +380,8 @@ class WorkerImpl final : public Worker {
       std::shared_ptr<std::atomic<bool>> cancelled;
       {
         absl::MutexLock lock(&mu_);
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stopped_ || !queue_.empty();
-        };
+        auto ready = [this]()
+                         ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopped_ || !queue_.empty(); };
         mu_.Await(absl::Condition(&ready));
         if (stopped_) return;
         id = queue_.front();
