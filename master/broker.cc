@@ -57,6 +57,7 @@ struct QueueCounters {
 struct ReadyEntry {
   uint64_t seq;
   TaskId id;
+  bool operator<(const ReadyEntry& o) const { return seq < o.seq; }
 };
 
 // Tasks of one (queue, kind, required labels): a worker either can run all of them or none, so
@@ -86,11 +87,13 @@ struct Task {
   int64_t finished_ms = 0;
   int64_t lease_deadline_ms = 0;
   int64_t timeout_ms = 0;
-  uint64_t seq = 0;  // position in its ready list
+  uint64_t seq = 0;             // position in its ready list
+  uint64_t completion_seq = 0;  // order of finishing, across all tasks
   int32_t priority = 0;
   int32_t attempts = 0;
   int32_t max_attempts = 0;
   TaskState state = TaskState::kPending;
+  bool dirty = false;  // changed since the store last heard of it
 };
 
 struct Job {
@@ -164,7 +167,8 @@ class Broker::Impl {
         clock_(clock),
         store_(store),
         log_(std::move(log)),
-        epoch_(store->Epoch()) {}
+        epoch_(store->Epoch()),
+        persistent_(store->persistent()) {}
 
   // Runs `fn` under the lock, then sends and notifies what it left to do.
   template <typename Fn>
@@ -236,6 +240,7 @@ class Broker::Impl {
     job->created_ms = now;
     job->tasks.reserve(specs.size());
     jobs_[job->id] = std::move(job_owner);
+    if (persistent_) store_->InsertJob({job->id, job->total, job->created_ms});
 
     SubmitOutcome out;
     out.job_id = job->id;
@@ -268,6 +273,10 @@ class Broker::Impl {
         Delay(t, now + s.delay_ms);
       } else {
         MakeReady(t, /*front=*/false);
+      }
+      if (persistent_) {
+        t.dirty = false;  // the insert carries its status
+        store_->InsertTask(RowOf(t, s.labels));
       }
       if (!HasWorkerFor(*cls)) unserved.insert(cls);
     }
@@ -318,7 +327,12 @@ class Broker::Impl {
   void AddExistingToJob(Job* job, TaskId id, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     job->tasks.push_back(id);
     Task& t = tasks_.at(id);
-    if (IsFinished(t.state)) {
+    const bool finished = IsFinished(t.state);
+    if (persistent_) {
+      store_->AddJobMember(
+          {job->id, id, finished ? static_cast<int64_t>(job->completed.size()) : int64_t{-1}});
+    }
+    if (finished) {
       CountDone(job, t, fx);
     } else {
       extra_jobs_.emplace(id, job);
@@ -350,7 +364,15 @@ class Broker::Impl {
 
   // ---- State transitions. Counters follow every one of them. ----
 
+  // Marks `t` for the store; Collect sends its status once per locked section.
+  void Touch(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!persistent_ || t.dirty) return;
+    t.dirty = true;
+    dirty_.push_back(t.id);
+  }
+
   void MakeReady(Task& t, bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Touch(t);
     t.state = TaskState::kPending;
     t.not_before_ms = 0;
     auto& lane = t.cls->ready[t.priority];
@@ -363,12 +385,14 @@ class Broker::Impl {
   }
 
   void Delay(Task& t, int64_t not_before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Touch(t);
     t.state = TaskState::kDelayed;
     t.not_before_ms = not_before;
     delayed_.push({not_before, t.id});
   }
 
   void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Touch(t);
     t.state = TaskState::kLeased;
     t.attempts++;
     t.leased_to = &w;
@@ -417,13 +441,13 @@ class Broker::Impl {
     } else if (t.state == TaskState::kPending || t.state == TaskState::kDelayed) {
       c.pending--;
     }
+    Touch(t);
     t.state = state;
-    const int64_t now = clock_->NowMs();
-    t.finished_ms = now;
+    t.finished_ms = clock_->NowMs();
+    t.completion_seq = next_completion_++;
     if (state == TaskState::kSucceeded) c.succeeded++;
     if (state == TaskState::kDead) c.dead++;
     if (state == TaskState::kCancelled) c.cancelled++;
-    expiry_.push_back({now + options_.result_retention_ms, t.id});
     CountDone(t.job, t, fx);
     if (!extra_jobs_.empty()) {
       auto [begin, end] = extra_jobs_.equal_range(t.id);
@@ -444,9 +468,56 @@ class Broker::Impl {
     }
   }
 
+  // A complete job and its results are kept for the retention time, then forgotten together.
   void MaybeJobComplete(Job* job, int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (job->done == job->total)
+    if (job->done == job->total) {
       job_expiry_.push_back({now + options_.result_retention_ms, job->id});
+    }
+  }
+
+  // Forgets a job with its own tasks (tasks it follows through idempotency keys stay).
+  void DeleteJob(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (TaskId id : job.tasks) {
+      auto it = tasks_.find(id);
+      if (it == tasks_.end() || it->second.job != &job) continue;
+      if (!it->second.idempotency_key.empty()) keys_.erase(it->second.idempotency_key);
+      if (persistent_) store_->DeleteTask(id);
+      tasks_.erase(it);
+    }
+    if (persistent_) store_->DeleteJob(job.id);
+    jobs_.erase(job.id);
+  }
+
+  TaskStatusRow StatusOf(const Task& t) const {
+    TaskStatusRow s;
+    s.state = t.state;
+    s.attempts = t.attempts;
+    s.not_before_ms = t.not_before_ms;
+    s.finished_ms = t.finished_ms;
+    s.seq = t.seq;
+    s.completion_seq = t.completion_seq;
+    s.output = t.output;
+    s.error = t.error;
+    s.worker = t.worker;
+    if (t.state == TaskState::kLeased && t.leased_to) s.worker_id = t.leased_to->id;
+    return s;
+  }
+
+  TaskRow RowOf(const Task& t, const Labels& labels) const {
+    TaskRow r;
+    r.id = t.id;
+    r.job_id = t.job->id;
+    r.queue = t.cls->queue;
+    r.kind = t.cls->kind;
+    r.labels = labels;
+    r.payload = t.payload;
+    r.priority = t.priority;
+    r.max_attempts = t.max_attempts;
+    r.timeout_ms = t.timeout_ms;
+    r.created_ms = t.created_ms;
+    r.idempotency_key = t.idempotency_key;
+    r.status = StatusOf(t);
+    return r;
   }
 
   // Returns whether the task was cancelled (false when it had finished already).
@@ -461,6 +532,144 @@ class Broker::Impl {
     Finish(t, TaskState::kCancelled, fx);
     return true;
   }
+
+  // ---- Recovery ----
+
+  // Rebuilds the state from the store's rows. Runs before any call, so the order of rows within
+  // a table does not matter: ready lists and completion orders are sorted afterwards.
+  class Loader final : public RecoveryVisitor {
+   public:
+    explicit Loader(Impl& b) : b_(b), now_(b.clock_->NowMs()) {}
+
+    void OnJob(JobRow row) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      auto job = std::make_unique<Job>();
+      job->id = std::move(row.job_id);
+      job->total = row.total;
+      job->created_ms = row.created_ms;
+      b_.jobs_[job->id] = std::move(job);
+    }
+
+    void OnTask(TaskRow row) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      auto job = b_.jobs_.find(row.job_id);
+      if (job == b_.jobs_.end()) {
+        ++orphans_;
+        return;
+      }
+      Task& t = b_.tasks_[row.id];
+      t.id = row.id;
+      t.job = job->second.get();
+      t.cls = b_.ClassFor(row.queue, row.kind, row.labels);
+      t.payload = std::move(row.payload);
+      t.output = std::move(row.status.output);
+      t.error = std::move(row.status.error);
+      t.idempotency_key = std::move(row.idempotency_key);
+      t.worker = std::move(row.status.worker);
+      t.created_ms = row.created_ms;
+      t.not_before_ms = row.status.not_before_ms;
+      t.finished_ms = row.status.finished_ms;
+      t.timeout_ms = row.timeout_ms;
+      t.seq = row.status.seq;
+      t.completion_seq = row.status.completion_seq;
+      t.priority = row.priority;
+      t.attempts = row.status.attempts;
+      t.max_attempts = row.max_attempts;
+      t.state = row.status.state;
+      t.job->tasks.push_back(t.id);
+      if (!t.idempotency_key.empty()) b_.keys_[t.idempotency_key] = t.id;
+      b_.next_id_ = std::max(b_.next_id_, t.id + 1);
+      b_.next_seq_ = std::max(b_.next_seq_, t.seq + 1);
+      b_.next_completion_ = std::max(b_.next_completion_, t.completion_seq + 1);
+      QueueCounters& c = *t.cls->counters;
+      switch (t.state) {
+        case TaskState::kPending:
+          c.pending++;
+          ready_.push_back({t.seq, t.id});
+          break;
+        case TaskState::kDelayed:
+          c.pending++;
+          b_.delayed_.push({t.not_before_ms, t.id});
+          break;
+        case TaskState::kLeased:
+          c.leased++;
+          Relet(t, row.status.worker_id);
+          break;
+        default:
+          finished_.push_back({static_cast<int64_t>(t.completion_seq), t.job, t.id});
+      }
+    }
+
+    void OnJobMember(JobMemberRow row) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      auto job = b_.jobs_.find(row.job_id);
+      auto task = b_.tasks_.find(row.task_id);
+      if (job == b_.jobs_.end() || task == b_.tasks_.end()) return;
+      Job* j = job->second.get();
+      j->tasks.push_back(row.task_id);
+      if (!IsFinished(task->second.state)) {
+        b_.extra_jobs_.emplace(row.task_id, j);
+      } else if (row.position >= 0) {
+        early_.push_back({row.position, j, row.task_id});
+      } else {
+        finished_.push_back({static_cast<int64_t>(task->second.completion_seq), j, row.task_id});
+      }
+    }
+
+    // Ready lists and completion orders, sorted as they were.
+    void Finish() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      std::sort(ready_.begin(), ready_.end());
+      for (const ReadyEntry& e : ready_) {
+        const Task& t = b_.tasks_.at(e.id);
+        t.cls->ready[t.priority].push_back(e);
+      }
+      // Tasks a job followed that had finished before it was created come first.
+      std::sort(early_.begin(), early_.end());
+      std::sort(finished_.begin(), finished_.end());
+      for (const auto* list : {&early_, &finished_}) {
+        for (const auto& [order, job, id] : *list) {
+          const Task& t = b_.tasks_.at(id);
+          job->done++;
+          job->succeeded += t.state == TaskState::kSucceeded;
+          job->dead += t.state == TaskState::kDead;
+          job->cancelled += t.state == TaskState::kCancelled;
+          job->completed.push_back(id);
+        }
+      }
+      std::vector<std::pair<int64_t, std::string>> expiries;
+      for (const auto& [id, job] : b_.jobs_) {
+        if (job->done != job->total) continue;
+        int64_t last = job->created_ms;
+        for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).finished_ms);
+        expiries.push_back({last + b_.options_.result_retention_ms, id});
+      }
+      std::sort(expiries.begin(), expiries.end());
+      b_.job_expiry_.assign(expiries.begin(), expiries.end());
+    }
+
+    size_t orphans() const { return orphans_; }
+
+   private:
+    // A task leased when the master stopped stays with its worker for the reconnect grace: a
+    // worker that comes back still holding it keeps it, and otherwise it is requeued then.
+    void Relet(Task& t, const std::string& worker_id) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      auto& w = b_.workers_[worker_id];
+      if (!w) {
+        w = std::make_unique<Worker>();
+        w->id = worker_id;
+        w->name = t.worker.empty() ? worker_id : t.worker;
+        w->generation = b_.next_generation_++;
+        w->disconnected_ms = now_;
+      }
+      t.leased_to = w.get();
+      t.lease_deadline_ms = now_ + b_.options_.lease_timeout_ms;
+      w->leases.insert(t.id);
+    }
+
+    Impl& b_;
+    const int64_t now_;
+    std::vector<ReadyEntry> ready_;
+    std::vector<std::tuple<int64_t, Job*, TaskId>> finished_;
+    std::vector<std::tuple<int64_t, Job*, TaskId>> early_;
+    size_t orphans_ = 0;
+  };
 
   // ---- Dispatch ----
 
@@ -540,6 +749,13 @@ class Broker::Impl {
   }
 
   void Collect(Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (TaskId id : dirty_) {
+      auto it = tasks_.find(id);
+      if (it == tasks_.end() || !it->second.dirty) continue;
+      it->second.dirty = false;
+      store_->UpdateTask(id, StatusOf(it->second));
+    }
+    dirty_.clear();
     for (auto& [id, w] : workers_) {
       if (!w->dirty) continue;
       w->dirty = false;
@@ -616,6 +832,7 @@ class Broker::Impl {
   Store* const store_;
   const std::shared_ptr<spdlog::logger> log_;
   const std::string epoch_;
+  const bool persistent_;
 
   mutable absl::Mutex mu_;
   std::unordered_map<TaskId, Task> tasks_ ABSL_GUARDED_BY(mu_);
@@ -630,11 +847,12 @@ class Broker::Impl {
   // Delayed tasks by due time; entries whose task moved on are skipped when due.
   using Due = std::pair<int64_t, TaskId>;
   std::priority_queue<Due, std::vector<Due>, std::greater<>> delayed_ ABSL_GUARDED_BY(mu_);
-  // Finished tasks and complete jobs by expiry; retention is one constant, so both are sorted.
-  std::deque<std::pair<int64_t, TaskId>> expiry_ ABSL_GUARDED_BY(mu_);
+  // Complete jobs by expiry; retention is one constant, so it stays sorted.
   std::deque<std::pair<int64_t, std::string>> job_expiry_ ABSL_GUARDED_BY(mu_);
+  std::vector<TaskId> dirty_ ABSL_GUARDED_BY(mu_);  // tasks to send to the store
   TaskId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_completion_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
@@ -650,8 +868,43 @@ Broker::~Broker() = default;
 
 std::string Broker::epoch() const { return impl_->epoch_; }
 
+absl::Status Broker::Recover() {
+  const auto start = std::chrono::steady_clock::now();
+  Impl::Loader loader(*impl_);
+  absl::Status status = impl_->store_->Load(&loader);
+  if (!status.ok()) return status;
+  absl::MutexLock lock(&impl_->mu_);
+  loader.Finish();
+  std::map<TaskState, int64_t> by_state;
+  for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::steady_clock::now() - start)
+                      .count();
+  impl_->log_->info(
+      "recovered {} jobs and {} tasks ({} pending, {} delayed, {} leased, {} finished) in {} ms",
+      impl_->jobs_.size(), impl_->tasks_.size(), by_state[TaskState::kPending],
+      by_state[TaskState::kDelayed], by_state[TaskState::kLeased],
+      by_state[TaskState::kSucceeded] + by_state[TaskState::kDead] +
+          by_state[TaskState::kCancelled],
+      ms);
+  if (loader.orphans() > 0) {
+    impl_->log_->warn("skipped {} stored tasks whose job is missing", loader.orphans());
+  }
+  return absl::OkStatus();
+}
+
+void Broker::WhenDurable(std::function<void(absl::Status)> done) {
+  impl_->store_->Flush(std::move(done));
+}
+
 void Broker::Submit(std::vector<TaskSpec> specs,
                     std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
+  // Refuse new work while the store cannot write; acknowledged work waits in memory meanwhile.
+  if (absl::Status writable = impl_->store_->Writable(); !writable.ok()) {
+    done(absl::UnavailableError(absl::StrCat("the master cannot store new tasks now (",
+                                             writable.message(), "); retry later")));
+    return;
+  }
   absl::StatusOr<SubmitOutcome> outcome = impl_->Locked(
       [&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS { return impl_->SubmitLocked(specs, fx); });
   if (!outcome.ok()) {
@@ -1019,16 +1272,10 @@ void Broker::Tick() {
                    b.options_.reconnect_grace_ms, w->leases.size());
       b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " disconnected while running it"), fx);
     }
-    while (!b.expiry_.empty() && b.expiry_.front().first <= now) {
-      auto it = b.tasks_.find(b.expiry_.front().second);
-      b.expiry_.pop_front();
-      if (it == b.tasks_.end()) continue;
-      if (!it->second.idempotency_key.empty()) b.keys_.erase(it->second.idempotency_key);
-      b.tasks_.erase(it);
-    }
     while (!b.job_expiry_.empty() && b.job_expiry_.front().first <= now) {
-      b.jobs_.erase(b.job_expiry_.front().second);
+      auto it = b.jobs_.find(b.job_expiry_.front().second);
       b.job_expiry_.pop_front();
+      if (it != b.jobs_.end()) b.DeleteJob(*it->second);
     }
     b.DispatchAll(fx);
   });

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,7 +28,7 @@ struct BrokerOptions {
   // Backoff before retry k (k = 1, 2 ...): base * 2^(k-1), capped.
   int64_t retry_backoff_ms = 1'000;
   int64_t retry_backoff_max_ms = 60'000;
-  // Finished tasks and their results are kept this long.
+  // A job whose tasks have all finished is kept this long with their results, then forgotten.
   int64_t result_retention_ms = 24 * 3600 * 1000;
   // Input limits: each answers INVALID_ARGUMENT or RESOURCE_EXHAUSTED when crossed.
   size_t max_payload_bytes = 1 << 20;
@@ -57,6 +58,12 @@ class Broker {
   ~Broker();
   Broker(const Broker&) = delete;
   Broker& operator=(const Broker&) = delete;
+
+  // Loads the store's state. Call once, before anything else.
+  absl::Status Recover();
+
+  // Runs `done` once every change made so far is durable (see Store::Flush).
+  void WhenDurable(std::function<void(absl::Status)> done);
 
   // ---- Clients ----
 

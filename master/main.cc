@@ -25,6 +25,18 @@ int main(int argc, char** argv) {
   app.add_option("--tls-key", o.tls_key_file, "PEM private key of --tls-cert");
   app.add_option("--tls-client-ca", o.tls_client_ca_file,
                  "PEM CA bundle: require client certificates it signed (mutual TLS)");
+  std::string sync = "full";
+  app.add_option("--store", o.store, "sqlite (durable) or memory (lost on restart)")
+      ->check(CLI::IsMember({"sqlite", "memory"}))
+      ->capture_default_str();
+  o.sqlite.data_dir = taskmaster::DefaultDataDir();
+  app.add_option("--data-dir", o.sqlite.data_dir, "where the sqlite store keeps its files")
+      ->capture_default_str();
+  app.add_option("--sync", sync,
+                 "full: fsync every commit; normal: survive a crash, a power loss may lose the "
+                 "last commits")
+      ->check(CLI::IsMember({"full", "normal"}))
+      ->capture_default_str();
   app.add_option("--max-message-bytes", o.max_message_bytes, "largest gRPC message either way")
       ->capture_default_str();
   app.add_option("--max-payload-bytes", b.max_payload_bytes, "largest task payload")
@@ -68,6 +80,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   o.tick = std::chrono::milliseconds(tick_ms);
+  o.sqlite.sync = sync == "full" ? taskmaster::SyncMode::kFull : taskmaster::SyncMode::kNormal;
   auto master = taskmaster::Master::Start(o);
   if (!master.ok()) {
     fprintf(stderr, "taskmaster: %s\n", std::string(master.status().message()).c_str());

@@ -1,6 +1,7 @@
 #include "master/server.h"
 
 #include <condition_variable>
+#include <cstdlib>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -12,6 +13,16 @@
 #include "master/service.h"
 
 namespace taskmaster {
+
+std::string DefaultDataDir() {
+  if (const char* xdg = std::getenv("XDG_DATA_HOME"); xdg && *xdg) {
+    return std::string(xdg) + "/taskmaster";
+  }
+  if (const char* home = std::getenv("HOME"); home && *home) {
+    return std::string(home) + "/.local/share/taskmaster";
+  }
+  return "taskmaster-data";
+}
 
 bool IsLoopbackAddress(const std::string& host_port) {
   std::string host = host_port;
@@ -52,16 +63,18 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const
 
 class MasterImpl final : public Master {
  public:
-  MasterImpl(const MasterOptions& options, std::optional<TokenSet> tokens)
+  MasterImpl(const MasterOptions& options, std::optional<TokenSet> tokens,
+             std::unique_ptr<Store> store)
       : options_(options),
         log_(GetLogger("master")),
-        store_(NewMemoryStore()),
+        store_(std::move(store)),
         broker_(options.broker, SystemClock::Get(), store_.get(), GetLogger("broker")),
         auth_(std::move(tokens)),
         queue_service_(&broker_, &auth_),
         worker_service_(&broker_, &auth_, log_) {}
 
   absl::Status Init() {
+    if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = ServerCredentials(options_);
     if (!creds.ok()) return creds.status();
     grpc::ServerBuilder builder;
@@ -79,11 +92,13 @@ class MasterImpl final : public Master {
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
     ticker_ = std::thread([this] { TickLoop(); });
-    log_->info("listening on {} (port {}), {}{}, epoch {}", options_.listen, port_,
+    log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
                options_.insecure ? "INSECURE: no authentication" : "token authentication",
                options_.tls_cert_file.empty()
                    ? ""
                    : (options_.tls_client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
+               options_.store == "memory" ? "memory (nothing survives a restart)"
+                                          : "sqlite in " + options_.sqlite.data_dir,
                broker_.epoch());
     return absl::OkStatus();
   }
@@ -159,7 +174,18 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
     if (!loaded.ok()) return loaded.status();
     tokens = std::move(*loaded);
   }
-  auto master = std::make_unique<MasterImpl>(options, std::move(tokens));
+  std::unique_ptr<Store> store;
+  if (options.store == "memory") {
+    store = NewMemoryStore();
+  } else if (options.store == "sqlite") {
+    absl::StatusOr<std::unique_ptr<Store>> opened = OpenSqliteStore(options.sqlite);
+    if (!opened.ok()) return opened.status();
+    store = std::move(*opened);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown store '", options.store, "' (sqlite or memory)"));
+  }
+  auto master = std::make_unique<MasterImpl>(options, std::move(tokens), std::move(store));
   if (absl::Status status = master->Init(); !status.ok()) return status;
   return master;
 }

@@ -6,6 +6,7 @@
 
 #include "absl/status/statusor.h"
 #include "master/broker.h"
+#include "master/store.h"
 
 namespace taskmaster {
 
@@ -22,6 +23,9 @@ struct MasterOptions {
   std::string tls_key_file;
   std::string tls_client_ca_file;
   int max_message_bytes = 64 << 20;
+  // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
+  std::string store = "sqlite";
+  SqliteStoreOptions sqlite;
   // How often leases, delays and retention are checked.
   std::chrono::milliseconds tick{100};
   BrokerOptions broker;
@@ -39,6 +43,9 @@ class Master {
   // then cancels what is left.
   virtual void Shutdown(std::chrono::milliseconds deadline) = 0;
 };
+
+// $XDG_DATA_HOME/taskmaster, else ~/.local/share/taskmaster, else ./taskmaster-data.
+std::string DefaultDataDir();
 
 // True for 127.0.0.0/8, ::1 and localhost, with or without a port.
 bool IsLoopbackAddress(const std::string& host_port);

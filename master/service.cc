@@ -491,8 +491,17 @@ grpc::ServerUnaryReactor* TaskQueueService::Cancel(grpc::CallbackServerContext* 
       request->has_task_id()  ? broker_->CancelTask(request->task_id())
       : request->has_job_id() ? broker_->CancelJob(request->job_id())
                               : absl::InvalidArgumentError("cancel needs a task id or a job id");
-  if (cancelled.ok()) response->set_cancelled(*cancelled);
-  return Reply(context, ToGrpcStatus(cancelled.status()));
+  if (!cancelled.ok()) return Reply(context, ToGrpcStatus(cancelled.status()));
+  response->set_cancelled(*cancelled);
+  // A cancel is acknowledged once it is durable, so a restart cannot forget it.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  broker_->WhenDurable([reactor](absl::Status status) {
+    reactor->Finish(status.ok() ? grpc::Status::OK
+                                : grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                               absl::StrCat("the cancel could not be stored: ",
+                                                            std::string(status.message()))));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::Stats(grpc::CallbackServerContext* context,

@@ -5,12 +5,70 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "master/task.h"
 
 namespace taskmaster {
 
-// Where the broker's state persists. The broker records its changes in order while holding its
-// lock (no I/O there), and asks for durability with Flush before it acknowledges anything, so a
-// store can commit many changes with one write (group commit).
+// What a task can change into after it was submitted.
+struct TaskStatusRow {
+  TaskState state = TaskState::kPending;
+  int32_t attempts = 0;
+  int64_t not_before_ms = 0;
+  int64_t finished_ms = 0;
+  uint64_t seq = 0;             // FIFO position among ready tasks
+  uint64_t completion_seq = 0;  // order in which tasks finished; 0 while unfinished
+  std::string output;
+  std::string error;
+  std::string worker;     // name of the worker holding it or that held it last
+  std::string worker_id;  // id of the worker holding its lease (LEASED only)
+};
+
+// A task as stored: what it was submitted with, and its status.
+struct TaskRow {
+  TaskId id = 0;
+  std::string job_id;
+  std::string queue;
+  std::string kind;
+  Labels labels;
+  std::string payload;
+  int32_t priority = 0;
+  int32_t max_attempts = 0;
+  int64_t timeout_ms = 0;
+  int64_t created_ms = 0;
+  std::string idempotency_key;
+  TaskStatusRow status;
+};
+
+struct JobRow {
+  std::string job_id;
+  int64_t total = 0;
+  int64_t created_ms = 0;
+};
+
+// A task of another job that a job follows through a resubmitted idempotency key. `position` is
+// its place in the job's completion order when it had finished before the job was created,
+// -1 when it finished later (its completion_seq orders it then).
+struct JobMemberRow {
+  std::string job_id;
+  TaskId task_id = 0;
+  int64_t position = -1;
+};
+
+// Receives a store's contents at start, jobs first, then tasks, then job members.
+class RecoveryVisitor {
+ public:
+  virtual ~RecoveryVisitor() = default;
+  virtual void OnJob(JobRow job) = 0;
+  virtual void OnTask(TaskRow task) = 0;
+  virtual void OnJobMember(JobMemberRow member) = 0;
+};
+
+// Where the broker's state persists.
+//
+// The broker records its changes in order while holding its own lock, so the change methods must
+// not do I/O: they queue. Flush asks for durability; a store commits everything queued since its
+// last commit in one transaction (group commit), so a burst of submits costs one fsync.
 //
 // Implementations are thread-safe.
 class Store {
@@ -21,12 +79,49 @@ class Store {
   // restarted), so workers and clients can tell that ids they hold no longer mean anything.
   virtual std::string Epoch() const = 0;
 
+  // False for a store that keeps nothing: the broker then skips building rows.
+  virtual bool persistent() const = 0;
+
+  // Replays the stored state into `visitor`. Called once, before any change.
+  virtual absl::Status Load(RecoveryVisitor* visitor) = 0;
+
+  // OK while writes succeed; the error that stops them otherwise (disk full, I/O error). New
+  // work is refused with it, while acknowledged work waits in memory to be written.
+  virtual absl::Status Writable() const = 0;
+
+  // ---- Changes, in the broker's order. No I/O. ----
+  virtual void InsertJob(const JobRow& job) = 0;
+  virtual void InsertTask(TaskRow task) = 0;
+  virtual void UpdateTask(TaskId id, TaskStatusRow status) = 0;
+  virtual void AddJobMember(const JobMemberRow& member) = 0;
+  virtual void DeleteTask(TaskId id) = 0;
+  virtual void DeleteJob(const std::string& job_id) = 0;
+
   // Runs `done` once every change recorded before the call is durable, or with the error that
-  // prevents it. `done` may run inline or on the store's own thread, never with a broker lock.
+  // prevented it (the changes stay queued and are retried). `done` may run inline or on the
+  // store's own thread, never with a broker lock held.
   virtual void Flush(std::function<void(absl::Status)> done) = 0;
 };
 
 // Keeps nothing: state lives only in the broker's memory and is lost when the master stops.
 std::unique_ptr<Store> NewMemoryStore();
+
+enum class SyncMode {
+  kFull,    // fsync at every commit: a power loss loses nothing acknowledged
+  kNormal,  // SQLite's synchronous=NORMAL: survives a process crash; a power loss may lose the
+            // last commits
+};
+
+struct SqliteStoreOptions {
+  std::string data_dir;  // created if missing; holds taskmaster.db and a LOCK file
+  SyncMode sync = SyncMode::kFull;
+  // While writes fail, how long the writer waits before it tries again.
+  int64_t retry_interval_ms = 1'000;
+};
+
+// SQLite in WAL mode under `data_dir`, locked against a second master. Refuses a database it
+// cannot read, of an unknown or newer schema, or that is not a taskmaster database, and never
+// overwrites one.
+absl::StatusOr<std::unique_ptr<Store>> OpenSqliteStore(const SqliteStoreOptions& options);
 
 }  // namespace taskmaster

@@ -156,7 +156,9 @@ void Cluster::StartMaster() {
                                    "--heartbeat-ms",
                                    "200",
                                    "--shutdown-timeout-ms",
-                                   "1000"};
+                                   "1000",
+                                   "--data-dir",
+                                   dir_.File("data")};
   argv.insert(argv.end(), master_flags_.begin(), master_flags_.end());
   master_ = std::make_unique<Process>(
       argv, dir_.File("master-" + std::to_string(master_starts_++) + ".log"));

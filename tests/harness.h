@@ -72,7 +72,8 @@ inline constexpr char kAdminToken[] = "admin-token-for-tests-0123456789";
 // A cluster on loopback: token files in a temp dir, a master on an OS-chosen port, workers.
 class Cluster {
  public:
-  // Master flags beyond --listen/--tokens/--port-file; fast timers by default.
+  // Master flags beyond --listen/--tokens/--port-file/--data-dir (the durable store in the
+  // cluster's directory, kept across restarts); fast timers by default.
   explicit Cluster(std::vector<std::string> master_flags = {});
 
   // Starts (or restarts, on the same port once one was chosen) the master; waits until it listens.

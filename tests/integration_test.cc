@@ -192,7 +192,8 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
   CommandResult no_tokens = RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0"});
   EXPECT_NE(no_tokens.exit_code, 0);
   EXPECT_NE(no_tokens.err.find("--insecure"), std::string::npos) << no_tokens.err;
-  CommandResult open = RunCommand({TASKMASTER_BIN, "--insecure", "--listen", "0.0.0.0:0"});
+  CommandResult open =
+      RunCommand({TASKMASTER_BIN, "--insecure", "--listen", "0.0.0.0:0", "--store", "memory"});
   EXPECT_NE(open.exit_code, 0);
   EXPECT_NE(open.err.find("loopback"), std::string::npos) << open.err;
   TempDir dir;
@@ -298,7 +299,7 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
-  Cluster cluster;
+  Cluster cluster({"--store", "memory"});
   cluster.StartMaster();
   Process& worker = cluster.StartWorker("w", {"--threads", "1"});
   ASSERT_TRUE(cluster.WaitForWorkers(1));
