@@ -613,6 +613,10 @@ class Broker::Impl {
       }
     }
 
+    void OnHighestTaskId(TaskId id) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      b_.next_id_ = std::max(b_.next_id_, id + 1);
+    }
+
     // Ready lists and completion orders, sorted as they were.
     void Finish() ABSL_NO_THREAD_SAFETY_ANALYSIS {
       std::sort(ready_.begin(), ready_.end());

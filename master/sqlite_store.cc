@@ -32,7 +32,7 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE jobs(job_id TEXT PRIMARY KEY, total INTEGER NOT NULL, created_ms INTEGER NOT NULL)
   WITHOUT ROWID;
 CREATE TABLE tasks(
-  id INTEGER PRIMARY KEY, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
   labels TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
   max_attempts INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
   idempotency_key TEXT NOT NULL,
@@ -209,6 +209,18 @@ class SqliteStore final : public Store {
                               sqlite3_column_int64(members.get(), 2)});
       }
       if (rc != SQLITE_DONE) return Refuse("cannot read its job members");
+    }
+    {
+      // AUTOINCREMENT remembers the highest id ever stored, so deleted ids are never reused.
+      Statement highest;
+      if (absl::Status s = PrepareOne("SELECT seq FROM sqlite_sequence WHERE name='tasks'",
+                                      &highest);
+          !s.ok()) {
+        return s;
+      }
+      if (sqlite3_step(highest.get()) == SQLITE_ROW) {
+        visitor->OnHighestTaskId(static_cast<TaskId>(sqlite3_column_int64(highest.get(), 0)));
+      }
     }
     return absl::OkStatus();
   }

@@ -62,6 +62,8 @@ class RecoveryVisitor {
   virtual void OnJob(JobRow job) = 0;
   virtual void OnTask(TaskRow task) = 0;
   virtual void OnJobMember(JobMemberRow member) = 0;
+  // The highest task id ever stored, deleted tasks included: ids are never reused.
+  virtual void OnHighestTaskId(TaskId id) = 0;
 };
 
 // Where the broker's state persists.

@@ -22,6 +22,8 @@ using TaskId = uint64_t;
 constexpr int kMaxResultsPerMessage = 1000;
 // Cancels that arrived before their task (messages can pass each other), remembered this many.
 constexpr size_t kRecentCancels = 4096;
+// Results unacknowledged this long are sent again on the same stream.
+constexpr auto kResendAfter = std::chrono::seconds(10);
 // After the drain, how long results may wait for the master's acknowledgement.
 constexpr auto kAckGrace = std::chrono::seconds(5);
 
@@ -329,6 +331,8 @@ class WorkerImpl final : public Worker {
 
   void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream) {
     auto next_heartbeat = std::chrono::steady_clock::now() + heartbeat_interval_;
+    auto next_resend = std::chrono::steady_clock::now() + kResendAfter;
+    std::vector<TaskId> unacked_before;  // results unacknowledged at the last resend check
     while (true) {
       v1::WorkerMessage m;
       bool bye = false;
@@ -341,6 +345,16 @@ class WorkerImpl final : public Worker {
         const auto until_heartbeat = next_heartbeat - std::chrono::steady_clock::now();
         mu_.AwaitWithTimeout(absl::Condition(&ready), absl::FromChrono(until_heartbeat));
         if (!session_open_) return;
+        if (std::chrono::steady_clock::now() >= next_resend) {
+          // Still unacknowledged a whole period later: the master could not store them (its
+          // disk was full, say). Send them again; it records each result once.
+          for (TaskId id : unacked_before) {
+            if (unacked_.contains(id)) to_send_.push_back(id);
+          }
+          unacked_before.clear();
+          for (const auto& [id, r] : unacked_) unacked_before.push_back(id);
+          next_resend = std::chrono::steady_clock::now() + kResendAfter;
+        }
         while (!to_send_.empty() && m.results_size() < kMaxResultsPerMessage) {
           auto it = unacked_.find(to_send_.front());
           to_send_.pop_front();
