@@ -115,12 +115,11 @@ class MasterImpl final : public Master {
     }
     cv_.notify_all();
     if (ticker_.joinable()) ticker_.join();
+    if (!server_) return;  // never started
     log_->info("shutting down: telling workers, waiting up to {} ms for calls", deadline.count());
     broker_.Shutdown();
-    if (server_) {
-      server_->Shutdown(std::chrono::system_clock::now() + deadline);
-      server_->Wait();
-    }
+    server_->Shutdown(std::chrono::system_clock::now() + deadline);
+    server_->Wait();
     log_->info("stopped");
   }
 

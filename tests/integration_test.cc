@@ -207,7 +207,8 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
   Process master(
-      {TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file", dir.File("port")},
+      {TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file", dir.File("port"),
+       "--store", "memory"},
       dir.File("master.log"));
   ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
   EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);
