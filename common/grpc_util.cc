@@ -38,6 +38,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions&
   // A channel of its own connections: one that failed does not share gRPC's cached backoff
   // with the fresh channel our reconnect loops make, so their own jittered backoff governs.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // A long-lived channel (a client library user's) retries a lost master every second at most,
+  // instead of backing off to gRPC's default of two minutes.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1'000);
   return grpc::CreateCustomChannel(options.address, creds, args);
 }
 

@@ -213,8 +213,8 @@ class SqliteStore final : public Store {
     {
       // AUTOINCREMENT remembers the highest id ever stored, so deleted ids are never reused.
       Statement highest;
-      if (absl::Status s = PrepareOne("SELECT seq FROM sqlite_sequence WHERE name='tasks'",
-                                      &highest);
+      if (absl::Status s =
+              PrepareOne("SELECT seq FROM sqlite_sequence WHERE name='tasks'", &highest);
           !s.ok()) {
         return s;
       }

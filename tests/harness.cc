@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -156,9 +157,10 @@ void Cluster::StartMaster() {
                                    "--heartbeat-ms",
                                    "200",
                                    "--shutdown-timeout-ms",
-                                   "1000",
-                                   "--data-dir",
-                                   dir_.File("data")};
+                                   "1000"};
+  if (std::find(master_flags_.begin(), master_flags_.end(), "--data-dir") == master_flags_.end()) {
+    argv.insert(argv.end(), {"--data-dir", dir_.File("data")});
+  }
   argv.insert(argv.end(), master_flags_.begin(), master_flags_.end());
   master_ = std::make_unique<Process>(
       argv, dir_.File("master-" + std::to_string(master_starts_++) + ".log"));

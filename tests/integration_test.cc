@@ -206,10 +206,9 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
 
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
-  Process master(
-      {TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file", dir.File("port"),
-       "--store", "memory"},
-      dir.File("master.log"));
+  Process master({TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file",
+                  dir.File("port"), "--store", "memory"},
+                 dir.File("master.log"));
   ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
   EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);
   const std::string port = std::to_string(std::stoi(ReadFile(dir.File("port"))));

@@ -1,7 +1,6 @@
 // The SQLite store under the broker: what a restart recovers, and what the store refuses.
-#include <sqlite3.h>
-
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <filesystem>
 #include <future>
