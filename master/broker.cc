@@ -155,6 +155,8 @@ std::string DescribeClass(const TaskClass& c) {
 struct Effects {
   std::vector<std::pair<std::shared_ptr<WorkerChannel>, WorkerOutbound>> sends;
   std::vector<std::shared_ptr<JobWatcher>> notify;
+  uint64_t finished_through = 0;         // highest completion_seq given out in this section
+  std::vector<std::string> reveal_jobs;  // jobs with results to show once they are durable
   std::unordered_set<Job*> touched;
 };
 
@@ -176,6 +178,9 @@ class Broker::Impl {
     Effects fx;
     auto deliver = [&] {
       for (auto& [channel, message] : fx.sends) channel->Send(std::move(message));
+      if (fx.finished_through > 0 && persistent_) {
+        RevealWhenDurable(fx.finished_through, std::move(fx.reveal_jobs));
+      }
       for (auto& watcher : fx.notify) watcher->OnJobChanged();
     };
     if constexpr (std::is_void_v<decltype(fn(fx))>) {
@@ -195,6 +200,33 @@ class Broker::Impl {
       deliver();
       return result;
     }
+  }
+
+  // Results become visible (to job watchers, and to GetTask without waiting) only once they are
+  // on disk, so no client ever sees a result that a crash could take back.
+  void RevealWhenDurable(uint64_t through, std::vector<std::string> job_ids) {
+    store_->Flush([this, through, job_ids = std::move(job_ids)](absl::Status status) mutable {
+      if (!status.ok()) {  // the store retries the write; look again after its next attempt
+        RevealWhenDurable(through, std::move(job_ids));
+        return;
+      }
+      // Watchers as of now: one that started following since the result came in is told too.
+      std::vector<std::shared_ptr<JobWatcher>> notify;
+      {
+        absl::MutexLock lock(&mu_);
+        durable_completion_ = std::max(durable_completion_, through);
+        for (const std::string& id : job_ids) {
+          auto it = jobs_.find(id);
+          if (it == jobs_.end()) continue;
+          notify.insert(notify.end(), it->second->watchers.begin(), it->second->watchers.end());
+        }
+      }
+      for (auto& watcher : notify) watcher->OnJobChanged();
+    });
+  }
+
+  bool Settled(const Task& t) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !persistent_ || t.completion_seq <= durable_completion_;
   }
 
   absl::StatusOr<SubmitOutcome> SubmitLocked(std::vector<TaskSpec>& specs, Effects& fx)
@@ -445,6 +477,7 @@ class Broker::Impl {
     t.state = state;
     t.finished_ms = clock_->NowMs();
     t.completion_seq = next_completion_++;
+    fx.finished_through = t.completion_seq;
     if (state == TaskState::kSucceeded) c.succeeded++;
     if (state == TaskState::kDead) c.dead++;
     if (state == TaskState::kCancelled) c.cancelled++;
@@ -463,7 +496,10 @@ class Broker::Impl {
     if (t.state == TaskState::kCancelled) job->cancelled++;
     job->completed.push_back(t.id);
     MaybeJobComplete(job, t.finished_ms, fx);
-    if (!job->watchers.empty() && fx.touched.insert(job).second) {
+    if (!fx.touched.insert(job).second) return;
+    if (persistent_) {
+      fx.reveal_jobs.push_back(job->id);  // its watchers are told once the result is on disk
+    } else {
       fx.notify.insert(fx.notify.end(), job->watchers.begin(), job->watchers.end());
     }
   }
@@ -615,6 +651,11 @@ class Broker::Impl {
 
     void OnHighestTaskId(TaskId id) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
       b_.next_id_ = std::max(b_.next_id_, id + 1);
+    }
+
+    // Everything loaded was on disk.
+    void Settle() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      b_.durable_completion_ = b_.next_completion_ - 1;
     }
 
     // Ready lists and completion orders, sorted as they were.
@@ -857,6 +898,8 @@ class Broker::Impl {
   TaskId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_completion_ ABSL_GUARDED_BY(mu_) = 1;
+  // Finished tasks up to this completion_seq are on disk (persistent stores only).
+  uint64_t durable_completion_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
@@ -879,6 +922,7 @@ absl::Status Broker::Recover() {
   if (!status.ok()) return status;
   absl::MutexLock lock(&impl_->mu_);
   loader.Finish();
+  loader.Settle();
   std::map<TaskState, int64_t> by_state;
   for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -935,6 +979,7 @@ absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
   }
   TaskView view = impl_->ViewOf(it->second);
   view.waiting_for = impl_->WaitingFor(it->second);
+  view.settled = impl_->Settled(it->second);
   return view;
 }
 
@@ -980,6 +1025,7 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
   const auto total = static_cast<int64_t>(job.completed.size());
   for (int64_t i = std::max<int64_t>(0, after); i < total && events.results.size() < max; ++i) {
     auto t = impl_->tasks_.find(job.completed[i]);
+    if (t != impl_->tasks_.end() && !impl_->Settled(t->second)) break;  // not on disk yet
     if (t == impl_->tasks_.end()) {
       // Past retention: keep the position so the cursor stays right.
       TaskView gone;

@@ -453,8 +453,20 @@ grpc::ServerUnaryReactor* TaskQueueService::GetTask(grpc::CallbackServerContext*
     return Reply(context, s);
   }
   absl::StatusOr<TaskView> view = broker_->GetTask(request->id());
-  if (view.ok()) ToProto(*view, response);
-  return Reply(context, ToGrpcStatus(view.status()));
+  if (!view.ok() || view->settled) {
+    if (view.ok()) ToProto(*view, response);
+    return Reply(context, ToGrpcStatus(view.status()));
+  }
+  // Its result is being written: answer once it is on disk, so it cannot be taken back.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  broker_->WhenDurable([this, reactor, request, response](absl::Status status) {
+    absl::StatusOr<TaskView> again = broker_->GetTask(request->id());
+    if (status.ok() && again.ok()) ToProto(*again, response);
+    reactor->Finish(!status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                                "the task's result is not stored yet; retry")
+                                 : ToGrpcStatus(again.status()));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::GetJob(grpc::CallbackServerContext* context,

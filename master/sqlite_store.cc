@@ -143,6 +143,8 @@ class SqliteStore final : public Store {
       }
     }
     if (absl::Status s = Exec("PRAGMA journal_mode=WAL"); !s.ok()) return s;
+    // Bounds the WAL file once a checkpoint has copied it back.
+    if (absl::Status s = Exec("PRAGMA journal_size_limit=67108864"); !s.ok()) return s;
     if (absl::Status s = Exec(options_.sync == SyncMode::kFull ? "PRAGMA synchronous=FULL"
                                                                : "PRAGMA synchronous=NORMAL");
         !s.ok()) {

@@ -49,6 +49,7 @@ struct TaskView {
   std::string error;
   std::string worker;
   std::string waiting_for;  // why a pending task has not started; set by GetTask only
+  bool settled = true;      // false while its final state is not on disk yet (GetTask only)
   int64_t created_ms = 0;
   int64_t finished_ms = 0;
   int64_t not_before_ms = 0;

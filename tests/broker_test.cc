@@ -497,3 +497,73 @@ TEST_F(BrokerTest, HelloIsValidated) {
 
 }  // namespace
 }  // namespace taskmaster
+
+namespace taskmaster {
+namespace {
+
+// A persistent store whose writes complete only when the test says so.
+class HeldStore final : public Store {
+ public:
+  std::string Epoch() const override { return "held"; }
+  bool persistent() const override { return true; }
+  absl::Status Load(RecoveryVisitor*) override { return absl::OkStatus(); }
+  absl::Status Writable() const override { return absl::OkStatus(); }
+  void InsertJob(const JobRow&) override {}
+  void InsertTask(TaskRow) override {}
+  void UpdateTask(TaskId, TaskStatusRow) override {}
+  void AddJobMember(const JobMemberRow&) override {}
+  void DeleteTask(TaskId) override {}
+  void DeleteJob(const std::string&) override {}
+  void Flush(std::function<void(absl::Status)> done) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    waiting_.push_back(std::move(done));
+  }
+  void Release() {
+    std::vector<std::function<void(absl::Status)>> done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done.swap(waiting_);
+    }
+    for (auto& d : done) d(absl::OkStatus());
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::function<void(absl::Status)>> waiting_;
+};
+
+TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
+  HeldStore store;
+  FakeClock clock;
+  Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
+  absl::StatusOr<SubmitOutcome> submitted = absl::UnknownError("not yet");
+  broker.Submit({Spec("echo", "x")}, [&](absl::StatusOr<SubmitOutcome> r) { submitted = r; });
+  EXPECT_FALSE(submitted.ok()) << "not acknowledged before it is durable";
+  store.Release();
+  ASSERT_TRUE(submitted.ok());
+
+  WorkerHello hello;
+  hello.worker_id = "w";
+  hello.kinds = {"echo"};
+  auto channel = std::make_shared<FakeChannel>();
+  auto handle = broker.Attach(hello, channel);
+  broker.AddCredits(*handle, 1);
+  auto tasks = channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);
+  auto watcher = std::make_shared<CountingWatcher>();
+  ASSERT_TRUE(broker.Watch(submitted->job_id, watcher).ok());
+  broker.Report(*handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "x", ""}});
+
+  EXPECT_TRUE(broker.ReadJob(submitted->job_id, 0, 10)->results.empty());
+  EXPECT_FALSE(broker.GetTask(tasks[0].id)->settled);
+  EXPECT_EQ(watcher->calls, 0);
+  EXPECT_TRUE(channel->acked.empty());
+  store.Release();
+  EXPECT_EQ(broker.ReadJob(submitted->job_id, 0, 10)->results.size(), 1u);
+  EXPECT_TRUE(broker.GetTask(tasks[0].id)->settled);
+  EXPECT_EQ(watcher->calls, 1);
+  EXPECT_EQ(channel->acked.size(), 1u);
+}
+
+}  // namespace
+}  // namespace taskmaster

@@ -228,8 +228,9 @@ TEST_F(StoreTest, FollowingJobKeepsItsOrderAcrossRestart) {
   t = w.channel->Take();
   ASSERT_EQ(t.size(), 1u);
   broker_->Report(w.handle, {{t[0].id, t[0].attempt, Outcome::kSucceeded, "11*11=121", ""}});
-  auto before = broker_->ReadJob(second.job_id, 0, 10);
   Durable();
+  auto before = broker_->ReadJob(second.job_id, 0, 10);
+  ASSERT_EQ(before->results.size(), 2u);
   Restart();
   auto after = broker_->ReadJob(second.job_id, 0, 10);
   ASSERT_EQ(after->results.size(), before->results.size());
