@@ -119,9 +119,8 @@ int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t
     if (!status.ok()) Die(std::string(status.message()));
   }
   if (wrong > 0) Die(std::to_string(wrong) + " wrong results");
-  nlohmann::json out = {{"tasks", numbers.size()},
-                        {"seconds", seconds},
-                        {"tasks_per_s", numbers.size() / seconds}};
+  nlohmann::json out = {
+      {"tasks", numbers.size()}, {"seconds", seconds}, {"tasks_per_s", numbers.size() / seconds}};
   std::cout << out.dump() << std::endl;
   return 0;
 }

@@ -24,7 +24,14 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file,
                  "file holding a 'work' token (or set TASKMASTER_TOKEN)");
   app.add_option("--threads", o.threads, "tasks run at once (default: one per core)");
-  app.add_option("--prefetch", o.prefetch, "tasks held beyond free threads (default: = threads)");
+  int64_t prefetch_window_ms = o.prefetch_window.count();
+  app.add_option("--prefetch", o.prefetch,
+                 "tasks held beyond running ones (default: adaptive, see --prefetch-window-ms)");
+  app.add_option("--prefetch-max", o.prefetch_max, "most tasks an adaptive prefetch holds")
+      ->capture_default_str();
+  app.add_option("--prefetch-window-ms", prefetch_window_ms,
+                 "adaptive prefetch holds about this much work per thread")
+      ->capture_default_str();
   app.add_option("--queues", queues, "queues to take tasks from, comma separated")
       ->capture_default_str();
   app.add_option("--labels", labels, "labels of this worker: k=v,k2=v2");
@@ -58,6 +65,7 @@ int main(int argc, char** argv) {
   if (!parsed.ok()) return fail(parsed.status());
   o.labels = *parsed;
   o.drain_timeout = std::chrono::milliseconds(drain_ms);
+  o.prefetch_window = std::chrono::milliseconds(prefetch_window_ms);
   o.reconnect_max = std::chrono::milliseconds(reconnect_max_ms);
 
   taskmaster::Registry registry;

@@ -43,15 +43,15 @@ class WorkerImpl final : public Worker {
         name_(options_.name.empty() ? absl::StrCat(host_, "-", getpid()) : options_.name),
         worker_id_(absl::StrCat(name_, "-", RandomHex(6))),
         threads_(options_.threads > 0 ? options_.threads
-                                      : std::max(1u, std::thread::hardware_concurrency())),
-        capacity_(threads_ + (options_.prefetch >= 0 ? options_.prefetch : threads_)) {}
+                                      : std::max(1u, std::thread::hardware_concurrency())) {}
 
   void Run() {
     for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
     session_thread_ = std::thread([this] { SessionLoop(); });
-    log_->info("worker {} started: {} threads, {} prefetch, kinds [{}], master {}", name_, threads_,
-               capacity_ - threads_, absl::StrJoin(registry_->Kinds(), ","),
-               options_.master.address);
+    log_->info("worker {} started: {} threads, prefetch {}, kinds [{}], master {}", name_, threads_,
+               options_.prefetch >= 0 ? std::to_string(options_.prefetch)
+                                      : absl::StrCat("adaptive up to ", options_.prefetch_max),
+               absl::StrJoin(registry_->Kinds(), ","), options_.master.address);
   }
 
   ~WorkerImpl() override { Abort(); }
@@ -254,17 +254,40 @@ class WorkerImpl final : public Worker {
         std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
     to_send_.clear();
     for (const auto& [id, r] : unacked_) to_send_.push_back(id);
-    int32_t busy = 0;
-    for (const auto& [id, h] : held_) busy += h.discard ? 0 : 1;
-    credits_to_send_ = draining_ ? 0 : std::max(0, capacity_ - busy);
+    credits_to_send_ = 0;
+    outstanding_credit_ = 0;
     drain_sent_ = false;
     session_open_ = true;
+    TopUpCreditsLocked();
+  }
+
+  // Tasks to hold beyond the running ones. Adaptive: enough to keep the threads busy for
+  // --prefetch-window while the next tasks travel, judged from how long tasks take; so short
+  // tasks stream without a round trip between them, and long ones never queue behind each other.
+  int32_t PrefetchLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (options_.prefetch >= 0) return options_.prefetch;
+    if (task_us_ewma_ <= 0) return threads_;  // nothing measured yet
+    const double window_us = static_cast<double>(options_.prefetch_window.count()) * 1000.0;
+    const double want = threads_ * window_us / task_us_ewma_;
+    return static_cast<int32_t>(std::clamp<double>(want, 0, options_.prefetch_max));
+  }
+
+  // Grants the master what the worker can take now: its threads plus prefetch, less what it
+  // holds and what it granted already.
+  void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (draining_ || !session_open_) return;
+    const auto held = static_cast<int32_t>(held_.size()) - discarded_;
+    const int32_t want = threads_ + PrefetchLocked() - held - outstanding_credit_;
+    if (want <= 0) return;
+    credits_to_send_ += want;
+    outstanding_credit_ += want;
   }
 
   // Drops a held task: a queued one now, a running one when its handler returns.
   void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Held& h = held_.at(id);
     if (h.running) {
+      discarded_ += h.discard ? 0 : 1;
       h.discard = true;
       h.cancelled->store(true);
     } else {
@@ -275,12 +298,12 @@ class WorkerImpl final : public Worker {
 
   void HandleMessage(v1::MasterMessage& in) {
     absl::MutexLock lock(&mu_);
+    outstanding_credit_ = std::max(0, outstanding_credit_ - in.tasks_size());
     for (v1::Task& t : *in.mutable_tasks()) {
       const TaskId id = t.task_id();
       if (held_.contains(id)) continue;  // delivered twice
       if (recent_cancels_.erase(id) > 0) {
         AddResultLocked(id, t.attempt(), v1::TaskResult::CANCELLED, "", "cancelled");
-        credits_to_send_ += draining_ ? 0 : 1;
         continue;
       }
       if (draining_) {
@@ -309,13 +332,13 @@ class WorkerImpl final : public Worker {
         AddResultLocked(id, it->second.attempt, v1::TaskResult::CANCELLED, "", "cancelled");
         std::erase(queue_, id);
         held_.erase(it);
-        credits_to_send_ += draining_ ? 0 : 1;
       }
     }
     for (const v1::TaskRef& ref : in.acked()) {
       auto it = unacked_.find(ref.task_id());
       if (it != unacked_.end() && it->second.attempt() == ref.attempt()) unacked_.erase(it);
     }
+    TopUpCreditsLocked();
   }
 
   void AddResultLocked(TaskId id, int32_t attempt, v1::TaskResult::Outcome outcome,
@@ -408,16 +431,25 @@ class WorkerImpl final : public Worker {
         timeout_ms = h.timeout_ms;
         cancelled = h.cancelled;
       }
+      const auto start = std::chrono::steady_clock::now();
       v1::TaskResult result = Execute(id, attempt, kind, payload, timeout_ms, cancelled);
+      const double took_us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+              .count();
       absl::MutexLock lock(&mu_);
+      // A moving average over the last few dozen tasks.
+      task_us_ewma_ = task_us_ewma_ <= 0 ? took_us : 0.95 * task_us_ewma_ + 0.05 * took_us;
       auto it = held_.find(id);
       const bool discard = it == held_.end() || it->second.discard;
-      if (it != held_.end()) held_.erase(it);
+      if (it != held_.end()) {
+        discarded_ -= it->second.discard ? 1 : 0;
+        held_.erase(it);
+      }
       if (!discard) {
         unacked_[id] = std::move(result);
         to_send_.push_back(id);
       }
-      if (!draining_) credits_to_send_++;
+      TopUpCreditsLocked();
     }
   }
 
@@ -469,17 +501,19 @@ class WorkerImpl final : public Worker {
   const std::string name_;
   const std::string worker_id_;
   const int threads_;
-  const int capacity_;  // threads plus prefetch: the most tasks held at once
   std::vector<std::thread> pool_;
   std::thread session_thread_;
 
   mutable absl::Mutex mu_;
   std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
+  int32_t discarded_ ABSL_GUARDED_BY(mu_) = 0;     // entries of held_ running only to be dropped
   std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
   // Results (and give-backs) until the master acknowledges them; sent again after a reconnect.
   std::map<TaskId, v1::TaskResult> unacked_ ABSL_GUARDED_BY(mu_);
-  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);  // unacked results not written yet
-  int32_t credits_to_send_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);      // unacked results not written yet
+  int32_t credits_to_send_ ABSL_GUARDED_BY(mu_) = 0;     // granted, not written yet
+  int32_t outstanding_credit_ ABSL_GUARDED_BY(mu_) = 0;  // granted this session, not used yet
+  double task_us_ewma_ ABSL_GUARDED_BY(mu_) = 0;         // how long tasks take; 0: unknown
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
   std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
   std::string epoch_ ABSL_GUARDED_BY(mu_);

@@ -17,7 +17,11 @@ struct WorkerOptions {
   std::string token;      // bearer token with the `work` role; empty for an --insecure master
   std::string name;       // shown in `taskctl workers`; empty: host-pid
   int threads = 0;        // 0: one per core
-  int prefetch = -1;      // tasks held beyond the free threads; -1: as many as threads
+  // Tasks held beyond the running ones. -1: adaptive, enough to cover `prefetch_window` of work
+  // judged from how long tasks take (none for long tasks), at most `prefetch_max`.
+  int prefetch = -1;
+  int prefetch_max = 1000;
+  std::chrono::milliseconds prefetch_window{2};
   std::vector<std::string> queues = {"default"};
   std::map<std::string, std::string> labels;
   // On Stop, how long running tasks may take to finish before the worker leaves anyway.
