@@ -136,13 +136,15 @@ int Latency(const Client& client, const std::vector<int64_t>& numbers, int count
   for (int k = 0; k < warmup + count; ++k) {
     const int64_t n = numbers[k % numbers.size()];
     const auto start = Clock::now();
-    auto response = client.Submit(SquareBatch(numbers, k % numbers.size(), k % numbers.size() + 1));
-    if (!response.ok()) Die(std::string(response.status().message()));
     std::string output;
-    absl::Status status = client.WatchJob(response->job_id(), [&](const v1::JobEvent& event) {
-      for (const v1::TaskInfo& t : event.results()) output = t.output();
-    });
-    if (!status.ok()) Die(std::string(status.message()));
+    auto job =
+        client.SubmitAndWatch(SquareBatch(numbers, k % numbers.size(), k % numbers.size() + 1),
+                              [&](const v1::JobEvent& event) {
+                                for (const v1::TaskInfo& t : event.results()) {
+                                  output = t.output();
+                                }
+                              });
+    if (!job.ok()) Die(std::string(job.status().message()));
     if (output != Square(n)) Die("wrong latency result: " + output);
     if (k >= warmup) {
       micros.push_back(std::chrono::duration<double, std::micro>(Clock::now() - start).count());

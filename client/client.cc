@@ -110,10 +110,40 @@ absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
 
 absl::Status Client::WatchJob(const std::string& job_id,
                               const std::function<void(const v1::JobEvent&)>& on_event) const {
+  return Follow(job_id, 0, on_event, /*lost_master=*/false);
+}
+
+absl::StatusOr<std::string> Client::SubmitAndWatch(
+    const v1::SubmitRequest& request,
+    const std::function<void(const v1::JobEvent&)>& on_event) const {
+  grpc::ClientContext context;
+  if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
+  auto reader = stub_->SubmitAndWatch(&context, request);
+  v1::JobEvent event;
+  std::string job_id;
   int64_t seen = 0;
+  while (reader->Read(&event)) {
+    job_id = event.progress().job_id();
+    seen += event.results_size();
+    on_event(event);
+    if (event.progress().done() == event.progress().total() && seen >= event.progress().done()) {
+      reader->Finish().IgnoreError();
+      return job_id;
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  // Before the first event the job may or may not exist: resubmit with idempotency keys.
+  if (job_id.empty()) return Explain(status);
+  absl::Status followed = Follow(job_id, seen, on_event, /*lost_master=*/!status.ok());
+  if (!followed.ok()) return followed;
+  return job_id;
+}
+
+absl::Status Client::Follow(const std::string& job_id, int64_t seen,
+                            const std::function<void(const v1::JobEvent&)>& on_event,
+                            bool lost_master) const {
   Backoff backoff(std::chrono::milliseconds(100), std::chrono::milliseconds(2'000));
   auto last_contact = std::chrono::steady_clock::now();
-  bool lost_master = false;
   while (true) {
     grpc::ClientContext context;
     if (!options_.token.empty()) {

@@ -38,9 +38,20 @@ class Client {
   absl::Status WatchJob(const std::string& job_id,
                         const std::function<void(const v1::JobEvent&)>& on_event) const;
 
+  // Submits and follows the new job in one call (one round trip less than Submit + WatchJob);
+  // returns the job id. If the call fails before the master named the job, whether it was
+  // submitted is unknown: resubmit with idempotency keys.
+  absl::StatusOr<std::string> SubmitAndWatch(
+      const v1::SubmitRequest& request,
+      const std::function<void(const v1::JobEvent&)>& on_event) const;
+
  private:
   Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);
   void Prepare(grpc::ClientContext* context) const;
+  // Follows a job after its first `seen` results, reconnecting while the master is away.
+  absl::Status Follow(const std::string& job_id, int64_t seen,
+                      const std::function<void(const v1::JobEvent&)>& on_event,
+                      bool lost_master) const;
   absl::Status Explain(const grpc::Status& status) const;
 
   const ClientOptions options_;

@@ -137,17 +137,34 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const grpc
 // flight at a time, and finishes once every result has been written.
 class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
-  JobStream(Broker* broker, std::string job_id, int64_t after)
-      : broker_(broker),
-        job_id_(std::move(job_id)),
-        cursor_(after),
-        link_(std::make_shared<Link>(this)) {
-    if (absl::Status status = broker_->Watch(job_id_, link_); !status.ok()) {
+  // `submitting`: Follow or Fail comes later, from a submit's callback; until then the stream
+  // stays alive even if the client goes away.
+  JobStream(Broker* broker, bool submitting)
+      : broker_(broker), link_(std::make_shared<Link>(this)), submitting_(submitting) {}
+
+  // Starts following `job_id` after its first `after` results.
+  void Follow(std::string job_id, int64_t after) {
+    {
       absl::MutexLock lock(&mu_);
-      FinishLocked(ToGrpcStatus(status));
+      submitting_ = false;
+      if (cancelled_) {
+        FinishLocked(grpc::Status::CANCELLED);
+        return;
+      }
+      job_id_ = std::move(job_id);
+      cursor_ = after;
+    }
+    if (absl::Status status = broker_->Watch(job_id_, link_); !status.ok()) {
+      Fail(ToGrpcStatus(status));
       return;
     }
     Pump();
+  }
+
+  void Fail(const grpc::Status& status) {
+    absl::MutexLock lock(&mu_);
+    submitting_ = false;
+    FinishLocked(status);
   }
 
   void OnWriteDone(bool ok) override {
@@ -168,7 +185,7 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
   void OnCancel() override {
     absl::MutexLock lock(&mu_);
-    if (!writing_) FinishLocked(grpc::Status::CANCELLED);
+    if (!writing_ && !submitting_) FinishLocked(grpc::Status::CANCELLED);
     cancelled_ = true;
   }
 
@@ -177,7 +194,12 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
       absl::MutexLock lock(&link_->mu);
       link_->stream = nullptr;
     }
-    broker_->Unwatch(job_id_, link_.get());
+    std::string job_id;
+    {
+      absl::MutexLock lock(&mu_);
+      job_id = job_id_;
+    }
+    if (!job_id.empty()) broker_->Unwatch(job_id, link_.get());
     delete this;
   }
 
@@ -224,9 +246,9 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
   }
 
   Broker* const broker_;
-  const std::string job_id_;
   absl::Mutex mu_;
-  int64_t cursor_ ABSL_GUARDED_BY(mu_);
+  std::string job_id_ ABSL_GUARDED_BY(mu_);  // set once by Follow
+  int64_t cursor_ ABSL_GUARDED_BY(mu_) = 0;
   v1::JobEvent event_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool wrote_any_ ABSL_GUARDED_BY(mu_) = false;
@@ -234,6 +256,7 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   const std::shared_ptr<Link> link_;
+  bool submitting_ ABSL_GUARDED_BY(mu_);
 };
 
 // One worker's stream. Reads are handled one at a time; what the broker sends is queued and
@@ -397,6 +420,25 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   std::optional<grpc::Status> finish_pending_ ABSL_GUARDED_BY(mu_);
 };
 
+// A stream that only finishes, with the status of a refused call.
+grpc::ServerWriteReactor<v1::JobEvent>* Refuse(const grpc::Status& status) {
+  struct Refused final : grpc::ServerWriteReactor<v1::JobEvent> {
+    explicit Refused(const grpc::Status& s) { Finish(s); }
+    void OnDone() override { delete this; }
+  };
+  return new Refused(status);
+}
+
+// The request is the call's until it finishes: move the payloads out instead of copying them.
+std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
+  std::vector<TaskSpec> specs;
+  specs.reserve(request->tasks_size());
+  for (v1::TaskSpec& p : *const_cast<v1::SubmitRequest*>(request)->mutable_tasks()) {
+    specs.push_back(FromProto(p));
+  }
+  return specs;
+}
+
 }  // namespace
 
 grpc::Status Authorizer::Check(const grpc::CallbackServerContext* context, Role need,
@@ -426,14 +468,8 @@ grpc::ServerUnaryReactor* TaskQueueService::Submit(grpc::CallbackServerContext* 
   if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Submit"); !s.ok()) {
     return Reply(context, s);
   }
-  std::vector<TaskSpec> specs;
-  specs.reserve(request->tasks_size());
-  // The request is ours until Finish: move the payloads out instead of copying them.
-  for (v1::TaskSpec& p : *const_cast<v1::SubmitRequest*>(request)->mutable_tasks()) {
-    specs.push_back(FromProto(p));
-  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  broker_->Submit(std::move(specs), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
+  broker_->Submit(TakeSpecs(request), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
     if (!outcome.ok()) {
       reactor->Finish(ToGrpcStatus(outcome.status()));
       return;
@@ -483,14 +519,27 @@ grpc::ServerUnaryReactor* TaskQueueService::GetJob(grpc::CallbackServerContext* 
 grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
   if (grpc::Status s = auth_->Check(context, Role::kSubmit, "WatchJob"); !s.ok()) {
-    // A reactor that only finishes.
-    struct Refused final : grpc::ServerWriteReactor<v1::JobEvent> {
-      explicit Refused(const grpc::Status& s) { Finish(s); }
-      void OnDone() override { delete this; }
-    };
-    return new Refused(s);
+    return Refuse(s);
   }
-  return new JobStream(broker_, request->job_id(), request->after());
+  auto* stream = new JobStream(broker_, /*submitting=*/false);
+  stream->Follow(request->job_id(), request->after());
+  return stream;
+}
+
+grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::SubmitAndWatch(
+    grpc::CallbackServerContext* context, const v1::SubmitRequest* request) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "SubmitAndWatch"); !s.ok()) {
+    return Refuse(s);
+  }
+  auto* stream = new JobStream(broker_, /*submitting=*/true);
+  broker_->Submit(TakeSpecs(request), [stream](absl::StatusOr<SubmitOutcome> outcome) {
+    if (outcome.ok()) {
+      stream->Follow(outcome->job_id, 0);
+    } else {
+      stream->Fail(ToGrpcStatus(outcome.status()));
+    }
+  });
+  return stream;
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::Cancel(grpc::CallbackServerContext* context,
