@@ -182,8 +182,8 @@ int Fill(const Client& client, int64_t count, int payload_bytes, size_t batch) {
 // the result with one more credit.
 class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
  public:
-  SimulatedWorker(v1::WorkerService::Stub* stub, const std::string& token, int index,
-                  std::atomic<int>* welcomed)
+  SimulatedWorker(v1::WorkerService::Stub* stub, const std::string& token, int index, int slots,
+                  int credits, std::atomic<int>* welcomed)
       : welcomed_(welcomed) {
     if (!token.empty()) context_.AddMetadata("authorization", "Bearer " + token);
     stub->async()->Connect(&context_, this);
@@ -192,8 +192,8 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
     hello->set_name(absl::StrCat("sim-", index));
     hello->set_host("taskbench");
     hello->add_kinds("square");
-    hello->set_slots(1);
-    first_.set_credits(2);
+    hello->set_slots(slots);
+    first_.set_credits(credits);
     outbox_.push_back(std::move(first_));
     writing_ = true;
     StartWrite(&outbox_.front());
@@ -269,7 +269,8 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
   std::condition_variable done_cv_;
 };
 
-int Streams(const ChannelOptions& channel_options, const std::string& token, int count) {
+int Streams(const ChannelOptions& channel_options, const std::string& token, int count, int slots,
+            int credits) {
   BlockTerminationSignals();
   auto channel = MakeChannel(channel_options);
   if (!channel.ok()) Die(std::string(channel.status().message()));
@@ -277,7 +278,8 @@ int Streams(const ChannelOptions& channel_options, const std::string& token, int
   std::atomic<int> welcomed{0};
   std::vector<std::unique_ptr<SimulatedWorker>> workers;
   for (int i = 0; i < count; ++i) {
-    workers.push_back(std::make_unique<SimulatedWorker>(stub.get(), token, i, &welcomed));
+    workers.push_back(
+        std::make_unique<SimulatedWorker>(stub.get(), token, i, slots, credits, &welcomed));
   }
   const auto deadline = Clock::now() + std::chrono::seconds(60);
   while (welcomed.load() < count && Clock::now() < deadline) {
@@ -321,6 +323,10 @@ int main(int argc, char** argv) {
   fill->add_option("--batch", batch, "tasks per submit")->capture_default_str();
   CLI::App* streams = app.add_subcommand("streams", "simulated worker streams until SIGTERM");
   streams->add_option("--count", count, "streams")->capture_default_str();
+  int slots = 2, credits = 64;
+  streams->add_option("--slots", slots, "threads each stream claims")->capture_default_str();
+  streams->add_option("--credits", credits, "tasks each stream holds at most")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   if (!token_file.empty()) {
@@ -329,7 +335,7 @@ int main(int argc, char** argv) {
     options.token = *token;
   }
   options.rpc_timeout = std::chrono::seconds(120);
-  if (*streams) return Streams(options.master, options.token, count);
+  if (*streams) return Streams(options.master, options.token, count, slots, credits);
   auto client = taskmaster::Client::Connect(options);
   if (!client.ok()) Die(std::string(client.status().message()));
   if (*throughput) return Throughput(**client, ReadNumbers(numbers_file), batch);

@@ -72,16 +72,32 @@ struct TaskClass {
   std::map<int32_t, std::deque<ReadyEntry>, std::greater<>> ready;
 };
 
+struct TaskNotes {
+  std::string output;
+  std::string error;
+  std::string idempotency_key;
+  std::string worker;  // name of the last worker that held it
+};
+
+const std::string kNone;
+
 struct Task {
+  TaskNotes& Notes() {
+    if (!notes) notes = std::make_unique<TaskNotes>();
+    return *notes;
+  }
+  const std::string& output() const { return notes ? notes->output : kNone; }
+  const std::string& error() const { return notes ? notes->error : kNone; }
+  const std::string& key() const { return notes ? notes->idempotency_key : kNone; }
+  const std::string& worker() const { return notes ? notes->worker : kNone; }
+
   TaskId id = 0;
   Job* job = nullptr;
   TaskClass* cls = nullptr;
   Worker* leased_to = nullptr;  // set from lease until the worker reports or the lease is lost
   std::string payload;
-  std::string output;
-  std::string error;
-  std::string idempotency_key;
-  std::string worker;  // name of the last worker that held it
+  // What most pending tasks lack, kept apart so that a million pending tasks stay small.
+  std::unique_ptr<TaskNotes> notes;
   int64_t created_ms = 0;
   int64_t not_before_ms = 0;
   int64_t finished_ms = 0;
@@ -292,12 +308,12 @@ class Broker::Impl {
       t.job = job;
       t.cls = cls;
       t.payload = std::move(s.payload);
-      t.idempotency_key = std::move(s.idempotency_key);
+      if (!s.idempotency_key.empty()) t.Notes().idempotency_key = std::move(s.idempotency_key);
       t.created_ms = now;
       t.timeout_ms = s.timeout_ms > 0 ? s.timeout_ms : options_.default_timeout_ms;
       t.priority = s.priority;
       t.max_attempts = s.max_attempts > 0 ? s.max_attempts : options_.default_max_attempts;
-      if (!t.idempotency_key.empty()) keys_[t.idempotency_key] = t.id;
+      if (!t.key().empty()) keys_[t.key()] = t.id;
       job->tasks.push_back(t.id);
       out.task_ids.push_back(t.id);
       cls->counters->pending++;  // both PENDING and DELAYED count as pending
@@ -428,7 +444,7 @@ class Broker::Impl {
     t.state = TaskState::kLeased;
     t.attempts++;
     t.leased_to = &w;
-    t.worker = w.name;
+    t.Notes().worker = w.name;
     t.lease_deadline_ms = clock_->NowMs() + options_.lease_timeout_ms;
     t.cls->counters->pending--;
     t.cls->counters->leased++;
@@ -436,7 +452,7 @@ class Broker::Impl {
     w.credits--;
     w.outbox.tasks.push_back(
         {t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
-    w.dirty = true;
+    MarkDirty(w);
   }
 
   // The worker no longer holds `t`; a leased task is counted as a failed attempt.
@@ -447,7 +463,7 @@ class Broker::Impl {
     if (t.state != TaskState::kLeased) return;
     t.cls->counters->leased--;
     t.cls->counters->failed++;
-    t.error = reason;
+    t.Notes().error = reason;
     if (t.attempts >= t.max_attempts) {
       Finish(t, TaskState::kDead, fx);
     } else {
@@ -516,7 +532,7 @@ class Broker::Impl {
     for (TaskId id : job.tasks) {
       auto it = tasks_.find(id);
       if (it == tasks_.end() || it->second.job != &job) continue;
-      if (!it->second.idempotency_key.empty()) keys_.erase(it->second.idempotency_key);
+      if (!it->second.key().empty()) keys_.erase(it->second.key());
       if (persistent_) store_->DeleteTask(id);
       tasks_.erase(it);
     }
@@ -532,9 +548,9 @@ class Broker::Impl {
     s.finished_ms = t.finished_ms;
     s.seq = t.seq;
     s.completion_seq = t.completion_seq;
-    s.output = t.output;
-    s.error = t.error;
-    s.worker = t.worker;
+    s.output = t.output();
+    s.error = t.error();
+    s.worker = t.worker();
     if (t.state == TaskState::kLeased && t.leased_to) s.worker_id = t.leased_to->id;
     return s;
   }
@@ -551,7 +567,7 @@ class Broker::Impl {
     r.max_attempts = t.max_attempts;
     r.timeout_ms = t.timeout_ms;
     r.created_ms = t.created_ms;
-    r.idempotency_key = t.idempotency_key;
+    r.idempotency_key = t.key();
     r.status = StatusOf(t);
     return r;
   }
@@ -562,9 +578,9 @@ class Broker::Impl {
     if (t.state == TaskState::kLeased && t.leased_to) {
       // Its slot stays taken until the worker reports the task stopped.
       t.leased_to->outbox.cancel.push_back(t.id);
-      t.leased_to->dirty = true;
+      MarkDirty(*t.leased_to);
     }
-    t.error = "cancelled by a client";
+    t.Notes().error = "cancelled by a client";
     Finish(t, TaskState::kCancelled, fx);
     return true;
   }
@@ -596,10 +612,12 @@ class Broker::Impl {
       t.job = job->second.get();
       t.cls = b_.ClassFor(row.queue, row.kind, row.labels);
       t.payload = std::move(row.payload);
-      t.output = std::move(row.status.output);
-      t.error = std::move(row.status.error);
-      t.idempotency_key = std::move(row.idempotency_key);
-      t.worker = std::move(row.status.worker);
+      if (!row.status.output.empty() || !row.status.error.empty() || !row.idempotency_key.empty() ||
+          !row.status.worker.empty()) {
+        t.notes = std::make_unique<TaskNotes>(
+            TaskNotes{std::move(row.status.output), std::move(row.status.error),
+                      std::move(row.idempotency_key), std::move(row.status.worker)});
+      }
       t.created_ms = row.created_ms;
       t.not_before_ms = row.status.not_before_ms;
       t.finished_ms = row.status.finished_ms;
@@ -611,7 +629,7 @@ class Broker::Impl {
       t.max_attempts = row.max_attempts;
       t.state = row.status.state;
       t.job->tasks.push_back(t.id);
-      if (!t.idempotency_key.empty()) b_.keys_[t.idempotency_key] = t.id;
+      if (!t.key().empty()) b_.keys_[t.key()] = t.id;
       b_.next_id_ = std::max(b_.next_id_, t.id + 1);
       b_.next_seq_ = std::max(b_.next_seq_, t.seq + 1);
       b_.next_completion_ = std::max(b_.next_completion_, t.completion_seq + 1);
@@ -699,7 +717,7 @@ class Broker::Impl {
       if (!w) {
         w = std::make_unique<Worker>();
         w->id = worker_id;
-        w->name = t.worker.empty() ? worker_id : t.worker;
+        w->name = t.worker().empty() ? worker_id : t.worker();
         w->generation = b_.next_generation_++;
         w->disconnected_ms = now_;
       }
@@ -801,14 +819,21 @@ class Broker::Impl {
       store_->UpdateTask(id, StatusOf(it->second));
     }
     dirty_.clear();
-    for (auto& [id, w] : workers_) {
-      if (!w->dirty) continue;
+    for (Worker* w : dirty_workers_) {
       w->dirty = false;
       if (w->channel && !w->outbox.empty()) {
         fx.sends.emplace_back(w->channel, std::move(w->outbox));
       }
       w->outbox = WorkerOutbound{};
     }
+    dirty_workers_.clear();
+  }
+
+  // `w` has something to send; Collect sends it once the section ends.
+  void MarkDirty(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (w.dirty) return;
+    w.dirty = true;
+    dirty_workers_.push_back(&w);
   }
 
   Worker* FindWorker(const WorkerHandle& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -825,6 +850,7 @@ class Broker::Impl {
       auto it = tasks_.find(id);
       if (it != tasks_.end() && it->second.leased_to == &w) LoseLease(it->second, reason, fx);
     }
+    std::erase(dirty_workers_, &w);
     workers_.erase(w.id);
   }
 
@@ -845,9 +871,9 @@ class Broker::Impl {
     v.max_attempts = t.max_attempts;
     v.priority = t.priority;
     v.payload = t.payload;
-    v.output = t.output;
-    v.error = t.error;
-    v.worker = t.worker;
+    v.output = t.output();
+    v.error = t.error();
+    v.worker = t.worker();
     v.created_ms = t.created_ms;
     v.finished_ms = t.finished_ms;
     v.not_before_ms = t.not_before_ms;
@@ -894,7 +920,8 @@ class Broker::Impl {
   std::priority_queue<Due, std::vector<Due>, std::greater<>> delayed_ ABSL_GUARDED_BY(mu_);
   // Complete jobs by expiry; retention is one constant, so it stays sorted.
   std::deque<std::pair<int64_t, std::string>> job_expiry_ ABSL_GUARDED_BY(mu_);
-  std::vector<TaskId> dirty_ ABSL_GUARDED_BY(mu_);  // tasks to send to the store
+  std::vector<TaskId> dirty_ ABSL_GUARDED_BY(mu_);           // tasks to send to the store
+  std::vector<Worker*> dirty_workers_ ABSL_GUARDED_BY(mu_);  // workers with an outbox
   TaskId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_completion_ ABSL_GUARDED_BY(mu_) = 1;
@@ -1143,7 +1170,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     }
     w.outbox = WorkerOutbound{};
     w.outbox.welcome = std::move(welcome);
-    w.dirty = true;
+    b.MarkDirty(w);
     b.log_->info("worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept",
                  w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
                  w.leases.size());
@@ -1190,14 +1217,14 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports)
         case Outcome::kSucceeded:
           w->leases.erase(t.id);
           t.leased_to = nullptr;
-          t.output = std::move(r.output);
-          t.error.clear();
+          t.Notes().output = std::move(r.output);
+          t.Notes().error.clear();
           b.Finish(t, TaskState::kSucceeded, fx);
           break;
         case Outcome::kFailed:
           w->leases.erase(t.id);
           t.leased_to = nullptr;
-          t.error = std::move(r.error);
+          t.Notes().error = std::move(r.error);
           t.cls->counters->failed++;
           if (r.permanent || t.attempts >= t.max_attempts) {
             b.Finish(t, TaskState::kDead, fx);
@@ -1213,7 +1240,7 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports)
         case Outcome::kCancelled:
           w->leases.erase(t.id);
           t.leased_to = nullptr;
-          t.error = r.error.empty() ? "cancelled" : std::move(r.error);
+          t.Notes().error = r.error.empty() ? "cancelled" : std::move(r.error);
           b.Finish(t, TaskState::kCancelled, fx);
           break;
         case Outcome::kReturned:
@@ -1310,7 +1337,7 @@ void Broker::Tick() {
         }
         b.log_->warn("task {} lease expired on worker {}", id, w->name);
         w->outbox.cancel.push_back(id);
-        w->dirty = true;
+        b.MarkDirty(*w);
         b.LoseLease(it->second,
                     absl::StrCat("lease expired: no heartbeat from worker ", w->name, " for ",
                                  b.options_.lease_timeout_ms, " ms"),
@@ -1337,7 +1364,7 @@ void Broker::Shutdown() {
     for (auto& [id, w] : impl_->workers_) {
       if (!w->connected) continue;
       w->outbox.shutting_down = true;
-      w->dirty = true;
+      impl_->MarkDirty(*w);
     }
   });
 }

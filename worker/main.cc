@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "absl/synchronization/mutex.h"
 #include "common/auth.h"
 #include "common/logging.h"
 #include "common/signals.h"
@@ -12,6 +13,8 @@
 
 int main(int argc, char** argv) {
   taskmaster::BlockTerminationSignals();
+  // Debian's absl checks every lock for deadlock cycles; the tests keep that, daemons skip it.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   taskmaster::WorkerOptions o;
   std::string token_file, queues = "default", labels, log_level = "info";
   int64_t drain_ms = o.drain_timeout.count();
