@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The benchmark: builds in Release, then, RUNS times over, measures the seed's design
+# (shared/peers/seed-manager) and taskmaster side by side on loopback, and prints the medians,
+# the ratios and the targets; bench/results.json gets every figure.
+#
+#   bench/run.sh [--runs N] [--out FILE] [--tasks N]
+#
+# Every process it starts it stops by PID; every wait is bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+runs=3
+out=bench/results.json
+tasks=200000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) runs=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --tasks) tasks=$2; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--out FILE] [--tasks N]" >&2; exit 2 ;;
+  esac
+done
+seed_peer=${SEED_PEER:-$root/../shared/peers/seed-manager}
+
+./scripts/deps.sh
+mkdir -p build-release
+echo "building Release (log: build-release/build.log) ..." >&2
+if ! BUILD_DIR=build-release BUILD_TYPE=Release ./scripts/build.sh >build-release/build.log 2>&1; then
+  tail -n 40 build-release/build.log >&2
+  exit 1
+fi
+bin=$root/build-release
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+results=$work/results.jsonl
+
+# Stops one process we started: SIGTERM, then SIGKILL after 10 s.
+stop() {
+  local pid=$1
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# Starts a master (insecure, loopback, port chosen by the OS); sets master_pid and addr.
+start_master() {
+  local data=$1; shift
+  rm -f "$work/port"
+  "$bin/master/taskmaster" --insecure --listen 127.0.0.1:0 --port-file "$work/port" \
+    --data-dir "$data" --log-level warn "$@" 2>>"$work/master.log" &
+  master_pid=$!
+  pids+=("$master_pid")
+  for _ in $(seq 600); do [ -s "$work/port" ] && break; sleep 0.01; done
+  [ -s "$work/port" ] || { cat "$work/master.log" >&2; exit 1; }
+  addr=127.0.0.1:$(cat "$work/port")
+}
+
+start_worker() {
+  "$bin/worker/taskworker" --master "$addr" --threads 2 --name bench-worker --log-level warn \
+    2>>"$work/worker.log" &
+  worker_pid=$!
+  pids+=("$worker_pid")
+  # Connected once the master lists it.
+  sleep 0.3
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# Appends one measurement: record KIND RUN JSON.
+record() { echo "{\"kind\":\"$1\",\"run\":$2,\"data\":$3}" >>"$results"; }
+
+tb() { timeout 300 "$bin/bench/taskbench" --master "$addr" "$@"; }
+
+python3 -c "
+import random
+r = random.Random(12345)
+print('\n'.join(str(r.randint(0, 10000)) for _ in range($tasks)))" >"$work/numbers"
+
+for run in $(seq "$runs"); do
+  echo "run $run of $runs ..." >&2
+  if [ -x "$seed_peer/run.sh" ]; then
+    line=$(timeout 600 "$seed_peer/run.sh" -n 20000 | grep '^{')
+    record seed "$run" "$line"
+  fi
+
+  for store in memory sqlite; do
+    data=$work/data-$store-$run
+    start_master "$data" --store "$store" --sync full
+    start_worker
+    record "throughput-$store" "$run" "$(tb throughput --numbers "$work/numbers")"
+    record "latency-$store" "$run" "$(tb latency --numbers "$work/numbers" --count 1000 --warmup 50)"
+    stop "$worker_pid"
+    stop "$master_pid"
+  done
+
+  # 1,000 simulated worker streams (2 slots, 64 credits each, running square) beside the worker.
+  start_master "$work/data-scale-$run" --store memory
+  start_worker
+  record "throughput-one-worker" "$run" "$(tb throughput --numbers "$work/numbers")"
+  tb streams --count 1000 >"$work/streams.out" 2>>"$work/streams.log" &
+  streams_pid=$!
+  pids+=("$streams_pid")
+  for _ in $(seq 600); do grep -q streams "$work/streams.out" 2>/dev/null && break; sleep 0.1; done
+  record "throughput-1000-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
+  stop "$streams_pid"
+  stop "$worker_pid"
+  stop "$master_pid"
+
+  # Master memory per pending task: 1,000,000 tasks of 16-byte payloads.
+  start_master "$work/data-mem-$run" --store memory
+  before=$(rss_kb "$master_pid")
+  tb fill --count 1000000 --payload-bytes 16 >/dev/null
+  sleep 1
+  after=$(rss_kb "$master_pid")
+  record "memory" "$run" "{\"rss_before_kb\":$before,\"rss_after_kb\":$after,\"tasks\":1000000}"
+  stop "$master_pid"
+
+  # Recovery: 1,000,000 pending tasks on the durable store, then a restart timed to listening.
+  data=$work/data-recovery-$run
+  start_master "$data" --store sqlite --sync normal
+  tb fill --count 1000000 --payload-bytes 16 >/dev/null
+  stop "$master_pid"
+  t0=$(date +%s%N)
+  start_master "$data" --store sqlite
+  t1=$(date +%s%N)
+  record "recovery" "$run" "{\"tasks\":1000000,\"ms\":$(( (t1 - t0) / 1000000 ))}"
+  stop "$master_pid"
+  rm -rf "$work"/data-*
+done
+
+machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+python3 bench/summarize.py "$results" "$out" "$machine" "$tasks"

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Summarizes bench/run.sh's measurements: medians over the runs, ratios to the seed's design
+measured in the same runs, and the issue's targets. Usage: summarize.py RESULTS OUT MACHINE N"""
+import datetime
+import json
+import statistics
+import sys
+
+
+def main():
+    results_path, out_path, machine, tasks = sys.argv[1:5]
+    rows = [json.loads(line) for line in open(results_path) if line.strip()]
+    by_kind = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(row["data"])
+
+    def median(kind, field, transform=lambda d, v: v):
+        values = [transform(d, d[field]) for d in by_kind.get(kind, [])]
+        return statistics.median(values) if values else None
+
+    def ratio_median(kind_a, field_a, kind_b, field_b):
+        """Median over runs of the per-run ratio a/b (both from the same run)."""
+        a = by_kind.get(kind_a, [])
+        b = by_kind.get(kind_b, [])
+        ratios = [x[field_a] / y[field_b] for x, y in zip(a, b) if y[field_b]]
+        return statistics.median(ratios) if ratios else None
+
+    per_task = [(d["rss_after_kb"] - d["rss_before_kb"]) * 1024 / d["tasks"]
+                for d in by_kind.get("memory", [])]
+    figures = {
+        "seed_tasks_per_s": median("seed", "tasks_per_s"),
+        "seed_p50_us": median("seed", "p50_us"),
+        "seed_p99_us": median("seed", "p99_us"),
+        "memory_tasks_per_s": median("throughput-memory", "tasks_per_s"),
+        "durable_tasks_per_s": median("throughput-sqlite", "tasks_per_s"),
+        "memory_p50_us": median("latency-memory", "p50_us"),
+        "memory_p99_us": median("latency-memory", "p99_us"),
+        "durable_p50_us": median("latency-sqlite", "p50_us"),
+        "durable_p99_us": median("latency-sqlite", "p99_us"),
+        "one_worker_tasks_per_s": median("throughput-one-worker", "tasks_per_s"),
+        "streams_1000_tasks_per_s": median("throughput-1000-streams", "tasks_per_s"),
+        "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
+        "recovery_1m_ms": median("recovery", "ms"),
+    }
+    ratios = {
+        "memory_vs_seed": ratio_median("throughput-memory", "tasks_per_s", "seed", "tasks_per_s"),
+        "durable_vs_seed": ratio_median("throughput-sqlite", "tasks_per_s", "seed", "tasks_per_s"),
+        "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
+        "streams_vs_one_worker": ratio_median("throughput-1000-streams", "tasks_per_s",
+                                              "throughput-one-worker", "tasks_per_s"),
+    }
+    # (name, measured, target, passes)
+    def check(name, value, target, ok):
+        return {"target": name, "measured": value, "goal": target,
+                "met": None if value is None else bool(ok(value))}
+
+    targets = [
+        check("memory throughput vs seed", ratios["memory_vs_seed"], ">= 40x", lambda v: v >= 40),
+        check("durable throughput vs seed", ratios["durable_vs_seed"], ">= 15x", lambda v: v >= 15),
+        check("memory p50 vs seed p50", ratios["memory_p50_vs_seed"], "<= 0.6x",
+              lambda v: v <= 0.6),
+        check("memory p99 (us)", figures["memory_p99_us"], "<= 1000", lambda v: v <= 1000),
+        check("durable p50 (us)", figures["durable_p50_us"], "<= 1000", lambda v: v <= 1000),
+        check("durable p99 (us)", figures["durable_p99_us"], "<= 3000", lambda v: v <= 3000),
+        check("1,000 streams vs 1 worker", ratios["streams_vs_one_worker"], ">= 0.8",
+              lambda v: v >= 0.8),
+        check("bytes per pending task", figures["bytes_per_pending_task"], "<= 300",
+              lambda v: v <= 300),
+        check("recovery of 1,000,000 (ms)", figures["recovery_1m_ms"], "<= 5000",
+              lambda v: v <= 5000),
+    ]
+    runs = len(by_kind.get("throughput-memory", []))
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "runs": runs,
+        "tasks": int(tasks),
+        "figures": figures,
+        "ratios": ratios,
+        "targets": targets,
+        "measurements": rows,
+    }
+    with open(out_path, "w") as f:
+        json.dump(summary, f, indent=1)
+
+    def fmt(v, digits=1):
+        return "-" if v is None else f"{v:,.{digits}f}"
+
+    print(f"taskmaster benchmark, {summary['date']}, {machine}, median of {runs} runs")
+    print(f"{'':34}{'taskmaster':>14}{'seed':>12}{'ratio':>9}")
+    print(f"{'throughput, memory (tasks/s)':34}{fmt(figures['memory_tasks_per_s'], 0):>14}"
+          f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['memory_vs_seed']):>8}x")
+    print(f"{'throughput, durable (tasks/s)':34}{fmt(figures['durable_tasks_per_s'], 0):>14}"
+          f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['durable_vs_seed']):>8}x")
+    print(f"{'latency p50, memory (us)':34}{fmt(figures['memory_p50_us']):>14}"
+          f"{fmt(figures['seed_p50_us']):>12}{fmt(ratios['memory_p50_vs_seed'], 2):>8}x")
+    print(f"{'latency p99, memory (us)':34}{fmt(figures['memory_p99_us']):>14}"
+          f"{fmt(figures['seed_p99_us']):>12}")
+    print(f"{'latency p50 / p99, durable (us)':34}"
+          f"{fmt(figures['durable_p50_us']) + ' / ' + fmt(figures['durable_p99_us']):>14}")
+    print(f"{'1 worker / 1,000 streams (tasks/s)':34}"
+          f"{fmt(figures['one_worker_tasks_per_s'], 0) + ' / ' + fmt(figures['streams_1000_tasks_per_s'], 0):>26}"
+          f"{fmt(ratios['streams_vs_one_worker'], 2):>8}x")
+    print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
+    print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
+    print()
+    for t in targets:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"  {t['target']:32} {fmt(t['measured'], 2):>12}  goal {t['goal']:8} {mark}")
+    print(f"\nall figures: {out_path}")
+
+
+if __name__ == "__main__":
+    main()
