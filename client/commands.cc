@@ -35,7 +35,8 @@ std::string StateName(v1::TaskState state) {
   return state == v1::TASK_STATE_UNSPECIFIED ? "EXPIRED" : v1::TaskState_Name(state);
 }
 
-json TaskJson(const v1::TaskInfo& t) {
+// `wait` results come without payloads (status shows them).
+json TaskJson(const v1::TaskInfo& t, bool with_payload = true) {
   json j = {{"id", t.id()},
             {"job_id", t.job_id()},
             {"queue", t.queue()},
@@ -44,12 +45,12 @@ json TaskJson(const v1::TaskInfo& t) {
             {"attempts", t.attempts()},
             {"max_attempts", t.max_attempts()},
             {"priority", t.priority()},
-            {"payload", t.payload()},
             {"output", t.output()},
             {"error", t.error()},
             {"worker", t.worker()},
             {"created_ms", t.created_ms()},
             {"finished_ms", t.finished_ms()}};
+  if (with_payload) j["payload"] = t.payload();
   if (!t.waiting_for().empty()) j["waiting_for"] = t.waiting_for();
   if (t.not_before_ms() > 0) j["not_before_ms"] = t.not_before_ms();
   return j;
@@ -170,7 +171,8 @@ int RunWait(const Client& client, const std::string& job_id, const Console& cons
   absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
     if (console.progress) console.err << "\r\033[K" << std::flush;
     for (const v1::TaskInfo& t : event.results()) {
-      console.out << (console.format == OutputFormat::kJson ? Dump(TaskJson(t)) : ResultLine(t))
+      console.out << (console.format == OutputFormat::kJson ? Dump(TaskJson(t, false))
+                                                            : ResultLine(t))
                   << "\n";
     }
     console.out.flush();

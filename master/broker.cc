@@ -860,7 +860,7 @@ class Broker::Impl {
             w.connected, w.draining, w.connected_ms};
   }
 
-  TaskView ViewOf(const Task& t) const {
+  TaskView ViewOf(const Task& t, bool with_payload = true) const {
     TaskView v;
     v.id = t.id;
     v.job_id = t.job->id;
@@ -870,7 +870,7 @@ class Broker::Impl {
     v.attempts = t.attempts;
     v.max_attempts = t.max_attempts;
     v.priority = t.priority;
-    v.payload = t.payload;
+    if (with_payload) v.payload = t.payload;
     v.output = t.output();
     v.error = t.error();
     v.worker = t.worker();
@@ -1061,7 +1061,8 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
       gone.error = "result expired";
       events.results.push_back(std::move(gone));
     } else {
-      events.results.push_back(impl_->ViewOf(t->second));
+      TaskView view = impl_->ViewOf(t->second, /*with_payload=*/false);
+      events.results.push_back(std::move(view));
     }
   }
   return events;

@@ -80,7 +80,8 @@ class Broker {
   absl::StatusOr<int64_t> CancelTask(TaskId id);
   absl::StatusOr<int64_t> CancelJob(const std::string& job_id);
 
-  // Results of a job after the first `after` in completion order, at most `max` of them.
+  // Results of a job after the first `after` in completion order, at most `max` of them,
+  // without their payloads (GetTask has those).
   absl::StatusOr<JobEvents> ReadJob(const std::string& job_id, int64_t after, size_t max) const;
   // `watcher` is told after every change of the job until Unwatch.
   absl::Status Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher);
