@@ -1190,7 +1190,7 @@ void Broker::AddCredits(const WorkerHandle& handle, int32_t credits) {
   });
 }
 
-void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports) {
+void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports, int32_t credits) {
   std::shared_ptr<WorkerChannel> channel;
   std::vector<TaskRef> acked;
   acked.reserve(reports.size());
@@ -1249,6 +1249,13 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports)
           gave_back = true;
           break;
       }
+    }
+    if (credits > 0) w->credits = std::min(w->credits + credits, kMaxSlots);
+    if (!b.persistent_) {
+      // Nothing to wait for: the acks leave with the next tasks, in one message.
+      w->outbox.acked = std::move(acked);
+      acked.clear();
+      b.MarkDirty(*w);
     }
     if (gave_back) {
       b.DispatchAll(fx);

@@ -96,8 +96,9 @@ class Broker {
   absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
   // The worker can take `credits` more tasks.
   void AddCredits(const WorkerHandle& worker, int32_t credits);
-  // Results and give-backs. Each report is acknowledged on the channel once durable.
-  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports);
+  // Results and give-backs, with the credits that came with them. Each report is acknowledged
+  // on the channel once durable.
+  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits = 0);
   void Heartbeat(const WorkerHandle& worker);
   // The worker takes no more tasks.
   void Drain(const WorkerHandle& worker);

@@ -342,11 +342,13 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
                            std::move(*r.mutable_output()), std::move(*r.mutable_error()),
                            r.permanent()});
       }
-      broker_->Report(handle_, std::move(reports));
+      // The credits ride along: one pass through the broker, one message back.
+      broker_->Report(handle_, std::move(reports), m.draining() ? 0 : m.credits());
+    } else if (m.credits() > 0 && !m.draining()) {
+      broker_->AddCredits(handle_, m.credits());
     }
     if (m.heartbeat()) broker_->Heartbeat(handle_);
     if (m.draining()) broker_->Drain(handle_);
-    if (m.credits() > 0) broker_->AddCredits(handle_, m.credits());
     if (m.bye()) bye_ = true;
   }
 

@@ -37,8 +37,8 @@ class TaskQueueService final : public v1::TaskQueue::CallbackService {
                                    v1::JobInfo* response) override;
   grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
                                                    const v1::WatchJobRequest* request) override;
-  grpc::ServerWriteReactor<v1::JobEvent>* SubmitAndWatch(
-      grpc::CallbackServerContext* context, const v1::SubmitRequest* request) override;
+  grpc::ServerWriteReactor<v1::JobEvent>* SubmitAndWatch(grpc::CallbackServerContext* context,
+                                                         const v1::SubmitRequest* request) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
                                    const v1::CancelRequest* request,
                                    v1::CancelResponse* response) override;
