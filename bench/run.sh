@@ -101,16 +101,22 @@ for run in $(seq "$runs"); do
     stop "$master_pid"
   done
 
-  # 1,000 simulated worker streams (2 slots, 64 credits each, running square) beside the worker.
+  # 1,000 simulated worker streams beside the worker: first attached and idle (connected,
+  # heartbeating, asking for no task), then working (2 slots, 64 credits each, running square).
   start_master "$work/data-scale-$run" --store memory
   start_worker
   record "throughput-one-worker" "$run" "$(tb throughput --numbers "$work/numbers")"
-  tb streams --count 1000 >"$work/streams.out" 2>>"$work/streams.log" &
-  streams_pid=$!
-  pids+=("$streams_pid")
-  for _ in $(seq 600); do grep -q streams "$work/streams.out" 2>/dev/null && break; sleep 0.1; done
-  record "throughput-1000-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
-  stop "$streams_pid"
+  for mode in idle working; do
+    credits=0
+    [ "$mode" = working ] && credits=64
+    rm -f "$work/streams.out"
+    tb streams --count 1000 --credits "$credits" >"$work/streams.out" 2>>"$work/streams.log" &
+    streams_pid=$!
+    pids+=("$streams_pid")
+    for _ in $(seq 600); do grep -q streams "$work/streams.out" 2>/dev/null && break; sleep 0.1; done
+    record "throughput-1000-$mode-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
+    stop "$streams_pid"
+  done
   stop "$worker_pid"
   stop "$master_pid"
 

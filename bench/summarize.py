@@ -38,7 +38,9 @@ def main():
         "durable_p50_us": median("latency-sqlite", "p50_us"),
         "durable_p99_us": median("latency-sqlite", "p99_us"),
         "one_worker_tasks_per_s": median("throughput-one-worker", "tasks_per_s"),
-        "streams_1000_tasks_per_s": median("throughput-1000-streams", "tasks_per_s"),
+        "idle_streams_1000_tasks_per_s": median("throughput-1000-idle-streams", "tasks_per_s"),
+        "working_streams_1000_tasks_per_s": median("throughput-1000-working-streams",
+                                                   "tasks_per_s"),
         "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
         "recovery_1m_ms": median("recovery", "ms"),
     }
@@ -46,8 +48,11 @@ def main():
         "memory_vs_seed": ratio_median("throughput-memory", "tasks_per_s", "seed", "tasks_per_s"),
         "durable_vs_seed": ratio_median("throughput-sqlite", "tasks_per_s", "seed", "tasks_per_s"),
         "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
-        "streams_vs_one_worker": ratio_median("throughput-1000-streams", "tasks_per_s",
-                                              "throughput-one-worker", "tasks_per_s"),
+        "idle_streams_vs_one_worker": ratio_median("throughput-1000-idle-streams", "tasks_per_s",
+                                                   "throughput-one-worker", "tasks_per_s"),
+        "working_streams_vs_one_worker": ratio_median("throughput-1000-working-streams",
+                                                      "tasks_per_s", "throughput-one-worker",
+                                                      "tasks_per_s"),
     }
     # (name, measured, target, passes)
     def check(name, value, target, ok):
@@ -62,8 +67,8 @@ def main():
         check("memory p99 (us)", figures["memory_p99_us"], "<= 1000", lambda v: v <= 1000),
         check("durable p50 (us)", figures["durable_p50_us"], "<= 1000", lambda v: v <= 1000),
         check("durable p99 (us)", figures["durable_p99_us"], "<= 3000", lambda v: v <= 3000),
-        check("1,000 streams vs 1 worker", ratios["streams_vs_one_worker"], ">= 0.8",
-              lambda v: v >= 0.8),
+        check("1,000 streams attached vs 1 worker", ratios["idle_streams_vs_one_worker"],
+              ">= 0.8", lambda v: v >= 0.8),
         check("bytes per pending task", figures["bytes_per_pending_task"], "<= 300",
               lambda v: v <= 300),
         check("recovery of 1,000,000 (ms)", figures["recovery_1m_ms"], "<= 5000",
@@ -98,9 +103,13 @@ def main():
           f"{fmt(figures['seed_p99_us']):>12}")
     print(f"{'latency p50 / p99, durable (us)':34}"
           f"{fmt(figures['durable_p50_us']) + ' / ' + fmt(figures['durable_p99_us']):>14}")
-    print(f"{'1 worker / 1,000 streams (tasks/s)':34}"
-          f"{fmt(figures['one_worker_tasks_per_s'], 0) + ' / ' + fmt(figures['streams_1000_tasks_per_s'], 0):>26}"
-          f"{fmt(ratios['streams_vs_one_worker'], 2):>8}x")
+    print(f"{'1 worker (tasks/s)':34}{fmt(figures['one_worker_tasks_per_s'], 0):>14}")
+    print(f"{'  + 1,000 streams attached':34}"
+          f"{fmt(figures['idle_streams_1000_tasks_per_s'], 0):>14}{'':12}"
+          f"{fmt(ratios['idle_streams_vs_one_worker'], 2):>8}x")
+    print(f"{'  + 1,000 streams working too':34}"
+          f"{fmt(figures['working_streams_1000_tasks_per_s'], 0):>14}{'':12}"
+          f"{fmt(ratios['working_streams_vs_one_worker'], 2):>8}x")
     print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
     print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
     print()

@@ -193,7 +193,7 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
     hello->set_host("taskbench");
     hello->add_kinds("square");
     hello->set_slots(slots);
-    first_.set_credits(credits);
+    if (credits > 0) first_.set_credits(credits);
     outbox_.push_back(std::move(first_));
     writing_ = true;
     StartWrite(&outbox_.front());
@@ -325,7 +325,7 @@ int main(int argc, char** argv) {
   streams->add_option("--count", count, "streams")->capture_default_str();
   int slots = 2, credits = 64;
   streams->add_option("--slots", slots, "threads each stream claims")->capture_default_str();
-  streams->add_option("--credits", credits, "tasks each stream holds at most")
+  streams->add_option("--credits", credits, "tasks each stream holds at most (0: idle)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 

@@ -77,6 +77,26 @@ TEST(Integration, SeedScenarioThroughTaskctl) {
   EXPECT_NE(workers.out.find("w2"), std::string::npos);
 }
 
+TEST(Integration, SubmitAndWatchInOneCall) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w1", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  std::map<uint64_t, std::string> outputs;
+  auto job = client->SubmitAndWatch(Batch("square", {"5", "6", "7"}), [&](const v1::JobEvent& e) {
+    for (const v1::TaskInfo& t : e.results())
+      EXPECT_TRUE(outputs.emplace(t.id(), t.output()).second);
+  });
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->rfind("job-", 0), 0u);
+  std::set<std::string> got;
+  for (const auto& [id, output] : outputs) got.insert(output);
+  EXPECT_EQ(got, (std::set<std::string>{Square(5), Square(6), Square(7)}));
+  auto refused = client->SubmitAndWatch(Batch("", {"x"}), [](const v1::JobEvent&) {});
+  EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+}
+
 TEST(Integration, PayloadsFromStdinAndFailuresSetTheExitCode) {
   Cluster cluster;
   cluster.StartMaster();
