@@ -6,48 +6,14 @@
 #include <mutex>
 
 #include "common/logging.h"
+#include "tests/fakes.h"
 
 namespace taskmaster {
 namespace {
 
-// Records what the broker sends one worker.
-class FakeChannel final : public WorkerChannel {
- public:
-  void Send(WorkerOutbound m) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (m.welcome) welcome = *m.welcome;
-    for (auto& t : m.tasks) tasks.push_back(std::move(t));
-    for (TaskId id : m.cancel) cancels.push_back(id);
-    for (auto& a : m.acked) acked.push_back(a);
-    shutting_down |= m.shutting_down;
-  }
-  // Tasks received since the last call.
-  std::vector<LeasedTask> Take() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return std::exchange(tasks, {});
-  }
-
-  std::mutex mu_;
-  std::optional<Welcome> welcome;
-  std::vector<LeasedTask> tasks;
-  std::vector<TaskId> cancels;
-  std::vector<TaskRef> acked;
-  bool shutting_down = false;
-};
-
-class CountingWatcher final : public JobWatcher {
- public:
-  void OnJobChanged() override { ++calls; }
-  int calls = 0;
-};
-
-TaskSpec Spec(std::string kind, std::string payload, int32_t priority = 0) {
-  TaskSpec s;
-  s.kind = std::move(kind);
-  s.payload = std::move(payload);
-  s.priority = priority;
-  return s;
-}
+using testing::CountingWatcher;
+using testing::FakeChannel;
+using testing::Spec;
 
 class BrokerTest : public ::testing::Test {
  protected:
@@ -500,6 +466,10 @@ TEST_F(BrokerTest, HelloIsValidated) {
 
 namespace taskmaster {
 namespace {
+
+using testing::CountingWatcher;
+using testing::FakeChannel;
+using testing::Spec;
 
 // A persistent store whose writes complete only when the test says so.
 class HeldStore final : public Store {

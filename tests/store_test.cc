@@ -7,6 +7,7 @@
 
 #include "common/logging.h"
 #include "master/broker.h"
+#include "tests/fakes.h"
 #include "tests/harness.h"
 
 namespace taskmaster {
@@ -16,28 +17,8 @@ using testing::ReadFile;
 using testing::TempDir;
 using testing::WriteFile;
 
-class RecordingChannel final : public WorkerChannel {
- public:
-  void Send(WorkerOutbound m) override {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto& t : m.tasks) tasks.push_back(std::move(t));
-    for (auto& a : m.acked) acked.push_back(a);
-  }
-  std::vector<LeasedTask> Take() {
-    std::lock_guard<std::mutex> lock(mu);
-    return std::exchange(tasks, {});
-  }
-  std::mutex mu;
-  std::vector<LeasedTask> tasks;
-  std::vector<TaskRef> acked;
-};
-
-TaskSpec Spec(std::string kind, std::string payload) {
-  TaskSpec s;
-  s.kind = std::move(kind);
-  s.payload = std::move(payload);
-  return s;
-}
+using testing::FakeChannel;
+using testing::Spec;
 
 class StoreTest : public ::testing::Test {
  protected:
@@ -80,7 +61,7 @@ class StoreTest : public ::testing::Test {
 
   struct Attached {
     Broker::WorkerHandle handle;
-    std::shared_ptr<RecordingChannel> channel;
+    std::shared_ptr<FakeChannel> channel;
   };
 
   Attached Attach(const std::string& id, int32_t credits, std::vector<TaskRef> held = {}) {
@@ -91,7 +72,7 @@ class StoreTest : public ::testing::Test {
     hello.slots = 1;
     hello.held = std::move(held);
     hello.master_epoch = broker_->epoch();
-    auto channel = std::make_shared<RecordingChannel>();
+    auto channel = std::make_shared<FakeChannel>();
     auto handle = broker_->Attach(hello, channel);
     EXPECT_TRUE(handle.ok());
     if (credits > 0) broker_->AddCredits(*handle, credits);
