@@ -110,7 +110,9 @@ for run in $(seq "$runs"); do
     credits=0
     [ "$mode" = working ] && credits=64
     rm -f "$work/streams.out"
-    tb streams --count 1000 --credits "$credits" >"$work/streams.out" 2>>"$work/streams.log" &
+    # Not through tb: $! must be timeout's own pid, which passes our SIGTERM on.
+    timeout 300 "$bin/bench/taskbench" --master "$addr" streams --count 1000 \
+      --credits "$credits" >"$work/streams.out" 2>>"$work/streams.log" &
     streams_pid=$!
     pids+=("$streams_pid")
     for _ in $(seq 600); do grep -q streams "$work/streams.out" 2>/dev/null && break; sleep 0.1; done
