@@ -21,6 +21,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 seed_peer=${SEED_PEER:-$root/../shared/peers/seed-manager}
+if [ ! -x "$seed_peer/run.sh" ]; then
+  echo "warning: the seed's design is not at $seed_peer (set SEED_PEER): no ratios to it" >&2
+fi
 
 ./scripts/deps.sh
 mkdir -p build-release
