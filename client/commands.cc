@@ -259,7 +259,10 @@ int RunStats(const Client& client, const Console& console) {
     }
     json workers = json::array();
     for (const v1::WorkerInfo& w : stats->workers()) workers.push_back(WorkerJson(w));
-    console.out << Dump({{"queues", queues}, {"workers", workers}}) << "\n";
+    console.out << Dump({{"queues", queues},
+                         {"workers", workers},
+                         {"duplicate_results", stats->duplicate_results()}})
+                << "\n";
     return kExitOk;
   }
   console.out << std::left << std::setw(20) << "QUEUE" << std::right << std::setw(10) << "PENDING"
@@ -272,7 +275,7 @@ int RunStats(const Client& client, const Console& console) {
                 << std::setw(10) << q.failed() << std::setw(10) << q.dead() << std::setw(11)
                 << q.cancelled() << "\n";
   }
-  console.out << "\n";
+  console.out << "duplicate results dropped: " << stats->duplicate_results() << "\n\n";
   PrintWorkersTable(console, stats->workers());
   return kExitOk;
 }

@@ -1101,6 +1101,11 @@ std::vector<WorkerView> Broker::Workers() const {
   return out;
 }
 
+int64_t Broker::DuplicateResults() const {
+  absl::MutexLock lock(&impl_->mu_);
+  return impl_->duplicates_;
+}
+
 absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
                                                     std::shared_ptr<WorkerChannel> channel) {
   if (hello.worker_id.empty()) return absl::InvalidArgumentError("hello: worker_id is empty");

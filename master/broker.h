@@ -89,6 +89,8 @@ class Broker {
 
   std::vector<QueueStatsView> QueueStats() const;
   std::vector<WorkerView> Workers() const;
+  // Results dropped since start: from a stale attempt, or for a task already recorded.
+  int64_t DuplicateResults() const;
 
   // ---- Workers ----
 

@@ -263,9 +263,14 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
 // written one message at a time, coalescing whatever piled up during a write.
 class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
  public:
-  WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth)
-      : broker_(broker), log_(std::move(log)), channel_(std::make_shared<Channel>(this)) {
+  WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth,
+               std::string peer)
+      : broker_(broker),
+        log_(std::move(log)),
+        peer_(std::move(peer)),
+        channel_(std::make_shared<Channel>(this)) {
     if (!auth.ok()) {
+      log_->warn("refused a worker stream from {}: {}", peer_, auth.error_message());
       absl::MutexLock lock(&mu_);
       FinishLocked(auth);
       return;
@@ -291,6 +296,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       absl::StatusOr<Broker::WorkerHandle> handle =
           broker_->Attach(FromProto(*in_.mutable_hello()), channel_);
       if (!handle.ok()) {
+        log_->warn("refused a worker stream from {}: {}", peer_, handle.status().ToString());
         absl::MutexLock lock(&mu_);
         FinishLocked(ToGrpcStatus(handle.status()));
         return;
@@ -405,6 +411,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 
   Broker* const broker_;
   const std::shared_ptr<spdlog::logger> log_;
+  const std::string peer_;
   const std::shared_ptr<Channel> channel_;
 
   // Used only by the reactions on the read side, which gRPC runs one at a time.
@@ -584,6 +591,7 @@ grpc::ServerUnaryReactor* TaskQueueService::Stats(grpc::CallbackServerContext* c
     p->set_cancelled(q.cancelled);
   }
   for (const WorkerView& w : broker_->Workers()) ToProto(w, response->add_workers());
+  response->set_duplicate_results(broker_->DuplicateResults());
   return Reply(context, grpc::Status::OK);
 }
 
@@ -599,7 +607,8 @@ grpc::ServerUnaryReactor* TaskQueueService::Workers(grpc::CallbackServerContext*
 
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
-  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"));
+  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"),
+                          context->peer());
 }
 
 }  // namespace taskmaster

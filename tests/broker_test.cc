@@ -182,6 +182,7 @@ TEST_F(BrokerTest, SuccessIsRecordedOnceAndAcked) {
   ASSERT_EQ(tasks.size(), 1u);
   Report(w, tasks[0], Outcome::kSucceeded, "3*3=9");
   Report(w, tasks[0], Outcome::kSucceeded, "duplicate");
+  EXPECT_EQ(broker_->DuplicateResults(), 1);
   auto task = broker_->GetTask(id);
   EXPECT_EQ(task->state, TaskState::kSucceeded);
   EXPECT_EQ(task->output, "3*3=9");

@@ -72,6 +72,7 @@ TEST(Integration, SeedScenarioThroughTaskctl) {
   CommandResult stats = cluster.Taskctl({"--format", "json", "stats"});
   EXPECT_EQ(stats.exit_code, 0);
   EXPECT_NE(stats.out.find("\"succeeded\":10"), std::string::npos) << stats.out;
+  EXPECT_NE(stats.out.find("\"duplicate_results\":0"), std::string::npos) << stats.out;
   CommandResult workers = cluster.Taskctl({"workers"});
   EXPECT_NE(workers.out.find("w1"), std::string::npos);
   EXPECT_NE(workers.out.find("w2"), std::string::npos);
@@ -202,6 +203,7 @@ TEST(Integration, TokensAreCheckedWithRoles) {
               seconds(10)))
       << bad_worker.Log();
   EXPECT_TRUE(cluster.NewClient()->Workers()->workers().empty());
+  EXPECT_NE(cluster.master().Log().find("refused a worker stream"), std::string::npos);
   bad_worker.Signal(SIGTERM);
   EXPECT_EQ(bad_worker.Wait(seconds(10)), 0);
   EXPECT_EQ(bad_worker.Log().find(kSubmitToken), std::string::npos);
