@@ -1379,7 +1379,16 @@ void Broker::Shutdown() {
       w->outbox.shutting_down = true;
       impl_->MarkDirty(*w);
     }
+    // Followers of jobs end their streams (see stopping()) and reconnect to the next master.
+    for (auto& [id, job] : impl_->jobs_) {
+      fx.notify.insert(fx.notify.end(), job->watchers.begin(), job->watchers.end());
+    }
   });
+}
+
+bool Broker::stopping() const {
+  absl::MutexLock lock(&impl_->mu_);
+  return impl_->shutting_down_;
 }
 
 }  // namespace taskmaster

@@ -113,8 +113,10 @@ class Broker {
   // Promotes due delayed tasks, expires leases and absent workers, drops results past retention.
   // Call it every few hundred milliseconds.
   void Tick();
-  // Tells every connected worker that the master is stopping, and stops dispatching.
+  // Tells every connected worker and job watcher that the master is stopping, and stops
+  // dispatching.
   void Shutdown();
+  bool stopping() const;
 
   std::string epoch() const;
 

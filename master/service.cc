@@ -222,6 +222,11 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
       FinishLocked(grpc::Status::CANCELLED);
       return;
     }
+    if (broker_->stopping()) {
+      FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                "the master is shutting down; follow the job again"));
+      return;
+    }
     absl::StatusOr<JobEvents> events = broker_->ReadJob(job_id_, cursor_, kMaxResultsPerEvent);
     if (!events.ok()) {
       FinishLocked(ToGrpcStatus(events.status()));

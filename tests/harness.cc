@@ -145,21 +145,20 @@ Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::mov
 void Cluster::StartMaster() {
   const std::string port_file = dir_.File("port");
   std::filesystem::remove(port_file);
-  std::vector<std::string> argv = {TASKMASTER_BIN,
-                                   "--listen",
-                                   "127.0.0.1:" + std::to_string(port_),
-                                   "--tokens",
-                                   dir_.File("tokens"),
-                                   "--port-file",
-                                   port_file,
-                                   "--tick-ms",
-                                   "50",
-                                   "--heartbeat-ms",
-                                   "200",
-                                   "--shutdown-timeout-ms",
-                                   "1000"};
-  if (std::find(master_flags_.begin(), master_flags_.end(), "--data-dir") == master_flags_.end()) {
-    argv.insert(argv.end(), {"--data-dir", dir_.File("data")});
+  std::vector<std::string> argv = {
+      TASKMASTER_BIN, "--listen",          "127.0.0.1:" + std::to_string(port_),
+      "--tokens",     dir_.File("tokens"), "--port-file",
+      port_file};
+  // Fast timers and the cluster's own store, unless the test says otherwise.
+  const std::vector<std::pair<std::string, std::string>> defaults = {
+      {"--tick-ms", "50"},
+      {"--heartbeat-ms", "200"},
+      {"--shutdown-timeout-ms", "1000"},
+      {"--data-dir", dir_.File("data")}};
+  for (const auto& [flag, value] : defaults) {
+    if (std::find(master_flags_.begin(), master_flags_.end(), flag) == master_flags_.end()) {
+      argv.insert(argv.end(), {flag, value});
+    }
   }
   argv.insert(argv.end(), master_flags_.begin(), master_flags_.end());
   master_ = std::make_unique<Process>(
