@@ -174,7 +174,15 @@ struct Effects {
   uint64_t finished_through = 0;         // highest completion_seq given out in this section
   std::vector<std::string> reveal_jobs;  // jobs with results to show once they are durable
   std::unordered_set<Job*> touched;
+  // Log lines, written once the lock is released.
+  std::vector<std::pair<spdlog::level::level_enum, std::string>> logs;
 };
+
+template <typename... Args>
+void Log(Effects& fx, spdlog::level::level_enum level, fmt::format_string<Args...> format,
+         Args&&... args) {
+  fx.logs.emplace_back(level, fmt::format(format, std::forward<Args>(args)...));
+}
 
 }  // namespace
 
@@ -193,6 +201,7 @@ class Broker::Impl {
   auto Locked(Fn&& fn) {
     Effects fx;
     auto deliver = [&] {
+      for (auto& [level, line] : fx.logs) log_->log(level, line);
       for (auto& [channel, message] : fx.sends) channel->Send(std::move(message));
       if (fx.finished_through > 0 && persistent_) {
         RevealWhenDurable(fx.finished_through, std::move(fx.reveal_jobs));
@@ -947,18 +956,23 @@ absl::Status Broker::Recover() {
   Impl::Loader loader(*impl_);
   absl::Status status = impl_->store_->Load(&loader);
   if (!status.ok()) return status;
-  absl::MutexLock lock(&impl_->mu_);
-  loader.Finish();
-  loader.Settle();
   std::map<TaskState, int64_t> by_state;
-  for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
+  size_t jobs, tasks;
+  {
+    absl::MutexLock lock(&impl_->mu_);
+    loader.Finish();
+    loader.Settle();
+    for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
+    jobs = impl_->jobs_.size();
+    tasks = impl_->tasks_.size();
+  }
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                       std::chrono::steady_clock::now() - start)
                       .count();
   impl_->log_->info(
       "recovered {} jobs and {} tasks ({} pending, {} delayed, {} leased, {} finished) in {} ms",
-      impl_->jobs_.size(), impl_->tasks_.size(), by_state[TaskState::kPending],
-      by_state[TaskState::kDelayed], by_state[TaskState::kLeased],
+      jobs, tasks, by_state[TaskState::kPending], by_state[TaskState::kDelayed],
+      by_state[TaskState::kLeased],
       by_state[TaskState::kSucceeded] + by_state[TaskState::kDead] +
           by_state[TaskState::kCancelled],
       ms);
@@ -1177,9 +1191,10 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.outbox = WorkerOutbound{};
     w.outbox.welcome = std::move(welcome);
     b.MarkDirty(w);
-    b.log_->info("worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept",
-                 w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
-                 w.leases.size());
+    Log(fx, spdlog::level::info,
+        "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept", w.name,
+        w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
+        w.leases.size());
     b.DispatchAll(fx);  // tasks it gave back may go to others
     return WorkerHandle{w.id, w.generation};
   });
@@ -1290,12 +1305,13 @@ void Broker::Heartbeat(const WorkerHandle& handle) {
 }
 
 void Broker::Drain(const WorkerHandle& handle) {
-  absl::MutexLock lock(&impl_->mu_);
-  Worker* w = impl_->FindWorker(handle);
-  if (!w) return;
-  w->draining = true;
-  w->credits = 0;
-  impl_->log_->info("worker {} is draining with {} tasks", w->name, w->leases.size());
+  impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    Worker* w = impl_->FindWorker(handle);
+    if (!w) return;
+    w->draining = true;
+    w->credits = 0;
+    Log(fx, spdlog::level::info, "worker {} is draining with {} tasks", w->name, w->leases.size());
+  });
 }
 
 void Broker::Detach(const WorkerHandle& handle, bool bye) {
@@ -1304,11 +1320,13 @@ void Broker::Detach(const WorkerHandle& handle, bool bye) {
     Worker* w = b.FindWorker(handle);
     if (!w) return;
     if (bye) {
-      b.log_->info("worker {} left with {} unfinished tasks", w->name, w->leases.size());
+      Log(fx, spdlog::level::info, "worker {} left with {} unfinished tasks", w->name,
+          w->leases.size());
       b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " stopped while running it"), fx);
     } else {
-      b.log_->warn("worker {} disconnected with {} tasks; they wait {} ms for it to come back",
-                   w->name, w->leases.size(), b.options_.reconnect_grace_ms);
+      Log(fx, spdlog::level::warn,
+          "worker {} disconnected with {} tasks; they wait {} ms for it to come back", w->name,
+          w->leases.size(), b.options_.reconnect_grace_ms);
       w->connected = false;
       w->channel.reset();
       w->credits = 0;
@@ -1348,7 +1366,7 @@ void Broker::Tick() {
           w->leases.erase(id);
           continue;
         }
-        b.log_->warn("task {} lease expired on worker {}", id, w->name);
+        Log(fx, spdlog::level::warn, "task {} lease expired on worker {}", id, w->name);
         w->outbox.cancel.push_back(id);
         b.MarkDirty(*w);
         b.LoseLease(it->second,
@@ -1358,8 +1376,9 @@ void Broker::Tick() {
       }
     }
     for (Worker* w : gone) {
-      b.log_->warn("worker {} did not come back within {} ms; its {} tasks are requeued", w->name,
-                   b.options_.reconnect_grace_ms, w->leases.size());
+      Log(fx, spdlog::level::warn,
+          "worker {} did not come back within {} ms; its {} tasks are requeued", w->name,
+          b.options_.reconnect_grace_ms, w->leases.size());
       b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " disconnected while running it"), fx);
     }
     while (!b.job_expiry_.empty() && b.job_expiry_.front().first <= now) {

@@ -333,14 +333,11 @@ class SqliteStore final : public Store {
       const absl::Status status = Commit(batch);
       std::vector<std::function<void(absl::Status)>> done;
       bool stopping;
+      bool changed;  // from writing to failing or back
       {
         absl::MutexLock lock(&mu_);
-        if (status.ok()) {
-          durable_ = target;
-          if (!error_.ok()) log_->info("the store writes again");
-        } else if (error_.ok()) {
-          log_->error("{}; new submits are refused until it writes again", status.ToString());
-        }
+        if (status.ok()) durable_ = target;
+        changed = status.ok() != error_.ok();
         error_ = status;
         auto first_pending = std::partition(waiters_.begin(), waiters_.end(),
                                             [&](const auto& w) { return w.first <= target; });
@@ -349,6 +346,10 @@ class SqliteStore final : public Store {
         }
         waiters_.erase(waiters_.begin(), first_pending);
         stopping = stop_;
+      }
+      if (changed && status.ok()) log_->info("the store writes again");
+      if (changed && !status.ok()) {
+        log_->error("{}; new submits are refused until it writes again", status.ToString());
       }
       for (auto& callback : done) callback(status);
       if (!status.ok()) {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <deque>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -58,6 +59,7 @@ class WorkerImpl final : public Worker {
 
   void Drain() override {
     const auto deadline = absl::Now() + absl::FromChrono(options_.drain_timeout);
+    size_t returned, running;
     {
       absl::MutexLock lock(&mu_);
       if (stopped_ || draining_) return;
@@ -68,26 +70,30 @@ class WorkerImpl final : public Worker {
         AddResultLocked(id, held_.at(id).attempt, v1::TaskResult::RETURNED, "", "");
         held_.erase(id);
       }
-      const size_t returned = queue_.size();
+      returned = queue_.size();
       queue_.clear();
-      log_->info("draining: {} tasks given back, {} running (up to {} ms)", returned, held_.size(),
-                 options_.drain_timeout.count());
+      running = held_.size();
+    }
+    log_->info("draining: {} tasks given back, {} running (up to {} ms)", returned, running,
+               options_.drain_timeout.count());
+    size_t unfinished, unacked;
+    {
+      absl::MutexLock lock(&mu_);
       auto running_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); };
       mu_.AwaitWithDeadline(absl::Condition(&running_done), deadline);
-      if (!held_.empty()) {
-        log_->warn("drain timeout: leaving {} tasks unfinished for the master to requeue",
-                   held_.size());
-      }
+      unfinished = held_.size();
       auto all_acked = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return unacked_.empty(); };
       mu_.AwaitWithDeadline(absl::Condition(&all_acked), deadline + absl::FromChrono(kAckGrace));
-      if (!unacked_.empty()) {
-        log_->warn("leaving with {} results the master has not acknowledged", unacked_.size());
-      }
+      unacked = unacked_.size();
       leaving_ = true;
       // The sender says bye and the stream ends; wait a little for that before cutting it.
       auto session_over = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !session_open_; };
       mu_.AwaitWithTimeout(absl::Condition(&session_over), absl::Seconds(5));
     }
+    if (unfinished > 0) {
+      log_->warn("drain timeout: left {} tasks unfinished for the master to requeue", unfinished);
+    }
+    if (unacked > 0) log_->warn("left with {} results the master had not acknowledged", unacked);
     Abort();
   }
 
@@ -208,10 +214,12 @@ class WorkerImpl final : public Worker {
       live_context_ = nullptr;
       return false;
     }
+    std::optional<std::string> lost_state;
     {
       absl::MutexLock lock(&mu_);
-      AcceptWelcomeLocked(in.welcome());
+      lost_state = AcceptWelcomeLocked(in.welcome());
     }
+    if (lost_state) log_->warn("{}", *lost_state);
     log_->info("connected to master {} (epoch {})", options_.master.address,
                in.welcome().master_epoch());
     std::thread sender([this, s = stream.get()] { SendLoop(s); });
@@ -236,12 +244,14 @@ class WorkerImpl final : public Worker {
     return true;
   }
 
-  void AcceptWelcomeLocked(const v1::Welcome& welcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Returns what to tell the operator when the master lost its state.
+  std::optional<std::string> AcceptWelcomeLocked(const v1::Welcome& welcome)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::optional<std::string> lost_state;
     if (!epoch_.empty() && epoch_ != welcome.master_epoch()) {
-      log_->warn(
-          "the master lost its state (epoch {} -> {}): dropping {} held tasks and {} "
-          "unacknowledged results",
-          epoch_, welcome.master_epoch(), held_.size(), unacked_.size());
+      lost_state = absl::StrCat("the master lost its state (epoch ", epoch_, " -> ",
+                                welcome.master_epoch(), "): dropping ", held_.size(),
+                                " held tasks and ", unacked_.size(), " unacknowledged results");
       for (auto& [id, h] : held_) RevokeLocked(id);
       unacked_.clear();
     }
@@ -259,6 +269,7 @@ class WorkerImpl final : public Worker {
     drain_sent_ = false;
     session_open_ = true;
     TopUpCreditsLocked();
+    return lost_state;
   }
 
   // Tasks to hold beyond the running ones. Adaptive: enough to keep the threads busy for
