@@ -1,5 +1,7 @@
 #include "common/auth.h"
 
+#include <sys/stat.h>
+
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
 
@@ -93,6 +95,11 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
     if (!line.empty() && line.front() != '#') return std::string(line);
   }
   return absl::InvalidArgumentError(absl::StrCat("token file ", path, " holds no token"));
+}
+
+bool IsPrivateFile(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) != 0 || (st.st_mode & (S_IRWXG | S_IRWXO)) == 0;
 }
 
 std::optional<std::string_view> BearerToken(std::string_view header) {

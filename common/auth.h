@@ -43,6 +43,9 @@ class TokenSet {
 // The credential a worker or client presents: the first non-comment line of `path`, trimmed.
 absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
 
+// False when `path` can be read by users other than its owner (group or others).
+bool IsPrivateFile(const std::string& path);
+
 // Extracts the token from an `authorization` header value "Bearer <token>".
 std::optional<std::string_view> BearerToken(std::string_view header);
 

@@ -171,6 +171,9 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
     }
     absl::StatusOr<TokenSet> loaded = TokenSet::Load(options.tokens_file);
     if (!loaded.ok()) return loaded.status();
+    if (!IsPrivateFile(options.tokens_file)) {
+      GetLogger("master")->warn("{} can be read by other users: chmod 600 it", options.tokens_file);
+    }
     tokens = std::move(*loaded);
   }
   std::unique_ptr<Store> store;

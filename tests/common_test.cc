@@ -1,10 +1,12 @@
 // Unit tests of tokens, parsing helpers and the built-in handlers.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include "client/commands.h"
 #include "common/auth.h"
 #include "common/util.h"
 #include "master/server.h"
+#include "tests/harness.h"
 #include "worker/handlers.h"
 
 namespace taskmaster {
@@ -43,6 +45,16 @@ TEST(Auth, RolesAndBearer) {
   EXPECT_EQ(BearerToken("Bearer abc"), "abc");
   EXPECT_EQ(BearerToken("Basic abc"), std::nullopt);
   EXPECT_EQ(BearerToken("Bearer   "), std::nullopt);
+}
+
+TEST(Auth, PrivateFiles) {
+  testing::TempDir dir;
+  const std::string path = dir.File("token");
+  testing::WriteFile(path, "x");
+  chmod(path.c_str(), 0600);
+  EXPECT_TRUE(IsPrivateFile(path));
+  chmod(path.c_str(), 0644);
+  EXPECT_FALSE(IsPrivateFile(path));
 }
 
 TEST(Util, LabelsAndNames) {

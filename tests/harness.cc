@@ -140,6 +140,10 @@ Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::mov
                                      kWorkToken + "\nadmin " + kAdminToken + "\n");
   WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
   WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
+  for (const char* name : {"tokens", "submit.token", "work.token"}) {
+    std::filesystem::permissions(
+        dir_.File(name), std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  }
 }
 
 void Cluster::StartMaster() {

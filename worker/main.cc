@@ -59,6 +59,10 @@ int main(int argc, char** argv) {
   if (!token_file.empty()) {
     absl::StatusOr<std::string> token = taskmaster::ReadTokenFile(token_file);
     if (!token.ok()) return fail(token.status());
+    if (!taskmaster::IsPrivateFile(token_file)) {
+      taskmaster::GetLogger("worker")->warn("{} can be read by other users: chmod 600 it",
+                                            token_file);
+    }
     o.token = *token;
   } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
     o.token = env;
