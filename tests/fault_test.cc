@@ -227,6 +227,36 @@ TEST(Fault, WaitFollowsAJobAcrossAMasterKill) {
   EXPECT_EQ(lines, 30) << "each result once:\n" << wait.Log();
 }
 
+TEST(Fault, RunningTaskSurvivesAMasterKillWithoutASecondRun) {
+  Cluster cluster({"--reconnect-grace-ms", "5000"});
+  cluster.StartMaster();
+  cluster.StartWorker("steady", {"--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  v1::SubmitRequest request;
+  v1::TaskSpec* t = request.add_tasks();
+  t->set_kind("sleep");
+  t->set_payload("1500");
+  auto submitted = client->Submit(request);
+  ASSERT_TRUE(submitted.ok()) << submitted.status();
+  const uint64_t id = submitted->task_ids(0);
+  ASSERT_TRUE(WaitFor([&] { return client->GetTask(id)->state() == v1::LEASED; }, seconds(10)));
+  cluster.KillMaster(SIGKILL);
+  cluster.StartMaster();
+  client = cluster.NewClient();
+  // The worker comes back still holding the task: it keeps it, and its result is recorded.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto task = client->GetTask(id);
+        return task.ok() && task->state() == v1::SUCCEEDED;
+      },
+      seconds(20)));
+  auto task = client->GetTask(id);
+  EXPECT_EQ(task->attempts(), 1) << "run once";
+  EXPECT_EQ(task->worker(), "steady");
+  EXPECT_EQ(task->output(), "slept 1500 ms");
+}
+
 TEST(Fault, SecondMasterOnTheSameDataDirectoryRefuses) {
   Cluster cluster;
   cluster.StartMaster();
