@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <functional>
+#include <future>
 #include <map>
 #include <queue>
 #include <set>
@@ -230,8 +231,10 @@ class Broker::Impl {
   // Results become visible (to job watchers, and to GetTask without waiting) only once they are
   // on disk, so no client ever sees a result that a crash could take back.
   void RevealWhenDurable(uint64_t through, std::vector<std::string> job_ids) {
-    store_->Flush([this, through, job_ids = std::move(job_ids)](absl::Status status) mutable {
-      if (!status.ok()) {  // the store retries the write; look again after its next attempt
+    store_->Flush([this, life = std::weak_ptr<int>(life_), through,
+                   job_ids = std::move(job_ids)](absl::Status status) mutable {
+      if (life.expired()) return;  // the broker is gone (see ~Broker)
+      if (!status.ok()) {          // the store retries the write; look again after its next attempt
         RevealWhenDurable(through, std::move(job_ids));
         return;
       }
@@ -913,6 +916,8 @@ class Broker::Impl {
   const std::shared_ptr<spdlog::logger> log_;
   const std::string epoch_;
   const bool persistent_;
+  // Store callbacks hold a weak reference: one that runs after the broker is gone does nothing.
+  const std::shared_ptr<int> life_ = std::make_shared<int>(0);
 
   mutable absl::Mutex mu_;
   std::unordered_map<TaskId, Task> tasks_ ABSL_GUARDED_BY(mu_);
@@ -947,7 +952,14 @@ Broker::Broker(BrokerOptions options, const Clock* clock, Store* store,
                std::shared_ptr<spdlog::logger> log)
     : impl_(std::make_unique<Impl>(options, clock, store, std::move(log))) {}
 
-Broker::~Broker() = default;
+Broker::~Broker() {
+  // Let the store's pending callbacks into the broker run first (bounded: a store that cannot
+  // write keeps them, and they find the broker gone).
+  auto flushed = std::make_shared<std::promise<void>>();
+  std::future<void> done = flushed->get_future();
+  impl_->store_->Flush([flushed](absl::Status) { flushed->set_value(); });
+  done.wait_for(std::chrono::seconds(10));
+}
 
 std::string Broker::epoch() const { return impl_->epoch_; }
 

@@ -486,8 +486,22 @@ class HeldStore final : public Store {
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    waiting_.push_back(std::move(done));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!open_) {
+        waiting_.push_back(std::move(done));
+        return;
+      }
+    }
+    done(absl::OkStatus());
+  }
+  // From now on every flush completes at once.
+  void Open() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      open_ = true;
+    }
+    Release();
   }
   void Release() {
     std::vector<std::function<void(absl::Status)>> done;
@@ -501,6 +515,7 @@ class HeldStore final : public Store {
  private:
   std::mutex mu_;
   std::vector<std::function<void(absl::Status)>> waiting_;
+  bool open_ = false;
 };
 
 TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
@@ -534,6 +549,7 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   EXPECT_TRUE(broker.GetTask(tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 1);
   EXPECT_EQ(channel->acked.size(), 1u);
+  store.Open();
 }
 
 }  // namespace
