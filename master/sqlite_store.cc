@@ -170,61 +170,34 @@ class SqliteStore final : public Store {
   bool persistent() const override { return true; }
 
   absl::Status Load(RecoveryVisitor* visitor) override {
-    {
-      Statement jobs;
-      if (absl::Status s = PrepareOne("SELECT job_id, total, created_ms FROM jobs", &jobs);
-          !s.ok()) {
-        return s;
-      }
-      int rc;
-      while ((rc = sqlite3_step(jobs.get())) == SQLITE_ROW) {
-        visitor->OnJob({Text(jobs.get(), 0), sqlite3_column_int64(jobs.get(), 1),
-                        sqlite3_column_int64(jobs.get(), 2)});
-      }
-      if (rc != SQLITE_DONE) return Refuse("cannot read its jobs");
-    }
-    {
-      Statement tasks;
-      if (absl::Status s = PrepareOne(absl::StrCat("SELECT ", kTaskColumns, " FROM tasks"), &tasks);
-          !s.ok()) {
-        return s;
-      }
-      int rc;
-      while ((rc = sqlite3_step(tasks.get())) == SQLITE_ROW) {
-        absl::StatusOr<TaskRow> row = ReadTask(tasks.get());
-        if (!row.ok()) return row.status();
-        visitor->OnTask(std::move(*row));
-      }
-      if (rc != SQLITE_DONE) return Refuse("cannot read its tasks");
-    }
-    {
-      Statement members;
-      if (absl::Status s =
-              PrepareOne("SELECT job_id, task_id, position FROM job_members", &members);
-          !s.ok()) {
-        return s;
-      }
-      int rc;
-      while ((rc = sqlite3_step(members.get())) == SQLITE_ROW) {
-        visitor->OnJobMember({Text(members.get(), 0),
-                              static_cast<TaskId>(sqlite3_column_int64(members.get(), 1)),
-                              sqlite3_column_int64(members.get(), 2)});
-      }
-      if (rc != SQLITE_DONE) return Refuse("cannot read its job members");
-    }
-    {
-      // AUTOINCREMENT remembers the highest id ever stored, so deleted ids are never reused.
-      Statement highest;
-      if (absl::Status s =
-              PrepareOne("SELECT seq FROM sqlite_sequence WHERE name='tasks'", &highest);
-          !s.ok()) {
-        return s;
-      }
-      if (sqlite3_step(highest.get()) == SQLITE_ROW) {
-        visitor->OnHighestTaskId(static_cast<TaskId>(sqlite3_column_int64(highest.get(), 0)));
-      }
-    }
-    return absl::OkStatus();
+    absl::Status status =
+        ForEachRow("SELECT job_id, total, created_ms FROM jobs", "its jobs", [&](sqlite3_stmt* s) {
+          visitor->OnJob({Text(s, 0), sqlite3_column_int64(s, 1), sqlite3_column_int64(s, 2)});
+          return absl::OkStatus();
+        });
+    if (!status.ok()) return status;
+    status = ForEachRow(absl::StrCat("SELECT ", kTaskColumns, " FROM tasks"), "its tasks",
+                        [&](sqlite3_stmt* s) {
+                          absl::StatusOr<TaskRow> row = ReadTask(s);
+                          if (!row.ok()) return row.status();
+                          visitor->OnTask(std::move(*row));
+                          return absl::OkStatus();
+                        });
+    if (!status.ok()) return status;
+    status = ForEachRow(
+        "SELECT job_id, task_id, position FROM job_members", "its job members",
+        [&](sqlite3_stmt* s) {
+          visitor->OnJobMember({Text(s, 0), static_cast<TaskId>(sqlite3_column_int64(s, 1)),
+                                sqlite3_column_int64(s, 2)});
+          return absl::OkStatus();
+        });
+    if (!status.ok()) return status;
+    // AUTOINCREMENT remembers the highest id ever stored, so deleted ids are never reused.
+    return ForEachRow("SELECT seq FROM sqlite_sequence WHERE name='tasks'", "its id sequence",
+                      [&](sqlite3_stmt* s) {
+                        visitor->OnHighestTaskId(static_cast<TaskId>(sqlite3_column_int64(s, 0)));
+                        return absl::OkStatus();
+                      });
   }
 
   absl::Status Writable() const override {
@@ -517,6 +490,19 @@ class SqliteStore final : public Store {
               &insert_member_}}) {
       if (absl::Status s = PrepareOne(sql, stmt); !s.ok()) return s;
     }
+    return absl::OkStatus();
+  }
+
+  // Runs `sql` and hands each row to `on_row`; `what` names the rows in an error.
+  absl::Status ForEachRow(const std::string& sql, std::string_view what,
+                          const std::function<absl::Status(sqlite3_stmt*)>& on_row) {
+    Statement stmt;
+    if (absl::Status s = PrepareOne(sql, &stmt); !s.ok()) return s;
+    int rc;
+    while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
+      if (absl::Status s = on_row(stmt.get()); !s.ok()) return s;
+    }
+    if (rc != SQLITE_DONE) return Refuse(absl::StrCat("cannot read ", std::string(what)));
     return absl::OkStatus();
   }
 
