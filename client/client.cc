@@ -44,68 +44,65 @@ absl::Status Client::Explain(const grpc::Status& status) const {
   }
 }
 
-absl::StatusOr<v1::SubmitResponse> Client::Submit(const v1::SubmitRequest& request) const {
+namespace {
+
+// One unary call of the stub: the method, its request, and the response it fills.
+template <typename Response, typename Request>
+using StubMethod = grpc::Status (v1::TaskQueue::Stub::*)(grpc::ClientContext*, const Request&,
+                                                         Response*);
+
+}  // namespace
+
+template <typename Response, typename Request>
+absl::StatusOr<Response> Client::Call(StubMethod<Response, Request> method,
+                                      const Request& request) const {
   grpc::ClientContext context;
   Prepare(&context);
-  v1::SubmitResponse response;
-  if (grpc::Status s = stub_->Submit(&context, request, &response); !s.ok()) return Explain(s);
+  Response response;
+  if (grpc::Status s = (stub_.get()->*method)(&context, request, &response); !s.ok()) {
+    return Explain(s);
+  }
   return response;
+}
+
+absl::StatusOr<v1::SubmitResponse> Client::Submit(const v1::SubmitRequest& request) const {
+  return Call(&v1::TaskQueue::Stub::Submit, request);
 }
 
 absl::StatusOr<v1::TaskInfo> Client::GetTask(uint64_t id) const {
-  grpc::ClientContext context;
-  Prepare(&context);
   v1::GetTaskRequest request;
   request.set_id(id);
-  v1::TaskInfo response;
-  if (grpc::Status s = stub_->GetTask(&context, request, &response); !s.ok()) return Explain(s);
-  return response;
+  return Call(&v1::TaskQueue::Stub::GetTask, request);
 }
 
 absl::StatusOr<v1::JobInfo> Client::GetJob(const std::string& job_id) const {
-  grpc::ClientContext context;
-  Prepare(&context);
   v1::GetJobRequest request;
   request.set_job_id(job_id);
-  v1::JobInfo response;
-  if (grpc::Status s = stub_->GetJob(&context, request, &response); !s.ok()) return Explain(s);
-  return response;
+  return Call(&v1::TaskQueue::Stub::GetJob, request);
 }
 
 absl::StatusOr<int64_t> Client::CancelTask(uint64_t id) const {
-  grpc::ClientContext context;
-  Prepare(&context);
   v1::CancelRequest request;
   request.set_task_id(id);
-  v1::CancelResponse response;
-  if (grpc::Status s = stub_->Cancel(&context, request, &response); !s.ok()) return Explain(s);
-  return response.cancelled();
+  auto response = Call(&v1::TaskQueue::Stub::Cancel, request);
+  if (!response.ok()) return response.status();
+  return response->cancelled();
 }
 
 absl::StatusOr<int64_t> Client::CancelJob(const std::string& job_id) const {
-  grpc::ClientContext context;
-  Prepare(&context);
   v1::CancelRequest request;
   request.set_job_id(job_id);
-  v1::CancelResponse response;
-  if (grpc::Status s = stub_->Cancel(&context, request, &response); !s.ok()) return Explain(s);
-  return response.cancelled();
+  auto response = Call(&v1::TaskQueue::Stub::Cancel, request);
+  if (!response.ok()) return response.status();
+  return response->cancelled();
 }
 
 absl::StatusOr<v1::StatsResponse> Client::Stats() const {
-  grpc::ClientContext context;
-  Prepare(&context);
-  v1::StatsResponse response;
-  if (grpc::Status s = stub_->Stats(&context, {}, &response); !s.ok()) return Explain(s);
-  return response;
+  return Call(&v1::TaskQueue::Stub::Stats, v1::StatsRequest{});
 }
 
 absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
-  grpc::ClientContext context;
-  Prepare(&context);
-  v1::WorkersResponse response;
-  if (grpc::Status s = stub_->Workers(&context, {}, &response); !s.ok()) return Explain(s);
-  return response;
+  return Call(&v1::TaskQueue::Stub::Workers, v1::WorkersRequest{});
 }
 
 absl::Status Client::WatchJob(const std::string& job_id,

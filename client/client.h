@@ -48,6 +48,12 @@ class Client {
  private:
   Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);
   void Prepare(grpc::ClientContext* context) const;
+  // A unary call with the token, the deadline, and errors explained.
+  template <typename Response, typename Request>
+  absl::StatusOr<Response> Call(grpc::Status (v1::TaskQueue::Stub::*method)(grpc::ClientContext*,
+                                                                            const Request&,
+                                                                            Response*),
+                                const Request& request) const;
   // Follows a job after its first `seen` results, reconnecting while the master is away.
   absl::Status Follow(const std::string& job_id, int64_t seen,
                       const std::function<void(const v1::JobEvent&)>& on_event,

@@ -75,6 +75,12 @@ json WorkerJson(const v1::WorkerInfo& w) {
           {"draining", w.draining()}};
 }
 
+json WorkersJson(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
+  json list = json::array();
+  for (const v1::WorkerInfo& w : workers) list.push_back(WorkerJson(w));
+  return list;
+}
+
 // One line per finished task, as the seed's result.get() printed them.
 std::string ResultLine(const v1::TaskInfo& t) {
   if (t.state() == v1::SUCCEEDED) return t.output();
@@ -257,10 +263,8 @@ int RunStats(const Client& client, const Console& console) {
                         {"dead", q.dead()},
                         {"cancelled", q.cancelled()}});
     }
-    json workers = json::array();
-    for (const v1::WorkerInfo& w : stats->workers()) workers.push_back(WorkerJson(w));
     console.out << Dump({{"queues", queues},
-                         {"workers", workers},
+                         {"workers", WorkersJson(stats->workers())},
                          {"duplicate_results", stats->duplicate_results()}})
                 << "\n";
     return kExitOk;
@@ -284,9 +288,7 @@ int RunWorkers(const Client& client, const Console& console) {
   absl::StatusOr<v1::WorkersResponse> workers = client.Workers();
   if (!workers.ok()) return Fail(console, workers.status());
   if (console.format == OutputFormat::kJson) {
-    json list = json::array();
-    for (const v1::WorkerInfo& w : workers->workers()) list.push_back(WorkerJson(w));
-    console.out << Dump(list) << "\n";
+    console.out << Dump(WorkersJson(workers->workers())) << "\n";
     return kExitOk;
   }
   PrintWorkersTable(console, workers->workers());

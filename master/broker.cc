@@ -102,7 +102,6 @@ struct Task {
   int64_t created_ms = 0;
   int64_t not_before_ms = 0;
   int64_t finished_ms = 0;
-  int64_t lease_deadline_ms = 0;
   int64_t timeout_ms = 0;
   uint64_t seq = 0;             // position in its ready list
   uint64_t completion_seq = 0;  // order of finishing, across all tasks
@@ -140,6 +139,8 @@ struct Worker {
   bool draining = false;
   int64_t connected_ms = 0;
   int64_t disconnected_ms = 0;
+  // Its last heartbeat: all its leases expire together when none came for the lease timeout.
+  int64_t heard_ms = 0;
   std::shared_ptr<WorkerChannel> channel;
   std::unordered_set<TaskId> leases;
   std::vector<TaskClass*> eligible;
@@ -305,7 +306,7 @@ class Broker::Impl {
     SubmitOutcome out;
     out.job_id = job->id;
     out.task_ids.reserve(specs.size());
-    std::set<TaskClass*> unserved;
+    std::set<TaskClass*> classes;  // of this batch's new tasks
     for (TaskSpec& s : specs) {
       if (!s.idempotency_key.empty()) {
         if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
@@ -328,7 +329,7 @@ class Broker::Impl {
       if (!t.key().empty()) keys_[t.key()] = t.id;
       job->tasks.push_back(t.id);
       out.task_ids.push_back(t.id);
-      cls->counters->pending++;  // both PENDING and DELAYED count as pending
+      cls->counters->pending++;  // it starts PENDING; SetState moves the count from there
       if (s.delay_ms > 0) {
         Delay(t, now + s.delay_ms);
       } else {
@@ -336,16 +337,17 @@ class Broker::Impl {
       }
       if (persistent_) {
         t.dirty = false;  // the insert carries its status
-        store_->InsertTask(RowOf(t, s.labels));
+        store_->InsertTask(RowOf(t));
       }
-      if (!HasWorkerFor(*cls)) unserved.insert(cls);
+      classes.insert(cls);
     }
-    for (TaskClass* cls : unserved) {
+    for (TaskClass* cls : classes) {
+      if (HasWorkerFor(*cls)) continue;
       out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
                                           "; its tasks wait until one does"));
     }
-    MaybeJobComplete(job, now, fx);
-    DispatchAll(fx);
+    MaybeJobComplete(job, now);
+    DispatchAll();
     return out;
   }
 
@@ -431,9 +433,28 @@ class Broker::Impl {
     dirty_.push_back(t.id);
   }
 
-  void MakeReady(Task& t, bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Moves `t` to `state`; the queue's pending (PENDING and DELAYED) and leased counts follow.
+  void SetState(Task& t, TaskState state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Touch(t);
-    t.state = TaskState::kPending;
+    QueueCounters& c = *t.cls->counters;
+    auto live = [&c](TaskState s) -> int64_t* {
+      if (s == TaskState::kPending || s == TaskState::kDelayed) return &c.pending;
+      if (s == TaskState::kLeased) return &c.leased;
+      return nullptr;
+    };
+    if (int64_t* was = live(t.state)) --*was;
+    t.state = state;
+    if (int64_t* now = live(state)) ++*now;
+  }
+
+  // The worker holding `t` holds it no more (its slot is free).
+  void Unlease(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (t.leased_to) t.leased_to->leases.erase(t.id);
+    t.leased_to = nullptr;
+  }
+
+  void MakeReady(Task& t, bool front) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    SetState(t, TaskState::kPending);
     t.not_before_ms = 0;
     auto& lane = t.cls->ready[t.priority];
     if (front) {
@@ -445,21 +466,16 @@ class Broker::Impl {
   }
 
   void Delay(Task& t, int64_t not_before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    Touch(t);
-    t.state = TaskState::kDelayed;
+    SetState(t, TaskState::kDelayed);
     t.not_before_ms = not_before;
     delayed_.push({not_before, t.id});
   }
 
   void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    Touch(t);
-    t.state = TaskState::kLeased;
+    SetState(t, TaskState::kLeased);
     t.attempts++;
     t.leased_to = &w;
     t.Notes().worker = w.name;
-    t.lease_deadline_ms = clock_->NowMs() + options_.lease_timeout_ms;
-    t.cls->counters->pending--;
-    t.cls->counters->leased++;
     w.leases.insert(t.id);
     w.credits--;
     w.outbox.tasks.push_back(
@@ -470,39 +486,27 @@ class Broker::Impl {
   // The worker no longer holds `t`; a leased task is counted as a failed attempt.
   void LoseLease(Task& t, const std::string& reason, Effects& fx)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (t.leased_to) t.leased_to->leases.erase(t.id);
-    t.leased_to = nullptr;
+    Unlease(t);
     if (t.state != TaskState::kLeased) return;
-    t.cls->counters->leased--;
     t.cls->counters->failed++;
     t.Notes().error = reason;
     if (t.attempts >= t.max_attempts) {
       Finish(t, TaskState::kDead, fx);
     } else {
-      t.cls->counters->pending++;
       MakeReady(t, /*front=*/false);
     }
   }
 
   // A leased task goes back without using its attempt (it never started).
   void GiveBack(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (t.leased_to) t.leased_to->leases.erase(t.id);
-    t.leased_to = nullptr;
+    Unlease(t);
     t.attempts--;
-    t.cls->counters->leased--;
-    t.cls->counters->pending++;
     MakeReady(t, /*front=*/true);
   }
 
   void Finish(Task& t, TaskState state, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    SetState(t, state);
     QueueCounters& c = *t.cls->counters;
-    if (t.state == TaskState::kLeased) {
-      c.leased--;
-    } else if (t.state == TaskState::kPending || t.state == TaskState::kDelayed) {
-      c.pending--;
-    }
-    Touch(t);
-    t.state = state;
     t.finished_ms = clock_->NowMs();
     t.completion_seq = next_completion_++;
     fx.finished_through = t.completion_seq;
@@ -523,7 +527,7 @@ class Broker::Impl {
     if (t.state == TaskState::kDead) job->dead++;
     if (t.state == TaskState::kCancelled) job->cancelled++;
     job->completed.push_back(t.id);
-    MaybeJobComplete(job, t.finished_ms, fx);
+    MaybeJobComplete(job, t.finished_ms);
     if (!fx.touched.insert(job).second) return;
     if (persistent_) {
       fx.reveal_jobs.push_back(job->id);  // its watchers are told once the result is on disk
@@ -533,7 +537,7 @@ class Broker::Impl {
   }
 
   // A complete job and its results are kept for the retention time, then forgotten together.
-  void MaybeJobComplete(Job* job, int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void MaybeJobComplete(Job* job, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (job->done == job->total) {
       job_expiry_.push_back({now + options_.result_retention_ms, job->id});
     }
@@ -567,13 +571,13 @@ class Broker::Impl {
     return s;
   }
 
-  TaskRow RowOf(const Task& t, const Labels& labels) const {
+  TaskRow RowOf(const Task& t) const {
     TaskRow r;
     r.id = t.id;
     r.job_id = t.job->id;
     r.queue = t.cls->queue;
     r.kind = t.cls->kind;
-    r.labels = labels;
+    r.labels = t.cls->labels;
     r.payload = t.payload;
     r.priority = t.priority;
     r.max_attempts = t.max_attempts;
@@ -734,7 +738,6 @@ class Broker::Impl {
         w->disconnected_ms = now_;
       }
       t.leased_to = w.get();
-      t.lease_deadline_ms = now_ + b_.options_.lease_timeout_ms;
       w->leases.insert(t.id);
     }
 
@@ -801,7 +804,7 @@ class Broker::Impl {
   // Hands ready tasks to every worker with credit, one at a time round robin: first to workers
   // with an idle slot, then into prefetch, so no task waits behind a busy worker while another
   // worker has a slot free.
-  void DispatchAll(Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void DispatchAll() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (shutting_down_) return;
     std::vector<Worker*> hungry;
     for (auto& [id, w] : workers_) {
@@ -839,6 +842,11 @@ class Broker::Impl {
       w->outbox = WorkerOutbound{};
     }
     dirty_workers_.clear();
+  }
+
+  void Grant(Worker& w, int32_t credits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // Never more outstanding credit than a worker could plausibly use.
+    if (credits > 0) w.credits = std::min(w.credits + credits, kMaxSlots);
   }
 
   // `w` has something to send; Collect sends it once the section ends.
@@ -1169,13 +1177,11 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         continue;
       }
       Task& t = it->second;
-      if (std::find(held.begin(), held.end(), TaskRef{id, t.attempts}) != held.end()) {
-        t.lease_deadline_ms = now + b.options_.lease_timeout_ms;
-      } else if (t.state == TaskState::kLeased) {
+      if (std::find(held.begin(), held.end(), TaskRef{id, t.attempts}) != held.end()) continue;
+      if (t.state == TaskState::kLeased) {
         b.GiveBack(t);
       } else {
-        w.leases.erase(id);
-        t.leased_to = nullptr;
+        b.Unlease(t);
       }
     }
     Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
@@ -1195,6 +1201,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.connected = true;
     w.draining = false;
     w.connected_ms = now;
+    w.heard_ms = now;
     w.channel = std::move(channel);
     w.eligible.clear();
     for (auto& [key, cls] : b.classes_) {
@@ -1207,7 +1214,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept", w.name,
         w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
         w.leases.size());
-    b.DispatchAll(fx);  // tasks it gave back may go to others
+    b.DispatchAll();  // tasks it gave back may go to others
     return WorkerHandle{w.id, w.generation};
   });
 }
@@ -1216,8 +1223,7 @@ void Broker::AddCredits(const WorkerHandle& handle, int32_t credits) {
   impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     Worker* w = impl_->FindWorker(handle);
     if (!w || credits <= 0) return;
-    // Never more outstanding credit than a worker could plausibly use.
-    w->credits = std::min(w->credits + credits, kMaxSlots);
+    impl_->Grant(*w, credits);
     impl_->DispatchTo(*w);
   });
 }
@@ -1241,29 +1247,25 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
         ++b.duplicates_;  // a stale attempt, or a result already recorded
         continue;
       }
-      if (t.state != TaskState::kLeased) {  // cancelled while it ran: the slot is free again
-        w->leases.erase(t.id);
-        t.leased_to = nullptr;
+      if (r.outcome == Outcome::kReturned && t.state == TaskState::kLeased) {
+        b.GiveBack(t);
+        gave_back = true;
         continue;
       }
+      b.Unlease(t);
+      if (t.state != TaskState::kLeased) continue;  // cancelled while it ran: its slot is free
       switch (r.outcome) {
         case Outcome::kSucceeded:
-          w->leases.erase(t.id);
-          t.leased_to = nullptr;
           t.Notes().output = std::move(r.output);
           t.Notes().error.clear();
           b.Finish(t, TaskState::kSucceeded, fx);
           break;
         case Outcome::kFailed:
-          w->leases.erase(t.id);
-          t.leased_to = nullptr;
           t.Notes().error = std::move(r.error);
           t.cls->counters->failed++;
           if (r.permanent || t.attempts >= t.max_attempts) {
             b.Finish(t, TaskState::kDead, fx);
           } else {
-            t.cls->counters->leased--;
-            t.cls->counters->pending++;
             const int shift = std::min(t.attempts - 1, 30);
             const int64_t backoff =
                 std::min(b.options_.retry_backoff_max_ms, b.options_.retry_backoff_ms << shift);
@@ -1271,18 +1273,14 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
           }
           break;
         case Outcome::kCancelled:
-          w->leases.erase(t.id);
-          t.leased_to = nullptr;
           t.Notes().error = r.error.empty() ? "cancelled" : std::move(r.error);
           b.Finish(t, TaskState::kCancelled, fx);
           break;
-        case Outcome::kReturned:
-          b.GiveBack(t);
-          gave_back = true;
+        case Outcome::kReturned:  // handled above
           break;
       }
     }
-    if (credits > 0) w->credits = std::min(w->credits + credits, kMaxSlots);
+    b.Grant(*w, credits);
     if (!b.persistent_) {
       // Nothing to wait for: the acks leave with the next tasks, in one message.
       w->outbox.acked = std::move(acked);
@@ -1290,7 +1288,7 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
       b.MarkDirty(*w);
     }
     if (gave_back) {
-      b.DispatchAll(fx);
+      b.DispatchAll();
     } else {
       b.DispatchTo(*w);
     }
@@ -1308,12 +1306,7 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
 void Broker::Heartbeat(const WorkerHandle& handle) {
   absl::MutexLock lock(&impl_->mu_);
   Worker* w = impl_->FindWorker(handle);
-  if (!w) return;
-  const int64_t deadline = impl_->clock_->NowMs() + impl_->options_.lease_timeout_ms;
-  for (TaskId id : w->leases) {
-    auto it = impl_->tasks_.find(id);
-    if (it != impl_->tasks_.end()) it->second.lease_deadline_ms = deadline;
-  }
+  if (w) w->heard_ms = impl_->clock_->NowMs();
 }
 
 void Broker::Drain(const WorkerHandle& handle) {
@@ -1344,7 +1337,7 @@ void Broker::Detach(const WorkerHandle& handle, bool bye) {
       w->credits = 0;
       w->disconnected_ms = b.clock_->NowMs();
     }
-    b.DispatchAll(fx);
+    b.DispatchAll();
   });
 }
 
@@ -1367,18 +1360,19 @@ void Broker::Tick() {
         gone.push_back(w.get());
         continue;
       }
-      std::vector<TaskId> expired;
-      for (TaskId id : w->leases) {
-        auto it = b.tasks_.find(id);
-        if (it == b.tasks_.end() || it->second.lease_deadline_ms <= now) expired.push_back(id);
+      // A disconnected worker has the reconnect grace instead.
+      if (!w->connected || w->leases.empty() || now - w->heard_ms < b.options_.lease_timeout_ms) {
+        continue;
       }
+      Log(fx, spdlog::level::warn, "no heartbeat from worker {} for {} ms: its {} leases expire",
+          w->name, now - w->heard_ms, w->leases.size());
+      const std::vector<TaskId> expired(w->leases.begin(), w->leases.end());
       for (TaskId id : expired) {
         auto it = b.tasks_.find(id);
         if (it == b.tasks_.end()) {
           w->leases.erase(id);
           continue;
         }
-        Log(fx, spdlog::level::warn, "task {} lease expired on worker {}", id, w->name);
         w->outbox.cancel.push_back(id);
         b.MarkDirty(*w);
         b.LoseLease(it->second,
@@ -1398,7 +1392,7 @@ void Broker::Tick() {
       b.job_expiry_.pop_front();
       if (it != b.jobs_.end()) b.DeleteJob(*it->second);
     }
-    b.DispatchAll(fx);
+    b.DispatchAll();
   });
 }
 
