@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--format", format, "text or json")
       ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
+  app.add_option("--max-message-bytes", options.master.max_message_bytes,
+                 "largest gRPC message either way (as the master's)")
+      ->capture_default_str();
   app.add_option("--tls-ca", options.master.tls_ca_file, "PEM CA bundle: connect with TLS");
   app.add_option("--tls-cert", options.master.tls_cert_file, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", options.master.tls_key_file, "PEM key of --tls-cert");

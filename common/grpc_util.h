@@ -9,6 +9,10 @@
 
 namespace taskmaster {
 
+// A message that batches items (tasks, results) closes once it holds about this many bytes, so
+// no batch comes near a message limit whatever the items' sizes.
+inline constexpr size_t kBatchBytes = 1 << 20;
+
 // Limits both ends agree on: one value sets the send and receive caps.
 inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
 

@@ -1075,8 +1075,8 @@ absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
   });
 }
 
-absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t after,
-                                          size_t max) const {
+absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t after, size_t max,
+                                          size_t max_bytes) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->jobs_.find(job_id);
   if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
@@ -1084,7 +1084,9 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
   JobEvents events;
   events.progress = impl_->ViewOf(job);
   const auto total = static_cast<int64_t>(job.completed.size());
-  for (int64_t i = std::max<int64_t>(0, after); i < total && events.results.size() < max; ++i) {
+  size_t bytes = 0;
+  for (int64_t i = std::max<int64_t>(0, after);
+       i < total && events.results.size() < max && bytes < max_bytes; ++i) {
     auto t = impl_->tasks_.find(job.completed[i]);
     if (t != impl_->tasks_.end() && !impl_->Settled(t->second)) break;  // not on disk yet
     if (t == impl_->tasks_.end()) {
@@ -1096,6 +1098,7 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
       events.results.push_back(std::move(gone));
     } else {
       TaskView view = impl_->ViewOf(t->second, /*with_payload=*/false);
+      bytes += view.output.size() + view.error.size() + 64;
       events.results.push_back(std::move(view));
     }
   }

@@ -82,7 +82,9 @@ class Broker {
 
   // Results of a job after the first `after` in completion order, at most `max` of them,
   // without their payloads (GetTask has those).
-  absl::StatusOr<JobEvents> ReadJob(const std::string& job_id, int64_t after, size_t max) const;
+  // Stops after `max` results, or once their outputs and errors reach `max_bytes` (at least one).
+  absl::StatusOr<JobEvents> ReadJob(const std::string& job_id, int64_t after, size_t max,
+                                    size_t max_bytes) const;
   // `watcher` is told after every change of the job until Unwatch.
   absl::Status Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher);
   void Unwatch(const std::string& job_id, const JobWatcher* watcher);

@@ -11,8 +11,6 @@ namespace {
 
 // Results per JobEvent: bounds the size of one write while a big job catches up.
 constexpr size_t kMaxResultsPerEvent = 1000;
-// A worker-bound message is closed for more tasks past this many payload bytes.
-constexpr size_t kMaxBytesPerMessage = 1 << 20;
 
 TaskSpec FromProto(v1::TaskSpec& p) {
   TaskSpec s;
@@ -227,7 +225,8 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
                                 "the master is shutting down; follow the job again"));
       return;
     }
-    absl::StatusOr<JobEvents> events = broker_->ReadJob(job_id_, cursor_, kMaxResultsPerEvent);
+    absl::StatusOr<JobEvents> events =
+        broker_->ReadJob(job_id_, cursor_, kMaxResultsPerEvent, kBatchBytes);
     if (!events.ok()) {
       FinishLocked(ToGrpcStatus(events.status()));
       return;
@@ -366,39 +365,39 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   void Enqueue(WorkerOutbound message) {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
-    if (outbox_.empty() || outbox_bytes_.back() >= kMaxBytesPerMessage) {
-      outbox_.emplace_back();
-      outbox_bytes_.push_back(0);
-    }
-    v1::MasterMessage& out = outbox_.back();
+    if (outbox_.empty()) outbox_.emplace_back();
+    v1::MasterMessage* out = &outbox_.back().message;
     if (message.welcome) {
-      v1::Welcome* w = out.mutable_welcome();
+      v1::Welcome* w = out->mutable_welcome();
       w->set_master_epoch(message.welcome->master_epoch);
       w->set_heartbeat_interval_ms(message.welcome->heartbeat_interval_ms);
       w->set_lease_timeout_ms(message.welcome->lease_timeout_ms);
       AddRefs(message.welcome->revoked, w->mutable_revoked());
     }
     for (LeasedTask& t : message.tasks) {
-      v1::Task* p = out.add_tasks();
+      if (outbox_.back().bytes >= kBatchBytes) {
+        outbox_.emplace_back();
+        out = &outbox_.back().message;
+      }
+      outbox_.back().bytes += t.payload.size() + 32;
+      v1::Task* p = out->add_tasks();
       p->set_task_id(t.id);
       p->set_attempt(t.attempt);
       p->set_kind(std::move(t.kind));
-      outbox_bytes_.back() += t.payload.size() + 32;
       p->set_payload(std::move(t.payload));
       p->set_timeout_ms(t.timeout_ms);
       p->set_queue(std::move(t.queue));
     }
-    for (TaskId id : message.cancel) out.add_cancel(id);
-    AddRefs(message.acked, out.mutable_acked());
-    if (message.shutting_down) out.set_shutting_down(true);
+    for (TaskId id : message.cancel) out->add_cancel(id);
+    AddRefs(message.acked, out->mutable_acked());
+    if (message.shutting_down) out->set_shutting_down(true);
     WriteNextLocked();
   }
 
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finished_ || outbox_.empty()) return;
-    writing_msg_ = std::move(outbox_.front());
+    writing_msg_ = std::move(outbox_.front().message);
     outbox_.pop_front();
-    outbox_bytes_.pop_front();
     writing_ = true;
     StartWrite(&writing_msg_);
   }
@@ -426,8 +425,11 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   bool bye_ = false;
 
   absl::Mutex mu_;
-  std::deque<v1::MasterMessage> outbox_ ABSL_GUARDED_BY(mu_);
-  std::deque<size_t> outbox_bytes_ ABSL_GUARDED_BY(mu_);
+  struct Pending {
+    v1::MasterMessage message;
+    size_t bytes = 0;  // of its tasks, roughly
+  };
+  std::deque<Pending> outbox_ ABSL_GUARDED_BY(mu_);
   v1::MasterMessage writing_msg_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -385,12 +385,12 @@ TEST_F(BrokerTest, WatchersSeeResultsInCompletionOrder) {
   Report(w, tasks[2], Outcome::kSucceeded, "c");
   Report(w, tasks[0], Outcome::kSucceeded, "a");
   EXPECT_EQ(watcher->calls, 2);
-  auto events = broker_->ReadJob(out->job_id, 0, 10);
+  auto events = broker_->ReadJob(out->job_id, 0, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 2u);
   EXPECT_EQ(events->results[0].output, "c");
   EXPECT_EQ(events->results[1].output, "a");
   Report(w, tasks[1], Outcome::kSucceeded, "b");
-  events = broker_->ReadJob(out->job_id, 2, 10);
+  events = broker_->ReadJob(out->job_id, 2, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 1u);
   EXPECT_EQ(events->results[0].output, "b");
   EXPECT_EQ(events->progress.done, 3);
@@ -540,12 +540,12 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   ASSERT_TRUE(broker.Watch(submitted->job_id, watcher).ok());
   broker.Report(*handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "x", ""}});
 
-  EXPECT_TRUE(broker.ReadJob(submitted->job_id, 0, 10)->results.empty());
+  EXPECT_TRUE(broker.ReadJob(submitted->job_id, 0, 10, 1 << 20)->results.empty());
   EXPECT_FALSE(broker.GetTask(tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 0);
   EXPECT_TRUE(channel->acked.empty());
   store.Release();
-  EXPECT_EQ(broker.ReadJob(submitted->job_id, 0, 10)->results.size(), 1u);
+  EXPECT_EQ(broker.ReadJob(submitted->job_id, 0, 10, 1 << 20)->results.size(), 1u);
   EXPECT_TRUE(broker.GetTask(tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 1);
   EXPECT_EQ(channel->acked.size(), 1u);

@@ -393,3 +393,58 @@ TEST(Integration, MutualTlsWithTokens) {
 
 }  // namespace
 }  // namespace taskmaster::testing
+
+namespace taskmaster::testing {
+namespace {
+
+TEST(Integration, LargePayloadsTravelInMessagesUnderTheLimit) {
+  // 40 tasks of 1 MiB each taken by one worker at once: as one message they would be 40 MiB,
+  // over the 8 MiB message limit set on every side.
+  Cluster cluster({"--max-message-bytes", "8388608"});
+  cluster.StartMaster();
+  ClientOptions options;
+  options.master.address = cluster.address();
+  options.master.max_message_bytes = 8 << 20;
+  options.token = kSubmitToken;
+  auto client = Client::Connect(options);
+  ASSERT_TRUE(client.ok());
+  std::vector<std::string> jobs;
+  for (int batch = 0; batch < 8; ++batch) {  // 5 MiB per submit
+    v1::SubmitRequest request;
+    for (int i = 0; i < 5; ++i) {
+      v1::TaskSpec* t = request.add_tasks();
+      t->set_kind("echo");
+      t->set_payload(std::string(1 << 20, static_cast<char>('a' + batch)));
+    }
+    auto submitted = (*client)->Submit(request);
+    ASSERT_TRUE(submitted.ok()) << submitted.status();
+    jobs.push_back(submitted->job_id());
+  }
+  // All 40 are ready when the worker comes: its first credits take them in one go.
+  cluster.StartWorker("big",
+                      {"--threads", "2", "--prefetch", "60", "--max-message-bytes", "8388608"});
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const std::string& job : jobs) {
+          auto info = (*client)->GetJob(job);
+          if (!info.ok() || info->done() < info->total()) return false;
+        }
+        return true;
+      },
+      seconds(30)));
+  size_t results = 0;
+  for (const std::string& job : jobs) {
+    absl::Status status = (*client)->WatchJob(job, [&](const v1::JobEvent& e) {
+      for (const v1::TaskInfo& t : e.results()) {
+        EXPECT_EQ(t.state(), v1::SUCCEEDED) << t.error();
+        EXPECT_EQ(t.output().size(), 1u << 20);
+        ++results;
+      }
+    });
+    ASSERT_TRUE(status.ok()) << status;
+  }
+  EXPECT_EQ(results, 40u);
+}
+
+}  // namespace
+}  // namespace taskmaster::testing

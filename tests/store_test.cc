@@ -138,7 +138,7 @@ TEST_F(StoreTest, RestartRecoversEveryState) {
   EXPECT_EQ(progress->done, 2);
   EXPECT_EQ(progress->succeeded, 1);
   EXPECT_EQ(progress->cancelled, 1);
-  auto events = broker_->ReadJob(job.job_id, 0, 10);
+  auto events = broker_->ReadJob(job.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 2u);
   EXPECT_EQ(events->results[0].id, ids[2]);  // completion order kept
   EXPECT_EQ(events->results[1].id, ids[6]);
@@ -210,10 +210,10 @@ TEST_F(StoreTest, FollowingJobKeepsItsOrderAcrossRestart) {
   ASSERT_EQ(t.size(), 1u);
   broker_->Report(w.handle, {{t[0].id, t[0].attempt, Outcome::kSucceeded, "11*11=121", ""}});
   Durable();
-  auto before = broker_->ReadJob(second.job_id, 0, 10);
+  auto before = broker_->ReadJob(second.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(before->results.size(), 2u);
   Restart();
-  auto after = broker_->ReadJob(second.job_id, 0, 10);
+  auto after = broker_->ReadJob(second.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(after->results.size(), before->results.size());
   for (size_t i = 0; i < before->results.size(); ++i) {
     EXPECT_EQ(after->results[i].id, before->results[i].id);

@@ -44,6 +44,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--reconnect-max-ms", reconnect_max_ms, "longest wait between reconnects")
       ->capture_default_str();
+  app.add_option("--max-message-bytes", o.master.max_message_bytes,
+                 "largest gRPC message either way (as the master's)")
+      ->capture_default_str();
   app.add_option("--tls-ca", o.master.tls_ca_file, "PEM CA bundle: connect with TLS");
   app.add_option("--tls-cert", o.master.tls_cert_file, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", o.master.tls_key_file, "PEM key of --tls-cert");

@@ -389,10 +389,14 @@ class WorkerImpl final : public Worker {
           for (const auto& [id, r] : unacked_) unacked_before.push_back(id);
           next_resend = std::chrono::steady_clock::now() + kResendAfter;
         }
-        while (!to_send_.empty() && m.results_size() < kMaxResultsPerMessage) {
+        size_t bytes = 0;
+        while (!to_send_.empty() && m.results_size() < kMaxResultsPerMessage &&
+               bytes < kBatchBytes) {
           auto it = unacked_.find(to_send_.front());
           to_send_.pop_front();
-          if (it != unacked_.end()) *m.add_results() = it->second;
+          if (it == unacked_.end()) continue;
+          bytes += it->second.output().size() + it->second.error().size() + 32;
+          *m.add_results() = it->second;
         }
         if (credits_to_send_ > 0 && !draining_) m.set_credits(credits_to_send_);
         credits_to_send_ = 0;
