@@ -133,10 +133,6 @@ class WorkerImpl final : public Worker {
     Backoff backoff(options_.reconnect_min, options_.reconnect_max);
     bool warned = false;
     while (true) {
-      {
-        absl::MutexLock lock(&mu_);
-        if (leaving_) return;
-      }
       grpc::Status status;
       if (RunSession(&status)) {
         backoff.Reset();
@@ -222,7 +218,10 @@ class WorkerImpl final : public Worker {
     if (lost_state) log_->warn("{}", *lost_state);
     log_->info("connected to master {} (epoch {})", options_.master.address,
                in.welcome().master_epoch());
-    std::thread sender([this, s = stream.get()] { SendLoop(s); });
+    const auto heartbeat_interval =
+        std::chrono::milliseconds(std::max<int64_t>(100, in.welcome().heartbeat_interval_ms()));
+    std::thread sender(
+        [this, s = stream.get(), heartbeat_interval] { SendLoop(s, heartbeat_interval); });
     bool master_stopping = false;
     do {
       HandleMessage(in);
@@ -260,8 +259,6 @@ class WorkerImpl final : public Worker {
       unacked_.erase(ref.task_id());
     }
     epoch_ = welcome.master_epoch();
-    heartbeat_interval_ =
-        std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
     to_send_.clear();
     for (const auto& [id, r] : unacked_) to_send_.push_back(id);
     credits_to_send_ = 0;
@@ -363,8 +360,9 @@ class WorkerImpl final : public Worker {
     to_send_.push_back(id);
   }
 
-  void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream) {
-    auto next_heartbeat = std::chrono::steady_clock::now() + heartbeat_interval_;
+  void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream,
+                std::chrono::milliseconds heartbeat_interval) {
+    auto next_heartbeat = std::chrono::steady_clock::now() + heartbeat_interval;
     auto next_resend = std::chrono::steady_clock::now() + kResendAfter;
     std::vector<TaskId> unacked_before;  // results unacknowledged at the last resend check
     while (true) {
@@ -412,7 +410,7 @@ class WorkerImpl final : public Worker {
       const auto now = std::chrono::steady_clock::now();
       if (now >= next_heartbeat) {
         m.set_heartbeat(true);
-        next_heartbeat = now + heartbeat_interval_;
+        next_heartbeat = now + heartbeat_interval;
       }
       if (m.ByteSizeLong() == 0) continue;
       if (!stream->Write(m)) return;
@@ -532,7 +530,6 @@ class WorkerImpl final : public Worker {
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
   std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
   std::string epoch_ ABSL_GUARDED_BY(mu_);
-  std::chrono::milliseconds heartbeat_interval_ ABSL_GUARDED_BY(mu_){5'000};
   grpc::ClientContext* live_context_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool session_open_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
