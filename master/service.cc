@@ -315,11 +315,12 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
     writing_ = false;
-    if (!ok) return;  // the read side sees the broken stream and finishes
+    // A Finish deferred for this write is owed whether the write went through or not.
     if (finish_pending_) {
       FinishLocked(*finish_pending_);
       return;
     }
+    if (!ok) return;  // the read side sees the broken stream and finishes
     WriteNextLocked();
   }
 
