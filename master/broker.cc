@@ -120,6 +120,9 @@ struct Job {
   int64_t dead = 0;
   int64_t cancelled = 0;
   int64_t created_ms = 0;
+  // Submitted, not yet on disk: invisible to clients and workers until the store has it, and
+  // forgotten without a trace if the store fails to write it.
+  bool staged = false;
   std::vector<TaskId> tasks;
   std::vector<TaskId> completed;  // completion order
   std::vector<std::shared_ptr<JobWatcher>> watchers;
@@ -258,8 +261,10 @@ class Broker::Impl {
     return !persistent_ || t.completion_seq <= durable_completion_;
   }
 
-  absl::StatusOr<SubmitOutcome> SubmitLocked(std::vector<TaskSpec>& specs, Effects& fx)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Validates and enqueues a batch as one job. With a persistent store the job stays staged
+  // (see Job::staged) and its rows go to `rows`; Publish or Discard ends the staging.
+  absl::StatusOr<SubmitOutcome> SubmitLocked(std::vector<TaskSpec>& specs, Effects& fx,
+                                             SubmitRows* rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (specs.empty()) return absl::InvalidArgumentError("a submit needs at least one task");
     if (specs.size() > options_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat("a batch holds at most ", options_.max_batch,
@@ -268,11 +273,17 @@ class Broker::Impl {
     std::map<std::string, int64_t> added_per_queue;
     size_t new_classes = 0;
     std::set<std::tuple<std::string, std::string, Labels>> seen_new;
+    std::unordered_map<std::string_view, const TaskSpec*> batch_keys;
     for (size_t i = 0; i < specs.size(); ++i) {
       TaskSpec& s = specs[i];
       if (s.queue.empty()) s.queue = kDefaultQueue;
+      if (s.timeout_ms == 0) s.timeout_ms = options_.default_timeout_ms;
+      if (s.max_attempts == 0) s.max_attempts = options_.default_max_attempts;
       if (absl::Status st = Validate(s); !st.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("task ", i, ": ", st.message()));
+      }
+      if (absl::Status st = CheckKey(s, batch_keys); !st.ok()) {
+        return absl::Status(st.code(), absl::StrCat("task ", i, ": ", st.message()));
       }
       ++added_per_queue[s.queue];
       auto key = std::make_tuple(s.queue, s.kind, s.labels);
@@ -299,9 +310,13 @@ class Broker::Impl {
     job->id = "job-" + RandomHex(8);
     job->total = static_cast<int64_t>(specs.size());
     job->created_ms = now;
+    job->staged = rows != nullptr;
     job->tasks.reserve(specs.size());
     jobs_[job->id] = std::move(job_owner);
-    if (persistent_) store_->InsertJob({job->id, job->total, job->created_ms});
+    if (rows) {
+      rows->job = {job->id, job->total, job->created_ms};
+      rows->tasks.reserve(specs.size());
+    }
 
     SubmitOutcome out;
     out.job_id = job->id;
@@ -310,7 +325,7 @@ class Broker::Impl {
     for (TaskSpec& s : specs) {
       if (!s.idempotency_key.empty()) {
         if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
-          AddExistingToJob(job, it->second, fx);
+          AddExistingToJob(job, it->second, fx, rows);
           out.task_ids.push_back(it->second);
           continue;
         }
@@ -323,21 +338,23 @@ class Broker::Impl {
       t.payload = std::move(s.payload);
       if (!s.idempotency_key.empty()) t.Notes().idempotency_key = std::move(s.idempotency_key);
       t.created_ms = now;
-      t.timeout_ms = s.timeout_ms > 0 ? s.timeout_ms : options_.default_timeout_ms;
+      t.timeout_ms = s.timeout_ms;
       t.priority = s.priority;
-      t.max_attempts = s.max_attempts > 0 ? s.max_attempts : options_.default_max_attempts;
+      t.max_attempts = s.max_attempts;
       if (!t.key().empty()) keys_[t.key()] = t.id;
       job->tasks.push_back(t.id);
       out.task_ids.push_back(t.id);
-      cls->counters->pending++;  // it starts PENDING; SetState moves the count from there
+      cls->counters->pending++;  // PENDING and DELAYED both count as pending
       if (s.delay_ms > 0) {
-        Delay(t, now + s.delay_ms);
+        t.state = TaskState::kDelayed;
+        t.not_before_ms = now + s.delay_ms;
       } else {
-        MakeReady(t, /*front=*/false);
+        t.seq = next_seq_++;
       }
-      if (persistent_) {
-        t.dirty = false;  // the insert carries its status
-        store_->InsertTask(RowOf(t));
+      if (rows) {
+        rows->tasks.push_back(RowOf(t));
+      } else {
+        Enqueue(t);
       }
       classes.insert(cls);
     }
@@ -346,9 +363,75 @@ class Broker::Impl {
       out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
                                           "; its tasks wait until one does"));
     }
-    MaybeJobComplete(job, now);
-    DispatchAll();
+    if (!rows) DispatchAll();
     return out;
+  }
+
+  // A resubmitted idempotency key must come with the same work: the client would otherwise
+  // read the first task's result as the answer to a different one.
+  absl::Status CheckKey(const TaskSpec& s,
+                        std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (s.idempotency_key.empty()) return absl::OkStatus();
+    auto mismatch = [&] {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "idempotency key '", s.idempotency_key,
+          "' was used for a different task (queue, kind, payload, labels, priority, timeout or "
+          "attempts differ); use a new key for new work"));
+    };
+    if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
+      const Task& t = tasks_.at(it->second);
+      if (t.job->staged) {
+        return absl::AbortedError(absl::StrCat("a submit with idempotency key '", s.idempotency_key,
+                                               "' is still being stored; retry in a moment"));
+      }
+      const bool same = t.cls->queue == s.queue && t.cls->kind == s.kind &&
+                        t.cls->labels == s.labels && t.payload == s.payload &&
+                        t.priority == s.priority && t.timeout_ms == s.timeout_ms &&
+                        t.max_attempts == s.max_attempts;
+      return same ? absl::OkStatus() : mismatch();
+    }
+    auto [it, first] = batch_keys.emplace(s.idempotency_key, &s);
+    if (first) return absl::OkStatus();
+    const TaskSpec& o = *it->second;
+    const bool same = o.queue == s.queue && o.kind == s.kind && o.labels == s.labels &&
+                      o.payload == s.payload && o.priority == s.priority &&
+                      o.timeout_ms == s.timeout_ms && o.max_attempts == s.max_attempts &&
+                      o.delay_ms == s.delay_ms;
+    return same ? absl::OkStatus() : mismatch();
+  }
+
+  // The store has a staged job: it becomes visible and its tasks ready.
+  void Publish(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    job.staged = false;
+    for (TaskId id : job.tasks) {
+      Task& t = tasks_.at(id);
+      if (t.job == &job) Enqueue(t);
+    }
+    DispatchAll();
+  }
+
+  // The store failed to write a staged job: it leaves no trace.
+  void Discard(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (TaskId id : job.tasks) {
+      auto it = tasks_.find(id);
+      if (it == tasks_.end()) continue;
+      Task& t = it->second;
+      if (t.job != &job) {  // followed through a key
+        auto [begin, end] = extra_jobs_.equal_range(id);
+        for (auto e = begin; e != end; ++e) {
+          if (e->second == &job) {
+            extra_jobs_.erase(e);
+            break;
+          }
+        }
+        continue;
+      }
+      t.cls->counters->pending--;
+      if (!t.key().empty()) keys_.erase(t.key());
+      tasks_.erase(it);
+    }
+    jobs_.erase(job.id);
   }
 
   absl::Status Validate(const TaskSpec& s) const {
@@ -386,12 +469,13 @@ class Broker::Impl {
   }
 
   // A resubmitted idempotency key: the new job follows the original task.
-  void AddExistingToJob(Job* job, TaskId id, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void AddExistingToJob(Job* job, TaskId id, Effects& fx, SubmitRows* rows)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     job->tasks.push_back(id);
     Task& t = tasks_.at(id);
     const bool finished = IsFinished(t.state);
-    if (persistent_) {
-      store_->AddJobMember(
+    if (rows) {
+      rows->members.push_back(
           {job->id, id, finished ? static_cast<int64_t>(job->completed.size()) : int64_t{-1}});
     }
     if (finished) {
@@ -462,6 +546,15 @@ class Broker::Impl {
     } else {
       t.seq = next_seq_++;
       lane.push_back({t.seq, t.id});
+    }
+  }
+
+  // A new task takes its place: ready at the back of its lane, or delayed.
+  void Enqueue(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (t.state == TaskState::kDelayed) {
+      delayed_.push({t.not_before_ms, t.id});
+    } else {
+      t.cls->ready[t.priority].push_back({t.seq, t.id});
     }
   }
 
@@ -900,8 +993,18 @@ class Broker::Impl {
     return v;
   }
 
-  JobView ViewOf(const Job& j) const {
-    return {j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms};
+  // Progress as the disk has it: results still being written do not count yet.
+  JobView ViewOf(const Job& j) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    JobView v{j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms};
+    for (auto id = j.completed.rbegin(); id != j.completed.rend(); ++id) {
+      auto t = tasks_.find(*id);
+      if (t == tasks_.end() || Settled(t->second)) break;  // durability follows completion order
+      v.done--;
+      v.succeeded -= t->second.state == TaskState::kSucceeded;
+      v.dead -= t->second.state == TaskState::kDead;
+      v.cancelled -= t->second.state == TaskState::kCancelled;
+    }
+    return v;
   }
 
   std::string WaitingFor(const Task& t) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -1014,19 +1117,41 @@ void Broker::Submit(std::vector<TaskSpec> specs,
                                              writable.message(), "); retry later")));
     return;
   }
-  absl::StatusOr<SubmitOutcome> outcome = impl_->Locked(
-      [&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS { return impl_->SubmitLocked(specs, fx); });
-  if (!outcome.ok()) {
+  SubmitRows rows;
+  SubmitRows* staged = impl_->persistent_ ? &rows : nullptr;
+  absl::StatusOr<SubmitOutcome> outcome =
+      impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return impl_->SubmitLocked(specs, fx, staged);
+      });
+  if (!outcome.ok() || !staged) {
     done(std::move(outcome));
     return;
   }
-  impl_->store_->Flush(
-      [done = std::move(done), outcome = std::move(*outcome)](absl::Status status) mutable {
+  // Workers and clients see the job only once it is on disk; a job the store failed to write
+  // is forgotten, so a client told "failed" finds no trace of it, ever.
+  impl_->store_->Submit(
+      std::move(rows),
+      [impl = impl_.get(), life = std::weak_ptr<int>(impl_->life_), done = std::move(done),
+       outcome = std::move(*outcome)](absl::Status status) mutable {
+        if (life.expired()) {
+          done(absl::UnavailableError("the master stopped before the batch was stored"));
+          return;
+        }
+        impl->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          auto it = impl->jobs_.find(outcome.job_id);
+          if (it == impl->jobs_.end()) return;
+          if (status.ok()) {
+            impl->Publish(*it->second);
+          } else {
+            impl->Discard(*it->second);
+          }
+        });
         if (status.ok()) {
           done(std::move(outcome));
         } else {
           done(absl::UnavailableError(
-              absl::StrCat("the batch could not be stored: ", status.message())));
+              absl::StrCat("the batch could not be stored (", status.message(),
+                           "); none of its tasks were kept: submit it again later")));
         }
       });
 }
@@ -1034,7 +1159,7 @@ void Broker::Submit(std::vector<TaskSpec> specs,
 absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->tasks_.find(id);
-  if (it == impl_->tasks_.end()) {
+  if (it == impl_->tasks_.end() || it->second.job->staged) {
     return absl::NotFoundError(
         absl::StrCat("no task ", id, " (never submitted, or past retention)"));
   }
@@ -1047,7 +1172,7 @@ absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
 absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end()) {
+  if (it == impl_->jobs_.end() || it->second->staged) {
     return absl::NotFoundError(
         absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
   }
@@ -1057,7 +1182,9 @@ absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
 absl::StatusOr<int64_t> Broker::CancelTask(TaskId id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
     auto it = impl_->tasks_.find(id);
-    if (it == impl_->tasks_.end()) return absl::NotFoundError(absl::StrCat("no task ", id));
+    if (it == impl_->tasks_.end() || it->second.job->staged) {
+      return absl::NotFoundError(absl::StrCat("no task ", id));
+    }
     return impl_->CancelLocked(it->second, fx) ? 1 : 0;
   });
 }
@@ -1065,7 +1192,9 @@ absl::StatusOr<int64_t> Broker::CancelTask(TaskId id) {
 absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
     auto it = impl_->jobs_.find(job_id);
-    if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+    if (it == impl_->jobs_.end() || it->second->staged) {
+      return absl::NotFoundError(absl::StrCat("no job ", job_id));
+    }
     int64_t cancelled = 0;
     for (TaskId id : it->second->tasks) {
       auto t = impl_->tasks_.find(id);
@@ -1079,7 +1208,9 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
                                           size_t max_bytes) const {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  if (it == impl_->jobs_.end() || it->second->staged) {
+    return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  }
   const Job& job = *it->second;
   JobEvents events;
   events.progress = impl_->ViewOf(job);
@@ -1108,7 +1239,9 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
 absl::Status Broker::Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher) {
   absl::MutexLock lock(&impl_->mu_);
   auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  if (it == impl_->jobs_.end() || it->second->staged) {
+    return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  }
   it->second->watchers.push_back(std::move(watcher));
   return absl::OkStatus();
 }

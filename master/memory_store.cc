@@ -10,10 +10,10 @@ class MemoryStore final : public Store {
   bool persistent() const override { return false; }
   absl::Status Load(RecoveryVisitor*) override { return absl::OkStatus(); }
   absl::Status Writable() const override { return absl::OkStatus(); }
-  void InsertJob(const JobRow&) override {}
-  void InsertTask(TaskRow) override {}
+  void Submit(SubmitRows, std::function<void(absl::Status)> done) override {
+    done(absl::OkStatus());
+  }
   void UpdateTask(TaskId, TaskStatusRow) override {}
-  void AddJobMember(const JobMemberRow&) override {}
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override { done(absl::OkStatus()); }

@@ -1,13 +1,8 @@
 // The durable store: SQLite in WAL mode, written by one thread that commits every change queued
-// since its last commit in one transaction. docs/storage.md describes the schema.
+// since its last commit in one transaction. docs/storage.md describes the files and guarantees.
 #include <fcntl.h>
-#include <sqlite3.h>
-#include <sys/file.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <thread>
 #include <unordered_map>
@@ -15,84 +10,40 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
-#include "common/util.h"
+#include "master/sqlite_files.h"
+#include "master/sqlite_records.h"
 #include "master/store.h"
-#include "nlohmann/json.hpp"
 
 namespace taskmaster {
 namespace {
 
-// 'TMS1': marks a taskmaster database, so we never adopt somebody else's SQLite file.
-constexpr int kApplicationId = 0x544D5331;
-// Bump when the schema changes, with a migration from every older version.
-constexpr int kSchemaVersion = 1;
+using sqlite::BindBlob;
+using sqlite::BindText;
+using sqlite::DataDir;
+using sqlite::Statement;
 
-constexpr char kSchema[] = R"sql(
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE jobs(job_id TEXT PRIMARY KEY, total INTEGER NOT NULL, created_ms INTEGER NOT NULL)
-  WITHOUT ROWID;
-CREATE TABLE tasks(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
-  labels TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
-  max_attempts INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
-  idempotency_key TEXT NOT NULL,
-  state INTEGER NOT NULL, attempts INTEGER NOT NULL, not_before_ms INTEGER NOT NULL,
-  finished_ms INTEGER NOT NULL, seq INTEGER NOT NULL, completion_seq INTEGER NOT NULL,
-  output BLOB NOT NULL, error TEXT NOT NULL, worker TEXT NOT NULL, worker_id TEXT NOT NULL);
-CREATE TABLE job_members(job_id TEXT NOT NULL, task_id INTEGER NOT NULL,
-  position INTEGER NOT NULL, PRIMARY KEY(job_id, task_id)) WITHOUT ROWID;
-)sql";
-
-constexpr char kTaskColumns[] =
-    "id, job_id, queue, kind, labels, payload, priority, max_attempts, timeout_ms, created_ms, "
-    "idempotency_key, state, attempts, not_before_ms, finished_ms, seq, completion_seq, output, "
-    "error, worker, worker_id";
-
-std::string EncodeLabels(const Labels& labels) {
-  if (labels.empty()) return "";
-  return nlohmann::json(labels).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
-
-Labels DecodeLabels(std::string_view text) {
-  if (text.empty()) return {};
-  return nlohmann::json::parse(text).get<Labels>();
-}
+// The master's exit code when its store cannot be trusted to hold what it wrote.
+constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 
 // One queued change. Changes to the same task within a batch collapse into one.
 struct Op {
-  enum class Kind : uint8_t {
-    kInsertJob,
-    kInsertTask,
-    kUpdateTask,
-    kAddMember,
-    kDeleteTask,
-    kDeleteJob,
-    kNone
-  };
+  enum class Kind : uint8_t { kSubmit, kUpdateTask, kDeleteTask, kDeleteJob, kNone };
   Kind kind = Kind::kNone;
-  TaskRow task;  // kInsertTask: all of it; kUpdateTask and kDeleteTask: id and status
-  JobRow job;
-  JobMemberRow member;
-};
-
-class Statement {
- public:
-  Statement() = default;
-  Statement(const Statement&) = delete;
-  ~Statement() { sqlite3_finalize(stmt_); }
-  sqlite3_stmt** out() { return &stmt_; }
-  sqlite3_stmt* get() const { return stmt_; }
-
- private:
-  sqlite3_stmt* stmt_ = nullptr;
+  TaskId task_id = 0;    // kUpdateTask, kDeleteTask
+  TaskStatusRow status;  // kUpdateTask
+  std::string job_id;    // kDeleteJob
+  // kSubmit: the rows, and who waits for them to be written or refused.
+  std::unique_ptr<SubmitRows> submit;
+  std::function<void(absl::Status)> submitted;
 };
 
 class SqliteStore final : public Store {
  public:
-  SqliteStore(SqliteStoreOptions options, int lock_fd)
+  SqliteStore(SqliteStoreOptions options, std::unique_ptr<DataDir> dir)
       : options_(std::move(options)),
-        db_path_(options_.data_dir + "/taskmaster.db"),
-        lock_fd_(lock_fd),
+        dir_(std::move(dir)),
+        db_(dir_->db()),
+        reserve_path_(options_.data_dir + "/RESERVE"),
         log_(GetLogger("store")) {}
 
   ~SqliteStore() override {
@@ -101,103 +52,79 @@ class SqliteStore final : public Store {
       stop_ = true;
     }
     if (writer_.joinable()) writer_.join();
-    for (Statement* s : {&insert_task_, &update_task_, &delete_task_, &insert_job_, &delete_job_,
-                         &delete_members_, &insert_member_}) {
-      sqlite3_finalize(s->get());
-      *s->out() = nullptr;
-    }
-    sqlite3_close(db_);
-    close(lock_fd_);
   }
 
-  absl::Status Open() {
-    const bool existed =
-        std::filesystem::exists(db_path_) && std::filesystem::file_size(db_path_) > 0;
-    if (sqlite3_open_v2(db_path_.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
-                        nullptr) != SQLITE_OK) {
-      return Refuse("cannot open it");
+  absl::Status Start() {
+    const std::string insert_task =
+        absl::StrCat("INSERT OR REPLACE INTO tasks(", sqlite::kTaskColumns,
+                     ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+    for (auto [sql, stmt] : std::vector<std::pair<std::string, Statement*>>{
+             {insert_task, &insert_task_},
+             {"UPDATE tasks SET state=?, attempts=?, not_before_ms=?, finished_ms=?, seq=?, "
+              "completion_seq=?, output=?, error=?, worker=?, worker_id=?, status_crc=? "
+              "WHERE id=?",
+              &update_task_},
+             {"DELETE FROM tasks WHERE id=?", &delete_task_},
+             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms, crc) VALUES(?,?,?,?)",
+              &insert_job_},
+             {"DELETE FROM jobs WHERE job_id=?", &delete_job_},
+             {"DELETE FROM job_members WHERE job_id=?", &delete_members_},
+             {"INSERT OR REPLACE INTO job_members(job_id, task_id, position, crc) "
+              "VALUES(?,?,?,?)",
+              &insert_member_},
+             {"UPDATE meta SET value=? WHERE key='commits'", &count_commit_}}) {
+      if (absl::Status s = stmt->Prepare(db_, sql); !s.ok()) return s;
     }
-    sqlite3_busy_timeout(db_, 1000);
-    // Read the header before changing anything: a file we cannot use stays as it was.
-    absl::StatusOr<int64_t> app = PragmaInt("application_id");
-    if (!app.ok()) return app.status();
-    absl::StatusOr<int64_t> version = PragmaInt("user_version");
-    if (!version.ok()) return version.status();
-    const bool fresh = !existed || (*app == 0 && *version == 0 && TableCount() == 0);
-    if (!fresh) {
-      if (*app != kApplicationId) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(db_path_,
-                         " is not a taskmaster database; it was left untouched (move it away to "
-                         "start with an empty store)"));
-      }
-      if (*version > kSchemaVersion) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            db_path_, " has schema version ", *version, ", newer than this taskmaster knows (",
-            kSchemaVersion, "); upgrade taskmaster. The database was left untouched"));
-      }
-      if (*version != kSchemaVersion) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            db_path_, " has unknown schema version ", *version, " (this taskmaster knows ",
-            kSchemaVersion, "); the database was left untouched"));
-      }
-    }
-    if (absl::Status s = Exec("PRAGMA journal_mode=WAL"); !s.ok()) return s;
-    // Bounds the WAL file once a checkpoint has copied it back.
-    if (absl::Status s = Exec("PRAGMA journal_size_limit=67108864"); !s.ok()) return s;
-    if (absl::Status s = Exec(options_.sync == SyncMode::kFull ? "PRAGMA synchronous=FULL"
-                                                               : "PRAGMA synchronous=NORMAL");
-        !s.ok()) {
-      return s;
-    }
-    if (fresh) {
-      const std::string create =
-          absl::StrCat("BEGIN;", kSchema, "INSERT INTO meta VALUES('epoch', 'db-", RandomHex(8),
-                       "');PRAGMA application_id=", kApplicationId,
-                       ";PRAGMA user_version=", kSchemaVersion, ";COMMIT;");
-      if (absl::Status s = Exec(create); !s.ok()) return s;
-      log_->info("created an empty store in {}", db_path_);
-    }
-    absl::StatusOr<std::string> epoch = ReadEpoch();
-    if (!epoch.ok()) return epoch.status();
-    epoch_ = *epoch;
-    if (absl::Status s = Prepare(); !s.ok()) return s;
+    KeepReserve();
     writer_ = std::thread([this] { WriterLoop(); });
     return absl::OkStatus();
   }
 
-  std::string Epoch() const override { return epoch_; }
+  std::string Epoch() const override { return dir_->epoch(); }
   bool persistent() const override { return true; }
 
+  // Hands over only what checks out: a damaged record stops the start with a message naming it,
+  // rather than a silently shorter queue or a payload nobody submitted.
   absl::Status Load(RecoveryVisitor* visitor) override {
-    absl::Status status =
-        ForEachRow("SELECT job_id, total, created_ms FROM jobs", "its jobs", [&](sqlite3_stmt* s) {
-          visitor->OnJob({Text(s, 0), sqlite3_column_int64(s, 1), sqlite3_column_int64(s, 2)});
-          return absl::OkStatus();
-        });
-    if (!status.ok()) return status;
-    status = ForEachRow(absl::StrCat("SELECT ", kTaskColumns, " FROM tasks"), "its tasks",
-                        [&](sqlite3_stmt* s) {
-                          absl::StatusOr<TaskRow> row = ReadTask(s);
-                          if (!row.ok()) return row.status();
-                          visitor->OnTask(std::move(*row));
-                          return absl::OkStatus();
-                        });
-    if (!status.ok()) return status;
-    status = ForEachRow(
-        "SELECT job_id, task_id, position FROM job_members", "its job members",
-        [&](sqlite3_stmt* s) {
-          visitor->OnJobMember({Text(s, 0), static_cast<TaskId>(sqlite3_column_int64(s, 1)),
-                                sqlite3_column_int64(s, 2)});
-          return absl::OkStatus();
-        });
-    if (!status.ok()) return status;
-    // AUTOINCREMENT remembers the highest id ever stored, so deleted ids are never reused.
-    return ForEachRow("SELECT seq FROM sqlite_sequence WHERE name='tasks'", "its id sequence",
-                      [&](sqlite3_stmt* s) {
-                        visitor->OnHighestTaskId(static_cast<TaskId>(sqlite3_column_int64(s, 0)));
-                        return absl::OkStatus();
-                      });
+    auto damaged = [this](const std::string& record, const std::string& problem) {
+      return absl::DataLossError(absl::StrCat(
+          dir_->db_path(), " is damaged: ", record, ": ", problem,
+          ". The master did not start; `taskmaster --repair --data-dir ", dir_->dir(),
+          "` keeps every valid record and moves the rest aside (see docs/storage.md)"));
+    };
+    sqlite::ScanCallbacks callbacks;
+    callbacks.job = [&](JobRow job, const std::string& problem) {
+      if (!problem.empty()) return damaged(absl::StrCat("job ", job.job_id), problem);
+      visitor->OnJob(std::move(job));
+      return absl::OkStatus();
+    };
+    callbacks.task = [&](TaskRow task, const std::string& problem) {
+      if (!problem.empty()) return damaged(absl::StrCat("task ", task.id), problem);
+      visitor->OnTask(std::move(task));
+      return absl::OkStatus();
+    };
+    callbacks.member = [&](JobMemberRow member, const std::string& problem) {
+      if (!problem.empty()) {
+        return damaged(absl::StrCat("job ", member.job_id, "'s member task ", member.task_id),
+                       problem);
+      }
+      visitor->OnJobMember(std::move(member));
+      return absl::OkStatus();
+    };
+    callbacks.short_job = [&](const std::string& job_id, int64_t total, int64_t found) {
+      return damaged(absl::StrCat("job ", job_id),
+                     absl::StrCat("it has ", found, " of its ", total, " tasks"));
+    };
+    if (absl::Status s = sqlite::Scan(db_, callbacks); !s.ok()) {
+      if (absl::IsDataLoss(s)) return s;
+      return absl::DataLossError(absl::StrCat(dir_->db_path(), " cannot be read (", s.message(),
+                                              "). The master did not start; restore the data "
+                                              "directory from a backup"));
+    }
+    absl::StatusOr<TaskId> highest = sqlite::HighestTaskId(db_);
+    if (!highest.ok()) return highest.status();
+    visitor->OnHighestTaskId(*highest);
+    return absl::OkStatus();
   }
 
   absl::Status Writable() const override {
@@ -205,18 +132,12 @@ class SqliteStore final : public Store {
     return error_;
   }
 
-  void InsertJob(const JobRow& job) override {
+  void Submit(SubmitRows rows, std::function<void(absl::Status)> done) override {
+    auto owned = std::make_unique<SubmitRows>(std::move(rows));
     absl::MutexLock lock(&mu_);
-    Op& op = Append(Op::Kind::kInsertJob);
-    op.job = job;
-  }
-
-  void InsertTask(TaskRow task) override {
-    absl::MutexLock lock(&mu_);
-    const TaskId id = task.id;
-    Op& op = Append(Op::Kind::kInsertTask);
-    op.task = std::move(task);
-    task_ops_[id] = pending_.size() - 1;
+    Op& op = Append(Op::Kind::kSubmit);
+    op.submit = std::move(owned);
+    op.submitted = std::move(done);
   }
 
   void UpdateTask(TaskId id, TaskStatusRow status) override {
@@ -224,21 +145,15 @@ class SqliteStore final : public Store {
     ++version_;
     if (auto it = task_ops_.find(id); it != task_ops_.end()) {
       Op& earlier = pending_[it->second];
-      if (earlier.kind == Op::Kind::kInsertTask || earlier.kind == Op::Kind::kUpdateTask) {
-        earlier.task.status = std::move(status);
+      if (earlier.kind == Op::Kind::kUpdateTask) {
+        earlier.status = std::move(status);
         return;
       }
     }
     Op& op = Append(Op::Kind::kUpdateTask);
-    op.task.id = id;
-    op.task.status = std::move(status);
+    op.task_id = id;
+    op.status = std::move(status);
     task_ops_[id] = pending_.size() - 1;
-  }
-
-  void AddJobMember(const JobMemberRow& member) override {
-    absl::MutexLock lock(&mu_);
-    Op& op = Append(Op::Kind::kAddMember);
-    op.member = member;
   }
 
   void DeleteTask(TaskId id) override {
@@ -248,14 +163,14 @@ class SqliteStore final : public Store {
       pending_[it->second].kind = Op::Kind::kNone;
     }
     Op& op = Append(Op::Kind::kDeleteTask);
-    op.task.id = id;
+    op.task_id = id;
     task_ops_[id] = pending_.size() - 1;
   }
 
   void DeleteJob(const std::string& job_id) override {
     absl::MutexLock lock(&mu_);
     Op& op = Append(Op::Kind::kDeleteJob);
-    op.job.job_id = job_id;
+    op.job_id = job_id;
   }
 
   void Flush(std::function<void(absl::Status)> done) override {
@@ -277,35 +192,45 @@ class SqliteStore final : public Store {
   }
 
   void WriterLoop() {
-    std::vector<Op> retry;  // a batch that failed, written again before anything newer
+    bool failing = false;  // the last commit failed for want of space: wait, then try again
     while (true) {
+      if (failing) SleepUnlessStopping(options_.retry_interval_ms);
       std::vector<Op> batch;
       uint64_t target;
       {
         absl::MutexLock lock(&mu_);
-        auto work = [this]()
-                        ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !pending_.empty(); };
-        auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
-        if (retry.empty()) {
-          mu_.Await(absl::Condition(&work));
-        } else {
-          mu_.AwaitWithTimeout(absl::Condition(&stopping),
-                               absl::Milliseconds(options_.retry_interval_ms));
+        // While failing, an empty commit still writes the commit count: it tells when the disk
+        // takes writes again, so new submits are accepted again.
+        auto work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || !pending_.empty() || !error_.ok();
+        };
+        mu_.Await(absl::Condition(&work));
+        if (stop_ && (pending_.empty() || failing)) {
+          if (!pending_.empty()) {
+            log_->error("stopping with {} changes that could not be written", pending_.size());
+          }
+          return;
         }
-        if (stop_ && pending_.empty() && retry.empty()) return;
         batch.swap(pending_);
         task_ops_.clear();
         target = version_;
       }
-      if (!retry.empty()) {
-        retry.insert(retry.end(), std::make_move_iterator(batch.begin()),
-                     std::make_move_iterator(batch.end()));
-        batch = std::move(retry);
-        retry.clear();
+      absl::Status status = Commit(batch);
+      if (!status.ok() && !absl::IsResourceExhausted(status)) Fatal(status);
+      if (status.ok()) {
+        KeepReserve();
+      } else {
+        MakeRoom();
       }
-      const absl::Status status = Commit(batch);
+      // Submits are written whole or dropped: a client told that its batch failed must never
+      // find it stored later. Every other change is kept and written again before newer ones.
       std::vector<std::function<void(absl::Status)>> done;
-      bool stopping;
+      for (Op& op : batch) {
+        if (op.kind != Op::Kind::kSubmit) continue;
+        done.push_back(std::move(op.submitted));
+        op.kind = Op::Kind::kNone;
+      }
+      const size_t submits = done.size();
       bool changed;  // from writing to failing or back
       {
         absl::MutexLock lock(&mu_);
@@ -318,94 +243,183 @@ class SqliteStore final : public Store {
           done.push_back(std::move(it->second));
         }
         waiters_.erase(waiters_.begin(), first_pending);
-        stopping = stop_;
+        if (!status.ok()) Requeue(std::move(batch));
       }
+      failing = !status.ok();
       if (changed && status.ok()) log_->info("the store writes again");
       if (changed && !status.ok()) {
-        log_->error("{}; new submits are refused until it writes again", status.ToString());
+        log_->error("{}; new submits are refused until it writes again",
+                    std::string(status.message()));
+      }
+      if (!status.ok() && submits > 0) {
+        log_->warn("{} submits were refused for want of space and not stored", submits);
       }
       for (auto& callback : done) callback(status);
-      if (!status.ok()) {
-        if (stopping) {
-          log_->error("stopping with {} changes that could not be written", batch.size());
-          return;
+    }
+  }
+
+  // Puts the changes of a failed commit back before those queued since, collapsing the changes
+  // of each task again, so a long outage keeps one pending change per task instead of a list.
+  void Requeue(std::vector<Op> failed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<Op> newer;
+    newer.swap(pending_);
+    task_ops_.clear();
+    for (std::vector<Op>* ops : {&failed, &newer}) {
+      for (Op& op : *ops) {
+        if (op.kind == Op::Kind::kNone) continue;
+        const bool per_task = op.kind == Op::Kind::kUpdateTask || op.kind == Op::Kind::kDeleteTask;
+        auto earlier = per_task ? task_ops_.find(op.task_id) : task_ops_.end();
+        if (earlier != task_ops_.end()) {
+          Op& e = pending_[earlier->second];
+          if (op.kind == Op::Kind::kUpdateTask && e.kind == Op::Kind::kUpdateTask) {
+            e.status = std::move(op.status);
+            continue;
+          }
+          if (op.kind == Op::Kind::kDeleteTask) e.kind = Op::Kind::kNone;
         }
-        retry = std::move(batch);
+        if (per_task) task_ops_[op.task_id] = pending_.size();
+        pending_.push_back(std::move(op));
       }
+    }
+  }
+
+  // Sleeps `ms` unless the store is closing meanwhile, in steps on the monotonic clock: a timed
+  // mutex wait here would follow the wall clock.
+  void SleepUnlessStopping(int64_t ms) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (std::chrono::steady_clock::now() < until) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (stop_) return;
+      }
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+          std::chrono::milliseconds(20), until - std::chrono::steady_clock::now()));
+    }
+  }
+
+  // A write failed for a reason other than space: the disk may no longer hold what an fsync
+  // claimed, and retrying could report lost data as saved. Stop, and let recovery read what is
+  // really on disk.
+  [[noreturn]] void Fatal(const absl::Status& status) {
+    log_->critical(
+        "{}; stopping the master: after a failed write or fsync the disk may not hold what it "
+        "was told to, and only a restart reads what it really holds",
+        std::string(status.message()));
+    log_->flush();
+    std::_Exit(kFatalExitCode);
+  }
+
+  // The disk is full: give back the reserve and shrink the WAL to nothing, so the next commit
+  // has room even if whatever filled the disk frees little.
+  void MakeRoom() {
+    if (reserve_held_) {
+      std::error_code ec;
+      std::filesystem::remove(reserve_path_, ec);
+      reserve_held_ = false;
+      log_->warn("disk full: released the {} byte reserve {}", options_.reserve_bytes,
+                 reserve_path_);
+    }
+    sqlite::Exec(db_, "PRAGMA wal_checkpoint(TRUNCATE)").IgnoreError();
+  }
+
+  // Holds `reserve_bytes` of disk in a file, for MakeRoom to give back when the disk fills.
+  void KeepReserve() {
+    if (reserve_held_ || options_.reserve_bytes <= 0) return;
+    const int fd = open(reserve_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    reserve_held_ = posix_fallocate(fd, 0, options_.reserve_bytes) == 0;
+    close(fd);
+    if (reserve_held_) return;
+    std::error_code ec;
+    std::filesystem::remove(reserve_path_, ec);  // a partial reserve only takes space
+    if (!reserve_warned_) {
+      log_->warn("cannot set aside a {} byte disk reserve in {}; trying again after commits",
+                 options_.reserve_bytes, options_.data_dir);
+      reserve_warned_ = true;
     }
   }
 
   absl::Status Commit(const std::vector<Op>& batch) {
-    if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+    if (absl::Status s = sqlite::Exec(db_, "BEGIN IMMEDIATE"); !s.ok()) return s;
+    absl::Status status;
     for (const Op& op : batch) {
-      if (absl::Status s = Apply(op); !s.ok()) {
-        Exec("ROLLBACK").IgnoreError();
-        return s;
-      }
+      if (status = Apply(op); !status.ok()) break;
     }
-    if (absl::Status s = Exec("COMMIT"); !s.ok()) {
-      Exec("ROLLBACK").IgnoreError();
-      return s;
+    const int64_t commits = dir_->commits() + 1;
+    if (status.ok()) {
+      sqlite3_bind_text(count_commit_.get(), 1, std::to_string(commits).c_str(), -1,
+                        SQLITE_TRANSIENT);
+      status = count_commit_.Run();
     }
+    if (status.ok()) status = sqlite::Exec(db_, "COMMIT");
+    if (!status.ok()) {
+      sqlite::Exec(db_, "ROLLBACK").IgnoreError();
+      return status;
+    }
+    dir_->RecordCommits(commits);
     return absl::OkStatus();
   }
 
   absl::Status Apply(const Op& op) {
-    sqlite3_stmt* s = nullptr;
     switch (op.kind) {
       case Op::Kind::kNone:
         return absl::OkStatus();
-      case Op::Kind::kInsertJob:
-        s = insert_job_.get();
-        BindText(s, 1, op.job.job_id);
-        sqlite3_bind_int64(s, 2, op.job.total);
-        sqlite3_bind_int64(s, 3, op.job.created_ms);
-        break;
-      case Op::Kind::kInsertTask: {
-        s = insert_task_.get();
-        const TaskRow& t = op.task;
-        sqlite3_bind_int64(s, 1, static_cast<int64_t>(t.id));
-        BindText(s, 2, t.job_id);
-        BindText(s, 3, t.queue);
-        BindText(s, 4, t.kind);
-        const std::string labels = EncodeLabels(t.labels);
-        BindText(s, 5, labels);
-        BindBlob(s, 6, t.payload);
-        sqlite3_bind_int(s, 7, t.priority);
-        sqlite3_bind_int(s, 8, t.max_attempts);
-        sqlite3_bind_int64(s, 9, t.timeout_ms);
-        sqlite3_bind_int64(s, 10, t.created_ms);
-        BindText(s, 11, t.idempotency_key);
-        BindStatus(s, 12, t.status);
-        return Step(s);  // before `labels` goes away
-      }
+      case Op::Kind::kSubmit:
+        return ApplySubmit(*op.submit);
       case Op::Kind::kUpdateTask:
-        s = update_task_.get();
-        BindStatus(s, 1, op.task.status);
-        sqlite3_bind_int64(s, 11, static_cast<int64_t>(op.task.id));
-        break;
-      case Op::Kind::kAddMember:
-        s = insert_member_.get();
-        BindText(s, 1, op.member.job_id);
-        sqlite3_bind_int64(s, 2, static_cast<int64_t>(op.member.task_id));
-        sqlite3_bind_int64(s, 3, op.member.position);
-        break;
+        BindStatus(update_task_.get(), 1, op.task_id, op.status);
+        sqlite3_bind_int64(update_task_.get(), 12, static_cast<int64_t>(op.task_id));
+        return update_task_.Run();
       case Op::Kind::kDeleteTask:
-        s = delete_task_.get();
-        sqlite3_bind_int64(s, 1, static_cast<int64_t>(op.task.id));
-        break;
+        sqlite3_bind_int64(delete_task_.get(), 1, static_cast<int64_t>(op.task_id));
+        return delete_task_.Run();
       case Op::Kind::kDeleteJob:
-        BindText(delete_members_.get(), 1, op.job.job_id);
-        if (absl::Status st = Step(delete_members_.get()); !st.ok()) return st;
-        s = delete_job_.get();
-        BindText(s, 1, op.job.job_id);
-        break;
+        BindText(delete_members_.get(), 1, op.job_id);
+        if (absl::Status s = delete_members_.Run(); !s.ok()) return s;
+        BindText(delete_job_.get(), 1, op.job_id);
+        return delete_job_.Run();
     }
-    return Step(s);
+    return absl::OkStatus();
   }
 
-  // Binds the ten status columns starting at `first`.
-  static void BindStatus(sqlite3_stmt* s, int first, const TaskStatusRow& st) {
+  absl::Status ApplySubmit(const SubmitRows& rows) {
+    sqlite3_stmt* s = insert_job_.get();
+    BindText(s, 1, rows.job.job_id);
+    sqlite3_bind_int64(s, 2, rows.job.total);
+    sqlite3_bind_int64(s, 3, rows.job.created_ms);
+    sqlite3_bind_int64(s, 4, sqlite::JobChecksum(rows.job));
+    if (absl::Status st = insert_job_.Run(); !st.ok()) return st;
+    s = insert_task_.get();
+    for (const TaskRow& t : rows.tasks) {
+      sqlite3_bind_int64(s, 1, static_cast<int64_t>(t.id));
+      BindText(s, 2, t.job_id);
+      BindText(s, 3, t.queue);
+      BindText(s, 4, t.kind);
+      const std::string labels = sqlite::EncodeLabels(t.labels);
+      BindText(s, 5, labels);
+      BindBlob(s, 6, t.payload);
+      sqlite3_bind_int(s, 7, t.priority);
+      sqlite3_bind_int(s, 8, t.max_attempts);
+      sqlite3_bind_int64(s, 9, t.timeout_ms);
+      sqlite3_bind_int64(s, 10, t.created_ms);
+      BindText(s, 11, t.idempotency_key);
+      BindStatus(s, 12, t.id, t.status);
+      sqlite3_bind_int64(s, 23, sqlite::SpecChecksum(t, labels));
+      if (absl::Status st = insert_task_.Run(); !st.ok()) return st;  // before `labels` goes
+    }
+    s = insert_member_.get();
+    for (const JobMemberRow& m : rows.members) {
+      BindText(s, 1, m.job_id);
+      sqlite3_bind_int64(s, 2, static_cast<int64_t>(m.task_id));
+      sqlite3_bind_int64(s, 3, m.position);
+      sqlite3_bind_int64(s, 4, sqlite::MemberChecksum(m));
+      if (absl::Status st = insert_member_.Run(); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  }
+
+  // Binds the ten status columns starting at `first`, then their checksum.
+  static void BindStatus(sqlite3_stmt* s, int first, TaskId id, const TaskStatusRow& st) {
     sqlite3_bind_int(s, first, static_cast<int>(st.state));
     sqlite3_bind_int(s, first + 1, st.attempts);
     sqlite3_bind_int64(s, first + 2, st.not_before_ms);
@@ -416,167 +430,21 @@ class SqliteStore final : public Store {
     BindText(s, first + 7, st.error);
     BindText(s, first + 8, st.worker);
     BindText(s, first + 9, st.worker_id);
-  }
-
-  static void BindText(sqlite3_stmt* s, int i, const std::string& v) {
-    sqlite3_bind_text(s, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
-  }
-  static void BindBlob(sqlite3_stmt* s, int i, const std::string& v) {
-    sqlite3_bind_blob(s, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
-  }
-  static std::string Text(sqlite3_stmt* s, int i) {
-    const void* p = sqlite3_column_blob(s, i);
-    return p ? std::string(static_cast<const char*>(p), sqlite3_column_bytes(s, i)) : "";
-  }
-
-  absl::Status Step(sqlite3_stmt* s) {
-    const int rc = sqlite3_step(s);
-    sqlite3_reset(s);
-    sqlite3_clear_bindings(s);
-    if (rc != SQLITE_DONE) return WriteError();
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<TaskRow> ReadTask(sqlite3_stmt* s) {
-    TaskRow t;
-    t.id = static_cast<TaskId>(sqlite3_column_int64(s, 0));
-    t.job_id = Text(s, 1);
-    t.queue = Text(s, 2);
-    t.kind = Text(s, 3);
-    try {
-      t.labels = DecodeLabels(Text(s, 4));
-    } catch (const std::exception& e) {
-      return absl::DataLossError(
-          absl::StrCat(db_path_, ": task ", t.id, " has unreadable labels: ", e.what()));
-    }
-    t.payload = Text(s, 5);
-    t.priority = sqlite3_column_int(s, 6);
-    t.max_attempts = sqlite3_column_int(s, 7);
-    t.timeout_ms = sqlite3_column_int64(s, 8);
-    t.created_ms = sqlite3_column_int64(s, 9);
-    t.idempotency_key = Text(s, 10);
-    const int state = sqlite3_column_int(s, 11);
-    if (state < 0 || state > static_cast<int>(TaskState::kCancelled)) {
-      return absl::DataLossError(
-          absl::StrCat(db_path_, ": task ", t.id, " has an unknown state ", state));
-    }
-    t.status.state = static_cast<TaskState>(state);
-    t.status.attempts = sqlite3_column_int(s, 12);
-    t.status.not_before_ms = sqlite3_column_int64(s, 13);
-    t.status.finished_ms = sqlite3_column_int64(s, 14);
-    t.status.seq = static_cast<uint64_t>(sqlite3_column_int64(s, 15));
-    t.status.completion_seq = static_cast<uint64_t>(sqlite3_column_int64(s, 16));
-    t.status.output = Text(s, 17);
-    t.status.error = Text(s, 18);
-    t.status.worker = Text(s, 19);
-    t.status.worker_id = Text(s, 20);
-    return t;
-  }
-
-  absl::Status Prepare() {
-    const std::string insert_task =
-        absl::StrCat("INSERT OR REPLACE INTO tasks(", kTaskColumns,
-                     ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
-    for (auto [sql, stmt] : std::vector<std::pair<std::string, Statement*>>{
-             {insert_task, &insert_task_},
-             {"UPDATE tasks SET state=?, attempts=?, not_before_ms=?, finished_ms=?, seq=?, "
-              "completion_seq=?, output=?, error=?, worker=?, worker_id=? WHERE id=?",
-              &update_task_},
-             {"DELETE FROM tasks WHERE id=?", &delete_task_},
-             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms) VALUES(?,?,?)", &insert_job_},
-             {"DELETE FROM jobs WHERE job_id=?", &delete_job_},
-             {"DELETE FROM job_members WHERE job_id=?", &delete_members_},
-             {"INSERT OR REPLACE INTO job_members(job_id, task_id, position) VALUES(?,?,?)",
-              &insert_member_}}) {
-      if (absl::Status s = PrepareOne(sql, stmt); !s.ok()) return s;
-    }
-    return absl::OkStatus();
-  }
-
-  // Runs `sql` and hands each row to `on_row`; `what` names the rows in an error.
-  absl::Status ForEachRow(const std::string& sql, std::string_view what,
-                          const std::function<absl::Status(sqlite3_stmt*)>& on_row) {
-    Statement stmt;
-    if (absl::Status s = PrepareOne(sql, &stmt); !s.ok()) return s;
-    int rc;
-    while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
-      if (absl::Status s = on_row(stmt.get()); !s.ok()) return s;
-    }
-    if (rc != SQLITE_DONE) return Refuse(absl::StrCat("cannot read ", std::string(what)));
-    return absl::OkStatus();
-  }
-
-  absl::Status PrepareOne(const std::string& sql, Statement* stmt) {
-    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, stmt->out(), nullptr) != SQLITE_OK) {
-      return Refuse("cannot read its schema");
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Exec(const std::string& sql) {
-    char* error = nullptr;
-    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-      sqlite3_free(error);
-      return WriteError();
-    }
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<int64_t> PragmaInt(const char* name) {
-    Statement s;
-    if (sqlite3_prepare_v2(db_, absl::StrCat("PRAGMA ", name).c_str(), -1, s.out(), nullptr) !=
-            SQLITE_OK ||
-        sqlite3_step(s.get()) != SQLITE_ROW) {
-      return Refuse("cannot read its header");
-    }
-    return sqlite3_column_int64(s.get(), 0);
-  }
-
-  int64_t TableCount() {
-    Statement s;
-    if (sqlite3_prepare_v2(db_, "SELECT count(*) FROM sqlite_master", -1, s.out(), nullptr) !=
-            SQLITE_OK ||
-        sqlite3_step(s.get()) != SQLITE_ROW) {
-      return -1;
-    }
-    return sqlite3_column_int64(s.get(), 0);
-  }
-
-  absl::StatusOr<std::string> ReadEpoch() {
-    Statement s;
-    if (sqlite3_prepare_v2(db_, "SELECT value FROM meta WHERE key='epoch'", -1, s.out(), nullptr) !=
-            SQLITE_OK ||
-        sqlite3_step(s.get()) != SQLITE_ROW) {
-      return Refuse("has no epoch");
-    }
-    return Text(s.get(), 0);
-  }
-
-  // An error at start: the database is left as it is.
-  absl::Status Refuse(std::string_view what) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        db_path_, " ", std::string(what), ": ", sqlite3_errmsg(db_),
-        "; the database was left untouched (restore it from a backup, or move it away to start "
-        "with an empty store)"));
-  }
-
-  absl::Status WriteError() {
-    const int code = sqlite3_errcode(db_);
-    const std::string message = absl::StrCat("cannot write ", db_path_, ": ", sqlite3_errmsg(db_));
-    return code == SQLITE_FULL ? absl::ResourceExhaustedError(message)
-                               : absl::UnavailableError(message);
+    sqlite3_bind_int64(s, first + 10, sqlite::StatusChecksum(id, st));
   }
 
   const SqliteStoreOptions options_;
-  const std::string db_path_;
-  const int lock_fd_;
+  const std::unique_ptr<DataDir> dir_;
+  // Used by Start and Load before any change is recorded, then by the writer thread only.
+  sqlite3* const db_;
+  const std::string reserve_path_;
   const std::shared_ptr<spdlog::logger> log_;
-  std::string epoch_;  // set by Open
-  // Used by Open and Load before any change is recorded, then by the writer thread only.
-  sqlite3* db_ = nullptr;
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
-      insert_member_;
+      insert_member_, count_commit_;
   std::thread writer_;
+  // Writer thread only.
+  bool reserve_held_ = false;
+  bool reserve_warned_ = false;
 
   mutable absl::Mutex mu_;
   std::vector<Op> pending_ ABSL_GUARDED_BY(mu_);
@@ -588,45 +456,13 @@ class SqliteStore final : public Store {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// Locks `dir` against a second master; returns the descriptor holding the lock.
-absl::StatusOr<int> LockDataDir(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot create data directory ", dir, ": ", ec.message()));
-  }
-  const std::string path = dir + "/LOCK";
-  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  }
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    char holder[32] = {};
-    const ssize_t n = pread(fd, holder, sizeof(holder) - 1, 0);
-    close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "data directory ", dir, " is in use by another master",
-        n > 0 ? absl::StrCat(" (pid ", std::string(Trim(std::string_view(holder, n))), ")") : "",
-        "; each master needs a directory of its own"));
-  }
-  // The pid is only a hint for the message above: the lock holds whether it is written or not.
-  const std::string pid = std::to_string(getpid()) + "\n";
-  if (ftruncate(fd, 0) == 0) {
-    [[maybe_unused]] const ssize_t written = pwrite(fd, pid.data(), pid.size(), 0);
-  }
-  return fd;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Store>> OpenSqliteStore(const SqliteStoreOptions& options) {
-  if (options.data_dir.empty()) return absl::InvalidArgumentError("no data directory given");
-  absl::StatusOr<int> lock_fd = LockDataDir(options.data_dir);
-  if (!lock_fd.ok()) return lock_fd.status();
-  auto store = std::make_unique<SqliteStore>(options, *lock_fd);
-  if (absl::Status s = store->Open(); !s.ok()) return s;
+  absl::StatusOr<std::unique_ptr<DataDir>> dir = DataDir::Open(options, /*repairing=*/false);
+  if (!dir.ok()) return dir.status();
+  auto store = std::make_unique<SqliteStore>(options, std::move(*dir));
+  if (absl::Status s = store->Start(); !s.ok()) return s;
   return store;
 }
 

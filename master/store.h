@@ -3,6 +3,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -55,6 +56,14 @@ struct JobMemberRow {
   int64_t position = -1;
 };
 
+// One submit: a job with its new tasks and the tasks of other jobs it follows through
+// idempotency keys. A store writes it whole in one transaction, or not at all.
+struct SubmitRows {
+  JobRow job;
+  std::vector<TaskRow> tasks;
+  std::vector<JobMemberRow> members;
+};
+
 // Receives a store's contents at start, jobs first, then tasks, then job members.
 class RecoveryVisitor {
  public:
@@ -92,10 +101,12 @@ class Store {
   virtual absl::Status Writable() const = 0;
 
   // ---- Changes, in the broker's order. No I/O. ----
-  virtual void InsertJob(const JobRow& job) = 0;
-  virtual void InsertTask(TaskRow task) = 0;
+
+  // Queues a submit as one unit that no commit splits. `done` runs once it is durable, or with
+  // the error that kept it off the disk: then nothing of it was written and nothing ever will
+  // be, so the broker can forget it and tell the client so.
+  virtual void Submit(SubmitRows rows, std::function<void(absl::Status)> done) = 0;
   virtual void UpdateTask(TaskId id, TaskStatusRow status) = 0;
-  virtual void AddJobMember(const JobMemberRow& member) = 0;
   virtual void DeleteTask(TaskId id) = 0;
   virtual void DeleteJob(const std::string& job_id) = 0;
 
@@ -117,13 +128,21 @@ enum class SyncMode {
 struct SqliteStoreOptions {
   std::string data_dir;  // created if missing; holds taskmaster.db and a LOCK file
   SyncMode sync = SyncMode::kFull;
-  // While writes fail, how long the writer waits before it tries again.
+  // While the disk is full, how long the writer waits before it tries again.
   int64_t retry_interval_ms = 1'000;
+  // Disk space held in a file (RESERVE) and given back when the disk fills, so the store can
+  // write again (and shrink its log) as soon as a little space is freed. 0: none.
+  int64_t reserve_bytes = 4 << 20;
 };
 
 // SQLite in WAL mode under `data_dir`, locked against a second master. Refuses a database it
 // cannot read, of an unknown or newer schema, or that is not a taskmaster database, and never
 // overwrites one.
 absl::StatusOr<std::unique_ptr<Store>> OpenSqliteStore(const SqliteStoreOptions& options);
+
+// Keeps every record of the store in `options.data_dir` that checks out, moves the others into
+// a `rejected-*.jsonl` file beside it, lowers the totals of jobs that lost tasks, and accepts
+// commits its write-ahead log lost. Returns what it did, for a person to read.
+absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options);
 
 }  // namespace taskmaster

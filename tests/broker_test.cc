@@ -479,10 +479,11 @@ class HeldStore final : public Store {
   bool persistent() const override { return true; }
   absl::Status Load(RecoveryVisitor*) override { return absl::OkStatus(); }
   absl::Status Writable() const override { return absl::OkStatus(); }
-  void InsertJob(const JobRow&) override {}
-  void InsertTask(TaskRow) override {}
+  void Submit(SubmitRows rows, std::function<void(absl::Status)> done) override {
+    submitted_tasks += rows.tasks.size();
+    Flush(std::move(done));
+  }
   void UpdateTask(TaskId, TaskStatusRow) override {}
-  void AddJobMember(const JobMemberRow&) override {}
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override {
@@ -503,14 +504,17 @@ class HeldStore final : public Store {
     }
     Release();
   }
-  void Release() {
+  // Completes every write waiting so far, with `status`.
+  void Release(absl::Status status = absl::OkStatus()) {
     std::vector<std::function<void(absl::Status)>> done;
     {
       std::lock_guard<std::mutex> lock(mu_);
       done.swap(waiting_);
     }
-    for (auto& d : done) d(absl::OkStatus());
+    for (auto& d : done) d(status);
   }
+
+  size_t submitted_tasks = 0;
 
  private:
   std::mutex mu_;

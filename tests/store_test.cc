@@ -42,7 +42,8 @@ class StoreTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
     broker_ = std::make_unique<Broker>(options_, &clock_, store_.get(), GetLogger("store-test"));
-    ASSERT_TRUE(broker_->Recover().ok());
+    absl::Status recovered = broker_->Recover();
+    ASSERT_TRUE(recovered.ok()) << recovered;
   }
 
   SubmitOutcome Submit(std::vector<TaskSpec> specs) {
@@ -144,7 +145,6 @@ TEST_F(StoreTest, RestartRecoversEveryState) {
   EXPECT_EQ(events->results[1].id, ids[6]);
 
   // The key still answers with the first task.
-  keyed.payload = "other";
   EXPECT_EQ(Submit({keyed}).task_ids[0], ids[1]);
 
   // w1 comes back holding "2" but not "4": "2" stays its own, "4" returns unused.
