@@ -73,6 +73,13 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-timeout-ms", shutdown_ms,
                  "on SIGTERM, how long calls may take to end before they are cancelled")
       ->capture_default_str();
+  bool repair = false;
+  app.add_flag("--repair", repair,
+               "check the store in --data-dir, keep every valid record, move the rest into a "
+               "rejected-*.jsonl file beside it, say what was done, and exit");
+  app.add_option("--store-reserve-bytes", o.sqlite.reserve_bytes,
+                 "disk space held back in the data directory and given up when the disk fills")
+      ->capture_default_str();
   app.add_option("--port-file", port_file, "write the port listened on to this file");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
@@ -84,6 +91,15 @@ int main(int argc, char** argv) {
   }
   o.tick = std::chrono::milliseconds(tick_ms);
   o.sqlite.sync = sync == "full" ? taskmaster::SyncMode::kFull : taskmaster::SyncMode::kNormal;
+  if (repair) {
+    absl::StatusOr<std::string> report = taskmaster::RepairSqliteStore(o.sqlite);
+    if (!report.ok()) {
+      fprintf(stderr, "taskmaster: %s\n", std::string(report.status().message()).c_str());
+      return 1;
+    }
+    printf("%s\n", report->c_str());
+    return 0;
+  }
   auto master = taskmaster::Master::Start(o);
   if (!master.ok()) {
     fprintf(stderr, "taskmaster: %s\n", std::string(master.status().message()).c_str());

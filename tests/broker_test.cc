@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <mutex>
 
 #include "common/logging.h"
@@ -341,6 +342,36 @@ TEST_F(BrokerTest, IdempotencyKeyReturnsTheFirstTask) {
   EXPECT_EQ(broker_->GetJob(third->job_id)->done, 1);
 }
 
+TEST_F(BrokerTest, IdempotencyKeyWithDifferentWorkIsRefused) {
+  TaskSpec s = Spec("square", "5");
+  s.idempotency_key = "order-18";
+  auto first = Submit({s});
+  ASSERT_TRUE(first.ok());
+  for (auto change : std::vector<std::function<void(TaskSpec&)>>{
+           [](TaskSpec& t) { t.payload = "6"; }, [](TaskSpec& t) { t.kind = "echo"; },
+           [](TaskSpec& t) { t.queue = "other"; }, [](TaskSpec& t) { t.priority = 3; },
+           [](TaskSpec& t) {
+             t.labels = {{"gpu", "1"}};
+           },
+           [](TaskSpec& t) { t.max_attempts = 7; }}) {
+    TaskSpec other = s;
+    change(other);
+    auto again = Submit({other});
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists) << again.status();
+  }
+  // The defaults resolved, the same spec is the same work.
+  TaskSpec explicit_defaults = s;
+  explicit_defaults.max_attempts = 3;
+  EXPECT_TRUE(Submit({explicit_defaults}).ok());
+  // Within one batch too.
+  TaskSpec a = Spec("echo", "a"), b = Spec("echo", "b");
+  a.idempotency_key = b.idempotency_key = "batch-key";
+  EXPECT_EQ(Submit({a, b}).status().code(), absl::StatusCode::kAlreadyExists);
+  auto same = Submit({a, a});
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->task_ids[0], same->task_ids[1]);
+}
+
 TEST_F(BrokerTest, CancelPendingAndLeased) {
   const TaskId pending = SubmitOne(Spec("echo", "p"));
   EXPECT_EQ(*broker_->CancelTask(pending), 1);
@@ -553,6 +584,48 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   EXPECT_TRUE(broker.GetTask(tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 1);
   EXPECT_EQ(channel->acked.size(), 1u);
+  store.Open();
+}
+
+TEST(BrokerDurability, SubmitIsInvisibleUntilStoredAndLeavesNoTraceWhenRefused) {
+  HeldStore store;
+  FakeClock clock;
+  Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
+  WorkerHello hello;
+  hello.worker_id = "w";
+  hello.kinds = {"echo"};
+  auto channel = std::make_shared<FakeChannel>();
+  auto handle = broker.Attach(hello, channel);
+  broker.AddCredits(*handle, 10);
+
+  absl::StatusOr<SubmitOutcome> refused = absl::UnknownError("not yet");
+  TaskSpec keyed = Spec("echo", "k");
+  keyed.idempotency_key = "k1";
+  broker.Submit({Spec("echo", "a"), Spec("echo", "b"), keyed},
+                [&](absl::StatusOr<SubmitOutcome> r) { refused = r; });
+  EXPECT_EQ(store.submitted_tasks, 3u);
+  EXPECT_TRUE(channel->Take().empty()) << "nothing runs before it is on disk";
+  EXPECT_TRUE(absl::IsNotFound(broker.GetTask(1).status()));
+  // The same key while the first submit is being stored: retry later, not a second task.
+  absl::StatusOr<SubmitOutcome> racing = absl::UnknownError("not yet");
+  broker.Submit({keyed}, [&](absl::StatusOr<SubmitOutcome> r) { racing = r; });
+  EXPECT_EQ(racing.status().code(), absl::StatusCode::kAborted) << racing.status();
+
+  store.Release(absl::ResourceExhaustedError("disk full"));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::IsUnavailable(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("none of its tasks were kept"), std::string::npos);
+  EXPECT_TRUE(channel->Take().empty());
+  for (TaskId id : {1, 2, 3}) EXPECT_TRUE(absl::IsNotFound(broker.GetTask(id).status()));
+  for (const QueueStatsView& q : broker.QueueStats()) EXPECT_EQ(q.pending, 0) << q.queue;
+
+  // The key is free again, and a stored submit runs.
+  absl::StatusOr<SubmitOutcome> stored = absl::UnknownError("not yet");
+  broker.Submit({keyed, Spec("echo", "c")}, [&](absl::StatusOr<SubmitOutcome> r) { stored = r; });
+  store.Release();
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(channel->Take().size(), 2u);
+  EXPECT_TRUE(broker.GetJob(stored->job_id).ok());
   store.Open();
 }
 

@@ -3,8 +3,10 @@
 #include <sqlite3.h>
 
 #include <filesystem>
+#include <functional>
 #include <future>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "master/broker.h"
 #include "tests/fakes.h"
@@ -38,12 +40,40 @@ class StoreTest : public ::testing::Test {
   }
 
   void Open() {
+    absl::Status opened = TryOpen();
+    ASSERT_TRUE(opened.ok()) << opened;
+  }
+
+  absl::Status TryOpen() {
     auto store = OpenSqliteStore({dir_.path(), SyncMode::kNormal});
-    ASSERT_TRUE(store.ok()) << store.status();
+    if (!store.ok()) return store.status();
     store_ = std::move(*store);
     broker_ = std::make_unique<Broker>(options_, &clock_, store_.get(), GetLogger("store-test"));
-    absl::Status recovered = broker_->Recover();
-    ASSERT_TRUE(recovered.ok()) << recovered;
+    return broker_->Recover();
+  }
+
+  void Close() {
+    broker_.reset();
+    store_.reset();
+  }
+
+  // Changes the closed store behind taskmaster's back.
+  void Sql(const std::string& sql) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(dir_.File("taskmaster.db").c_str(), &db), SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK) << sql;
+    sqlite3_close(db);
+  }
+
+  // Closes the store after `damage`, expects the start to be refused naming `expected`.
+  void ExpectRefused(const std::function<void()>& damage, const std::string& expected) {
+    Close();
+    damage();
+    absl::Status opened = TryOpen();
+    EXPECT_TRUE(absl::IsDataLoss(opened)) << opened;
+    EXPECT_NE(std::string(opened.message()).find(expected), std::string::npos) << opened;
+    EXPECT_NE(std::string(opened.message()).find("--repair"), std::string::npos) << opened;
+    Close();
   }
 
   SubmitOutcome Submit(std::vector<TaskSpec> specs) {
@@ -219,6 +249,158 @@ TEST_F(StoreTest, FollowingJobKeepsItsOrderAcrossRestart) {
     EXPECT_EQ(after->results[i].id, before->results[i].id);
   }
   EXPECT_EQ(after->progress.done, 2);
+}
+
+// Two jobs of marked payloads, on disk: {A0, A1, A2} and {B0, B1}.
+std::vector<SubmitOutcome> SubmitMarked(
+    const std::function<SubmitOutcome(std::vector<TaskSpec>)>& submit) {
+  return {submit({Spec("square", "PAYLOAD-A0"), Spec("square", "PAYLOAD-A1"),
+                  Spec("square", "PAYLOAD-A2")}),
+          submit({Spec("square", "PAYLOAD-B0"), Spec("square", "PAYLOAD-B1")})};
+}
+
+TEST_F(StoreTest, AFlippedByteStopsTheStartAndRepairMovesTheRecordAside) {
+  auto jobs = SubmitMarked([this](auto specs) { return Submit(std::move(specs)); });
+  Durable();
+  const TaskId damaged = jobs[0].task_ids[1];
+  ExpectRefused(
+      [&] {
+        // Closing checkpointed the log: the payload is in the database file itself.
+        std::string bytes = ReadFile(dir_.File("taskmaster.db"));
+        const size_t at = bytes.find("PAYLOAD-A1");
+        ASSERT_NE(at, std::string::npos);
+        bytes[at + 8] ^= 0x04;  // 'A' becomes 'E'
+        WriteFile(dir_.File("taskmaster.db"), bytes);
+      },
+      absl::StrCat("task ", damaged, ": checksum mismatch"));
+
+  auto report = RepairSqliteStore({dir_.path()});
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_NE(report->find("moved 1 records (0 jobs, 1 tasks, 0 job members)"), std::string::npos)
+      << *report;
+  EXPECT_NE(report->find("1 jobs missing tasks"), std::string::npos) << *report;
+  std::string rejected;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_.path())) {
+    if (entry.path().filename().string().starts_with("rejected-")) {
+      rejected = ReadFile(entry.path());
+    }
+  }
+  EXPECT_NE(rejected.find(absl::StrCat("\"id\":", damaged)), std::string::npos) << rejected;
+
+  Open();
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(damaged).status()));
+  EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 2);
+  EXPECT_EQ(Task(jobs[0].task_ids[2]).payload, "PAYLOAD-A2");
+  EXPECT_EQ(broker_->GetJob(jobs[1].job_id)->total, 2);
+  Restart();  // and it stays sound
+}
+
+TEST_F(StoreTest, RecordsChangedOrRemovedBehindItsBackStopTheStart) {
+  auto jobs = SubmitMarked([this](auto specs) { return Submit(std::move(specs)); });
+  Durable();
+  Close();
+  const std::string clean = ReadFile(dir_.File("taskmaster.db"));
+  const TaskId a0 = jobs[0].task_ids[0], a1 = jobs[0].task_ids[1];
+  const std::string change_kind = absl::StrCat("UPDATE tasks SET kind='rm-rf' WHERE id=", a1);
+  const std::string drop_task = absl::StrCat("DELETE FROM tasks WHERE id=", a0);
+  const std::string drop_job = absl::StrCat("DELETE FROM jobs WHERE job_id='", jobs[1].job_id, "'");
+  for (const auto& [damage, expected] : std::vector<std::pair<std::string, std::string>>{
+           {change_kind, absl::StrCat("task ", a1, ": checksum mismatch in what was submitted")},
+           {absl::StrCat("UPDATE tasks SET state=3 WHERE id=", a1),
+            absl::StrCat("task ", a1, ": checksum mismatch in its status")},
+           {drop_task, absl::StrCat("job ", jobs[0].job_id, ": it has 2 of its 3 tasks")},
+           {drop_job, absl::StrCat("its job ", jobs[1].job_id, " is not stored")}}) {
+    ExpectRefused(
+        [&] {
+          WriteFile(dir_.File("taskmaster.db"), clean);
+          Sql(damage);
+        },
+        expected);
+  }
+  WriteFile(dir_.File("taskmaster.db"), clean);
+  Sql(change_kind + ";" + drop_task + ";" + drop_job);
+  auto report = RepairSqliteStore({dir_.path()});
+  ASSERT_TRUE(report.ok()) << report.status();
+  // Job A keeps one task of three; job B's two tasks lost their job.
+  EXPECT_NE(report->find("moved 3 records (0 jobs, 3 tasks"), std::string::npos) << *report;
+  Open();
+  EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 1);
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(jobs[1].job_id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(a1).status()));
+}
+
+TEST_F(StoreTest, AStoreThatLostCommittedWritesIsRefused) {
+  // A copy of the database file without its write-ahead log, as a deleted or truncated WAL
+  // leaves it: the commits since the last checkpoint are gone.
+  Submit({Spec("square", "1")});
+  Durable();
+  Close();
+  Open();  // the first job is checkpointed into the file now
+  Submit({Spec("square", "2"), Spec("square", "3")});
+  Durable();
+  TempDir copy;
+  std::filesystem::copy_file(dir_.File("taskmaster.db"), copy.File("taskmaster.db"));
+  std::filesystem::copy_file(dir_.File("COMMITS"), copy.File("COMMITS"));
+  auto lost = OpenSqliteStore({copy.path()});
+  ASSERT_FALSE(lost.ok());
+  EXPECT_TRUE(absl::IsDataLoss(lost.status())) << lost.status();
+  EXPECT_NE(std::string(lost.status().message()).find("write-ahead log"), std::string::npos)
+      << lost.status();
+  auto report = RepairSqliteStore({copy.path()});
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_NE(report->find("had lost its last"), std::string::npos) << *report;
+  auto repaired = OpenSqliteStore({copy.path()});
+  EXPECT_TRUE(repaired.ok()) << repaired.status();
+
+  // A database deleted outright, its mark left behind.
+  TempDir gone;
+  std::filesystem::copy_file(dir_.File("COMMITS"), gone.File("COMMITS"));
+  auto empty = OpenSqliteStore({gone.path()});
+  ASSERT_FALSE(empty.ok());
+  EXPECT_NE(std::string(empty.status().message()).find("was deleted"), std::string::npos)
+      << empty.status();
+}
+
+TEST(SqliteStore, Version1DatabaseIsMigrated) {
+  TempDir dir;
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(dir.File("taskmaster.db").c_str(), &db), SQLITE_OK);
+  // Schema version 1 as it was released, with one job of one finished task.
+  const char* v1 = R"sql(
+PRAGMA journal_mode=WAL;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE jobs(job_id TEXT PRIMARY KEY, total INTEGER NOT NULL, created_ms INTEGER NOT NULL)
+  WITHOUT ROWID;
+CREATE TABLE tasks(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
+  labels TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
+  max_attempts INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+  idempotency_key TEXT NOT NULL,
+  state INTEGER NOT NULL, attempts INTEGER NOT NULL, not_before_ms INTEGER NOT NULL,
+  finished_ms INTEGER NOT NULL, seq INTEGER NOT NULL, completion_seq INTEGER NOT NULL,
+  output BLOB NOT NULL, error TEXT NOT NULL, worker TEXT NOT NULL, worker_id TEXT NOT NULL);
+CREATE TABLE job_members(job_id TEXT NOT NULL, task_id INTEGER NOT NULL,
+  position INTEGER NOT NULL, PRIMARY KEY(job_id, task_id)) WITHOUT ROWID;
+INSERT INTO meta VALUES('epoch', 'db-0123abcd');
+INSERT INTO jobs VALUES('job-1', 1, 1000);
+INSERT INTO tasks VALUES(7, 'job-1', 'default', 'square', '', '4', 0, 3, 1000, 1000, '',
+  3, 1, 0, 2000, 1, 1, '4*4=16', '', 'w', '');
+PRAGMA application_id=1414353713;
+PRAGMA user_version=1;
+)sql";
+  ASSERT_EQ(sqlite3_exec(db, v1, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+  sqlite3_close(db);
+  for (int start = 0; start < 2; ++start) {  // migrated, then opened as it is
+    auto store = OpenSqliteStore({dir.path()});
+    ASSERT_TRUE(store.ok()) << store.status();
+    FakeClock clock;
+    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
+    ASSERT_TRUE(broker.Recover().ok());
+    EXPECT_EQ(broker.epoch(), "db-0123abcd");
+    auto task = broker.GetTask(7);
+    ASSERT_TRUE(task.ok()) << task.status();
+    EXPECT_EQ(task->output, "4*4=16");
+  }
 }
 
 TEST(SqliteStore, SecondMasterOnTheSameDirectoryIsRefused) {
