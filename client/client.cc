@@ -24,12 +24,17 @@ void Client::Prepare(grpc::ClientContext* context) const {
   context->set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
 }
 
-absl::Status Client::Explain(const grpc::Status& status) const {
+absl::Status Client::Explain(const grpc::Status& status, const grpc::ClientContext& context) const {
   const std::string& addr = options_.master.address;
   switch (status.error_code()) {
     case grpc::StatusCode::OK:
       return absl::OkStatus();
     case grpc::StatusCode::UNAVAILABLE:
+      // The master's own answer (its disk is full, say) is passed on as it is.
+      if (context.GetServerTrailingMetadata().contains(kAnsweredByMaster)) {
+        return absl::UnavailableError(
+            absl::StrCat("the master at ", addr, " says: ", status.error_message()));
+      }
       return absl::UnavailableError(
           absl::StrCat("cannot reach the master at ", addr, ": ", status.error_message()));
     case grpc::StatusCode::DEADLINE_EXCEEDED:
@@ -60,7 +65,7 @@ absl::StatusOr<Response> Client::Call(StubMethod<Response, Request> method,
   Prepare(&context);
   Response response;
   if (grpc::Status s = (stub_.get()->*method)(&context, request, &response); !s.ok()) {
-    return Explain(s);
+    return Explain(s, context);
   }
   return response;
 }
@@ -130,7 +135,7 @@ absl::StatusOr<std::string> Client::SubmitAndWatch(
   }
   const grpc::Status status = reader->Finish();
   // Before the first event the job may or may not exist: resubmit with idempotency keys.
-  if (job_id.empty()) return Explain(status);
+  if (job_id.empty()) return Explain(status, context);
   absl::Status followed = Follow(job_id, seen, on_event, /*lost_master=*/!status.ok());
   if (!followed.ok()) return followed;
   return job_id;
@@ -177,7 +182,7 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
     const bool retryable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
                            status.error_code() == grpc::StatusCode::CANCELLED ||
                            status.ok();  // ended early by a master shutting down
-    if (!retryable) return Explain(status);
+    if (!retryable) return Explain(status, context);
     if (std::chrono::steady_clock::now() - last_contact > options_.reconnect_timeout) {
       return absl::UnavailableError(absl::StrCat("lost the master at ", options_.master.address,
                                                  " for over ", options_.reconnect_timeout.count(),

@@ -58,7 +58,7 @@ class Client {
   absl::Status Follow(const std::string& job_id, int64_t seen,
                       const std::function<void(const v1::JobEvent&)>& on_event,
                       bool lost_master) const;
-  absl::Status Explain(const grpc::Status& status) const;
+  absl::Status Explain(const grpc::Status& status, const grpc::ClientContext& context) const;
 
   const ClientOptions options_;
   const std::unique_ptr<v1::TaskQueue::Stub> stub_;

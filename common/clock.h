@@ -5,19 +5,27 @@
 
 namespace taskmaster {
 
-// Milliseconds since the Unix epoch. Leases, delays and retention use wall time so that they
-// keep their meaning across a master restart.
+// Milliseconds since the Unix epoch, on a clock that never jumps: see SystemClock.
 class Clock {
  public:
   virtual ~Clock() = default;
   virtual int64_t NowMs() const = 0;
 };
 
-// The real clock. Thread-safe.
+// The wall time when the process started, advanced by the monotonic clock since. Every timer
+// (leases, grace periods, delays, backoff, retention) runs on it, so a step of the system clock
+// changes none of them; the times it shows drift from the system clock by the steps made since
+// the start. Stored times are on this clock too, so across a restart the system clock at start is
+// the reference (docs/lifecycle.md, "Time"). Thread-safe.
 class SystemClock final : public Clock {
  public:
   int64_t NowMs() const override;
   static SystemClock* Get();
+
+ private:
+  SystemClock();
+  const int64_t start_wall_ms_;
+  const int64_t start_steady_ms_;
 };
 
 // A clock that moves only when told to, for tests. Thread-safe.

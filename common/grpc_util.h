@@ -13,6 +13,10 @@ namespace taskmaster {
 // no batch comes near a message limit whatever the items' sizes.
 inline constexpr size_t kBatchBytes = 1 << 20;
 
+// Trailing metadata on every answer of the master's handlers: a client can then tell the master's
+// own UNAVAILABLE (its disk is full) from a transport failure (it cannot be reached).
+inline constexpr char kAnsweredByMaster[] = "tm-answered";
+
 // Limits both ends agree on: one value sets the send and receive caps.
 inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
 
@@ -23,7 +27,8 @@ struct ChannelOptions {
   std::string tls_ca_file;    // non-empty: TLS, verifying the master against this CA bundle
   std::string tls_cert_file;  // with tls_key_file: mutual TLS, presenting this certificate
   std::string tls_key_file;
-  bool keepalive = false;  // long-lived worker streams ping to notice a dead peer
+  // Long-lived worker streams ping this often (0: never) to notice a dead connection.
+  int64_t keepalive_ms = 0;
 };
 
 // A new channel. Reconnect loops make a new one per attempt: a channel that lost its master

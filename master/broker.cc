@@ -42,6 +42,8 @@ constexpr char kDefaultQueue[] = "default";
 constexpr size_t kMaxIdempotencyKey = 256;
 constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
+// Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
+constexpr size_t kMaxHeld = 1'000'000;
 
 struct Job;
 struct Worker;
@@ -590,6 +592,24 @@ class Broker::Impl {
     }
   }
 
+  // A reconnecting worker holds `t` (running it, or with its result on the way), but the master
+  // has it waiting to be run: its lease was lost with a master crash before it was stored, or
+  // expired while the worker was away. The worker keeps it, so it is not run a second time.
+  // Returns whether it did.
+  bool Adopt(Task& t, const TaskRef& ref, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const bool waiting = t.state == TaskState::kPending || t.state == TaskState::kDelayed;
+    // The attempt it claims must be the one the lost lease gave, or the one that expired.
+    const bool its_attempt = ref.attempt >= 1 && ref.attempt >= t.attempts &&
+                             ref.attempt <= t.attempts + 1 && ref.attempt <= t.max_attempts;
+    if (!waiting || t.job->staged || !its_attempt || !CanRun(w, *t.cls)) return false;
+    SetState(t, TaskState::kLeased);
+    t.attempts = ref.attempt;
+    t.leased_to = &w;
+    t.Notes().worker = w.name;
+    w.leases.insert(t.id);
+    return true;
+  }
+
   // A leased task goes back without using its attempt (it never started).
   void GiveBack(Task& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Unlease(t);
@@ -750,6 +770,9 @@ class Broker::Impl {
           break;
         case TaskState::kDelayed:
           c.pending++;
+          // A system clock set back while the master was down must not stretch a delay beyond
+          // what it was when it was set.
+          t.not_before_ms = std::min(t.not_before_ms, now_ + (t.not_before_ms - t.created_ms));
           b_.delayed_.push({t.not_before_ms, t.id});
           break;
         case TaskState::kLeased:
@@ -841,6 +864,23 @@ class Broker::Impl {
     std::vector<std::tuple<int64_t, Job*, TaskId>> early_;
     size_t orphans_ = 0;
   };
+
+  // A master that did not run (SIGSTOP, a starved host) heard nothing meanwhile: that silence is
+  // its own, so every worker's lease and reconnect grace get the missed time back before anything
+  // expires, and the heartbeats that waited in the sockets arrive in time.
+  void ForgivePause(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int64_t gap = last_tick_ms_ > 0 ? now - last_tick_ms_ : 0;
+    last_tick_ms_ = now;
+    if (gap <= options_.pause_threshold_ms) return;
+    for (auto& [id, w] : workers_) {
+      w->heard_ms = std::min(now, w->heard_ms + gap);
+      if (!w->connected) w->disconnected_ms = std::min(now, w->disconnected_ms + gap);
+    }
+    Log(fx, spdlog::level::warn,
+        "the master did not run for {} ms (paused or starved): workers' leases and reconnect "
+        "graces are extended by that much",
+        gap);
+  }
 
   // ---- Dispatch ----
 
@@ -1054,6 +1094,7 @@ class Broker::Impl {
   uint64_t durable_completion_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_) = 0;  // 0 before the first Tick
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
 
   friend class Broker;
@@ -1284,6 +1325,10 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         absl::StrCat("hello: slots must be between 1 and ", kMaxSlots));
   }
   if (hello.kinds.empty()) return absl::InvalidArgumentError("hello: the worker runs no kind");
+  if (hello.held.size() > kMaxHeld) {
+    return absl::InvalidArgumentError(absl::StrCat("hello: a worker holds at most ", kMaxHeld,
+                                                   " tasks, not ", hello.held.size()));
+  }
   if (hello.queues.empty()) hello.queues = {kDefaultQueue};
   for (const auto& names : {hello.kinds, hello.queues}) {
     for (const std::string& name : names) {
@@ -1320,12 +1365,6 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         b.Unlease(t);
       }
     }
-    Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
-    for (const TaskRef& ref : hello.held) {
-      if (!w.leases.contains(ref.id) || b.tasks_.at(ref.id).attempts != ref.attempt) {
-        welcome.revoked.push_back(ref);
-      }
-    }
     w.name = hello.name.empty() ? hello.worker_id : hello.name;
     w.host = std::move(hello.host);
     w.kinds = std::move(hello.kinds);
@@ -1343,13 +1382,27 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     for (auto& [key, cls] : b.classes_) {
       if (CanRun(w, *cls)) w.eligible.push_back(cls.get());
     }
+    Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
+    size_t adopted = 0;
+    for (const TaskRef& ref : held) {
+      auto it = b.tasks_.find(ref.id);
+      if (it != b.tasks_.end() && !w.leases.contains(ref.id) && b.Adopt(it->second, ref, w)) {
+        ++adopted;
+      }
+    }
+    for (const TaskRef& ref : hello.held) {
+      if (!w.leases.contains(ref.id) || b.tasks_.at(ref.id).attempts != ref.attempt) {
+        welcome.revoked.push_back(ref);
+      }
+    }
     w.outbox = WorkerOutbound{};
     w.outbox.welcome = std::move(welcome);
     b.MarkDirty(w);
     Log(fx, spdlog::level::info,
-        "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept", w.name,
-        w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
-        w.leases.size());
+        "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept ({} taken "
+        "back from the queue), {} revoked",
+        w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
+        w.leases.size(), adopted, welcome.revoked.size());
     b.DispatchAll();  // tasks it gave back may go to others
     return WorkerHandle{w.id, w.generation};
   });
@@ -1439,10 +1492,11 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
   });
 }
 
-void Broker::Heartbeat(const WorkerHandle& handle) {
+bool Broker::Heartbeat(const WorkerHandle& handle) {
   absl::MutexLock lock(&impl_->mu_);
   Worker* w = impl_->FindWorker(handle);
   if (w) w->heard_ms = impl_->clock_->NowMs();
+  return w != nullptr;
 }
 
 void Broker::Drain(const WorkerHandle& handle) {
@@ -1481,6 +1535,7 @@ void Broker::Tick() {
   impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     Impl& b = *impl_;
     const int64_t now = b.clock_->NowMs();
+    b.ForgivePause(now, fx);
     while (!b.delayed_.empty() && b.delayed_.top().first <= now) {
       auto [due, id] = b.delayed_.top();
       b.delayed_.pop();

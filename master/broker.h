@@ -21,6 +21,9 @@ struct BrokerOptions {
   int64_t heartbeat_interval_ms = 5'000;
   // How long a worker whose stream broke may reconnect and keep its leases.
   int64_t reconnect_grace_ms = 10'000;
+  // Ticks further apart than this mean the master itself did not run (paused, starved): the
+  // time it missed is not counted against workers' leases and grace periods.
+  int64_t pause_threshold_ms = 1'000;
   // Execution timeout of a task that does not set one.
   int64_t default_timeout_ms = 300'000;
   // Attempts of a task that does not set them.
@@ -103,7 +106,8 @@ class Broker {
   // Results and give-backs, with the credits that came with them. Each report is acknowledged
   // on the channel once durable.
   void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits = 0);
-  void Heartbeat(const WorkerHandle& worker);
+  // Extends every lease of the worker; false when the handle is no longer current.
+  bool Heartbeat(const WorkerHandle& worker);
   // The worker takes no more tasks.
   void Drain(const WorkerHandle& worker);
   // The stream ended. With `bye` the worker left for good and its leases return now; otherwise
@@ -113,7 +117,7 @@ class Broker {
   // ---- Timers and life cycle ----
 
   // Promotes due delayed tasks, expires leases and absent workers, drops results past retention.
-  // Call it every few hundred milliseconds.
+  // Call it every few hundred milliseconds (and far more often than pause_threshold_ms).
   void Tick();
   // Tells every connected worker and job watcher that the master is stopping, and stops
   // dispatching.

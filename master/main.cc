@@ -52,6 +52,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--heartbeat-ms", b.heartbeat_interval_ms, "heartbeat interval told to workers")
       ->capture_default_str();
+  app.add_option("--pause-threshold-ms", b.pause_threshold_ms,
+                 "a master that did not run for longer than this (paused, starved) gives "
+                 "workers the missed time back instead of expiring their leases")
+      ->capture_default_str();
   app.add_option("--reconnect-grace-ms", b.reconnect_grace_ms,
                  "how long a disconnected worker keeps its tasks")
       ->capture_default_str();

@@ -83,8 +83,11 @@ class MasterImpl final : public Master {
     builder.RegisterService(&worker_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
     builder.SetMaxSendMessageSize(options_.max_message_bytes);
-    // Workers ping every 30 s even when idle; allow it rather than answering GOAWAY.
-    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20'000);
+    // Workers ping a third of a lease apart (30 s before they know the lease), even when idle;
+    // allow it rather than answering GOAWAY.
+    builder.AddChannelArgument(
+        GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+        static_cast<int>(std::clamp<int64_t>(options_.broker.lease_timeout_ms / 4, 500, 20'000)));
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {

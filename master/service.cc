@@ -358,7 +358,11 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     } else if (m.credits() > 0 && !m.draining()) {
       broker_->AddCredits(handle_, m.credits());
     }
-    if (m.heartbeat()) broker_->Heartbeat(handle_);
+    if (m.heartbeat() && broker_->Heartbeat(handle_) && m.heartbeat_at() > 0) {
+      WorkerOutbound echo;
+      echo.heartbeat_echo = m.heartbeat_at();
+      Enqueue(std::move(echo));
+    }
     if (m.draining()) broker_->Drain(handle_);
     if (m.bye()) bye_ = true;
   }
@@ -392,6 +396,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     for (TaskId id : message.cancel) out->add_cancel(id);
     AddRefs(message.acked, out->mutable_acked());
     if (message.shutting_down) out->set_shutting_down(true);
+    out->set_heartbeat_echo(std::max(out->heartbeat_echo(), message.heartbeat_echo));
     WriteNextLocked();
   }
 
@@ -458,8 +463,9 @@ std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
 
 }  // namespace
 
-grpc::Status Authorizer::Check(const grpc::CallbackServerContext* context, Role need,
+grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need,
                                const char* call) const {
+  context->AddTrailingMetadata(kAnsweredByMaster, "1");
   if (!tokens_) return grpc::Status::OK;
   const auto& metadata = context->client_metadata();
   auto it = metadata.find("authorization");

@@ -15,7 +15,8 @@ class Authorizer {
  public:
   explicit Authorizer(std::optional<TokenSet> tokens) : tokens_(std::move(tokens)) {}
   // UNAUTHENTICATED without a known token, PERMISSION_DENIED when its role may not do `call`.
-  grpc::Status Check(const grpc::CallbackServerContext* context, Role need, const char* call) const;
+  // Every call starts here: it also marks the answer as the master's (kAnsweredByMaster).
+  grpc::Status Check(grpc::CallbackServerContext* context, Role need, const char* call) const;
 
  private:
   const std::optional<TokenSet> tokens_;

@@ -1,6 +1,7 @@
 // The durable store: SQLite in WAL mode, written by one thread that commits every change queued
 // since its last commit in one transaction. docs/storage.md describes the files and guarantees.
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -322,9 +323,15 @@ class SqliteStore final : public Store {
     sqlite::Exec(db_, "PRAGMA wal_checkpoint(TRUNCATE)").IgnoreError();
   }
 
-  // Holds `reserve_bytes` of disk in a file, for MakeRoom to give back when the disk fills.
+  // Holds `reserve_bytes` of disk in a file, for MakeRoom to give back when the disk fills; taken
+  // again only once twice that is free, so the reserve never takes the room the store needs.
   void KeepReserve() {
     if (reserve_held_ || options_.reserve_bytes <= 0) return;
+    struct statvfs fs {};
+    if (statvfs(options_.data_dir.c_str(), &fs) != 0 ||
+        static_cast<int64_t>(fs.f_bavail * fs.f_frsize) < 2 * options_.reserve_bytes) {
+      return;
+    }
     const int fd = open(reserve_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) return;
     reserve_held_ = posix_fallocate(fd, 0, options_.reserve_bytes) == 0;

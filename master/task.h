@@ -155,9 +155,11 @@ struct WorkerOutbound {
   std::vector<TaskId> cancel;
   std::vector<TaskRef> acked;
   bool shutting_down = false;
+  int64_t heartbeat_echo = 0;
 
   bool empty() const {
-    return !welcome && tasks.empty() && cancel.empty() && acked.empty() && !shutting_down;
+    return !welcome && tasks.empty() && cancel.empty() && acked.empty() && !shutting_down &&
+           heartbeat_echo == 0;
   }
 };
 

@@ -84,6 +84,16 @@ class BrokerTest : public ::testing::Test {
 
   TaskState State(TaskId id) { return broker_->GetTask(id)->state; }
 
+  // Lets `ms` pass as a running master does: ticking every 100 ms.
+  void Pass(int64_t ms) {
+    for (int64_t passed = 0; passed < ms;) {
+      const int64_t step = std::min<int64_t>(100, ms - passed);
+      clock_.Advance(step);
+      passed += step;
+      broker_->Tick();
+    }
+  }
+
   BrokerOptions options_;
   FakeClock clock_;
   std::unique_ptr<Store> store_ = NewMemoryStore();
@@ -236,13 +246,11 @@ TEST_F(BrokerTest, LeaseExpiresWithoutHeartbeatsAndStaleResultIsDropped) {
   auto a = Attach("a", 1, 1);
   auto first = a.channel->Take();
   ASSERT_EQ(first.size(), 1u);
-  clock_.Advance(9'000);
+  Pass(9'000);
   broker_->Heartbeat(a.handle);  // keeps it
-  clock_.Advance(9'000);
-  broker_->Tick();
+  Pass(9'900);
   EXPECT_EQ(State(id), TaskState::kLeased);
-  clock_.Advance(1'001);
-  broker_->Tick();
+  Pass(100);
   EXPECT_EQ(State(id), TaskState::kPending);
   EXPECT_EQ(a.channel->cancels, std::vector<TaskId>{id});
   EXPECT_EQ(broker_->GetTask(id)->attempts, 1);  // counted
@@ -295,6 +303,59 @@ TEST_F(BrokerTest, ReconnectWithinGraceKeepsHeldLeases) {
   clock_.Advance(10'000);
   broker_->Tick();
   EXPECT_EQ(State(kept), TaskState::kSucceeded);
+}
+
+TEST_F(BrokerTest, APausedMasterDoesNotBlameWorkersForItsSilence) {
+  TaskSpec s = Spec("sleep", "1");
+  s.max_attempts = 1;
+  const TaskId running = SubmitOne(s);
+  const TaskId away = SubmitOne(s);
+  auto a = Attach("a", 1, 1);
+  auto b = Attach("b", 1, 1);
+  ASSERT_EQ(a.channel->Take().size(), 1u);
+  ASSERT_EQ(b.channel->Take().size(), 1u);
+  Pass(1'000);
+  broker_->Heartbeat(a.handle);
+  broker_->Detach(b.handle, /*bye=*/false);
+  // The master stops for twice the lease (SIGSTOP), then ticks again.
+  clock_.Advance(2 * options_.lease_timeout_ms);
+  broker_->Tick();
+  EXPECT_EQ(State(running), TaskState::kLeased) << "a fresh lease period, not an expiry";
+  EXPECT_EQ(State(away), TaskState::kLeased) << "and a fresh reconnect grace";
+  // The heartbeats that waited in the socket arrive; the lease holds from then on.
+  broker_->Heartbeat(a.handle);
+  Pass(options_.lease_timeout_ms - 100);
+  EXPECT_EQ(State(running), TaskState::kLeased);
+  // Time the master itself saw pass still counts.
+  Pass(200);
+  EXPECT_EQ(State(running), TaskState::kDead);
+  EXPECT_EQ(State(away), TaskState::kDead);
+}
+
+TEST_F(BrokerTest, AReconnectingWorkerKeepsTasksWhoseLeasesLapsedMeanwhile) {
+  const TaskId id = SubmitOne(Spec("sleep", "1"));
+  const TaskId other = SubmitOne(Spec("echo", "2"));
+  auto a = Attach("a", 2, 2);
+  ASSERT_EQ(a.channel->Take().size(), 2u);
+  Pass(options_.lease_timeout_ms + 100);  // silent: both leases expire, attempt counted
+  ASSERT_EQ(State(id), TaskState::kPending);
+  auto c = Attach("c", 1, 1, {"echo"});  // takes the other one
+  ASSERT_EQ(c.channel->Take().size(), 1u);
+  // "a" comes back with the result of `id` still unacknowledged and `other` running: it keeps
+  // `id` instead of it running again; `other` runs on "c" now, so "a" drops it.
+  auto back = Attach("a", 2, 0, {"sleep", "echo"}, {}, {{id, 1}, {other, 1}, {12345, 1}});
+  EXPECT_EQ(State(id), TaskState::kLeased);
+  EXPECT_EQ(broker_->GetTask(id)->attempts, 1);
+  ASSERT_TRUE(back.channel->welcome);
+  EXPECT_EQ(back.channel->welcome->revoked, (std::vector<TaskRef>{{other, 1}, {12345, 1}}));
+  broker_->Report(back.handle, {{id, 1, Outcome::kSucceeded, "slept 1 ms", ""}});
+  EXPECT_EQ(State(id), TaskState::kSucceeded);
+  EXPECT_EQ(broker_->DuplicateResults(), 0);
+  // A claim of an attempt the task never reached is refused.
+  const TaskId fresh = SubmitOne(Spec("sleep", "3"));
+  auto liar = Attach("liar", 1, 0, {"sleep"}, {}, {{fresh, 5}});
+  EXPECT_EQ(State(fresh), TaskState::kPending);
+  EXPECT_EQ(liar.channel->welcome->revoked, (std::vector<TaskRef>{{fresh, 5}}));
 }
 
 TEST_F(BrokerTest, ReturnedTaskKeepsItsAttemptAndPlace) {

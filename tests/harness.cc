@@ -52,7 +52,7 @@ bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeou
 namespace {
 
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err,
-            const std::string& in) {
+            const std::string& in, const std::vector<std::string>& extra_env) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 0, in.c_str(), O_RDONLY, 0);
@@ -73,6 +73,7 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const 
   for (char** e = environ; *e; ++e) {
     if (std::string_view(*e).rfind("TASKMASTER_", 0) != 0) env.push_back(*e);
   }
+  for (const std::string& e : extra_env) env.push_back(const_cast<char*>(e.c_str()));
   env.push_back(nullptr);
   pid_t pid = -1;
   const int rc = posix_spawn(&pid, args[0], &actions, &attr, args.data(), env.data());
@@ -88,8 +89,24 @@ int DecodeStatus(int status) {
 
 }  // namespace
 
-Process::Process(std::vector<std::string> argv, std::string log) : log_(std::move(log)) {
-  pid_ = Spawn(argv, log_, log_, "/dev/null");
+std::string Binary(const std::string& name) {
+  if (const char* dir = std::getenv("TASKMASTER_TEST_BINARIES"); dir && *dir) {
+    return std::string(dir) + "/" + name;
+  }
+  if (name == "taskmaster") return TASKMASTER_BIN;
+  if (name == "taskworker") return TASKWORKER_BIN;
+  return TASKCTL_BIN;
+}
+
+std::vector<std::string> FaultShimEnv(const std::string& clock_file,
+                                      const std::string& fsync_fail_file) {
+  return {std::string("LD_PRELOAD=") + FAULT_SHIM_LIB, "TM_SHIM_CLOCK_FILE=" + clock_file,
+          "TM_SHIM_FSYNC_FAIL_FILE=" + fsync_fail_file};
+}
+
+Process::Process(std::vector<std::string> argv, std::string log, std::vector<std::string> env)
+    : log_(std::move(log)) {
+  pid_ = Spawn(argv, log_, log_, "/dev/null", env);
 }
 
 Process::~Process() {
@@ -118,10 +135,10 @@ std::optional<int> Process::Wait(std::chrono::milliseconds timeout) {
 bool Process::Running() { return !Wait(std::chrono::milliseconds(0)); }
 
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input,
-                         std::chrono::milliseconds timeout) {
+                         std::chrono::milliseconds timeout, const std::vector<std::string>& env) {
   TempDir dir;
   WriteFile(dir.File("in"), input);
-  const pid_t pid = Spawn(argv, dir.File("out"), dir.File("err"), dir.File("in"));
+  const pid_t pid = Spawn(argv, dir.File("out"), dir.File("err"), dir.File("in"), env);
   CommandResult result;
   int status = 0;
   const bool exited = WaitFor([&] { return waitpid(pid, &status, WNOHANG) == pid; }, timeout);
@@ -146,13 +163,11 @@ Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::mov
   }
 }
 
-void Cluster::StartMaster() {
-  const std::string port_file = dir_.File("port");
-  std::filesystem::remove(port_file);
+std::vector<std::string> Cluster::MasterArgv() const {
   std::vector<std::string> argv = {
-      TASKMASTER_BIN, "--listen",          "127.0.0.1:" + std::to_string(port_),
-      "--tokens",     dir_.File("tokens"), "--port-file",
-      port_file};
+      Binary("taskmaster"), "--listen",          "127.0.0.1:" + std::to_string(port_),
+      "--tokens",           dir_.File("tokens"), "--port-file",
+      dir_.File("port")};
   // Fast timers and the cluster's own store, unless the test says otherwise.
   const std::vector<std::pair<std::string, std::string>> defaults = {
       {"--tick-ms", "50"},
@@ -165,8 +180,14 @@ void Cluster::StartMaster() {
     }
   }
   argv.insert(argv.end(), master_flags_.begin(), master_flags_.end());
+  return argv;
+}
+
+void Cluster::StartMaster() {
+  const std::string port_file = dir_.File("port");
+  std::filesystem::remove(port_file);
   master_ = std::make_unique<Process>(
-      argv, dir_.File("master-" + std::to_string(master_starts_++) + ".log"));
+      MasterArgv(), dir_.File("master-" + std::to_string(master_starts_++) + ".log"), env_);
   // A restart may find the old port still held for a moment: bounded retries.
   const bool listening =
       WaitFor([&] { return std::filesystem::exists(port_file) || !master_->Running(); },
@@ -183,7 +204,7 @@ void Cluster::KillMaster(int sig) {
 }
 
 Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
-  std::vector<std::string> argv = {TASKWORKER_BIN,
+  std::vector<std::string> argv = {Binary("taskworker"),
                                    "--master",
                                    address(),
                                    "--token-file",
@@ -193,7 +214,7 @@ Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> 
                                    "--reconnect-max-ms",
                                    "500"};
   argv.insert(argv.end(), flags.begin(), flags.end());
-  workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log")));
+  workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log"), env_));
   return *workers_.back();
 }
 
@@ -222,7 +243,7 @@ std::unique_ptr<Client> Cluster::NewClient(const std::string& token) const {
 }
 
 CommandResult Cluster::Taskctl(std::vector<std::string> args, const std::string& input) const {
-  std::vector<std::string> argv = {TASKCTL_BIN, "--master", address(), "--token-file",
+  std::vector<std::string> argv = {Binary("taskctl"), "--master", address(), "--token-file",
                                    dir_.File("submit.token")};
   argv.insert(argv.end(), args.begin(), args.end());
   return RunCommand(argv, input);

@@ -34,10 +34,14 @@ std::string ReadFile(const std::string& path);
 // Polls `done` every 20 ms until it holds or `timeout` passes; returns its last value.
 bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout);
 
-// A child process whose stdout and stderr go to `log`.
+// The binary `name` (taskmaster, taskworker, taskctl) of this build, or of the directory in
+// $TASKMASTER_TEST_BINARIES: the same tests can then show how an older build behaves.
+std::string Binary(const std::string& name);
+
+// A child process whose stdout and stderr go to `log`; `env` is added to its environment.
 class Process {
  public:
-  Process(std::vector<std::string> argv, std::string log);
+  Process(std::vector<std::string> argv, std::string log, std::vector<std::string> env = {});
   ~Process();  // SIGKILL if still running
   Process(const Process&) = delete;
   Process& operator=(const Process&) = delete;
@@ -63,7 +67,14 @@ struct CommandResult {
 
 // Runs a command to completion (killed after `timeout`), with `input` on its stdin.
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input = "",
-                         std::chrono::milliseconds timeout = std::chrono::seconds(60));
+                         std::chrono::milliseconds timeout = std::chrono::seconds(60),
+                         const std::vector<std::string>& env = {});
+
+// The fault shim (tests/fault_shim.cc), preloaded into a child by these environment entries:
+// CLOCK_REALTIME is shifted by the seconds written in `clock_file`, and fsync and fdatasync fail
+// with EIO while `fsync_fail_file` exists.
+std::vector<std::string> FaultShimEnv(const std::string& clock_file,
+                                      const std::string& fsync_fail_file);
 
 inline constexpr char kSubmitToken[] = "submit-token-for-tests-0123456789";
 inline constexpr char kWorkToken[] = "work-token-for-tests-0123456789";
@@ -78,6 +89,11 @@ class Cluster {
 
   // Starts (or restarts, on the same port once one was chosen) the master; waits until it listens.
   void StartMaster();
+  // The master's command line, as StartMaster runs it.
+  std::vector<std::string> MasterArgv() const;
+  // Environment entries for the master and workers started from now on.
+  void SetEnv(std::vector<std::string> env) { env_ = std::move(env); }
+  std::string data_dir() const { return dir_.File("data"); }
   Process& master() { return *master_; }
   void KillMaster(int sig);
   int port() const { return port_; }
@@ -101,6 +117,7 @@ class Cluster {
  private:
   TempDir dir_;
   std::vector<std::string> master_flags_;
+  std::vector<std::string> env_;
   int port_ = 0;
   int master_starts_ = 0;
   std::unique_ptr<Process> master_;

@@ -189,13 +189,13 @@ TEST(Integration, TokensAreCheckedWithRoles) {
 
   // taskctl says what to fix.
   WriteFile(cluster.dir().File("bad.token"), "nope-nope-nope-nope\n");
-  CommandResult r = RunCommand({TASKCTL_BIN, "--master", cluster.address(), "--token-file",
+  CommandResult r = RunCommand({Binary("taskctl"), "--master", cluster.address(), "--token-file",
                                 cluster.dir().File("bad.token"), "stats"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("refused the token"), std::string::npos) << r.err;
 
   // A worker with a submit token is refused, and the token never reaches the logs.
-  Process bad_worker({TASKWORKER_BIN, "--master", cluster.address(), "--token-file",
+  Process bad_worker({Binary("taskworker"), "--master", cluster.address(), "--token-file",
                       cluster.dir().File("submit.token"), "--name", "intruder"},
                      cluster.dir().File("intruder.log"));
   EXPECT_TRUE(
@@ -211,30 +211,30 @@ TEST(Integration, TokensAreCheckedWithRoles) {
 }
 
 TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
-  CommandResult no_tokens = RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0"});
+  CommandResult no_tokens = RunCommand({Binary("taskmaster"), "--listen", "127.0.0.1:0"});
   EXPECT_NE(no_tokens.exit_code, 0);
   EXPECT_NE(no_tokens.err.find("--insecure"), std::string::npos) << no_tokens.err;
-  CommandResult open =
-      RunCommand({TASKMASTER_BIN, "--insecure", "--listen", "0.0.0.0:0", "--store", "memory"});
+  CommandResult open = RunCommand(
+      {Binary("taskmaster"), "--insecure", "--listen", "0.0.0.0:0", "--store", "memory"});
   EXPECT_NE(open.exit_code, 0);
   EXPECT_NE(open.err.find("loopback"), std::string::npos) << open.err;
   TempDir dir;
   WriteFile(dir.File("tokens"), "submit short\n");
   CommandResult bad =
-      RunCommand({TASKMASTER_BIN, "--listen", "127.0.0.1:0", "--tokens", dir.File("tokens")});
+      RunCommand({Binary("taskmaster"), "--listen", "127.0.0.1:0", "--tokens", dir.File("tokens")});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("line 1"), std::string::npos) << bad.err;
 }
 
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
-  Process master({TASKMASTER_BIN, "--insecure", "--listen", "127.0.0.1:0", "--port-file",
+  Process master({Binary("taskmaster"), "--insecure", "--listen", "127.0.0.1:0", "--port-file",
                   dir.File("port"), "--store", "memory"},
                  dir.File("master.log"));
   ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
   EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);
   const std::string port = std::to_string(std::stoi(ReadFile(dir.File("port"))));
-  CommandResult r = RunCommand({TASKCTL_BIN, "--master", "127.0.0.1:" + port, "stats"});
+  CommandResult r = RunCommand({Binary("taskctl"), "--master", "127.0.0.1:" + port, "stats"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   master.Signal(SIGTERM);
   EXPECT_EQ(master.Wait(seconds(10)), 0);
@@ -330,7 +330,7 @@ TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
   ASSERT_EQ(submitted.exit_code, 0);
   const std::string job = submitted.out.substr(0, submitted.out.find('\n'));
   // A follower of the job, across the master's restart.
-  Process wait({TASKCTL_BIN, "--master", cluster.address(), "--token-file",
+  Process wait({Binary("taskctl"), "--master", cluster.address(), "--token-file",
                 cluster.dir().File("submit.token"), "wait", job},
                cluster.dir().File("wait.log"));
   std::this_thread::sleep_for(milliseconds(300));

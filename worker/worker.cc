@@ -27,6 +27,20 @@ constexpr size_t kRecentCancels = 4096;
 constexpr auto kResendAfter = std::chrono::seconds(10);
 // After the drain, how long results may wait for the master's acknowledgement.
 constexpr auto kAckGrace = std::chrono::seconds(5);
+// How often the watchdog looks at the session. Every timed wait of the worker ends within this
+// of its deadline: the watchdog's pass through the lock re-evaluates them.
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+// A master silent for this many heartbeat intervals is given up on: a fresh connection gets
+// through where a stalled one sits in TCP's retransmission backoff.
+constexpr int kSilentHeartbeats = 3;
+// Until a master says otherwise (in its welcome).
+constexpr auto kDefaultHeartbeat = std::chrono::milliseconds(5'000);
+
+using Clock = std::chrono::steady_clock;
+
+int64_t SteadyMs(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
 
 std::string HostName() {
   char buf[256] = {};
@@ -49,6 +63,7 @@ class WorkerImpl final : public Worker {
   void Run() {
     for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
     session_thread_ = std::thread([this] { SessionLoop(); });
+    watchdog_ = std::thread([this] { WatchdogLoop(); });
     log_->info("worker {} started: {} threads, prefetch {}, kinds [{}], master {}", name_, threads_,
                options_.prefetch >= 0 ? std::to_string(options_.prefetch)
                                       : absl::StrCat("adaptive up to ", options_.prefetch_max),
@@ -58,7 +73,7 @@ class WorkerImpl final : public Worker {
   ~WorkerImpl() override { Abort(); }
 
   void Drain() override {
-    const auto deadline = absl::Now() + absl::FromChrono(options_.drain_timeout);
+    const auto deadline = Clock::now() + options_.drain_timeout;
     size_t returned, running;
     {
       absl::MutexLock lock(&mu_);
@@ -79,16 +94,15 @@ class WorkerImpl final : public Worker {
     size_t unfinished, unacked;
     {
       absl::MutexLock lock(&mu_);
-      auto running_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); };
-      mu_.AwaitWithDeadline(absl::Condition(&running_done), deadline);
+      AwaitUntil([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); }, deadline);
       unfinished = held_.size();
-      auto all_acked = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return unacked_.empty(); };
-      mu_.AwaitWithDeadline(absl::Condition(&all_acked), deadline + absl::FromChrono(kAckGrace));
+      AwaitUntil([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return unacked_.empty(); },
+                 deadline + kAckGrace);
       unacked = unacked_.size();
       leaving_ = true;
       // The sender says bye and the stream ends; wait a little for that before cutting it.
-      auto session_over = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !session_open_; };
-      mu_.AwaitWithTimeout(absl::Condition(&session_over), absl::Seconds(5));
+      AwaitUntil([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !session_open_; },
+                 Clock::now() + std::chrono::seconds(5));
     }
     if (unfinished > 0) {
       log_->warn("drain timeout: left {} tasks unfinished for the master to requeue", unfinished);
@@ -98,6 +112,7 @@ class WorkerImpl final : public Worker {
   }
 
   void Abort() override {
+    std::shared_ptr<grpc::ClientContext> live;
     {
       absl::MutexLock lock(&mu_);
       if (stopped_) return;
@@ -105,9 +120,11 @@ class WorkerImpl final : public Worker {
       leaving_ = true;
       for (auto& [id, h] : held_) h.cancelled->store(true);
       queue_.clear();
-      if (live_context_) live_context_->TryCancel();
+      live = live_context_;
     }
+    if (live) live->TryCancel();
     if (session_thread_.joinable()) session_thread_.join();
+    if (watchdog_.joinable()) watchdog_.join();
     for (std::thread& t : pool_) t.join();
     log_->info("worker {} stopped", name_);
   }
@@ -138,7 +155,13 @@ class WorkerImpl final : public Worker {
         backoff.Reset();
         warned = false;
       }
-      const auto wait = backoff.Next();
+      auto wait = backoff.Next();
+      {
+        // Holding tasks, the worker must be back before their leases lapse: retry at least
+        // every heartbeat interval.
+        absl::MutexLock lock(&mu_);
+        if (!held_.empty() || !unacked_.empty()) wait = std::min(wait, heartbeat_);
+      }
       log_->debug("stream ended ({}: {}); next attempt in {} ms",
                   static_cast<int>(status.error_code()), status.error_message(), wait.count());
       {
@@ -156,20 +179,109 @@ class WorkerImpl final : public Worker {
         warned = true;
       }
       absl::MutexLock lock(&mu_);
-      auto leaving = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return leaving_; };
-      if (mu_.AwaitWithTimeout(absl::Condition(&leaving), absl::FromChrono(wait))) return;
+      if (AwaitUntil([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return leaving_; },
+                     Clock::now() + wait)) {
+        return;
+      }
     }
+  }
+
+  // Waits until `done` holds or `deadline` passes, on the monotonic clock (this abseil's timed
+  // waits sleep until a wall-clock deadline, which a clock step moves); returns `done`'s value.
+  // The watchdog passes through the lock often enough to end the wait on time.
+  template <typename Done>
+  bool AwaitUntil(Done done, Clock::time_point deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return done() || Clock::now() >= deadline;
+    };
+    mu_.Await(absl::Condition(&ready));
+    return done();
+  }
+
+  // Watches the session: a connection that gets no welcome, or a master that went silent, is
+  // cut so the session loop reconnects afresh; and tasks whose leases are about to lapse on the
+  // master are stopped, so they never run in two places at once.
+  void WatchdogLoop() {
+    while (true) {
+      std::this_thread::sleep_for(kWatchdogPeriod);
+      std::shared_ptr<grpc::ClientContext> cut;
+      std::string why;
+      size_t stopped = 0, dropped = 0;
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopped_) return;
+        const auto now = Clock::now();
+        const auto silence = kSilentHeartbeats * heartbeat_;
+        if (live_context_ && !cut_) {
+          if (!session_open_ && now - session_started_ > std::max(silence, kWatchdogPeriod * 10)) {
+            why = "no welcome";
+          } else if (session_open_ && now - heard_at_ > silence) {
+            why = absl::StrCat(
+                "no word for ",
+                std::chrono::duration_cast<std::chrono::milliseconds>(now - heard_at_).count(),
+                " ms");
+          }
+          if (!why.empty()) {
+            cut = live_context_;
+            cut_ = true;
+          }
+        }
+        if (lease_.count() > 0 && now > fence_at_) FenceLocked(&stopped, &dropped);
+      }
+      if (cut) {
+        log_->warn("master {}: {}; reconnecting on a fresh connection", options_.master.address,
+                   why);
+        cut->TryCancel();
+      }
+      if (stopped + dropped > 0) {
+        log_->warn(
+            "no heartbeat answered by the master for {} ms: stopped {} running and dropped {} "
+            "queued tasks before their leases lapse there (the master hands them to others)",
+            lease_.count(), stopped, dropped);
+      }
+    }
+  }
+
+  // Stops every task whose lease may lapse on the master: results not yet acknowledged are kept.
+  void FenceLocked(size_t* stopped, size_t* dropped) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (auto it = held_.begin(); it != held_.end();) {
+      Held& h = it->second;
+      if (h.running) {
+        if (!h.discard) {
+          h.discard = true;
+          h.cancelled->store(true);
+          ++discarded_;
+          ++*stopped;
+        }
+        ++it;
+      } else {
+        std::erase(queue_, it->first);
+        it = held_.erase(it);
+        ++*dropped;
+      }
+    }
+  }
+
+  // The master extended this worker's leases at `since` at the latest: they hold for a lease
+  // period from then. The worker stops its tasks a little earlier than the master would expire
+  // them: a tenth of the lease, at least two watchdog periods.
+  void LeasesHeldSinceLocked(Clock::time_point since) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const auto margin = std::max<Clock::duration>(lease_ / 10, 2 * kWatchdogPeriod);
+    fence_at_ = std::max(fence_at_, since + lease_ - margin);
   }
 
   // One stream, from hello to its end. Returns whether the master welcomed us.
   bool RunSession(grpc::Status* status) {
-    grpc::ClientContext context;
+    auto context_owner = std::make_shared<grpc::ClientContext>();
+    grpc::ClientContext& context = *context_owner;
     if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
     v1::WorkerMessage hello_message;
     {
       absl::MutexLock lock(&mu_);
       if (leaving_) return false;
-      live_context_ = &context;
+      live_context_ = context_owner;
+      cut_ = false;
+      session_started_ = Clock::now();
       v1::Hello* hello = hello_message.mutable_hello();
       hello->set_worker_id(worker_id_);
       hello->set_name(name_);
@@ -191,7 +303,14 @@ class WorkerImpl final : public Worker {
       }
       hello->set_master_epoch(epoch_);
     }
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.master);
+    ChannelOptions channel_options = options_.master;
+    {
+      absl::MutexLock lock(&mu_);
+      // Pings tell a dead connection well within a lease; the master allows them that often.
+      if (lease_.count() > 0)
+        channel_options.keepalive_ms = std::max<int64_t>(1'000, lease_.count() / 3);
+    }
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(channel_options);
     if (!channel.ok()) {  // checked in Start: the files went away since
       *status = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                              std::string(channel.status().message()));
@@ -218,10 +337,7 @@ class WorkerImpl final : public Worker {
     if (lost_state) log_->warn("{}", *lost_state);
     log_->info("connected to master {} (epoch {})", options_.master.address,
                in.welcome().master_epoch());
-    const auto heartbeat_interval =
-        std::chrono::milliseconds(std::max<int64_t>(100, in.welcome().heartbeat_interval_ms()));
-    std::thread sender(
-        [this, s = stream.get(), heartbeat_interval] { SendLoop(s, heartbeat_interval); });
+    std::thread sender([this, s = stream.get()] { SendLoop(s); });
     bool master_stopping = false;
     do {
       HandleMessage(in);
@@ -259,6 +375,11 @@ class WorkerImpl final : public Worker {
       unacked_.erase(ref.task_id());
     }
     epoch_ = welcome.master_epoch();
+    heartbeat_ = std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
+    lease_ = std::chrono::milliseconds(std::max<int64_t>(0, welcome.lease_timeout_ms()));
+    heard_at_ = Clock::now();
+    // Attaching extended every lease this worker kept: from when the hello left at the latest.
+    LeasesHeldSinceLocked(session_started_);
     to_send_.clear();
     for (const auto& [id, r] : unacked_) to_send_.push_back(id);
     credits_to_send_ = 0;
@@ -306,6 +427,10 @@ class WorkerImpl final : public Worker {
 
   void HandleMessage(v1::MasterMessage& in) {
     absl::MutexLock lock(&mu_);
+    heard_at_ = Clock::now();
+    if (in.heartbeat_echo() > 0) {
+      LeasesHeldSinceLocked(Clock::time_point(std::chrono::milliseconds(in.heartbeat_echo())));
+    }
     outstanding_credit_ = std::max(0, outstanding_credit_ - in.tasks_size());
     for (v1::Task& t : *in.mutable_tasks()) {
       const TaskId id = t.task_id();
@@ -360,11 +485,11 @@ class WorkerImpl final : public Worker {
     to_send_.push_back(id);
   }
 
-  void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream,
-                std::chrono::milliseconds heartbeat_interval) {
-    auto next_heartbeat = std::chrono::steady_clock::now() + heartbeat_interval;
-    auto next_resend = std::chrono::steady_clock::now() + kResendAfter;
+  void SendLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>* stream) {
+    auto next_heartbeat = Clock::now();  // at once: it tells how long the leases hold
+    auto next_resend = Clock::now() + kResendAfter;
     std::vector<TaskId> unacked_before;  // results unacknowledged at the last resend check
+    std::chrono::milliseconds heartbeat_interval;
     while (true) {
       v1::WorkerMessage m;
       bool bye = false;
@@ -374,9 +499,9 @@ class WorkerImpl final : public Worker {
           return !session_open_ || !to_send_.empty() || credits_to_send_ > 0 ||
                  (draining_ && !drain_sent_) || leaving_;
         };
-        const auto until_heartbeat = next_heartbeat - std::chrono::steady_clock::now();
-        mu_.AwaitWithTimeout(absl::Condition(&ready), absl::FromChrono(until_heartbeat));
+        AwaitUntil(ready, next_heartbeat);
         if (!session_open_) return;
+        heartbeat_interval = heartbeat_;
         if (std::chrono::steady_clock::now() >= next_resend) {
           // Still unacknowledged a whole period later: the master could not store them (its
           // disk was full, say). Send them again; it records each result once.
@@ -407,9 +532,10 @@ class WorkerImpl final : public Worker {
           bye = true;
         }
       }
-      const auto now = std::chrono::steady_clock::now();
+      const auto now = Clock::now();
       if (now >= next_heartbeat) {
         m.set_heartbeat(true);
+        m.set_heartbeat_at(SteadyMs(now));
         next_heartbeat = now + heartbeat_interval;
       }
       if (m.ByteSizeLong() == 0) continue;
@@ -516,6 +642,7 @@ class WorkerImpl final : public Worker {
   const int threads_;
   std::vector<std::thread> pool_;
   std::thread session_thread_;
+  std::thread watchdog_;
 
   mutable absl::Mutex mu_;
   std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
@@ -530,7 +657,17 @@ class WorkerImpl final : public Worker {
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
   std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
   std::string epoch_ ABSL_GUARDED_BY(mu_);
-  grpc::ClientContext* live_context_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // The session's call, from its hello to its end; the watchdog and Abort cancel it.
+  std::shared_ptr<grpc::ClientContext> live_context_ ABSL_GUARDED_BY(mu_);
+  bool cut_ ABSL_GUARDED_BY(mu_) = false;  // the watchdog cancelled this session already
+  Clock::time_point session_started_ ABSL_GUARDED_BY(mu_);  // its hello left
+  Clock::time_point heard_at_ ABSL_GUARDED_BY(mu_);         // its last message from the master
+  // The master's timers, from its last welcome; the lease is 0 until one came.
+  std::chrono::milliseconds heartbeat_ ABSL_GUARDED_BY(mu_) = kDefaultHeartbeat;
+  std::chrono::milliseconds lease_ ABSL_GUARDED_BY(mu_){0};
+  // When the leases this worker holds may lapse on the master, less a margin: tasks still held
+  // then are stopped (FenceLocked).
+  Clock::time_point fence_at_ ABSL_GUARDED_BY(mu_);
   bool session_open_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool drain_sent_ ABSL_GUARDED_BY(mu_) = false;
@@ -551,7 +688,8 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
           absl::StrCat("queue name '", q, "' must match [A-Za-z0-9_.-]{1,64}"));
     }
   }
-  options.master.keepalive = true;
+  // Until a welcome says how long leases last.
+  if (options.master.keepalive_ms == 0) options.master.keepalive_ms = 30'000;
   // Fail now on unreadable certificates rather than in every reconnect.
   if (absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
       !channel.ok()) {
