@@ -803,6 +803,10 @@ class Broker::Impl {
       b_.next_id_ = std::max(b_.next_id_, id + 1);
     }
 
+    void OnWorker(const std::string& worker_id) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      b_.awaited_.insert(worker_id);
+    }
+
     // Everything loaded was on disk.
     void Settle() ABSL_NO_THREAD_SAFETY_ANALYSIS {
       b_.durable_completion_ = b_.next_completion_ - 1;
@@ -925,8 +929,28 @@ class Broker::Impl {
     return w.connected && !w.draining && w.credits > 0 && !w.eligible.empty();
   }
 
+  // Nothing is handed out while the master stops, or while it waits after a restart for workers
+  // to claim what they hold.
+  bool Dispatching() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !shutting_down_ && !holding_;
+  }
+
+  // Ends the wait after a restart: every awaited worker is back, or the hold has passed.
+  void MaybeEndHold(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!holding_ || (!awaited_.empty() && now < hold_until_ms_)) return;
+    holding_ = false;
+    if (awaited_.empty()) {
+      Log(fx, spdlog::level::info, "every worker that held leases is back: dispatching");
+    } else {
+      Log(fx, spdlog::level::warn,
+          "dispatching without {} workers that held leases before the restart ({}...)",
+          awaited_.size(), *awaited_.begin());
+    }
+    awaited_.clear();
+  }
+
   void DispatchTo(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (shutting_down_) return;
+    if (!Dispatching()) return;
     while (CanTake(w)) {
       Task* t = PopBest(w);
       if (!t) break;
@@ -938,7 +962,7 @@ class Broker::Impl {
   // with an idle slot, then into prefetch, so no task waits behind a busy worker while another
   // worker has a slot free.
   void DispatchAll() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (shutting_down_) return;
+    if (!Dispatching()) return;
     std::vector<Worker*> hungry;
     for (auto& [id, w] : workers_) {
       if (CanTake(*w)) hungry.push_back(w.get());
@@ -1004,6 +1028,7 @@ class Broker::Impl {
       if (it != tasks_.end() && it->second.leased_to == &w) LoseLease(it->second, reason, fx);
     }
     std::erase(dirty_workers_, &w);
+    if (persistent_) store_->DeleteWorker(w.id);
     workers_.erase(w.id);
   }
 
@@ -1095,6 +1120,11 @@ class Broker::Impl {
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_) = 0;  // 0 before the first Tick
+  // After a restart: workers that held leases, not back yet; dispatch waits for them until
+  // hold_until_ms_ (see BrokerOptions::recovery_hold_ms).
+  std::set<std::string> awaited_ ABSL_GUARDED_BY(mu_);
+  bool holding_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t hold_until_ms_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
 
   friend class Broker;
@@ -1126,6 +1156,10 @@ absl::Status Broker::Recover() {
     absl::MutexLock lock(&impl_->mu_);
     loader.Finish();
     loader.Settle();
+    // Every worker attached at the stop, and every one that held a lease then.
+    for (const auto& [id, w] : impl_->workers_) impl_->awaited_.insert(id);
+    impl_->holding_ = !impl_->awaited_.empty();
+    impl_->hold_until_ms_ = impl_->clock_->NowMs() + impl_->options_.recovery_hold_ms;
     for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
     jobs = impl_->jobs_.size();
     tasks = impl_->tasks_.size();
@@ -1398,6 +1432,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.outbox = WorkerOutbound{};
     w.outbox.welcome = std::move(welcome);
     b.MarkDirty(w);
+    if (b.persistent_) b.store_->PutWorker(w.id);
+    if (b.awaited_.erase(w.id) > 0) b.MaybeEndHold(now, fx);
     Log(fx, spdlog::level::info,
         "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept ({} taken "
         "back from the queue), {} revoked",
@@ -1536,6 +1572,7 @@ void Broker::Tick() {
     Impl& b = *impl_;
     const int64_t now = b.clock_->NowMs();
     b.ForgivePause(now, fx);
+    b.MaybeEndHold(now, fx);
     while (!b.delayed_.empty() && b.delayed_.top().first <= now) {
       auto [due, id] = b.delayed_.top();
       b.delayed_.pop();

@@ -21,6 +21,10 @@ struct BrokerOptions {
   int64_t heartbeat_interval_ms = 5'000;
   // How long a worker whose stream broke may reconnect and keep its leases.
   int64_t reconnect_grace_ms = 10'000;
+  // After a restart, dispatch waits this long for the workers that held leases to come back
+  // and claim what they hold (a lease granted just before a crash may not be on disk), or less
+  // once they are all back.
+  int64_t recovery_hold_ms = 3'000;
   // Ticks further apart than this mean the master itself did not run (paused, starved): the
   // time it missed is not counted against workers' leases and grace periods.
   int64_t pause_threshold_ms = 1'000;

@@ -52,6 +52,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--heartbeat-ms", b.heartbeat_interval_ms, "heartbeat interval told to workers")
       ->capture_default_str();
+  app.add_option("--recovery-hold-ms", b.recovery_hold_ms,
+                 "after a restart, how long dispatch waits for the workers that held leases to "
+                 "come back and claim what they hold")
+      ->capture_default_str();
   app.add_option("--pause-threshold-ms", b.pause_threshold_ms,
                  "a master that did not run for longer than this (paused, starved) gives "
                  "workers the missed time back instead of expiring their leases")

@@ -26,11 +26,13 @@ CREATE TABLE tasks(
   spec_crc INTEGER NOT NULL, status_crc INTEGER NOT NULL);
 CREATE TABLE job_members(job_id TEXT NOT NULL, task_id INTEGER NOT NULL,
   position INTEGER NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY(job_id, task_id)) WITHOUT ROWID;
+CREATE TABLE workers(worker_id TEXT PRIMARY KEY, crc INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO meta VALUES('commits', '0');
 )sql";
 
-// Version 1 had no checksums and no commit count.
+// Version 1 had no checksums, no commit count and no workers.
 constexpr char kMigrateFrom1[] = R"sql(
+CREATE TABLE workers(worker_id TEXT PRIMARY KEY, crc INTEGER NOT NULL) WITHOUT ROWID;
 ALTER TABLE jobs ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN spec_crc INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN status_crc INTEGER NOT NULL DEFAULT 0;
@@ -271,6 +273,10 @@ uint32_t StatusChecksum(TaskId id, const TaskStatusRow& s) {
       .value();
 }
 
+uint32_t WorkerChecksum(const std::string& worker_id) {
+  return RecordChecksum().Add(worker_id).value();
+}
+
 uint32_t MemberChecksum(const JobMemberRow& m) {
   return RecordChecksum()
       .Add(m.job_id)
@@ -337,6 +343,12 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
                         if (job) job->found++;
                         return callbacks.member(std::move(member), problem);
                       });
+  if (!status.ok()) return status;
+  status = ForEachRow(db, "SELECT worker_id, crc FROM workers", [&](sqlite3_stmt* s) {
+    std::string id = Text(s, 0);
+    const bool sound = WorkerChecksum(id) == StoredCrc(s, 1);
+    return callbacks.worker(std::move(id), sound ? "" : "checksum mismatch");
+  });
   if (!status.ok()) return status;
   for (const auto& [id, tally] : jobs) {
     if (!tally.sound || tally.found == tally.total) continue;

@@ -24,7 +24,7 @@ using sqlite::Statement;
 // A record to move aside, as a line of the rejected file, and how to delete it.
 struct Rejected {
   std::string table;
-  std::string job_id;  // jobs, job_members
+  std::string job_id;  // jobs, job_members; the worker's id for workers
   TaskId task_id = 0;  // tasks, job_members
   json line;
 };
@@ -125,6 +125,15 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
     }
     return absl::OkStatus();
   };
+  scan.worker = [&](std::string worker_id, const std::string& problem) {
+    if (!problem.empty()) {
+      rejected.push_back({"workers",
+                          worker_id,
+                          0,
+                          {{"table", "workers"}, {"problem", problem}, {"worker_id", worker_id}}});
+    }
+    return absl::OkStatus();
+  };
   scan.short_job = [&](const std::string& job_id, int64_t total, int64_t found) {
     short_jobs.push_back({job_id, found});
     if (found == 0) {
@@ -167,12 +176,13 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
     }
     if (absl::Status s = WriteDurably(moved_to, rejected); !s.ok()) return s;
     if (absl::Status s = sqlite::Exec(db, "BEGIN IMMEDIATE"); !s.ok()) return s;
-    Statement del_task, del_job, del_members, del_member, lower, count;
+    Statement del_task, del_job, del_members, del_member, del_worker, lower, count;
     for (auto [stmt, sql] : std::vector<std::pair<Statement*, const char*>>{
              {&del_task, "DELETE FROM tasks WHERE id=?"},
              {&del_job, "DELETE FROM jobs WHERE job_id=?"},
              {&del_members, "DELETE FROM job_members WHERE job_id=?"},
              {&del_member, "DELETE FROM job_members WHERE job_id=? AND task_id=?"},
+             {&del_worker, "DELETE FROM workers WHERE worker_id=?"},
              {&lower, "UPDATE jobs SET total=?, crc=? WHERE job_id=?"},
              {&count, "UPDATE meta SET value=? WHERE key='commits'"}}) {
       if (absl::Status s = stmt->Prepare(db, sql); !s.ok()) return s;
@@ -188,6 +198,9 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
         status = del_job.Run();
         BindText(del_members.get(), 1, r.job_id);
         if (status.ok()) status = del_members.Run();
+      } else if (r.table == "workers") {
+        BindText(del_worker.get(), 1, r.job_id);
+        status = del_worker.Run();
       } else if (r.table == "job_members") {
         BindText(del_member.get(), 1, r.job_id);
         sqlite3_bind_int64(del_member.get(), 2, static_cast<int64_t>(r.task_id));

@@ -28,11 +28,19 @@ constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 
 // One queued change. Changes to the same task within a batch collapse into one.
 struct Op {
-  enum class Kind : uint8_t { kSubmit, kUpdateTask, kDeleteTask, kDeleteJob, kNone };
+  enum class Kind : uint8_t {
+    kSubmit,
+    kUpdateTask,
+    kDeleteTask,
+    kDeleteJob,
+    kPutWorker,
+    kDeleteWorker,
+    kNone
+  };
   Kind kind = Kind::kNone;
   TaskId task_id = 0;    // kUpdateTask, kDeleteTask
   TaskStatusRow status;  // kUpdateTask
-  std::string job_id;    // kDeleteJob
+  std::string key;       // kDeleteJob: the job; kPutWorker, kDeleteWorker: the worker
   // kSubmit: the rows, and who waits for them to be written or refused.
   std::unique_ptr<SubmitRows> submit;
   std::function<void(absl::Status)> submitted;
@@ -73,6 +81,8 @@ class SqliteStore final : public Store {
              {"INSERT OR REPLACE INTO job_members(job_id, task_id, position, crc) "
               "VALUES(?,?,?,?)",
               &insert_member_},
+             {"INSERT OR REPLACE INTO workers(worker_id, crc) VALUES(?,?)", &put_worker_},
+             {"DELETE FROM workers WHERE worker_id=?", &delete_worker_},
              {"UPDATE meta SET value=? WHERE key='commits'", &count_commit_}}) {
       if (absl::Status s = stmt->Prepare(db_, sql); !s.ok()) return s;
     }
@@ -110,6 +120,11 @@ class SqliteStore final : public Store {
                        problem);
       }
       visitor->OnJobMember(std::move(member));
+      return absl::OkStatus();
+    };
+    callbacks.worker = [&](std::string worker_id, const std::string& problem) {
+      if (!problem.empty()) return damaged(absl::StrCat("worker ", worker_id), problem);
+      visitor->OnWorker(worker_id);
       return absl::OkStatus();
     };
     callbacks.short_job = [&](const std::string& job_id, int64_t total, int64_t found) {
@@ -171,7 +186,17 @@ class SqliteStore final : public Store {
   void DeleteJob(const std::string& job_id) override {
     absl::MutexLock lock(&mu_);
     Op& op = Append(Op::Kind::kDeleteJob);
-    op.job_id = job_id;
+    op.key = job_id;
+  }
+
+  void PutWorker(const std::string& worker_id) override {
+    absl::MutexLock lock(&mu_);
+    Append(Op::Kind::kPutWorker).key = worker_id;
+  }
+
+  void DeleteWorker(const std::string& worker_id) override {
+    absl::MutexLock lock(&mu_);
+    Append(Op::Kind::kDeleteWorker).key = worker_id;
   }
 
   void Flush(std::function<void(absl::Status)> done) override {
@@ -381,10 +406,17 @@ class SqliteStore final : public Store {
         sqlite3_bind_int64(delete_task_.get(), 1, static_cast<int64_t>(op.task_id));
         return delete_task_.Run();
       case Op::Kind::kDeleteJob:
-        BindText(delete_members_.get(), 1, op.job_id);
+        BindText(delete_members_.get(), 1, op.key);
         if (absl::Status s = delete_members_.Run(); !s.ok()) return s;
-        BindText(delete_job_.get(), 1, op.job_id);
+        BindText(delete_job_.get(), 1, op.key);
         return delete_job_.Run();
+      case Op::Kind::kPutWorker:
+        BindText(put_worker_.get(), 1, op.key);
+        sqlite3_bind_int64(put_worker_.get(), 2, sqlite::WorkerChecksum(op.key));
+        return put_worker_.Run();
+      case Op::Kind::kDeleteWorker:
+        BindText(delete_worker_.get(), 1, op.key);
+        return delete_worker_.Run();
     }
     return absl::OkStatus();
   }
@@ -447,7 +479,7 @@ class SqliteStore final : public Store {
   const std::string reserve_path_;
   const std::shared_ptr<spdlog::logger> log_;
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
-      insert_member_, count_commit_;
+      insert_member_, put_worker_, delete_worker_, count_commit_;
   std::thread writer_;
   // Writer thread only.
   bool reserve_held_ = false;

@@ -73,6 +73,8 @@ class RecoveryVisitor {
   virtual void OnJobMember(JobMemberRow member) = 0;
   // The highest task id ever stored, deleted tasks included: ids are never reused.
   virtual void OnHighestTaskId(TaskId id) = 0;
+  // A worker that was attached (or within its reconnect grace) when the master stopped.
+  virtual void OnWorker(const std::string& worker_id) = 0;
 };
 
 // Where the broker's state persists.
@@ -109,6 +111,9 @@ class Store {
   virtual void UpdateTask(TaskId id, TaskStatusRow status) = 0;
   virtual void DeleteTask(TaskId id) = 0;
   virtual void DeleteJob(const std::string& job_id) = 0;
+  // Workers attached now: after a restart the master waits for them to claim what they hold.
+  virtual void PutWorker(const std::string& worker_id) = 0;
+  virtual void DeleteWorker(const std::string& worker_id) = 0;
 
   // Runs `done` once every change recorded before the call is durable, or with the error that
   // prevented it (the changes stay queued and are retried). `done` may run inline or on the

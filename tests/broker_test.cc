@@ -578,6 +578,8 @@ class HeldStore final : public Store {
   void UpdateTask(TaskId, TaskStatusRow) override {}
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
+  void PutWorker(const std::string&) override {}
+  void DeleteWorker(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override {
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -33,6 +33,8 @@ constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
 // A master silent for this many heartbeat intervals is given up on: a fresh connection gets
 // through where a stalled one sits in TCP's retransmission backoff.
 constexpr int kSilentHeartbeats = 3;
+// The longest wait between reconnects while the worker holds tasks or results.
+constexpr auto kHurried = std::chrono::milliseconds(1'000);
 // Until a master says otherwise (in its welcome).
 constexpr auto kDefaultHeartbeat = std::chrono::milliseconds(5'000);
 
@@ -157,10 +159,10 @@ class WorkerImpl final : public Worker {
       }
       auto wait = backoff.Next();
       {
-        // Holding tasks, the worker must be back before their leases lapse: retry at least
-        // every heartbeat interval.
+        // Holding tasks, the worker must be back before their leases lapse, and a restarted
+        // master waits for it before it hands anything out: retry at least every second.
         absl::MutexLock lock(&mu_);
-        if (!held_.empty() || !unacked_.empty()) wait = std::min(wait, heartbeat_);
+        if (!held_.empty() || !unacked_.empty()) wait = std::min({wait, heartbeat_, kHurried});
       }
       log_->debug("stream ended ({}: {}); next attempt in {} ms",
                   static_cast<int>(status.error_code()), status.error_message(), wait.count());
