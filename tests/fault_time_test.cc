@@ -231,7 +231,7 @@ TEST(FaultTime, PausedWorkerIsReplacedAndStopsItsStaleTask) {
             << runs.at(task->task_ids(0)) << " (one stopped by its paused worker)" << std::endl;
 }
 
-// A master killed while 30,000 results stream in, then again while it recovers: workers
+// A master killed while 60,000 results stream in, then again while it recovers: workers
 // report what they hold (running, and results not yet acknowledged), so nothing runs twice.
 TEST(FaultTime, MasterKilledWhileResultsStreamInRunsNothingTwice) {
   Cluster cluster({"--reconnect-grace-ms", "5000"});
@@ -242,7 +242,7 @@ TEST(FaultTime, MasterKilledWhileResultsStreamInRunsNothingTwice) {
   auto client = cluster.NewClient();
   std::vector<std::string> jobs;
   for (int b = 0; b < 3; ++b) {
-    auto job = client->Submit(Tasks("square", "#", 10'000, 3));
+    auto job = client->Submit(Tasks("square", "#", 20'000, 3));
     ASSERT_TRUE(job.ok()) << job.status();
     jobs.push_back(job->job_id());
   }
@@ -252,7 +252,7 @@ TEST(FaultTime, MasterKilledWhileResultsStreamInRunsNothingTwice) {
         auto stats = client->Stats();
         if (!stats.ok() || stats->queues_size() == 0) return false;
         held = stats->queues(0).leased();
-        return stats->queues(0).succeeded() >= 8'000;
+        return stats->queues(0).succeeded() >= 5'000;
       },
       seconds(30)));
   cluster.KillMaster(SIGKILL);
@@ -278,11 +278,11 @@ TEST(FaultTime, MasterKilledWhileResultsStreamInRunsNothingTwice) {
   }
   const auto runs = Executions({cluster.worker(0).Log(), cluster.worker(1).Log()});
   const int extra = ExtraExecutions(runs);
-  std::cout << "FIGURES master killed twice while results streamed in: acknowledged=30000 "
+  std::cout << "FIGURES master killed twice while results streamed in: acknowledged=60000 "
                "recorded="
-            << recorded << " lost=" << 30'000 - recorded << " extra_executions=" << extra
+            << recorded << " lost=" << 60'000 - recorded << " extra_executions=" << extra
             << " held_by_workers_at_the_kill=" << held << std::endl;
-  EXPECT_EQ(recorded, 30'000);
+  EXPECT_EQ(recorded, 60'000);
   EXPECT_EQ(extra, 0);
 }
 
@@ -355,7 +355,7 @@ class Namespaces {
 // A master in one namespace, workers in either, and taskctl beside the master.
 class PartitionedCluster {
  public:
-  PartitionedCluster(const Namespaces& ns, int64_t lease_ms) : ns_(ns) {
+  PartitionedCluster(const Namespaces& ns, int64_t lease_ms, int64_t heartbeat_ms) : ns_(ns) {
     WriteFile(dir_.File("tokens"),
               std::string("submit ") + kSubmitToken + "\nwork " + kWorkToken + "\n");
     WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
@@ -368,7 +368,7 @@ class PartitionedCluster {
         ns_.InMaster({Binary("taskmaster"), "--listen", "0.0.0.0:7070", "--tokens",
                       dir_.File("tokens"), "--data-dir", dir_.File("data"), "--port-file",
                       dir_.File("port"), "--lease-timeout-ms", std::to_string(lease_ms),
-                      "--heartbeat-ms", std::to_string(lease_ms / 10), "--tick-ms", "50"}),
+                      "--heartbeat-ms", std::to_string(heartbeat_ms), "--tick-ms", "50"}),
         dir_.File("master.log"));
     EXPECT_TRUE(WaitFor([&] { return std::filesystem::exists(dir_.File("port")); }, seconds(20)))
         << master_->Log();
@@ -422,28 +422,40 @@ class PartitionedCluster {
   std::vector<std::unique_ptr<Process>> workers_;
 };
 
+// The proportions of the default timers (heartbeats a sixth of the lease apart) and a cut just
+// under half the lease (and under the 10 s after which TCP gives a silent connection up): a
+// heartbeat caught in TCP's retransmission backoff (0.2 s doubling) arrives after the lease when
+// the backoff lines up badly, as it does on some of eight connections.
 TEST(FaultTime, PartitionShorterThanHalfTheLeaseCausesNoSecondRun) {
   Namespaces ns;
   if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
-  constexpr int kLeaseMs = 6'000;
-  PartitionedCluster cluster(ns, kLeaseMs);
-  Process& worker = cluster.StartWorker("far", /*beside_master=*/false);
-  const uint64_t id = cluster.SubmitSleep(6'000, 3);
-  ASSERT_NE(id, 0u);
-  ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20)))
-      << worker.Log();
-  std::this_thread::sleep_for(milliseconds(500));
+  constexpr int kLeaseMs = 14'000, kWorkers = 8;
+  PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 6);
+  std::vector<Process*> workers;
+  for (int i = 0; i < kWorkers; ++i) {
+    workers.push_back(&cluster.StartWorker(absl::StrCat("far", i), /*beside_master=*/false));
+  }
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < kWorkers; ++i) ids.push_back(cluster.SubmitSleep(12'000, 3));
+  for (uint64_t id : ids) {
+    ASSERT_NE(id, 0u);
+    ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20)));
+  }
   ns.Partition(true);
-  std::this_thread::sleep_for(milliseconds(kLeaseMs / 2 - 500));  // the fault's length
+  std::this_thread::sleep_for(milliseconds(kLeaseMs / 2 - 100));  // the fault's length
   ns.Partition(false);
-  ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "SUCCEEDED"; }, seconds(30)))
-      << cluster.master().Log() << worker.Log();
-  nlohmann::json task = cluster.Taskctl({"status", std::to_string(id)});
-  const int extra = ExtraExecutions(Executions({worker.Log()}));
-  std::cout << "FIGURES partition of " << kLeaseMs / 2 - 500 << " ms (lease " << kLeaseMs
-            << " ms): acknowledged=1 recorded=1 lost=0 attempts=" << task["attempts"]
-            << " extra_executions=" << extra << std::endl;
-  EXPECT_EQ(task["attempts"], 1);
+  std::vector<std::string> logs;
+  int attempts = 0;
+  for (uint64_t id : ids) {
+    EXPECT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "SUCCEEDED"; }, seconds(40)));
+    attempts += cluster.Taskctl({"status", std::to_string(id)})["attempts"].get<int>();
+  }
+  for (Process* w : workers) logs.push_back(w->Log());
+  const int extra = ExtraExecutions(Executions(logs));
+  std::cout << "FIGURES partition of " << kLeaseMs / 2 - 100 << " ms (lease " << kLeaseMs << " ms, "
+            << kWorkers << " workers): acknowledged=" << kWorkers << " recorded=" << kWorkers
+            << " lost=0 attempts=" << attempts << " extra_executions=" << extra << std::endl;
+  EXPECT_EQ(attempts, kWorkers);
   EXPECT_EQ(extra, 0);
   EXPECT_EQ(cluster.master().Log().find("leases expire"), std::string::npos);
 }
@@ -452,7 +464,7 @@ TEST(FaultTime, PartitionLongerThanTheLeaseStopsTheWorkerBeforeItsLeaseLapses) {
   Namespaces ns;
   if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
   constexpr int kLeaseMs = 3'000;
-  PartitionedCluster cluster(ns, kLeaseMs);
+  PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 10);
   Process& far = cluster.StartWorker("far", /*beside_master=*/false);
   const uint64_t id = cluster.SubmitSleep(6'000, 3);
   ASSERT_NE(id, 0u);

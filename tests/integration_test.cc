@@ -265,6 +265,27 @@ TEST(Integration, BadInputIsInvalidArgumentAndTheMasterCarriesOn) {
   EXPECT_NE(info->waiting_for().find("no connected worker"), std::string::npos);
 }
 
+TEST(Integration, AnIdempotencyKeyReusedForOtherWorkIsRefused) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w", {"--threads", "1"});
+  CommandResult first =
+      cluster.Taskctl({"submit", "--kind", "square", "--key", "k7", "--wait", "7"});
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_NE(first.out.find("7*7=49"), std::string::npos) << first.out;
+  // The same work again answers with the first task's result.
+  CommandResult again =
+      cluster.Taskctl({"submit", "--kind", "square", "--key", "k7", "--wait", "7"});
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_NE(again.out.find("7*7=49"), std::string::npos) << again.out;
+  // Other work under the same key is an error, not the first task's result.
+  CommandResult other =
+      cluster.Taskctl({"submit", "--kind", "square", "--key", "k7", "--wait", "8"});
+  EXPECT_NE(other.exit_code, 0);
+  EXPECT_EQ(other.out.find("7*7=49"), std::string::npos) << other.out;
+  EXPECT_NE(other.err.find("was used for a different task"), std::string::npos) << other.err;
+}
+
 TEST(Integration, WorkerDrainsOnSigterm) {
   Cluster cluster;
   cluster.StartMaster();
