@@ -94,6 +94,8 @@ for run in $(seq "$runs"); do
     record seed "$run" "$line"
   fi
 
+  record "commit-mark" "$run" "$("$bin/bench/commit_mark")"
+
   for store in memory sqlite; do
     data=$work/data-$store-$run
     start_master "$data" --store "$store" --sync full

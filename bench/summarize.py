@@ -43,6 +43,8 @@ def main():
                                                    "tasks_per_s"),
         "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
         "recovery_1m_ms": median("recovery", "ms"),
+        "commit_mark_us": median("commit-mark", "mark_us"),
+        "commit_fsync_us": median("commit-mark", "fsync_us"),
     }
     ratios = {
         "memory_vs_seed": ratio_median("throughput-memory", "tasks_per_s", "seed", "tasks_per_s"),
@@ -112,6 +114,8 @@ def main():
           f"{fmt(ratios['working_streams_vs_one_worker'], 2):>8}x")
     print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
     print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
+    print(f"{'commit mark / fsync per commit (us)':34}"
+          f"{fmt(figures['commit_mark_us'], 2) + ' / ' + fmt(figures['commit_fsync_us']):>14}")
     print()
     for t in targets:
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
