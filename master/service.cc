@@ -377,6 +377,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       w->set_master_epoch(message.welcome->master_epoch);
       w->set_heartbeat_interval_ms(message.welcome->heartbeat_interval_ms);
       w->set_lease_timeout_ms(message.welcome->lease_timeout_ms);
+      w->set_echoes_heartbeats(true);  // see Handle
       AddRefs(message.welcome->revoked, w->mutable_revoked());
     }
     for (LeasedTask& t : message.tasks) {

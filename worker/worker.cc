@@ -217,7 +217,7 @@ class WorkerImpl final : public Worker {
         if (live_context_ && !cut_) {
           if (!session_open_ && now - session_started_ > std::max(silence, kWatchdogPeriod * 10)) {
             why = "no welcome";
-          } else if (session_open_ && now - heard_at_ > silence) {
+          } else if (session_open_ && echoes_ && now - heard_at_ > silence) {
             why = absl::StrCat(
                 "no word for ",
                 std::chrono::duration_cast<std::chrono::milliseconds>(now - heard_at_).count(),
@@ -228,7 +228,7 @@ class WorkerImpl final : public Worker {
             cut_ = true;
           }
         }
-        if (lease_.count() > 0 && now > fence_at_) FenceLocked(&stopped, &dropped);
+        if (echoes_ && lease_.count() > 0 && now > fence_at_) FenceLocked(&stopped, &dropped);
       }
       if (cut) {
         log_->warn("master {}: {}; reconnecting on a fresh connection", options_.master.address,
@@ -379,6 +379,7 @@ class WorkerImpl final : public Worker {
     epoch_ = welcome.master_epoch();
     heartbeat_ = std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
     lease_ = std::chrono::milliseconds(std::max<int64_t>(0, welcome.lease_timeout_ms()));
+    echoes_ = welcome.echoes_heartbeats();
     heard_at_ = Clock::now();
     // Attaching extended every lease this worker kept: from when the hello left at the latest.
     LeasesHeldSinceLocked(session_started_);
@@ -667,6 +668,8 @@ class WorkerImpl final : public Worker {
   // The master's timers, from its last welcome; the lease is 0 until one came.
   std::chrono::milliseconds heartbeat_ ABSL_GUARDED_BY(mu_) = kDefaultHeartbeat;
   std::chrono::milliseconds lease_ ABSL_GUARDED_BY(mu_){0};
+  // The master echoes heartbeats: only then can silence be told and leases be fenced.
+  bool echoes_ ABSL_GUARDED_BY(mu_) = false;
   // When the leases this worker holds may lapse on the master, less a margin: tasks still held
   // then are stopped (FenceLocked).
   Clock::time_point fence_at_ ABSL_GUARDED_BY(mu_);
