@@ -409,7 +409,7 @@ TEST_F(BrokerTest, IdempotencyKeyWithDifferentWorkIsRefused) {
   auto first = Submit({s});
   ASSERT_TRUE(first.ok());
   for (auto change : std::vector<std::function<void(TaskSpec&)>>{
-           [](TaskSpec& t) { t.payload = "6"; }, [](TaskSpec& t) { t.kind = "echo"; },
+           [](TaskSpec& t) { t.payload = "66"; }, [](TaskSpec& t) { t.kind = "echo"; },
            [](TaskSpec& t) { t.queue = "other"; }, [](TaskSpec& t) { t.priority = 3; },
            [](TaskSpec& t) {
              t.labels = {{"gpu", "1"}};

