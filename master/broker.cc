@@ -44,6 +44,8 @@ constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
 constexpr size_t kMaxHeld = 1'000'000;
+// A worker's id, name and host (its id is stored, and all three are shown and logged).
+constexpr size_t kMaxHelloText = 255;
 
 struct Job;
 struct Worker;
@@ -112,6 +114,9 @@ struct Task {
   int32_t max_attempts = 0;
   TaskState state = TaskState::kPending;
   bool dirty = false;  // changed since the store last heard of it
+  // Back to waiting because its lease was lost, not because a result came: its worker may still
+  // return with it (see Adopt).
+  bool lease_lost = false;
 };
 
 struct Job {
@@ -310,15 +315,15 @@ class Broker::Impl {
     auto job_owner = std::make_unique<Job>();
     Job* job = job_owner.get();
     job->id = "job-" + RandomHex(8);
+    // An upper bound while tasks are added (a key repeated in the batch is one task), so the
+    // job cannot look complete before all of them are in.
     job->total = static_cast<int64_t>(specs.size());
     job->created_ms = now;
     job->staged = rows != nullptr;
     job->tasks.reserve(specs.size());
     jobs_[job->id] = std::move(job_owner);
-    if (rows) {
-      rows->job = {job->id, job->total, job->created_ms};
-      rows->tasks.reserve(specs.size());
-    }
+    if (rows) rows->tasks.reserve(specs.size());
+    std::unordered_set<TaskId> in_job;  // tasks the job follows through keys, each once
 
     SubmitOutcome out;
     out.job_id = job->id;
@@ -327,8 +332,10 @@ class Broker::Impl {
     for (TaskSpec& s : specs) {
       if (!s.idempotency_key.empty()) {
         if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
-          AddExistingToJob(job, it->second, fx, rows);
-          out.task_ids.push_back(it->second);
+          const TaskId id = it->second;
+          const bool own = tasks_.at(id).job == job;
+          if (!own && in_job.insert(id).second) AddExistingToJob(job, id, fx, rows);
+          out.task_ids.push_back(id);
           continue;
         }
       }
@@ -365,6 +372,13 @@ class Broker::Impl {
       out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
                                           "; its tasks wait until one does"));
     }
+    // The job is over its distinct tasks: task_ids repeat an id for a repeated key.
+    const auto total = static_cast<int64_t>(job->tasks.size());
+    if (total != job->total) {
+      job->total = total;
+      MaybeJobComplete(job, now);
+    }
+    if (rows) rows->job = {job->id, job->total, job->created_ms};
     if (!rows) DispatchAll();
     return out;
   }
@@ -375,6 +389,12 @@ class Broker::Impl {
                         std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (s.idempotency_key.empty()) return absl::OkStatus();
+    auto same_work = [&s](const std::string& queue, const std::string& kind, const Labels& labels,
+                          const std::string& payload, int32_t priority, int64_t timeout_ms,
+                          int32_t max_attempts) {
+      return queue == s.queue && kind == s.kind && labels == s.labels && payload == s.payload &&
+             priority == s.priority && timeout_ms == s.timeout_ms && max_attempts == s.max_attempts;
+    };
     auto mismatch = [&] {
       return absl::AlreadyExistsError(absl::StrCat(
           "idempotency key '", s.idempotency_key,
@@ -387,28 +407,25 @@ class Broker::Impl {
         return absl::AbortedError(absl::StrCat("a submit with idempotency key '", s.idempotency_key,
                                                "' is still being stored; retry in a moment"));
       }
-      const bool same = t.cls->queue == s.queue && t.cls->kind == s.kind &&
-                        t.cls->labels == s.labels && t.payload == s.payload &&
-                        t.priority == s.priority && t.timeout_ms == s.timeout_ms &&
-                        t.max_attempts == s.max_attempts;
-      return same ? absl::OkStatus() : mismatch();
+      return same_work(t.cls->queue, t.cls->kind, t.cls->labels, t.payload, t.priority,
+                       t.timeout_ms, t.max_attempts)
+                 ? absl::OkStatus()
+                 : mismatch();
     }
     auto [it, first] = batch_keys.emplace(s.idempotency_key, &s);
     if (first) return absl::OkStatus();
     const TaskSpec& o = *it->second;
-    const bool same = o.queue == s.queue && o.kind == s.kind && o.labels == s.labels &&
-                      o.payload == s.payload && o.priority == s.priority &&
-                      o.timeout_ms == s.timeout_ms && o.max_attempts == s.max_attempts &&
-                      o.delay_ms == s.delay_ms;
-    return same ? absl::OkStatus() : mismatch();
+    return same_work(o.queue, o.kind, o.labels, o.payload, o.priority, o.timeout_ms, o.max_attempts)
+               ? absl::OkStatus()
+               : mismatch();
   }
 
   // The store has a staged job: it becomes visible and its tasks ready.
   void Publish(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     job.staged = false;
     for (TaskId id : job.tasks) {
-      Task& t = tasks_.at(id);
-      if (t.job == &job) Enqueue(t);
+      auto it = tasks_.find(id);  // a task it follows may be gone past retention
+      if (it != tasks_.end() && it->second.job == &job) Enqueue(it->second);
     }
     DispatchAll();
   }
@@ -568,6 +585,7 @@ class Broker::Impl {
 
   void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     SetState(t, TaskState::kLeased);
+    t.lease_lost = false;
     t.attempts++;
     t.leased_to = &w;
     t.Notes().worker = w.name;
@@ -589,6 +607,7 @@ class Broker::Impl {
       Finish(t, TaskState::kDead, fx);
     } else {
       MakeReady(t, /*front=*/false);
+      t.lease_lost = true;
     }
   }
 
@@ -596,12 +615,20 @@ class Broker::Impl {
   // has it waiting to be run: its lease was lost with a master crash before it was stored, or
   // expired while the worker was away. The worker keeps it, so it is not run a second time.
   // Returns whether it did.
-  bool Adopt(Task& t, const TaskRef& ref, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // `awaited`: the master, restarted, waits for this worker (it was attached before).
+  bool Adopt(Task& t, const TaskRef& ref, Worker& w, bool awaited)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const bool waiting = t.state == TaskState::kPending || t.state == TaskState::kDelayed;
-    // The attempt it claims must be the one the lost lease gave, or the one that expired.
-    const bool its_attempt = ref.attempt >= 1 && ref.attempt >= t.attempts &&
-                             ref.attempt <= t.attempts + 1 && ref.attempt <= t.max_attempts;
-    if (!waiting || t.job->staged || !its_attempt || !CanRun(w, *t.cls)) return false;
+    // Its lease expired here while this very worker was away (not a result: that one counted).
+    const bool expired_away = t.lease_lost && ref.attempt == t.attempts && t.worker() == w.name;
+    // Granted just before the master's crash, never on disk: the next attempt.
+    const bool lost_in_crash = awaited && ref.attempt == t.attempts + 1;
+    if (!waiting || t.job->staged || !(expired_away || lost_in_crash) || ref.attempt < 1 ||
+        ref.attempt > t.max_attempts || !CanRun(w, *t.cls)) {
+      return false;
+    }
+    if (expired_away) t.cls->counters->failed--;  // the expiry was no failed attempt after all
+    t.lease_lost = false;
     SetState(t, TaskState::kLeased);
     t.attempts = ref.attempt;
     t.leased_to = &w;
@@ -803,8 +830,10 @@ class Broker::Impl {
       b_.next_id_ = std::max(b_.next_id_, id + 1);
     }
 
+    // Attached when the master stopped: known as disconnected, so it is awaited after the
+    // restart and forgotten (with its stored row) once its grace has passed.
     void OnWorker(const std::string& worker_id) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      b_.awaited_.insert(worker_id);
+      WorkerNamed(worker_id, worker_id);
     }
 
     // Everything loaded was on disk.
@@ -849,16 +878,24 @@ class Broker::Impl {
     // A task leased when the master stopped stays with its worker for the reconnect grace: a
     // worker that comes back still holding it keeps it, and otherwise it is requeued then.
     void Relet(Task& t, const std::string& worker_id) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      Worker& w = WorkerNamed(worker_id, t.worker().empty() ? worker_id : t.worker());
+      t.leased_to = &w;
+      w.leases.insert(t.id);
+    }
+
+    // The worker `worker_id`, disconnected as of the restart (its lease period starts now).
+    Worker& WorkerNamed(const std::string& worker_id,
+                        const std::string& name) ABSL_NO_THREAD_SAFETY_ANALYSIS {
       auto& w = b_.workers_[worker_id];
       if (!w) {
         w = std::make_unique<Worker>();
         w->id = worker_id;
-        w->name = t.worker().empty() ? worker_id : t.worker();
+        w->name = name;
         w->generation = b_.next_generation_++;
         w->disconnected_ms = now_;
+        w->heard_ms = now_;
       }
-      t.leased_to = w.get();
-      w->leases.insert(t.id);
+      return *w;
     }
 
     Impl& b_;
@@ -1174,8 +1211,9 @@ absl::Status Broker::Recover() {
       by_state[TaskState::kSucceeded] + by_state[TaskState::kDead] +
           by_state[TaskState::kCancelled],
       ms);
-  if (loader.orphans() > 0) {
-    impl_->log_->warn("skipped {} stored tasks whose job is missing", loader.orphans());
+  if (loader.orphans() > 0) {  // a store must check this itself (see Store::Load)
+    return absl::DataLossError(
+        absl::StrCat("the store holds ", loader.orphans(), " tasks whose job is missing"));
   }
   return absl::OkStatus();
 }
@@ -1208,8 +1246,12 @@ void Broker::Submit(std::vector<TaskSpec> specs,
       std::move(rows),
       [impl = impl_.get(), life = std::weak_ptr<int>(impl_->life_), done = std::move(done),
        outcome = std::move(*outcome)](absl::Status status) mutable {
-        if (life.expired()) {
-          done(absl::UnavailableError("the master stopped before the batch was stored"));
+        if (life.expired()) {  // the master is stopping; the store's answer still holds
+          if (status.ok()) {
+            done(std::move(outcome));
+          } else {
+            done(absl::UnavailableError("the master stopped before the batch was stored"));
+          }
           return;
         }
         impl->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -1354,6 +1396,15 @@ int64_t Broker::DuplicateResults() const {
 absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
                                                     std::shared_ptr<WorkerChannel> channel) {
   if (hello.worker_id.empty()) return absl::InvalidArgumentError("hello: worker_id is empty");
+  for (const auto& [field, value] :
+       {std::pair<const char*, const std::string*>{"worker_id", &hello.worker_id},
+        {"name", &hello.name},
+        {"host", &hello.host}}) {
+    if (value->size() > kMaxHelloText) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("hello: ", field, " is longer than ", kMaxHelloText, " bytes"));
+    }
+  }
   if (hello.slots < 1 || hello.slots > kMaxSlots) {
     return absl::InvalidArgumentError(
         absl::StrCat("hello: slots must be between 1 and ", kMaxSlots));
@@ -1382,8 +1433,10 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     }
     Worker& w = *slot;
     // Keep the leases the worker still holds; requeue those lost on the way (never started).
-    std::vector<TaskRef> held =
-        hello.master_epoch == b.epoch_ ? hello.held : std::vector<TaskRef>{};
+    std::unordered_map<TaskId, int32_t> held;  // task → attempt
+    if (hello.master_epoch == b.epoch_) {
+      for (const TaskRef& ref : hello.held) held[ref.id] = ref.attempt;
+    }
     const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
     for (TaskId id : leases) {
       auto it = b.tasks_.find(id);
@@ -1392,7 +1445,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         continue;
       }
       Task& t = it->second;
-      if (std::find(held.begin(), held.end(), TaskRef{id, t.attempts}) != held.end()) continue;
+      if (auto h = held.find(id); h != held.end() && h->second == t.attempts) continue;
       if (t.state == TaskState::kLeased) {
         b.GiveBack(t);
       } else {
@@ -1418,9 +1471,11 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     }
     Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
     size_t adopted = 0;
-    for (const TaskRef& ref : held) {
-      auto it = b.tasks_.find(ref.id);
-      if (it != b.tasks_.end() && !w.leases.contains(ref.id) && b.Adopt(it->second, ref, w)) {
+    const bool awaited = b.holding_ && b.awaited_.contains(w.id);
+    for (const auto& [id, attempt] : held) {
+      auto it = b.tasks_.find(id);
+      if (it != b.tasks_.end() && !w.leases.contains(id) &&
+          b.Adopt(it->second, {id, attempt}, w, awaited)) {
         ++adopted;
       }
     }
@@ -1584,7 +1639,11 @@ void Broker::Tick() {
     }
     std::vector<Worker*> gone;
     for (auto& [worker_id, w] : b.workers_) {
-      if (!w->connected && now - w->disconnected_ms >= b.options_.reconnect_grace_ms) {
+      // Gone once its grace has passed, and never sooner than a lease after its last heartbeat:
+      // until then it may still be running its tasks (it stops them only then, see
+      // docs/lifecycle.md), and they must not run in two places.
+      if (!w->connected && now - w->disconnected_ms >= b.options_.reconnect_grace_ms &&
+          now - w->heard_ms >= b.options_.lease_timeout_ms) {
         gone.push_back(w.get());
         continue;
       }
@@ -1610,9 +1669,8 @@ void Broker::Tick() {
       }
     }
     for (Worker* w : gone) {
-      Log(fx, spdlog::level::warn,
-          "worker {} did not come back within {} ms; its {} tasks are requeued", w->name,
-          b.options_.reconnect_grace_ms, w->leases.size());
+      Log(fx, spdlog::level::warn, "worker {} did not come back in time; its {} tasks are requeued",
+          w->name, w->leases.size());
       b.RemoveWorker(*w, absl::StrCat("worker ", w->name, " disconnected while running it"), fx);
     }
     while (!b.job_expiry_.empty() && b.job_expiry_.front().first <= now) {

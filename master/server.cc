@@ -157,6 +157,13 @@ class MasterImpl final : public Master {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& options) {
+  if (options.tick.count() <= 0 || options.tick.count() * 2 > options.broker.pause_threshold_ms) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tick-ms (", options.tick.count(),
+        ") must be positive and at most half of "
+        "--pause-threshold-ms (",
+        options.broker.pause_threshold_ms, "): ticks further apart look like a paused master"));
+  }
   std::optional<TokenSet> tokens;
   if (options.insecure) {
     if (!options.tokens_file.empty()) {

@@ -1,6 +1,7 @@
 #include "master/sqlite_records.h"
 
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -292,6 +293,7 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
     bool sound = true;
   };
   std::unordered_map<std::string, Tally> jobs;
+  std::unordered_set<TaskId> unsound_tasks;  // a job following one of them lost it too
   // The job a record belongs to, when it is sound and known; else says why not in `problem`.
   auto job_of = [&](const std::string& job_id, std::string* problem) -> Tally* {
     auto it = jobs.find(job_id);
@@ -327,6 +329,7 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
         TaskRow task = ReadTask(s, &problem);
         Tally* job = problem.empty() ? job_of(task.job_id, &problem) : nullptr;
         if (job) job->found++;
+        if (!problem.empty()) unsound_tasks.insert(task.id);
         return callbacks.task(std::move(task), problem);
       });
   if (!status.ok()) return status;
@@ -338,6 +341,8 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
                           problem = "checksum mismatch";
                         } else if (member.position < -1) {
                           problem = absl::StrCat("position ", member.position);
+                        } else if (unsound_tasks.contains(member.task_id)) {
+                          problem = absl::StrCat("its task ", member.task_id, " is damaged");
                         }
                         Tally* job = problem.empty() ? job_of(member.job_id, &problem) : nullptr;
                         if (job) job->found++;

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <vector>
 
@@ -56,7 +57,12 @@ std::string Stamp() {
   return buf;
 }
 
-absl::Status WriteDurably(const std::string& path, const std::vector<Rejected>& records) {
+// Writes the rejected records to a new file and makes it and its name durable.
+absl::Status WriteDurably(const std::string& dir, const std::string& path,
+                          const std::vector<Rejected>& records) {
+  if (std::filesystem::exists(path)) {
+    return absl::AlreadyExistsError(absl::StrCat(path, " exists; run --repair again"));
+  }
   {
     std::ofstream out(path, std::ios::trunc);
     for (const Rejected& r : records) {
@@ -64,10 +70,12 @@ absl::Status WriteDurably(const std::string& path, const std::vector<Rejected>& 
     }
     if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", path));
   }
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  const bool synced = fd >= 0 && fsync(fd) == 0;
-  if (fd >= 0) close(fd);
-  if (!synced) return absl::UnavailableError(absl::StrCat("cannot sync ", path));
+  for (const std::string& p : {path, dir}) {
+    const int fd = open(p.c_str(), O_RDONLY | O_CLOEXEC);
+    const bool synced = fd >= 0 && fsync(fd) == 0;
+    if (fd >= 0) close(fd);
+    if (!synced) return absl::UnavailableError(absl::StrCat("cannot sync ", p));
+  }
   return absl::OkStatus();
 }
 
@@ -174,7 +182,7 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
                            {"job_id", job_id},
                            {"new_total", found}}});
     }
-    if (absl::Status s = WriteDurably(moved_to, rejected); !s.ok()) return s;
+    if (absl::Status s = WriteDurably(dir.dir(), moved_to, rejected); !s.ok()) return s;
     if (absl::Status s = sqlite::Exec(db, "BEGIN IMMEDIATE"); !s.ok()) return s;
     Statement del_task, del_job, del_members, del_member, del_worker, lower, count;
     for (auto [stmt, sql] : std::vector<std::pair<Statement*, const char*>>{
@@ -233,14 +241,16 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
                                                  status.message(), "; nothing was changed"));
     }
     dir.RecordCommits(commits);
-    int64_t moved[3] = {0, 0, 0};
+    int64_t moved[4] = {0, 0, 0, 0};
     for (const Rejected& r : rejected) {
       moved[0] += r.table == "jobs";
       moved[1] += r.table == "tasks";
       moved[2] += r.table == "job_members";
+      moved[3] += r.table == "workers";
     }
-    absl::StrAppend(&report, "moved ", moved[0] + moved[1] + moved[2], " records (", moved[0],
-                    " jobs, ", moved[1], " tasks, ", moved[2], " job members) to ", moved_to, "; ");
+    absl::StrAppend(&report, "moved ", moved[0] + moved[1] + moved[2] + moved[3], " records (",
+                    moved[0], " jobs, ", moved[1], " tasks, ", moved[2], " job members, ", moved[3],
+                    " workers) to ", moved_to, "; ");
     const int64_t lowered = static_cast<int64_t>(std::count_if(
         short_jobs.begin(), short_jobs.end(), [](const auto& j) { return j.second > 0; }));
     if (lowered > 0) {

@@ -25,6 +25,9 @@ using sqlite::Statement;
 
 // The master's exit code when its store cannot be trusted to hold what it wrote.
 constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
+// The writer copies the WAL back into the database once it holds this many pages (SQLite's own
+// default), itself rather than inside COMMIT, where SQLite would ignore a failed fsync.
+constexpr int kCheckpointPages = 1000;
 
 // One queued change. Changes to the same task within a batch collapse into one.
 struct Op {
@@ -86,6 +89,14 @@ class SqliteStore final : public Store {
              {"UPDATE meta SET value=? WHERE key='commits'", &count_commit_}}) {
       if (absl::Status s = stmt->Prepare(db_, sql); !s.ok()) return s;
     }
+    // Replaces SQLite's automatic checkpoints (see kCheckpointPages).
+    sqlite3_wal_hook(
+        db_,
+        [](void* self, sqlite3*, const char*, int pages) {
+          static_cast<SqliteStore*>(self)->wal_pages_ = pages;
+          return SQLITE_OK;
+        },
+        this);
     KeepReserve();
     writer_ = std::thread([this] { WriterLoop(); });
     return absl::OkStatus();
@@ -242,6 +253,11 @@ class SqliteStore final : public Store {
         target = version_;
       }
       absl::Status status = Commit(batch);
+      if (status.ok() && wal_pages_ >= kCheckpointPages) {
+        // A full disk stops the checkpoint, not the commit: the WAL holds the data meanwhile.
+        absl::Status copied = Checkpoint(SQLITE_CHECKPOINT_PASSIVE);
+        if (!copied.ok() && !absl::IsResourceExhausted(copied)) Fatal(copied);
+      }
       if (!status.ok() && !absl::IsResourceExhausted(status)) Fatal(status);
       if (status.ok()) {
         KeepReserve();
@@ -345,7 +361,18 @@ class SqliteStore final : public Store {
       log_->warn("disk full: released the {} byte reserve {}", options_.reserve_bytes,
                  reserve_path_);
     }
-    sqlite::Exec(db_, "PRAGMA wal_checkpoint(TRUNCATE)").IgnoreError();
+    if (absl::Status s = Checkpoint(SQLITE_CHECKPOINT_TRUNCATE);
+        !s.ok() && !absl::IsResourceExhausted(s)) {
+      Fatal(s);
+    }
+  }
+
+  // Copies the WAL into the database. A full disk can stop it (RESOURCE_EXHAUSTED); any other
+  // error is an I/O error on the database's own fsync.
+  absl::Status Checkpoint(int mode) {
+    const int rc = sqlite3_wal_checkpoint_v2(db_, nullptr, mode, nullptr, nullptr);
+    if (rc != SQLITE_OK && rc != SQLITE_BUSY) return sqlite::LastError(db_, "a checkpoint");
+    return absl::OkStatus();
   }
 
   // Holds `reserve_bytes` of disk in a file, for MakeRoom to give back when the disk fills; taken
@@ -481,7 +508,8 @@ class SqliteStore final : public Store {
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
       insert_member_, put_worker_, delete_worker_, count_commit_;
   std::thread writer_;
-  // Writer thread only.
+  // Writer thread only (the WAL hook runs inside its commits).
+  int wal_pages_ = 0;
   bool reserve_held_ = false;
   bool reserve_warned_ = false;
 

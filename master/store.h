@@ -95,7 +95,9 @@ class Store {
   // False for a store that keeps nothing: the broker then skips building rows.
   virtual bool persistent() const = 0;
 
-  // Replays the stored state into `visitor`. Called once, before any change.
+  // Replays the stored state into `visitor`, only records that check out (each task's job
+  // exists, each job has its tasks); damage is an error naming it. Called once, before any
+  // change.
   virtual absl::Status Load(RecoveryVisitor* visitor) = 0;
 
   // OK while writes succeed; the error that stops them otherwise (disk full, I/O error). New

@@ -2,12 +2,15 @@
 
 // Fakes of the broker's collaborators, shared by the unit tests.
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
+#include "master/broker.h"
 #include "master/task.h"
 
 namespace taskmaster::testing {
@@ -42,6 +45,15 @@ class CountingWatcher final : public JobWatcher {
   void OnJobChanged() override { ++calls; }
   int calls = 0;
 };
+
+// Lets `ms` pass as a running master does: ticking every 100 ms (a longer silence between ticks
+// would look like a paused master).
+inline void PassTime(FakeClock& clock, Broker& broker, int64_t ms) {
+  for (int64_t passed = 0; passed < ms; passed += 100) {
+    clock.Advance(std::min<int64_t>(100, ms - passed));
+    broker.Tick();
+  }
+}
 
 inline TaskSpec Spec(std::string kind, std::string payload, int32_t priority = 0) {
   TaskSpec s;

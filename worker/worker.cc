@@ -215,7 +215,9 @@ class WorkerImpl final : public Worker {
         const auto now = Clock::now();
         const auto silence = kSilentHeartbeats * heartbeat_;
         if (live_context_ && !cut_) {
-          if (!session_open_ && now - session_started_ > std::max(silence, kWatchdogPeriod * 10)) {
+          // A master that accepted the connection but says nothing (paused, or its answer lost
+          // in a partition): try again, though not so soon that a busy master never makes it.
+          if (!welcomed_ && now - session_started_ > std::max({silence, lease_ / 2, kHurried})) {
             why = "no welcome";
           } else if (session_open_ && echoes_ && now - heard_at_ > silence) {
             why = absl::StrCat(
@@ -283,6 +285,7 @@ class WorkerImpl final : public Worker {
       if (leaving_) return false;
       live_context_ = context_owner;
       cut_ = false;
+      welcomed_ = false;
       session_started_ = Clock::now();
       v1::Hello* hello = hello_message.mutable_hello();
       hello->set_worker_id(worker_id_);
@@ -381,6 +384,7 @@ class WorkerImpl final : public Worker {
     lease_ = std::chrono::milliseconds(std::max<int64_t>(0, welcome.lease_timeout_ms()));
     echoes_ = welcome.echoes_heartbeats();
     heard_at_ = Clock::now();
+    welcomed_ = true;
     // Attaching extended every lease this worker kept: from when the hello left at the latest.
     LeasesHeldSinceLocked(session_started_);
     to_send_.clear();
@@ -662,7 +666,8 @@ class WorkerImpl final : public Worker {
   std::string epoch_ ABSL_GUARDED_BY(mu_);
   // The session's call, from its hello to its end; the watchdog and Abort cancel it.
   std::shared_ptr<grpc::ClientContext> live_context_ ABSL_GUARDED_BY(mu_);
-  bool cut_ ABSL_GUARDED_BY(mu_) = false;  // the watchdog cancelled this session already
+  bool cut_ ABSL_GUARDED_BY(mu_) = false;       // the watchdog cancelled this session already
+  bool welcomed_ ABSL_GUARDED_BY(mu_) = false;  // this session got its welcome
   Clock::time_point session_started_ ABSL_GUARDED_BY(mu_);  // its hello left
   Clock::time_point heard_at_ ABSL_GUARDED_BY(mu_);         // its last message from the master
   // The master's timers, from its last welcome; the lease is 0 until one came.
