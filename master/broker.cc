@@ -910,7 +910,7 @@ class Broker::Impl {
   // its own, so every worker's lease and reconnect grace get the missed time back before anything
   // expires, and the heartbeats that waited in the sockets arrive in time.
   void ForgivePause(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    const int64_t gap = last_tick_ms_ > 0 ? now - last_tick_ms_ : 0;
+    const int64_t gap = now - last_tick_ms_;
     last_tick_ms_ = now;
     if (gap <= options_.pause_threshold_ms) return;
     for (auto& [id, w] : workers_) {
@@ -1156,7 +1156,8 @@ class Broker::Impl {
   uint64_t durable_completion_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_) = 0;  // 0 before the first Tick
+  // The last Tick, or the broker's start: a pause before the first tick counts too.
+  int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_) = clock_->NowMs();
   // After a restart: workers that held leases, not back yet; dispatch waits for them until
   // hold_until_ms_ (see BrokerOptions::recovery_hold_ms).
   std::set<std::string> awaited_ ABSL_GUARDED_BY(mu_);

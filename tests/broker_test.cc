@@ -309,6 +309,10 @@ TEST_F(BrokerTest, APausedMasterDoesNotBlameWorkersForItsSilence) {
   auto b = Attach("b", 1, 1);
   ASSERT_EQ(a.channel->Take().size(), 1u);
   ASSERT_EQ(b.channel->Take().size(), 1u);
+  // Stopped right after its start, before any tick: that counts as a pause too.
+  clock_.Advance(2 * options_.lease_timeout_ms);
+  broker_->Tick();
+  EXPECT_EQ(State(running), TaskState::kLeased);
   Pass(1'000);
   broker_->Heartbeat(a.handle);
   broker_->Detach(b.handle, /*bye=*/false);

@@ -186,10 +186,6 @@ TEST(FaultTime, PausedMasterPunishesNoWorker) {
     succeeded += t.state() == v1::SUCCEEDED;
     EXPECT_EQ(t.state(), v1::SUCCEEDED) << id << ": " << t.error();
   }
-  if (dead > 0 || succeeded < 8) {
-    WriteFile("/tmp/paused-master.log", cluster.master().Log());
-    WriteFile("/tmp/paused-worker.log", cluster.worker(0).Log());
-  }
   const auto runs = Executions({cluster.worker(0).Log()});
   std::cout << "FIGURES master paused for 2 leases: acknowledged=8 succeeded=" << succeeded
             << " dead=" << dead << " lost=" << 8 - static_cast<int>(results.size())
