@@ -12,7 +12,9 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
+#include "taskmaster/v1/taskmaster.grpc.pb.h"
 #include "tests/harness.h"
 
 namespace taskmaster::testing {
@@ -238,6 +240,61 @@ TEST(FaultTime, PausedWorkerIsReplacedAndItsLateRunIsNotRecorded) {
   std::cout << "FIGURES worker paused past its lease: acknowledged=2 recorded=2 lost=0 "
                "executions_of_the_lost_task="
             << runs[task->task_ids(0)] << " paused_worker_" << how << std::endl;
+}
+
+TEST(FaultTime, MasterAnswersHeartbeats) {
+  Cluster cluster;
+  cluster.StartMaster();
+  auto channel = grpc::CreateChannel(cluster.address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::WorkerService::NewStub(channel);
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", std::string("Bearer ") + kWorkToken);
+  context.set_deadline(std::chrono::system_clock::now() + seconds(20));
+  auto stream = stub->Connect(&context);
+  v1::WorkerMessage hello;
+  hello.mutable_hello()->set_worker_id("raw-worker");
+  hello.mutable_hello()->add_kinds("square");
+  hello.mutable_hello()->set_slots(1);
+  ASSERT_TRUE(stream->Write(hello));
+  v1::MasterMessage in;
+  ASSERT_TRUE(stream->Read(&in));
+  ASSERT_TRUE(in.has_welcome());
+  EXPECT_TRUE(in.welcome().echoes_heartbeats());
+  v1::WorkerMessage beat;
+  beat.set_heartbeat(true);
+  beat.set_heartbeat_at(123'456);
+  ASSERT_TRUE(stream->Write(beat));
+  bool echoed = false;
+  for (int i = 0; i < 20 && !echoed && stream->Read(&in); ++i) {
+    echoed = in.heartbeat_echo() == 123'456;
+  }
+  EXPECT_TRUE(echoed) << "the master answers a heartbeat once the leases are extended";
+  context.TryCancel();
+  stream->Finish().IgnoreError();
+}
+
+TEST(FaultTime, AWorkerFacingASilentMasterReconnectsAfreshAndKeepsItsTask) {
+  Cluster cluster({"--lease-timeout-ms", "5000"});
+  cluster.StartMaster();
+  cluster.StartWorker("w", {"--threads", "1", "--log-level", "debug"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  auto task = client->Submit(Tasks("sleep", "3000", 1, 1));
+  ASSERT_TRUE(WaitForState(*client, task->task_ids(0), v1::LEASED, seconds(10)));
+  // Silent for longer than three heartbeats (200 ms apart), well within the lease.
+  cluster.master().Signal(SIGSTOP);
+  std::this_thread::sleep_for(milliseconds(1'500));
+  cluster.master().Signal(SIGCONT);
+  ASSERT_TRUE(WaitForState(*client, task->task_ids(0), v1::SUCCEEDED, seconds(15)));
+  const std::string log = cluster.worker(0).Log();
+  EXPECT_NE(log.find("reconnecting on a fresh connection"), std::string::npos) << log;
+  auto done = client->GetTask(task->task_ids(0));
+  EXPECT_EQ(done->attempts(), 1);
+  const int extra = ExtraExecutions(Executions({log}));
+  EXPECT_EQ(extra, 0);
+  std::cout << "FIGURES master silent for 1.5 s (lease 5 s): acknowledged=1 recorded=1 lost=0 "
+               "attempts="
+            << done->attempts() << " extra_executions=" << extra << std::endl;
 }
 
 // A master killed while 60,000 results stream in, then again while it recovers: workers
