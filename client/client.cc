@@ -70,7 +70,33 @@ absl::StatusOr<Response> Client::Call(StubMethod<Response, Request> method,
   return response;
 }
 
+namespace {
+
+// Text fields of a protobuf message must be UTF-8: the master could not even parse the request
+// otherwise, and would answer with an error that names nothing. Payloads are bytes: anything goes.
+absl::Status CheckText(const v1::SubmitRequest& request) {
+  for (int i = 0; i < request.tasks_size(); ++i) {
+    const v1::TaskSpec& t = request.tasks(i);
+    std::vector<std::pair<const char*, const std::string*>> fields = {
+        {"kind", &t.kind()}, {"queue", &t.queue()}, {"idempotency key", &t.idempotency_key()}};
+    for (const auto& [key, value] : t.labels()) {
+      fields.push_back({"label", &key});
+      fields.push_back({"label value", &value});
+    }
+    for (const auto& [what, text] : fields) {
+      if (!IsValidUtf8(*text)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("task ", i, ": the ", what, " '", Quote(*text), "' is not valid UTF-8"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<v1::SubmitResponse> Client::Submit(const v1::SubmitRequest& request) const {
+  if (absl::Status s = CheckText(request); !s.ok()) return s;
   return Call(&v1::TaskQueue::Stub::Submit, request);
 }
 
@@ -118,6 +144,7 @@ absl::Status Client::WatchJob(const std::string& job_id,
 absl::StatusOr<std::string> Client::SubmitAndWatch(
     const v1::SubmitRequest& request,
     const std::function<void(const v1::JobEvent&)>& on_event) const {
+  if (absl::Status s = CheckText(request); !s.ok()) return s;
   grpc::ClientContext context;
   if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
   auto reader = stub_->SubmitAndWatch(&context, request);

@@ -36,6 +36,14 @@ absl::StatusOr<std::map<std::string, std::string>> ParseLabels(std::string_view 
 // Queue names, kinds and label keys: [A-Za-z0-9_.-]{1,64}.
 bool IsValidName(std::string_view s);
 
+bool IsValidUtf8(std::string_view s);
+// `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: what
+// a text field of a protobuf message (which must be UTF-8) may carry of outside bytes.
+std::string ValidUtf8(std::string_view s);
+// Outside bytes (a payload, say) for a message a person reads: printable ASCII as it is, other
+// bytes as \xNN, at most `max` bytes of it, then how long the whole was.
+std::string Quote(std::string_view s, size_t max = 64);
+
 // Exponential backoff with full jitter, for reconnect loops.
 class Backoff {
  public:

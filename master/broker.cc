@@ -44,6 +44,8 @@ constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
 constexpr size_t kMaxHeld = 1'000'000;
+// Longest error a worker's result may leave on a task, so any client can read it.
+constexpr size_t kMaxError = 4'096;
 // A worker's id, name and host (its id is stored, and all three are shown and logged).
 constexpr size_t kMaxHelloText = 255;
 
@@ -1521,6 +1523,9 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
     bool gave_back = false;
     for (TaskReport& r : reports) {
       acked.push_back({r.id, r.attempt});
+      if (r.error.size() > kMaxError) {  // cut where a character may end: clients parse it too
+        r.error = ValidUtf8(std::string_view(r.error).substr(0, kMaxError));
+      }
       auto it = b.tasks_.find(r.id);
       if (it == b.tasks_.end()) continue;
       Task& t = it->second;

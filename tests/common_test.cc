@@ -130,6 +130,31 @@ TEST_F(HandlersTest, EchoSleepFail) {
   EXPECT_FALSE(Run("fail", "").ok());
 }
 
+TEST(Util, TextFromOutsideBytes) {
+  EXPECT_TRUE(IsValidUtf8("plain ascii"));
+  EXPECT_TRUE(IsValidUtf8("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"));
+  for (std::string bad : {"\xC3\x28", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xE2\x82",
+                          "\xFF"}) {
+    EXPECT_FALSE(IsValidUtf8(bad)) << Quote(bad);
+    EXPECT_TRUE(IsValidUtf8(ValidUtf8(bad))) << Quote(bad);
+  }
+  EXPECT_EQ(ValidUtf8("a\xC3\x28"
+                      "b"),
+            "a\xEF\xBF\xBD(b");
+  EXPECT_EQ(ValidUtf8("caf\xC3\xA9"), "caf\xC3\xA9");
+  EXPECT_EQ(Quote("ok \\ \xC3\x28\n"), "ok \\x5C \\xC3(\\x0A");
+  EXPECT_EQ(Quote(std::string(100, 'x'), 4), "xxxx... (100 bytes)");
+}
+
+TEST_F(HandlersTest, ErrorsNeverCarryRawPayloadBytes) {
+  for (const char* kind : {"square", "sleep", "fail"}) {
+    absl::StatusOr<std::string> r = Run(kind, "\xC3\x28");
+    ASSERT_FALSE(r.ok()) << kind;
+    EXPECT_TRUE(IsValidUtf8(std::string(r.status().message()))) << kind << ": " << r.status();
+    EXPECT_NE(r.status().message().find("\\xC3("), std::string::npos) << r.status();
+  }
+}
+
 TEST_F(HandlersTest, RegistryRejectsDuplicatesAndBadNames) {
   EXPECT_FALSE(registry_.Register("square", nullptr).ok());
   EXPECT_FALSE(registry_.Register("bad name", nullptr).ok());

@@ -286,6 +286,59 @@ TEST(Integration, AnIdempotencyKeyReusedForOtherWorkIsRefused) {
   EXPECT_NE(other.err.find("was used for a different task"), std::string::npos) << other.err;
 }
 
+// A payload that is not UTF-8 used to reach a result's error (a protobuf text field): the master
+// could not parse the worker's message, and the worker resent it forever, running nothing else.
+TEST(Integration, PayloadsThatAreNotUtf8StopNoWorker) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  auto client = cluster.NewClient();
+  const std::string bad = "\xC3\x28";
+  std::vector<uint64_t> ids;
+  for (const char* kind : {"fail", "square", "sleep", "echo"}) {
+    auto job = client->Submit(Batch(kind, {bad}, 1));
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids.push_back(job->task_ids(0));
+  }
+  auto fine = client->Submit(Batch("square", {"7"}));
+  ASSERT_TRUE(fine.ok());
+  ids.push_back(fine->task_ids(0));
+  std::map<uint64_t, v1::TaskInfo> results;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (uint64_t id : ids) {
+          auto t = client->GetTask(id);
+          if (!t.ok() || (t->state() != v1::SUCCEEDED && t->state() != v1::DEAD)) return false;
+          results[id] = *t;
+        }
+        return true;
+      },
+      std::chrono::seconds(20)))
+      << "the worker is stuck:\n"
+      << cluster.worker(0).Log();
+  for (const auto& [id, t] : results) {
+    if (t.kind() == "echo") {
+      EXPECT_EQ(t.state(), v1::SUCCEEDED);
+      EXPECT_EQ(t.output(), bad) << "bytes travel as they are";
+    } else if (t.kind() == "square" && t.error().empty()) {
+      EXPECT_EQ(t.output(), "7*7=49");
+    } else {
+      EXPECT_EQ(t.state(), v1::DEAD) << t.kind();
+      EXPECT_NE(t.error().find("\\xC3("), std::string::npos) << t.kind() << ": " << t.error();
+    }
+  }
+  EXPECT_EQ(cluster.worker(0).Log().find("lost the master"), std::string::npos)
+      << cluster.worker(0).Log();
+
+  // Text fields a client sends must be UTF-8: said plainly, before anything is sent.
+  v1::SubmitRequest keyed = Batch("square", {"1"});
+  keyed.mutable_tasks(0)->set_idempotency_key(bad);
+  auto refused = client->Submit(keyed);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+  EXPECT_NE(std::string(refused.status().message()).find("not valid UTF-8"), std::string::npos);
+}
+
 TEST(Integration, WorkerDrainsOnSigterm) {
   Cluster cluster;
   cluster.StartMaster();

@@ -54,9 +54,9 @@ absl::StatusOr<int64_t> ParseInteger(std::string_view text, std::string_view wha
   int64_t n = 0;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
   if (ec != std::errc() || end != text.data() + text.size() || text.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(std::string(what),
-                                                   " must be a decimal integer, not '",
-                                                   std::string(text.substr(0, 64)), "'"));
+    // Never the payload itself: its bytes could be anything.
+    return absl::InvalidArgumentError(
+        absl::StrCat(std::string(what), " must be a decimal integer, not '", Quote(text), "'"));
   }
   return n;
 }
@@ -83,9 +83,10 @@ absl::StatusOr<std::string> Sleep(const TaskContext& ctx) {
   return absl::StrCat("slept ", *ms, " ms");
 }
 
+// Fails with its payload as the message, as far as a message can show it.
 absl::StatusOr<std::string> Fail(const TaskContext& ctx) {
   return absl::UnknownError(ctx.payload().empty() ? std::string("fail: failed on purpose")
-                                                  : std::string(ctx.payload()));
+                                                  : Quote(ctx.payload(), 1'024));
 }
 
 }  // namespace

@@ -27,6 +27,10 @@ constexpr size_t kRecentCancels = 4096;
 constexpr auto kResendAfter = std::chrono::seconds(10);
 // After the drain, how long results may wait for the master's acknowledgement.
 constexpr auto kAckGrace = std::chrono::seconds(5);
+// Longest error text a result carries; the master keeps it for clients to read.
+constexpr size_t kMaxError = 4'096;
+// Room in a message for what comes with a result's output.
+constexpr size_t kResultOverhead = 4'096;
 // How often the watchdog looks at the session. Every timed wait of the worker ends within this
 // of its deadline: the watchdog's pass through the lock re-evaluates them.
 constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
@@ -60,7 +64,9 @@ class WorkerImpl final : public Worker {
         name_(options_.name.empty() ? absl::StrCat(host_, "-", getpid()) : options_.name),
         worker_id_(absl::StrCat(name_, "-", RandomHex(6))),
         threads_(options_.threads > 0 ? options_.threads
-                                      : std::max(1u, std::thread::hardware_concurrency())) {}
+                                      : std::max(1u, std::thread::hardware_concurrency())),
+        max_output_(static_cast<size_t>(std::max<int64_t>(
+            0, int64_t{options_.master.max_message_bytes} - int64_t{kResultOverhead}))) {}
 
   void Run() {
     for (int i = 0; i < threads_; ++i) pool_.emplace_back([this] { PoolLoop(); });
@@ -289,11 +295,12 @@ class WorkerImpl final : public Worker {
       session_started_ = Clock::now();
       v1::Hello* hello = hello_message.mutable_hello();
       hello->set_worker_id(worker_id_);
-      hello->set_name(name_);
-      hello->set_host(host_);
+      hello->set_name(ValidUtf8(name_));
+      hello->set_host(ValidUtf8(host_));
       for (const std::string& kind : registry_->Kinds()) hello->add_kinds(kind);
       for (const std::string& queue : options_.queues) hello->add_queues(queue);
-      hello->mutable_labels()->insert(options_.labels.begin(), options_.labels.end());
+      for (const auto& [key, value] : options_.labels)
+        (*hello->mutable_labels())[key] = ValidUtf8(value);
       hello->set_slots(threads_);
       auto add_held = [hello](TaskId id, int32_t attempt) {
         v1::TaskRef* ref = hello->add_held();
@@ -627,12 +634,22 @@ class WorkerImpl final : public Worker {
     } else if (std::chrono::steady_clock::now() >= deadline) {
       r.set_outcome(v1::TaskResult::FAILED);
       r.set_error(absl::StrCat("timed out after ", timeout_ms, " ms"));
+    } else if (output.ok() && output->size() > max_output_) {
+      // It could never reach the master: a result the stream cannot carry would be refused,
+      // and resent, forever.
+      r.set_outcome(v1::TaskResult::FAILED);
+      r.set_error(absl::StrCat("output of ", output->size(), " bytes is over the ", max_output_,
+                               " a result may carry (--max-message-bytes)"));
+      r.set_permanent(true);
     } else if (output.ok()) {
       r.set_outcome(v1::TaskResult::SUCCEEDED);
       r.set_output(std::move(*output));
     } else {
       r.set_outcome(v1::TaskResult::FAILED);
-      r.set_error(std::string(output.status().message()));
+      // A text field: the master cannot even parse a message whose text is not UTF-8, so an
+      // error carrying outside bytes would stop this worker's stream for good.
+      const absl::string_view message = output.status().message();
+      r.set_error(ValidUtf8(std::string_view(message.data(), std::min(message.size(), kMaxError))));
       r.set_permanent(absl::IsInvalidArgument(output.status()));
     }
     log_->debug("task {} attempt {} ({}): {}", id, attempt, kind,
@@ -647,6 +664,7 @@ class WorkerImpl final : public Worker {
   const std::string name_;
   const std::string worker_id_;
   const int threads_;
+  const size_t max_output_;  // largest output one result message can carry
   std::vector<std::thread> pool_;
   std::thread session_thread_;
   std::thread watchdog_;
