@@ -44,6 +44,29 @@ constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
 constexpr size_t kMaxHeld = 1'000'000;
+// A worker's kinds and queues, each.
+constexpr size_t kMaxNames = 1'000;
+// Labels of a task or a worker: how many, and how long a value.
+constexpr size_t kMaxLabels = 64;
+constexpr size_t kMaxLabelValue = 256;
+
+absl::Status ValidateLabels(const Labels& labels) {
+  if (labels.size() > kMaxLabels) {
+    return absl::InvalidArgumentError(absl::StrCat(labels.size(), " labels; at most ", kMaxLabels));
+  }
+  for (const auto& [key, value] : labels) {
+    if (!IsValidName(key)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label key '", key, "' must match [A-Za-z0-9_.-]{1,64}"));
+    }
+    if (value.size() > kMaxLabelValue) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label '", key, "' has a value over ", kMaxLabelValue, " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Longest error a worker's result may leave on a task, so any client can read it.
 constexpr size_t kMaxError = 4'096;
 // A worker's id, name and host (its id is stored, and all three are shown and logged).
@@ -480,13 +503,7 @@ class Broker::Impl {
       return absl::InvalidArgumentError(
           absl::StrCat("idempotency key longer than ", kMaxIdempotencyKey, " bytes"));
     }
-    for (const auto& [key, value] : s.labels) {
-      if (!IsValidName(key)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("label key '", key, "' must match [A-Za-z0-9_.-]{1,64}"));
-      }
-    }
-    return absl::OkStatus();
+    return ValidateLabels(s.labels);
   }
 
   // A resubmitted idempotency key: the new job follows the original task.
@@ -1042,7 +1059,11 @@ class Broker::Impl {
 
   void Grant(Worker& w, int32_t credits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     // Never more outstanding credit than a worker could plausibly use.
-    if (credits > 0) w.credits = std::min(w.credits + credits, kMaxSlots);
+    // In 64 bits: a peer's count must not overflow ours.
+    if (credits > 0) {
+      w.credits =
+          static_cast<int32_t>(std::min<int64_t>(int64_t{w.credits} + credits, int64_t{kMaxSlots}));
+    }
   }
 
   // `w` has something to send; Collect sends it once the section ends.
@@ -1418,6 +1439,13 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
                                                    " tasks, not ", hello.held.size()));
   }
   if (hello.queues.empty()) hello.queues = {kDefaultQueue};
+  if (hello.kinds.size() > kMaxNames || hello.queues.size() > kMaxNames) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hello: at most ", kMaxNames, " kinds and ", kMaxNames, " queues"));
+  }
+  if (absl::Status s = ValidateLabels(hello.labels); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("hello: ", s.message()));
+  }
   for (const auto& names : {hello.kinds, hello.queues}) {
     for (const std::string& name : names) {
       if (!IsValidName(name)) {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <limits>
 #include <mutex>
 
 #include "common/logging.h"
@@ -567,6 +568,26 @@ TEST_F(BrokerTest, HelloIsValidated) {
   hello.kinds = {};
   EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
             absl::StatusCode::kInvalidArgument);
+  hello.kinds = std::vector<std::string>(1'001, "echo");
+  EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  hello.kinds = {"echo"};
+  hello.labels = {{"zone", std::string(257, 'z')}};
+  EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  hello.labels = {};
+  hello.name = std::string(256, 'n');
+  EXPECT_EQ(broker_->Attach(hello, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(BrokerTest, CreditsFromAPeerCannotOverflow) {
+  auto w = Attach("w", 1, 0);
+  broker_->AddCredits(w.handle, std::numeric_limits<int32_t>::max());
+  broker_->AddCredits(w.handle, std::numeric_limits<int32_t>::max());
+  SubmitOne(Spec("echo", "a"));
+  SubmitOne(Spec("echo", "b"));
+  EXPECT_EQ(w.channel->Take().size(), 2u);
 }
 
 }  // namespace

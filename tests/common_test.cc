@@ -76,6 +76,10 @@ TEST(Util, LoopbackAddresses) {
   EXPECT_FALSE(IsLoopbackAddress("0.0.0.0:7070"));
   EXPECT_FALSE(IsLoopbackAddress("[::]:7070"));
   EXPECT_FALSE(IsLoopbackAddress("10.0.0.1:7070"));
+  EXPECT_TRUE(IsLoopbackAddress("127.3.2.1:7070"));
+  EXPECT_FALSE(IsLoopbackAddress("127.example.com:7070")) << "a name, not an address";
+  EXPECT_FALSE(IsLoopbackAddress("127.0.0.1.example.com:7070"));
+  EXPECT_FALSE(IsLoopbackAddress("[::1:7070"));
 }
 
 TEST(Util, BackoffGrowsWithJitterAndCaps) {
