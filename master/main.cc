@@ -1,5 +1,4 @@
 // taskmaster: the master daemon. Flags → MasterOptions → Start → wait for a signal → Shutdown.
-#include <fstream>
 
 #include "CLI/CLI.hpp"
 #include "absl/synchronization/mutex.h"
@@ -114,8 +113,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (!port_file.empty()) {
-    std::ofstream(port_file + ".tmp") << (*master)->port() << "\n";
-    std::rename((port_file + ".tmp").c_str(), port_file.c_str());
+    if (absl::Status s = taskmaster::WritePortFile(port_file, (*master)->port()); !s.ok()) {
+      fprintf(stderr, "taskmaster: %s\n", std::string(s.message()).c_str());
+      (*master)->Shutdown(std::chrono::milliseconds(0));
+      return 1;
+    }
   }
   while (taskmaster::WaitForTermination(std::chrono::seconds(3600)) == 0) {
   }

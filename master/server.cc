@@ -1,10 +1,13 @@
 #include "master/server.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -25,6 +28,20 @@ std::string DefaultDataDir() {
     return std::string(home) + "/.local/share/taskmaster";
   }
   return "taskmaster-data";
+}
+
+absl::Status WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  const std::string text = std::to_string(port) + "\n";
+  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  const bool written =
+      fd >= 0 && write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  if (fd >= 0) close(fd);
+  if (!written || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot write the port file ", path, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
 }
 
 bool IsLoopbackAddress(const std::string& host_port) {

@@ -47,6 +47,10 @@ class Master {
 // $XDG_DATA_HOME/taskmaster, else ~/.local/share/taskmaster, else ./taskmaster-data.
 std::string DefaultDataDir();
 
+// Writes `port` to `path` whole (through a temporary file renamed over it), following no
+// symbolic link.
+absl::Status WritePortFile(const std::string& path, int port);
+
 // True for 127.0.0.0/8, ::1 and localhost, with or without a port.
 bool IsLoopbackAddress(const std::string& host_port);
 

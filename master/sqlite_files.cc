@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -22,16 +23,40 @@ namespace {
 constexpr char kRepairHint[] =
     "; run `taskmaster --repair --data-dir DIR` to keep what is valid and move the rest aside";
 
+// The data directory holds every payload and result: only its owner may reach it. A new one is
+// made 0700 whatever the umask; an existing one must be ours and not writable by others.
+absl::Status SecureDataDir(const std::string& dir) {
+  struct stat st {};
+  if (lstat(dir.c_str(), &st) != 0) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec || chmod(dir.c_str(), 0700) != 0) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot create data directory ", dir, ": ",
+                                                        ec ? ec.message() : std::strerror(errno)));
+    }
+    return absl::OkStatus();
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("data directory ", dir, " is not a directory (a symbolic link?)"));
+  }
+  if (st.st_uid != geteuid()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("data directory ", dir, " belongs to user ", st.st_uid, ", not to this one (",
+                     geteuid(), "); each master needs a directory of its own"));
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "data directory ", dir, " can be written by other users: chmod go-w it (0700 is best)"));
+  }
+  return absl::OkStatus();
+}
+
 // Locks `dir` against a second master; returns the descriptor holding the lock.
 absl::StatusOr<int> LockDataDir(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot create data directory ", dir, ": ", ec.message()));
-  }
+  if (absl::Status s = SecureDataDir(dir); !s.ok()) return s;
   const std::string path = dir + "/LOCK";
-  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
@@ -127,10 +152,13 @@ absl::Status DataDir::OpenDatabase(const SqliteStoreOptions& options, bool repai
         " commits: the database was deleted. Restore it from a backup, or move the whole data "
         "directory away to start with an empty store"));
   }
-  if (sqlite3_open_v2(db_path_.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+  if (sqlite3_open_v2(db_path_.c_str(), &db_,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOFOLLOW,
                       nullptr) != SQLITE_OK) {
     return Refuse("cannot be opened");
   }
+  // Owner only, whatever the umask; SQLite gives its WAL and index the same mode.
+  if (!existed && chmod(db_path_.c_str(), 0600) != 0) return Refuse("cannot be made private");
   sqlite3_busy_timeout(db_, 1000);
   // Read the header before changing anything: a file we cannot use stays as it was.
   absl::StatusOr<int64_t> app = PragmaInt(db_, "application_id");
@@ -199,7 +227,7 @@ absl::Status DataDir::OpenDatabase(const SqliteStoreOptions& options, bool repai
     }
   }
   if (repairing && !existed && *mark) lost_commits_ = (*mark)->commits;
-  mark_fd_ = open(mark_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  mark_fd_ = open(mark_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (mark_fd_ < 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot open ", mark_path_, ": ", std::strerror(errno)));

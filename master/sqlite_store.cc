@@ -384,7 +384,7 @@ class SqliteStore final : public Store {
         static_cast<int64_t>(fs.f_bavail * fs.f_frsize) < 2 * options_.reserve_bytes) {
       return;
     }
-    const int fd = open(reserve_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    const int fd = open(reserve_path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0) return;
     reserve_held_ = posix_fallocate(fd, 0, options_.reserve_bytes) == 0;
     close(fd);

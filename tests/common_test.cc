@@ -137,8 +137,8 @@ TEST_F(HandlersTest, EchoSleepFail) {
 TEST(Util, TextFromOutsideBytes) {
   EXPECT_TRUE(IsValidUtf8("plain ascii"));
   EXPECT_TRUE(IsValidUtf8("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"));
-  for (std::string bad : {"\xC3\x28", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xE2\x82",
-                          "\xFF"}) {
+  for (std::string bad :
+       {"\xC3\x28", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xE2\x82", "\xFF"}) {
     EXPECT_FALSE(IsValidUtf8(bad)) << Quote(bad);
     EXPECT_TRUE(IsValidUtf8(ValidUtf8(bad))) << Quote(bad);
   }

@@ -226,6 +226,13 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
   EXPECT_NE(bad.err.find("line 1"), std::string::npos) << bad.err;
 }
 
+TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {
+  CommandResult r = RunCommand({Binary("taskmaster"), "--insecure", "--store", "memory", "--listen",
+                                "127.0.0.1:0", "--port-file", "/nonexistent-dir/port"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("cannot write the port file"), std::string::npos) << r.err;
+}
+
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
   Process master({Binary("taskmaster"), "--insecure", "--listen", "127.0.0.1:0", "--port-file",

@@ -1,6 +1,7 @@
 // The SQLite store under the broker: what a restart recovers, and what the store refuses.
 #include <gtest/gtest.h>
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <functional>
@@ -442,6 +443,38 @@ PRAGMA user_version=1;
     ASSERT_TRUE(task.ok()) << task.status();
     EXPECT_EQ(task->output, "4*4=16");
   }
+}
+
+TEST(SqliteStore, TheDataDirectoryIsTheOwnersOnly) {
+  TempDir parent;
+  const std::string dir = parent.File("data");
+  const mode_t old_umask = umask(0);  // the most permissive a user could run with
+  {
+    auto store = OpenSqliteStore({dir});
+    umask(old_umask);
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto mode = [](const std::string& path) {
+      struct stat st {};
+      EXPECT_EQ(stat(path.c_str(), &st), 0) << path;
+      return st.st_mode & 0777;
+    };
+    EXPECT_EQ(mode(dir), 0700u);
+    for (const char* file : {"taskmaster.db", "taskmaster.db-wal", "LOCK", "COMMITS"}) {
+      EXPECT_EQ(mode(dir + "/" + file), 0600u) << file;
+    }
+  }
+  // Writable by others: refused.
+  ASSERT_EQ(chmod(dir.c_str(), 0777), 0);
+  auto open = OpenSqliteStore({dir});
+  ASSERT_FALSE(open.ok());
+  EXPECT_NE(std::string(open.status().message()).find("written by other users"), std::string::npos)
+      << open.status();
+  ASSERT_EQ(chmod(dir.c_str(), 0700), 0);
+  // A LOCK that is a symbolic link is not followed.
+  std::filesystem::remove(dir + "/LOCK");
+  std::filesystem::create_symlink(parent.File("elsewhere"), dir + "/LOCK");
+  EXPECT_FALSE(OpenSqliteStore({dir}).ok());
+  EXPECT_FALSE(std::filesystem::exists(parent.File("elsewhere")));
 }
 
 TEST(SqliteStore, SecondMasterOnTheSameDirectoryIsRefused) {
