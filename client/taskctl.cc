@@ -84,6 +84,11 @@ int main(int argc, char** argv) {
   } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
     options.token = env;
   }
+  if (std::string warning =
+          taskmaster::CleartextTokenWarning(options.master, !options.token.empty());
+      !warning.empty()) {
+    fprintf(stderr, "taskctl: warning: %s\n", warning.c_str());
+  }
   auto client = taskmaster::Client::Connect(options);
   if (!client.ok()) return fail(client.status());
 

@@ -4,6 +4,12 @@
 
 namespace taskmaster {
 
+std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token) {
+  if (!has_token || !options.tls_ca_file.empty() || IsLoopbackAddress(options.address)) return "";
+  return "the token goes to " + options.address +
+         " in clear (no --tls-ca): anyone on the path can read it and act with it";
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> creds;
   if (options.tls_ca_file.empty()) {

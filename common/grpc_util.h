@@ -35,6 +35,10 @@ struct ChannelOptions {
 // waits out gRPC's own connection backoff (seconds) before it tries again.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options);
 
+// What to warn about before a token travels without TLS to a host other than loopback (anyone
+// on the path could read it); empty when nothing.
+std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token);
+
 // Status conversion at the gRPC edge.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 absl::Status FromGrpcStatus(const grpc::Status& status);

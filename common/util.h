@@ -36,6 +36,10 @@ absl::StatusOr<std::map<std::string, std::string>> ParseLabels(std::string_view 
 // Queue names, kinds and label keys: [A-Za-z0-9_.-]{1,64}.
 bool IsValidName(std::string_view s);
 
+// True for 127.0.0.0/8, ::1 and localhost, with or without a port; a name other than localhost
+// is not, whatever it starts with.
+bool IsLoopbackAddress(const std::string& host_port);
+
 bool IsValidUtf8(std::string_view s);
 // `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: what
 // a text field of a protobuf message (which must be UTF-8) may carry of outside bytes.

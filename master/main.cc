@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   app.add_option("--tokens", o.tokens_file,
                  "file of 'ROLE TOKEN' lines (roles: submit, work, admin)");
   app.add_flag("--insecure", o.insecure, "run without authentication (loopback addresses only)");
+  app.add_flag("--allow-plaintext", o.allow_plaintext,
+               "serve tokens without TLS on an address other than loopback (they travel in clear)");
   app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve TLS");
   app.add_option("--tls-key", o.tls_key_file, "PEM private key of --tls-cert");
   app.add_option("--tls-client-ca", o.tls_client_ca_file,

@@ -1,8 +1,6 @@
 #include "master/server.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -42,23 +40,6 @@ absl::Status WritePortFile(const std::string& path, int port) {
         absl::StrCat("cannot write the port file ", path, ": ", std::strerror(errno)));
   }
   return absl::OkStatus();
-}
-
-bool IsLoopbackAddress(const std::string& host_port) {
-  std::string host = host_port;
-  if (absl::StartsWith(host, "[")) {
-    const size_t close = host.find(']');
-    if (close == std::string::npos) return false;
-    host = host.substr(1, close - 1);
-  } else if (std::count(host.begin(), host.end(), ':') == 1) {
-    host = host.substr(0, host.find(':'));
-  }
-  if (host == "localhost") return true;
-  // A literal address only: a name such as 127.example.com could resolve anywhere.
-  in_addr v4{};
-  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  return inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 namespace {
@@ -201,6 +182,14 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
           absl::StrCat("--insecure listens on loopback addresses only, not ", options.listen));
     }
   } else {
+    if (options.tls_cert_file.empty() && !IsLoopbackAddress(options.listen) &&
+        !options.allow_plaintext) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--listen ", options.listen,
+          " is not a loopback address, and without TLS every token would cross the network in "
+          "clear: serve TLS (--tls-cert, --tls-key; deploy/make-certs.sh makes a set) or say "
+          "--allow-plaintext"));
+    }
     if (options.tokens_file.empty()) {
       return absl::InvalidArgumentError(
           "no --tokens file: the master refuses to run without authentication "

@@ -17,6 +17,8 @@ struct MasterOptions {
   std::string tokens_file;
   // No authentication at all; allowed on loopback addresses only.
   bool insecure = false;
+  // Tokens without TLS on an address other than loopback: refused unless this is set.
+  bool allow_plaintext = false;
   // TLS: the master's certificate and key; with a client CA, clients must present a
   // certificate it signed (mutual TLS).
   std::string tls_cert_file;
@@ -50,8 +52,5 @@ std::string DefaultDataDir();
 // Writes `port` to `path` whole (through a temporary file renamed over it), following no
 // symbolic link.
 absl::Status WritePortFile(const std::string& path, int port);
-
-// True for 127.0.0.0/8, ::1 and localhost, with or without a port.
-bool IsLoopbackAddress(const std::string& host_port);
 
 }  // namespace taskmaster

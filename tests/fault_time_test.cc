@@ -432,9 +432,10 @@ class PartitionedCluster {
     }
     master_ = std::make_unique<Process>(
         ns_.InMaster({Binary("taskmaster"), "--listen", "0.0.0.0:7070", "--tokens",
-                      dir_.File("tokens"), "--data-dir", dir_.File("data"), "--port-file",
-                      dir_.File("port"), "--lease-timeout-ms", std::to_string(lease_ms),
-                      "--heartbeat-ms", std::to_string(heartbeat_ms), "--tick-ms", "50"}),
+                      dir_.File("tokens"), "--allow-plaintext", "--data-dir", dir_.File("data"),
+                      "--port-file", dir_.File("port"), "--lease-timeout-ms",
+                      std::to_string(lease_ms), "--heartbeat-ms", std::to_string(heartbeat_ms),
+                      "--tick-ms", "50"}),
         dir_.File("master.log"));
     EXPECT_TRUE(WaitFor([&] { return std::filesystem::exists(dir_.File("port")); }, seconds(20)))
         << master_->Log();

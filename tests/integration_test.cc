@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <filesystem>
 #include <map>
 #include <random>
 #include <set>
@@ -226,6 +227,29 @@ TEST(Integration, MasterRefusesToRunOpenUnlessTold) {
   EXPECT_NE(bad.err.find("line 1"), std::string::npos) << bad.err;
 }
 
+TEST(Integration, TokensInClearOffLoopbackOnlyWhenAskedFor) {
+  TempDir dir;
+  WriteFile(dir.File("tokens"), std::string("submit ") + kSubmitToken + "\n");
+  std::filesystem::permissions(dir.File("tokens"), std::filesystem::perms::owner_read);
+  CommandResult refused = RunCommand({Binary("taskmaster"), "--listen", "0.0.0.0:0", "--tokens",
+                                      dir.File("tokens"), "--store", "memory"});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_NE(refused.err.find("--allow-plaintext"), std::string::npos) << refused.err;
+  Process allowed({Binary("taskmaster"), "--listen", "0.0.0.0:0", "--tokens", dir.File("tokens"),
+                   "--store", "memory", "--allow-plaintext", "--port-file", dir.File("port")},
+                  dir.File("master.log"));
+  EXPECT_TRUE(
+      WaitFor([&] { return std::filesystem::exists(dir.File("port")); }, std::chrono::seconds(20)))
+      << allowed.Log();
+  // A client about to send its token in clear off loopback says so.
+  WriteFile(dir.File("token"), std::string(kSubmitToken) + "\n");
+  std::filesystem::permissions(dir.File("token"), std::filesystem::perms::owner_read);
+  // (0.0.0.0 is this host, reached without leaving it, but not a loopback address.)
+  CommandResult warned = RunCommand(
+      {Binary("taskctl"), "--master", "0.0.0.0:1", "--token-file", dir.File("token"), "stats"});
+  EXPECT_NE(warned.err.find("in clear"), std::string::npos) << warned.err;
+}
+
 TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {
   CommandResult r = RunCommand({Binary("taskmaster"), "--insecure", "--store", "memory", "--listen",
                                 "127.0.0.1:0", "--port-file", "/nonexistent-dir/port"});
@@ -429,22 +453,10 @@ TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
 }
 
 // Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+// The quick-start certificates of deploy/make-certs.sh, which this also tests.
 void MakeCertificates(const TempDir& dir) {
-  const std::string d = dir.path();
-  const std::string script =
-      "set -e; cd " + d +
-      "; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key "
-      "-out ca.pem 2>/dev/null"
-      "; printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext"
-      "; openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out "
-      "server.csr 2>/dev/null"
-      "; openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
-      "-extfile san.ext -out server.pem 2>/dev/null"
-      "; openssl req -newkey rsa:2048 -nodes -subj /CN=client -keyout client.key -out client.csr "
-      "2>/dev/null"
-      "; openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out "
-      "client.pem 2>/dev/null";
-  CommandResult r = RunCommand({"/bin/sh", "-c", script});
+  CommandResult r = RunCommand(
+      {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh", "--days", "2", dir.path()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
 }
 

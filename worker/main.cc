@@ -80,6 +80,10 @@ int main(int argc, char** argv) {
 
   taskmaster::Registry registry;
   if (absl::Status s = taskmaster::RegisterBuiltins(registry); !s.ok()) return fail(s);
+  if (std::string warning = taskmaster::CleartextTokenWarning(o.master, !o.token.empty());
+      !warning.empty()) {
+    taskmaster::GetLogger("worker")->warn("{}", warning);
+  }
   auto worker = taskmaster::Worker::Start(o, &registry);
   if (!worker.ok()) return fail(worker.status());
 
