@@ -25,16 +25,6 @@ namespace {
 
 constexpr size_t kMinTokenLength = 16;
 
-// Equal-length comparison whose time depends only on the length.
-bool ConstantTimeEquals(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff |= static_cast<unsigned char>(a[i]) ^
-            static_cast<unsigned char>(b.empty() ? 0 : b[i % b.size()]);
-  }
-  return diff == 0;
-}
-
 }  // namespace
 
 absl::StatusOr<TokenSet> TokenSet::Parse(std::string_view text) {

@@ -153,6 +153,15 @@ bool IsLoopbackAddress(const std::string& host_port) {
   return inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
+bool ConstantTimeEquals(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff |= static_cast<unsigned char>(a[i]) ^
+            static_cast<unsigned char>(b.empty() ? 0 : b[i % b.size()]);
+  }
+  return diff == 0;
+}
+
 bool IsValidUtf8(std::string_view s) {
   while (!s.empty()) {
     const size_t n = Utf8SequenceLength(s);

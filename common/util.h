@@ -40,6 +40,9 @@ bool IsValidName(std::string_view s);
 // is not, whatever it starts with.
 bool IsLoopbackAddress(const std::string& host_port);
 
+// Equal-length comparison whose time depends only on the length of `a` (a secret's).
+bool ConstantTimeEquals(std::string_view a, std::string_view b);
+
 bool IsValidUtf8(std::string_view s);
 // `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: what
 // a text field of a protobuf message (which must be UTF-8) may carry of outside bytes.

@@ -176,6 +176,9 @@ struct Worker {
   int64_t disconnected_ms = 0;
   // Its last heartbeat: all its leases expire together when none came for the lease timeout.
   int64_t heard_ms = 0;
+  // Given in its first welcome: a later hello under its id must show it (ids are visible to any
+  // client, and must not let another stream take its leases).
+  std::string secret;
   std::shared_ptr<WorkerChannel> channel;
   std::unordered_set<TaskId> leases;
   std::vector<TaskClass*> eligible;
@@ -851,8 +854,8 @@ class Broker::Impl {
 
     // Attached when the master stopped: known as disconnected, so it is awaited after the
     // restart and forgotten (with its stored row) once its grace has passed.
-    void OnWorker(const std::string& worker_id) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      WorkerNamed(worker_id, worker_id);
+    void OnWorker(WorkerRow row) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      WorkerNamed(row.worker_id, row.worker_id).secret = std::move(row.secret);
     }
 
     // Everything loaded was on disk.
@@ -1454,13 +1457,24 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
       }
     }
   }
-  return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> WorkerHandle {
+  return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS
+                       -> absl::StatusOr<WorkerHandle> {
     Impl& b = *impl_;
     const int64_t now = b.clock_->NowMs();
     auto& slot = b.workers_[hello.worker_id];
     if (!slot) {
       slot = std::make_unique<Worker>();
       slot->id = hello.worker_id;
+      slot->secret = RandomHex(16);
+    } else if (!slot->secret.empty() && !ConstantTimeEquals(slot->secret, hello.secret)) {
+      Log(fx, spdlog::level::warn,
+          "refused a hello for worker id {}: it is in use, and the hello did not show its secret",
+          Quote(hello.worker_id));
+      return absl::PermissionDeniedError(
+          absl::StrCat("worker id ", Quote(hello.worker_id),
+                       " belongs to another worker stream; a worker picks a fresh id at start"));
+    } else if (slot->secret.empty()) {
+      slot->secret = RandomHex(16);  // known from a lease, never attached since the restart
     }
     Worker& w = *slot;
     // Keep the leases the worker still holds; requeue those lost on the way (never started).
@@ -1500,7 +1514,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     for (auto& [key, cls] : b.classes_) {
       if (CanRun(w, *cls)) w.eligible.push_back(cls.get());
     }
-    Welcome welcome{b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}};
+    Welcome welcome{
+        b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}, w.secret};
     size_t adopted = 0;
     const bool awaited = b.holding_ && b.awaited_.contains(w.id);
     for (const auto& [id, attempt] : held) {
@@ -1518,7 +1533,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.outbox = WorkerOutbound{};
     w.outbox.welcome = std::move(welcome);
     b.MarkDirty(w);
-    if (b.persistent_) b.store_->PutWorker(w.id);
+    if (b.persistent_) b.store_->PutWorker({w.id, w.secret});
     if (b.awaited_.erase(w.id) > 0) b.MaybeEndHold(now, fx);
     Log(fx, spdlog::level::info,
         "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept ({} taken "

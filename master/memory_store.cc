@@ -16,7 +16,7 @@ class MemoryStore final : public Store {
   void UpdateTask(TaskId, TaskStatusRow) override {}
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
-  void PutWorker(const std::string&) override {}
+  void PutWorker(const WorkerRow&) override {}
   void DeleteWorker(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override { done(absl::OkStatus()); }
 

@@ -99,6 +99,7 @@ WorkerHello FromProto(v1::Hello& p) {
   h.slots = p.slots();
   for (const auto& ref : p.held()) h.held.push_back({ref.task_id(), ref.attempt()});
   h.master_epoch = std::move(*p.mutable_master_epoch());
+  h.secret = std::move(*p.mutable_worker_secret());
   return h;
 }
 
@@ -378,6 +379,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       w->set_heartbeat_interval_ms(message.welcome->heartbeat_interval_ms);
       w->set_lease_timeout_ms(message.welcome->lease_timeout_ms);
       w->set_echoes_heartbeats(true);  // see Handle
+      w->set_worker_secret(message.welcome->secret);
       AddRefs(message.welcome->revoked, w->mutable_revoked());
     }
     for (LeasedTask& t : message.tasks) {

@@ -27,13 +27,15 @@ CREATE TABLE tasks(
   spec_crc INTEGER NOT NULL, status_crc INTEGER NOT NULL);
 CREATE TABLE job_members(job_id TEXT NOT NULL, task_id INTEGER NOT NULL,
   position INTEGER NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY(job_id, task_id)) WITHOUT ROWID;
-CREATE TABLE workers(worker_id TEXT PRIMARY KEY, crc INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE workers(worker_id TEXT PRIMARY KEY, secret TEXT NOT NULL, crc INTEGER NOT NULL)
+  WITHOUT ROWID;
 INSERT INTO meta VALUES('commits', '0');
 )sql";
 
 // Version 1 had no checksums, no commit count and no workers.
 constexpr char kMigrateFrom1[] = R"sql(
-CREATE TABLE workers(worker_id TEXT PRIMARY KEY, crc INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE workers(worker_id TEXT PRIMARY KEY, secret TEXT NOT NULL, crc INTEGER NOT NULL)
+  WITHOUT ROWID;
 ALTER TABLE jobs ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN spec_crc INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN status_crc INTEGER NOT NULL DEFAULT 0;
@@ -274,8 +276,8 @@ uint32_t StatusChecksum(TaskId id, const TaskStatusRow& s) {
       .value();
 }
 
-uint32_t WorkerChecksum(const std::string& worker_id) {
-  return RecordChecksum().Add(worker_id).value();
+uint32_t WorkerChecksum(const WorkerRow& worker) {
+  return RecordChecksum().Add(worker.worker_id).Add(worker.secret).value();
 }
 
 uint32_t MemberChecksum(const JobMemberRow& m) {
@@ -349,10 +351,10 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
                         return callbacks.member(std::move(member), problem);
                       });
   if (!status.ok()) return status;
-  status = ForEachRow(db, "SELECT worker_id, crc FROM workers", [&](sqlite3_stmt* s) {
-    std::string id = Text(s, 0);
-    const bool sound = WorkerChecksum(id) == StoredCrc(s, 1);
-    return callbacks.worker(std::move(id), sound ? "" : "checksum mismatch");
+  status = ForEachRow(db, "SELECT worker_id, secret, crc FROM workers", [&](sqlite3_stmt* s) {
+    WorkerRow worker{Text(s, 0), Text(s, 1)};
+    const bool sound = WorkerChecksum(worker) == StoredCrc(s, 2);
+    return callbacks.worker(std::move(worker), sound ? "" : "checksum mismatch");
   });
   if (!status.ok()) return status;
   for (const auto& [id, tally] : jobs) {

@@ -62,7 +62,7 @@ uint32_t JobChecksum(const JobRow& job);
 uint32_t SpecChecksum(const TaskRow& task, std::string_view encoded_labels);
 uint32_t StatusChecksum(TaskId id, const TaskStatusRow& status);
 uint32_t MemberChecksum(const JobMemberRow& member);
-uint32_t WorkerChecksum(const std::string& worker_id);
+uint32_t WorkerChecksum(const WorkerRow& worker);
 
 // Reads every record, checking each against its checksum, its own rules and the records read
 // before it (jobs, then tasks, then job members, then workers), then each job against the records
@@ -74,7 +74,7 @@ struct ScanCallbacks {
   std::function<absl::Status(JobRow, const std::string& problem)> job;
   std::function<absl::Status(TaskRow, const std::string& problem)> task;
   std::function<absl::Status(JobMemberRow, const std::string& problem)> member;
-  std::function<absl::Status(std::string worker_id, const std::string& problem)> worker;
+  std::function<absl::Status(WorkerRow worker, const std::string& problem)> worker;
   // A sound job that has `found` of the `total` records it was submitted with.
   std::function<absl::Status(const std::string& job_id, int64_t total, int64_t found)> short_job;
 };

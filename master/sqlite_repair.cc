@@ -133,12 +133,13 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
     }
     return absl::OkStatus();
   };
-  scan.worker = [&](std::string worker_id, const std::string& problem) {
+  scan.worker = [&](WorkerRow worker, const std::string& problem) {
     if (!problem.empty()) {
-      rejected.push_back({"workers",
-                          worker_id,
-                          0,
-                          {{"table", "workers"}, {"problem", problem}, {"worker_id", worker_id}}});
+      rejected.push_back(
+          {"workers",
+           worker.worker_id,
+           0,
+           {{"table", "workers"}, {"problem", problem}, {"worker_id", worker.worker_id}}});
     }
     return absl::OkStatus();
   };

@@ -44,6 +44,7 @@ struct Op {
   TaskId task_id = 0;    // kUpdateTask, kDeleteTask
   TaskStatusRow status;  // kUpdateTask
   std::string key;       // kDeleteJob: the job; kPutWorker, kDeleteWorker: the worker
+  std::string secret;    // kPutWorker
   // kSubmit: the rows, and who waits for them to be written or refused.
   std::unique_ptr<SubmitRows> submit;
   std::function<void(absl::Status)> submitted;
@@ -84,7 +85,7 @@ class SqliteStore final : public Store {
              {"INSERT OR REPLACE INTO job_members(job_id, task_id, position, crc) "
               "VALUES(?,?,?,?)",
               &insert_member_},
-             {"INSERT OR REPLACE INTO workers(worker_id, crc) VALUES(?,?)", &put_worker_},
+             {"INSERT OR REPLACE INTO workers(worker_id, secret, crc) VALUES(?,?,?)", &put_worker_},
              {"DELETE FROM workers WHERE worker_id=?", &delete_worker_},
              {"UPDATE meta SET value=? WHERE key='commits'", &count_commit_}}) {
       if (absl::Status s = stmt->Prepare(db_, sql); !s.ok()) return s;
@@ -133,9 +134,9 @@ class SqliteStore final : public Store {
       visitor->OnJobMember(std::move(member));
       return absl::OkStatus();
     };
-    callbacks.worker = [&](std::string worker_id, const std::string& problem) {
-      if (!problem.empty()) return damaged(absl::StrCat("worker ", worker_id), problem);
-      visitor->OnWorker(worker_id);
+    callbacks.worker = [&](WorkerRow worker, const std::string& problem) {
+      if (!problem.empty()) return damaged(absl::StrCat("worker ", worker.worker_id), problem);
+      visitor->OnWorker(std::move(worker));
       return absl::OkStatus();
     };
     callbacks.short_job = [&](const std::string& job_id, int64_t total, int64_t found) {
@@ -200,9 +201,11 @@ class SqliteStore final : public Store {
     op.key = job_id;
   }
 
-  void PutWorker(const std::string& worker_id) override {
+  void PutWorker(const WorkerRow& worker) override {
     absl::MutexLock lock(&mu_);
-    Append(Op::Kind::kPutWorker).key = worker_id;
+    Op& op = Append(Op::Kind::kPutWorker);
+    op.key = worker.worker_id;
+    op.secret = worker.secret;
   }
 
   void DeleteWorker(const std::string& worker_id) override {
@@ -439,7 +442,8 @@ class SqliteStore final : public Store {
         return delete_job_.Run();
       case Op::Kind::kPutWorker:
         BindText(put_worker_.get(), 1, op.key);
-        sqlite3_bind_int64(put_worker_.get(), 2, sqlite::WorkerChecksum(op.key));
+        BindText(put_worker_.get(), 2, op.secret);
+        sqlite3_bind_int64(put_worker_.get(), 3, sqlite::WorkerChecksum({op.key, op.secret}));
         return put_worker_.Run();
       case Op::Kind::kDeleteWorker:
         BindText(delete_worker_.get(), 1, op.key);

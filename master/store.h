@@ -56,6 +56,12 @@ struct JobMemberRow {
   int64_t position = -1;
 };
 
+// A worker attached to the master, and the secret it must show to attach again under its id.
+struct WorkerRow {
+  std::string worker_id;
+  std::string secret;
+};
+
 // One submit: a job with its new tasks and the tasks of other jobs it follows through
 // idempotency keys. A store writes it whole in one transaction, or not at all.
 struct SubmitRows {
@@ -74,7 +80,7 @@ class RecoveryVisitor {
   // The highest task id ever stored, deleted tasks included: ids are never reused.
   virtual void OnHighestTaskId(TaskId id) = 0;
   // A worker that was attached (or within its reconnect grace) when the master stopped.
-  virtual void OnWorker(const std::string& worker_id) = 0;
+  virtual void OnWorker(WorkerRow worker) = 0;
 };
 
 // Where the broker's state persists.
@@ -114,7 +120,7 @@ class Store {
   virtual void DeleteTask(TaskId id) = 0;
   virtual void DeleteJob(const std::string& job_id) = 0;
   // Workers attached now: after a restart the master waits for them to claim what they hold.
-  virtual void PutWorker(const std::string& worker_id) = 0;
+  virtual void PutWorker(const WorkerRow& worker) = 0;
   virtual void DeleteWorker(const std::string& worker_id) = 0;
 
   // Runs `done` once every change recorded before the call is durable, or with the error that

@@ -119,6 +119,7 @@ struct WorkerHello {
   int32_t slots = 1;
   std::vector<TaskRef> held;  // tasks kept from an earlier stream of the same worker
   std::string master_epoch;   // the epoch `held` came from
+  std::string secret;         // from its earlier welcome: proves the id is its own
 };
 
 struct LeasedTask {
@@ -146,6 +147,7 @@ struct Welcome {
   int64_t heartbeat_interval_ms = 0;
   int64_t lease_timeout_ms = 0;
   std::vector<TaskRef> revoked;
+  std::string secret;  // the worker shows it in a later hello to keep its id
 };
 
 // What the master sends a worker; any combination of fields in one message.

@@ -63,12 +63,16 @@ class BrokerTest : public ::testing::Test {
     hello.labels = std::move(labels);
     hello.held = std::move(held);
     hello.master_epoch = broker_->epoch();
+    hello.secret = secrets_[id];  // as a worker that reconnects shows its welcome's
     auto channel = std::make_shared<FakeChannel>();
     auto handle = broker_->Attach(hello, channel);
     EXPECT_TRUE(handle.ok()) << handle.status();
+    if (channel->welcome) secrets_[id] = channel->welcome->secret;
     if (credits > 0) broker_->AddCredits(*handle, credits);
     return {*handle, channel};
   }
+
+  std::map<std::string, std::string> secrets_;  // worker id → the secret of its last welcome
 
   void Report(const Attached& w, const LeasedTask& t, Outcome outcome, std::string out = "") {
     TaskReport r;
@@ -581,6 +585,31 @@ TEST_F(BrokerTest, HelloIsValidated) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(BrokerTest, AWorkerIdCannotBeTakenOverWithoutItsSecret) {
+  const TaskId id = SubmitOne(Spec("sleep", "1"));
+  auto owner = Attach("w", 1, 1);
+  ASSERT_EQ(owner.channel->Take().size(), 1u);
+  ASSERT_FALSE(owner.channel->welcome->secret.empty());
+  // Another stream under the same id (ids are visible to any client), claiming its task.
+  for (const std::string& guess :
+       {std::string(), std::string("0123456789abcdef0123456789abcdef")}) {
+    WorkerHello thief;
+    thief.worker_id = "w";
+    thief.kinds = {"sleep"};
+    thief.held = {{id, 1}};
+    thief.master_epoch = broker_->epoch();
+    thief.secret = guess;
+    EXPECT_EQ(broker_->Attach(thief, std::make_shared<FakeChannel>()).status().code(),
+              absl::StatusCode::kPermissionDenied);
+  }
+  EXPECT_EQ(State(id), TaskState::kLeased);
+  broker_->Report(owner.handle, {{id, 1, Outcome::kSucceeded, "slept 1 ms", ""}});
+  EXPECT_EQ(State(id), TaskState::kSucceeded) << "the owner's stream is still the one";
+  // The owner itself, reconnecting with its secret, is welcome.
+  auto back = Attach("w", 1, 0);
+  EXPECT_TRUE(back.channel->welcome.has_value());
+}
+
 TEST_F(BrokerTest, CreditsFromAPeerCannotOverflow) {
   auto w = Attach("w", 1, 0);
   broker_->AddCredits(w.handle, std::numeric_limits<int32_t>::max());
@@ -614,7 +643,7 @@ class HeldStore final : public Store {
   void UpdateTask(TaskId, TaskStatusRow) override {}
   void DeleteTask(TaskId) override {}
   void DeleteJob(const std::string&) override {}
-  void PutWorker(const std::string&) override {}
+  void PutWorker(const WorkerRow&) override {}
   void DeleteWorker(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override {
     {

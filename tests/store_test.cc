@@ -104,12 +104,16 @@ class StoreTest : public ::testing::Test {
     hello.slots = 1;
     hello.held = std::move(held);
     hello.master_epoch = broker_->epoch();
+    hello.secret = secrets_[id];  // kept across restarts, as a worker keeps it
     auto channel = std::make_shared<FakeChannel>();
     auto handle = broker_->Attach(hello, channel);
-    EXPECT_TRUE(handle.ok());
+    EXPECT_TRUE(handle.ok()) << handle.status();
+    if (channel->welcome) secrets_[id] = channel->welcome->secret;
     if (credits > 0) broker_->AddCredits(*handle, credits);
     return {*handle, channel};
   }
+
+  std::map<std::string, std::string> secrets_;  // worker id → the secret of its last welcome
 
   void Pass(int64_t ms) { testing::PassTime(clock_, *broker_, ms); }
 
@@ -217,6 +221,21 @@ TEST_F(StoreTest, LeasesOfAWorkerThatNeverReturnsAreRequeuedCounted) {
   Durable();
   Restart();
   EXPECT_EQ(broker_->Workers().size(), 1u);
+}
+
+TEST_F(StoreTest, AWorkerKeepsItsIdAcrossARestartOnlyWithItsSecret) {
+  Submit({Spec("square", "5")});
+  auto w = Attach("w1", 1);
+  ASSERT_EQ(w.channel->Take().size(), 1u);
+  Durable();
+  Restart();
+  WorkerHello thief;
+  thief.worker_id = "w1";
+  thief.kinds = {"square"};
+  thief.master_epoch = broker_->epoch();
+  EXPECT_EQ(broker_->Attach(thief, std::make_shared<FakeChannel>()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  Attach("w1", 0);  // with the secret it was given: welcome
 }
 
 TEST_F(StoreTest, RepeatedIdempotencyKeysInABatchAreOneTaskAcrossARestart) {

@@ -314,6 +314,7 @@ class WorkerImpl final : public Worker {
         if (!held_.contains(id)) add_held(id, r.attempt());
       }
       hello->set_master_epoch(epoch_);
+      hello->set_worker_secret(secret_);
     }
     ChannelOptions channel_options = options_.master;
     {
@@ -390,6 +391,7 @@ class WorkerImpl final : public Worker {
     heartbeat_ = std::chrono::milliseconds(std::max<int64_t>(100, welcome.heartbeat_interval_ms()));
     lease_ = std::chrono::milliseconds(std::max<int64_t>(0, welcome.lease_timeout_ms()));
     echoes_ = welcome.echoes_heartbeats();
+    secret_ = welcome.worker_secret();
     heard_at_ = Clock::now();
     welcomed_ = true;
     // Attaching extended every lease this worker kept: from when the hello left at the latest.
@@ -682,6 +684,7 @@ class WorkerImpl final : public Worker {
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
   std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
   std::string epoch_ ABSL_GUARDED_BY(mu_);
+  std::string secret_ ABSL_GUARDED_BY(mu_);  // from the welcome; shown in the next hello
   // The session's call, from its hello to its end; the watchdog and Abort cancel it.
   std::shared_ptr<grpc::ClientContext> live_context_ ABSL_GUARDED_BY(mu_);
   bool cut_ ABSL_GUARDED_BY(mu_) = false;       // the watchdog cancelled this session already
