@@ -43,6 +43,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-message-bytes", o.max_message_bytes, "largest gRPC message either way")
       ->capture_default_str();
+  app.add_option("--max-worker-buffer-bytes", o.max_worker_buffer_bytes,
+                 "tasks waiting for a worker that does not read its stream, in bytes, before "
+                 "the stream is cut")
+      ->capture_default_str();
   app.add_option("--max-payload-bytes", b.max_payload_bytes, "largest task payload")
       ->capture_default_str();
   app.add_option("--max-batch", b.max_batch, "most tasks in one submit")->capture_default_str();

@@ -79,7 +79,8 @@ class MasterImpl final : public Master {
         broker_(options.broker, SystemClock::Get(), store_.get(), GetLogger("broker")),
         auth_(std::move(tokens)),
         queue_service_(&broker_, &auth_),
-        worker_service_(&broker_, &auth_, log_) {}
+        worker_service_(&broker_, &auth_, log_,
+                        static_cast<size_t>(options.max_worker_buffer_bytes)) {}
 
   absl::Status Init() {
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;

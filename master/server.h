@@ -25,6 +25,8 @@ struct MasterOptions {
   std::string tls_key_file;
   std::string tls_client_ca_file;
   int max_message_bytes = 64 << 20;
+  // What may wait for a worker that does not read its stream before the stream is cut.
+  int64_t max_worker_buffer_bytes = 256 << 20;
   // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
   std::string store = "sqlite";
   SqliteStoreOptions sqlite;

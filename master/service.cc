@@ -269,10 +269,12 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
 class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
  public:
   WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth,
-               std::string peer)
+               grpc::CallbackServerContext* context, size_t max_buffered_bytes)
       : broker_(broker),
         log_(std::move(log)),
-        peer_(std::move(peer)),
+        context_(context),
+        peer_(context->peer()),
+        max_buffered_bytes_(max_buffered_bytes),
         channel_(std::make_shared<Channel>(this)) {
     if (!auth.ok()) {
       log_->warn("refused a worker stream from {}: {}", peer_, auth.error_message());
@@ -316,6 +318,8 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
     writing_ = false;
+    buffered_bytes_ -= writing_bytes_;
+    writing_bytes_ = 0;
     // A Finish deferred for this write is owed whether the write went through or not.
     if (finish_pending_) {
       FinishLocked(*finish_pending_);
@@ -388,6 +392,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
         out = &outbox_.back().message;
       }
       outbox_.back().bytes += t.payload.size() + 32;
+      buffered_bytes_ += t.payload.size() + 32;
       v1::Task* p = out->add_tasks();
       p->set_task_id(t.id);
       p->set_attempt(t.attempt);
@@ -400,12 +405,25 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     AddRefs(message.acked, out->mutable_acked());
     if (message.shutting_down) out->set_shutting_down(true);
     out->set_heartbeat_echo(std::max(out->heartbeat_echo(), message.heartbeat_echo));
+    if (buffered_bytes_ > max_buffered_bytes_) {
+      // A worker that does not read its stream holds tasks it does not run; cut it off rather
+      // than buffer for it without bound. Its leases lapse as for any lost worker.
+      log_->warn("cut off worker stream from {}: {} bytes wait for it to read", peer_,
+                 buffered_bytes_);
+      FinishLocked(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                absl::StrCat("the worker does not read its stream: ",
+                                             buffered_bytes_, " bytes wait for it")));
+      finished_ = true;       // nothing more for it
+      context_->TryCancel();  // ends the write it never takes, and with it the stream
+      return;
+    }
     WriteNextLocked();
   }
 
   void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finished_ || outbox_.empty()) return;
     writing_msg_ = std::move(outbox_.front().message);
+    writing_bytes_ = outbox_.front().bytes;
     outbox_.pop_front();
     writing_ = true;
     StartWrite(&writing_msg_);
@@ -424,7 +442,9 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 
   Broker* const broker_;
   const std::shared_ptr<spdlog::logger> log_;
+  grpc::CallbackServerContext* const context_;  // the call's, valid until OnDone
   const std::string peer_;
+  const size_t max_buffered_bytes_;
   const std::shared_ptr<Channel> channel_;
 
   // Used only by the reactions on the read side, which gRPC runs one at a time.
@@ -439,6 +459,8 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     size_t bytes = 0;  // of its tasks, roughly
   };
   std::deque<Pending> outbox_ ABSL_GUARDED_BY(mu_);
+  size_t buffered_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of the tasks in outbox_ and being written
+  size_t writing_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // of the tasks being written
   v1::MasterMessage writing_msg_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
@@ -624,8 +646,8 @@ grpc::ServerUnaryReactor* TaskQueueService::Workers(grpc::CallbackServerContext*
 
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
-  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"),
-                          context->peer());
+  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"), context,
+                          max_buffered_bytes_);
 }
 
 }  // namespace taskmaster

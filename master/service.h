@@ -58,8 +58,14 @@ class TaskQueueService final : public v1::TaskQueue::CallbackService {
 // The worker stream: one bidirectional Connect per worker process. Thread-safe.
 class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
  public:
-  WorkerServiceImpl(Broker* broker, const Authorizer* auth, std::shared_ptr<spdlog::logger> log)
-      : broker_(broker), auth_(auth), log_(std::move(log)) {}
+  // `max_buffered_bytes`: what may wait for a worker that does not read its stream before the
+  // stream is cut.
+  WorkerServiceImpl(Broker* broker, const Authorizer* auth, std::shared_ptr<spdlog::logger> log,
+                    size_t max_buffered_bytes)
+      : broker_(broker),
+        auth_(auth),
+        log_(std::move(log)),
+        max_buffered_bytes_(max_buffered_bytes) {}
 
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* Connect(
       grpc::CallbackServerContext* context) override;
@@ -68,6 +74,7 @@ class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
   Broker* const broker_;
   const Authorizer* const auth_;
   const std::shared_ptr<spdlog::logger> log_;
+  const size_t max_buffered_bytes_;
 };
 
 }  // namespace taskmaster

@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "grpcpp/grpcpp.h"
+#include "taskmaster/v1/taskmaster.grpc.pb.h"
 #include "tests/harness.h"
 
 namespace taskmaster::testing {
@@ -248,6 +250,55 @@ TEST(Integration, TokensInClearOffLoopbackOnlyWhenAskedFor) {
   CommandResult warned = RunCommand(
       {Binary("taskctl"), "--master", "0.0.0.0:1", "--token-file", dir.File("token"), "stats"});
   EXPECT_NE(warned.err.find("in clear"), std::string::npos) << warned.err;
+}
+
+// A worker that asks for tasks and never reads its stream: the master cuts it off instead of
+// buffering for it without bound, and its tasks go to an honest worker.
+TEST(Integration, AWorkerThatNeverReadsIsCutOff) {
+  Cluster cluster({"--max-message-bytes", "4194304", "--max-worker-buffer-bytes", "8388608",
+                   "--reconnect-grace-ms", "500", "--lease-timeout-ms", "2000"});
+  cluster.StartMaster();
+  auto stub = v1::WorkerService::NewStub(
+      grpc::CreateChannel(cluster.address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", std::string("Bearer ") + kWorkToken);
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub->Connect(&context);
+  v1::WorkerMessage hello;
+  hello.mutable_hello()->set_worker_id("never-reads");
+  hello.mutable_hello()->add_kinds("echo");
+  hello.mutable_hello()->set_slots(1'000);
+  hello.set_credits(1'000);
+  ASSERT_TRUE(stream->Write(hello));
+  auto client = cluster.NewClient();
+  std::vector<uint64_t> ids;
+  for (int b = 0; b < 8; ++b) {
+    auto job =
+        client->Submit(Batch("echo", std::vector<std::string>(6, std::string(512 << 10, 'p'))));
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids.insert(ids.end(), job->task_ids().begin(), job->task_ids().end());
+  }
+  // The master ends the stream (a stream that is not read cannot take a status: it is cancelled)
+  // and forgets the worker's connection.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        auto workers = client->Workers();
+        return workers.ok() && workers->workers_size() == 1 && !workers->workers(0).connected();
+      },
+      std::chrono::seconds(20)));
+  EXPECT_NE(cluster.master().Log().find("cut off worker stream"), std::string::npos);
+  context.TryCancel();
+  stream->Finish().IgnoreError();
+  cluster.StartWorker("honest", {"--threads", "2", "--max-message-bytes", "4194304"});
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        for (uint64_t id : ids) {
+          auto t = client->GetTask(id);
+          if (!t.ok() || t->state() != v1::SUCCEEDED) return false;
+        }
+        return true;
+      },
+      std::chrono::seconds(30)));
 }
 
 TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {
