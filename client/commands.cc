@@ -17,7 +17,7 @@ using nlohmann::json;
 std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 int Fail(const Console& console, const absl::Status& status) {
-  console.err << "taskctl: " << status.message() << "\n";
+  console.err << "taskctl: " << Printable(std::string(status.message())) << "\n";
   return kExitError;
 }
 
@@ -83,8 +83,9 @@ json WorkersJson(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& worke
 
 // One line per finished task, as the seed's result.get() printed them.
 std::string ResultLine(const v1::TaskInfo& t) {
-  if (t.state() == v1::SUCCEEDED) return t.output();
-  return absl::StrCat("task ", t.id(), " ", StateName(t.state()), ": ", t.error());
+  // What came from workers reaches a terminal: printable (--format json has it exactly).
+  if (t.state() == v1::SUCCEEDED) return Printable(t.output());
+  return absl::StrCat("task ", t.id(), " ", StateName(t.state()), ": ", Printable(t.error()));
 }
 
 void DrawProgress(const Console& console, int64_t done, int64_t total) {
@@ -103,9 +104,9 @@ void PrintWorkersTable(const Console& console,
     std::string kinds;
     for (const auto& k : w.kinds()) absl::StrAppend(&kinds, kinds.empty() ? "" : ",", k);
     const char* state = !w.connected() ? "disconnected" : w.draining() ? "draining" : "connected";
-    console.out << std::left << std::setw(24) << w.name() << std::setw(20) << w.host()
-                << std::setw(8) << w.slots() << std::setw(8) << w.running() << std::setw(14)
-                << state << kinds << "\n";
+    console.out << std::left << std::setw(24) << Printable(w.name()) << std::setw(20)
+                << Printable(w.host()) << std::setw(8) << w.slots() << std::setw(8) << w.running()
+                << std::setw(14) << state << kinds << "\n";
   }
 }
 
@@ -224,10 +225,12 @@ int RunStatus(const Client& client, const std::string& id, const Console& consol
               << "kind:     " << task->kind() << "\n"
               << "state:    " << StateName(task->state()) << "\n"
               << "attempts: " << task->attempts() << "/" << task->max_attempts() << "\n";
-  if (!task->worker().empty()) console.out << "worker:   " << task->worker() << "\n";
+  if (!task->worker().empty()) console.out << "worker:   " << Printable(task->worker()) << "\n";
   if (!task->waiting_for().empty()) console.out << "waiting:  " << task->waiting_for() << "\n";
-  if (task->state() == v1::SUCCEEDED) console.out << "output:   " << task->output() << "\n";
-  if (!task->error().empty()) console.out << "error:    " << task->error() << "\n";
+  if (task->state() == v1::SUCCEEDED) {
+    console.out << "output:   " << Printable(task->output()) << "\n";
+  }
+  if (!task->error().empty()) console.out << "error:    " << Printable(task->error()) << "\n";
   return kExitOk;
 }
 

@@ -187,6 +187,32 @@ std::string ValidUtf8(std::string_view s) {
   return out;
 }
 
+std::string Printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  auto escape = [&out](std::string_view bytes) {
+    for (unsigned char c : bytes) {
+      char hex[5];
+      std::snprintf(hex, sizeof(hex), "\\x%02X", c);
+      out += hex;
+    }
+  };
+  while (!s.empty()) {
+    const size_t n = Utf8SequenceLength(s);
+    const auto c = static_cast<unsigned char>(s[0]);
+    const bool control = (n == 1 && (c < 0x20 || c == 0x7F)) ||
+                         (n == 2 && c == 0xC2 && static_cast<unsigned char>(s[1]) < 0xA0);
+    if (n == 0 || control) {
+      escape(s.substr(0, std::max<size_t>(n, 1)));
+      s.remove_prefix(std::max<size_t>(n, 1));
+    } else {
+      out.append(s.substr(0, n));
+      s.remove_prefix(n);
+    }
+  }
+  return out;
+}
+
 std::string Quote(std::string_view s, size_t max) {
   std::string out;
   for (size_t i = 0; i < s.size() && i < max; ++i) {

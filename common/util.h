@@ -47,6 +47,10 @@ bool IsValidUtf8(std::string_view s);
 // `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: what
 // a text field of a protobuf message (which must be UTF-8) may carry of outside bytes.
 std::string ValidUtf8(std::string_view s);
+// A peer's text for a log line or a terminal: control characters (C0, DEL, C1) and bytes that
+// are not UTF-8 become \xNN, so no string from outside can move a cursor or forge a log line;
+// everything else, non-ASCII letters included, stays as it is.
+std::string Printable(std::string_view s);
 // Outside bytes (a payload, say) for a message a person reads: printable ASCII as it is, other
 // bytes as \xNN, at most `max` bytes of it, then how long the whole was.
 std::string Quote(std::string_view s, size_t max = 64);

@@ -1003,7 +1003,7 @@ class Broker::Impl {
     } else {
       Log(fx, spdlog::level::warn,
           "dispatching without {} workers that held leases before the restart ({}...)",
-          awaited_.size(), *awaited_.begin());
+          awaited_.size(), Printable(*awaited_.begin()));
     }
     awaited_.clear();
   }
@@ -1453,7 +1453,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     for (const std::string& name : names) {
       if (!IsValidName(name)) {
         return absl::InvalidArgumentError(
-            absl::StrCat("hello: '", name, "' must match [A-Za-z0-9_.-]{1,64}"));
+            absl::StrCat("hello: '", Quote(name), "' must match [A-Za-z0-9_.-]{1,64}"));
       }
     }
   }
@@ -1497,8 +1497,9 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
         b.Unlease(t);
       }
     }
-    w.name = hello.name.empty() ? hello.worker_id : hello.name;
-    w.host = std::move(hello.host);
+    // Shown in logs, in `taskctl workers` and on every task it ran: printable from here on.
+    w.name = Printable(hello.name.empty() ? hello.worker_id : hello.name);
+    w.host = Printable(hello.host);
     w.kinds = std::move(hello.kinds);
     w.queues = std::move(hello.queues);
     w.labels = std::move(hello.labels);

@@ -148,6 +148,11 @@ TEST(Util, TextFromOutsideBytes) {
   EXPECT_EQ(ValidUtf8("caf\xC3\xA9"), "caf\xC3\xA9");
   EXPECT_EQ(Quote("ok \\ \xC3\x28\n"), "ok \\x5C \\xC3(\\x0A");
   EXPECT_EQ(Quote(std::string(100, 'x'), 4), "xxxx... (100 bytes)");
+  // For logs and terminals: controls escaped (an ANSI escape, a forged new line, C1), text kept.
+  EXPECT_EQ(Printable("w1\x1B[2Jok"), "w1\\x1B[2Jok");
+  EXPECT_EQ(Printable("a\nb\x7F"), "a\\x0Ab\\x7F");
+  EXPECT_EQ(Printable("caf\xC3\xA9 \xC2\x9B"), "caf\xC3\xA9 \\xC2\\x9B");
+  EXPECT_EQ(Printable("\xC3\x28"), "\\xC3(");
 }
 
 TEST_F(HandlersTest, ErrorsNeverCarryRawPayloadBytes) {

@@ -301,6 +301,23 @@ TEST(Integration, AWorkerThatNeverReadsIsCutOff) {
       std::chrono::seconds(30)));
 }
 
+TEST(Integration, PeerTextReachesNoTerminalOrLogRaw) {
+  Cluster cluster;
+  cluster.StartMaster();
+  const std::string name = "evil\x1B[2J\x1B[31m";  // clears a terminal, turns it red
+  cluster.StartWorker(name, {"--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  CommandResult listed = cluster.Taskctl({"workers"});
+  EXPECT_EQ(listed.exit_code, 0) << listed.err;
+  EXPECT_EQ(listed.out.find('\x1B'), std::string::npos) << listed.out;
+  EXPECT_NE(listed.out.find("evil\\x1B[2J"), std::string::npos) << listed.out;
+  CommandResult failed = cluster.Taskctl(
+      {"submit", "--kind", "fail", "--max-attempts", "1", "--wait", "bad\x1B[2Jthing"});
+  EXPECT_EQ(failed.out.find('\x1B'), std::string::npos) << failed.out;
+  EXPECT_EQ(failed.err.find('\x1B'), std::string::npos) << failed.err;
+  EXPECT_EQ(cluster.master().Log().find('\x1B'), std::string::npos);
+}
+
 TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {
   CommandResult r = RunCommand({Binary("taskmaster"), "--insecure", "--store", "memory", "--listen",
                                 "127.0.0.1:0", "--port-file", "/nonexistent-dir/port"});
