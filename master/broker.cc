@@ -491,10 +491,13 @@ class Broker::Impl {
       return absl::InvalidArgumentError(
           absl::StrCat("kind '", s.kind, "' must match [A-Za-z0-9_.-]{1,64}"));
     }
-    if (s.payload.size() > options_.max_payload_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("payload of ", s.payload.size(),
-                                                     " bytes exceeds the limit of ",
-                                                     options_.max_payload_bytes));
+    // Labels travel and stay with the task like its payload, and count with it.
+    size_t bytes = s.payload.size();
+    for (const auto& [key, value] : s.labels) bytes += key.size() + value.size();
+    if (bytes > options_.max_payload_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "payload of ", s.payload.size(), " bytes", s.labels.empty() ? "" : " with its labels",
+          " exceeds the limit of ", options_.max_payload_bytes));
     }
     if (s.delay_ms < 0) return absl::InvalidArgumentError("delay is negative");
     if (s.timeout_ms < 0) return absl::InvalidArgumentError("timeout is negative");

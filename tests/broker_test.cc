@@ -610,6 +610,13 @@ TEST_F(BrokerTest, AWorkerIdCannotBeTakenOverWithoutItsSecret) {
   EXPECT_TRUE(back.channel->welcome.has_value());
 }
 
+TEST_F(BrokerTest, LabelsCountAgainstThePayloadLimit) {
+  TaskSpec s = Spec("echo", std::string(options_.max_payload_bytes - 8, 'p'));
+  EXPECT_TRUE(Submit({s}).ok());
+  s.labels = {{"zone", "eu-west"}};  // 11 bytes more
+  EXPECT_EQ(Submit({s}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(BrokerTest, CreditsFromAPeerCannotOverflow) {
   auto w = Attach("w", 1, 0);
   broker_->AddCredits(w.handle, std::numeric_limits<int32_t>::max());
