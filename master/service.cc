@@ -374,7 +374,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 
   void Enqueue(WorkerOutbound message) {
     absl::MutexLock lock(&mu_);
-    if (finished_) return;
+    if (finished_ || finish_pending_) return;  // nothing more for a stream that is ending
     if (outbox_.empty()) outbox_.emplace_back();
     v1::MasterMessage* out = &outbox_.back().message;
     if (message.welcome) {
@@ -413,8 +413,8 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       FinishLocked(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                 absl::StrCat("the worker does not read its stream: ",
                                              buffered_bytes_, " bytes wait for it")));
-      finished_ = true;       // nothing more for it
-      context_->TryCancel();  // ends the write it never takes, and with it the stream
+      // The write it never takes ends with the call; the Finish deferred for it follows then.
+      context_->TryCancel();
       return;
     }
     WriteNextLocked();
