@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <atomic>
 #include <filesystem>
 #include <map>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -316,6 +318,67 @@ TEST(Integration, PeerTextReachesNoTerminalOrLogRaw) {
   EXPECT_EQ(failed.out.find('\x1B'), std::string::npos) << failed.out;
   EXPECT_EQ(failed.err.find('\x1B'), std::string::npos) << failed.err;
   EXPECT_EQ(cluster.master().Log().find('\x1B'), std::string::npos);
+}
+
+// A master that ends the stream whenever a result arrives, as one would that cannot read it.
+class RefusingMaster final : public v1::WorkerService::Service {
+ public:
+  grpc::Status Connect(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<v1::MasterMessage, v1::WorkerMessage>* stream) override {
+    v1::WorkerMessage in;
+    if (!stream->Read(&in)) return grpc::Status::OK;
+    v1::MasterMessage welcome;
+    welcome.mutable_welcome()->set_master_epoch("refusing");
+    welcome.mutable_welcome()->set_heartbeat_interval_ms(200);
+    welcome.mutable_welcome()->set_lease_timeout_ms(60'000);
+    stream->Write(welcome);
+    while (stream->Read(&in)) {
+      if (in.credits() > 0 && !task_sent_.exchange(true)) {
+        v1::MasterMessage out;
+        v1::Task* t = out.add_tasks();
+        t->set_task_id(1);
+        t->set_attempt(1);
+        t->set_kind("echo");
+        t->set_payload("poison");
+        stream->Write(out);
+      }
+      if (in.results_size() > 0) {
+        ++refusals;
+        return grpc::Status(grpc::StatusCode::INTERNAL, "cannot parse the message");
+      }
+    }
+    return grpc::Status::OK;
+  }
+  std::atomic<int> refusals{0};
+
+ private:
+  std::atomic<bool> task_sent_{false};
+};
+
+TEST(Integration, AResultTheMasterKeepsRefusingIsGivenUp) {
+  RefusingMaster master;
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&master);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_TRUE(server && port > 0);
+  TempDir dir;
+  Process worker({Binary("taskworker"), "--master", "127.0.0.1:" + std::to_string(port),
+                  "--threads", "1", "--reconnect-max-ms", "200"},
+                 dir.File("worker.log"));
+  EXPECT_TRUE(WaitFor([&] { return master.refusals.load() >= 5; }, std::chrono::seconds(30)))
+      << worker.Log();
+  // Given up after five: no sixth resend, and the worker says so.
+  EXPECT_TRUE(WaitFor(
+      [&] { return worker.Log().find("giving up on the result of task 1") != std::string::npos; },
+      std::chrono::seconds(10)))
+      << worker.Log();
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // room for a resend that must not come
+  EXPECT_EQ(master.refusals.load(), 5);
+  EXPECT_TRUE(worker.Running());
+  server->Shutdown(std::chrono::system_clock::now());
 }
 
 TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {

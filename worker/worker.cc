@@ -37,6 +37,8 @@ constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
 // A master silent for this many heartbeat intervals is given up on: a fresh connection gets
 // through where a stalled one sits in TCP's retransmission backoff.
 constexpr int kSilentHeartbeats = 3;
+// A result whose sending ended the master's stream this many times is given up on.
+constexpr int kMaxRefusals = 5;
 // The longest wait between reconnects while the worker holds tasks or results.
 constexpr auto kHurried = std::chrono::milliseconds(1'000);
 // Until a master says otherwise (in its welcome).
@@ -367,9 +369,37 @@ class WorkerImpl final : public Worker {
     sender.join();
     *status = stream->Finish();
     if (master_stopping) *status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "master stopping");
-    absl::MutexLock lock(&mu_);
-    live_context_ = nullptr;
+    std::vector<std::string> given_up;
+    {
+      absl::MutexLock lock(&mu_);
+      // A stream the master ended, not us, with results of ours unacknowledged on it.
+      if (!cut_ && !leaving_ && !master_stopping) given_up = CountRefusalsLocked(*status);
+      sent_in_session_.clear();
+      live_context_ = nullptr;
+    }
+    for (const std::string& line : given_up) log_->error("{}", line);
     return true;
+  }
+
+  // Results the master keeps refusing (it ends the stream each time one arrives: it cannot read
+  // it, say) would be resent forever and keep this worker from doing anything else: after
+  // kMaxRefusals such ends, a result is given up on. Returns what to log.
+  std::vector<std::string> CountRefusalsLocked(const grpc::Status& status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::string> given_up;
+    for (TaskId id : sent_in_session_) {
+      auto it = unacked_.find(id);
+      if (it == unacked_.end() || ++refusals_[id] < kMaxRefusals) continue;
+      given_up.push_back(absl::StrCat(
+          "giving up on the result of task ", id, " attempt ", it->second.attempt(), " (",
+          v1::TaskResult::Outcome_Name(it->second.outcome()), ", ", it->second.output().size(),
+          " bytes of output): the master ended the stream each of the last ", kMaxRefusals,
+          " times it was sent (", Printable(status.error_message()),
+          "); the task runs again once its lease lapses"));
+      unacked_.erase(it);
+      refusals_.erase(id);
+    }
+    return given_up;
   }
 
   // Returns what to tell the operator when the master lost its state.
@@ -382,6 +412,7 @@ class WorkerImpl final : public Worker {
                                 " held tasks and ", unacked_.size(), " unacknowledged results");
       for (auto& [id, h] : held_) RevokeLocked(id);
       unacked_.clear();
+      refusals_.clear();
     }
     for (const v1::TaskRef& ref : welcome.revoked()) {
       if (held_.contains(ref.task_id())) RevokeLocked(ref.task_id());
@@ -485,7 +516,10 @@ class WorkerImpl final : public Worker {
     }
     for (const v1::TaskRef& ref : in.acked()) {
       auto it = unacked_.find(ref.task_id());
-      if (it != unacked_.end() && it->second.attempt() == ref.attempt()) unacked_.erase(it);
+      if (it != unacked_.end() && it->second.attempt() == ref.attempt()) {
+        unacked_.erase(it);
+        refusals_.erase(ref.task_id());
+      }
     }
     TopUpCreditsLocked();
   }
@@ -536,6 +570,7 @@ class WorkerImpl final : public Worker {
           if (it == unacked_.end()) continue;
           bytes += it->second.output().size() + it->second.error().size() + 32;
           *m.add_results() = it->second;
+          sent_in_session_.insert(it->first);
         }
         if (credits_to_send_ > 0 && !draining_) m.set_credits(credits_to_send_);
         credits_to_send_ = 0;
@@ -677,7 +712,10 @@ class WorkerImpl final : public Worker {
   std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
   // Results (and give-backs) until the master acknowledges them; sent again after a reconnect.
   std::map<TaskId, v1::TaskResult> unacked_ ABSL_GUARDED_BY(mu_);
-  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);      // unacked results not written yet
+  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);        // unacked results not written yet
+  std::set<TaskId> sent_in_session_ ABSL_GUARDED_BY(mu_);  // results written on this stream
+  // Streams the master ended while these unacknowledged results were on them.
+  std::map<TaskId, int> refusals_ ABSL_GUARDED_BY(mu_);
   int32_t credits_to_send_ ABSL_GUARDED_BY(mu_) = 0;     // granted, not written yet
   int32_t outstanding_credit_ ABSL_GUARDED_BY(mu_) = 0;  // granted this session, not used yet
   double task_us_ewma_ ABSL_GUARDED_BY(mu_) = 0;         // how long tasks take; 0: unknown
