@@ -100,6 +100,8 @@ struct TaskClass {
   // Ready tasks: highest priority first, FIFO within one. Entries of tasks that left PENDING
   // since are skipped when they reach the front (their seq no longer matches).
   std::map<int32_t, std::deque<ReadyEntry>, std::greater<>> ready;
+  // Tasks of the class the master knows, finished ones included: with none left it is freed.
+  int64_t tasks = 0;
 };
 
 struct TaskNotes {
@@ -368,6 +370,7 @@ class Broker::Impl {
         }
       }
       TaskClass* cls = ClassFor(s.queue, s.kind, s.labels);
+      cls->tasks++;
       auto& t = tasks_[next_id_];
       t.id = next_id_++;
       t.job = job;
@@ -476,7 +479,7 @@ class Broker::Impl {
       }
       t.cls->counters->pending--;
       if (!t.key().empty()) keys_.erase(t.key());
-      tasks_.erase(it);
+      Forget(it);
     }
     jobs_.erase(job.id);
   }
@@ -715,10 +718,20 @@ class Broker::Impl {
       if (it == tasks_.end() || it->second.job != &job) continue;
       if (!it->second.key().empty()) keys_.erase(it->second.key());
       if (persistent_) store_->DeleteTask(id);
-      tasks_.erase(it);
+      Forget(it);
     }
     if (persistent_) store_->DeleteJob(job.id);
     jobs_.erase(job.id);
+  }
+
+  // Erases a task; its class goes with its last task, so that combinations nobody uses any more
+  // do not count against --max-task-classes for good.
+  void Forget(std::unordered_map<TaskId, Task>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    TaskClass* cls = it->second.cls;
+    tasks_.erase(it);
+    if (--cls->tasks > 0) return;
+    for (auto& [id, w] : workers_) std::erase(w->eligible, cls);
+    classes_.erase(std::make_tuple(cls->queue, cls->kind, cls->labels));
   }
 
   TaskStatusRow StatusOf(const Task& t) const {
@@ -792,6 +805,7 @@ class Broker::Impl {
       t.id = row.id;
       t.job = job->second.get();
       t.cls = b_.ClassFor(row.queue, row.kind, row.labels);
+      t.cls->tasks++;
       t.payload = std::move(row.payload);
       if (!row.status.output.empty() || !row.status.error.empty() || !row.idempotency_key.empty() ||
           !row.status.worker.empty()) {

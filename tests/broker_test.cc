@@ -617,6 +617,32 @@ TEST_F(BrokerTest, LabelsCountAgainstThePayloadLimit) {
   EXPECT_EQ(Submit({s}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(BrokerTest, TaskClassesNobodyUsesAreFreed) {
+  options_.max_task_classes = 3;
+  Reset();
+  auto w = Attach("w", 1, 10, {"echo"}, {{"zone", "a"}});
+  std::vector<TaskId> ids;
+  for (const char* zone : {"a", "b", "c"}) {
+    TaskSpec s = Spec("echo", zone);
+    s.labels = {{"zone", zone}};
+    ids.push_back(SubmitOne(s));
+  }
+  TaskSpec fourth = Spec("echo", "d");
+  fourth.labels = {{"zone", "d"}};
+  EXPECT_EQ(Submit({fourth}).status().code(), absl::StatusCode::kResourceExhausted);
+  // Those tasks finish and pass retention (cancelled here): their classes go with them.
+  for (TaskId id : ids) EXPECT_TRUE(broker_->CancelTask(id).ok());
+  Pass(options_.result_retention_ms + 100);
+  EXPECT_TRUE(Submit({fourth}).ok());
+  // A worker still gets what it can run, from a class made anew.
+  TaskSpec again = Spec("echo", "a2");
+  again.labels = {{"zone", "a"}};
+  const TaskId a2 = SubmitOne(again);
+  auto tasks = w.channel->Take();
+  ASSERT_FALSE(tasks.empty());
+  EXPECT_EQ(tasks.back().id, a2);
+}
+
 TEST_F(BrokerTest, CreditsFromAPeerCannotOverflow) {
   auto w = Attach("w", 1, 0);
   broker_->AddCredits(w.handle, std::numeric_limits<int32_t>::max());
