@@ -134,6 +134,13 @@ size_t Utf8SequenceLength(std::string_view s) {
   return 0;
 }
 
+// Appends `c` as \xNN.
+void AppendHex(std::string& out, unsigned char c) {
+  char hex[5];
+  std::snprintf(hex, sizeof(hex), "\\x%02X", c);
+  out += hex;
+}
+
 }  // namespace
 
 bool IsLoopbackAddress(const std::string& host_port) {
@@ -171,7 +178,8 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
-std::string ValidUtf8(std::string_view s) {
+std::string ValidUtf8(std::string_view s, size_t max) {
+  s = s.substr(0, max);
   std::string out;
   out.reserve(s.size());
   while (!s.empty()) {
@@ -191,11 +199,7 @@ std::string Printable(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   auto escape = [&out](std::string_view bytes) {
-    for (unsigned char c : bytes) {
-      char hex[5];
-      std::snprintf(hex, sizeof(hex), "\\x%02X", c);
-      out += hex;
-    }
+    for (unsigned char c : bytes) AppendHex(out, c);
   };
   while (!s.empty()) {
     const size_t n = Utf8SequenceLength(s);
@@ -220,9 +224,7 @@ std::string Quote(std::string_view s, size_t max) {
     if (c >= 0x20 && c < 0x7F && c != '\\') {
       out += static_cast<char>(c);
     } else {
-      char hex[5];
-      std::snprintf(hex, sizeof(hex), "\\x%02X", c);
-      out += hex;
+      AppendHex(out, c);
     }
   }
   if (s.size() > max) out += "... (" + std::to_string(s.size()) + " bytes)";

@@ -44,9 +44,14 @@ bool IsLoopbackAddress(const std::string& host_port);
 bool ConstantTimeEquals(std::string_view a, std::string_view b);
 
 bool IsValidUtf8(std::string_view s);
-// `s` with every byte that is not part of a well-formed UTF-8 sequence replaced by U+FFFD: what
-// a text field of a protobuf message (which must be UTF-8) may carry of outside bytes.
-std::string ValidUtf8(std::string_view s);
+// The first `max` bytes of `s` with every byte that is not part of a well-formed UTF-8 sequence
+// (one cut at `max` included) replaced by U+FFFD: what a text field of a protobuf message (which
+// must be UTF-8) may carry of outside bytes.
+std::string ValidUtf8(std::string_view s, size_t max = std::string_view::npos);
+
+// Longest error text a task keeps from its worker's result (and a worker sends), so that any
+// client can read it.
+inline constexpr size_t kMaxErrorBytes = 4'096;
 // A peer's text for a log line or a terminal: control characters (C0, DEL, C1) and bytes that
 // are not UTF-8 become \xNN, so no string from outside can move a cursor or forge a log line;
 // everything else, non-ASCII letters included, stays as it is.

@@ -67,8 +67,6 @@ absl::Status ValidateLabels(const Labels& labels) {
   return absl::OkStatus();
 }
 
-// Longest error a worker's result may leave on a task, so any client can read it.
-constexpr size_t kMaxError = 4'096;
 // A worker's id, name and host (its id is stored, and all three are shown and logged).
 constexpr size_t kMaxHelloText = 255;
 
@@ -292,6 +290,25 @@ class Broker::Impl {
       }
       for (auto& watcher : notify) watcher->OnJobChanged();
     });
+  }
+
+  // A job or task as clients may see it: a staged one (not on disk yet) does not exist for them.
+  absl::StatusOr<Job*> VisibleJob(const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end() || it->second->staged) {
+      return absl::NotFoundError(
+          absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
+    }
+    return it->second.get();
+  }
+  absl::StatusOr<const Task*> VisibleTask(TaskId id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = tasks_.find(id);
+    if (it == tasks_.end() || it->second.job->staged) {
+      return absl::NotFoundError(
+          absl::StrCat("no task ", id, " (never submitted, or past retention)"));
+    }
+    return &it->second;
   }
 
   bool Settled(const Task& t) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -611,13 +628,18 @@ class Broker::Impl {
     delayed_.push({not_before, t.id});
   }
 
-  void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // `w` holds `t` at `attempt`.
+  void LeaseTo(Task& t, Worker& w, int32_t attempt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     SetState(t, TaskState::kLeased);
     t.lease_lost = false;
-    t.attempts++;
+    t.attempts = attempt;
     t.leased_to = &w;
     t.Notes().worker = w.name;
     w.leases.insert(t.id);
+  }
+
+  void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    LeaseTo(t, w, t.attempts + 1);
     w.credits--;
     w.outbox.tasks.push_back(
         {t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
@@ -656,12 +678,7 @@ class Broker::Impl {
       return false;
     }
     if (expired_away) t.cls->counters->failed--;  // the expiry was no failed attempt after all
-    t.lease_lost = false;
-    SetState(t, TaskState::kLeased);
-    t.attempts = ref.attempt;
-    t.leased_to = &w;
-    t.Notes().worker = w.name;
-    w.leases.insert(t.id);
+    LeaseTo(t, w, ref.attempt);
     return true;
   }
 
@@ -1008,20 +1025,15 @@ class Broker::Impl {
   // Nothing is handed out while the master stops, or while it waits after a restart for workers
   // to claim what they hold.
   bool Dispatching() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !shutting_down_ && !holding_;
+    return !shutting_down_ && awaited_.empty();
   }
 
-  // Ends the wait after a restart: every awaited worker is back, or the hold has passed.
-  void MaybeEndHold(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!holding_ || (!awaited_.empty() && now < hold_until_ms_)) return;
-    holding_ = false;
-    if (awaited_.empty()) {
-      Log(fx, spdlog::level::info, "every worker that held leases is back: dispatching");
-    } else {
-      Log(fx, spdlog::level::warn,
-          "dispatching without {} workers that held leases before the restart ({}...)",
-          awaited_.size(), Printable(*awaited_.begin()));
-    }
+  // Stops waiting for workers after a restart once the hold has passed.
+  void EndHoldIfDue(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (awaited_.empty() || now < hold_until_ms_) return;
+    Log(fx, spdlog::level::warn,
+        "dispatching without {} workers attached before the restart ({}...)", awaited_.size(),
+        Printable(*awaited_.begin()));
     awaited_.clear();
   }
 
@@ -1201,10 +1213,9 @@ class Broker::Impl {
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
   // The last Tick, or the broker's start: a pause before the first tick counts too.
   int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_) = clock_->NowMs();
-  // After a restart: workers that held leases, not back yet; dispatch waits for them until
-  // hold_until_ms_ (see BrokerOptions::recovery_hold_ms).
+  // After a restart: workers attached before it, not back yet; dispatch waits while there are any,
+  // until hold_until_ms_ (see BrokerOptions::recovery_hold_ms).
   std::set<std::string> awaited_ ABSL_GUARDED_BY(mu_);
-  bool holding_ ABSL_GUARDED_BY(mu_) = false;
   int64_t hold_until_ms_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
 
@@ -1239,7 +1250,6 @@ absl::Status Broker::Recover() {
     loader.Settle();
     // Every worker attached at the stop, and every one that held a lease then.
     for (const auto& [id, w] : impl_->workers_) impl_->awaited_.insert(id);
-    impl_->holding_ = !impl_->awaited_.empty();
     impl_->hold_until_ms_ = impl_->clock_->NowMs() + impl_->options_.recovery_hold_ms;
     for (const auto& [id, t] : impl_->tasks_) by_state[t.state]++;
     jobs = impl_->jobs_.size();
@@ -1319,45 +1329,35 @@ void Broker::Submit(std::vector<TaskSpec> specs,
 
 absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
   absl::MutexLock lock(&impl_->mu_);
-  auto it = impl_->tasks_.find(id);
-  if (it == impl_->tasks_.end() || it->second.job->staged) {
-    return absl::NotFoundError(
-        absl::StrCat("no task ", id, " (never submitted, or past retention)"));
-  }
-  TaskView view = impl_->ViewOf(it->second);
-  view.waiting_for = impl_->WaitingFor(it->second);
-  view.settled = impl_->Settled(it->second);
+  absl::StatusOr<const Task*> t = impl_->VisibleTask(id);
+  if (!t.ok()) return t.status();
+  TaskView view = impl_->ViewOf(**t);
+  view.waiting_for = impl_->WaitingFor(**t);
+  view.settled = impl_->Settled(**t);
   return view;
 }
 
 absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
   absl::MutexLock lock(&impl_->mu_);
-  auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end() || it->second->staged) {
-    return absl::NotFoundError(
-        absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
-  }
-  return impl_->ViewOf(*it->second);
+  absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+  if (!job.ok()) return job.status();
+  return impl_->ViewOf(**job);
 }
 
 absl::StatusOr<int64_t> Broker::CancelTask(TaskId id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
-    auto it = impl_->tasks_.find(id);
-    if (it == impl_->tasks_.end() || it->second.job->staged) {
-      return absl::NotFoundError(absl::StrCat("no task ", id));
-    }
-    return impl_->CancelLocked(it->second, fx) ? 1 : 0;
+    absl::StatusOr<const Task*> t = impl_->VisibleTask(id);
+    if (!t.ok()) return t.status();
+    return impl_->CancelLocked(impl_->tasks_.at(id), fx) ? 1 : 0;
   });
 }
 
 absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
-    auto it = impl_->jobs_.find(job_id);
-    if (it == impl_->jobs_.end() || it->second->staged) {
-      return absl::NotFoundError(absl::StrCat("no job ", job_id));
-    }
+    absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+    if (!job.ok()) return job.status();
     int64_t cancelled = 0;
-    for (TaskId id : it->second->tasks) {
+    for (TaskId id : (*job)->tasks) {
       auto t = impl_->tasks_.find(id);
       if (t != impl_->tasks_.end() && impl_->CancelLocked(t->second, fx)) ++cancelled;
     }
@@ -1368,11 +1368,9 @@ absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
 absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t after, size_t max,
                                           size_t max_bytes) const {
   absl::MutexLock lock(&impl_->mu_);
-  auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end() || it->second->staged) {
-    return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  }
-  const Job& job = *it->second;
+  absl::StatusOr<Job*> found = impl_->VisibleJob(job_id);
+  if (!found.ok()) return found.status();
+  const Job& job = **found;
   JobEvents events;
   events.progress = impl_->ViewOf(job);
   const auto total = static_cast<int64_t>(job.completed.size());
@@ -1399,11 +1397,9 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
 
 absl::Status Broker::Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher) {
   absl::MutexLock lock(&impl_->mu_);
-  auto it = impl_->jobs_.find(job_id);
-  if (it == impl_->jobs_.end() || it->second->staged) {
-    return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  }
-  it->second->watchers.push_back(std::move(watcher));
+  absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+  if (!job.ok()) return job.status();
+  (*job)->watchers.push_back(std::move(watcher));
   return absl::OkStatus();
 }
 
@@ -1482,7 +1478,6 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     if (!slot) {
       slot = std::make_unique<Worker>();
       slot->id = hello.worker_id;
-      slot->secret = RandomHex(16);
     } else if (!slot->secret.empty() && !ConstantTimeEquals(slot->secret, hello.secret)) {
       Log(fx, spdlog::level::warn,
           "refused a hello for worker id {}: it is in use, and the hello did not show its secret",
@@ -1490,9 +1485,9 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
       return absl::PermissionDeniedError(
           absl::StrCat("worker id ", Quote(hello.worker_id),
                        " belongs to another worker stream; a worker picks a fresh id at start"));
-    } else if (slot->secret.empty()) {
-      slot->secret = RandomHex(16);  // known from a lease, never attached since the restart
     }
+    // New, or known only from a lease stored before the restart.
+    if (slot->secret.empty()) slot->secret = RandomHex(16);
     Worker& w = *slot;
     // Keep the leases the worker still holds; requeue those lost on the way (never started).
     std::unordered_map<TaskId, int32_t> held;  // task → attempt
@@ -1535,7 +1530,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     Welcome welcome{
         b.epoch_, b.options_.heartbeat_interval_ms, b.options_.lease_timeout_ms, {}, w.secret};
     size_t adopted = 0;
-    const bool awaited = b.holding_ && b.awaited_.contains(w.id);
+    const bool awaited = b.awaited_.contains(w.id);
     for (const auto& [id, attempt] : held) {
       auto it = b.tasks_.find(id);
       if (it != b.tasks_.end() && !w.leases.contains(id) &&
@@ -1552,7 +1547,9 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     w.outbox.welcome = std::move(welcome);
     b.MarkDirty(w);
     if (b.persistent_) b.store_->PutWorker({w.id, w.secret});
-    if (b.awaited_.erase(w.id) > 0) b.MaybeEndHold(now, fx);
+    if (b.awaited_.erase(w.id) > 0 && b.awaited_.empty()) {
+      Log(fx, spdlog::level::info, "every worker attached before the restart is back: dispatching");
+    }
     Log(fx, spdlog::level::info,
         "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept ({} taken "
         "back from the queue), {} revoked",
@@ -1584,9 +1581,8 @@ void Broker::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
     bool gave_back = false;
     for (TaskReport& r : reports) {
       acked.push_back({r.id, r.attempt});
-      if (r.error.size() > kMaxError) {  // cut where a character may end: clients parse it too
-        r.error = ValidUtf8(std::string_view(r.error).substr(0, kMaxError));
-      }
+      // An untrusted worker's: cut where a character may end, since clients parse it too.
+      if (r.error.size() > kMaxErrorBytes) r.error = ValidUtf8(r.error, kMaxErrorBytes);
       auto it = b.tasks_.find(r.id);
       if (it == b.tasks_.end()) continue;
       Task& t = it->second;
@@ -1694,7 +1690,7 @@ void Broker::Tick() {
     Impl& b = *impl_;
     const int64_t now = b.clock_->NowMs();
     b.ForgivePause(now, fx);
-    b.MaybeEndHold(now, fx);
+    b.EndHoldIfDue(now, fx);
     while (!b.delayed_.empty() && b.delayed_.top().first <= now) {
       auto [due, id] = b.delayed_.top();
       b.delayed_.pop();

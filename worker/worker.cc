@@ -27,8 +27,6 @@ constexpr size_t kRecentCancels = 4096;
 constexpr auto kResendAfter = std::chrono::seconds(10);
 // After the drain, how long results may wait for the master's acknowledgement.
 constexpr auto kAckGrace = std::chrono::seconds(5);
-// Longest error text a result carries; the master keeps it for clients to read.
-constexpr size_t kMaxError = 4'096;
 // Room in a message for what comes with a result's output.
 constexpr size_t kResultOverhead = 4'096;
 // How often the watchdog looks at the session. Every timed wait of the worker ends within this
@@ -288,9 +286,14 @@ class WorkerImpl final : public Worker {
     grpc::ClientContext& context = *context_owner;
     if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
     v1::WorkerMessage hello_message;
+    ChannelOptions channel_options = options_.master;
     {
       absl::MutexLock lock(&mu_);
       if (leaving_) return false;
+      // Pings tell a dead connection well within a lease; the master allows them that often.
+      if (lease_.count() > 0) {
+        channel_options.keepalive_ms = std::max<int64_t>(1'000, lease_.count() / 3);
+      }
       live_context_ = context_owner;
       cut_ = false;
       welcomed_ = false;
@@ -317,13 +320,6 @@ class WorkerImpl final : public Worker {
       }
       hello->set_master_epoch(epoch_);
       hello->set_worker_secret(secret_);
-    }
-    ChannelOptions channel_options = options_.master;
-    {
-      absl::MutexLock lock(&mu_);
-      // Pings tell a dead connection well within a lease; the master allows them that often.
-      if (lease_.count() > 0)
-        channel_options.keepalive_ms = std::max<int64_t>(1'000, lease_.count() / 3);
     }
     absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(channel_options);
     if (!channel.ok()) {  // checked in Start: the files went away since
@@ -686,7 +682,7 @@ class WorkerImpl final : public Worker {
       // A text field: the master cannot even parse a message whose text is not UTF-8, so an
       // error carrying outside bytes would stop this worker's stream for good.
       const absl::string_view message = output.status().message();
-      r.set_error(ValidUtf8(std::string_view(message.data(), std::min(message.size(), kMaxError))));
+      r.set_error(ValidUtf8(std::string_view(message.data(), message.size()), kMaxErrorBytes));
       r.set_permanent(absl::IsInvalidArgument(output.status()));
     }
     log_->debug("task {} attempt {} ({}): {}", id, attempt, kind,
