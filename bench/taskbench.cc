@@ -271,7 +271,7 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
 
 int Streams(const ChannelOptions& channel_options, const std::string& token, int count, int slots,
             int credits) {
-  BlockTerminationSignals();
+  BlockDaemonSignals();
   auto channel = MakeChannel(channel_options);
   if (!channel.ok()) Die(std::string(channel.status().message()));
   auto stub = v1::WorkerService::NewStub(*channel);
@@ -288,7 +288,7 @@ int Streams(const ChannelOptions& channel_options, const std::string& token, int
   if (welcomed.load() < count) Die("only " + std::to_string(welcomed.load()) + " streams welcomed");
   std::cout << nlohmann::json({{"streams", count}}).dump() << std::endl;
   // Heartbeats keep their (empty) leases alive until told to stop; bounded to an hour.
-  for (int beat = 0; beat < 3600 && WaitForTermination(std::chrono::seconds(1)) == 0; ++beat) {
+  for (int beat = 0; beat < 3600 && WaitForSignal(std::chrono::seconds(1)) == 0; ++beat) {
     for (auto& w : workers) w->Heartbeat();
   }
   for (auto& w : workers) w->Stop();

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
 
@@ -30,30 +31,66 @@ constexpr size_t kMinTokenLength = 16;
 absl::StatusOr<TokenSet> TokenSet::Parse(std::string_view text) {
   TokenSet set;
   int line_no = 0;
+  auto error = [&line_no](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat("tokens line ", line_no, ": ", parts...));
+  };
   for (std::string_view line : SplitLines(text)) {
     ++line_no;
     if (line.empty() || line.front() == '#') continue;
     std::vector<std::string> fields = SplitWords(line);
-    if (fields.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tokens line ", line_no, ": expected 'ROLE TOKEN' (ROLE: submit, work, admin)"));
+    if (fields[0] == "limit") {
+      if (fields.size() < 3 || !IsValidName(fields[1])) {
+        return error("expected 'limit TENANT [max-pending=N] [submit-rate=N]'");
+      }
+      TenantLimits limits{-1, -1};
+      for (size_t i = 2; i < fields.size(); ++i) {
+        const size_t eq = fields[i].find('=');
+        const std::string key = fields[i].substr(0, eq);
+        int64_t value = -1;
+        if (eq == std::string::npos || !absl::SimpleAtoi(fields[i].substr(eq + 1), &value) ||
+            value < 0) {
+          return error("'", fields[i], "': expected KEY=N with N a whole number, 0 for no limit");
+        }
+        if (key == "max-pending") {
+          limits.max_pending = value;
+        } else if (key == "submit-rate") {
+          limits.submit_rate = value;
+        } else {
+          return error("unknown limit '", key, "' (max-pending, submit-rate)");
+        }
+      }
+      if (!set.limits_.emplace(fields[1], limits).second) {
+        return error("a second limit line for tenant '", fields[1], "'");
+      }
+      continue;
     }
-    Role role;
+    if (fields.size() != 2 && fields.size() != 3) {
+      return error("expected 'ROLE TOKEN [TENANT]' (ROLE: submit, work, admin)");
+    }
+    Identity identity;
+    identity.line = line_no;
     if (fields[0] == "submit") {
-      role = Role::kSubmit;
+      identity.role = Role::kSubmit;
     } else if (fields[0] == "work") {
-      role = Role::kWork;
+      identity.role = Role::kWork;
     } else if (fields[0] == "admin") {
-      role = Role::kAdmin;
+      identity.role = Role::kAdmin;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("tokens line ", line_no, ": unknown role '",
-                                                     fields[0], "' (submit, work, admin)"));
+      return error("unknown role '", Printable(fields[0]), "' (submit, work, admin)");
     }
     if (fields[1].size() < kMinTokenLength) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tokens line ", line_no, ": token shorter than ", kMinTokenLength, " characters"));
+      return error("token shorter than ", kMinTokenLength, " characters");
     }
-    set.entries_.push_back({fields[1], role});
+    if (fields.size() == 3) {
+      if (!IsValidName(fields[2])) {
+        return error("tenant '", Printable(fields[2]), "' must match [A-Za-z0-9_.-]{1,64}");
+      }
+      identity.tenant = fields[2];
+    }
+    for (const Entry& e : set.entries_) {
+      if (e.token == fields[1]) return error("the token of line ", e.identity.line, " again");
+    }
+    set.entries_.push_back({fields[1], std::move(identity)});
   }
   if (set.entries_.empty()) return absl::InvalidArgumentError("the tokens file holds no token");
   return set;
@@ -69,13 +106,14 @@ absl::StatusOr<TokenSet> TokenSet::Load(const std::string& path) {
   return set;
 }
 
-std::optional<Role> TokenSet::Lookup(std::string_view token) const {
-  std::optional<Role> found;
+std::optional<Identity> TokenSet::Lookup(std::string_view token) const {
+  const Entry* found = nullptr;
   for (const Entry& entry : entries_) {
     // No early exit: every entry is compared whatever matched.
-    if (ConstantTimeEquals(entry.token, token)) found = entry.role;
+    if (ConstantTimeEquals(entry.token, token)) found = &entry;
   }
-  return found;
+  if (!found) return std::nullopt;
+  return found->identity;
 }
 
 absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {

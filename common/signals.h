@@ -4,11 +4,12 @@
 
 namespace taskmaster {
 
-// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts afterwards, so
-// that they are taken only by WaitForTermination. Call first thing in main.
-void BlockTerminationSignals();
+// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts afterwards,
+// so that they are taken only by WaitForSignal. Call first thing in main.
+void BlockDaemonSignals();
 
-// Waits up to `timeout` for SIGINT or SIGTERM; returns the signal number, or 0 on timeout.
-int WaitForTermination(std::chrono::milliseconds timeout);
+// Waits up to `timeout` for SIGINT, SIGTERM or SIGHUP; returns the signal number, or 0 on
+// timeout.
+int WaitForSignal(std::chrono::milliseconds timeout);
 
 }  // namespace taskmaster

@@ -1,6 +1,7 @@
 #include "master/broker.h"
 
 #include <algorithm>
+#include <cmath>
 #include <deque>
 #include <functional>
 #include <future>
@@ -144,8 +145,19 @@ struct Task {
   bool lease_lost = false;
 };
 
+// One tenant's use of the master, for its limits.
+struct Account {
+  int64_t unfinished = 0;  // tasks submitted and not finished (pending, delayed, leased)
+  // Submit-rate allowance in tasks: refills at the rate up to one second's worth; a batch may
+  // overdraw it, and the next waits until it is positive again.
+  double allowance = 0;
+  int64_t refilled_ms = -1;  // -1: never used (starts full)
+};
+
 struct Job {
   std::string id;
+  std::string tenant;
+  Account* account = nullptr;
   int64_t total = 0;
   int64_t done = 0;
   int64_t succeeded = 0;
@@ -292,19 +304,25 @@ class Broker::Impl {
     });
   }
 
-  // A job or task as clients may see it: a staged one (not on disk yet) does not exist for them.
-  absl::StatusOr<Job*> VisibleJob(const std::string& job_id) const
+  // A job or task as `caller` may see it: a staged one (not on disk yet) does not exist for
+  // clients, nor does another tenant's (the same answer as for an id never used, so guessing ids
+  // tells nothing).
+  static bool Sees(const Caller& caller, const Job& job) {
+    return !job.staged && (caller.sees_all || job.tenant == caller.tenant);
+  }
+  absl::StatusOr<Job*> VisibleJob(const Caller& caller, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto it = jobs_.find(job_id);
-    if (it == jobs_.end() || it->second->staged) {
+    if (it == jobs_.end() || !Sees(caller, *it->second)) {
       return absl::NotFoundError(
           absl::StrCat("no job ", job_id, " (never submitted, or past retention)"));
     }
     return it->second.get();
   }
-  absl::StatusOr<const Task*> VisibleTask(TaskId id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::StatusOr<const Task*> VisibleTask(const Caller& caller, TaskId id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto it = tasks_.find(id);
-    if (it == tasks_.end() || it->second.job->staged) {
+    if (it == tasks_.end() || !Sees(caller, *it->second.job)) {
       return absl::NotFoundError(
           absl::StrCat("no task ", id, " (never submitted, or past retention)"));
     }
@@ -317,7 +335,8 @@ class Broker::Impl {
 
   // Validates and enqueues a batch as one job. With a persistent store the job stays staged
   // (see Job::staged) and its rows go to `rows`; Publish or Discard ends the staging.
-  absl::StatusOr<SubmitOutcome> SubmitLocked(std::vector<TaskSpec>& specs, Effects& fx,
+  absl::StatusOr<SubmitOutcome> SubmitLocked(const std::string& tenant,
+                                             std::vector<TaskSpec>& specs, Effects& fx,
                                              SubmitRows* rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (specs.empty()) return absl::InvalidArgumentError("a submit needs at least one task");
     if (specs.size() > options_.max_batch) {
@@ -328,6 +347,7 @@ class Broker::Impl {
     size_t new_classes = 0;
     std::set<std::tuple<std::string, std::string, Labels>> seen_new;
     std::unordered_map<std::string_view, const TaskSpec*> batch_keys;
+    int64_t new_tasks = 0;
     for (size_t i = 0; i < specs.size(); ++i) {
       TaskSpec& s = specs[i];
       if (s.queue.empty()) s.queue = kDefaultQueue;
@@ -336,8 +356,13 @@ class Broker::Impl {
       if (absl::Status st = Validate(s); !st.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("task ", i, ": ", st.message()));
       }
-      if (absl::Status st = CheckKey(s, batch_keys); !st.ok()) {
+      if (absl::Status st = CheckKey(tenant, s, batch_keys); !st.ok()) {
         return absl::Status(st.code(), absl::StrCat("task ", i, ": ", st.message()));
+      }
+      // A key already known, or repeated in the batch, adds no task.
+      if (s.idempotency_key.empty() || (!keys_.contains(KeyIndex(tenant, s.idempotency_key)) &&
+                                        batch_keys.at(s.idempotency_key) == &s)) {
+        ++new_tasks;
       }
       ++added_per_queue[s.queue];
       auto key = std::make_tuple(s.queue, s.kind, s.labels);
@@ -357,11 +382,17 @@ class Broker::Impl {
           absl::StrCat("too many distinct (queue, kind, labels) combinations; limit ",
                        options_.max_task_classes));
     }
-
     const int64_t now = clock_->NowMs();
+    Account& account = accounts_[tenant];
+    if (absl::Status st = Charge(tenant, account, new_tasks, now); !st.ok()) {
+      return st;
+    }
+
     auto job_owner = std::make_unique<Job>();
     Job* job = job_owner.get();
     job->id = "job-" + RandomHex(8);
+    job->tenant = tenant;
+    job->account = &account;
     // An upper bound while tasks are added (a key repeated in the batch is one task), so the
     // job cannot look complete before all of them are in.
     job->total = static_cast<int64_t>(specs.size());
@@ -378,7 +409,7 @@ class Broker::Impl {
     std::set<TaskClass*> classes;  // of this batch's new tasks
     for (TaskSpec& s : specs) {
       if (!s.idempotency_key.empty()) {
-        if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
+        if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key)); it != keys_.end()) {
           const TaskId id = it->second;
           const bool own = tasks_.at(id).job == job;
           if (!own && in_job.insert(id).second) AddExistingToJob(job, id, fx, rows);
@@ -398,7 +429,8 @@ class Broker::Impl {
       t.timeout_ms = s.timeout_ms;
       t.priority = s.priority;
       t.max_attempts = s.max_attempts;
-      if (!t.key().empty()) keys_[t.key()] = t.id;
+      if (!t.key().empty()) keys_[KeyIndex(t)] = t.id;
+      account.unfinished++;
       job->tasks.push_back(t.id);
       out.task_ids.push_back(t.id);
       cls->counters->pending++;  // PENDING and DELAYED both count as pending
@@ -426,14 +458,63 @@ class Broker::Impl {
       job->total = total;
       MaybeJobComplete(job, now);
     }
-    if (rows) rows->job = {job->id, job->total, job->created_ms};
+    if (rows) rows->job = {job->id, job->total, job->created_ms, job->tenant};
     if (!rows) DispatchAll();
     return out;
   }
 
+  // Where an idempotency key is found: keys of different tenants never meet. A newline cannot be
+  // part of a tenant name.
+  static std::string KeyIndex(const std::string& tenant, const std::string& key) {
+    return absl::StrCat(tenant, "\n", key);
+  }
+  static std::string KeyIndex(const Task& t) { return KeyIndex(t.job->tenant, t.key()); }
+
+  TenantLimits LimitsOf(const std::string& tenant) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    TenantLimits limits = options_.tenant_limits;
+    if (auto it = tenant_limits_.find(tenant); it != tenant_limits_.end()) {
+      if (it->second.max_pending >= 0) limits.max_pending = it->second.max_pending;
+      if (it->second.submit_rate >= 0) limits.submit_rate = it->second.submit_rate;
+    }
+    return limits;
+  }
+
+  // Admits `tasks` more tasks of `tenant` against its limits, or says which one they cross.
+  absl::Status Charge(const std::string& tenant, Account& account, int64_t tasks, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (tasks == 0) return absl::OkStatus();
+    const TenantLimits limits = LimitsOf(tenant);
+    const std::string who =
+        tenant.empty() ? "the default tenant" : absl::StrCat("tenant '", tenant, "'");
+    if (limits.max_pending > 0 && account.unfinished + tasks > limits.max_pending) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(who, " has ", account.unfinished, " unfinished tasks and may have ",
+                       limits.max_pending, "; this batch of ", tasks, " waits until some finish"));
+    }
+    if (limits.submit_rate > 0) {
+      const auto rate = static_cast<double>(limits.submit_rate);
+      if (account.refilled_ms < 0) {
+        account.allowance = rate;
+        account.refilled_ms = now;
+      }
+      const double elapsed_s =
+          static_cast<double>(std::max<int64_t>(0, now - account.refilled_ms)) / 1000;
+      account.allowance = std::min(rate, account.allowance + elapsed_s * rate);
+      account.refilled_ms = now;
+      if (account.allowance <= 0) {
+        const auto wait_ms = static_cast<int64_t>(std::ceil(-account.allowance / rate * 1000)) + 1;
+        return absl::ResourceExhaustedError(
+            absl::StrCat(who, " submits faster than its limit of ", limits.submit_rate,
+                         " tasks per second; retry in ", wait_ms, " ms"));
+      }
+      account.allowance -= static_cast<double>(tasks);
+    }
+    return absl::OkStatus();
+  }
+
   // A resubmitted idempotency key must come with the same work: the client would otherwise
   // read the first task's result as the answer to a different one.
-  absl::Status CheckKey(const TaskSpec& s,
+  absl::Status CheckKey(const std::string& tenant, const TaskSpec& s,
                         std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (s.idempotency_key.empty()) return absl::OkStatus();
@@ -449,7 +530,7 @@ class Broker::Impl {
           "' was used for a different task (queue, kind, payload, labels, priority, timeout or "
           "attempts differ); use a new key for new work"));
     };
-    if (auto it = keys_.find(s.idempotency_key); it != keys_.end()) {
+    if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key)); it != keys_.end()) {
       const Task& t = tasks_.at(it->second);
       if (t.job->staged) {
         return absl::AbortedError(absl::StrCat("a submit with idempotency key '", s.idempotency_key,
@@ -495,7 +576,8 @@ class Broker::Impl {
         continue;
       }
       t.cls->counters->pending--;
-      if (!t.key().empty()) keys_.erase(t.key());
+      job.account->unfinished--;
+      if (!t.key().empty()) keys_.erase(KeyIndex(t));
       Forget(it);
     }
     jobs_.erase(job.id);
@@ -691,6 +773,7 @@ class Broker::Impl {
 
   void Finish(Task& t, TaskState state, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     SetState(t, state);
+    t.job->account->unfinished--;
     QueueCounters& c = *t.cls->counters;
     t.finished_ms = clock_->NowMs();
     t.completion_seq = next_completion_++;
@@ -733,7 +816,7 @@ class Broker::Impl {
     for (TaskId id : job.tasks) {
       auto it = tasks_.find(id);
       if (it == tasks_.end() || it->second.job != &job) continue;
-      if (!it->second.key().empty()) keys_.erase(it->second.key());
+      if (!it->second.key().empty()) keys_.erase(KeyIndex(it->second));
       if (persistent_) store_->DeleteTask(id);
       Forget(it);
     }
@@ -807,6 +890,8 @@ class Broker::Impl {
     void OnJob(JobRow row) override ABSL_NO_THREAD_SAFETY_ANALYSIS {
       auto job = std::make_unique<Job>();
       job->id = std::move(row.job_id);
+      job->tenant = std::move(row.tenant);
+      job->account = &b_.accounts_[job->tenant];
       job->total = row.total;
       job->created_ms = row.created_ms;
       b_.jobs_[job->id] = std::move(job);
@@ -841,7 +926,8 @@ class Broker::Impl {
       t.max_attempts = row.max_attempts;
       t.state = row.status.state;
       t.job->tasks.push_back(t.id);
-      if (!t.key().empty()) b_.keys_[t.key()] = t.id;
+      if (!t.key().empty()) b_.keys_[KeyIndex(t)] = t.id;
+      if (!IsFinished(t.state)) t.job->account->unfinished++;
       b_.next_id_ = std::max(b_.next_id_, t.id + 1);
       b_.next_seq_ = std::max(b_.next_seq_, t.seq + 1);
       b_.next_completion_ = std::max(b_.next_completion_, t.completion_seq + 1);
@@ -1190,7 +1276,12 @@ class Broker::Impl {
   mutable absl::Mutex mu_;
   std::unordered_map<TaskId, Task> tasks_ ABSL_GUARDED_BY(mu_);
   std::unordered_map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
-  std::unordered_map<std::string, TaskId> keys_ ABSL_GUARDED_BY(mu_);  // idempotency keys
+  // Idempotency keys, by KeyIndex: each tenant has its own.
+  std::unordered_map<std::string, TaskId> keys_ ABSL_GUARDED_BY(mu_);
+  // By tenant; never erased, and a node map, so jobs keep pointers to their tenant's.
+  std::unordered_map<std::string, Account> accounts_ ABSL_GUARDED_BY(mu_);
+  // Limits of named tenants (TokenSet's `limit` lines): fields of -1 take options_'s.
+  std::map<std::string, TenantLimits> tenant_limits_ ABSL_GUARDED_BY(mu_);
   // Jobs that follow a task of another job through a resubmitted idempotency key.
   std::unordered_multimap<TaskId, Job*> extra_jobs_ ABSL_GUARDED_BY(mu_);
   std::map<std::tuple<std::string, std::string, Labels>, std::unique_ptr<TaskClass>> classes_
@@ -1276,7 +1367,7 @@ void Broker::WhenDurable(std::function<void(absl::Status)> done) {
   impl_->store_->Flush(std::move(done));
 }
 
-void Broker::Submit(std::vector<TaskSpec> specs,
+void Broker::Submit(const Caller& caller, std::vector<TaskSpec> specs,
                     std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
   // Refuse new work while the store cannot write; acknowledged work waits in memory meanwhile.
   if (absl::Status writable = impl_->store_->Writable(); !writable.ok()) {
@@ -1288,7 +1379,7 @@ void Broker::Submit(std::vector<TaskSpec> specs,
   SubmitRows* staged = impl_->persistent_ ? &rows : nullptr;
   absl::StatusOr<SubmitOutcome> outcome =
       impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return impl_->SubmitLocked(specs, fx, staged);
+        return impl_->SubmitLocked(caller.tenant, specs, fx, staged);
       });
   if (!outcome.ok() || !staged) {
     done(std::move(outcome));
@@ -1327,9 +1418,9 @@ void Broker::Submit(std::vector<TaskSpec> specs,
       });
 }
 
-absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
+absl::StatusOr<TaskView> Broker::GetTask(const Caller& caller, TaskId id) const {
   absl::MutexLock lock(&impl_->mu_);
-  absl::StatusOr<const Task*> t = impl_->VisibleTask(id);
+  absl::StatusOr<const Task*> t = impl_->VisibleTask(caller, id);
   if (!t.ok()) return t.status();
   TaskView view = impl_->ViewOf(**t);
   view.waiting_for = impl_->WaitingFor(**t);
@@ -1337,24 +1428,24 @@ absl::StatusOr<TaskView> Broker::GetTask(TaskId id) const {
   return view;
 }
 
-absl::StatusOr<JobView> Broker::GetJob(const std::string& job_id) const {
+absl::StatusOr<JobView> Broker::GetJob(const Caller& caller, const std::string& job_id) const {
   absl::MutexLock lock(&impl_->mu_);
-  absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+  absl::StatusOr<Job*> job = impl_->VisibleJob(caller, job_id);
   if (!job.ok()) return job.status();
   return impl_->ViewOf(**job);
 }
 
-absl::StatusOr<int64_t> Broker::CancelTask(TaskId id) {
+absl::StatusOr<int64_t> Broker::CancelTask(const Caller& caller, TaskId id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
-    absl::StatusOr<const Task*> t = impl_->VisibleTask(id);
+    absl::StatusOr<const Task*> t = impl_->VisibleTask(caller, id);
     if (!t.ok()) return t.status();
     return impl_->CancelLocked(impl_->tasks_.at(id), fx) ? 1 : 0;
   });
 }
 
-absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
+absl::StatusOr<int64_t> Broker::CancelJob(const Caller& caller, const std::string& job_id) {
   return impl_->Locked([&](Effects& fx) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
-    absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+    absl::StatusOr<Job*> job = impl_->VisibleJob(caller, job_id);
     if (!job.ok()) return job.status();
     int64_t cancelled = 0;
     for (TaskId id : (*job)->tasks) {
@@ -1365,10 +1456,10 @@ absl::StatusOr<int64_t> Broker::CancelJob(const std::string& job_id) {
   });
 }
 
-absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t after, size_t max,
-                                          size_t max_bytes) const {
+absl::StatusOr<JobEvents> Broker::ReadJob(const Caller& caller, const std::string& job_id,
+                                          int64_t after, size_t max, size_t max_bytes) const {
   absl::MutexLock lock(&impl_->mu_);
-  absl::StatusOr<Job*> found = impl_->VisibleJob(job_id);
+  absl::StatusOr<Job*> found = impl_->VisibleJob(caller, job_id);
   if (!found.ok()) return found.status();
   const Job& job = **found;
   JobEvents events;
@@ -1395,9 +1486,10 @@ absl::StatusOr<JobEvents> Broker::ReadJob(const std::string& job_id, int64_t aft
   return events;
 }
 
-absl::Status Broker::Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher) {
+absl::Status Broker::Watch(const Caller& caller, const std::string& job_id,
+                           std::shared_ptr<JobWatcher> watcher) {
   absl::MutexLock lock(&impl_->mu_);
-  absl::StatusOr<Job*> job = impl_->VisibleJob(job_id);
+  absl::StatusOr<Job*> job = impl_->VisibleJob(caller, job_id);
   if (!job.ok()) return job.status();
   (*job)->watchers.push_back(std::move(watcher));
   return absl::OkStatus();
@@ -1408,6 +1500,11 @@ void Broker::Unwatch(const std::string& job_id, const JobWatcher* watcher) {
   auto it = impl_->jobs_.find(job_id);
   if (it == impl_->jobs_.end()) return;
   std::erase_if(it->second->watchers, [&](const auto& w) { return w.get() == watcher; });
+}
+
+void Broker::SetTenantLimits(std::map<std::string, TenantLimits> limits) {
+  absl::MutexLock lock(&impl_->mu_);
+  impl_->tenant_limits_ = std::move(limits);
 }
 
 std::vector<QueueStatsView> Broker::QueueStats() const {

@@ -2,11 +2,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/auth.h"
 #include "common/clock.h"
 #include "master/store.h"
 #include "master/task.h"
@@ -43,6 +45,8 @@ struct BrokerOptions {
   size_t max_queue_length = 1'000'000;  // PENDING + DELAYED per queue
   // Distinct (queue, kind, labels) combinations; each keeps a small index for good.
   size_t max_task_classes = 10'000;
+  // Of every tenant that no SetTenantLimits names.
+  TenantLimits tenant_limits;
 };
 
 // The broker core: queues, leases, retries, results and jobs, in memory, with no gRPC or SQLite
@@ -74,27 +78,36 @@ class Broker {
 
   // ---- Clients ----
 
-  // Validates and enqueues a batch as one job. `done` runs once the batch is durable (inline for
-  // the memory store); the batch is visible to workers at once, as a store never loses what it
-  // was given unless the process dies, and then the client was not acknowledged.
-  void Submit(std::vector<TaskSpec> specs, std::function<void(absl::StatusOr<SubmitOutcome>)> done);
+  // Every call of a client names its Caller: jobs, tasks and idempotency keys belong to the
+  // caller's tenant, and are NOT_FOUND for others (unless the caller sees all).
 
-  absl::StatusOr<TaskView> GetTask(TaskId id) const;
-  absl::StatusOr<JobView> GetJob(const std::string& job_id) const;
+  // Validates and enqueues a batch as one job of the caller's tenant. `done` runs once the batch is
+  // durable (inline for the memory store); the batch is visible to workers at once, as a store
+  // never loses what it was given unless the process dies, and then the client was not
+  // acknowledged.
+  void Submit(const Caller& caller, std::vector<TaskSpec> specs,
+              std::function<void(absl::StatusOr<SubmitOutcome>)> done);
+
+  absl::StatusOr<TaskView> GetTask(const Caller& caller, TaskId id) const;
+  absl::StatusOr<JobView> GetJob(const Caller& caller, const std::string& job_id) const;
 
   // Cancels one task, or every unfinished task of a job; returns how many were cancelled.
   // A leased task's worker is told to stop it.
-  absl::StatusOr<int64_t> CancelTask(TaskId id);
-  absl::StatusOr<int64_t> CancelJob(const std::string& job_id);
+  absl::StatusOr<int64_t> CancelTask(const Caller& caller, TaskId id);
+  absl::StatusOr<int64_t> CancelJob(const Caller& caller, const std::string& job_id);
 
   // Results of a job after the first `after` in completion order, at most `max` of them,
   // without their payloads (GetTask has those).
   // Stops after `max` results, or once their outputs and errors reach `max_bytes` (at least one).
-  absl::StatusOr<JobEvents> ReadJob(const std::string& job_id, int64_t after, size_t max,
-                                    size_t max_bytes) const;
+  absl::StatusOr<JobEvents> ReadJob(const Caller& caller, const std::string& job_id, int64_t after,
+                                    size_t max, size_t max_bytes) const;
   // `watcher` is told after every change of the job until Unwatch.
-  absl::Status Watch(const std::string& job_id, std::shared_ptr<JobWatcher> watcher);
+  absl::Status Watch(const Caller& caller, const std::string& job_id,
+                     std::shared_ptr<JobWatcher> watcher);
   void Unwatch(const std::string& job_id, const JobWatcher* watcher);
+
+  // Limits of named tenants, replacing earlier ones; fields of -1 take BrokerOptions'.
+  void SetTenantLimits(std::map<std::string, TenantLimits> limits);
 
   std::vector<QueueStatsView> QueueStats() const;
   std::vector<WorkerView> Workers() const;

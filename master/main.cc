@@ -1,5 +1,7 @@
 // taskmaster: the master daemon. Flags → MasterOptions → Start → wait for a signal → Shutdown.
 
+#include <csignal>
+
 #include "CLI/CLI.hpp"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
@@ -7,7 +9,7 @@
 #include "master/server.h"
 
 int main(int argc, char** argv) {
-  taskmaster::BlockTerminationSignals();
+  taskmaster::BlockDaemonSignals();
   // Debian's absl checks every lock for deadlock cycles; the tests keep that, daemons skip it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   taskmaster::MasterOptions o;
@@ -21,13 +23,15 @@ int main(int argc, char** argv) {
   app.add_option("--listen", o.listen, "host:port to listen on (port 0: any free port)")
       ->capture_default_str();
   app.add_option("--tokens", o.tokens_file,
-                 "file of 'ROLE TOKEN' lines (roles: submit, work, admin)");
+                 "file of 'ROLE TOKEN [TENANT]' and 'limit TENANT KEY=N...' lines (roles: submit, "
+                 "work, admin), re-read on SIGHUP");
   app.add_flag("--insecure", o.insecure, "run without authentication (loopback addresses only)");
   app.add_flag("--allow-plaintext", o.allow_plaintext,
                "serve tokens without TLS on an address other than loopback (they travel in clear)");
-  app.add_option("--tls-cert", o.tls_cert_file, "PEM certificate: serve TLS");
-  app.add_option("--tls-key", o.tls_key_file, "PEM private key of --tls-cert");
-  app.add_option("--tls-client-ca", o.tls_client_ca_file,
+  app.add_option("--tls-cert", o.tls.cert_file,
+                 "PEM certificate: serve TLS (re-read with --tls-key on SIGHUP)");
+  app.add_option("--tls-key", o.tls.key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", o.tls.client_ca_file,
                  "PEM CA bundle: require client certificates it signed (mutual TLS)");
   std::string sync = "full";
   app.add_option("--store", o.store, "sqlite (durable) or memory (lost on restart)")
@@ -46,6 +50,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-worker-buffer-bytes", o.max_worker_buffer_bytes,
                  "tasks waiting for a worker that does not read its stream, in bytes, before "
                  "the stream is cut")
+      ->capture_default_str();
+  app.add_option("--max-watches-per-token", o.max_watches_per_token,
+                 "job streams (WatchJob, SubmitAndWatch) one token may hold open")
+      ->capture_default_str();
+  app.add_option("--tenant-max-pending", b.tenant_limits.max_pending,
+                 "unfinished tasks one tenant may have (0: no limit; 'limit' lines in the tokens "
+                 "file override it)")
+      ->capture_default_str();
+  app.add_option("--tenant-submit-rate", b.tenant_limits.submit_rate,
+                 "tasks per second one tenant may submit, averaged (0: no limit)")
       ->capture_default_str();
   app.add_option("--max-payload-bytes", b.max_payload_bytes, "largest task payload")
       ->capture_default_str();
@@ -125,7 +139,10 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  while (taskmaster::WaitForTermination(std::chrono::seconds(3600)) == 0) {
+  for (;;) {
+    const int sig = taskmaster::WaitForSignal(std::chrono::seconds(3600));
+    if (sig == SIGINT || sig == SIGTERM) break;
+    if (sig == SIGHUP) (*master)->Reload();
   }
   (*master)->Shutdown(std::chrono::milliseconds(shutdown_ms));
   return 0;

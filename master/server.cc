@@ -44,50 +44,46 @@ absl::Status WritePortFile(const std::string& path, int port) {
 
 namespace {
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const MasterOptions& o) {
-  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+absl::Status CheckTlsFlags(const TlsFiles& tls) {
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
   }
-  if (o.tls_cert_file.empty()) {
-    if (!o.tls_client_ca_file.empty()) {
-      return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
-    }
-    return grpc::InsecureServerCredentials();
+  if (tls.cert_file.empty() && !tls.client_ca_file.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
   }
-  absl::StatusOr<std::string> cert = ReadWholeFile(o.tls_cert_file);
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadWholeFile(o.tls_key_file);
-  if (!key.ok()) return key.status();
-  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
-  ssl.pem_key_cert_pairs.push_back({*key, *cert});
-  if (!o.tls_client_ca_file.empty()) {
-    absl::StatusOr<std::string> ca = ReadWholeFile(o.tls_client_ca_file);
-    if (!ca.ok()) return ca.status();
-    ssl.pem_root_certs = *ca;
-    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TokenSet> LoadTokens(const std::string& path) {
+  absl::StatusOr<TokenSet> loaded = TokenSet::Load(path);
+  if (loaded.ok() && !IsPrivateFile(path)) {
+    GetLogger("master")->warn("{} can be read by other users: chmod 600 it", path);
   }
-  return grpc::SslServerCredentials(ssl);
+  return loaded;
 }
 
 class MasterImpl final : public Master {
  public:
   MasterImpl(const MasterOptions& options, std::optional<TokenSet> tokens,
-             std::unique_ptr<Store> store)
+             std::shared_ptr<ReloadableServerCredentials> tls, std::unique_ptr<Store> store)
       : options_(options),
         log_(GetLogger("master")),
         store_(std::move(store)),
         broker_(options.broker, SystemClock::Get(), store_.get(), GetLogger("broker")),
-        auth_(std::move(tokens)),
-        queue_service_(&broker_, &auth_),
+        auth_(tokens),
+        tls_(std::move(tls)),
+        queue_service_(&broker_, &auth_, static_cast<size_t>(options.max_watches_per_token)),
         worker_service_(&broker_, &auth_, log_,
                         static_cast<size_t>(options.max_worker_buffer_bytes)) {}
 
-  absl::Status Init() {
+  absl::Status Init(const std::optional<TokenSet>& tokens) {
+    if (tokens) broker_.SetTenantLimits(tokens->limits());
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
-    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = ServerCredentials(options_);
-    if (!creds.ok()) return creds.status();
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(options_.listen, *creds, &port_);
+    builder.AddListeningPort(
+        options_.listen,
+        tls_ ? std::shared_ptr<grpc::ServerCredentials>(tls_) : grpc::InsecureServerCredentials(),
+        &port_);
     builder.RegisterService(&queue_service_);
     builder.RegisterService(&worker_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
@@ -106,9 +102,7 @@ class MasterImpl final : public Master {
     ticker_ = std::thread([this] { TickLoop(); });
     log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
                options_.insecure ? "INSECURE: no authentication" : "token authentication",
-               options_.tls_cert_file.empty()
-                   ? ""
-                   : (options_.tls_client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
+               !tls_ ? "" : (options_.tls.client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
                options_.store == "memory" ? "memory (nothing survives a restart)"
                                           : "sqlite in " + options_.sqlite.data_dir,
                broker_.epoch());
@@ -118,6 +112,32 @@ class MasterImpl final : public Master {
   ~MasterImpl() override { Shutdown(std::chrono::milliseconds(0)); }
 
   int port() const override { return port_; }
+
+  void Reload() override {
+    if (!options_.tokens_file.empty()) {
+      absl::StatusOr<TokenSet> tokens = LoadTokens(options_.tokens_file);
+      if (tokens.ok()) {
+        broker_.SetTenantLimits(tokens->limits());
+        const size_t count = tokens->size();
+        auth_.Replace(std::move(*tokens));
+        log_->info("reloaded {}: {} tokens", options_.tokens_file, count);
+      } else {
+        log_->error("kept the tokens in use: {}", std::string(tokens.status().message()));
+      }
+    }
+    if (tls_) {
+      absl::StatusOr<TlsMaterial> material =
+          LoadTlsMaterial(options_.tls, std::chrono::system_clock::now());
+      if (material.ok()) {
+        log_->info("reloaded the TLS certificate '{}' (valid until {}): new connections get it",
+                   material->subject, std::chrono::system_clock::to_time_t(material->not_after));
+        tls_->Replace(std::move(*material));
+      } else {
+        log_->error("kept the TLS certificate in use: {}",
+                    std::string(material.status().message()));
+      }
+    }
+  }
 
   void Shutdown(std::chrono::milliseconds deadline) override {
     {
@@ -151,7 +171,9 @@ class MasterImpl final : public Master {
   const std::shared_ptr<spdlog::logger> log_;
   const std::unique_ptr<Store> store_;
   Broker broker_;
-  const Authorizer auth_;
+  Authorizer auth_;
+  // Declared before the server, which must not outlive them.
+  const std::shared_ptr<ReloadableServerCredentials> tls_;
   TaskQueueService queue_service_;
   WorkerServiceImpl worker_service_;
   std::unique_ptr<grpc::Server> server_;
@@ -183,7 +205,7 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
           absl::StrCat("--insecure listens on loopback addresses only, not ", options.listen));
     }
   } else {
-    if (options.tls_cert_file.empty() && !IsLoopbackAddress(options.listen) &&
+    if (options.tls.cert_file.empty() && !IsLoopbackAddress(options.listen) &&
         !options.allow_plaintext) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--listen ", options.listen,
@@ -196,12 +218,20 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
           "no --tokens file: the master refuses to run without authentication "
           "(say --insecure to run without it, on loopback only)");
     }
-    absl::StatusOr<TokenSet> loaded = TokenSet::Load(options.tokens_file);
+    absl::StatusOr<TokenSet> loaded = LoadTokens(options.tokens_file);
     if (!loaded.ok()) return loaded.status();
-    if (!IsPrivateFile(options.tokens_file)) {
-      GetLogger("master")->warn("{} can be read by other users: chmod 600 it", options.tokens_file);
-    }
     tokens = std::move(*loaded);
+  }
+  if (absl::Status s = CheckTlsFlags(options.tls); !s.ok()) return s;
+  std::shared_ptr<ReloadableServerCredentials> tls;
+  if (!options.tls.cert_file.empty()) {
+    absl::StatusOr<TlsMaterial> material =
+        LoadTlsMaterial(options.tls, std::chrono::system_clock::now());
+    if (!material.ok()) return material.status();
+    tls = std::make_shared<ReloadableServerCredentials>(std::move(*material));
+  }
+  if (options.max_watches_per_token < 1) {
+    return absl::InvalidArgumentError("--max-watches-per-token must be at least 1");
   }
   std::unique_ptr<Store> store;
   if (options.store == "memory") {
@@ -214,8 +244,8 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
     return absl::InvalidArgumentError(
         absl::StrCat("unknown store '", options.store, "' (sqlite or memory)"));
   }
-  auto master = std::make_unique<MasterImpl>(options, std::move(tokens), std::move(store));
-  if (absl::Status status = master->Init(); !status.ok()) return status;
+  auto master = std::make_unique<MasterImpl>(options, tokens, std::move(tls), std::move(store));
+  if (absl::Status status = master->Init(tokens); !status.ok()) return status;
   return master;
 }
 

@@ -7,26 +7,28 @@
 #include "absl/status/statusor.h"
 #include "master/broker.h"
 #include "master/store.h"
+#include "master/tls.h"
 
 namespace taskmaster {
 
 struct MasterOptions {
   // host:port to listen on; port 0 picks a free port (see Master::port).
   std::string listen = "127.0.0.1:7070";
-  // File of `ROLE TOKEN` lines. Required unless `insecure`.
+  // File of `ROLE TOKEN [TENANT]` and `limit` lines (see TokenSet). Required unless `insecure`;
+  // re-read by Reload.
   std::string tokens_file;
   // No authentication at all; allowed on loopback addresses only.
   bool insecure = false;
   // Tokens without TLS on an address other than loopback: refused unless this is set.
   bool allow_plaintext = false;
   // TLS: the master's certificate and key; with a client CA, clients must present a
-  // certificate it signed (mutual TLS).
-  std::string tls_cert_file;
-  std::string tls_key_file;
-  std::string tls_client_ca_file;
+  // certificate it signed (mutual TLS). Re-read by Reload.
+  TlsFiles tls;
   int max_message_bytes = 64 << 20;
   // What may wait for a worker that does not read its stream before the stream is cut.
   int64_t max_worker_buffer_bytes = 256 << 20;
+  // WatchJob and SubmitAndWatch streams one token may hold open at once.
+  int64_t max_watches_per_token = 1000;
   // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
   std::string store = "sqlite";
   SqliteStoreOptions sqlite;
@@ -43,6 +45,9 @@ class Master {
 
   // The port the server listens on (the chosen one when options.listen asked for port 0).
   virtual int port() const = 0;
+  // Re-reads the tokens file and the TLS files (on SIGHUP). What fails its checks is refused
+  // with a log line, and the master keeps what it had; connections and streams stay open.
+  virtual void Reload() = 0;
   // Tells workers, stops accepting, and waits for calls to end until `deadline` has passed,
   // then cancels what is left.
   virtual void Shutdown(std::chrono::milliseconds deadline) = 0;

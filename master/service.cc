@@ -137,9 +137,14 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const grpc
 class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
   // `submitting`: Follow or Fail comes later, from a submit's callback; until then the stream
-  // stays alive even if the client goes away.
-  JobStream(Broker* broker, bool submitting)
-      : broker_(broker), link_(std::make_shared<Link>(this)), submitting_(submitting) {}
+  // stays alive even if the client goes away. The stream holds one of `who`'s `quota` until done.
+  JobStream(Broker* broker, Authorized who, StreamQuota* quota, bool submitting)
+      : broker_(broker),
+        caller_(who.caller()),
+        token_(std::move(who.token)),
+        quota_(quota),
+        link_(std::make_shared<Link>(this)),
+        submitting_(submitting) {}
 
   // Starts following `job_id` after its first `after` results.
   void Follow(std::string job_id, int64_t after) {
@@ -153,7 +158,7 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
       job_id_ = std::move(job_id);
       cursor_ = after;
     }
-    if (absl::Status status = broker_->Watch(job_id_, link_); !status.ok()) {
+    if (absl::Status status = broker_->Watch(caller_, job_id_, link_); !status.ok()) {
       Fail(ToGrpcStatus(status));
       return;
     }
@@ -199,6 +204,7 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
       job_id = job_id_;
     }
     if (!job_id.empty()) broker_->Unwatch(job_id, link_.get());
+    quota_->Release(token_);
     delete this;
   }
 
@@ -227,7 +233,7 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
       return;
     }
     absl::StatusOr<JobEvents> events =
-        broker_->ReadJob(job_id_, cursor_, kMaxResultsPerEvent, kBatchBytes);
+        broker_->ReadJob(caller_, job_id_, cursor_, kMaxResultsPerEvent, kBatchBytes);
     if (!events.ok()) {
       FinishLocked(ToGrpcStatus(events.status()));
       return;
@@ -251,6 +257,9 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
   }
 
   Broker* const broker_;
+  const Caller caller_;
+  const std::string token_;
+  StreamQuota* const quota_;
   absl::Mutex mu_;
   std::string job_id_ ABSL_GUARDED_BY(mu_);  // set once by Follow
   int64_t cursor_ ABSL_GUARDED_BY(mu_) = 0;
@@ -488,10 +497,23 @@ std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
 
 }  // namespace
 
-grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need,
-                               const char* call) const {
+Authorizer::Authorizer(std::optional<TokenSet> tokens) : open_(!tokens) {
+  if (tokens) tokens_ = std::make_shared<const TokenSet>(std::move(*tokens));
+}
+
+void Authorizer::Replace(TokenSet tokens) {
+  auto replacement = std::make_shared<const TokenSet>(std::move(tokens));
+  absl::MutexLock lock(&mu_);
+  tokens_ = std::move(replacement);
+}
+
+grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, const char* call,
+                               Authorized* who) const {
   context->AddTrailingMetadata(kAnsweredByMaster, "1");
-  if (!tokens_) return grpc::Status::OK;
+  if (open_) {
+    if (who) *who = Authorized{};
+    return grpc::Status::OK;
+  }
   const auto& metadata = context->client_metadata();
   auto it = metadata.find("authorization");
   if (it == metadata.end()) {
@@ -500,87 +522,123 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need,
   }
   std::optional<std::string_view> token =
       BearerToken(std::string_view(it->second.data(), it->second.size()));
-  std::optional<Role> role = token ? tokens_->Lookup(*token) : std::nullopt;
-  if (!role) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
-  if (!RoleAllows(*role, need)) {
+  std::shared_ptr<const TokenSet> tokens;
+  {
+    absl::MutexLock lock(&mu_);
+    tokens = tokens_;
+  }
+  std::optional<Identity> identity = token ? tokens->Lookup(*token) : std::nullopt;
+  if (!identity) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  if (!RoleAllows(identity->role, need)) {
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                        absl::StrCat("a '", RoleName(*role), "' token may not call ", call,
+                        absl::StrCat("a '", RoleName(identity->role), "' token may not call ", call,
                                      " (it needs a '", RoleName(need), "' or 'admin' token)"));
   }
+  if (who) *who = Authorized{std::move(*identity), std::string(*token)};
   return grpc::Status::OK;
+}
+
+bool StreamQuota::Acquire(const std::string& token) {
+  absl::MutexLock lock(&mu_);
+  size_t& open = open_[token];
+  if (open >= per_token_) return false;
+  ++open;
+  return true;
+}
+
+void StreamQuota::Release(const std::string& token) {
+  absl::MutexLock lock(&mu_);
+  auto it = open_.find(token);
+  if (it != open_.end() && --it->second == 0) open_.erase(it);
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::Submit(grpc::CallbackServerContext* context,
                                                    const v1::SubmitRequest* request,
                                                    v1::SubmitResponse* response) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Submit"); !s.ok()) {
+  Authorized who;
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Submit", &who); !s.ok()) {
     return Reply(context, s);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  broker_->Submit(TakeSpecs(request), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
-    if (!outcome.ok()) {
-      reactor->Finish(ToGrpcStatus(outcome.status()));
-      return;
-    }
-    response->set_job_id(std::move(outcome->job_id));
-    response->mutable_task_ids()->Add(outcome->task_ids.begin(), outcome->task_ids.end());
-    for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
-    reactor->Finish(grpc::Status::OK);
-  });
+  broker_->Submit(
+      who.caller(), TakeSpecs(request), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
+        if (!outcome.ok()) {
+          reactor->Finish(ToGrpcStatus(outcome.status()));
+          return;
+        }
+        response->set_job_id(std::move(outcome->job_id));
+        response->mutable_task_ids()->Add(outcome->task_ids.begin(), outcome->task_ids.end());
+        for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
+        reactor->Finish(grpc::Status::OK);
+      });
   return reactor;
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::GetTask(grpc::CallbackServerContext* context,
                                                     const v1::GetTaskRequest* request,
                                                     v1::TaskInfo* response) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetTask"); !s.ok()) {
+  Authorized who;
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetTask", &who); !s.ok()) {
     return Reply(context, s);
   }
-  absl::StatusOr<TaskView> view = broker_->GetTask(request->id());
+  absl::StatusOr<TaskView> view = broker_->GetTask(who.caller(), request->id());
   if (!view.ok() || view->settled) {
     if (view.ok()) ToProto(*view, response);
     return Reply(context, ToGrpcStatus(view.status()));
   }
   // Its result is being written: answer once it is on disk, so it cannot be taken back.
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  broker_->WhenDurable([this, reactor, request, response](absl::Status status) {
-    absl::StatusOr<TaskView> again = broker_->GetTask(request->id());
-    if (status.ok() && again.ok()) ToProto(*again, response);
-    reactor->Finish(!status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                                "the task's result is not stored yet; retry")
-                                 : ToGrpcStatus(again.status()));
-  });
+  broker_->WhenDurable(
+      [this, reactor, request, response, caller = who.caller()](absl::Status status) {
+        absl::StatusOr<TaskView> again = broker_->GetTask(caller, request->id());
+        if (status.ok() && again.ok()) ToProto(*again, response);
+        reactor->Finish(!status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                                    "the task's result is not stored yet; retry")
+                                     : ToGrpcStatus(again.status()));
+      });
   return reactor;
 }
 
 grpc::ServerUnaryReactor* TaskQueueService::GetJob(grpc::CallbackServerContext* context,
                                                    const v1::GetJobRequest* request,
                                                    v1::JobInfo* response) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetJob"); !s.ok()) {
+  Authorized who;
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "GetJob", &who); !s.ok()) {
     return Reply(context, s);
   }
-  absl::StatusOr<JobView> view = broker_->GetJob(request->job_id());
+  absl::StatusOr<JobView> view = broker_->GetJob(who.caller(), request->job_id());
   if (view.ok()) ToProto(*view, response);
   return Reply(context, ToGrpcStatus(view.status()));
 }
 
+grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::RefuseWatch(
+    grpc::CallbackServerContext* context, const char* call, Authorized* who) {
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, call, who); !s.ok()) return Refuse(s);
+  if (!watches_.Acquire(who->token)) {
+    return Refuse(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this token has ", watches_.per_token(),
+                     " job streams open, its limit (--max-watches-per-token); close some first")));
+  }
+  return nullptr;
+}
+
 grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "WatchJob"); !s.ok()) {
-    return Refuse(s);
-  }
-  auto* stream = new JobStream(broker_, /*submitting=*/false);
+  Authorized who;
+  if (auto* refused = RefuseWatch(context, "WatchJob", &who)) return refused;
+  auto* stream = new JobStream(broker_, std::move(who), &watches_, /*submitting=*/false);
   stream->Follow(request->job_id(), request->after());
   return stream;
 }
 
 grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::SubmitAndWatch(
     grpc::CallbackServerContext* context, const v1::SubmitRequest* request) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "SubmitAndWatch"); !s.ok()) {
-    return Refuse(s);
-  }
-  auto* stream = new JobStream(broker_, /*submitting=*/true);
-  broker_->Submit(TakeSpecs(request), [stream](absl::StatusOr<SubmitOutcome> outcome) {
+  Authorized who;
+  if (auto* refused = RefuseWatch(context, "SubmitAndWatch", &who)) return refused;
+  const Caller caller = who.caller();
+  auto* stream = new JobStream(broker_, std::move(who), &watches_, /*submitting=*/true);
+  broker_->Submit(caller, TakeSpecs(request), [stream](absl::StatusOr<SubmitOutcome> outcome) {
     if (outcome.ok()) {
       stream->Follow(outcome->job_id, 0);
     } else {
@@ -593,12 +651,13 @@ grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::SubmitAndWatch(
 grpc::ServerUnaryReactor* TaskQueueService::Cancel(grpc::CallbackServerContext* context,
                                                    const v1::CancelRequest* request,
                                                    v1::CancelResponse* response) {
-  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Cancel"); !s.ok()) {
+  Authorized who;
+  if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Cancel", &who); !s.ok()) {
     return Reply(context, s);
   }
   absl::StatusOr<int64_t> cancelled =
-      request->has_task_id()  ? broker_->CancelTask(request->task_id())
-      : request->has_job_id() ? broker_->CancelJob(request->job_id())
+      request->has_task_id()  ? broker_->CancelTask(who.caller(), request->task_id())
+      : request->has_job_id() ? broker_->CancelJob(who.caller(), request->job_id())
                               : absl::InvalidArgumentError("cancel needs a task id or a job id");
   if (!cancelled.ok()) return Reply(context, ToGrpcStatus(cancelled.status()));
   response->set_cancelled(*cancelled);

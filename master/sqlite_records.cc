@@ -15,7 +15,7 @@ namespace {
 constexpr char kSchema[] = R"sql(
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE jobs(job_id TEXT PRIMARY KEY, total INTEGER NOT NULL, created_ms INTEGER NOT NULL,
-  crc INTEGER NOT NULL) WITHOUT ROWID;
+  crc INTEGER NOT NULL, tenant TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE tasks(
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
   labels TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
@@ -43,7 +43,12 @@ ALTER TABLE job_members ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
 INSERT INTO meta VALUES('commits', '0');
 )sql";
 
-constexpr char kJobColumns[] = "job_id, total, created_ms, crc";
+// Version 2 had no tenants: its jobs belong to the default one, and their checksums still hold.
+constexpr char kMigrateFrom2[] = R"sql(
+ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+)sql";
+
+constexpr char kJobColumns[] = "job_id, total, created_ms, crc, tenant";
 constexpr char kMemberColumns[] = "job_id, task_id, position, crc";
 
 // Runs `sql` and hands each row to `on_row`.
@@ -60,7 +65,7 @@ absl::Status ForEachRow(sqlite3* db, const std::string& sql,
 }
 
 JobRow ReadJob(sqlite3_stmt* s) {
-  return {Text(s, 0), sqlite3_column_int64(s, 1), sqlite3_column_int64(s, 2)};
+  return {Text(s, 0), sqlite3_column_int64(s, 1), sqlite3_column_int64(s, 2), Text(s, 4)};
 }
 
 JobMemberRow ReadMember(sqlite3_stmt* s) {
@@ -174,11 +179,19 @@ absl::Status CreateSchema(sqlite3* db, const std::string& epoch) {
 }
 
 absl::Status Migrate(sqlite3* db, int from_version) {
-  if (from_version != 1) {
+  if (from_version < 1 || from_version >= kSchemaVersion) {
     return absl::FailedPreconditionError(
         absl::StrCat("no migration from schema version ", from_version));
   }
-  if (absl::Status s = Exec(db, absl::StrCat("BEGIN;", kMigrateFrom1)); !s.ok()) return s;
+  if (absl::Status s =
+          Exec(db, absl::StrCat("BEGIN;", from_version == 1 ? kMigrateFrom1 : "", kMigrateFrom2));
+      !s.ok()) {
+    Exec(db, "ROLLBACK").IgnoreError();
+    return s;
+  }
+  if (from_version == 2) {
+    return Exec(db, absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";COMMIT;"));
+  }
   auto fail = [db](absl::Status s) {
     Exec(db, "ROLLBACK").IgnoreError();
     return s;
@@ -241,7 +254,11 @@ std::string EncodeLabels(const Labels& labels) {
 }
 
 uint32_t JobChecksum(const JobRow& job) {
-  return RecordChecksum().Add(job.job_id).Add(job.total).Add(job.created_ms).value();
+  RecordChecksum crc;
+  crc.Add(job.job_id).Add(job.total).Add(job.created_ms);
+  // Jobs of the default tenant keep the checksum they had before tenants existed.
+  if (!job.tenant.empty()) crc.Add(job.tenant);
+  return crc.value();
 }
 
 uint32_t SpecChecksum(const TaskRow& t, std::string_view encoded_labels) {

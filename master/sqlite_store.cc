@@ -78,7 +78,8 @@ class SqliteStore final : public Store {
               "WHERE id=?",
               &update_task_},
              {"DELETE FROM tasks WHERE id=?", &delete_task_},
-             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms, crc) VALUES(?,?,?,?)",
+             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms, crc, tenant) "
+              "VALUES(?,?,?,?,?)",
               &insert_job_},
              {"DELETE FROM jobs WHERE job_id=?", &delete_job_},
              {"DELETE FROM job_members WHERE job_id=?", &delete_members_},
@@ -458,6 +459,7 @@ class SqliteStore final : public Store {
     sqlite3_bind_int64(s, 2, rows.job.total);
     sqlite3_bind_int64(s, 3, rows.job.created_ms);
     sqlite3_bind_int64(s, 4, sqlite::JobChecksum(rows.job));
+    BindText(s, 5, rows.job.tenant);
     if (absl::Status st = insert_job_.Run(); !st.ok()) return st;
     s = insert_task_.get();
     for (const TaskRow& t : rows.tasks) {

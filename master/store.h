@@ -45,6 +45,7 @@ struct JobRow {
   std::string job_id;
   int64_t total = 0;
   int64_t created_ms = 0;
+  std::string tenant;
 };
 
 // A task of another job that a job follows through a resubmitted idempotency key. `position` is

@@ -21,6 +21,13 @@ inline bool IsFinished(TaskState s) {
   return s == TaskState::kSucceeded || s == TaskState::kDead || s == TaskState::kCancelled;
 }
 
+// Who makes a client call. Jobs and tasks belong to the tenant that submitted them, and exist
+// only for callers of that tenant, or callers that see all (admins).
+struct Caller {
+  std::string tenant;  // "" is the default tenant
+  bool sees_all = false;
+};
+
 // One task as a client submits it.
 struct TaskSpec {
   std::string queue;  // empty: "default"

@@ -7,6 +7,8 @@
 #include <limits>
 #include <mutex>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_replace.h"
 #include "common/logging.h"
 #include "tests/fakes.h"
 
@@ -15,6 +17,7 @@ namespace {
 
 using testing::CountingWatcher;
 using testing::FakeChannel;
+using testing::kClient;
 using testing::Spec;
 
 class BrokerTest : public ::testing::Test {
@@ -35,9 +38,10 @@ class BrokerTest : public ::testing::Test {
     broker_ = std::make_unique<Broker>(options_, &clock_, store_.get(), GetLogger("broker-test"));
   }
 
-  absl::StatusOr<SubmitOutcome> Submit(std::vector<TaskSpec> specs) {
+  absl::StatusOr<SubmitOutcome> Submit(std::vector<TaskSpec> specs,
+                                       const Caller& caller = kClient) {
     absl::StatusOr<SubmitOutcome> result = absl::UnknownError("not called");
-    broker_->Submit(std::move(specs), [&](absl::StatusOr<SubmitOutcome> r) { result = r; });
+    broker_->Submit(caller, std::move(specs), [&](absl::StatusOr<SubmitOutcome> r) { result = r; });
     return result;
   }
 
@@ -87,7 +91,7 @@ class BrokerTest : public ::testing::Test {
     broker_->Report(w.handle, {r});
   }
 
-  TaskState State(TaskId id) { return broker_->GetTask(id)->state; }
+  TaskState State(TaskId id) { return broker_->GetTask(kClient, id)->state; }
 
   void Pass(int64_t ms) { testing::PassTime(clock_, *broker_, ms); }
 
@@ -106,6 +110,85 @@ TEST_F(BrokerTest, HigherPriorityFirstThenFifo) {
   std::vector<std::string> order;
   for (const auto& t : w.channel->Take()) order.push_back(t.payload);
   EXPECT_EQ(order, (std::vector<std::string>{"b", "d", "a", "c"}));
+}
+
+TEST_F(BrokerTest, TenantsSeeOnlyTheirOwnWork) {
+  const Caller acme{"acme"}, beta{"beta"}, admin{"", /*sees_all=*/true};
+  auto job = Submit({Spec("square", "3")}, acme);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const TaskId id = job->task_ids[0];
+  auto w = Attach("w", 1, 1);
+  ASSERT_EQ(w.channel->Take().size(), 1u);  // workers serve every tenant's queues
+
+  // Another tenant gets the answer an id never used gets, word for word.
+  auto unknown_task = broker_->GetTask(beta, 999'999);
+  auto unknown_job = broker_->GetJob(beta, "job-00000000");
+  auto watcher = std::make_shared<CountingWatcher>();
+  for (absl::Status status :
+       {broker_->GetTask(beta, id).status(), broker_->GetJob(beta, job->job_id).status(),
+        broker_->ReadJob(beta, job->job_id, 0, 10, 1 << 20).status(),
+        broker_->Watch(beta, job->job_id, watcher), broker_->CancelTask(beta, id).status(),
+        broker_->CancelJob(beta, job->job_id).status(), broker_->GetTask(kClient, id).status()}) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kNotFound) << status;
+  }
+  EXPECT_EQ(broker_->GetTask(beta, id).status().message(),
+            absl::StrReplaceAll(unknown_task.status().message(), {{"999999", std::to_string(id)}}));
+  EXPECT_EQ(broker_->GetJob(beta, job->job_id).status().message(),
+            absl::StrReplaceAll(unknown_job.status().message(), {{"job-00000000", job->job_id}}));
+  EXPECT_EQ(broker_->GetTask(admin, id)->state, TaskState::kLeased);  // nothing was cancelled
+
+  EXPECT_TRUE(broker_->GetTask(acme, id).ok());
+  EXPECT_TRUE(broker_->GetTask(admin, id).ok());
+  EXPECT_EQ(*broker_->CancelJob(admin, job->job_id), 1);
+}
+
+TEST_F(BrokerTest, IdempotencyKeysArePerTenant) {
+  TaskSpec a = Spec("square", "3");
+  a.idempotency_key = "nightly";
+  TaskSpec b = Spec("square", "4");  // other work under the same key: fine in another tenant
+  b.idempotency_key = "nightly";
+  auto first = Submit({a}, Caller{"acme"});
+  auto other = Submit({b}, Caller{"beta"});
+  ASSERT_TRUE(first.ok() && other.ok()) << first.status() << other.status();
+  EXPECT_NE(first->task_ids[0], other->task_ids[0]);
+  auto again = Submit({a}, Caller{"acme"});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->task_ids[0], first->task_ids[0]);
+  EXPECT_EQ(Submit({b}, Caller{"acme"}).status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(BrokerTest, TenantPendingLimit) {
+  options_.tenant_limits.max_pending = 3;
+  Reset();
+  broker_->SetTenantLimits({{"big", TenantLimits{10, -1}}});
+  const Caller acme{"acme"};
+  ASSERT_TRUE(Submit({Spec("square", "1"), Spec("square", "2")}, acme).ok());
+  auto over = Submit({Spec("square", "3"), Spec("square", "4")}, acme);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(over.status().message(), "tenant 'acme' has 2 unfinished"))
+      << over.status();
+  // Others have their own count, and a named tenant its own limit.
+  EXPECT_TRUE(Submit({Spec("square", "1"), Spec("square", "2"), Spec("square", "3")}).ok());
+  EXPECT_TRUE(Submit(std::vector<TaskSpec>(8, Spec("square", "5")), Caller{"big"}).ok());
+  // Finished tasks make room; a refused batch took none.
+  auto w = Attach("w", 1, 1, {"square"});
+  for (const LeasedTask& t : w.channel->Take()) Report(w, t, Outcome::kSucceeded, "ok");
+  EXPECT_TRUE(Submit({Spec("square", "3"), Spec("square", "4")}, acme).ok());
+}
+
+TEST_F(BrokerTest, TenantSubmitRate) {
+  options_.tenant_limits.submit_rate = 10;
+  Reset();
+  const Caller acme{"acme"};
+  ASSERT_TRUE(Submit(std::vector<TaskSpec>(15, Spec("square", "1")), acme).ok());  // overdraws
+  auto refused = Submit({Spec("square", "2")}, acme);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "retry in")) << refused.status();
+  EXPECT_TRUE(Submit({Spec("square", "2")}, Caller{"beta"}).ok());
+  Pass(400);  // 4 of the 5 overdrawn come back: still in debt
+  EXPECT_FALSE(Submit({Spec("square", "2")}, acme).ok());
+  Pass(200);
+  EXPECT_TRUE(Submit({Spec("square", "2")}, acme).ok());
 }
 
 TEST_F(BrokerTest, WelcomeCarriesEpochAndTimers) {
@@ -176,11 +259,12 @@ TEST_F(BrokerTest, UnservedKindWaitsAndSaysWhy) {
   ASSERT_TRUE(out.ok());
   ASSERT_EQ(out->warnings.size(), 1u);
   EXPECT_NE(out->warnings[0].find("kind 'resize'"), std::string::npos);
-  auto task = broker_->GetTask(out->task_ids[0]);
+  auto task = broker_->GetTask(kClient, out->task_ids[0]);
   EXPECT_EQ(task->state, TaskState::kPending);
   EXPECT_NE(task->waiting_for.find("no connected worker runs kind 'resize'"), std::string::npos);
   auto w = Attach("w", 1, 0, {"resize"});
-  EXPECT_NE(broker_->GetTask(out->task_ids[0])->waiting_for.find("busy"), std::string::npos);
+  EXPECT_NE(broker_->GetTask(kClient, out->task_ids[0])->waiting_for.find("busy"),
+            std::string::npos);
 }
 
 TEST_F(BrokerTest, SuccessIsRecordedOnceAndAcked) {
@@ -191,7 +275,7 @@ TEST_F(BrokerTest, SuccessIsRecordedOnceAndAcked) {
   Report(w, tasks[0], Outcome::kSucceeded, "3*3=9");
   Report(w, tasks[0], Outcome::kSucceeded, "duplicate");
   EXPECT_EQ(broker_->DuplicateResults(), 1);
-  auto task = broker_->GetTask(id);
+  auto task = broker_->GetTask(kClient, id);
   EXPECT_EQ(task->state, TaskState::kSucceeded);
   EXPECT_EQ(task->output, "3*3=9");
   EXPECT_EQ(w.channel->acked.size(), 2u);  // both acknowledged, one recorded
@@ -222,7 +306,7 @@ TEST_F(BrokerTest, FailureRetriesWithExponentialBackoffThenDies) {
     clock_.Advance(1);
     broker_->Tick();
   }
-  auto task = broker_->GetTask(id);
+  auto task = broker_->GetTask(kClient, id);
   EXPECT_EQ(task->state, TaskState::kDead);
   EXPECT_EQ(task->error, "boom 3");
   EXPECT_EQ(task->attempts, 3);
@@ -250,7 +334,7 @@ TEST_F(BrokerTest, LeaseExpiresWithoutHeartbeatsAndStaleResultIsDropped) {
   Pass(100);
   EXPECT_EQ(State(id), TaskState::kPending);
   EXPECT_EQ(a.channel->cancels, std::vector<TaskId>{id});
-  EXPECT_EQ(broker_->GetTask(id)->attempts, 1);  // counted
+  EXPECT_EQ(broker_->GetTask(kClient, id)->attempts, 1);  // counted
 
   auto b = Attach("b", 1, 1);
   auto second = b.channel->Take();
@@ -259,7 +343,7 @@ TEST_F(BrokerTest, LeaseExpiresWithoutHeartbeatsAndStaleResultIsDropped) {
   Report(a, first[0], Outcome::kSucceeded, "stale");
   EXPECT_EQ(State(id), TaskState::kLeased);
   Report(b, second[0], Outcome::kSucceeded, "4*4=16");
-  EXPECT_EQ(broker_->GetTask(id)->output, "4*4=16");
+  EXPECT_EQ(broker_->GetTask(kClient, id)->output, "4*4=16");
 }
 
 TEST_F(BrokerTest, LostLeasesUseUpAttempts) {
@@ -274,7 +358,7 @@ TEST_F(BrokerTest, LostLeasesUseUpAttempts) {
   Pass(options_.reconnect_grace_ms);
   EXPECT_EQ(State(id), TaskState::kLeased);
   Pass(options_.lease_timeout_ms - options_.reconnect_grace_ms);
-  auto task = broker_->GetTask(id);
+  auto task = broker_->GetTask(kClient, id);
   EXPECT_EQ(task->state, TaskState::kDead);
   EXPECT_NE(task->error.find("disconnected"), std::string::npos);
 }
@@ -291,7 +375,7 @@ TEST_F(BrokerTest, ReconnectWithinGraceKeepsHeldLeases) {
   auto again = Attach("a", 2, 0, {"sleep"}, {}, {{kept, 1}, {999, 1}});
   EXPECT_EQ(State(kept), TaskState::kLeased);
   EXPECT_EQ(State(lost), TaskState::kPending);
-  EXPECT_EQ(broker_->GetTask(lost)->attempts, 0);
+  EXPECT_EQ(broker_->GetTask(kClient, lost)->attempts, 0);
   ASSERT_TRUE(again.channel->welcome);
   EXPECT_EQ(again.channel->welcome->revoked, (std::vector<TaskRef>{{999, 1}}));
   // The old stream's late calls are ignored.
@@ -349,7 +433,7 @@ TEST_F(BrokerTest, AReconnectingWorkerKeepsTasksWhoseLeasesLapsedMeanwhile) {
   // `id` instead of it running again; `other` runs on "c" now, so "a" drops it.
   auto back = Attach("a", 2, 0, {"sleep", "echo"}, {}, {{id, 1}, {other, 1}, {12345, 1}});
   EXPECT_EQ(State(id), TaskState::kLeased);
-  EXPECT_EQ(broker_->GetTask(id)->attempts, 1);
+  EXPECT_EQ(broker_->GetTask(kClient, id)->attempts, 1);
   ASSERT_TRUE(back.channel->welcome);
   EXPECT_EQ(back.channel->welcome->revoked, (std::vector<TaskRef>{{other, 1}, {12345, 1}}));
   broker_->Report(back.handle, {{id, 1, Outcome::kSucceeded, "slept 1 ms", ""}});
@@ -386,7 +470,7 @@ TEST_F(BrokerTest, ReturnedTaskKeepsItsAttemptAndPlace) {
   ASSERT_EQ(tasks[0].id, first);
   broker_->Drain(a.handle);
   Report(a, tasks[0], Outcome::kReturned);
-  EXPECT_EQ(broker_->GetTask(first)->attempts, 0);
+  EXPECT_EQ(broker_->GetTask(kClient, first)->attempts, 0);
   auto b = Attach("b", 1, 1);
   auto got = b.channel->Take();
   ASSERT_EQ(got.size(), 1u);
@@ -417,10 +501,10 @@ TEST_F(BrokerTest, IdempotencyKeyReturnsTheFirstTask) {
   ASSERT_EQ(tasks.size(), 1u);  // one task, not two
   Report(w, tasks[0], Outcome::kSucceeded, "5*5=25");
   // Both jobs see it finish.
-  EXPECT_EQ(broker_->GetJob(first->job_id)->succeeded, 1);
-  EXPECT_EQ(broker_->GetJob(second->job_id)->succeeded, 1);
+  EXPECT_EQ(broker_->GetJob(kClient, first->job_id)->succeeded, 1);
+  EXPECT_EQ(broker_->GetJob(kClient, second->job_id)->succeeded, 1);
   auto third = Submit({s});
-  EXPECT_EQ(broker_->GetJob(third->job_id)->done, 1);
+  EXPECT_EQ(broker_->GetJob(kClient, third->job_id)->done, 1);
 }
 
 TEST_F(BrokerTest, IdempotencyKeyWithDifferentWorkIsRefused) {
@@ -455,16 +539,16 @@ TEST_F(BrokerTest, IdempotencyKeyWithDifferentWorkIsRefused) {
 
 TEST_F(BrokerTest, CancelPendingAndLeased) {
   const TaskId pending = SubmitOne(Spec("echo", "p"));
-  EXPECT_EQ(*broker_->CancelTask(pending), 1);
+  EXPECT_EQ(*broker_->CancelTask(kClient, pending), 1);
   EXPECT_EQ(State(pending), TaskState::kCancelled);
-  EXPECT_EQ(*broker_->CancelTask(pending), 0);  // already finished
+  EXPECT_EQ(*broker_->CancelTask(kClient, pending), 0);  // already finished
 
   const TaskId leased = SubmitOne(Spec("sleep", "10000"));
   auto w = Attach("w", 1, 1);
   auto tasks = w.channel->Take();
   ASSERT_EQ(tasks.size(), 1u);
   EXPECT_EQ(tasks[0].id, leased);  // the cancelled one was never sent
-  EXPECT_EQ(*broker_->CancelTask(leased), 1);
+  EXPECT_EQ(*broker_->CancelTask(kClient, leased), 1);
   EXPECT_EQ(w.channel->cancels, std::vector<TaskId>{leased});
   EXPECT_EQ(State(leased), TaskState::kCancelled);
   // The slot stays taken until the worker reports.
@@ -472,7 +556,7 @@ TEST_F(BrokerTest, CancelPendingAndLeased) {
   Report(w, tasks[0], Outcome::kCancelled, "stopped");
   EXPECT_EQ(State(leased), TaskState::kCancelled);
   EXPECT_EQ(broker_->Workers()[0].running, 0);
-  EXPECT_TRUE(absl::IsNotFound(broker_->CancelTask(12345).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->CancelTask(kClient, 12345).status()));
 }
 
 TEST_F(BrokerTest, CancelJobCancelsUnfinishedTasks) {
@@ -480,8 +564,8 @@ TEST_F(BrokerTest, CancelJobCancelsUnfinishedTasks) {
   auto w = Attach("w", 1, 1);
   auto tasks = w.channel->Take();
   Report(w, tasks[0], Outcome::kSucceeded, "1");
-  EXPECT_EQ(*broker_->CancelJob(out->job_id), 2);
-  auto job = broker_->GetJob(out->job_id);
+  EXPECT_EQ(*broker_->CancelJob(kClient, out->job_id), 2);
+  auto job = broker_->GetJob(kClient, out->job_id);
   EXPECT_EQ(job->done, 3);
   EXPECT_EQ(job->succeeded, 1);
   EXPECT_EQ(job->cancelled, 2);
@@ -490,19 +574,19 @@ TEST_F(BrokerTest, CancelJobCancelsUnfinishedTasks) {
 TEST_F(BrokerTest, WatchersSeeResultsInCompletionOrder) {
   auto out = Submit({Spec("echo", "a"), Spec("echo", "b"), Spec("echo", "c")});
   auto watcher = std::make_shared<CountingWatcher>();
-  ASSERT_TRUE(broker_->Watch(out->job_id, watcher).ok());
+  ASSERT_TRUE(broker_->Watch(kClient, out->job_id, watcher).ok());
   auto w = Attach("w", 3, 3);
   auto tasks = w.channel->Take();
   ASSERT_EQ(tasks.size(), 3u);
   Report(w, tasks[2], Outcome::kSucceeded, "c");
   Report(w, tasks[0], Outcome::kSucceeded, "a");
   EXPECT_EQ(watcher->calls, 2);
-  auto events = broker_->ReadJob(out->job_id, 0, 10, 1 << 20);
+  auto events = broker_->ReadJob(kClient, out->job_id, 0, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 2u);
   EXPECT_EQ(events->results[0].output, "c");
   EXPECT_EQ(events->results[1].output, "a");
   Report(w, tasks[1], Outcome::kSucceeded, "b");
-  events = broker_->ReadJob(out->job_id, 2, 10, 1 << 20);
+  events = broker_->ReadJob(kClient, out->job_id, 2, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 1u);
   EXPECT_EQ(events->results[0].output, "b");
   EXPECT_EQ(events->progress.done, 3);
@@ -546,11 +630,11 @@ TEST_F(BrokerTest, ResultsExpireAfterRetention) {
   Report(w, w.channel->Take()[0], Outcome::kSucceeded, "x");
   clock_.Advance(59'999);
   broker_->Tick();
-  EXPECT_TRUE(broker_->GetTask(id).ok());
+  EXPECT_TRUE(broker_->GetTask(kClient, id).ok());
   clock_.Advance(1);
   broker_->Tick();
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(id).status()));
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(out->job_id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(kClient, id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(kClient, out->job_id).status()));
 }
 
 TEST_F(BrokerTest, ShutdownTellsWorkersAndStopsDispatch) {
@@ -631,7 +715,7 @@ TEST_F(BrokerTest, TaskClassesNobodyUsesAreFreed) {
   fourth.labels = {{"zone", "d"}};
   EXPECT_EQ(Submit({fourth}).status().code(), absl::StatusCode::kResourceExhausted);
   // Those tasks finish and pass retention (cancelled here): their classes go with them.
-  for (TaskId id : ids) EXPECT_TRUE(broker_->CancelTask(id).ok());
+  for (TaskId id : ids) EXPECT_TRUE(broker_->CancelTask(kClient, id).ok());
   Pass(options_.result_retention_ms + 100);
   EXPECT_TRUE(Submit({fourth}).ok());
   // A worker still gets what it can run, from a class made anew.
@@ -660,6 +744,7 @@ namespace {
 
 using testing::CountingWatcher;
 using testing::FakeChannel;
+using testing::kClient;
 using testing::Spec;
 
 // A persistent store whose writes complete only when the test says so.
@@ -719,7 +804,8 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   FakeClock clock;
   Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
   absl::StatusOr<SubmitOutcome> submitted = absl::UnknownError("not yet");
-  broker.Submit({Spec("echo", "x")}, [&](absl::StatusOr<SubmitOutcome> r) { submitted = r; });
+  broker.Submit(kClient, {Spec("echo", "x")},
+                [&](absl::StatusOr<SubmitOutcome> r) { submitted = r; });
   EXPECT_FALSE(submitted.ok()) << "not acknowledged before it is durable";
   store.Release();
   ASSERT_TRUE(submitted.ok());
@@ -733,16 +819,16 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   auto tasks = channel->Take();
   ASSERT_EQ(tasks.size(), 1u);
   auto watcher = std::make_shared<CountingWatcher>();
-  ASSERT_TRUE(broker.Watch(submitted->job_id, watcher).ok());
+  ASSERT_TRUE(broker.Watch(kClient, submitted->job_id, watcher).ok());
   broker.Report(*handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "x", ""}});
 
-  EXPECT_TRUE(broker.ReadJob(submitted->job_id, 0, 10, 1 << 20)->results.empty());
-  EXPECT_FALSE(broker.GetTask(tasks[0].id)->settled);
+  EXPECT_TRUE(broker.ReadJob(kClient, submitted->job_id, 0, 10, 1 << 20)->results.empty());
+  EXPECT_FALSE(broker.GetTask(kClient, tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 0);
   EXPECT_TRUE(channel->acked.empty());
   store.Release();
-  EXPECT_EQ(broker.ReadJob(submitted->job_id, 0, 10, 1 << 20)->results.size(), 1u);
-  EXPECT_TRUE(broker.GetTask(tasks[0].id)->settled);
+  EXPECT_EQ(broker.ReadJob(kClient, submitted->job_id, 0, 10, 1 << 20)->results.size(), 1u);
+  EXPECT_TRUE(broker.GetTask(kClient, tasks[0].id)->settled);
   EXPECT_EQ(watcher->calls, 1);
   EXPECT_EQ(channel->acked.size(), 1u);
   store.Open();
@@ -762,14 +848,14 @@ TEST(BrokerDurability, SubmitIsInvisibleUntilStoredAndLeavesNoTraceWhenRefused) 
   absl::StatusOr<SubmitOutcome> refused = absl::UnknownError("not yet");
   TaskSpec keyed = Spec("echo", "k");
   keyed.idempotency_key = "k1";
-  broker.Submit({Spec("echo", "a"), Spec("echo", "b"), keyed},
+  broker.Submit(kClient, {Spec("echo", "a"), Spec("echo", "b"), keyed},
                 [&](absl::StatusOr<SubmitOutcome> r) { refused = r; });
   EXPECT_EQ(store.submitted_tasks, 3u);
   EXPECT_TRUE(channel->Take().empty()) << "nothing runs before it is on disk";
-  EXPECT_TRUE(absl::IsNotFound(broker.GetTask(1).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker.GetTask(kClient, 1).status()));
   // The same key while the first submit is being stored: retry later, not a second task.
   absl::StatusOr<SubmitOutcome> racing = absl::UnknownError("not yet");
-  broker.Submit({keyed}, [&](absl::StatusOr<SubmitOutcome> r) { racing = r; });
+  broker.Submit(kClient, {keyed}, [&](absl::StatusOr<SubmitOutcome> r) { racing = r; });
   EXPECT_EQ(racing.status().code(), absl::StatusCode::kAborted) << racing.status();
 
   store.Release(absl::ResourceExhaustedError("disk full"));
@@ -777,16 +863,17 @@ TEST(BrokerDurability, SubmitIsInvisibleUntilStoredAndLeavesNoTraceWhenRefused) 
   EXPECT_TRUE(absl::IsUnavailable(refused.status())) << refused.status();
   EXPECT_NE(refused.status().message().find("none of its tasks were kept"), std::string::npos);
   EXPECT_TRUE(channel->Take().empty());
-  for (TaskId id : {1, 2, 3}) EXPECT_TRUE(absl::IsNotFound(broker.GetTask(id).status()));
+  for (TaskId id : {1, 2, 3}) EXPECT_TRUE(absl::IsNotFound(broker.GetTask(kClient, id).status()));
   for (const QueueStatsView& q : broker.QueueStats()) EXPECT_EQ(q.pending, 0) << q.queue;
 
   // The key is free again, and a stored submit runs.
   absl::StatusOr<SubmitOutcome> stored = absl::UnknownError("not yet");
-  broker.Submit({keyed, Spec("echo", "c")}, [&](absl::StatusOr<SubmitOutcome> r) { stored = r; });
+  broker.Submit(kClient, {keyed, Spec("echo", "c")},
+                [&](absl::StatusOr<SubmitOutcome> r) { stored = r; });
   store.Release();
   ASSERT_TRUE(stored.ok()) << stored.status();
   EXPECT_EQ(channel->Take().size(), 2u);
-  EXPECT_TRUE(broker.GetJob(stored->job_id).ok());
+  EXPECT_TRUE(broker.GetJob(kClient, stored->job_id).ok());
   store.Open();
 }
 

@@ -12,6 +12,12 @@
 namespace taskmaster {
 namespace {
 
+// The role of `token` in `set`, or nullopt.
+std::optional<Role> RoleOf(const TokenSet& set, std::string_view token) {
+  std::optional<Identity> who = set.Lookup(token);
+  return who ? std::optional<Role>(who->role) : std::nullopt;
+}
+
 TEST(TokenSet, ParsesRolesAndComments) {
   auto set = TokenSet::Parse(
       "# tokens\n"
@@ -21,21 +27,50 @@ TEST(TokenSet, ParsesRolesAndComments) {
       "admin admin-token-0123456789\n");
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->size(), 3u);
-  EXPECT_EQ(set->Lookup("submit-token-0123456789"), Role::kSubmit);
-  EXPECT_EQ(set->Lookup("work-token-0123456789"), Role::kWork);
-  EXPECT_EQ(set->Lookup("admin-token-0123456789"), Role::kAdmin);
-  EXPECT_EQ(set->Lookup("work-token-012345678"), std::nullopt);
-  EXPECT_EQ(set->Lookup("work-token-01234567890"), std::nullopt);
-  EXPECT_EQ(set->Lookup(""), std::nullopt);
+  EXPECT_EQ(RoleOf(*set, "submit-token-0123456789"), Role::kSubmit);
+  EXPECT_EQ(RoleOf(*set, "work-token-0123456789"), Role::kWork);
+  EXPECT_EQ(RoleOf(*set, "admin-token-0123456789"), Role::kAdmin);
+  EXPECT_EQ(RoleOf(*set, "work-token-012345678"), std::nullopt);
+  EXPECT_EQ(RoleOf(*set, "work-token-01234567890"), std::nullopt);
+  EXPECT_EQ(RoleOf(*set, ""), std::nullopt);
+  EXPECT_EQ(set->Lookup("submit-token-0123456789")->tenant, "");
+}
+
+TEST(TokenSet, TenantsRotationAndLimits) {
+  auto set = TokenSet::Parse(
+      "submit acme-old-token-0123456789 acme\n"
+      "submit acme-new-token-0123456789 acme\n"
+      "submit beta-token-0123456789 beta\n"
+      "limit acme max-pending=100 submit-rate=50\n"
+      "limit beta submit-rate=0\n");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->Lookup("acme-old-token-0123456789")->tenant, "acme");
+  EXPECT_EQ(set->Lookup("acme-new-token-0123456789")->tenant, "acme");
+  EXPECT_EQ(set->Lookup("acme-new-token-0123456789")->line, 2);
+  EXPECT_EQ(set->Lookup("beta-token-0123456789")->tenant, "beta");
+  EXPECT_EQ(set->limits().at("acme"), (TenantLimits{100, 50}));
+  EXPECT_EQ(set->limits().at("beta"), (TenantLimits{-1, 0}));  // -1: the master's default
 }
 
 TEST(TokenSet, RejectsBadLines) {
   EXPECT_FALSE(TokenSet::Parse("").ok());
   EXPECT_FALSE(TokenSet::Parse("root some-token-0123456789\n").ok());
   EXPECT_FALSE(TokenSet::Parse("submit short\n").ok());
-  auto bad = TokenSet::Parse("submit a-token-0123456789 extra\n");
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(std::string(bad.status().message()).find("line 1"), std::string::npos);
+  for (const char* text :
+       {"submit a-token-0123456789 acme extra\n", "submit a-token-0123456789 bad/tenant\n",
+        "submit a-token-0123456789\nwork a-token-0123456789\n",
+        "submit a-token-0123456789\nlimit acme\n",
+        "submit a-token-0123456789\nlimit acme max-pending=-1\n",
+        "submit a-token-0123456789\nlimit acme max-pending=1e9\n",
+        "submit a-token-0123456789\nlimit acme speed=3\n",
+        "submit a-token-0123456789\nlimit acme max-pending=99999999999999999999\n",
+        "submit a-token-0123456789\nlimit a submit-rate=1\nlimit a max-pending=1\n"}) {
+    auto bad = TokenSet::Parse(text);
+    ASSERT_FALSE(bad.ok()) << text;
+    EXPECT_NE(std::string(bad.status().message()).find("line "), std::string::npos) << text;
+  }
+  EXPECT_NE(TokenSet::Parse("work a-token-0123456789 \x1b[31m\n").status().message().find("\\x1B"),
+            std::string::npos);
 }
 
 TEST(Auth, RolesAndBearer) {

@@ -15,6 +15,9 @@
 
 namespace taskmaster::testing {
 
+// A client of the default tenant.
+inline const Caller kClient;
+
 // Records what the broker sends one worker.
 class FakeChannel final : public WorkerChannel {
  public:

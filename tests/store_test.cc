@@ -21,6 +21,7 @@ using testing::TempDir;
 using testing::WriteFile;
 
 using testing::FakeChannel;
+using testing::kClient;
 using testing::Spec;
 
 class StoreTest : public ::testing::Test {
@@ -100,9 +101,10 @@ class StoreTest : public ::testing::Test {
     return {text, tasks};
   }
 
-  SubmitOutcome Submit(std::vector<TaskSpec> specs) {
+  SubmitOutcome Submit(std::vector<TaskSpec> specs, const Caller& caller = kClient) {
     std::promise<absl::StatusOr<SubmitOutcome>> done;
-    broker_->Submit(std::move(specs), [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
+    broker_->Submit(caller, std::move(specs),
+                    [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
     auto result = done.get_future().get();
     EXPECT_TRUE(result.ok()) << result.status();
     return result.ok() ? *result : SubmitOutcome{};
@@ -141,7 +143,7 @@ class StoreTest : public ::testing::Test {
   void Pass(int64_t ms) { testing::PassTime(clock_, *broker_, ms); }
 
   TaskView Task(TaskId id) {
-    auto t = broker_->GetTask(id);
+    auto t = broker_->GetTask(kClient, id);
     EXPECT_TRUE(t.ok()) << t.status();
     return t.ok() ? *t : TaskView{};
   }
@@ -179,7 +181,7 @@ TEST_F(StoreTest, RestartRecoversEveryState) {
   auto second = w.channel->Take();
   ASSERT_EQ(second.size(), 2u);  // "2" and "4"; both stay leased
   EXPECT_EQ(second[0].id, ids[1]);
-  EXPECT_EQ(*broker_->CancelTask(ids[6]), 1);
+  EXPECT_EQ(*broker_->CancelTask(kClient, ids[6]), 1);
   Durable();
   const int64_t delayed_until = Task(ids[0]).not_before_ms;
 
@@ -195,11 +197,11 @@ TEST_F(StoreTest, RestartRecoversEveryState) {
   EXPECT_EQ(Task(ids[6]).state, TaskState::kCancelled);
   EXPECT_EQ(Task(ids[1]).state, TaskState::kLeased);
   EXPECT_EQ(Task(ids[4]).state, TaskState::kLeased);
-  auto progress = broker_->GetJob(job.job_id);
+  auto progress = broker_->GetJob(kClient, job.job_id);
   EXPECT_EQ(progress->done, 2);
   EXPECT_EQ(progress->succeeded, 1);
   EXPECT_EQ(progress->cancelled, 1);
-  auto events = broker_->ReadJob(job.job_id, 0, 10, 1 << 20);
+  auto events = broker_->ReadJob(kClient, job.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(events->results.size(), 2u);
   EXPECT_EQ(events->results[0].id, ids[2]);  // completion order kept
   EXPECT_EQ(events->results[1].id, ids[6]);
@@ -220,6 +222,27 @@ TEST_F(StoreTest, RestartRecoversEveryState) {
   std::vector<TaskId> order;
   for (const auto& t : back.channel->Take()) order.push_back(t.id);
   EXPECT_EQ(order, (std::vector<TaskId>{ids[4], ids[5], ids[7]}));
+}
+
+TEST_F(StoreTest, TenantsKeepTheirJobsKeysAndCountsAcrossARestart) {
+  options_.tenant_limits.max_pending = 2;
+  Restart();
+  const Caller acme{"acme"}, beta{"beta"};
+  TaskSpec keyed = Spec("square", "3");
+  keyed.idempotency_key = "k";
+  const SubmitOutcome job = Submit({keyed, Spec("square", "4")}, acme);
+  Durable();
+  Restart();
+  EXPECT_TRUE(broker_->GetJob(acme, job.job_id).ok());
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(beta, job.job_id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(beta, job.task_ids[0]).status()));
+  // The key is still acme's, and acme's two unfinished tasks still count.
+  EXPECT_EQ(Submit({keyed}, acme).task_ids, std::vector<TaskId>{job.task_ids[0]});
+  EXPECT_NE(Submit({keyed}, beta).task_ids[0], job.task_ids[0]);
+  std::promise<absl::Status> refused;
+  broker_->Submit(acme, {Spec("square", "5")},
+                  [&](absl::StatusOr<SubmitOutcome> r) { refused.set_value(r.status()); });
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.get_future().get()));
 }
 
 TEST_F(StoreTest, LeasesOfAWorkerThatNeverReturnsAreRequeuedCounted) {
@@ -269,11 +292,11 @@ TEST_F(StoreTest, RepeatedIdempotencyKeysInABatchAreOneTaskAcrossARestart) {
   auto second = Submit({a, Spec("square", "4"), a});
   EXPECT_EQ(second.task_ids[0], first.task_ids[0]);
   EXPECT_EQ(second.task_ids[2], first.task_ids[0]);
-  EXPECT_EQ(broker_->GetJob(first.job_id)->total, 1);
-  EXPECT_EQ(broker_->GetJob(second.job_id)->total, 2);
+  EXPECT_EQ(broker_->GetJob(kClient, first.job_id)->total, 1);
+  EXPECT_EQ(broker_->GetJob(kClient, second.job_id)->total, 2);
   Durable();
   Restart();  // every job has exactly the records it claims
-  EXPECT_EQ(broker_->GetJob(second.job_id)->total, 2);
+  EXPECT_EQ(broker_->GetJob(kClient, second.job_id)->total, 2);
   auto w = Attach("w", 1);
   auto tasks = w.channel->Take();
   ASSERT_EQ(tasks.size(), 1u);
@@ -283,8 +306,8 @@ TEST_F(StoreTest, RepeatedIdempotencyKeysInABatchAreOneTaskAcrossARestart) {
   ASSERT_EQ(tasks.size(), 1u);
   broker_->Report(w.handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "16", ""}});
   Durable();
-  EXPECT_EQ(broker_->GetJob(first.job_id)->done, 1);
-  EXPECT_EQ(broker_->GetJob(second.job_id)->done, 2);
+  EXPECT_EQ(broker_->GetJob(kClient, first.job_id)->done, 1);
+  EXPECT_EQ(broker_->GetJob(kClient, second.job_id)->done, 2);
 }
 
 TEST_F(StoreTest, RetentionDeletesFinishedJobsFromDisk) {
@@ -298,8 +321,8 @@ TEST_F(StoreTest, RetentionDeletesFinishedJobsFromDisk) {
   broker_->Tick();
   Durable();
   Restart();
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(job.job_id).status()));
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(job.task_ids[0]).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(kClient, job.job_id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(kClient, job.task_ids[0]).status()));
   // Ids are never reused.
   EXPECT_GT(Submit({Spec("square", "9")}).task_ids[0], job.task_ids[0]);
 }
@@ -317,10 +340,10 @@ TEST_F(StoreTest, FollowingJobKeepsItsOrderAcrossRestart) {
   ASSERT_EQ(t.size(), 1u);
   broker_->Report(w.handle, {{t[0].id, t[0].attempt, Outcome::kSucceeded, "11*11=121", ""}});
   Durable();
-  auto before = broker_->ReadJob(second.job_id, 0, 10, 1 << 20);
+  auto before = broker_->ReadJob(kClient, second.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(before->results.size(), 2u);
   Restart();
-  auto after = broker_->ReadJob(second.job_id, 0, 10, 1 << 20);
+  auto after = broker_->ReadJob(kClient, second.job_id, 0, 10, 1 << 20);
   ASSERT_EQ(after->results.size(), before->results.size());
   for (size_t i = 0; i < before->results.size(); ++i) {
     EXPECT_EQ(after->results[i].id, before->results[i].id);
@@ -363,10 +386,10 @@ TEST_F(StoreTest, AFlippedByteStopsTheStartAndRepairMovesTheRecordAside) {
   Open();
   std::cout << "FIGURES flipped byte in the database: acknowledged=5 refused_to_start=" << refused
             << " recorded_after_repair=" << PendingTasks() << " moved_aside=" << moved << std::endl;
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(damaged).status()));
-  EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 2);
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(kClient, damaged).status()));
+  EXPECT_EQ(broker_->GetJob(kClient, jobs[0].job_id)->total, 2);
   EXPECT_EQ(Task(jobs[0].task_ids[2]).payload, "PAYLOAD-A2");
-  EXPECT_EQ(broker_->GetJob(jobs[1].job_id)->total, 2);
+  EXPECT_EQ(broker_->GetJob(kClient, jobs[1].job_id)->total, 2);
   Restart();  // and it stays sound
 }
 
@@ -404,9 +427,9 @@ TEST_F(StoreTest, RecordsChangedOrRemovedBehindItsBackStopTheStart) {
                "refused_to_start="
             << refused << "_of_4 recorded_after_repair=" << PendingTasks()
             << " moved_aside=" << Rejected().second << " removed_by_hand=1" << std::endl;
-  EXPECT_EQ(broker_->GetJob(jobs[0].job_id)->total, 1);
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(jobs[1].job_id).status()));
-  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(a1).status()));
+  EXPECT_EQ(broker_->GetJob(kClient, jobs[0].job_id)->total, 1);
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetJob(kClient, jobs[1].job_id).status()));
+  EXPECT_TRUE(absl::IsNotFound(broker_->GetTask(kClient, a1).status()));
 }
 
 TEST_F(StoreTest, AStoreThatLostCommittedWritesIsRefused) {
@@ -477,9 +500,44 @@ PRAGMA user_version=1;
     Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
     ASSERT_TRUE(broker.Recover().ok());
     EXPECT_EQ(broker.epoch(), "db-0123abcd");
-    auto task = broker.GetTask(7);
+    auto task = broker.GetTask(kClient, 7);
     ASSERT_TRUE(task.ok()) << task.status();
     EXPECT_EQ(task->output, "4*4=16");
+  }
+}
+
+TEST(SqliteStore, Version2DatabaseIsMigrated) {
+  TempDir dir;
+  std::string job_id;
+  {
+    auto store = OpenSqliteStore({dir.path()});
+    ASSERT_TRUE(store.ok()) << store.status();
+    FakeClock clock;
+    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
+    ASSERT_TRUE(broker.Recover().ok());
+    std::promise<absl::StatusOr<SubmitOutcome>> done;
+    broker.Submit(kClient, {Spec("square", "4")},
+                  [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
+    auto submitted = done.get_future().get();
+    ASSERT_TRUE(submitted.ok());
+    job_id = submitted->job_id;
+  }
+  // Version 2 was version 3 without tenants.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(dir.File("taskmaster.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "ALTER TABLE jobs DROP COLUMN tenant; PRAGMA user_version=2;", nullptr,
+                         nullptr, nullptr),
+            SQLITE_OK)
+      << sqlite3_errmsg(db);
+  sqlite3_close(db);
+  for (int start = 0; start < 2; ++start) {  // migrated, then opened as it is
+    auto store = OpenSqliteStore({dir.path()});
+    ASSERT_TRUE(store.ok()) << store.status();
+    FakeClock clock;
+    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
+    ASSERT_TRUE(broker.Recover().ok());
+    EXPECT_TRUE(broker.GetJob(kClient, job_id).ok());  // the default tenant's
+    EXPECT_TRUE(absl::IsNotFound(broker.GetJob(Caller{"acme"}, job_id).status()));
   }
 }
 

@@ -1,5 +1,6 @@
 // taskworker: runs tasks for a master. Flags → WorkerOptions → Start → drain on SIGTERM/SIGINT
 // (a second signal leaves at once).
+#include <csignal>
 #include <cstdlib>
 #include <thread>
 
@@ -12,7 +13,7 @@
 #include "worker/worker.h"
 
 int main(int argc, char** argv) {
-  taskmaster::BlockTerminationSignals();
+  taskmaster::BlockDaemonSignals();
   // Debian's absl checks every lock for deadlock cycles; the tests keep that, daemons skip it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   taskmaster::WorkerOptions o;
@@ -87,11 +88,14 @@ int main(int argc, char** argv) {
   auto worker = taskmaster::Worker::Start(o, &registry);
   if (!worker.ok()) return fail(worker.status());
 
-  while (taskmaster::WaitForTermination(std::chrono::seconds(3600)) == 0) {
+  // SIGHUP (a closed terminal, a reload sent to every daemon) leaves a worker running: it has
+  // nothing to re-read.
+  auto stop = [](int sig) { return sig == SIGINT || sig == SIGTERM; };
+  while (!stop(taskmaster::WaitForSignal(std::chrono::seconds(3600)))) {
   }
   std::thread drain([&] { (*worker)->Drain(); });
   while (!(*worker)->Stopped()) {
-    if (taskmaster::WaitForTermination(std::chrono::milliseconds(100)) != 0) (*worker)->Abort();
+    if (stop(taskmaster::WaitForSignal(std::chrono::milliseconds(100)))) (*worker)->Abort();
   }
   drain.join();
   return 0;
