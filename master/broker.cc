@@ -41,6 +41,8 @@ namespace {
 
 constexpr char kDefaultQueue[] = "default";
 constexpr size_t kMaxIdempotencyKey = 256;
+constexpr int64_t kMaxDelayMs = 366LL * 24 * 3600 * 1000;
+constexpr int64_t kMaxTimeoutMs = 30LL * 24 * 3600 * 1000;
 constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
@@ -601,8 +603,15 @@ class Broker::Impl {
           "payload of ", s.payload.size(), " bytes", s.labels.empty() ? "" : " with its labels",
           " exceeds the limit of ", options_.max_payload_bytes));
     }
-    if (s.delay_ms < 0) return absl::InvalidArgumentError("delay is negative");
-    if (s.timeout_ms < 0) return absl::InvalidArgumentError("timeout is negative");
+    // Upper bounds keep every time computed from them (now + delay, lease + timeout) in range.
+    if (s.delay_ms < 0 || s.delay_ms > kMaxDelayMs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("delay must be between 0 and ", kMaxDelayMs, " ms (a year)"));
+    }
+    if (s.timeout_ms < 0 || s.timeout_ms > kMaxTimeoutMs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("timeout must be between 0 and ", kMaxTimeoutMs, " ms (30 days)"));
+    }
     if (s.max_attempts < 0 || s.max_attempts > kMaxAttemptsLimit) {
       return absl::InvalidArgumentError(
           absl::StrCat("max attempts must be between 1 and ", kMaxAttemptsLimit));
