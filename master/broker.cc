@@ -178,8 +178,8 @@ struct Worker {
   std::string id;
   std::string name;
   std::string host;
-  std::vector<std::string> kinds;
-  std::vector<std::string> queues;
+  std::vector<std::string> kinds;   // sorted
+  std::vector<std::string> queues;  // sorted
   Labels labels;
   int32_t slots = 1;
   int32_t credits = 0;
@@ -200,8 +200,16 @@ struct Worker {
   bool dirty = false;
 };
 
+// `v` sorted: a worker's kinds and queues, up to kMaxNames each, are looked up for every task
+// class at attach and for every worker when a class appears, under the broker's lock.
 bool Contains(const std::vector<std::string>& v, const std::string& s) {
-  return std::find(v.begin(), v.end(), s) != v.end();
+  return std::binary_search(v.begin(), v.end(), s);
+}
+
+std::vector<std::string> SortedUnique(std::vector<std::string> v) {
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
 }
 
 bool CanRun(const Worker& w, const TaskClass& c) {
@@ -1618,8 +1626,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
     // Shown in logs, in `taskctl workers` and on every task it ran: printable from here on.
     w.name = Printable(hello.name.empty() ? hello.worker_id : hello.name);
     w.host = Printable(hello.host);
-    w.kinds = std::move(hello.kinds);
-    w.queues = std::move(hello.queues);
+    w.kinds = SortedUnique(std::move(hello.kinds));
+    w.queues = SortedUnique(std::move(hello.queues));
     w.labels = std::move(hello.labels);
     w.slots = hello.slots;
     w.credits = 0;
