@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: builds in Release, then, RUNS times over, measures the seed's design
-# (shared/peers/seed-manager) and taskmaster side by side on loopback, and prints the medians,
-# the ratios and the targets; bench/results.json gets every figure.
+# (shared/peers/seed-manager) and taskmaster side by side on loopback, on the same tasks, and
+# prints the medians, the ratios and the targets; bench/results.json gets every figure. Every
+# measurement starts a fresh master.
 #
 #   bench/run.sh [--runs N] [--out FILE] [--tasks N]
 #
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-runs=3
+runs=5
 out=bench/results.json
 tasks=200000
 while [ $# -gt 0 ]; do
@@ -71,8 +72,24 @@ start_worker() {
     2>>"$work/worker.log" &
   worker_pid=$!
   pids+=("$worker_pid")
-  # Connected once the master lists it.
-  sleep 0.3
+  # Connected once the master lists it (bounded: 10 s).
+  for _ in $(seq 200); do
+    "$bin/client/taskctl" --master "$addr" workers 2>/dev/null | grep -q bench-worker && return
+    sleep 0.05
+  done
+  echo "the worker did not connect" >&2
+  exit 1
+}
+
+# One measurement on a fresh master (store, flags...) with one worker: measure KIND RUN TB-ARGS...
+measure() {
+  local kind=$1 run=$2; shift 2
+  start_master "$work/data-$kind-$run" --sync full "${store_flags[@]}"
+  start_worker
+  record "$kind" "$run" "$(tb "$@")"
+  stop "$worker_pid"
+  stop "$master_pid"
+  rm -rf "$work/data-$kind-$run"
 }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -90,21 +107,21 @@ print('\n'.join(str(r.randint(0, 10000)) for _ in range($tasks)))" >"$work/numbe
 for run in $(seq "$runs"); do
   echo "run $run of $runs ..." >&2
   if [ -x "$seed_peer/run.sh" ]; then
-    line=$(timeout 600 "$seed_peer/run.sh" -n 20000 | grep '^{')
+    # The same tasks as taskmaster's throughput runs, put one by one (the seed's way).
+    line=$(timeout 900 "$seed_peer/run.sh" -n "$tasks" | grep '^{')
     record seed "$run" "$line"
   fi
 
   record "commit-mark" "$run" "$("$bin/bench/commit_mark")"
 
   for store in memory sqlite; do
-    data=$work/data-$store-$run
-    start_master "$data" --store "$store" --sync full
-    start_worker
-    record "throughput-$store" "$run" "$(tb throughput --numbers "$work/numbers")"
-    record "latency-$store" "$run" "$(tb latency --numbers "$work/numbers" --count 1000 --warmup 50)"
-    stop "$worker_pid"
-    stop "$master_pid"
+    store_flags=(--store "$store")
+    measure "throughput-$store" "$run" throughput --numbers "$work/numbers"
+    measure "latency-$store" "$run" latency --numbers "$work/numbers" --count 1000 --warmup 50
   done
+  # One task per Submit call, as the seed puts them: the same tasks, no batching.
+  store_flags=(--store memory)
+  measure "throughput-memory-one-per-call" "$run" throughput --numbers "$work/numbers" --batch 1
 
   # 1,000 simulated worker streams beside the worker: first attached and idle (connected,
   # heartbeating, asking for no task), then working (2 slots, 64 credits each, running square).

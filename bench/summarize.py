@@ -33,6 +33,7 @@ def main():
         "seed_p99_us": median("seed", "p99_us"),
         "memory_tasks_per_s": median("throughput-memory", "tasks_per_s"),
         "durable_tasks_per_s": median("throughput-sqlite", "tasks_per_s"),
+        "one_per_call_tasks_per_s": median("throughput-memory-one-per-call", "tasks_per_s"),
         "memory_p50_us": median("latency-memory", "p50_us"),
         "memory_p99_us": median("latency-memory", "p99_us"),
         "durable_p50_us": median("latency-sqlite", "p50_us"),
@@ -49,6 +50,8 @@ def main():
     ratios = {
         "memory_vs_seed": ratio_median("throughput-memory", "tasks_per_s", "seed", "tasks_per_s"),
         "durable_vs_seed": ratio_median("throughput-sqlite", "tasks_per_s", "seed", "tasks_per_s"),
+        "one_per_call_vs_seed": ratio_median("throughput-memory-one-per-call", "tasks_per_s",
+                                             "seed", "tasks_per_s"),
         "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
         "idle_streams_vs_one_worker": ratio_median("throughput-1000-idle-streams", "tasks_per_s",
                                                    "throughput-one-worker", "tasks_per_s"),
@@ -99,6 +102,9 @@ def main():
           f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['memory_vs_seed']):>8}x")
     print(f"{'throughput, durable (tasks/s)':34}{fmt(figures['durable_tasks_per_s'], 0):>14}"
           f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['durable_vs_seed']):>8}x")
+    print(f"{'throughput, one task per call':34}"
+          f"{fmt(figures['one_per_call_tasks_per_s'], 0):>14}"
+          f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['one_per_call_vs_seed']):>8}x")
     print(f"{'latency p50, memory (us)':34}{fmt(figures['memory_p50_us']):>14}"
           f"{fmt(figures['seed_p50_us']):>12}{fmt(ratios['memory_p50_vs_seed'], 2):>8}x")
     print(f"{'latency p99, memory (us)':34}{fmt(figures['memory_p99_us']):>14}"
