@@ -40,6 +40,10 @@ namespace {
 
 constexpr char kDefaultQueue[] = "default";
 constexpr size_t kMaxIdempotencyKey = 256;
+// The longest delay or execution timeout: a century, past any real use and far from overflowing
+// what is computed from it (not-before times in int64 milliseconds here, deadlines in int64
+// nanoseconds in workers, which end 292 years out).
+constexpr int64_t kMaxDurationMs = int64_t{100} * 365 * 24 * 3600 * 1000;
 constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
@@ -519,8 +523,14 @@ class Broker::Impl {
           "payload of ", s.payload.size(), " bytes", s.labels.empty() ? "" : " with its labels",
           " exceeds the limit of ", options_.max_payload_bytes));
     }
-    if (s.delay_ms < 0) return absl::InvalidArgumentError("delay is negative");
-    if (s.timeout_ms < 0) return absl::InvalidArgumentError("timeout is negative");
+    for (const auto& [what, ms] :
+         {std::pair<const char*, int64_t>{"delay", s.delay_ms}, {"timeout", s.timeout_ms}}) {
+      if (ms < 0) return absl::InvalidArgumentError(absl::StrCat(what, " is negative"));
+      if (ms > kMaxDurationMs) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, " of ", ms, " ms is over 100 years (", kMaxDurationMs, " ms)"));
+      }
+    }
     if (s.max_attempts < 0 || s.max_attempts > kMaxAttemptsLimit) {
       return absl::InvalidArgumentError(
           absl::StrCat("max attempts must be between 1 and ", kMaxAttemptsLimit));
