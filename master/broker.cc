@@ -41,8 +41,10 @@ namespace {
 
 constexpr char kDefaultQueue[] = "default";
 constexpr size_t kMaxIdempotencyKey = 256;
-constexpr int64_t kMaxDelayMs = 366LL * 24 * 3600 * 1000;
-constexpr int64_t kMaxTimeoutMs = 30LL * 24 * 3600 * 1000;
+// The longest delay or execution timeout: a century, past any real use and far from overflowing
+// what is computed from it (not-before times in int64 milliseconds here, deadlines in int64
+// nanoseconds in workers, which end 292 years out).
+constexpr int64_t kMaxDurationMs = int64_t{100} * 365 * 24 * 3600 * 1000;
 constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
@@ -611,14 +613,13 @@ class Broker::Impl {
           "payload of ", s.payload.size(), " bytes", s.labels.empty() ? "" : " with its labels",
           " exceeds the limit of ", options_.max_payload_bytes));
     }
-    // Upper bounds keep every time computed from them (now + delay, lease + timeout) in range.
-    if (s.delay_ms < 0 || s.delay_ms > kMaxDelayMs) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("delay must be between 0 and ", kMaxDelayMs, " ms (a year)"));
-    }
-    if (s.timeout_ms < 0 || s.timeout_ms > kMaxTimeoutMs) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("timeout must be between 0 and ", kMaxTimeoutMs, " ms (30 days)"));
+    for (const auto& [what, ms] :
+         {std::pair<const char*, int64_t>{"delay", s.delay_ms}, {"timeout", s.timeout_ms}}) {
+      if (ms < 0) return absl::InvalidArgumentError(absl::StrCat(what, " is negative"));
+      if (ms > kMaxDurationMs) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, " of ", ms, " ms is over 100 years (", kMaxDurationMs, " ms)"));
+      }
     }
     if (s.max_attempts < 0 || s.max_attempts > kMaxAttemptsLimit) {
       return absl::InvalidArgumentError(

@@ -47,6 +47,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-message-bytes", o.max_message_bytes, "largest gRPC message either way")
       ->capture_default_str();
+  app.add_option("--handshake-timeout-ms", o.handshake_timeout_ms,
+                 "close a connection that has not finished its TLS/HTTP2 handshake by then")
+      ->capture_default_str();
   app.add_option("--max-worker-buffer-bytes", o.max_worker_buffer_bytes,
                  "tasks waiting for a worker that does not read its stream, in bytes, before "
                  "the stream is cut")

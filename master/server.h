@@ -25,6 +25,9 @@ struct MasterOptions {
   // certificate it signed (mutual TLS). Re-read by Reload.
   TlsFiles tls;
   int max_message_bytes = 64 << 20;
+  // A connection that has not finished its TLS and HTTP/2 handshake by then is closed: anyone who
+  // can reach the port could otherwise hold a descriptor each for gRPC's default, 120 s.
+  int64_t handshake_timeout_ms = 20'000;
   // What may wait for a worker that does not read its stream before the stream is cut.
   int64_t max_worker_buffer_bytes = 256 << 20;
   // WatchJob and SubmitAndWatch streams one token may hold open at once.

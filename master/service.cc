@@ -296,10 +296,15 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      // The worker closed its side, or the connection broke.
+      // The worker closed its side, the connection broke, or a message could not be parsed:
+      // gRPC does not say which. A stream that ends before its hello was read is refused.
       if (attached_) broker_->Detach(handle_, bye_);
       absl::MutexLock lock(&mu_);
-      FinishLocked(grpc::Status::OK);
+      FinishLocked(attached_ ? grpc::Status::OK
+                             : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                            "the stream ended before a hello could be read (a "
+                                            "hello with a text field that is not UTF-8 cannot "
+                                            "be parsed)"));
       return;
     }
     if (!attached_) {

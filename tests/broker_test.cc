@@ -624,6 +624,24 @@ TEST_F(BrokerTest, BadInputIsRejectedWithAReason) {
   EXPECT_EQ(code(extremes), absl::StatusCode::kOk);
 }
 
+// Delays and timeouts end within a century: later ones would overflow the time arithmetic (a
+// delay of INT64_MAX ms ran at once).
+TEST_F(BrokerTest, DelaysAndTimeoutsAreBounded) {
+  auto code = [&](TaskSpec s) { return Submit({s}).status().code(); };
+  constexpr int64_t kCentury = int64_t{100} * 365 * 24 * 3600 * 1000;
+  TaskSpec forever = Spec("echo", "x");
+  forever.delay_ms = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
+  forever.delay_ms = 0;
+  forever.timeout_ms = kCentury + 1;
+  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
+  TaskSpec century = Spec("echo", "x");
+  century.delay_ms = century.timeout_ms = kCentury;
+  auto accepted = Submit({century});
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  EXPECT_EQ(broker_->GetTask(kClient, accepted->task_ids[0])->state, TaskState::kDelayed);
+}
+
 TEST_F(BrokerTest, FullQueueIsResourceExhausted) {
   ASSERT_TRUE(Submit(std::vector<TaskSpec>(50, Spec("echo", "x"))).ok());
   ASSERT_TRUE(Submit(std::vector<TaskSpec>(50, Spec("echo", "x"))).ok());

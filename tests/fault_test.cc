@@ -25,8 +25,6 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-std::string Square(int64_t n) { return absl::StrCat(n, "*", n, "=", n * n); }
-
 struct Figures {
   int64_t acknowledged = 0;
   int64_t recorded = 0;

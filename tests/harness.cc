@@ -14,6 +14,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
+
 extern char** environ;
 
 namespace taskmaster::testing {
@@ -97,6 +99,13 @@ std::string Binary(const std::string& name) {
   if (name == "taskmaster") return TASKMASTER_BIN;
   if (name == "taskworker") return TASKWORKER_BIN;
   return TASKCTL_BIN;
+}
+
+std::string Square(int64_t n) { return absl::StrCat(n, "*", n, "=", n * n); }
+
+CommandResult MakeCertificates(const std::string& dir) {
+  return RunCommand(
+      {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh", "--days", "2", dir});
 }
 
 std::vector<std::string> FaultShimEnv(const std::string& clock_file,
@@ -232,9 +241,15 @@ bool Cluster::WaitForWorkers(size_t n, std::chrono::milliseconds timeout) {
       timeout);
 }
 
+ChannelOptions Cluster::channel() const {
+  ChannelOptions options = tls_;
+  options.address = address();
+  return options;
+}
+
 std::unique_ptr<Client> Cluster::NewClient(const std::string& token) const {
   ClientOptions options;
-  options.master.address = address();
+  options.master = channel();
   options.token = token;
   options.rpc_timeout = std::chrono::seconds(20);
   options.reconnect_timeout = std::chrono::seconds(30);

@@ -70,6 +70,13 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
                          std::chrono::milliseconds timeout = std::chrono::seconds(60),
                          const std::vector<std::string>& env = {});
 
+// "n*n=r", what the built-in `square` handler answers for payload n.
+std::string Square(int64_t n);
+
+// deploy/make-certs.sh into `dir`: a CA, a server certificate for loopback, worker and client
+// certificates (ca.pem, server.pem/.key, worker.pem/.key, client.pem/.key).
+CommandResult MakeCertificates(const std::string& dir);
+
 // The fault shim (tests/fault_shim.cc), preloaded into a child by these environment entries:
 // CLOCK_REALTIME is shifted by the seconds written in `clock_file`, and fsync and fdatasync fail
 // with EIO while `fsync_fail_file` exists.
@@ -98,6 +105,10 @@ class Cluster {
   void KillMaster(int sig);
   int port() const { return port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  // The TLS settings (the tls_* fields) of the cluster's clients from now on.
+  void SetClientTls(const ChannelOptions& tls) { tls_ = tls; }
+  // How a client reaches the master: its address, with the clients' TLS settings.
+  ChannelOptions channel() const;
 
   // Starts a worker with the work token and the given extra flags.
   Process& StartWorker(const std::string& name, std::vector<std::string> flags = {});
@@ -106,7 +117,7 @@ class Cluster {
   // Waits until the master lists `n` connected workers.
   bool WaitForWorkers(size_t n, std::chrono::milliseconds timeout = std::chrono::seconds(20));
 
-  // A client with the submit token.
+  // A client with the submit token (over TLS when SetClientTls said so).
   std::unique_ptr<Client> NewClient(const std::string& token = kSubmitToken) const;
 
   // taskctl with --master and the submit token file.
@@ -118,6 +129,7 @@ class Cluster {
   TempDir dir_;
   std::vector<std::string> master_flags_;
   std::vector<std::string> env_;
+  ChannelOptions tls_;
   int port_ = 0;
   int master_starts_ = 0;
   std::unique_ptr<Process> master_;

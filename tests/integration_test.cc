@@ -46,8 +46,6 @@ std::map<uint64_t, v1::TaskInfo> Collect(const Client& client, const std::string
   return results;
 }
 
-std::string Square(int64_t n) { return absl::StrCat(n, "*", n, "=", n * n); }
-
 TEST(Integration, SeedScenarioThroughTaskctl) {
   Cluster cluster;
   cluster.StartMaster();
@@ -583,18 +581,11 @@ TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
   ASSERT_TRUE(cluster.WaitForWorkers(1));
 }
 
-// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
-// The quick-start certificates of deploy/make-certs.sh, which this also tests.
-void MakeCertificates(const TempDir& dir) {
-  CommandResult r = RunCommand(
-      {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh", "--days", "2", dir.path()});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-}
-
+// With the quick-start certificates of deploy/make-certs.sh, which this also tests.
 TEST(Integration, MutualTlsWithTokens) {
   TempDir certs;
-  MakeCertificates(certs);
-  if (::testing::Test::HasFatalFailure()) return;
+  CommandResult made = MakeCertificates(certs.path());
+  ASSERT_EQ(made.exit_code, 0) << made.err;
   Cluster cluster({"--tls-cert", certs.File("server.pem"), "--tls-key", certs.File("server.key"),
                    "--tls-client-ca", certs.File("ca.pem")});
   cluster.StartMaster();

@@ -156,10 +156,10 @@ TEST(Security, SighupReloadsTokensWithoutDroppingConnections) {
   EXPECT_TRUE(cluster.master().Running());
 }
 
-void MakeCertificates(const TempDir& dir, const std::string& days = "2") {
-  CommandResult r = RunCommand(
-      {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh", "--days", days, dir.path()});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
+// The harness's certificates, valid for two days.
+void MakeCerts(const TempDir& dir) {
+  CommandResult made = MakeCertificates(dir.path());
+  ASSERT_EQ(made.exit_code, 0) << made.err;
 }
 
 // The exit code and stderr of a master started with `flags` and `env` (it is expected to refuse).
@@ -172,7 +172,7 @@ CommandResult StartRefused(const Cluster& cluster, const std::vector<std::string
 
 TEST(Security, BadCertificatesAreRefusedAtStart) {
   TempDir certs;
-  MakeCertificates(certs);
+  MakeCerts(certs);
   if (::testing::Test::HasFatalFailure()) return;
   Cluster cluster;
   const std::vector<std::string> tls = {"--tls-cert", certs.File("server.pem"), "--tls-key",
@@ -201,8 +201,8 @@ TEST(Security, BadCertificatesAreRefusedAtStart) {
 
 TEST(Security, SighupReloadsTheCertificateWithoutDroppingConnections) {
   TempDir first, second, live;
-  MakeCertificates(first);
-  MakeCertificates(second);
+  MakeCerts(first);
+  MakeCerts(second);
   if (::testing::Test::HasFatalFailure()) return;
   // The master reads its certificate from `live`, where the test swaps files.
   WriteFile(live.File("server.pem"), ReadFile(first.File("server.pem")));
