@@ -47,8 +47,9 @@ constexpr size_t kMaxIdempotencyKey = 256;
 constexpr int64_t kMaxDurationMs = int64_t{100} * 365 * 24 * 3600 * 1000;
 constexpr int32_t kMaxAttemptsLimit = 100;
 constexpr int32_t kMaxSlots = 100'000;
-// Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
-constexpr size_t kMaxHeld = 1'000'000;
+// Tasks a worker may hold (leases and credits together, see Grant), and so may say it holds when
+// it reconnects: each claim costs the master about 185 bytes while the hello is handled.
+constexpr size_t kMaxHeld = kMaxSlots;
 // A worker's kinds and queues, each.
 constexpr size_t kMaxNames = 1'000;
 // Labels of a task or a worker: how many, and how long a value.
@@ -1194,11 +1195,12 @@ class Broker::Impl {
   }
 
   void Grant(Worker& w, int32_t credits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    // Never more outstanding credit than a worker could plausibly use.
-    // In 64 bits: a peer's count must not overflow ours.
+    // Never more tasks out with a worker than it could plausibly run or queue, however many
+    // credits it sends while holding its leases. In 64 bits: a peer's count must not overflow ours.
     if (credits > 0) {
-      w.credits =
-          static_cast<int32_t>(std::min<int64_t>(int64_t{w.credits} + credits, int64_t{kMaxSlots}));
+      const int64_t room = static_cast<int64_t>(kMaxHeld) - static_cast<int64_t>(w.leases.size());
+      w.credits = static_cast<int32_t>(
+          std::max<int64_t>(0, std::min<int64_t>(int64_t{w.credits} + credits, room)));
     }
   }
 
