@@ -41,6 +41,9 @@ namespace {
 constexpr char kDefaultQueue[] = "default";
 constexpr size_t kMaxIdempotencyKey = 256;
 constexpr int32_t kMaxAttemptsLimit = 100;
+// Delays and execution timeouts: ten years is beyond any real use, and keeps the master's times
+// (now + delay) and a worker's deadline (nanoseconds on its steady clock) far from overflowing.
+constexpr int64_t kMaxDurationMs = int64_t{10} * 365 * 24 * 3600 * 1000;
 constexpr int32_t kMaxSlots = 100'000;
 // Tasks a reconnecting worker may say it holds: running, queued, or with results on the way.
 constexpr size_t kMaxHeld = 1'000'000;
@@ -521,6 +524,10 @@ class Broker::Impl {
     }
     if (s.delay_ms < 0) return absl::InvalidArgumentError("delay is negative");
     if (s.timeout_ms < 0) return absl::InvalidArgumentError("timeout is negative");
+    if (s.delay_ms > kMaxDurationMs || s.timeout_ms > kMaxDurationMs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("delay and timeout are at most ten years (", kMaxDurationMs, " ms)"));
+    }
     if (s.max_attempts < 0 || s.max_attempts > kMaxAttemptsLimit) {
       return absl::InvalidArgumentError(
           absl::StrCat("max attempts must be between 1 and ", kMaxAttemptsLimit));

@@ -519,6 +519,12 @@ TEST_F(BrokerTest, BadInputIsRejectedWithAReason) {
   TaskSpec negative = Spec("echo", "x");
   negative.timeout_ms = -1;
   EXPECT_EQ(code(negative), absl::StatusCode::kInvalidArgument);
+  TaskSpec forever = Spec("echo", "x");  // now + delay would overflow
+  forever.delay_ms = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
+  forever.delay_ms = 0;
+  forever.timeout_ms = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
   TaskSpec attempts = Spec("echo", "x");
   attempts.max_attempts = 1000;
   EXPECT_EQ(code(attempts), absl::StatusCode::kInvalidArgument);
