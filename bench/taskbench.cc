@@ -110,7 +110,8 @@ int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t
   // Check every output against n*n (outside the timed part).
   size_t wrong = 0;
   for (const auto& [job_id, first] : firsts) {
-    absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    // `first` by copy: clang 14 cannot capture a structured binding.
+    absl::Status status = client.WatchJob(job_id, [&, first = first](const v1::JobEvent& event) {
       for (const v1::TaskInfo& t : event.results()) {
         const size_t index = first.second + (t.id() - first.first);
         if (index >= numbers.size() || t.output() != Square(numbers[index])) ++wrong;

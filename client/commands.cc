@@ -125,12 +125,14 @@ absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
   if (unit == "s" || unit.empty()) scale = 1000;
   if (unit == "m") scale = 60'000;
   if (unit == "h") scale = 3'600'000;
+  // Beyond 2^63 ms (and for infinities and NaN), llround's result is unspecified.
+  const double ms = value * scale;
   if (number.empty() || ec != std::errc() || end != number.data() + number.size() || scale == 0 ||
-      value < 0 || !std::isfinite(value)) {
+      value < 0 || !(ms < 0x1p63)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "'", text, "' is not a duration (a number with ms, s, m or h; seconds by default)"));
   }
-  return static_cast<int64_t>(std::llround(value * scale));
+  return static_cast<int64_t>(std::llround(ms));
 }
 
 int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console) {

@@ -5,26 +5,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_util.h"
+#include "master/translate.h"
 
 namespace taskmaster {
 namespace {
 
 // Results per JobEvent: bounds the size of one write while a big job catches up.
 constexpr size_t kMaxResultsPerEvent = 1000;
-
-TaskSpec FromProto(v1::TaskSpec& p) {
-  TaskSpec s;
-  s.queue = std::move(*p.mutable_queue());
-  s.kind = std::move(*p.mutable_kind());
-  s.payload = std::move(*p.mutable_payload());
-  s.priority = p.priority();
-  s.delay_ms = p.delay_ms();
-  s.timeout_ms = p.timeout_ms();
-  s.max_attempts = p.max_attempts();
-  s.idempotency_key = std::move(*p.mutable_idempotency_key());
-  s.labels = Labels(p.labels().begin(), p.labels().end());
-  return s;
-}
 
 v1::TaskState ToProto(TaskState s) {
   switch (s) {
@@ -86,34 +73,6 @@ void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
   p->set_connected(v.connected);
   p->set_draining(v.draining);
   p->set_connected_ms(v.connected_ms);
-}
-
-WorkerHello FromProto(v1::Hello& p) {
-  WorkerHello h;
-  h.worker_id = std::move(*p.mutable_worker_id());
-  h.name = std::move(*p.mutable_name());
-  h.host = std::move(*p.mutable_host());
-  h.kinds.assign(p.kinds().begin(), p.kinds().end());
-  h.queues.assign(p.queues().begin(), p.queues().end());
-  h.labels = Labels(p.labels().begin(), p.labels().end());
-  h.slots = p.slots();
-  for (const auto& ref : p.held()) h.held.push_back({ref.task_id(), ref.attempt()});
-  h.master_epoch = std::move(*p.mutable_master_epoch());
-  h.secret = std::move(*p.mutable_worker_secret());
-  return h;
-}
-
-Outcome FromProto(v1::TaskResult::Outcome o) {
-  switch (o) {
-    case v1::TaskResult::SUCCEEDED:
-      return Outcome::kSucceeded;
-    case v1::TaskResult::CANCELLED:
-      return Outcome::kCancelled;
-    case v1::TaskResult::RETURNED:
-      return Outcome::kReturned;
-    default:
-      return Outcome::kFailed;
-  }
 }
 
 void AddRefs(const std::vector<TaskRef>& refs,
@@ -364,25 +323,11 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
   };
 
   void Handle(v1::WorkerMessage& m) {
-    if (m.results_size() > 0) {
-      std::vector<TaskReport> reports;
-      reports.reserve(m.results_size());
-      for (v1::TaskResult& r : *m.mutable_results()) {
-        reports.push_back({r.task_id(), r.attempt(), FromProto(r.outcome()),
-                           std::move(*r.mutable_output()), std::move(*r.mutable_error()),
-                           r.permanent()});
-      }
-      // The credits ride along: one pass through the broker, one message back.
-      broker_->Report(handle_, std::move(reports), m.draining() ? 0 : m.credits());
-    } else if (m.credits() > 0 && !m.draining()) {
-      broker_->AddCredits(handle_, m.credits());
-    }
-    if (m.heartbeat() && broker_->Heartbeat(handle_) && m.heartbeat_at() > 0) {
+    if (const int64_t echo_at = ApplyWorkerMessage(*broker_, handle_, m); echo_at > 0) {
       WorkerOutbound echo;
-      echo.heartbeat_echo = m.heartbeat_at();
+      echo.heartbeat_echo = echo_at;
       Enqueue(std::move(echo));
     }
-    if (m.draining()) broker_->Drain(handle_);
     if (m.bye()) bye_ = true;
   }
 
@@ -488,16 +433,6 @@ grpc::ServerWriteReactor<v1::JobEvent>* Refuse(const grpc::Status& status) {
     void OnDone() override { delete this; }
   };
   return new Refused(status);
-}
-
-// The request is the call's until it finishes: move the payloads out instead of copying them.
-std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
-  std::vector<TaskSpec> specs;
-  specs.reserve(request->tasks_size());
-  for (v1::TaskSpec& p : *const_cast<v1::SubmitRequest*>(request)->mutable_tasks()) {
-    specs.push_back(FromProto(p));
-  }
-  return specs;
 }
 
 }  // namespace

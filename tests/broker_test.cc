@@ -606,22 +606,12 @@ TEST_F(BrokerTest, BadInputIsRejectedWithAReason) {
   TaskSpec attempts = Spec("echo", "x");
   attempts.max_attempts = 1000;
   EXPECT_EQ(code(attempts), absl::StatusCode::kInvalidArgument);
-  // Times computed from these (now + delay, a lease's end) must not overflow.
-  TaskSpec forever = Spec("echo", "x");
-  forever.delay_ms = std::numeric_limits<int64_t>::max();
-  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
-  forever.delay_ms = 0;
-  forever.timeout_ms = std::numeric_limits<int64_t>::max();
-  EXPECT_EQ(code(forever), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Submit({}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Submit(std::vector<TaskSpec>(51, Spec("echo", "x"))).status().code(),
             absl::StatusCode::kInvalidArgument);
   const absl::Status status = Submit({Spec("echo", "ok"), Spec("", "x")}).status();
   EXPECT_NE(std::string(status.message()).find("task 1: kind is empty"), std::string::npos);
   EXPECT_TRUE(broker_->QueueStats().empty());  // nothing of a rejected batch was kept
-  TaskSpec extremes = Spec("echo", "x", std::numeric_limits<int32_t>::min());
-  extremes.delay_ms = 366LL * 24 * 3600 * 1000;
-  EXPECT_EQ(code(extremes), absl::StatusCode::kOk);
 }
 
 // Delays and timeouts end within a century: later ones would overflow the time arithmetic (a

@@ -136,6 +136,8 @@ TEST(Durations, Parse) {
   EXPECT_FALSE(ParseDurationMs("-1s").ok());
   EXPECT_FALSE(ParseDurationMs("soon").ok());
   EXPECT_FALSE(ParseDurationMs("5x").ok());
+  EXPECT_FALSE(ParseDurationMs("222222222222222222222").ok());  // over 2^63 ms
+  EXPECT_FALSE(ParseDurationMs("inf").ok());
 }
 
 class HandlersTest : public ::testing::Test {

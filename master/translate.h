@@ -1,0 +1,29 @@
+#pragma once
+
+// The services' requests in broker terms: what a client's submit and a worker's stream messages
+// become. Kept apart from the gRPC plumbing so the fuzz targets (tests/fuzz) drive the broker
+// exactly as the services do.
+
+#include <cstdint>
+#include <vector>
+
+#include "master/broker.h"
+#include "master/task.h"
+#include "taskmaster/v1/taskmaster.pb.h"
+
+namespace taskmaster {
+
+// Moves the strings out of `p` instead of copying them: payloads can be large.
+TaskSpec FromProto(v1::TaskSpec& p);
+WorkerHello FromProto(v1::Hello& p);
+
+// The request is the call's until it finishes: move the payloads out instead of copying them.
+std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request);
+
+// Applies one message of an attached worker's stream to the broker: its results with the credits
+// that ride along (or the credits alone), its heartbeat, its drain. Returns the heartbeat time to
+// echo back to the worker, 0 for none. `bye` is the stream's to remember.
+int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
+                           v1::WorkerMessage& m);
+
+}  // namespace taskmaster
