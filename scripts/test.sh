@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds, and runs every test through ctest.
+# Installs what is missing, builds, and runs every test through ctest; then the unit, store and
+# integration tests again under UBSan (scripts/ubsan.sh), and each fuzz target for FUZZ_SECONDS
+# (scripts/fuzz.sh). FAST=1 in the environment, or --fast, skips those two for day-to-day work;
+# other arguments go to the main ctest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=${FAST:-0}
+ctest_args=()
+for arg in "$@"; do
+  if [ "$arg" = --fast ]; then fast=1; else ctest_args+=("$arg"); fi
+done
 ./scripts/deps.sh
 ./scripts/build.sh
-cd "${BUILD_DIR:-build}"
-ctest --output-on-failure --timeout 300 -j"$(nproc)" "$@"
+(cd "${BUILD_DIR:-build}" && ctest --output-on-failure --timeout 300 -j"$(nproc)" "${ctest_args[@]}")
+if [ "$fast" = 1 ]; then exit 0; fi
+./scripts/ubsan.sh
+./scripts/fuzz.sh
