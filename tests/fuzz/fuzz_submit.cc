@@ -29,6 +29,10 @@
 namespace taskmaster::fuzz {
 namespace {
 
+// Clients of two tenants: the work is the owner's, and never the stranger's to see.
+const Caller kOwner{"owner"};
+const Caller kStranger{"stranger"};
+
 BrokerOptions Options() {
   BrokerOptions o;
   // Small limits, so that inputs reach every one of them.
@@ -46,7 +50,7 @@ constexpr int64_t kMaxStepMs = 24 * 3600 * 1000;
 absl::StatusOr<SubmitOutcome> SubmitCopy(Broker& broker, const v1::SubmitRequest& request) {
   v1::SubmitRequest copy = request;  // TakeSpecs moves the strings out of what it is given
   std::optional<absl::StatusOr<SubmitOutcome>> answer;
-  broker.Submit(TakeSpecs(&copy),
+  broker.Submit(kOwner, TakeSpecs(&copy),
                 [&answer](absl::StatusOr<SubmitOutcome> outcome) { answer = std::move(outcome); });
   FUZZ_CHECK(answer.has_value());  // the memory store answers at once
   return *std::move(answer);
@@ -89,7 +93,7 @@ void CheckAccepted(const Broker& broker, const v1::SubmitRequest& request,
   for (int i = 0; i < request.tasks_size(); ++i) {
     const v1::TaskSpec& spec = request.tasks(i);
     const TaskId id = out.task_ids[i];
-    absl::StatusOr<TaskView> view = broker.GetTask(id);
+    absl::StatusOr<TaskView> view = broker.GetTask(kOwner, id);
     FUZZ_CHECK(view.ok());
     FUZZ_CHECK(view->payload == spec.payload());
     FUZZ_CHECK(view->kind == spec.kind());
@@ -99,7 +103,7 @@ void CheckAccepted(const Broker& broker, const v1::SubmitRequest& request,
       FUZZ_CHECK(by_key.emplace(spec.idempotency_key(), id).first->second == id);
     }
   }
-  absl::StatusOr<JobView> job = broker.GetJob(out.job_id);
+  absl::StatusOr<JobView> job = broker.GetJob(kOwner, out.job_id);
   FUZZ_CHECK(job.ok());
   CheckJob(*job);
   const std::set<TaskId> distinct(out.task_ids.begin(), out.task_ids.end());
@@ -114,7 +118,7 @@ void CheckLookup(const absl::StatusOr<T>& found) {
 
 void CheckReadJob(const Broker& broker, const std::string& job_id, int64_t after, size_t max,
                   size_t max_bytes) {
-  absl::StatusOr<JobEvents> events = broker.ReadJob(job_id, after, max, max_bytes);
+  absl::StatusOr<JobEvents> events = broker.ReadJob(kOwner, job_id, after, max, max_bytes);
   CheckLookup(events);
   if (!events.ok()) return;
   CheckJob(events->progress);
@@ -172,10 +176,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   // Ids from the request's own fields: small numbers hit real tasks, others hit none.
   for (const v1::TaskSpec& spec : request.tasks()) {
-    CheckLookup(broker.GetTask(static_cast<TaskId>(spec.priority())));
-    CheckLookup(broker.CancelTask(static_cast<TaskId>(spec.max_attempts())));
-    CheckLookup(broker.GetJob(spec.idempotency_key()));
-    CheckLookup(broker.CancelJob(spec.kind()));
+    CheckLookup(broker.GetTask(kOwner, static_cast<TaskId>(spec.priority())));
+    CheckLookup(broker.CancelTask(kOwner, static_cast<TaskId>(spec.max_attempts())));
+    CheckLookup(broker.GetJob(kOwner, spec.idempotency_key()));
+    CheckLookup(broker.CancelJob(kOwner, spec.kind()));
     CheckReadJob(broker, spec.queue(), 0, 10, 1 << 20);
     CheckReadJob(broker, first->job_id, spec.delay_ms(), static_cast<uint8_t>(spec.priority()),
                  static_cast<size_t>(spec.timeout_ms()));
@@ -191,18 +195,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   for (int i = 0; i < request.tasks_size(); ++i) {
     if (request.tasks(i).delay_ms() > passed) continue;
-    absl::StatusOr<TaskView> view = broker.GetTask(first->task_ids[i]);
+    absl::StatusOr<TaskView> view = broker.GetTask(kOwner, first->task_ids[i]);
     FUZZ_CHECK(view.ok());
+    FUZZ_CHECK(absl::IsNotFound(broker.GetTask(kStranger, first->task_ids[i]).status()));
     FUZZ_CHECK(view->state == TaskState::kPending || view->state == TaskState::kCancelled);
   }
 
   for (const std::string& job_id : jobs) {
-    FUZZ_CHECK(broker.CancelJob(job_id).ok());
-    absl::StatusOr<JobView> job = broker.GetJob(job_id);
+    FUZZ_CHECK(absl::IsNotFound(broker.GetJob(kStranger, job_id).status()));
+    FUZZ_CHECK(absl::IsNotFound(broker.CancelJob(kStranger, job_id).status()));
+    FUZZ_CHECK(broker.CancelJob(kOwner, job_id).ok());
+    absl::StatusOr<JobView> job = broker.GetJob(kOwner, job_id);
     FUZZ_CHECK(job.ok());
     CheckJob(*job);
     FUZZ_CHECK(job->done == job->total);
-    absl::StatusOr<JobEvents> all = broker.ReadJob(job_id, 0, 1000, 1 << 30);
+    absl::StatusOr<JobEvents> all = broker.ReadJob(kOwner, job_id, 0, 1000, 1 << 30);
     FUZZ_CHECK(all.ok());
     FUZZ_CHECK(static_cast<int64_t>(all->results.size()) == job->total);
   }
@@ -211,10 +218,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   clock.Advance(Options().result_retention_ms);
   broker.Tick();
   for (const std::string& job_id : jobs) {
-    FUZZ_CHECK(absl::IsNotFound(broker.GetJob(job_id).status()));
+    FUZZ_CHECK(absl::IsNotFound(broker.GetJob(kOwner, job_id).status()));
   }
   for (const TaskId id : first->task_ids) {
-    FUZZ_CHECK(absl::IsNotFound(broker.GetTask(id).status()));
+    FUZZ_CHECK(absl::IsNotFound(broker.GetTask(kOwner, id).status()));
   }
   return 0;
 }

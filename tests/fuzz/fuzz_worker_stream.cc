@@ -40,6 +40,9 @@
 namespace taskmaster::fuzz {
 namespace {
 
+// The client whose tasks the workers run.
+const Caller kOwner{"owner"};
+
 BrokerOptions Options() {
   BrokerOptions o;
   // Short times, so that a few clock steps expire leases, graces, backoffs and results.
@@ -157,7 +160,7 @@ class Harness {
       }
       shut_down_ = true;
     }
-    if (control & 0x40) broker_.CancelTask(argument).IgnoreError();
+    if (control & 0x40) broker_.CancelTask(kOwner, argument).IgnoreError();
     if (control & 0x20) SubmitBatch();
     clock_.Advance(kSteps[(control >> 1) & 7]);
     broker_.Tick();
@@ -177,7 +180,7 @@ class Harness {
 
  private:
   void SubmitBatch() {
-    broker_.Submit(Batch(), [this](absl::StatusOr<SubmitOutcome> outcome) {
+    broker_.Submit(kOwner, Batch(), [this](absl::StatusOr<SubmitOutcome> outcome) {
       if (!outcome.ok()) return;  // a full queue
       ids_.insert(outcome->task_ids.begin(), outcome->task_ids.end());
     });
@@ -209,7 +212,7 @@ class Harness {
     ApplyWorkerMessage(broker_, stream.handle, m);
     if (m.bye()) stream.bye = true;
     for (const auto& [id, candidates] : outputs) {
-      absl::StatusOr<TaskView> view = broker_.GetTask(id);
+      absl::StatusOr<TaskView> view = broker_.GetTask(kOwner, id);
       if (!view.ok() || view->state != TaskState::kSucceeded || finished_.contains(id)) continue;
       FUZZ_CHECK(candidates.contains(view->output));
     }
@@ -231,7 +234,7 @@ class Harness {
     FUZZ_CHECK(running >= leased);
     std::set<std::string> jobs;
     for (const TaskId id : ids_) {
-      absl::StatusOr<TaskView> view = broker_.GetTask(id);
+      absl::StatusOr<TaskView> view = broker_.GetTask(kOwner, id);
       if (!view.ok()) {
         FUZZ_CHECK(absl::IsNotFound(view.status()));  // past retention
         continue;
@@ -250,11 +253,11 @@ class Harness {
     // Both stores have every result on disk at once: a job's progress counts them all, and
     // following it from the start gives each of them.
     for (const std::string& job_id : jobs) {
-      absl::StatusOr<JobView> job = broker_.GetJob(job_id);
+      absl::StatusOr<JobView> job = broker_.GetJob(kOwner, job_id);
       FUZZ_CHECK(job.ok());
       FUZZ_CHECK(job->done >= 0 && job->done <= job->total);
       FUZZ_CHECK(job->succeeded + job->dead + job->cancelled == job->done);
-      absl::StatusOr<JobEvents> events = broker_.ReadJob(job_id, 0, 1'000, 1 << 30);
+      absl::StatusOr<JobEvents> events = broker_.ReadJob(kOwner, job_id, 0, 1'000, 1 << 30);
       FUZZ_CHECK(events.ok());
       FUZZ_CHECK(static_cast<int64_t>(events->results.size()) == job->done);
       for (const TaskView& v : events->results) FUZZ_CHECK(IsFinished(v.state) || v.kind.empty());

@@ -121,6 +121,9 @@ TOKENS = {
     "unknown_role": b"root root-token-0123456789\n\0Bearer  root-token-0123456789 ",
     "extra_field": b"submit submit-token-0123456789 tenant-a\n\0Basic abc",
     "crlf": b"work work-token-0123456789\r\n\0Bearer work-token-0123456789\r",
+    "tenants": b"submit acme-token-0123456789 acme\nsubmit acme-next-token-0123456789 acme\n"
+               b"admin admin-token-0123456789\nlimit acme max-pending=100 submit-rate=5\n"
+               b"limit beta submit-rate=0\n\0Bearer acme-next-token-0123456789",
 }
 
 TEXTS = {
