@@ -176,7 +176,14 @@ TEST(Fault, RestartKeepsDelayedRetryingAndCancelledTasks) {
   auto submitted = client->Submit(request);
   ASSERT_TRUE(submitted.ok()) << submitted.status();
   const uint64_t retry_id = submitted->task_ids(1);
-  ASSERT_TRUE(WaitFor([&] { return client->GetTask(retry_id)->attempts() == 1; }, seconds(10)));
+  // Its first attempt failed and it waits out its backoff (attempts count from the lease, so
+  // attempts == 1 alone may still be the running attempt).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto t = client->GetTask(retry_id);
+        return t.ok() && t->attempts() == 1 && t->state() == v1::DELAYED;
+      },
+      seconds(10)));
   ASSERT_EQ(*client->CancelTask(submitted->task_ids(3)), 1);
   std::vector<v1::TaskInfo> before;
   for (uint64_t id : submitted->task_ids()) before.push_back(*client->GetTask(id));
