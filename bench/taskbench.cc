@@ -186,7 +186,7 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
   SimulatedWorker(v1::WorkerService::Stub* stub, const std::string& token, int index, int slots,
                   int credits, std::atomic<int>* welcomed)
       : welcomed_(welcomed) {
-    if (!token.empty()) context_.AddMetadata("authorization", "Bearer " + token);
+    AddBearerToken(context_, token);
     stub->async()->Connect(&context_, this);
     v1::Hello* hello = first_.mutable_hello();
     hello->set_worker_id(absl::StrCat("sim-", index, "-", getpid()));

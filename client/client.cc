@@ -20,7 +20,7 @@ Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
     : options_(std::move(options)), stub_(v1::TaskQueue::NewStub(channel)) {}
 
 void Client::Prepare(grpc::ClientContext* context) const {
-  if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+  AddBearerToken(*context, options_.token);
   context->set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
 }
 
@@ -146,7 +146,7 @@ absl::StatusOr<std::string> Client::SubmitAndWatch(
     const std::function<void(const v1::JobEvent&)>& on_event) const {
   if (absl::Status s = CheckText(request); !s.ok()) return s;
   grpc::ClientContext context;
-  if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
+  AddBearerToken(context, options_.token);
   auto reader = stub_->SubmitAndWatch(&context, request);
   v1::JobEvent event;
   std::string job_id;
@@ -175,9 +175,7 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
   auto last_contact = std::chrono::steady_clock::now();
   while (true) {
     grpc::ClientContext context;
-    if (!options_.token.empty()) {
-      context.AddMetadata("authorization", "Bearer " + options_.token);
-    }
+    AddBearerToken(context, options_.token);
     v1::WatchJobRequest request;
     request.set_job_id(job_id);
     request.set_after(seen);

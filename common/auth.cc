@@ -82,9 +82,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(std::string_view text) {
       return error("token shorter than ", kMinTokenLength, " characters");
     }
     if (fields.size() == 3) {
-      if (!IsValidName(fields[2])) {
-        return error("tenant '", Printable(fields[2]), "' must match [A-Za-z0-9_.-]{1,64}");
-      }
+      if (absl::Status s = CheckName("tenant", fields[2]); !s.ok()) return error(s.message());
       identity.tenant = fields[2];
     }
     for (const Entry& e : set.entries_) {

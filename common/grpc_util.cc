@@ -4,6 +4,10 @@
 
 namespace taskmaster {
 
+void AddBearerToken(grpc::ClientContext& context, const std::string& token) {
+  if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
+}
+
 std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token) {
   if (!has_token || !options.tls_ca_file.empty() || IsLoopbackAddress(options.address)) return "";
   return "the token goes to " + options.address +

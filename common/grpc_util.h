@@ -35,6 +35,10 @@ struct ChannelOptions {
 // waits out gRPC's own connection backoff (seconds) before it tries again.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options);
 
+// Adds `authorization: Bearer <token>` to a call; nothing for an empty token (an --insecure
+// master). The one place a client or worker sets the header.
+void AddBearerToken(grpc::ClientContext& context, const std::string& token);
+
 // What to warn about before a token travels without TLS to a host other than loopback (anyone
 // on the path could read it); empty when nothing.
 std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token);

@@ -85,10 +85,7 @@ absl::StatusOr<std::map<std::string, std::string>> ParseLabels(std::string_view 
       return absl::InvalidArgumentError(absl::StrCat("label '", item, "' is not key=value"));
     }
     std::string key(Trim(std::string_view(item).substr(0, eq)));
-    if (!IsValidName(key)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("label key '", key, "' must match [A-Za-z0-9_.-]{1,64}"));
-    }
+    if (absl::Status s = CheckName("label key", key); !s.ok()) return s;
     labels[key] = std::string(Trim(std::string_view(item).substr(eq + 1)));
   }
   return labels;
@@ -100,6 +97,12 @@ bool IsValidName(std::string_view s) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
            c == '.' || c == '-';
   });
+}
+
+absl::Status CheckName(std::string_view what, std::string_view name) {
+  if (IsValidName(name)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(std::string(what), " '", Quote(name), "' must match [A-Za-z0-9_.-]{1,64}"));
 }
 
 std::chrono::milliseconds Backoff::Next() {

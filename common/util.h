@@ -33,8 +33,10 @@ std::vector<std::string> SplitList(std::string_view s);
 // Parses "k=v,k2=v2" into a map. Keys follow the queue-name rule.
 absl::StatusOr<std::map<std::string, std::string>> ParseLabels(std::string_view s);
 
-// Queue names, kinds and label keys: [A-Za-z0-9_.-]{1,64}.
+// Queue names, kinds, label keys and tenants: [A-Za-z0-9_.-]{1,64}.
 bool IsValidName(std::string_view s);
+// OK for a valid name, else INVALID_ARGUMENT "WHAT 'NAME' must match ..." (the name quoted).
+absl::Status CheckName(std::string_view what, std::string_view name);
 
 // True for 127.0.0.0/8, ::1 and localhost, with or without a port; a name other than localhost
 // is not, whatever it starts with.

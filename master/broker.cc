@@ -61,10 +61,7 @@ absl::Status ValidateLabels(const Labels& labels) {
     return absl::InvalidArgumentError(absl::StrCat(labels.size(), " labels; at most ", kMaxLabels));
   }
   for (const auto& [key, value] : labels) {
-    if (!IsValidName(key)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("label key '", key, "' must match [A-Za-z0-9_.-]{1,64}"));
-    }
+    if (absl::Status s = CheckName("label key", key); !s.ok()) return s;
     if (value.size() > kMaxLabelValue) {
       return absl::InvalidArgumentError(
           absl::StrCat("label '", key, "' has a value over ", kMaxLabelValue, " bytes"));
@@ -597,15 +594,9 @@ class Broker::Impl {
   }
 
   absl::Status Validate(const TaskSpec& s) const {
-    if (!IsValidName(s.queue)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("queue name '", s.queue, "' must match [A-Za-z0-9_.-]{1,64}"));
-    }
+    if (absl::Status st = CheckName("queue name", s.queue); !st.ok()) return st;
     if (s.kind.empty()) return absl::InvalidArgumentError("kind is empty");
-    if (!IsValidName(s.kind)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("kind '", s.kind, "' must match [A-Za-z0-9_.-]{1,64}"));
-    }
+    if (absl::Status st = CheckName("kind", s.kind); !st.ok()) return st;
     // Labels travel and stay with the task like its payload, and count with it.
     size_t bytes = s.payload.size();
     for (const auto& [key, value] : s.labels) bytes += key.size() + value.size();
@@ -1581,9 +1572,8 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
   }
   for (const auto& names : {hello.kinds, hello.queues}) {
     for (const std::string& name : names) {
-      if (!IsValidName(name)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("hello: '", Quote(name), "' must match [A-Za-z0-9_.-]{1,64}"));
+      if (absl::Status s = CheckName("kind or queue", name); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("hello: ", s.message()));
       }
     }
   }

@@ -26,10 +26,7 @@ bool TaskContext::SleepFor(std::chrono::milliseconds d) const {
 }
 
 absl::Status Registry::Register(const std::string& kind, Handler handler) {
-  if (!IsValidName(kind)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kind '", kind, "' must match [A-Za-z0-9_.-]{1,64}"));
-  }
+  if (absl::Status s = CheckName("kind", kind); !s.ok()) return s;
   if (!handlers_.emplace(kind, std::move(handler)).second) {
     return absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
   }

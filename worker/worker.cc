@@ -284,7 +284,7 @@ class WorkerImpl final : public Worker {
   bool RunSession(grpc::Status* status) {
     auto context_owner = std::make_shared<grpc::ClientContext>();
     grpc::ClientContext& context = *context_owner;
-    if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
+    AddBearerToken(context, options_.token);
     v1::WorkerMessage hello_message;
     ChannelOptions channel_options = options_.master;
     {
@@ -748,10 +748,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be positive");
   if (options.queues.empty()) options.queues = {"default"};
   for (const std::string& q : options.queues) {
-    if (!IsValidName(q)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("queue name '", q, "' must match [A-Za-z0-9_.-]{1,64}"));
-    }
+    if (absl::Status s = CheckName("queue name", q); !s.ok()) return s;
   }
   // Until a welcome says how long leases last.
   if (options.master.keepalive_ms == 0) options.master.keepalive_ms = 30'000;
