@@ -94,9 +94,9 @@ class MasterImpl final : public Master {
         GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
         static_cast<int>(std::clamp<int64_t>(options_.broker.lease_timeout_ms / 4, 500, 20'000)));
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-    builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
-                               static_cast<int>(std::clamp<int64_t>(options_.handshake_timeout_ms,
-                                                                    100, 3'600'000)));
+    builder.AddChannelArgument(
+        GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+        static_cast<int>(std::clamp<int64_t>(options_.handshake_timeout_ms, 100, 3'600'000)));
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {
       return absl::UnavailableError(

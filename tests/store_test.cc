@@ -465,6 +465,16 @@ TEST_F(StoreTest, AStoreThatLostCommittedWritesIsRefused) {
       << empty.status();
 }
 
+// Opens the store in `dir` with a broker that recovered it, and hands the broker to `use`.
+void WithRecoveredBroker(const TempDir& dir, const std::function<void(Broker&)>& use) {
+  auto store = OpenSqliteStore({dir.path()});
+  ASSERT_TRUE(store.ok()) << store.status();
+  FakeClock clock;
+  Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
+  ASSERT_TRUE(broker.Recover().ok());
+  use(broker);
+}
+
 TEST(SqliteStore, Version1DatabaseIsMigrated) {
   TempDir dir;
   sqlite3* db = nullptr;
@@ -495,34 +505,26 @@ PRAGMA user_version=1;
   ASSERT_EQ(sqlite3_exec(db, v1, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
   sqlite3_close(db);
   for (int start = 0; start < 2; ++start) {  // migrated, then opened as it is
-    auto store = OpenSqliteStore({dir.path()});
-    ASSERT_TRUE(store.ok()) << store.status();
-    FakeClock clock;
-    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
-    ASSERT_TRUE(broker.Recover().ok());
-    EXPECT_EQ(broker.epoch(), "db-0123abcd");
-    auto task = broker.GetTask(kClient, 7);
-    ASSERT_TRUE(task.ok()) << task.status();
-    EXPECT_EQ(task->output, "4*4=16");
+    WithRecoveredBroker(dir, [](Broker& broker) {
+      EXPECT_EQ(broker.epoch(), "db-0123abcd");
+      auto task = broker.GetTask(kClient, 7);
+      ASSERT_TRUE(task.ok()) << task.status();
+      EXPECT_EQ(task->output, "4*4=16");
+    });
   }
 }
 
 TEST(SqliteStore, Version2DatabaseIsMigrated) {
   TempDir dir;
   std::string job_id;
-  {
-    auto store = OpenSqliteStore({dir.path()});
-    ASSERT_TRUE(store.ok()) << store.status();
-    FakeClock clock;
-    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
-    ASSERT_TRUE(broker.Recover().ok());
+  WithRecoveredBroker(dir, [&](Broker& broker) {
     std::promise<absl::StatusOr<SubmitOutcome>> done;
     broker.Submit(kClient, {Spec("square", "4")},
                   [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
     auto submitted = done.get_future().get();
     ASSERT_TRUE(submitted.ok());
     job_id = submitted->job_id;
-  }
+  });
   // Version 2 was version 3 without tenants.
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(dir.File("taskmaster.db").c_str(), &db), SQLITE_OK);
@@ -532,13 +534,10 @@ TEST(SqliteStore, Version2DatabaseIsMigrated) {
       << sqlite3_errmsg(db);
   sqlite3_close(db);
   for (int start = 0; start < 2; ++start) {  // migrated, then opened as it is
-    auto store = OpenSqliteStore({dir.path()});
-    ASSERT_TRUE(store.ok()) << store.status();
-    FakeClock clock;
-    Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
-    ASSERT_TRUE(broker.Recover().ok());
-    EXPECT_TRUE(broker.GetJob(kClient, job_id).ok());  // the default tenant's
-    EXPECT_TRUE(absl::IsNotFound(broker.GetJob(Caller{"acme"}, job_id).status()));
+    WithRecoveredBroker(dir, [&](Broker& broker) {
+      EXPECT_TRUE(broker.GetJob(kClient, job_id).ok());  // the default tenant's
+      EXPECT_TRUE(absl::IsNotFound(broker.GetJob(Caller{"acme"}, job_id).status()));
+    });
   }
 }
 
