@@ -9,7 +9,7 @@
 #include <filesystem>
 #include <string>
 
-#include "master/sqlite_files.h"
+#include "master/store/sqlite_files.h"
 
 int main() {
   using Clock = std::chrono::steady_clock;

@@ -4,9 +4,10 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/synchronization/mutex.h"
+#include "common/files.h"
 #include "common/logging.h"
 #include "common/signals.h"
-#include "master/server.h"
+#include "master/rpc/master.h"
 
 int main(int argc, char** argv) {
   taskmaster::BlockDaemonSignals();

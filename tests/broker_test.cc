@@ -1,5 +1,5 @@
 // Unit tests of the broker core, in memory, with a fake clock and fake worker channels.
-#include "master/broker.h"
+#include "master/core/broker.h"
 
 #include <gtest/gtest.h>
 
@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_replace.h"
 #include "common/logging.h"
+#include "master/store/memory_store.h"
 #include "tests/fakes.h"
 
 namespace taskmaster {
@@ -808,14 +809,45 @@ class HeldStore final : public Store {
     }
     for (auto& d : done) d(status);
   }
+  // Answers what it holds with an error, as a store closing with a disk that does not write, and
+  // then whatever those callbacks ask for. Afterwards it calls nobody.
+  void Close() override {
+    for (int round = 0; round < 100; ++round) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (waiting_.empty()) break;
+      }
+      Release(absl::UnavailableError("closing"));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    closed = true;
+  }
 
   size_t submitted_tasks = 0;
+  bool closed = false;
 
  private:
   std::mutex mu_;
   std::vector<std::function<void(absl::Status)>> waiting_;
   bool open_ = false;
 };
+
+// The broker closes its store as it goes: a submit the store still holds is answered then (the
+// client is told it was not stored), and no store callback runs after the broker is gone.
+TEST(BrokerDurability, ASubmitStillBeingWrittenIsAnsweredWhenTheBrokerGoes) {
+  HeldStore store;
+  FakeClock clock;
+  absl::StatusOr<SubmitOutcome> submitted = absl::UnknownError("not yet");
+  {
+    Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
+    broker.Submit(kClient, {Spec("echo", "x")},
+                  [&](absl::StatusOr<SubmitOutcome> r) { submitted = r; });
+    EXPECT_EQ(submitted.status().code(), absl::StatusCode::kUnknown) << "still being written";
+  }
+  EXPECT_TRUE(store.closed);
+  EXPECT_EQ(submitted.status().code(), absl::StatusCode::kUnavailable)
+      << submitted.status().ToString();
+}
 
 TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   HeldStore store;

@@ -5,7 +5,7 @@
 #include "client/commands.h"
 #include "common/auth.h"
 #include "common/util.h"
-#include "master/server.h"
+#include "master/rpc/master.h"
 #include "tests/harness.h"
 #include "worker/handlers.h"
 

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "master/broker.h"
-#include "master/task.h"
+#include "master/core/broker.h"
+#include "master/core/task.h"
 
 namespace taskmaster::testing {
 

@@ -3,13 +3,15 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <filesystem>
 #include <functional>
 #include <future>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
-#include "master/broker.h"
+#include "master/core/broker.h"
+#include "master/store/sqlite_store.h"
 #include "tests/fakes.h"
 #include "tests/harness.h"
 
@@ -473,6 +475,30 @@ void WithRecoveredBroker(const TempDir& dir, const std::function<void(Broker&)>&
   Broker broker(BrokerOptions{}, &clock, store->get(), GetLogger("store-test"));
   ASSERT_TRUE(broker.Recover().ok());
   use(broker);
+}
+
+// Close runs every callback the store holds before it returns; a call after it is answered at
+// once, by the caller's own thread, so no callback ever runs after Close.
+TEST(SqliteStore, CloseAnswersEveryCallbackBeforeItReturns) {
+  TempDir dir;
+  auto store = OpenSqliteStore({dir.path()});
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::atomic<int> answered{0};
+  for (int i = 0; i < 50; ++i) {
+    SubmitRows rows;
+    rows.job = {"job-" + std::to_string(i), 0, 0, ""};
+    (*store)->Submit(std::move(rows), [&](absl::Status s) {
+      EXPECT_TRUE(s.ok()) << s;
+      answered++;
+    });
+    (*store)->Flush([&](absl::Status) { answered++; });
+  }
+  (*store)->Close();
+  EXPECT_EQ(answered.load(), 100);
+  absl::Status after;
+  (*store)->Flush([&](absl::Status s) { after = s; });
+  EXPECT_TRUE(after.ok()) << "everything was written: " << after;
+  (*store)->Close();  // idempotent
 }
 
 TEST(SqliteStore, Version1DatabaseIsMigrated) {

@@ -12,7 +12,7 @@
 #include <string_view>
 
 #include "google/protobuf/stubs/logging.h"
-#include "master/store.h"
+#include "master/store/store.h"
 #include "spdlog/logger.h"
 
 namespace taskmaster::fuzz {
@@ -56,6 +56,7 @@ class InstantDurableStore final : public Store {
   void PutWorker(const WorkerRow&) override {}
   void DeleteWorker(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override { done(absl::OkStatus()); }
+  void Close() override {}
 };
 
 // Reads an input as frames: a two-byte little-endian length, then that many bytes (fewer at the

@@ -20,7 +20,7 @@
 #include <string>
 
 #include "common/util.h"
-#include "master/sqlite_records.h"
+#include "master/store/sqlite_records.h"
 #include "tests/fuzz/fuzz_common.h"
 
 namespace taskmaster::fuzz {

@@ -33,8 +33,9 @@
 
 #include "common/clock.h"
 #include "common/util.h"
-#include "master/broker.h"
-#include "master/translate.h"
+#include "master/core/broker.h"
+#include "master/rpc/translate.h"
+#include "master/store/memory_store.h"
 #include "tests/fuzz/fuzz_common.h"
 
 namespace taskmaster::fuzz {

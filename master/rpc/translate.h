@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "master/broker.h"
-#include "master/task.h"
+#include "master/core/broker.h"
+#include "master/core/task.h"
 #include "taskmaster/v1/taskmaster.pb.h"
 
 namespace taskmaster {
@@ -25,5 +25,13 @@ std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request);
 // echo back to the worker, 0 for none. `bye` is the stream's to remember.
 int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
                            v1::WorkerMessage& m);
+
+// The broker's views as the API shows them. ToProto(TaskView&) moves its strings out.
+v1::TaskState ToProto(TaskState s);
+void ToProto(TaskView& v, v1::TaskInfo* p);
+void ToProto(const JobView& v, v1::JobInfo* p);
+void ToProto(const WorkerView& v, v1::WorkerInfo* p);
+void AddRefs(const std::vector<TaskRef>& refs,
+             google::protobuf::RepeatedPtrField<v1::TaskRef>* out);
 
 }  // namespace taskmaster

@@ -10,8 +10,8 @@
 #include "absl/status/statusor.h"
 #include "common/auth.h"
 #include "common/clock.h"
-#include "master/store.h"
-#include "master/task.h"
+#include "master/core/task.h"
+#include "master/store/store.h"
 #include "spdlog/logger.h"
 
 namespace taskmaster {

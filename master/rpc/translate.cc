@@ -1,4 +1,5 @@
-#include "master/translate.h"
+// Conversions between the API's protobuf messages and the broker core's plain types.
+#include "master/rpc/translate.h"
 
 #include <algorithm>
 #include <utility>
@@ -77,6 +78,77 @@ int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
   const bool heard = m.heartbeat() && broker.Heartbeat(worker);
   if (m.draining()) broker.Drain(worker);
   return heard ? std::max<int64_t>(m.heartbeat_at(), 0) : 0;
+}
+
+v1::TaskState ToProto(TaskState s) {
+  switch (s) {
+    case TaskState::kPending:
+      return v1::PENDING;
+    case TaskState::kDelayed:
+      return v1::DELAYED;
+    case TaskState::kLeased:
+      return v1::LEASED;
+    case TaskState::kSucceeded:
+      return v1::SUCCEEDED;
+    case TaskState::kDead:
+      return v1::DEAD;
+    case TaskState::kCancelled:
+      return v1::CANCELLED;
+  }
+  return v1::TASK_STATE_UNSPECIFIED;
+}
+
+void ToProto(TaskView& v, v1::TaskInfo* p) {
+  p->set_id(v.id);
+  p->set_job_id(std::move(v.job_id));
+  p->set_queue(std::move(v.queue));
+  p->set_kind(std::move(v.kind));
+  // A task past retention has no kind and no state worth reporting.
+  p->set_state(p->kind().empty() ? v1::TASK_STATE_UNSPECIFIED : ToProto(v.state));
+  p->set_attempts(v.attempts);
+  p->set_max_attempts(v.max_attempts);
+  p->set_priority(v.priority);
+  p->set_payload(std::move(v.payload));
+  p->set_output(std::move(v.output));
+  p->set_error(std::move(v.error));
+  p->set_worker(std::move(v.worker));
+  p->set_waiting_for(std::move(v.waiting_for));
+  p->set_created_ms(v.created_ms);
+  p->set_finished_ms(v.finished_ms);
+  p->set_not_before_ms(v.not_before_ms);
+}
+
+void ToProto(const JobView& v, v1::JobInfo* p) {
+  p->set_job_id(v.job_id);
+  p->set_total(v.total);
+  p->set_done(v.done);
+  p->set_succeeded(v.succeeded);
+  p->set_dead(v.dead);
+  p->set_cancelled(v.cancelled);
+  p->set_created_ms(v.created_ms);
+}
+
+void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
+  p->set_worker_id(v.worker_id);
+  p->set_name(v.name);
+  p->set_host(v.host);
+  for (const auto& k : v.kinds) p->add_kinds(k);
+  for (const auto& q : v.queues) p->add_queues(q);
+  p->mutable_labels()->insert(v.labels.begin(), v.labels.end());
+  p->set_slots(v.slots);
+  p->set_running(v.running);
+  p->set_connected(v.connected);
+  p->set_draining(v.draining);
+  p->set_connected_ms(v.connected_ms);
+}
+
+void AddRefs(const std::vector<TaskRef>& refs,
+             google::protobuf::RepeatedPtrField<v1::TaskRef>* out) {
+  for (const TaskRef& r : refs) {
+    v1::TaskRef* p = out->Add();
+    p->set_task_id(r.id);
+    p->set_attempt(r.attempt);
+  }
 }
 
 }  // namespace taskmaster

@@ -1,4 +1,4 @@
-#include "master/sqlite_files.h"
+#include "master/store/sqlite_files.h"
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -15,7 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "common/util.h"
-#include "master/sqlite_records.h"
+#include "master/store/sqlite_records.h"
 
 namespace taskmaster::sqlite {
 namespace {

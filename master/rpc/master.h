@@ -1,3 +1,4 @@
+// The Master: a broker, its store and the gRPC server wired together, with its options.
 #pragma once
 
 #include <chrono>
@@ -5,9 +6,10 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "master/broker.h"
-#include "master/store.h"
-#include "master/tls.h"
+#include "common/grpc_util.h"
+#include "master/core/broker.h"
+#include "master/rpc/tls.h"
+#include "master/store/sqlite_store.h"
 
 namespace taskmaster {
 
@@ -24,7 +26,7 @@ struct MasterOptions {
   // TLS: the master's certificate and key; with a client CA, clients must present a
   // certificate it signed (mutual TLS). Re-read by Reload.
   TlsFiles tls;
-  int max_message_bytes = 64 << 20;
+  int max_message_bytes = kDefaultMaxMessageBytes;
   // A connection that has not finished its TLS and HTTP/2 handshake by then is closed: anyone who
   // can reach the port could otherwise hold a descriptor each for gRPC's default, 120 s.
   int64_t handshake_timeout_ms = 20'000;
@@ -55,12 +57,5 @@ class Master {
   // then cancels what is left.
   virtual void Shutdown(std::chrono::milliseconds deadline) = 0;
 };
-
-// $XDG_DATA_HOME/taskmaster, else ~/.local/share/taskmaster, else ./taskmaster-data.
-std::string DefaultDataDir();
-
-// Writes `port` to `path` whole (through a temporary file renamed over it), following no
-// symbolic link.
-absl::Status WritePortFile(const std::string& path, int port);
 
 }  // namespace taskmaster

@@ -11,7 +11,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
-#include "master/store.h"
+#include "master/store/store.h"
 
 namespace taskmaster::sqlite {
 

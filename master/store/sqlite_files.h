@@ -10,7 +10,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "master/store.h"
+#include "master/store/sqlite_store.h"
 
 namespace taskmaster::sqlite {
 

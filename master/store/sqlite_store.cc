@@ -1,9 +1,12 @@
 // The durable store: SQLite in WAL mode, written by one thread that commits every change queued
 // since its last commit in one transaction. docs/storage.md describes the files and guarantees.
+#include "master/store/sqlite_store.h"
+
 #include <fcntl.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <deque>
 #include <filesystem>
 #include <thread>
 #include <unordered_map>
@@ -11,9 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
-#include "master/sqlite_files.h"
-#include "master/sqlite_records.h"
-#include "master/store.h"
+#include "master/store/sqlite_files.h"
+#include "master/store/sqlite_records.h"
 
 namespace taskmaster {
 namespace {
@@ -59,12 +61,20 @@ class SqliteStore final : public Store {
         reserve_path_(options_.data_dir + "/RESERVE"),
         log_(GetLogger("store")) {}
 
-  ~SqliteStore() override {
+  ~SqliteStore() override { Close(); }
+
+  void Close() override {
     {
       absl::MutexLock lock(&mu_);
+      if (closed_) return;
       stop_ = true;
     }
+    // The writer commits what it can and hands over its last callbacks; the completer runs them
+    // and any they cause, then ends.
     if (writer_.joinable()) writer_.join();
+    if (completer_.joinable()) completer_.join();
+    absl::MutexLock lock(&mu_);
+    closed_ = true;
   }
 
   absl::Status Start() {
@@ -101,6 +111,7 @@ class SqliteStore final : public Store {
         this);
     KeepReserve();
     writer_ = std::thread([this] { WriterLoop(); });
+    completer_ = std::thread([this] { CompleterLoop(); });
     return absl::OkStatus();
   }
 
@@ -163,10 +174,20 @@ class SqliteStore final : public Store {
 
   void Submit(SubmitRows rows, std::function<void(absl::Status)> done) override {
     auto owned = std::make_unique<SubmitRows>(std::move(rows));
-    absl::MutexLock lock(&mu_);
-    Op& op = Append(Op::Kind::kSubmit);
-    op.submit = std::move(owned);
-    op.submitted = std::move(done);
+    {
+      absl::MutexLock lock(&mu_);
+      if (!writer_done_) {
+        Op& op = Append(Op::Kind::kSubmit);
+        op.submit = std::move(owned);
+        op.submitted = std::move(done);
+        return;
+      }
+      if (!completer_done_) {
+        completions_.push_back({{std::move(done)}, ClosedError()});
+        return;
+      }
+    }
+    done(ClosedError());  // called after Close: nobody else would answer
   }
 
   void UpdateTask(TaskId id, TaskStatusRow status) override {
@@ -215,14 +236,22 @@ class SqliteStore final : public Store {
   }
 
   void Flush(std::function<void(absl::Status)> done) override {
+    bool durable = false;
     {
       absl::MutexLock lock(&mu_);
-      if (durable_ < version_ || !error_.ok()) {
+      if (writer_done_ && durable_ < version_) {
+        if (!completer_done_) {
+          completions_.push_back({{std::move(done)}, ClosedError()});
+          return;
+        }
+      } else if (durable_ < version_ || !error_.ok()) {
         waiters_.push_back({version_, std::move(done)});
         return;
+      } else {
+        durable = true;
       }
     }
-    done(absl::OkStatus());
+    done(durable ? absl::OkStatus() : ClosedError());
   }
 
  private:
@@ -250,6 +279,7 @@ class SqliteStore final : public Store {
           if (!pending_.empty()) {
             log_->error("stopping with {} changes that could not be written", pending_.size());
           }
+          StopWriting();
           return;
         }
         batch.swap(pending_);
@@ -300,7 +330,47 @@ class SqliteStore final : public Store {
       if (!status.ok() && submits > 0) {
         log_->warn("{} submits were refused for want of space and not stored", submits);
       }
-      for (auto& callback : done) callback(status);
+      if (done.empty()) continue;
+      absl::MutexLock lock(&mu_);
+      completions_.push_back({std::move(done), status});
+    }
+  }
+
+  // The writer's last act: whoever still waits is told that the store closed first.
+  void StopWriting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::function<void(absl::Status)>> done;
+    for (Op& op : pending_) {
+      if (op.kind == Op::Kind::kSubmit) done.push_back(std::move(op.submitted));
+    }
+    for (auto& [version, callback] : waiters_) done.push_back(std::move(callback));
+    waiters_.clear();
+    if (!done.empty()) completions_.push_back({std::move(done), ClosedError()});
+    writer_done_ = true;
+  }
+
+  static absl::Status ClosedError() {
+    return absl::UnavailableError("the master stopped before this was written");
+  }
+
+  // Runs the writer's callbacks in commit order, so the writer is on to its next commit while
+  // the broker and the services handle the last one's outcome.
+  void CompleterLoop() {
+    while (true) {
+      std::pair<std::vector<std::function<void(absl::Status)>>, absl::Status> next;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return writer_done_ || !completions_.empty();
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (completions_.empty()) {
+          completer_done_ = true;
+          return;
+        }
+        next = std::move(completions_.front());
+        completions_.pop_front();
+      }
+      for (auto& callback : next.first) callback(next.second);
     }
   }
 
@@ -514,6 +584,7 @@ class SqliteStore final : public Store {
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
       insert_member_, put_worker_, delete_worker_, count_commit_;
   std::thread writer_;
+  std::thread completer_;
   // Writer thread only (the WAL hook runs inside its commits).
   int wal_pages_ = 0;
   bool reserve_held_ = false;
@@ -526,7 +597,13 @@ class SqliteStore final : public Store {
   uint64_t durable_ ABSL_GUARDED_BY(mu_) = 0;                         // changes committed
   std::vector<std::pair<uint64_t, std::function<void(absl::Status)>>> waiters_ ABSL_GUARDED_BY(mu_);
   absl::Status error_ ABSL_GUARDED_BY(mu_);  // the last commit's error, OK once one succeeds
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Callbacks of finished commits with their outcome, for the completer, in commit order.
+  std::deque<std::pair<std::vector<std::function<void(absl::Status)>>, absl::Status>> completions_
+      ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;         // Close began
+  bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written
+  bool completer_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace

@@ -1,5 +1,7 @@
+// The store that keeps nothing: every change is "durable" at once, and a restart loses all.
+#include "master/store/memory_store.h"
+
 #include "common/util.h"
-#include "master/store.h"
 
 namespace taskmaster {
 namespace {
@@ -19,6 +21,7 @@ class MemoryStore final : public Store {
   void PutWorker(const WorkerRow&) override {}
   void DeleteWorker(const std::string&) override {}
   void Flush(std::function<void(absl::Status)> done) override { done(absl::OkStatus()); }
+  void Close() override {}
 
  private:
   const std::string epoch_ = "mem-" + RandomHex(8);

@@ -62,6 +62,13 @@ struct TaskView {
   int64_t not_before_ms = 0;
 };
 
+// What a result costs in a reply beyond its output and error: its ids, names, counts and times
+// with their protobuf framing come to well under this; replies are cut by the sum.
+inline constexpr size_t kResultOverheadBytes = 64;
+inline size_t ResultBytes(const TaskView& v) {
+  return v.output.size() + v.error.size() + kResultOverheadBytes;
+}
+
 struct JobView {
   std::string job_id;
   int64_t total = 0;

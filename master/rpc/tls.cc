@@ -1,4 +1,4 @@
-#include "master/tls.h"
+#include "master/rpc/tls.h"
 
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
@@ -133,12 +133,14 @@ grpc_ssl_certificate_config_reload_status ReloadableServerCredentials::Fetch(
   auto* creds = static_cast<ReloadableServerCredentials*>(self);
   absl::MutexLock lock(&creds->mu_);
   if (creds->served_ == creds->generation_) return GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_UNCHANGED;
-  const TlsMaterial& m = creds->material_;
-  const grpc_ssl_pem_key_cert_pair pair{m.key.c_str(), m.cert.c_str()};
+  const grpc_ssl_pem_key_cert_pair pair{creds->material_.key.c_str(),
+                                        creds->material_.cert.c_str()};
   // gRPC copies the strings and takes the config. It wants roots even when it asks for no
   // client certificate, and then never uses them.
-  *config = grpc_ssl_server_certificate_config_create(
-      creds->require_client_cert_ ? m.client_ca.c_str() : m.cert.c_str(), &pair, 1);
+  *config = grpc_ssl_server_certificate_config_create(creds->require_client_cert_
+                                                          ? creds->material_.client_ca.c_str()
+                                                          : creds->material_.cert.c_str(),
+                                                      &pair, 1);
   creds->served_ = creds->generation_;
   return GRPC_SSL_CERTIFICATE_CONFIG_RELOAD_NEW;
 }

@@ -1,4 +1,4 @@
-#include "master/sqlite_records.h"
+#include "master/store/sqlite_records.h"
 
 #include <unordered_map>
 #include <unordered_set>

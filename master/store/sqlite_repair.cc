@@ -10,9 +10,9 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
-#include "master/sqlite_files.h"
-#include "master/sqlite_records.h"
-#include "master/store.h"
+#include "master/store/sqlite_files.h"
+#include "master/store/sqlite_records.h"
+#include "master/store/sqlite_store.h"
 #include "nlohmann/json.hpp"
 
 namespace taskmaster {

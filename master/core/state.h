@@ -1,0 +1,171 @@
+// The broker core's own records: tasks, jobs, workers, task classes and the effects a locked
+// section leaves to do once its lock is released. Internal to master/core.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "master/core/task.h"
+#include "spdlog/spdlog.h"
+
+namespace taskmaster::core {
+
+struct Job;
+struct Worker;
+
+struct QueueCounters {
+  int64_t pending = 0;
+  int64_t leased = 0;
+  int64_t succeeded = 0;
+  int64_t failed = 0;
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+};
+
+struct ReadyEntry {
+  uint64_t seq;
+  TaskId id;
+  bool operator<(const ReadyEntry& o) const { return seq < o.seq; }
+};
+
+// Tasks of one (queue, kind, required labels): a worker either can run all of them or none, so
+// dispatch looks only at the classes a worker is eligible for.
+struct TaskClass {
+  std::string queue;
+  std::string kind;
+  Labels labels;
+  QueueCounters* counters;
+  // Ready tasks: highest priority first, FIFO within one. Entries of tasks that left PENDING
+  // since are skipped when they reach the front (their seq no longer matches).
+  std::map<int32_t, std::deque<ReadyEntry>, std::greater<>> ready;
+  // Tasks of the class the master knows, finished ones included: with none left it is freed.
+  int64_t tasks = 0;
+};
+
+struct TaskNotes {
+  std::string output;
+  std::string error;
+  std::string idempotency_key;
+  std::string worker;  // name of the last worker that held it
+};
+
+inline const std::string kNone;
+
+struct Task {
+  TaskNotes& Notes() {
+    if (!notes) notes = std::make_unique<TaskNotes>();
+    return *notes;
+  }
+  const std::string& output() const { return notes ? notes->output : kNone; }
+  const std::string& error() const { return notes ? notes->error : kNone; }
+  const std::string& key() const { return notes ? notes->idempotency_key : kNone; }
+  const std::string& worker() const { return notes ? notes->worker : kNone; }
+
+  TaskId id = 0;
+  Job* job = nullptr;
+  TaskClass* cls = nullptr;
+  Worker* leased_to = nullptr;  // set from lease until the worker reports or the lease is lost
+  std::string payload;
+  // What most pending tasks lack, kept apart so that a million pending tasks stay small.
+  std::unique_ptr<TaskNotes> notes;
+  int64_t created_ms = 0;
+  int64_t not_before_ms = 0;
+  int64_t finished_ms = 0;
+  int64_t timeout_ms = 0;
+  uint64_t seq = 0;             // position in its ready list
+  uint64_t completion_seq = 0;  // order of finishing, across all tasks
+  int32_t priority = 0;
+  int32_t attempts = 0;
+  int32_t max_attempts = 0;
+  TaskState state = TaskState::kPending;
+  bool dirty = false;  // changed since the store last heard of it
+  // Back to waiting because its lease was lost, not because a result came: its worker may still
+  // return with it (see Adopt).
+  bool lease_lost = false;
+};
+
+// One tenant's use of the master, for its limits.
+struct Account {
+  int64_t unfinished = 0;  // tasks submitted and not finished (pending, delayed, leased)
+  // Submit-rate allowance in tasks: refills at the rate up to one second's worth; a batch may
+  // overdraw it, and the next waits until it is positive again.
+  double allowance = 0;
+  int64_t refilled_ms = -1;  // -1: never used (starts full)
+};
+
+struct Job {
+  std::string id;
+  std::string tenant;
+  Account* account = nullptr;
+  int64_t total = 0;
+  int64_t done = 0;
+  int64_t succeeded = 0;
+  int64_t dead = 0;
+  int64_t cancelled = 0;
+  int64_t created_ms = 0;
+  // Submitted, not yet on disk: invisible to clients and workers until the store has it, and
+  // forgotten without a trace if the store fails to write it.
+  bool staged = false;
+  std::vector<TaskId> tasks;
+  std::vector<TaskId> completed;  // completion order
+  std::vector<std::shared_ptr<JobWatcher>> watchers;
+};
+
+struct Worker {
+  std::string id;
+  std::string name;
+  std::string host;
+  std::vector<std::string> kinds;   // sorted
+  std::vector<std::string> queues;  // sorted
+  Labels labels;
+  int32_t slots = 1;
+  int32_t credits = 0;
+  uint64_t generation = 0;
+  bool connected = false;
+  bool draining = false;
+  int64_t connected_ms = 0;
+  int64_t disconnected_ms = 0;
+  // Its last heartbeat: all its leases expire together when none came for the lease timeout.
+  int64_t heard_ms = 0;
+  // Given in its first welcome: a later hello under its id must show it (ids are visible to any
+  // client, and must not let another stream take its leases).
+  std::string secret;
+  std::shared_ptr<WorkerChannel> channel;
+  std::unordered_set<TaskId> leases;
+  std::vector<TaskClass*> eligible;
+  WorkerOutbound outbox;  // collected under the lock, sent after it
+  bool dirty = false;
+};
+
+// Whether `w` may run the tasks of `c` (its queues, kinds and labels allow it).
+bool CanRun(const Worker& w, const TaskClass& c);
+// Sorted without repeats: how a worker's kinds and queues are kept, for CanRun's binary search.
+std::vector<std::string> SortedUnique(std::vector<std::string> v);
+// "kind 'k' on queue 'q' with labels a=b", for messages.
+std::string DescribeClass(const TaskClass& c);
+
+// What a locked section leaves to do once the lock is released.
+struct Effects {
+  std::vector<std::pair<std::shared_ptr<WorkerChannel>, WorkerOutbound>> sends;
+  std::vector<std::shared_ptr<JobWatcher>> notify;
+  uint64_t finished_through = 0;         // highest completion_seq given out in this section
+  std::vector<std::string> reveal_jobs;  // jobs with results to show once they are durable
+  std::unordered_set<Job*> touched;
+  // Log lines, written once the lock is released.
+  std::vector<std::pair<spdlog::level::level_enum, std::string>> logs;
+};
+
+template <typename... Args>
+void Log(Effects& fx, spdlog::level::level_enum level, fmt::format_string<Args...> format,
+         Args&&... args) {
+  fx.logs.emplace_back(level, fmt::format(format, std::forward<Args>(args)...));
+}
+
+}  // namespace taskmaster::core

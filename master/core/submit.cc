@@ -1,0 +1,343 @@
+// Submit: a batch's admission (validation, queue and class limits, tenant limits), idempotency
+// keys, and the staging of a job until the store has it.
+#include <cmath>
+#include <set>
+#include <tuple>
+#include <unordered_set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/util.h"
+#include "master/core/broker_impl.h"
+#include "master/core/validate.h"
+
+namespace taskmaster {
+
+absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tenant,
+                                                         std::vector<TaskSpec>& specs, Effects& fx,
+                                                         SubmitRows* rows) {
+  if (specs.empty()) return absl::InvalidArgumentError("a submit needs at least one task");
+  if (specs.size() > options_.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat("a batch holds at most ", options_.max_batch,
+                                                   " tasks; this one has ", specs.size()));
+  }
+  std::map<std::string, int64_t> added_per_queue;
+  size_t new_classes = 0;
+  std::set<std::tuple<std::string, std::string, Labels>> seen_new;
+  std::unordered_map<std::string_view, const TaskSpec*> batch_keys;
+  int64_t new_tasks = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    TaskSpec& s = specs[i];
+    if (s.queue.empty()) s.queue = core::kDefaultQueue;
+    if (s.timeout_ms == 0) s.timeout_ms = options_.default_timeout_ms;
+    if (s.max_attempts == 0) s.max_attempts = options_.default_max_attempts;
+    if (absl::Status st = core::ValidateSpec(s, options_.max_payload_bytes); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("task ", i, ": ", st.message()));
+    }
+    if (absl::Status st = CheckKey(tenant, s, batch_keys); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("task ", i, ": ", st.message()));
+    }
+    // A key already known, or repeated in the batch, adds no task.
+    if (s.idempotency_key.empty() || (!keys_.contains(KeyIndex(tenant, s.idempotency_key)) &&
+                                      batch_keys.at(s.idempotency_key) == &s)) {
+      ++new_tasks;
+    }
+    ++added_per_queue[s.queue];
+    auto key = std::make_tuple(s.queue, s.kind, s.labels);
+    if (!classes_.contains(key) && seen_new.insert(key).second) ++new_classes;
+  }
+  for (const auto& [queue, added] : added_per_queue) {
+    auto it = counters_.find(queue);
+    const int64_t pending = it == counters_.end() ? 0 : it->second.pending;
+    if (pending + added > static_cast<int64_t>(options_.max_queue_length)) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("queue '", queue, "' is full: ", pending, " pending, limit ",
+                       options_.max_queue_length, "; retry later or raise --max-queue-length"));
+    }
+  }
+  if (classes_.size() + new_classes > options_.max_task_classes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "too many distinct (queue, kind, labels) combinations; limit ", options_.max_task_classes));
+  }
+  const int64_t now = clock_->NowMs();
+  Account& account = accounts_[tenant];
+  if (absl::Status st = Charge(tenant, account, new_tasks, now); !st.ok()) {
+    return st;
+  }
+
+  auto job_owner = std::make_unique<Job>();
+  Job* job = job_owner.get();
+  job->id = "job-" + RandomHex(8);
+  job->tenant = tenant;
+  job->account = &account;
+  // An upper bound while tasks are added (a key repeated in the batch is one task), so the
+  // job cannot look complete before all of them are in.
+  job->total = static_cast<int64_t>(specs.size());
+  job->created_ms = now;
+  job->staged = rows != nullptr;
+  job->tasks.reserve(specs.size());
+  jobs_[job->id] = std::move(job_owner);
+  if (rows) rows->tasks.reserve(specs.size());
+  std::unordered_set<TaskId> in_job;  // tasks the job follows through keys, each once
+
+  SubmitOutcome out;
+  out.job_id = job->id;
+  out.task_ids.reserve(specs.size());
+  std::set<TaskClass*> classes;  // of this batch's new tasks
+  for (TaskSpec& s : specs) {
+    if (!s.idempotency_key.empty()) {
+      if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key)); it != keys_.end()) {
+        const TaskId id = it->second;
+        const bool own = tasks_.at(id).job == job;
+        if (!own && in_job.insert(id).second) AddExistingToJob(job, id, fx, rows);
+        out.task_ids.push_back(id);
+        continue;
+      }
+    }
+    TaskClass* cls = ClassFor(s.queue, s.kind, s.labels);
+    cls->tasks++;
+    auto& t = tasks_[next_id_];
+    t.id = next_id_++;
+    t.job = job;
+    t.cls = cls;
+    t.payload = std::move(s.payload);
+    if (!s.idempotency_key.empty()) t.Notes().idempotency_key = std::move(s.idempotency_key);
+    t.created_ms = now;
+    t.timeout_ms = s.timeout_ms;
+    t.priority = s.priority;
+    t.max_attempts = s.max_attempts;
+    if (!t.key().empty()) keys_[KeyIndex(t)] = t.id;
+    account.unfinished++;
+    job->tasks.push_back(t.id);
+    out.task_ids.push_back(t.id);
+    cls->counters->pending++;  // PENDING and DELAYED both count as pending
+    if (s.delay_ms > 0) {
+      t.state = TaskState::kDelayed;
+      t.not_before_ms = now + s.delay_ms;
+    } else {
+      t.seq = next_seq_++;
+    }
+    if (rows) {
+      rows->tasks.push_back(RowOf(t));
+    } else {
+      Enqueue(t);
+    }
+    classes.insert(cls);
+  }
+  for (TaskClass* cls : classes) {
+    if (HasWorkerFor(*cls)) continue;
+    out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
+                                        "; its tasks wait until one does"));
+  }
+  // The job is over its distinct tasks: task_ids repeat an id for a repeated key.
+  const auto total = static_cast<int64_t>(job->tasks.size());
+  if (total != job->total) {
+    job->total = total;
+    MaybeJobComplete(job, now);
+  }
+  if (rows) rows->job = {job->id, job->total, job->created_ms, job->tenant};
+  if (!rows) DispatchAll();
+  return out;
+}
+
+std::string Broker::Impl::KeyIndex(const std::string& tenant, const std::string& key) {
+  return absl::StrCat(tenant, "\n", key);
+}
+
+TenantLimits Broker::Impl::LimitsOf(const std::string& tenant) const {
+  TenantLimits limits = options_.tenant_limits;
+  if (auto it = tenant_limits_.find(tenant); it != tenant_limits_.end()) {
+    if (it->second.max_pending >= 0) limits.max_pending = it->second.max_pending;
+    if (it->second.submit_rate >= 0) limits.submit_rate = it->second.submit_rate;
+  }
+  return limits;
+}
+
+absl::Status Broker::Impl::Charge(const std::string& tenant, Account& account, int64_t tasks,
+                                  int64_t now) {
+  if (tasks == 0) return absl::OkStatus();
+  const TenantLimits limits = LimitsOf(tenant);
+  const std::string who =
+      tenant.empty() ? "the default tenant" : absl::StrCat("tenant '", tenant, "'");
+  if (limits.max_pending > 0 && account.unfinished + tasks > limits.max_pending) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(who, " has ", account.unfinished, " unfinished tasks and may have ",
+                     limits.max_pending, "; this batch of ", tasks, " waits until some finish"));
+  }
+  if (limits.submit_rate > 0) {
+    const auto rate = static_cast<double>(limits.submit_rate);
+    if (account.refilled_ms < 0) {
+      account.allowance = rate;
+      account.refilled_ms = now;
+    }
+    const double elapsed_s =
+        static_cast<double>(std::max<int64_t>(0, now - account.refilled_ms)) / 1000;
+    account.allowance = std::min(rate, account.allowance + elapsed_s * rate);
+    account.refilled_ms = now;
+    if (account.allowance <= 0) {
+      const auto wait_ms = static_cast<int64_t>(std::ceil(-account.allowance / rate * 1000)) + 1;
+      return absl::ResourceExhaustedError(
+          absl::StrCat(who, " submits faster than its limit of ", limits.submit_rate,
+                       " tasks per second; retry in ", wait_ms, " ms"));
+    }
+    account.allowance -= static_cast<double>(tasks);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Broker::Impl::CheckKey(
+    const std::string& tenant, const TaskSpec& s,
+    std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const {
+  if (s.idempotency_key.empty()) return absl::OkStatus();
+  auto same_work = [&s](const std::string& queue, const std::string& kind, const Labels& labels,
+                        const std::string& payload, int32_t priority, int64_t timeout_ms,
+                        int32_t max_attempts) {
+    return queue == s.queue && kind == s.kind && labels == s.labels && payload == s.payload &&
+           priority == s.priority && timeout_ms == s.timeout_ms && max_attempts == s.max_attempts;
+  };
+  auto mismatch = [&] {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "idempotency key '", s.idempotency_key,
+        "' was used for a different task (queue, kind, payload, labels, priority, timeout or "
+        "attempts differ); use a new key for new work"));
+  };
+  if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key)); it != keys_.end()) {
+    const Task& t = tasks_.at(it->second);
+    if (t.job->staged) {
+      return absl::AbortedError(absl::StrCat("a submit with idempotency key '", s.idempotency_key,
+                                             "' is still being stored; retry in a moment"));
+    }
+    return same_work(t.cls->queue, t.cls->kind, t.cls->labels, t.payload, t.priority, t.timeout_ms,
+                     t.max_attempts)
+               ? absl::OkStatus()
+               : mismatch();
+  }
+  auto [it, first] = batch_keys.emplace(s.idempotency_key, &s);
+  if (first) return absl::OkStatus();
+  const TaskSpec& o = *it->second;
+  return same_work(o.queue, o.kind, o.labels, o.payload, o.priority, o.timeout_ms, o.max_attempts)
+             ? absl::OkStatus()
+             : mismatch();
+}
+
+void Broker::Impl::Publish(Job& job) {
+  job.staged = false;
+  for (TaskId id : job.tasks) {
+    auto it = tasks_.find(id);  // a task it follows may be gone past retention
+    if (it != tasks_.end() && it->second.job == &job) Enqueue(it->second);
+  }
+  DispatchAll();
+}
+
+void Broker::Impl::Discard(Job& job) {
+  for (TaskId id : job.tasks) {
+    auto it = tasks_.find(id);
+    if (it == tasks_.end()) continue;
+    Task& t = it->second;
+    if (t.job != &job) {  // followed through a key
+      auto [begin, end] = extra_jobs_.equal_range(id);
+      for (auto e = begin; e != end; ++e) {
+        if (e->second == &job) {
+          extra_jobs_.erase(e);
+          break;
+        }
+      }
+      continue;
+    }
+    t.cls->counters->pending--;
+    job.account->unfinished--;
+    if (!t.key().empty()) keys_.erase(KeyIndex(t));
+    Forget(it);
+  }
+  jobs_.erase(job.id);
+}
+
+void Broker::Impl::AddExistingToJob(Job* job, TaskId id, Effects& fx, SubmitRows* rows) {
+  job->tasks.push_back(id);
+  Task& t = tasks_.at(id);
+  const bool finished = IsFinished(t.state);
+  if (rows) {
+    rows->members.push_back(
+        {job->id, id, finished ? static_cast<int64_t>(job->completed.size()) : int64_t{-1}});
+  }
+  if (finished) {
+    CountDone(job, t, fx);
+  } else {
+    extra_jobs_.emplace(id, job);
+  }
+}
+
+core::TaskClass* Broker::Impl::ClassFor(const std::string& queue, const std::string& kind,
+                                        const Labels& labels) {
+  auto key = std::make_tuple(queue, kind, labels);
+  auto it = classes_.find(key);
+  if (it != classes_.end()) return it->second.get();
+  auto cls = std::make_unique<TaskClass>();
+  cls->queue = queue;
+  cls->kind = kind;
+  cls->labels = labels;
+  cls->counters = &counters_[queue];
+  for (auto& [id, w] : workers_) {
+    if (CanRun(*w, *cls)) w->eligible.push_back(cls.get());
+  }
+  return classes_.emplace(key, std::move(cls)).first->second.get();
+}
+
+bool Broker::Impl::HasWorkerFor(const TaskClass& cls) const {
+  for (const auto& [id, w] : workers_) {
+    if (w->connected && !w->draining && CanRun(*w, cls)) return true;
+  }
+  return false;
+}
+
+void Broker::Impl::Submit(const Caller& caller, std::vector<TaskSpec> specs,
+                          std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
+  // Refuse new work while the store cannot write; acknowledged work waits in memory meanwhile.
+  if (absl::Status writable = store_->Writable(); !writable.ok()) {
+    done(absl::UnavailableError(absl::StrCat("the master cannot store new tasks now (",
+                                             writable.message(), "); retry later")));
+    return;
+  }
+  SubmitRows rows;
+  SubmitRows* staged = persistent_ ? &rows : nullptr;
+  absl::StatusOr<SubmitOutcome> outcome;
+  {
+    Section section(*this);
+    outcome = SubmitLocked(caller.tenant, specs, section.fx, staged);
+  }
+  if (!outcome.ok() || !staged) {
+    done(std::move(outcome));
+    return;
+  }
+  // Workers and clients see the job only once it is on disk; a job the store failed to write
+  // is forgotten, so a client told "failed" finds no trace of it, ever.
+  store_->Submit(std::move(rows), [this, done = std::move(done),
+                                   outcome = std::move(*outcome)](absl::Status status) mutable {
+    Staged(outcome.job_id, status);
+    if (status.ok()) {
+      done(std::move(outcome));
+    } else {
+      done(absl::UnavailableError(
+          absl::StrCat("the batch could not be stored (", status.message(),
+                       "); none of its tasks were kept: submit it again later")));
+    }
+  });
+}
+
+void Broker::Impl::Staged(const std::string& job_id, const absl::Status& stored) {
+  Section section(*this);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return;
+  if (stored.ok()) {
+    Publish(*it->second);
+  } else {
+    Discard(*it->second);
+  }
+}
+
+void Broker::Impl::SetTenantLimits(std::map<std::string, TenantLimits> limits) {
+  absl::MutexLock lock(&mu_);
+  tenant_limits_ = std::move(limits);
+}
+
+}  // namespace taskmaster

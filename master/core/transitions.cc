@@ -1,0 +1,192 @@
+// State transitions of tasks (ready, delayed, leased, given back, lost, finished, forgotten),
+// with the queue counters that follow each one, and the rows and messages they leave for the
+// store and the workers.
+#include <utility>
+
+#include "master/core/broker_impl.h"
+
+namespace taskmaster {
+
+void Broker::Impl::Touch(Task& t) {
+  if (!persistent_ || t.dirty) return;
+  t.dirty = true;
+  dirty_.push_back(t.id);
+}
+
+void Broker::Impl::SetState(Task& t, TaskState state) {
+  Touch(t);
+  QueueCounters& c = *t.cls->counters;
+  auto live = [&c](TaskState s) -> int64_t* {
+    if (s == TaskState::kPending || s == TaskState::kDelayed) return &c.pending;
+    if (s == TaskState::kLeased) return &c.leased;
+    return nullptr;
+  };
+  if (int64_t* was = live(t.state)) --*was;
+  t.state = state;
+  if (int64_t* now = live(state)) ++*now;
+}
+
+void Broker::Impl::Unlease(Task& t) {
+  if (t.leased_to) t.leased_to->leases.erase(t.id);
+  t.leased_to = nullptr;
+}
+
+void Broker::Impl::MakeReady(Task& t, bool front) {
+  SetState(t, TaskState::kPending);
+  t.not_before_ms = 0;
+  auto& lane = t.cls->ready[t.priority];
+  if (front) {
+    lane.push_front({t.seq, t.id});  // a task given back keeps its place
+  } else {
+    t.seq = next_seq_++;
+    lane.push_back({t.seq, t.id});
+  }
+}
+
+void Broker::Impl::Enqueue(Task& t) {
+  if (t.state == TaskState::kDelayed) {
+    delayed_.push({t.not_before_ms, t.id});
+  } else {
+    t.cls->ready[t.priority].push_back({t.seq, t.id});
+  }
+}
+
+void Broker::Impl::Delay(Task& t, int64_t not_before) {
+  SetState(t, TaskState::kDelayed);
+  t.not_before_ms = not_before;
+  delayed_.push({not_before, t.id});
+}
+
+void Broker::Impl::LeaseTo(Task& t, Worker& w, int32_t attempt) {
+  SetState(t, TaskState::kLeased);
+  t.lease_lost = false;
+  t.attempts = attempt;
+  t.leased_to = &w;
+  t.Notes().worker = w.name;
+  w.leases.insert(t.id);
+}
+
+void Broker::Impl::Lease(Task& t, Worker& w) {
+  LeaseTo(t, w, t.attempts + 1);
+  w.credits--;
+  w.outbox.tasks.push_back({t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
+  MarkDirty(w);
+}
+
+void Broker::Impl::LoseLease(Task& t, const std::string& reason, Effects& fx) {
+  Unlease(t);
+  if (t.state != TaskState::kLeased) return;
+  t.cls->counters->failed++;
+  t.Notes().error = reason;
+  if (t.attempts >= t.max_attempts) {
+    Finish(t, TaskState::kDead, fx);
+  } else {
+    MakeReady(t, /*front=*/false);
+    t.lease_lost = true;
+  }
+}
+
+bool Broker::Impl::Adopt(Task& t, const TaskRef& ref, Worker& w, bool awaited) {
+  const bool waiting = t.state == TaskState::kPending || t.state == TaskState::kDelayed;
+  // Its lease expired here while this very worker was away (not a result: that one counted).
+  const bool expired_away = t.lease_lost && ref.attempt == t.attempts && t.worker() == w.name;
+  // Granted just before the master's crash, never on disk: the next attempt.
+  const bool lost_in_crash = awaited && ref.attempt == t.attempts + 1;
+  if (!waiting || t.job->staged || !(expired_away || lost_in_crash) || ref.attempt < 1 ||
+      ref.attempt > t.max_attempts || !CanRun(w, *t.cls)) {
+    return false;
+  }
+  if (expired_away) t.cls->counters->failed--;  // the expiry was no failed attempt after all
+  LeaseTo(t, w, ref.attempt);
+  return true;
+}
+
+void Broker::Impl::GiveBack(Task& t) {
+  Unlease(t);
+  t.attempts--;
+  MakeReady(t, /*front=*/true);
+}
+
+void Broker::Impl::Finish(Task& t, TaskState state, Effects& fx) {
+  SetState(t, state);
+  t.job->account->unfinished--;
+  QueueCounters& c = *t.cls->counters;
+  t.finished_ms = clock_->NowMs();
+  t.completion_seq = next_completion_++;
+  fx.finished_through = t.completion_seq;
+  if (state == TaskState::kSucceeded) c.succeeded++;
+  if (state == TaskState::kDead) c.dead++;
+  if (state == TaskState::kCancelled) c.cancelled++;
+  CountDone(t.job, t, fx);
+  if (!extra_jobs_.empty()) {
+    auto [begin, end] = extra_jobs_.equal_range(t.id);
+    for (auto it = begin; it != end; ++it) CountDone(it->second, t, fx);
+    extra_jobs_.erase(t.id);
+  }
+}
+
+void Broker::Impl::Forget(std::unordered_map<TaskId, Task>::iterator it) {
+  TaskClass* cls = it->second.cls;
+  tasks_.erase(it);
+  if (--cls->tasks > 0) return;
+  for (auto& [id, w] : workers_) std::erase(w->eligible, cls);
+  classes_.erase(std::make_tuple(cls->queue, cls->kind, cls->labels));
+}
+
+TaskStatusRow Broker::Impl::StatusOf(const Task& t) const {
+  TaskStatusRow s;
+  s.state = t.state;
+  s.attempts = t.attempts;
+  s.not_before_ms = t.not_before_ms;
+  s.finished_ms = t.finished_ms;
+  s.seq = t.seq;
+  s.completion_seq = t.completion_seq;
+  s.output = t.output();
+  s.error = t.error();
+  s.worker = t.worker();
+  if (t.state == TaskState::kLeased && t.leased_to) s.worker_id = t.leased_to->id;
+  return s;
+}
+
+TaskRow Broker::Impl::RowOf(const Task& t) const {
+  TaskRow r;
+  r.id = t.id;
+  r.job_id = t.job->id;
+  r.queue = t.cls->queue;
+  r.kind = t.cls->kind;
+  r.labels = t.cls->labels;
+  r.payload = t.payload;
+  r.priority = t.priority;
+  r.max_attempts = t.max_attempts;
+  r.timeout_ms = t.timeout_ms;
+  r.created_ms = t.created_ms;
+  r.idempotency_key = t.key();
+  r.status = StatusOf(t);
+  return r;
+}
+
+void Broker::Impl::Collect(Effects& fx) {
+  for (TaskId id : dirty_) {
+    auto it = tasks_.find(id);
+    if (it == tasks_.end() || !it->second.dirty) continue;
+    it->second.dirty = false;
+    store_->UpdateTask(id, StatusOf(it->second));
+  }
+  dirty_.clear();
+  for (Worker* w : dirty_workers_) {
+    w->dirty = false;
+    if (w->channel && !w->outbox.empty()) {
+      fx.sends.emplace_back(w->channel, std::move(w->outbox));
+    }
+    w->outbox = WorkerOutbound{};
+  }
+  dirty_workers_.clear();
+}
+
+void Broker::Impl::MarkDirty(Worker& w) {
+  if (w.dirty) return;
+  w.dirty = true;
+  dirty_workers_.push_back(&w);
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,64 @@
+// Authorization of calls (see auth.h).
+#include "master/rpc/auth.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_util.h"
+
+namespace taskmaster {
+
+Authorizer::Authorizer(std::optional<TokenSet> tokens) : open_(!tokens) {
+  if (tokens) tokens_ = std::make_shared<const TokenSet>(std::move(*tokens));
+}
+
+void Authorizer::Replace(TokenSet tokens) {
+  auto replacement = std::make_shared<const TokenSet>(std::move(tokens));
+  absl::MutexLock lock(&mu_);
+  tokens_ = std::move(replacement);
+}
+
+grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, const char* call,
+                               Authorized* who) const {
+  context->AddTrailingMetadata(kAnsweredByMaster, "1");
+  if (open_) {
+    if (who) *who = Authorized{};
+    return grpc::Status::OK;
+  }
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing 'authorization: Bearer <token>' metadata");
+  }
+  std::optional<std::string_view> token =
+      BearerToken(std::string_view(it->second.data(), it->second.size()));
+  std::shared_ptr<const TokenSet> tokens;
+  {
+    absl::MutexLock lock(&mu_);
+    tokens = tokens_;
+  }
+  std::optional<Identity> identity = token ? tokens->Lookup(*token) : std::nullopt;
+  if (!identity) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  if (!RoleAllows(identity->role, need)) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat("a '", RoleName(identity->role), "' token may not call ", call,
+                                     " (it needs a '", RoleName(need), "' or 'admin' token)"));
+  }
+  if (who) *who = Authorized{std::move(*identity), std::string(*token)};
+  return grpc::Status::OK;
+}
+
+bool StreamQuota::Acquire(const std::string& token) {
+  absl::MutexLock lock(&mu_);
+  size_t& open = open_[token];
+  if (open >= per_token_) return false;
+  ++open;
+  return true;
+}
+
+void StreamQuota::Release(const std::string& token) {
+  absl::MutexLock lock(&mu_);
+  auto it = open_.find(token);
+  if (it != open_.end() && --it->second == 0) open_.erase(it);
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,60 @@
+// Authorization of calls: the bearer token checked against the tokens file, the caller's role
+// and tenant, and the per-token cap on open streams.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+#include "absl/synchronization/mutex.h"
+#include "common/auth.h"
+#include "grpcpp/grpcpp.h"
+#include "master/core/task.h"
+
+namespace taskmaster {
+
+// Who made a call, once its token checked out.
+struct Authorized {
+  Identity identity;
+  std::string token;  // as presented ("" without authentication): keys per-token limits
+
+  Caller caller() const { return {identity.tenant, identity.role == Role::kAdmin}; }
+};
+
+// Checks the bearer token of a call. Without a token set (the master's --insecure mode) every
+// call is allowed, as an admin of the default tenant. Thread-safe.
+class Authorizer {
+ public:
+  explicit Authorizer(std::optional<TokenSet> tokens);
+  // UNAUTHENTICATED without a known token, PERMISSION_DENIED when its role may not do `call`;
+  // otherwise fills `who`. Every call starts here: it also marks the answer as the master's
+  // (kAnsweredByMaster).
+  grpc::Status Check(grpc::CallbackServerContext* context, Role need, const char* call,
+                     Authorized* who = nullptr) const;
+  // New tokens for calls from now on (streams already open keep going).
+  void Replace(TokenSet tokens);
+
+ private:
+  const bool open_;  // --insecure
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const TokenSet> tokens_ ABSL_GUARDED_BY(mu_);
+};
+
+// Open streams per token, so that one token cannot hold the master's memory with streams that
+// never read. Thread-safe.
+class StreamQuota {
+ public:
+  explicit StreamQuota(size_t per_token) : per_token_(per_token) {}
+  // False when `token` has its limit open already; else counts one more until Release.
+  bool Acquire(const std::string& token);
+  void Release(const std::string& token);
+  size_t per_token() const { return per_token_; }
+
+ private:
+  const size_t per_token_;
+  absl::Mutex mu_;
+  std::unordered_map<std::string, size_t> open_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace taskmaster
