@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "master/core/broker.h"
+#include "master/store/completer.h"
 #include "master/store/sqlite_store.h"
 #include "tests/fakes.h"
 #include "tests/harness.h"
@@ -499,6 +500,30 @@ TEST(SqliteStore, CloseAnswersEveryCallbackBeforeItReturns) {
   (*store)->Flush([&](absl::Status s) { after = s; });
   EXPECT_TRUE(after.ok()) << "everything was written: " << after;
   (*store)->Close();  // idempotent
+}
+
+TEST(Completer, RunsCallbacksInOrderAndThoseTheyPostBeforeClosing) {
+  std::vector<int> ran;
+  Completer completer;
+  for (int i = 0; i < 3; ++i) {
+    std::vector<Completer::Callback> callbacks;
+    callbacks.push_back([&, i](absl::Status) {
+      ran.push_back(i);
+      if (i == 2) {  // one posted by a callback while the completer closes
+        std::vector<Completer::Callback> more;
+        more.push_back([&](absl::Status s) { ran.push_back(s.ok() ? 3 : -1); });
+        EXPECT_TRUE(completer.Post(std::move(more), absl::OkStatus()));
+      }
+    });
+    ASSERT_TRUE(completer.Post(std::move(callbacks), absl::OkStatus()));
+  }
+  completer.Close();
+  EXPECT_EQ(ran, (std::vector<int>{0, 1, 2, 3}));
+  std::vector<Completer::Callback> late;
+  late.push_back([&](absl::Status) { ran.push_back(4); });
+  EXPECT_FALSE(completer.Post(std::move(late), absl::OkStatus()));
+  ASSERT_EQ(late.size(), 1u) << "refused callbacks stay with the caller";
+  EXPECT_EQ(ran.size(), 4u) << "nothing runs after Close";
 }
 
 TEST(SqliteStore, Version1DatabaseIsMigrated) {

@@ -57,4 +57,9 @@ class DataDir {
   int64_t lost_commits_ = 0;
 };
 
+// Replays the records of an open store into `visitor`, only those that check out: a damaged
+// record stops the start with a message naming it (and the repair command), rather than a
+// silently shorter queue or a payload nobody submitted.
+absl::Status LoadRecords(const DataDir& dir, RecoveryVisitor* visitor);
+
 }  // namespace taskmaster::sqlite

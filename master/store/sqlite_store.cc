@@ -6,7 +6,6 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <deque>
 #include <filesystem>
 #include <thread>
 #include <unordered_map>
@@ -14,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "master/store/completer.h"
 #include "master/store/sqlite_files.h"
 #include "master/store/sqlite_records.h"
 
@@ -72,7 +72,7 @@ class SqliteStore final : public Store {
     // The writer commits what it can and hands over its last callbacks; the completer runs them
     // and any they cause, then ends.
     if (writer_.joinable()) writer_.join();
-    if (completer_.joinable()) completer_.join();
+    completer_.Close();
     absl::MutexLock lock(&mu_);
     closed_ = true;
   }
@@ -111,60 +111,14 @@ class SqliteStore final : public Store {
         this);
     KeepReserve();
     writer_ = std::thread([this] { WriterLoop(); });
-    completer_ = std::thread([this] { CompleterLoop(); });
     return absl::OkStatus();
   }
 
   std::string Epoch() const override { return dir_->epoch(); }
   bool persistent() const override { return true; }
 
-  // Hands over only what checks out: a damaged record stops the start with a message naming it,
-  // rather than a silently shorter queue or a payload nobody submitted.
   absl::Status Load(RecoveryVisitor* visitor) override {
-    auto damaged = [this](const std::string& record, const std::string& problem) {
-      return absl::DataLossError(absl::StrCat(
-          dir_->db_path(), " is damaged: ", record, ": ", problem,
-          ". The master did not start; `taskmaster --repair --data-dir ", dir_->dir(),
-          "` keeps every valid record and moves the rest aside (see docs/storage.md)"));
-    };
-    sqlite::ScanCallbacks callbacks;
-    callbacks.job = [&](JobRow job, const std::string& problem) {
-      if (!problem.empty()) return damaged(absl::StrCat("job ", job.job_id), problem);
-      visitor->OnJob(std::move(job));
-      return absl::OkStatus();
-    };
-    callbacks.task = [&](TaskRow task, const std::string& problem) {
-      if (!problem.empty()) return damaged(absl::StrCat("task ", task.id), problem);
-      visitor->OnTask(std::move(task));
-      return absl::OkStatus();
-    };
-    callbacks.member = [&](JobMemberRow member, const std::string& problem) {
-      if (!problem.empty()) {
-        return damaged(absl::StrCat("job ", member.job_id, "'s member task ", member.task_id),
-                       problem);
-      }
-      visitor->OnJobMember(std::move(member));
-      return absl::OkStatus();
-    };
-    callbacks.worker = [&](WorkerRow worker, const std::string& problem) {
-      if (!problem.empty()) return damaged(absl::StrCat("worker ", worker.worker_id), problem);
-      visitor->OnWorker(std::move(worker));
-      return absl::OkStatus();
-    };
-    callbacks.short_job = [&](const std::string& job_id, int64_t total, int64_t found) {
-      return damaged(absl::StrCat("job ", job_id),
-                     absl::StrCat("it has ", found, " of its ", total, " tasks"));
-    };
-    if (absl::Status s = sqlite::Scan(db_, callbacks); !s.ok()) {
-      if (absl::IsDataLoss(s)) return s;
-      return absl::DataLossError(absl::StrCat(dir_->db_path(), " cannot be read (", s.message(),
-                                              "). The master did not start; restore the data "
-                                              "directory from a backup"));
-    }
-    absl::StatusOr<TaskId> highest = sqlite::HighestTaskId(db_);
-    if (!highest.ok()) return highest.status();
-    visitor->OnHighestTaskId(*highest);
-    return absl::OkStatus();
+    return sqlite::LoadRecords(*dir_, visitor);
   }
 
   absl::Status Writable() const override {
@@ -182,12 +136,8 @@ class SqliteStore final : public Store {
         op.submitted = std::move(done);
         return;
       }
-      if (!completer_done_) {
-        completions_.push_back({{std::move(done)}, ClosedError()});
-        return;
-      }
     }
-    done(ClosedError());  // called after Close: nobody else would answer
+    Answer(std::move(done), ClosedError());
   }
 
   void UpdateTask(TaskId id, TaskStatusRow status) override {
@@ -237,13 +187,11 @@ class SqliteStore final : public Store {
 
   void Flush(std::function<void(absl::Status)> done) override {
     bool durable = false;
+    bool closed = false;
     {
       absl::MutexLock lock(&mu_);
       if (writer_done_ && durable_ < version_) {
-        if (!completer_done_) {
-          completions_.push_back({{std::move(done)}, ClosedError()});
-          return;
-        }
+        closed = true;
       } else if (durable_ < version_ || !error_.ok()) {
         waiters_.push_back({version_, std::move(done)});
         return;
@@ -251,7 +199,11 @@ class SqliteStore final : public Store {
         durable = true;
       }
     }
-    done(durable ? absl::OkStatus() : ClosedError());
+    if (closed) {
+      Answer(std::move(done), ClosedError());
+    } else {
+      done(durable ? absl::OkStatus() : ClosedError());
+    }
   }
 
  private:
@@ -330,9 +282,7 @@ class SqliteStore final : public Store {
       if (!status.ok() && submits > 0) {
         log_->warn("{} submits were refused for want of space and not stored", submits);
       }
-      if (done.empty()) continue;
-      absl::MutexLock lock(&mu_);
-      completions_.push_back({std::move(done), status});
+      completer_.Post(std::move(done), status);
     }
   }
 
@@ -344,7 +294,7 @@ class SqliteStore final : public Store {
     }
     for (auto& [version, callback] : waiters_) done.push_back(std::move(callback));
     waiters_.clear();
-    if (!done.empty()) completions_.push_back({std::move(done), ClosedError()});
+    completer_.Post(std::move(done), ClosedError());
     writer_done_ = true;
   }
 
@@ -352,26 +302,11 @@ class SqliteStore final : public Store {
     return absl::UnavailableError("the master stopped before this was written");
   }
 
-  // Runs the writer's callbacks in commit order, so the writer is on to its next commit while
-  // the broker and the services handle the last one's outcome.
-  void CompleterLoop() {
-    while (true) {
-      std::pair<std::vector<std::function<void(absl::Status)>>, absl::Status> next;
-      {
-        absl::MutexLock lock(&mu_);
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return writer_done_ || !completions_.empty();
-        };
-        mu_.Await(absl::Condition(&ready));
-        if (completions_.empty()) {
-          completer_done_ = true;
-          return;
-        }
-        next = std::move(completions_.front());
-        completions_.pop_front();
-      }
-      for (auto& callback : next.first) callback(next.second);
-    }
+  // After the writer stopped: the completer answers while it runs, the caller once it is closed.
+  void Answer(std::function<void(absl::Status)> done, absl::Status status) {
+    std::vector<std::function<void(absl::Status)>> one;
+    one.push_back(std::move(done));
+    if (!completer_.Post(std::move(one), status)) one.front()(status);
   }
 
   // Puts the changes of a failed commit back before those queued since, collapsing the changes
@@ -584,7 +519,7 @@ class SqliteStore final : public Store {
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
       insert_member_, put_worker_, delete_worker_, count_commit_;
   std::thread writer_;
-  std::thread completer_;
+  Completer completer_;
   // Writer thread only (the WAL hook runs inside its commits).
   int wal_pages_ = 0;
   bool reserve_held_ = false;
@@ -596,13 +531,9 @@ class SqliteStore final : public Store {
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;                         // changes recorded
   uint64_t durable_ ABSL_GUARDED_BY(mu_) = 0;                         // changes committed
   std::vector<std::pair<uint64_t, std::function<void(absl::Status)>>> waiters_ ABSL_GUARDED_BY(mu_);
-  absl::Status error_ ABSL_GUARDED_BY(mu_);  // the last commit's error, OK once one succeeds
-  // Callbacks of finished commits with their outcome, for the completer, in commit order.
-  std::deque<std::pair<std::vector<std::function<void(absl::Status)>>, absl::Status>> completions_
-      ABSL_GUARDED_BY(mu_);
+  absl::Status error_ ABSL_GUARDED_BY(mu_);        // the last commit's error, OK once one succeeds
   bool stop_ ABSL_GUARDED_BY(mu_) = false;         // Close began
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written
-  bool completer_done_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
