@@ -155,7 +155,7 @@ absl::StatusOr<std::string> Client::SubmitAndWatch(
     job_id = event.progress().job_id();
     seen += event.results_size();
     on_event(event);
-    if (event.progress().done() == event.progress().total() && seen >= event.progress().done()) {
+    if (JobFullyRead(event.progress().done(), event.progress().total(), seen)) {
       reader->Finish().IgnoreError();
       return job_id;
     }
@@ -194,8 +194,7 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
       backoff.Reset();
       seen += event.results_size();
       on_event(event);
-      complete =
-          event.progress().done() == event.progress().total() && seen >= event.progress().done();
+      complete = JobFullyRead(event.progress().done(), event.progress().total(), seen);
     }
     const grpc::Status status = reader->Finish();
     if (complete) return absl::OkStatus();

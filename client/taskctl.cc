@@ -77,13 +77,9 @@ int main(int argc, char** argv) {
     std::cerr << "taskctl: " << s.message() << "\n";
     return taskmaster::kExitError;
   };
-  if (!token_file.empty()) {
-    absl::StatusOr<std::string> token = taskmaster::ReadTokenFile(token_file);
-    if (!token.ok()) return fail(token.status());
-    options.token = *token;
-  } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
-    options.token = env;
-  }
+  absl::StatusOr<taskmaster::PresentedToken> token = taskmaster::LoadPresentedToken(token_file);
+  if (!token.ok()) return fail(token.status());
+  options.token = std::move(token->token);
   if (std::string warning =
           taskmaster::CleartextTokenWarning(options.master, !options.token.empty());
       !warning.empty()) {

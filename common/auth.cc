@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <cstdlib>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
@@ -121,6 +123,21 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
     if (!line.empty() && line.front() != '#') return std::string(line);
   }
   return absl::InvalidArgumentError(absl::StrCat("token file ", path, " holds no token"));
+}
+
+absl::StatusOr<PresentedToken> LoadPresentedToken(const std::string& token_file) {
+  PresentedToken out;
+  if (token_file.empty()) {
+    if (const char* env = std::getenv("TASKMASTER_TOKEN")) out.token = env;
+    return out;
+  }
+  absl::StatusOr<std::string> token = ReadTokenFile(token_file);
+  if (!token.ok()) return token.status();
+  out.token = std::move(*token);
+  if (!IsPrivateFile(token_file)) {
+    out.warning = absl::StrCat(token_file, " can be read by other users: chmod 600 it");
+  }
+  return out;
 }
 
 bool IsPrivateFile(const std::string& path) {

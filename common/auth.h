@@ -66,6 +66,14 @@ class TokenSet {
 // The credential a worker or client presents: the first non-comment line of `path`, trimmed.
 absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
 
+// The token a worker or client presents: read from `token_file` when one is named, else taken
+// from $TASKMASTER_TOKEN, else none (empty). `warning` says when the file is readable by others.
+struct PresentedToken {
+  std::string token;
+  std::string warning;
+};
+absl::StatusOr<PresentedToken> LoadPresentedToken(const std::string& token_file);
+
 // False when `path` can be read by users other than its owner (group or others).
 bool IsPrivateFile(const std::string& path);
 

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "common/grpc_util.h"
+#include "common/util.h"
 #include "master/rpc/translate.h"
 
 namespace taskmaster {
@@ -147,8 +148,7 @@ void JobStream::Pump() {
     for (TaskView& v : events->results) ToProto(v, event_.add_results());
     cursor_ += static_cast<int64_t>(events->results.size());
     ToProto(events->progress, event_.mutable_progress());
-    last_written_ =
-        events->progress.done == events->progress.total && cursor_ >= events->progress.done;
+    last_written_ = JobFullyRead(events->progress.done, events->progress.total, cursor_);
     wrote_any_ = true;
     writing_ = true;
     write = &event_;
