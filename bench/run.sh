@@ -62,8 +62,13 @@ start_master() {
     --data-dir "$data" --log-level warn "$@" 2>>"$work/master.log" &
   master_pid=$!
   pids+=("$master_pid")
-  for _ in $(seq 600); do [ -s "$work/port" ] && break; sleep 0.01; done
-  [ -s "$work/port" ] || { cat "$work/master.log" >&2; exit 1; }
+  # Listening once it has written its port (bounded: 600 polls, about 6 s), unless it exits first.
+  for _ in $(seq 600); do
+    [ -s "$work/port" ] && break
+    kill -0 "$master_pid" 2>/dev/null || break
+    sleep 0.01
+  done
+  [ -s "$work/port" ] || { echo "the master did not start" >&2; cat "$work/master.log" >&2; exit 1; }
   addr=127.0.0.1:$(cat "$work/port")
 }
 
@@ -93,6 +98,20 @@ measure() {
 }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# Waits until the master lists N pending tasks (bounded: 100 polls, about 10 s at least).
+wait_pending() {
+  local want=$1 have=
+  for _ in $(seq 100); do
+    have=$("$bin/client/taskctl" --master "$addr" --format json stats 2>/dev/null |
+      python3 -c 'import json, sys; print(sum(q["pending"] for q in json.load(sys.stdin)["queues"]))' \
+        2>/dev/null) || true
+    [ "$have" = "$want" ] && return
+    sleep 0.1
+  done
+  echo "the master lists ${have:-no} pending tasks, not $want" >&2
+  exit 1
+}
 
 # Appends one measurement: record KIND RUN JSON.
 record() { echo "{\"kind\":\"$1\",\"run\":$2,\"data\":$3}" >>"$results"; }
@@ -137,7 +156,18 @@ for run in $(seq "$runs"); do
       --credits "$credits" >"$work/streams.out" 2>>"$work/streams.log" &
     streams_pid=$!
     pids+=("$streams_pid")
-    for _ in $(seq 600); do grep -q streams "$work/streams.out" 2>/dev/null && break; sleep 0.1; done
+    # taskbench prints its line once every stream is welcomed, and gives up after 60 s (bounded
+    # here too: 700 polls, about 70 s); measuring without the streams would mislabel the figure.
+    for _ in $(seq 700); do
+      grep -q streams "$work/streams.out" 2>/dev/null && break
+      kill -0 "$streams_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if ! grep -q streams "$work/streams.out" 2>/dev/null; then
+      echo "the 1,000 $mode streams did not attach" >&2
+      cat "$work/streams.log" >&2
+      exit 1
+    fi
     record "throughput-1000-$mode-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
     stop "$streams_pid"
   done
@@ -148,7 +178,7 @@ for run in $(seq "$runs"); do
   start_master "$work/data-mem-$run" --store memory
   before=$(rss_kb "$master_pid")
   tb fill --count 1000000 --payload-bytes 16 >/dev/null
-  sleep 1
+  wait_pending 1000000
   after=$(rss_kb "$master_pid")
   record "memory" "$run" "{\"rss_before_kb\":$before,\"rss_after_kb\":$after,\"tasks\":1000000}"
   stop "$master_pid"

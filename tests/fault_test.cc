@@ -7,14 +7,18 @@
 #include <sys/mount.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <random>
+#include <stdexcept>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "tests/harness.h"
@@ -31,11 +35,28 @@ struct Figures {
   int64_t duplicates_executed = 0;  // attempts beyond the first, summed over tasks
 };
 
+// The seed of a randomized test: $TASKMASTER_TEST_SEED when set (to replay a failure), else a
+// fresh one. Printed, recorded as the test's `seed` property, and traced in every failure.
+uint32_t TestSeed() {
+  uint32_t seed = std::random_device{}();
+  if (const char* given = std::getenv("TASKMASTER_TEST_SEED"); given && *given) {
+    if (!absl::SimpleAtoi(given, &seed)) {
+      throw std::runtime_error(
+          absl::StrCat("TASKMASTER_TEST_SEED='", given, "' is not a 32-bit unsigned number"));
+    }
+  }
+  std::cout << "seed " << seed << " (replay with TASKMASTER_TEST_SEED=" << seed << ")" << std::endl;
+  ::testing::Test::RecordProperty("seed", std::to_string(seed));
+  return seed;
+}
+
 // Submits `batches` batches of `batch_size` square tasks with idempotency keys, retrying each
-// until it is acknowledged, while 2 workers run them and the master is SIGKILLed `kills` times
-// at random moments (and a worker once, when `kill_worker`). Then checks every acknowledged task
-// and every result seen before a kill.
+// until it is acknowledged (giving up 120 s after the start), while 2 workers run them and the
+// master is SIGKILLed `kills` times at moments drawn from `seed` (and a worker once, when
+// `kill_worker`). Then checks that every batch was acknowledged before the give-up, every
+// acknowledged task's result, and every result seen before a kill.
 Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker, uint32_t seed) {
+  SCOPED_TRACE(absl::StrCat("seed ", seed, " (replay with TASKMASTER_TEST_SEED=", seed, ")"));
   Cluster cluster({"--reconnect-grace-ms", "2000", "--lease-timeout-ms", "5000"});
   cluster.StartMaster();
   cluster.StartWorker("w1", {"--threads", "2"});
@@ -47,14 +68,17 @@ Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker,
   options.rpc_timeout = seconds(5);
   options.reconnect_timeout = seconds(60);
   auto client = Client::Connect(options);
+  EXPECT_TRUE(client.ok()) << client.status();
+  if (!client.ok()) return {};
 
   std::mutex mu;
   std::map<uint64_t, std::string> expected;  // acknowledged task → its result
   std::vector<std::string> jobs;
-  std::atomic<int> acked_batches{0};
+  std::atomic<int> acked_batches{0};  // acknowledged before the give-up, and only those
+  std::atomic<bool> gave_up{false};
   std::thread submitter([&] {
     const auto give_up = std::chrono::steady_clock::now() + seconds(120);
-    for (int b = 0; b < batches; ++b) {
+    for (int b = 0; b < batches && !gave_up; ++b) {
       v1::SubmitRequest request;
       for (int i = 0; i < batch_size; ++i) {
         v1::TaskSpec* t = request.add_tasks();
@@ -62,7 +86,8 @@ Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker,
         t->set_payload(std::to_string(b * batch_size + i));
         t->set_idempotency_key(absl::StrCat("burst-", b, "-", i));
       }
-      while (std::chrono::steady_clock::now() < give_up) {
+      bool acked = false;
+      while (!acked && std::chrono::steady_clock::now() < give_up) {
         auto response = (*client)->Submit(request);
         if (response.ok()) {
           std::lock_guard<std::mutex> lock(mu);
@@ -70,18 +95,25 @@ Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker,
           for (int i = 0; i < batch_size; ++i) {
             expected[response->task_ids(i)] = Square(b * batch_size + i);
           }
-          break;
+          acked = true;
+        } else {
+          std::this_thread::sleep_for(milliseconds(50));  // a retry's pause, not a wait
         }
-        std::this_thread::sleep_for(milliseconds(50));
+      }
+      if (!acked) {
+        gave_up = true;  // the remaining batches are never sent
+        break;
       }
       acked_batches++;
-      std::this_thread::sleep_for(milliseconds(40));  // a burst that kills can land in
+      // Spreads the batches over time, so that the kills land among them.
+      std::this_thread::sleep_for(milliseconds(40));
     }
   });
 
   std::mt19937 rng(seed);
   std::map<uint64_t, std::string> seen;  // results a client saw before a kill
   for (int k = 0; k < kills; ++k) {
+    // The random moment of the kill is the point of the test, not a wait for something.
     std::this_thread::sleep_for(milliseconds(100 + rng() % 500));
     std::vector<uint64_t> sample;
     {
@@ -98,11 +130,13 @@ Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker,
               << " batches acknowledged" << std::endl;
     cluster.KillMaster(SIGKILL);
     if (kill_worker && k == 0) cluster.worker(0).Signal(SIGKILL);
+    // How long the master stays down, also drawn at random: clients retry against a dead port.
     std::this_thread::sleep_for(milliseconds(rng() % 300));
     cluster.StartMaster();
     if (kill_worker && k == 0) cluster.StartWorker("w1-again", {"--threads", "2"});
   }
   submitter.join();
+  EXPECT_FALSE(gave_up.load()) << "a batch was still not acknowledged 120 s after the start";
   EXPECT_EQ(acked_batches.load(), batches);
 
   Figures f;
@@ -125,7 +159,14 @@ Figures BurstWithKills(int batches, int batch_size, int kills, bool kill_worker,
     f.recorded++;
     f.duplicates_executed += std::max(0, it->second.attempts() - 1);
   }
-  for (const auto& [id, output] : seen) EXPECT_EQ(results.at(id).output(), output) << id;
+  for (const auto& [id, output] : seen) {
+    auto it = results.find(id);
+    if (it == results.end()) {
+      ADD_FAILURE() << "task " << id << " was seen done before a kill and has no result after";
+      continue;
+    }
+    EXPECT_EQ(it->second.output(), output) << id;
+  }
   return f;
 }
 
@@ -146,7 +187,7 @@ TEST(Fault, MasterKilledMidBurstLosesNothingAcknowledged) {
 }
 
 TEST(FaultSlow, MasterKilledRepeatedlyAtRandomMoments) {
-  Figures f = BurstWithKills(20, 1000, 6, /*kill_worker=*/false, std::random_device{}());
+  Figures f = BurstWithKills(20, 1000, 6, /*kill_worker=*/false, TestSeed());
   EXPECT_EQ(f.acknowledged, 20'000);
   EXPECT_EQ(f.recorded, 20'000);
   Report("repeated kills", 6, f);
@@ -184,9 +225,15 @@ TEST(Fault, RestartKeepsDelayedRetryingAndCancelledTasks) {
         return t.ok() && t->attempts() == 1 && t->state() == v1::DELAYED;
       },
       seconds(10)));
-  ASSERT_EQ(*client->CancelTask(submitted->task_ids(3)), 1);
+  auto cancelled_count = client->CancelTask(submitted->task_ids(3));
+  ASSERT_TRUE(cancelled_count.ok()) << cancelled_count.status();
+  ASSERT_EQ(*cancelled_count, 1);
   std::vector<v1::TaskInfo> before;
-  for (uint64_t id : submitted->task_ids()) before.push_back(*client->GetTask(id));
+  for (uint64_t id : submitted->task_ids()) {
+    auto info = client->GetTask(id);
+    ASSERT_TRUE(info.ok()) << id << ": " << info.status();
+    before.push_back(*info);
+  }
 
   cluster.KillMaster(SIGKILL);
   cluster.StartMaster();
@@ -205,6 +252,7 @@ TEST(Fault, RestartKeepsDelayedRetryingAndCancelledTasks) {
   EXPECT_EQ(before[2].state(), v1::PENDING);
   EXPECT_EQ(before[3].state(), v1::CANCELLED);
   auto job = client->GetJob(submitted->job_id());
+  ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->cancelled(), 1);
 }
 
@@ -221,17 +269,25 @@ TEST(Fault, WaitFollowsAJobAcrossAMasterKill) {
   Process wait({Binary("taskctl"), "--master", cluster.address(), "--token-file",
                 cluster.dir().File("submit.token"), "wait", job},
                cluster.dir().File("wait.log"));
-  std::this_thread::sleep_for(milliseconds(500));
+  auto results_shown = [&] {
+    int lines = 0;
+    for (absl::string_view line : absl::StrSplit(wait.Log(), '\n')) {
+      if (line == "slept 100 ms") ++lines;
+    }
+    return lines;
+  };
+  // The follower is following once it has shown a result (it flushes each one); the job, 30
+  // tasks of 100 ms on 2 threads, still has more than a second to run.
+  ASSERT_TRUE(WaitFor([&] { return results_shown() > 0; }, seconds(20))) << wait.Log();
   cluster.KillMaster(SIGKILL);
+  const int before_kill = results_shown();
+  ASSERT_LT(before_kill, 30) << "the job ended before the kill: nothing was followed across it";
+  // The master stays down for a moment: the follower's reconnects meet a closed port first.
   std::this_thread::sleep_for(milliseconds(300));
   cluster.StartMaster();
   ASSERT_EQ(wait.Wait(seconds(60)), 0) << wait.Log();
-  int lines = 0;
-  const std::string log = wait.Log();
-  for (absl::string_view line : absl::StrSplit(log, '\n')) {
-    if (line == "slept 100 ms") ++lines;
-  }
-  EXPECT_EQ(lines, 30) << "each result once:\n" << wait.Log();
+  EXPECT_EQ(results_shown(), 30) << "each result once (" << before_kill << " before the kill):\n"
+                                 << wait.Log();
 }
 
 TEST(Fault, RunningTaskSurvivesAMasterKillWithoutASecondRun) {
@@ -247,7 +303,12 @@ TEST(Fault, RunningTaskSurvivesAMasterKillWithoutASecondRun) {
   auto submitted = client->Submit(request);
   ASSERT_TRUE(submitted.ok()) << submitted.status();
   const uint64_t id = submitted->task_ids(0);
-  ASSERT_TRUE(WaitFor([&] { return client->GetTask(id)->state() == v1::LEASED; }, seconds(10)));
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto task = client->GetTask(id);
+        return task.ok() && task->state() == v1::LEASED;
+      },
+      seconds(10)));
   cluster.KillMaster(SIGKILL);
   cluster.StartMaster();
   client = cluster.NewClient();
@@ -259,6 +320,7 @@ TEST(Fault, RunningTaskSurvivesAMasterKillWithoutASecondRun) {
       },
       seconds(20)));
   auto task = client->GetTask(id);
+  ASSERT_TRUE(task.ok()) << task.status();
   EXPECT_EQ(task->attempts(), 1) << "run once";
   EXPECT_EQ(task->worker(), "steady");
   EXPECT_EQ(task->output(), "slept 1500 ms");
@@ -458,7 +520,12 @@ TEST(Fault, DiskFullRefusesNewWorkKeepsTheRestAndRecovers) {
 
   // 2 MiB freed are enough: the log was shrunk and the reserve given back while full.
   disk.Free(2);
-  EXPECT_TRUE(WaitFor([&] { return client->GetJob(acked->job_id())->done() == 50; }, seconds(30)))
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        auto job = client->GetJob(acked->job_id());
+        return job.ok() && job->done() == 50;
+      },
+      seconds(30)))
       << "results are stored once space returns\n"
       << cluster.master().Log();
   absl::Status resubmitted;
@@ -579,7 +646,15 @@ TEST(Fault, StoreStaysBoundedUnderSteadyLoad) {
     auto submitted = client->Submit(request);
     ASSERT_TRUE(submitted.ok());
     ASSERT_TRUE(client->WatchJob(submitted->job_id(), [](const v1::JobEvent&) {}).ok());
-    std::this_thread::sleep_for(milliseconds(400));  // past retention: the wave is deleted
+    // Past retention (200 ms) the wave is forgotten, and deleted from the store.
+    absl::Status gone;
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          gone = client->GetJob(submitted->job_id()).status();
+          return absl::IsNotFound(gone);
+        },
+        seconds(10)))
+        << "wave " << wave << " outlived its retention: " << gone;
     if (wave == 3) after_warmup = store_bytes();
   }
   const uintmax_t at_end = store_bytes();

@@ -42,11 +42,12 @@ std::string ReadFile(const std::string& path) {
   return buffer.str();
 }
 
-bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout,
+             std::chrono::milliseconds poll) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < deadline) {
     if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(poll);
   }
   return done();
 }
@@ -194,11 +195,18 @@ std::vector<std::string> Cluster::MasterArgv() const {
 }
 
 void Cluster::StartMaster() {
+  if (master_ && master_->Running()) {
+    throw std::runtime_error("the previous master (pid " + std::to_string(master_->pid()) +
+                             ") is still running");
+  }
   const std::string port_file = dir_.File("port");
   std::filesystem::remove(port_file);
   master_ = std::make_unique<Process>(
       MasterArgv(), dir_.File("master-" + std::to_string(master_starts_++) + ".log"), env_);
-  // A restart may find the old port still held for a moment: bounded retries.
+  // One attempt, no retry. A restart reuses the port of a master that has exited (checked
+  // above), and gRPC listens with SO_REUSEADDR, so the port is free at once; a master
+  // that exits instead of listening has met a real error, which its log names, and starting it
+  // again would hide it.
   const bool listening =
       WaitFor([&] { return std::filesystem::exists(port_file) || !master_->Running(); },
               std::chrono::seconds(20));

@@ -31,8 +31,9 @@ class TempDir {
 void WriteFile(const std::string& path, const std::string& text);
 std::string ReadFile(const std::string& path);
 
-// Polls `done` every 20 ms until it holds or `timeout` passes; returns its last value.
-bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout);
+// Polls `done` every `poll` until it holds or `timeout` passes; returns its last value.
+bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout,
+             std::chrono::milliseconds poll = std::chrono::milliseconds(20));
 
 // The binary `name` (taskmaster, taskworker, taskctl) of this build, or of the directory in
 // $TASKMASTER_TEST_BINARIES: the same tests can then show how an older build behaves.
@@ -94,7 +95,9 @@ class Cluster {
   // cluster's directory, kept across restarts); fast timers by default.
   explicit Cluster(std::vector<std::string> master_flags = {});
 
-  // Starts (or restarts, on the same port once one was chosen) the master; waits until it listens.
+  // Starts (or restarts, on the same port once one was chosen) the master; waits (up to 20 s)
+  // until it listens, and throws with its log if it exits or times out first. No retry: see
+  // harness.cc.
   void StartMaster();
   // The master's command line, as StartMaster runs it.
   std::vector<std::string> MasterArgv() const;

@@ -190,6 +190,7 @@ class HonestClient {
     int64_t n = 0;
     auto next_start = Clock::now();
     while (!stop_) {
+      // Paces the honest client (a job every kHonestPeriod): a rate, not a wait for a condition.
       std::this_thread::sleep_until(next_start);
       next_start = Clock::now() + kHonestPeriod;
       v1::SubmitRequest request;

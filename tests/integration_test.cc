@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "grpcpp/grpcpp.h"
+#include "nlohmann/json.hpp"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 #include "tests/harness.h"
 
@@ -32,6 +33,19 @@ v1::SubmitRequest Batch(const std::string& kind, const std::vector<std::string>&
     t->set_max_attempts(max_attempts);
   }
   return request;
+}
+
+// The task ids `taskctl --format json submit` printed (none when it failed).
+std::vector<uint64_t> SubmittedIds(const CommandResult& submitted) {
+  const nlohmann::json out = nlohmann::json::parse(
+      submitted.out.substr(0, submitted.out.find('\n')), nullptr, /*allow_exceptions=*/false);
+  if (!out.is_object() || !out.contains("task_ids")) return {};
+  return out["task_ids"].get<std::vector<uint64_t>>();
+}
+
+bool TaskIs(const Client& client, uint64_t id, v1::TaskState state) {
+  auto task = client.GetTask(id);
+  return task.ok() && task->state() == state;
 }
 
 // Follows a job to its end; returns its results by task id, failing on any duplicate.
@@ -123,7 +137,8 @@ TEST(Integration, TwoWorkersShareTwoThousandTasksExactlyOnce) {
   auto client = cluster.NewClient();
   std::vector<std::string> payloads;
   for (int i = 0; i < 2000; ++i) payloads.push_back(std::to_string(i));
-  // Slow enough per task that both workers get a share.
+  // `square` takes microseconds: both workers get a share because each holds only a few credits
+  // at a time (its threads and a short prefetch), and the master hands out tasks against credits.
   auto submitted = client->Submit(Batch("square", payloads));
   ASSERT_TRUE(submitted.ok()) << submitted.status();
   ASSERT_EQ(submitted->task_ids_size(), 2000);
@@ -149,7 +164,7 @@ TEST(Integration, KilledWorkersTaskFinishesElsewhere) {
   auto submitted = client->Submit(Batch("sleep", {"1500"}));
   ASSERT_TRUE(submitted.ok());
   const uint64_t id = submitted->task_ids(0);
-  ASSERT_TRUE(WaitFor([&] { return client->GetTask(id)->state() == v1::LEASED; }, seconds(10)));
+  ASSERT_TRUE(WaitFor([&] { return TaskIs(*client, id, v1::LEASED); }, seconds(10)));
   cluster.StartWorker("survivor", {"--threads", "1"});
   ASSERT_TRUE(cluster.WaitForWorkers(2));
   doomed.Signal(SIGKILL);
@@ -167,7 +182,10 @@ TEST(Integration, WorkerOutlivesMasterRestart) {
   Process& worker = cluster.StartWorker("steady", {"--threads", "2"});
   ASSERT_TRUE(cluster.WaitForWorkers(1));
   cluster.KillMaster(SIGKILL);
-  std::this_thread::sleep_for(milliseconds(300));
+  // The master comes back once the worker has noticed it was gone.
+  ASSERT_TRUE(WaitFor([&] { return worker.Log().find("lost the master") != std::string::npos; },
+                      seconds(10)))
+      << worker.Log();
   cluster.StartMaster();
   ASSERT_TRUE(cluster.WaitForWorkers(1)) << "the worker came back on its own";
   auto client = cluster.NewClient();
@@ -205,7 +223,9 @@ TEST(Integration, TokensAreCheckedWithRoles) {
       WaitFor([&] { return bad_worker.Log().find("may not call Connect") != std::string::npos; },
               seconds(10)))
       << bad_worker.Log();
-  EXPECT_TRUE(cluster.NewClient()->Workers()->workers().empty());
+  auto workers = cluster.NewClient()->Workers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  EXPECT_TRUE(workers->workers().empty());
   EXPECT_NE(cluster.master().Log().find("refused a worker stream"), std::string::npos);
   bad_worker.Signal(SIGTERM);
   EXPECT_EQ(bad_worker.Wait(seconds(10)), 0);
@@ -373,7 +393,9 @@ TEST(Integration, AResultTheMasterKeepsRefusingIsGivenUp) {
       [&] { return worker.Log().find("giving up on the result of task 1") != std::string::npos; },
       std::chrono::seconds(10)))
       << worker.Log();
-  std::this_thread::sleep_for(std::chrono::seconds(1));  // room for a resend that must not come
+  // Room for a resend that must not come: a fixed window on purpose, as there is no event to wait
+  // for when checking that something does not happen.
+  std::this_thread::sleep_for(std::chrono::seconds(1));
   EXPECT_EQ(master.refusals.load(), 5);
   EXPECT_TRUE(worker.Running());
   server->Shutdown(std::chrono::system_clock::now());
@@ -417,11 +439,15 @@ TEST(Integration, BadInputIsInvalidArgumentAndTheMasterCarriesOn) {
   // Still serving.
   EXPECT_TRUE(client->Submit(Batch("echo", {"fine"})).ok());
   // An unknown kind is accepted, and status says why it waits.
-  CommandResult unknown = cluster.Taskctl({"submit", "--kind", "resize", "img"});
-  EXPECT_EQ(unknown.exit_code, 0);
-  EXPECT_NE(unknown.err.find("no connected worker runs kind 'resize'"), std::string::npos);
-  auto info = client->GetTask(2);  // after "fine", the only other task accepted
-  ASSERT_TRUE(info.ok());
+  CommandResult unknown =
+      cluster.Taskctl({"--format", "json", "submit", "--kind", "resize", "img"});
+  EXPECT_EQ(unknown.exit_code, 0) << unknown.err;
+  EXPECT_NE(unknown.err.find("no connected worker runs kind 'resize'"), std::string::npos)
+      << unknown.err;
+  const std::vector<uint64_t> ids = SubmittedIds(unknown);
+  ASSERT_EQ(ids.size(), 1u) << unknown.out;
+  auto info = client->GetTask(ids[0]);
+  ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_NE(info->waiting_for().find("no connected worker"), std::string::npos);
 }
 
@@ -517,9 +543,11 @@ TEST(Integration, WorkerDrainsOnSigterm) {
   draining.Signal(SIGTERM);
   EXPECT_EQ(draining.Wait(seconds(20)), 0) << draining.Log();
   auto done = client->GetTask(first);
+  ASSERT_TRUE(done.ok()) << done.status();
   EXPECT_EQ(done->state(), v1::SUCCEEDED) << "the running task finished";
   for (int i = 1; i < 3; ++i) {
     auto returned = client->GetTask(submitted->task_ids(i));
+    ASSERT_TRUE(returned.ok()) << returned.status();
     EXPECT_EQ(returned->state(), v1::PENDING);
     EXPECT_EQ(returned->attempts(), 0) << "given back without using an attempt";
   }
@@ -533,16 +561,25 @@ TEST(Integration, CancelStopsARunningTask) {
   cluster.StartMaster();
   cluster.StartWorker("w", {"--threads", "1"});
   ASSERT_TRUE(cluster.WaitForWorkers(1));
-  CommandResult submitted = cluster.Taskctl({"submit", "--kind", "sleep", "60000"});
-  ASSERT_EQ(submitted.exit_code, 0);
+  CommandResult submitted =
+      cluster.Taskctl({"--format", "json", "submit", "--kind", "sleep", "60000"});
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+  const std::vector<uint64_t> ids = SubmittedIds(submitted);
+  ASSERT_EQ(ids.size(), 1u) << submitted.out;
+  const uint64_t id = ids[0];
   auto client = cluster.NewClient();
-  ASSERT_TRUE(WaitFor([&] { return client->GetTask(1)->state() == v1::LEASED; }, seconds(10)));
-  CommandResult cancel = cluster.Taskctl({"cancel", "1"});
-  EXPECT_EQ(cancel.exit_code, 0);
-  EXPECT_NE(cancel.out.find("cancelled 1 task"), std::string::npos);
+  ASSERT_TRUE(WaitFor([&] { return TaskIs(*client, id, v1::LEASED); }, seconds(10)));
+  CommandResult cancel = cluster.Taskctl({"cancel", std::to_string(id)});
+  EXPECT_EQ(cancel.exit_code, 0) << cancel.err;
+  EXPECT_NE(cancel.out.find("cancelled 1 task"), std::string::npos) << cancel.out;
   // The worker stopped it: its slot is free again long before the minute is up.
-  EXPECT_TRUE(WaitFor([&] { return client->Workers()->workers(0).running() == 0; }, seconds(10)));
-  EXPECT_EQ(client->GetTask(1)->state(), v1::CANCELLED);
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        auto workers = client->Workers();
+        return workers.ok() && workers->workers_size() == 1 && workers->workers(0).running() == 0;
+      },
+      seconds(10)));
+  EXPECT_TRUE(TaskIs(*client, id, v1::CANCELLED));
 }
 
 }  // namespace
@@ -558,16 +595,19 @@ TEST(Integration, MasterStopsCleanlyOnSigtermAndWaitSaysWhatHappened) {
   // A long shutdown deadline: the master must not need it to end its streams.
   Cluster cluster({"--store", "memory", "--shutdown-timeout-ms", "30000"});
   cluster.StartMaster();
-  Process& worker = cluster.StartWorker("w", {"--threads", "1"});
+  Process& worker = cluster.StartWorker("w", {"--threads", "2"});
   ASSERT_TRUE(cluster.WaitForWorkers(1));
-  CommandResult submitted = cluster.Taskctl({"submit", "--kind", "sleep", "60000"});
-  ASSERT_EQ(submitted.exit_code, 0);
+  // A task that runs for a minute, and one done at once that shows the follower is following.
+  CommandResult submitted = cluster.Taskctl({"submit", "--kind", "sleep", "1", "60000"});
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
   const std::string job = submitted.out.substr(0, submitted.out.find('\n'));
   // A follower of the job, across the master's restart.
   Process wait({Binary("taskctl"), "--master", cluster.address(), "--token-file",
                 cluster.dir().File("submit.token"), "wait", job},
                cluster.dir().File("wait.log"));
-  std::this_thread::sleep_for(milliseconds(300));
+  ASSERT_TRUE(
+      WaitFor([&] { return wait.Log().find("slept 1 ms") != std::string::npos; }, seconds(20)))
+      << wait.Log();
   const auto start = std::chrono::steady_clock::now();
   cluster.KillMaster(SIGTERM);
   EXPECT_EQ(cluster.master().Wait(milliseconds(0)), 0) << cluster.master().Log();

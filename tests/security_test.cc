@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "client/client.h"
 #include "common/grpc_util.h"
@@ -24,7 +25,8 @@ std::string TenantTokens(const std::string& extra = "") {
                       kWorkToken, "\nadmin ", kAdminToken, "\nsubmit ", kSubmitToken, "\n", extra);
 }
 
-// A client with `token`, over TLS trusting `ca_file` when one is given.
+// A client with `token`, over TLS trusting `ca_file` when one is given; null (and a failure
+// recorded) when it cannot be made.
 std::unique_ptr<Client> Connect(const Cluster& cluster, const std::string& token,
                                 const std::string& ca_file = "") {
   ClientOptions options;
@@ -36,6 +38,14 @@ std::unique_ptr<Client> Connect(const Cluster& cluster, const std::string& token
   auto client = Client::Connect(options);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
+}
+
+// What a fresh client with `token` (trusting `ca_file`) gets when it asks for the stats.
+absl::Status StatsWith(const Cluster& cluster, const std::string& token,
+                       const std::string& ca_file) {
+  std::unique_ptr<Client> client = Connect(cluster, token, ca_file);
+  if (!client) return absl::InternalError("no client");
+  return client->Stats().status();
 }
 
 v1::SubmitRequest Squares(std::initializer_list<int> numbers, const std::string& key = "") {
@@ -64,6 +74,7 @@ TEST(Security, TenantsSeeOnlyTheirOwnJobsOverTheWire) {
   auto acme = Connect(cluster, kAcmeToken);
   auto beta = Connect(cluster, kBetaToken);
   auto admin = Connect(cluster, kAdminToken);
+  ASSERT_TRUE(acme != nullptr && beta != nullptr && admin != nullptr);
   auto submitted = acme->Submit(Squares({3}, "nightly-"));
   ASSERT_TRUE(submitted.ok()) << submitted.status();
   const std::string job = submitted->job_id();
@@ -104,7 +115,9 @@ TEST(Security, TenantsSeeOnlyTheirOwnJobsOverTheWire) {
   };
   ASSERT_TRUE(WaitFor([&] { return done(*acme, job) && done(*beta, beta_keyed->job_id()); },
                       std::chrono::seconds(20)));
-  EXPECT_EQ(acme->GetTask(task)->output(), "3*3=9");
+  auto result = acme->GetTask(task);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->output(), "3*3=9");
 }
 
 TEST(Security, SighupReloadsTokensWithoutDroppingConnections) {
@@ -114,21 +127,28 @@ TEST(Security, SighupReloadsTokensWithoutDroppingConnections) {
   cluster.StartWorker("w");
   ASSERT_TRUE(cluster.WaitForWorkers(1));
   auto old_client = Connect(cluster, kAcmeToken);
+  ASSERT_NE(old_client, nullptr);
   auto submitted = old_client->Submit(Squares({6}));
   ASSERT_TRUE(submitted.ok()) << submitted.status();
-  // A job stream opened with the old token, on a task that waits a while.
-  v1::SubmitRequest slow;
-  v1::TaskSpec* t = slow.add_tasks();
+  // A job stream opened with the old token, on a task delayed long enough to outlast the reload.
+  v1::SubmitRequest delayed;
+  v1::TaskSpec* t = delayed.add_tasks();
   t->set_kind("square");
   t->set_payload("7");
   t->set_delay_ms(1500);
   std::atomic<int> results{0};
   std::thread watcher([&] {
     auto watched = old_client->SubmitAndWatch(
-        slow, [&](const v1::JobEvent& e) { results += e.results_size(); });
+        delayed, [&](const v1::JobEvent& e) { results += e.results_size(); });
     EXPECT_TRUE(watched.ok()) << watched.status();
   });
-  const int64_t connected_ms = (*cluster.NewClient()->Workers()).workers(0).connected_ms();
+  absl::Cleanup join_watcher = [&] {  // also when an assertion below returns early
+    if (watcher.joinable()) watcher.join();
+  };
+  auto before = cluster.NewClient()->Workers();
+  ASSERT_TRUE(before.ok()) << before.status();
+  ASSERT_EQ(before->workers_size(), 1);
+  const int64_t connected_ms = before->workers(0).connected_ms();
 
   // Rotation: the old token goes, a new one comes, for the same tenant.
   std::string rotated = TenantTokens();
@@ -136,6 +156,7 @@ TEST(Security, SighupReloadsTokensWithoutDroppingConnections) {
   ReplaceTokens(cluster, rotated);
   cluster.master().Signal(SIGHUP);
   auto new_client = Connect(cluster, kAcmeNewToken);
+  ASSERT_NE(new_client, nullptr);
   ASSERT_TRUE(WaitFor([&] { return new_client->GetJob(submitted->job_id()).ok(); },
                       std::chrono::seconds(10)));
   EXPECT_TRUE(absl::IsUnauthenticated(old_client->GetJob(submitted->job_id()).status()));
@@ -212,6 +233,7 @@ TEST(Security, SighupReloadsTheCertificateWithoutDroppingConnections) {
   tls_cluster.StartMaster();
   tls_cluster.StartWorker("w", {"--tls-ca", first.File("ca.pem")});
   auto trusts_first = Connect(tls_cluster, kSubmitToken, first.File("ca.pem"));
+  ASSERT_NE(trusts_first, nullptr);
   absl::StatusOr<v1::WorkersResponse> workers;
   ASSERT_TRUE(WaitFor(
       [&] {
@@ -225,12 +247,13 @@ TEST(Security, SighupReloadsTheCertificateWithoutDroppingConnections) {
   WriteFile(live.File("server.pem"), ReadFile(second.File("server.pem")));
   WriteFile(live.File("server.key"), ReadFile(second.File("server.key")));
   tls_cluster.master().Signal(SIGHUP);
-  ASSERT_TRUE(WaitFor(
-      [&] { return Connect(tls_cluster, kSubmitToken, second.File("ca.pem"))->Stats().ok(); },
-      std::chrono::seconds(10)));
+  ASSERT_TRUE(
+      WaitFor([&] { return StatsWith(tls_cluster, kSubmitToken, second.File("ca.pem")).ok(); },
+              std::chrono::seconds(10)));
   // New connections get the new certificate; the worker's connection stayed and still works.
-  EXPECT_FALSE(Connect(tls_cluster, kSubmitToken, first.File("ca.pem"))->Stats().ok());
+  EXPECT_FALSE(StatsWith(tls_cluster, kSubmitToken, first.File("ca.pem")).ok());
   auto trusts_second = Connect(tls_cluster, kSubmitToken, second.File("ca.pem"));
+  ASSERT_NE(trusts_second, nullptr);
   std::string output;
   auto watched = trusts_second->SubmitAndWatch(Squares({8}), [&](const v1::JobEvent& e) {
     for (const auto& r : e.results()) output = r.output();
@@ -247,7 +270,7 @@ TEST(Security, SighupReloadsTheCertificateWithoutDroppingConnections) {
   ASSERT_TRUE(WaitFor(
       [&] { return absl::StrContains(tls_cluster.master().Log(), "kept the TLS certificate"); },
       std::chrono::seconds(10)));
-  EXPECT_TRUE(Connect(tls_cluster, kSubmitToken, second.File("ca.pem"))->Stats().ok());
+  EXPECT_TRUE(StatsWith(tls_cluster, kSubmitToken, second.File("ca.pem")).ok());
 }
 
 TEST(Security, JobStreamsPerTokenAreCapped) {
