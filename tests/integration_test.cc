@@ -533,7 +533,6 @@ TEST(Integration, WorkerDrainsOnSigterm) {
   auto client = cluster.NewClient();
   auto submitted = client->Submit(Batch("sleep", {"1000", "1000", "1000"}));
   ASSERT_TRUE(submitted.ok());
-  const uint64_t first = submitted->task_ids(0);
   ASSERT_TRUE(WaitFor(
       [&] {
         auto workers = client->Workers();
@@ -542,15 +541,22 @@ TEST(Integration, WorkerDrainsOnSigterm) {
       seconds(10)));
   draining.Signal(SIGTERM);
   EXPECT_EQ(draining.Wait(seconds(20)), 0) << draining.Log();
-  auto done = client->GetTask(first);
-  ASSERT_TRUE(done.ok()) << done.status();
-  EXPECT_EQ(done->state(), v1::SUCCEEDED) << "the running task finished";
-  for (int i = 1; i < 3; ++i) {
-    auto returned = client->GetTask(submitted->task_ids(i));
-    ASSERT_TRUE(returned.ok()) << returned.status();
-    EXPECT_EQ(returned->state(), v1::PENDING);
-    EXPECT_EQ(returned->attempts(), 0) << "given back without using an attempt";
+  // The worker ran one of the three (which one is its pool's choice) and gave the others back.
+  int finished = 0;
+  int returned = 0;
+  for (uint64_t id : submitted->task_ids()) {
+    auto task = client->GetTask(id);
+    ASSERT_TRUE(task.ok()) << task.status();
+    if (task->state() == v1::SUCCEEDED) {
+      ++finished;
+    } else {
+      EXPECT_EQ(task->state(), v1::PENDING) << "task " << id;
+      EXPECT_EQ(task->attempts(), 0) << "task " << id << " given back without using an attempt";
+      ++returned;
+    }
   }
+  EXPECT_EQ(finished, 1) << "the running task finished";
+  EXPECT_EQ(returned, 2);
   cluster.StartWorker("next", {"--threads", "2"});
   auto results = Collect(*client, submitted->job_id());
   EXPECT_EQ(results.size(), 3u);
