@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The benchmark: builds in Release, then, RUNS times over, measures the seed's design
+# The benchmark: builds the daemons and tools in Release, then, RUNS times over, measures the seed's design
 # (shared/peers/seed-manager) and taskmaster side by side on loopback, on the same tasks, and
 # prints the medians, the ratios and the targets; bench/results.json gets every figure. Every
 # measurement starts a fresh master.
 #
-#   bench/run.sh [--runs N] [--out FILE] [--tasks N]
+#   bench/run.sh [--runs N] [--out FILE] [--tasks N] [--bin BUILD_DIR]
+#
+# --bin measures the binaries of another build (say, of an earlier commit, built with
+# `cmake -DCMAKE_BUILD_TYPE=Release`) with this script, so two versions compare on one method.
 #
 # Every process it starts it stops by PID; every wait is bounded.
 set -euo pipefail
@@ -13,12 +16,14 @@ root=$(pwd)
 runs=5
 out=bench/results.json
 tasks=200000
+bin=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --tasks) tasks=$2; shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--out FILE] [--tasks N]" >&2; exit 2 ;;
+    --bin) bin=$(cd "$2" && pwd); shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--out FILE] [--tasks N] [--bin BUILD_DIR]" >&2; exit 2 ;;
   esac
 done
 seed_peer=${SEED_PEER:-$root/../shared/peers/seed-manager}
@@ -26,14 +31,19 @@ if [ ! -x "$seed_peer/run.sh" ]; then
   echo "warning: the seed's design is not at $seed_peer (set SEED_PEER): no ratios to it" >&2
 fi
 
-./scripts/deps.sh
-mkdir -p build-release
-echo "building Release (log: build-release/build.log) ..." >&2
-if ! BUILD_DIR=build-release BUILD_TYPE=Release ./scripts/build.sh >build-release/build.log 2>&1; then
-  tail -n 40 build-release/build.log >&2
-  exit 1
+if [ -z "$bin" ]; then
+  ./scripts/deps.sh
+  mkdir -p build-release
+  echo "building Release (log: build-release/build.log) ..." >&2
+  # Only what the benchmark runs: the tests are not needed here.
+  if ! { cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF &&
+    cmake --build build-release -j"$(nproc)" --target taskmaster taskworker taskctl taskbench \
+      commit_mark; } >build-release/build.log 2>&1; then
+    tail -n 40 build-release/build.log >&2
+    exit 1
+  fi
+  bin=$root/build-release
 fi
-bin=$root/build-release
 
 work=$(mktemp -d)
 pids=()
