@@ -1,0 +1,191 @@
+// The client service, the job stream and the worker stream in one process, over gRPC's in-process
+// transport (no socket): a fake worker speaks the worker protocol by hand.
+#include <chrono>
+#include <memory>
+#include <set>
+#include <thread>
+
+#include "common/clock.h"
+#include "common/logging.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "master/core/broker.h"
+#include "master/rpc/auth.h"
+#include "master/rpc/task_queue_service.h"
+#include "master/rpc/worker_stream.h"
+#include "master/store/memory_store.h"
+
+namespace taskmaster {
+namespace {
+
+using std::chrono::seconds;
+
+// A broker on the memory store behind both services, insecure (every caller an admin).
+class InProcessMaster {
+ public:
+  InProcessMaster()
+      : store_(NewMemoryStore()),
+        broker_(BrokerOptions{}, SystemClock::Get(), store_.get(), GetLogger("rpc-test")),
+        auth_(std::nullopt),
+        queue_(&broker_, &auth_, /*max_watches_per_token=*/100),
+        workers_(&broker_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20) {
+    EXPECT_TRUE(broker_.Recover().ok());
+    grpc::ServerBuilder builder;
+    builder.RegisterService(&queue_);
+    builder.RegisterService(&workers_);
+    server_ = builder.BuildAndStart();
+    channel_ = server_->InProcessChannel(grpc::ChannelArguments());
+  }
+  ~InProcessMaster() {
+    broker_.Shutdown();
+    server_->Shutdown(std::chrono::system_clock::now() + seconds(30));
+  }
+
+  std::unique_ptr<v1::TaskQueue::Stub> Client() { return v1::TaskQueue::NewStub(channel_); }
+  std::unique_ptr<v1::WorkerService::Stub> Workers() {
+    return v1::WorkerService::NewStub(channel_);
+  }
+
+ private:
+  std::unique_ptr<Store> store_;
+  Broker broker_;
+  Authorizer auth_;
+  TaskQueueService queue_;
+  WorkerServiceImpl workers_;
+  std::unique_ptr<grpc::Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+v1::SubmitRequest EchoBatch(int count) {
+  v1::SubmitRequest request;
+  for (int i = 0; i < count; ++i) {
+    v1::TaskSpec* t = request.add_tasks();
+    t->set_kind("echo");
+    t->set_payload("p" + std::to_string(i));
+  }
+  return request;
+}
+
+// A worker by hand: says hello, takes `credits`, answers every task with its payload, one result
+// per message, so the job changes once per result while its followers read.
+void RunEchoWorker(v1::WorkerService::Stub& stub, int tasks) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+  auto stream = stub.Connect(&context);
+  v1::WorkerMessage hello;
+  hello.mutable_hello()->set_worker_id("hand-worker");
+  hello.mutable_hello()->add_kinds("echo");
+  hello.mutable_hello()->set_slots(1);
+  hello.set_credits(tasks);
+  ASSERT_TRUE(stream->Write(hello));
+  int answered = 0;
+  v1::MasterMessage in;
+  while (answered < tasks && stream->Read(&in)) {
+    for (const v1::Task& t : in.tasks()) {
+      v1::WorkerMessage result;
+      v1::TaskResult* r = result.add_results();
+      r->set_task_id(t.task_id());
+      r->set_attempt(t.attempt());
+      r->set_outcome(v1::TaskResult::SUCCEEDED);
+      r->set_output(t.payload());
+      ASSERT_TRUE(stream->Write(result));
+      ++answered;
+    }
+  }
+  EXPECT_EQ(answered, tasks);
+  v1::WorkerMessage bye;
+  bye.set_bye(true);
+  stream->Write(bye);
+  stream->WritesDone();
+  // The master acknowledges, then ends the stream once it has read the goodbye.
+  while (stream->Read(&in)) {
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+// Every result reaches the follower exactly once, although they come in one by one while it
+// writes, and the stream ends by itself once the job is done.
+TEST(JobStream, FollowsResultsArrivingOneByOneToTheEnd) {
+  InProcessMaster master;
+  auto client = master.Client();
+  constexpr int kTasks = 300;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+  auto reader = client->SubmitAndWatch(&context, EchoBatch(kTasks));
+  auto worker_stub = master.Workers();
+  std::thread worker([&] { RunEchoWorker(*worker_stub, kTasks); });
+  std::set<uint64_t> seen;
+  int results = 0;
+  v1::JobEvent event;
+  int64_t done = 0;
+  while (reader->Read(&event)) {
+    for (const v1::TaskInfo& t : event.results()) {
+      EXPECT_TRUE(seen.insert(t.id()).second) << "task " << t.id() << " twice";
+      EXPECT_EQ(t.state(), v1::SUCCEEDED);
+      ++results;
+    }
+    done = event.progress().done();
+  }
+  const grpc::Status status = reader->Finish();
+  worker.join();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(results, kTasks);
+  EXPECT_EQ(done, kTasks);
+}
+
+// A job that finished before anyone followed it: one write with everything, then the end.
+TEST(JobStream, WatchingAFinishedJobWritesItAllAndEnds) {
+  InProcessMaster master;
+  auto client = master.Client();
+  constexpr int kTasks = 20;
+  v1::SubmitResponse submitted;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(client->Submit(&context, EchoBatch(kTasks), &submitted).ok());
+  }
+  auto worker_stub = master.Workers();
+  RunEchoWorker(*worker_stub, kTasks);
+  // The worker's last result may still be on its way in: follow until the job says done.
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(10));
+  v1::WatchJobRequest watch;
+  watch.set_job_id(submitted.job_id());
+  auto reader = client->WatchJob(&context, watch);
+  int results = 0;
+  v1::JobEvent event;
+  while (reader->Read(&event)) results += event.results_size();
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(results, kTasks);
+}
+
+// A job id nobody submitted: the stream ends at once with NOT_FOUND.
+TEST(JobStream, AnUnknownJobIsNotFound) {
+  InProcessMaster master;
+  auto client = master.Client();
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(10));
+  v1::WatchJobRequest watch;
+  watch.set_job_id("job-nobody");
+  auto reader = client->WatchJob(&context, watch);
+  v1::JobEvent event;
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// The first message of a worker stream must be a hello; anything else is refused.
+TEST(WorkerStream, AStreamWithoutAHelloIsRefused) {
+  InProcessMaster master;
+  auto stub = master.Workers();
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(10));
+  auto stream = stub->Connect(&context);
+  v1::WorkerMessage credits;
+  credits.set_credits(5);
+  stream->Write(credits);
+  v1::MasterMessage in;
+  EXPECT_FALSE(stream->Read(&in));
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+}  // namespace
+}  // namespace taskmaster
