@@ -374,7 +374,8 @@ void Slots::LeasesHeldSinceLocked(Time since) {
 int32_t Slots::PrefetchLocked() const {
   if (options_.prefetch >= 0) return options_.prefetch;
   if (task_us_ewma_ <= 0) return options_.threads;  // nothing measured yet
-  const double window_us = static_cast<double>(options_.prefetch_window.count()) * 1000.0;
+  const double window_us =
+      std::chrono::duration<double, std::micro>(options_.prefetch_window).count();
   const double want = options_.threads * window_us / task_us_ewma_;
   return static_cast<int32_t>(std::clamp<double>(want, 0, options_.prefetch_max));
 }

@@ -26,12 +26,13 @@ namespace taskmaster::worker {
 // within this of its deadline: the watchdog's pass through the lock re-evaluates them.
 inline constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
 
+// The worker fills these from WorkerOptions, whose fields of the same names say what they mean
+// and their defaults.
 struct SlotsOptions {
-  int threads = 1;  // tasks run at once
-  // Tasks held beyond the running ones; -1: adaptive (see WorkerOptions).
-  int prefetch = -1;
-  int prefetch_max = 1000;
-  std::chrono::milliseconds prefetch_window{2};
+  int threads = 1;   // tasks run at once
+  int prefetch = 0;  // -1: adaptive
+  int prefetch_max = 0;
+  std::chrono::milliseconds prefetch_window{0};
   // A message of results closes once it holds about this many bytes (the worker passes
   // kBatchBytes); it carries one result at least, whatever its size.
   size_t batch_bytes = 0;

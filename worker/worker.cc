@@ -17,7 +17,8 @@
 namespace taskmaster {
 namespace {
 
-// Room in a message for what comes with a result's output.
+// Room in a message for what comes with a result's output: its other fields and the framing take
+// a few dozen bytes; a page leaves a wide margin.
 constexpr size_t kResultOverhead = 4'096;
 // The keepalive of a worker's stream until a welcome says how long leases last (DESIGN.md's gRPC
 // notes: 30 s).
