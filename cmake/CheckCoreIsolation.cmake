@@ -1,6 +1,7 @@
-# check_core_isolation(TARGET SOURCE_DIR FORBIDDEN_REGEX): fails the configure when TARGET links,
-# directly or through any library it links, a target or library matching FORBIDDEN_REGEX, or when
-# a source or header under SOURCE_DIR includes a header whose path matches it.
+# check_core_isolation(TARGET FORBIDDEN_REGEX): fails the configure when TARGET links, directly or
+# through any library it links, a target or library matching FORBIDDEN_REGEX, or when one of its
+# sources, or a project header they include (followed to the end), includes a header whose path
+# matches it.
 
 function(_tm_link_closure target out)
   set(seen ${${out}})
@@ -29,24 +30,38 @@ function(_tm_link_closure target out)
   set(${out} "${seen}" PARENT_SCOPE)
 endfunction()
 
-function(check_core_isolation target source_dir forbidden)
+function(check_core_isolation target forbidden)
   set(closure "")
   _tm_link_closure(${target} closure)
   foreach(lib IN LISTS closure)
     if(lib MATCHES "${forbidden}")
-      message(FATAL_ERROR "${target} must not depend on gRPC, protobuf or SQLite, "
-        "but links ${lib} (through: ${closure})")
+      message(FATAL_ERROR "${target} must not depend on gRPC, protobuf or SQLite, but links "
+        "${lib}")
     endif()
   endforeach()
-  file(GLOB sources "${source_dir}/*.cc" "${source_dir}/*.h")
+  get_target_property(source_dir ${target} SOURCE_DIR)
+  get_target_property(sources ${target} SOURCES)
+  set(pending "")
   foreach(source IN LISTS sources)
-    file(STRINGS "${source}" includes REGEX "^#include")
+    list(APPEND pending "${source_dir}/${source}")
+  endforeach()
+  set(scanned "")
+  while(pending)
+    list(POP_FRONT pending file)
+    if(file IN_LIST scanned OR NOT EXISTS "${file}")
+      continue()
+    endif()
+    list(APPEND scanned "${file}")
+    file(STRINGS "${file}" includes REGEX "^#include")
     foreach(line IN LISTS includes)
       string(REGEX REPLACE "^#include [<\"]([^>\"]*)[>\"].*" "\\1" header "${line}")
       if(header MATCHES "${forbidden}")
-        message(FATAL_ERROR "${source} includes ${header}: ${target} must stay free of gRPC, "
+        message(FATAL_ERROR "${file} includes ${header}: ${target} must stay free of gRPC, "
           "protobuf and SQLite")
       endif()
+      if(EXISTS "${PROJECT_SOURCE_DIR}/${header}")
+        list(APPEND pending "${PROJECT_SOURCE_DIR}/${header}")
+      endif()
     endforeach()
-  endforeach()
+  endwhile()
 endfunction()

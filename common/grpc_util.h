@@ -1,3 +1,5 @@
+// What master, worker and client share over gRPC: channels and their credentials, status
+// conversion, the bearer header.
 #pragma once
 
 #include <memory>
@@ -5,25 +7,14 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/limits.h"
 #include "grpcpp/grpcpp.h"
 
 namespace taskmaster {
 
-// A message that batches items (tasks, results) closes once it holds about this many bytes, so
-// no batch comes near a message limit whatever the items' sizes.
-inline constexpr size_t kBatchBytes = 1 << 20;
-// What a task or a result costs in a batch beyond its payload (or output and error): ids,
-// attempt, kind and queue names as they usually are, and protobuf framing. Only batches are cut by
-// it, so an estimate serves.
-inline constexpr size_t kItemOverheadBytes = 32;
-
 // Trailing metadata on every answer of the master's handlers: a client can then tell the master's
 // own UNAVAILABLE (its disk is full) from a transport failure (it cannot be reached).
 inline constexpr char kAnsweredByMaster[] = "tm-answered";
-
-// Limits both ends agree on: one value sets the send and receive caps. 64 MiB: far above a batch
-// (kBatchBytes) and a 1 MiB payload, far below what would let one peer exhaust memory.
-inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
 
 // How a worker or client reaches the master.
 struct ChannelOptions {

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 build_dir=${TSA_BUILD_DIR:-build-tsa}
 # Debug (-O0): the analysis is the same at every level, and -O0 compiles fastest.
 CXX=clang++-14 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Debug -DBUILD_TESTING=OFF >/dev/null
-cmake --build "$build_dir" -j"$(nproc)" --target master_core master_store master_rpc worker client
+cmake --build "$build_dir" -j"$(nproc)" --target master_core master_store master_rpc worker_core worker client
 echo "thread-safety analysis: clean"

@@ -1,3 +1,4 @@
+// The registry of kinds, a task's stop and sleep helpers, and the built-in handlers.
 #include "worker/handlers.h"
 
 #include <charconv>
@@ -46,6 +47,10 @@ std::vector<std::string> Registry::Kinds() const {
 
 namespace {
 
+// How much of its payload `fail` shows in its error: enough to tell tests apart, well within the
+// kMaxErrorBytes a result keeps.
+constexpr size_t kFailPayloadShown = 1'024;
+
 absl::StatusOr<int64_t> ParseInteger(std::string_view text, std::string_view what) {
   text = Trim(text);
   int64_t n = 0;
@@ -83,7 +88,7 @@ absl::StatusOr<std::string> Sleep(const TaskContext& ctx) {
 // Fails with its payload as the message, as far as a message can show it.
 absl::StatusOr<std::string> Fail(const TaskContext& ctx) {
   return absl::UnknownError(ctx.payload().empty() ? std::string("fail: failed on purpose")
-                                                  : Quote(ctx.payload(), 1'024));
+                                                  : Quote(ctx.payload(), kFailPayloadShown));
 }
 
 }  // namespace

@@ -1,3 +1,5 @@
+// What a handler is and sees (Handler, TaskContext), the registry of kinds a worker runs, and the
+// built-in kinds.
 #pragma once
 
 #include <atomic>

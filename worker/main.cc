@@ -91,11 +91,14 @@ int main(int argc, char** argv) {
   // SIGHUP (a closed terminal, a reload sent to every daemon) leaves a worker running: it has
   // nothing to re-read.
   auto stop = [](int sig) { return sig == SIGINT || sig == SIGTERM; };
-  while (!stop(taskmaster::WaitForSignal(std::chrono::seconds(3600)))) {
+  // Any wait will do until the first signal; during the drain, how soon its end is noticed.
+  constexpr auto kIdleWait = std::chrono::hours(1);
+  constexpr auto kDrainPoll = std::chrono::milliseconds(100);
+  while (!stop(taskmaster::WaitForSignal(kIdleWait))) {
   }
   std::thread drain([&] { (*worker)->Drain(); });
   while (!(*worker)->Stopped()) {
-    if (stop(taskmaster::WaitForSignal(std::chrono::milliseconds(100)))) (*worker)->Abort();
+    if (stop(taskmaster::WaitForSignal(kDrainPoll))) (*worker)->Abort();
   }
   drain.join();
   return 0;

@@ -1,3 +1,5 @@
+// The worker's public interface: its options and the engine that connects to a master and runs
+// tasks. Everything behind it (slots, pool, session) is internal to worker/.
 #pragma once
 
 #include <chrono>

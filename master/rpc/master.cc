@@ -66,11 +66,9 @@ class MasterImpl final : public Master {
     builder.RegisterService(&worker_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
     builder.SetMaxSendMessageSize(options_.max_message_bytes);
-    // Workers ping a third of a lease apart (30 s before they know the lease), even when idle;
-    // allow it rather than answering GOAWAY.
-    builder.AddChannelArgument(
-        GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-        static_cast<int>(std::clamp<int64_t>(options_.broker.lease_timeout_ms / 4, 500, 20'000)));
+    // Workers ping even when idle (see WorkerKeepaliveMs): allow it rather than answer GOAWAY.
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                               MasterMinPingIntervalMs(options_.broker.lease_timeout_ms));
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     builder.AddChannelArgument(
         GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,

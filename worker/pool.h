@@ -1,0 +1,50 @@
+// The worker's pool: threads that take tasks from the slots, run their handlers and hand the
+// results back.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "spdlog/logger.h"
+#include "worker/handlers.h"
+#include "worker/messages.h"
+#include "worker/slots.h"
+
+namespace taskmaster::worker {
+
+// What a pool knows of its worker when it turns a handler's return into a result.
+struct RunOptions {
+  std::string worker_name;  // named in the failure of a kind the worker does not run
+  size_t max_output = 0;    // largest output one result message can carry
+};
+
+// Runs `task`'s handler from `registry` and says how it went: its output, or why it failed, was
+// cancelled or timed out. Handler exceptions are failures. Blocks for as long as the handler runs.
+Result RunTask(const Registry& registry, const RunOptions& options, const Task& task,
+               const std::shared_ptr<const std::atomic<bool>>& cancelled);
+
+// Thread-compatible: Start once, then Join once, after Slots::Stop.
+class Pool {
+ public:
+  // `slots` and `registry` must outlive the pool.
+  Pool(Slots* slots, const Registry* registry, RunOptions options,
+       std::shared_ptr<spdlog::logger> log)
+      : slots_(slots), registry_(registry), options_(std::move(options)), log_(std::move(log)) {}
+
+  void Start(int threads);
+  void Join();
+
+ private:
+  void Loop();
+
+  Slots* const slots_;
+  const Registry* const registry_;
+  const RunOptions options_;
+  const std::shared_ptr<spdlog::logger> log_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace taskmaster::worker

@@ -1,0 +1,72 @@
+// The worker's session with the master: one gRPC stream at a time (hello, welcome, messages both
+// ways), reconnects with backoff, the sender, and the watchdog that cuts a silent stream. The only
+// part of the worker that sees gRPC or protobuf: it converts them from and to plain structs.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "grpcpp/grpcpp.h"
+#include "spdlog/logger.h"
+#include "taskmaster/v1/taskmaster.grpc.pb.h"
+#include "worker/slots.h"
+#include "worker/worker.h"
+
+namespace taskmaster::worker {
+
+// How this worker presents itself in every hello.
+struct SessionIdentity {
+  std::string worker_id;  // stable for the process: a reconnect keeps its leases
+  std::string name;
+  std::string host;
+  int slots = 0;  // threads
+  std::vector<std::string> kinds;
+};
+
+// Thread-safe. Start once; Cancel any time; Join once, after Slots::Stop.
+class Session {
+ public:
+  // `options` and `slots` must outlive the session.
+  Session(const WorkerOptions* options, SessionIdentity identity, Slots* slots,
+          std::shared_ptr<spdlog::logger> log)
+      : options_(*options), identity_(std::move(identity)), slots_(slots), log_(std::move(log)) {}
+
+  // Starts the session thread (connect, read, reconnect) and the watchdog.
+  void Start();
+  // Cancels the live stream, if any: the worker is leaving.
+  void Cancel();
+  void Join();
+
+ private:
+  using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>;
+
+  void Loop();
+  // One stream, from hello to its end. Returns whether the master welcomed us.
+  bool Run(grpc::Status* status);
+  void Ended(bool master_stopping, const grpc::Status& status);
+  void SendLoop(Stream* stream);
+  void WatchdogLoop();
+  // Cancels the stream of session `number` if it is still the live one; 0: whichever is.
+  void CancelSession(uint64_t number);
+  v1::WorkerMessage MakeHello(const HelloState& state) const;
+
+  const WorkerOptions& options_;
+  const SessionIdentity identity_;
+  Slots* const slots_;
+  const std::shared_ptr<spdlog::logger> log_;
+  // Session and watchdog threads: started by Start, joined by Join.
+  std::thread thread_;
+  std::thread watchdog_;
+
+  absl::Mutex mu_;
+  uint64_t number_ ABSL_GUARDED_BY(mu_) = 0;  // of the latest session
+  // Its call, from before its hello to its end; the watchdog and Cancel cancel it.
+  std::shared_ptr<grpc::ClientContext> live_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace taskmaster::worker

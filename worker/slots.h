@@ -1,0 +1,200 @@
+// The worker's slots and credits: the tasks it holds, the credits it grants, the results it keeps
+// until the master acknowledges them, and the lease fence. Plain C++: the session and the pool
+// drive it, and unit tests drive it with a fake clock.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "worker/messages.h"
+
+namespace taskmaster::worker {
+
+// How often the watchdog looks at the session (Slots::Watch). Every timed wait of Slots ends
+// within this of its deadline: the watchdog's pass through the lock re-evaluates them.
+inline constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+
+// The worker fills these from WorkerOptions, whose fields of the same names say what they mean
+// and their defaults.
+struct SlotsOptions {
+  int threads = 1;   // tasks run at once
+  int prefetch = 0;  // -1: adaptive
+  int prefetch_max = 0;
+  std::chrono::milliseconds prefetch_window{0};
+  // A message of results closes once it holds about this many bytes (the worker passes
+  // kBatchBytes); it carries one result at least, whatever its size.
+  size_t batch_bytes = 0;
+  // The monotonic clock; tests pass a fake one.
+  std::function<Time()> now = [] { return std::chrono::steady_clock::now(); };
+};
+
+// A task handed to a pool thread, with the flag that tells its handler to stop.
+struct Assignment {
+  Task task;
+  std::shared_ptr<std::atomic<bool>> cancelled;
+};
+
+// What a new stream's hello carries of the worker's state.
+struct HelloState {
+  std::vector<TaskRef> held;           // queued, running, or with a result not yet acknowledged
+  std::string master_epoch;            // the epoch they came from
+  std::string worker_secret;           // from the last welcome
+  std::chrono::milliseconds lease{0};  // the master's lease; 0 until a welcome said
+};
+
+// What the watchdog found on one pass.
+struct WatchReport {
+  uint64_t cut_session = 0;  // the session to cut and reconnect afresh; 0: none
+  std::string why;           // why it is cut
+  size_t stopped = 0;        // running tasks stopped before their leases lapse
+  size_t dropped = 0;        // queued tasks dropped for the same reason
+  std::chrono::milliseconds lease{0};
+};
+
+// Thread-safe: one mutex guards every field, and no call does I/O or runs a handler under it.
+// Only NextTask, NextToSend, FinishDrain and AwaitLeaving block; timed waits end when the clock
+// passes their deadline at the next call that takes the lock (the watchdog's Watch, at least).
+class Slots {
+ public:
+  explicit Slots(SlotsOptions options);
+  Slots(const Slots&) = delete;
+  Slots& operator=(const Slots&) = delete;
+
+  Time Now() const { return options_.now(); }
+
+  // ---- The pool ----
+
+  // Blocks until a task is queued, and marks it running; nullopt once the worker stopped.
+  std::optional<Assignment> NextTask();
+  // A running task's handler returned after `took`: its result waits for the master's
+  // acknowledgement, unless the task was revoked or fenced meanwhile.
+  void Finish(Result result, std::chrono::steady_clock::duration took);
+
+  // ---- The session ----
+
+  // A new stream, numbered `session` (non-zero, increasing): what its hello says; nullopt when
+  // the worker is leaving.
+  std::optional<HelloState> BeginSession(uint64_t session);
+  // The master's welcome opens the session. Returns what to tell the operator when the master
+  // lost its state (and with it this worker's tasks and results).
+  std::optional<std::string> Welcomed(const Welcome& welcome);
+  void Received(FromMaster message);
+  // Blocks until there is something to write or a heartbeat is due; nullopt once the session
+  // closed.
+  std::optional<ToMaster> NextToSend();
+  // The stream stopped reading: the sender stops too.
+  void CloseSession();
+  // The stream ended, with the master's `error` message. Returns what to log of the results
+  // given up on: those on this stream when the master ended it once too often.
+  std::vector<std::string> SessionEnded(bool master_stopping, std::string_view error);
+  // How long to wait before the next connection, given the backoff's `wait`.
+  std::chrono::milliseconds ReconnectDelay(std::chrono::milliseconds wait) const;
+  bool Leaving() const;
+  // Waits up to `wait` for the worker to leave; returns whether it does.
+  bool AwaitLeaving(std::chrono::milliseconds wait);
+  // The watchdog's pass: a session to cut, tasks to stop before their leases lapse on the
+  // master; nullopt once the worker stopped.
+  std::optional<WatchReport> Watch();
+
+  // ---- The worker's life ----
+
+  struct DrainStart {
+    size_t returned = 0;  // queued tasks given back
+    size_t running = 0;
+  };
+  // Stops taking tasks and gives back the queued ones; nullopt when draining or stopped already.
+  std::optional<DrainStart> StartDrain();
+  struct DrainEnd {
+    size_t unfinished = 0;  // tasks still running at `deadline`
+    size_t unacked = 0;     // results the master had not acknowledged
+  };
+  // Waits for the running tasks until `deadline`, for their acknowledgements a little longer,
+  // then leaves: the sender says bye. Returns once the session closed, or a little later.
+  DrainEnd FinishDrain(Time deadline);
+  // Stops: pool threads exit, running handlers are told to stop, no more sessions. Returns false
+  // when stopped already.
+  bool Stop();
+  bool Stopped() const;
+
+ private:
+  // A task this worker holds: queued or running.
+  struct Held {
+    Task task;  // its payload moves to the pool thread that runs it
+    std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    bool running = false;
+    bool discard = false;  // revoked by the master or fenced: its result would be stale
+  };
+
+  template <typename Done>
+  bool AwaitUntilLocked(Done done, Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FenceLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LeasesHeldSinceLocked(Time since) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int32_t PrefetchLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RememberCancelLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<std::string> CountRefusalsLocked(std::string_view error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const SlotsOptions options_;
+
+  mutable absl::Mutex mu_;
+  // ---- Tasks ----
+  std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
+  int32_t discarded_ ABSL_GUARDED_BY(mu_) = 0;     // entries of held_ running only to be dropped
+  std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
+  // Cancels that arrived before their task (messages can pass each other), oldest first.
+  std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
+  std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
+  // ---- Results ----
+  // Results (and give-backs) until the master acknowledges them; sent again after a reconnect.
+  std::map<TaskId, Result> unacked_ ABSL_GUARDED_BY(mu_);
+  std::deque<TaskId> to_send_ ABSL_GUARDED_BY(mu_);          // unacked results not written yet
+  std::set<TaskId> sent_in_session_ ABSL_GUARDED_BY(mu_);    // results written on this stream
+  std::vector<TaskId> unacked_before_ ABSL_GUARDED_BY(mu_);  // at the last resend check
+  Time resend_at_ ABSL_GUARDED_BY(mu_);                      // the next resend check
+  // Streams the master ended while these unacknowledged results were on them.
+  std::map<TaskId, int> refusals_ ABSL_GUARDED_BY(mu_);
+  // ---- Credits ----
+  int32_t credits_to_send_ ABSL_GUARDED_BY(mu_) = 0;     // granted, not written yet
+  int32_t outstanding_credit_ ABSL_GUARDED_BY(mu_) = 0;  // granted this session, not used yet
+  double task_us_ewma_ ABSL_GUARDED_BY(mu_) = 0;         // how long tasks take; 0: unknown
+  // ---- The master, from its last welcome ----
+  std::string epoch_ ABSL_GUARDED_BY(mu_);
+  std::string secret_ ABSL_GUARDED_BY(mu_);  // shown in the next hello
+  std::chrono::milliseconds heartbeat_ ABSL_GUARDED_BY(mu_);
+  std::chrono::milliseconds lease_ ABSL_GUARDED_BY(mu_){0};  // 0 until a welcome came
+  // The master echoes heartbeats: only then can silence be told and leases be fenced.
+  bool echoes_ ABSL_GUARDED_BY(mu_) = false;
+  // When the leases this worker holds may lapse on the master, less a margin: tasks still held
+  // then are stopped (FenceLocked).
+  Time fence_at_ ABSL_GUARDED_BY(mu_);
+  // ---- The session ----
+  uint64_t live_session_ ABSL_GUARDED_BY(mu_) = 0;  // from its hello to its end; 0: none
+  bool cut_ ABSL_GUARDED_BY(mu_) = false;           // the watchdog cut this session already
+  bool welcomed_ ABSL_GUARDED_BY(mu_) = false;      // this session got its welcome
+  bool session_open_ ABSL_GUARDED_BY(mu_) = false;  // from its welcome until it stops reading
+  Time session_started_ ABSL_GUARDED_BY(mu_);       // its hello left
+  Time heard_at_ ABSL_GUARDED_BY(mu_);              // its last message from the master
+  Time heartbeat_due_ ABSL_GUARDED_BY(mu_);         // its next heartbeat
+  // ---- The worker's life ----
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool drain_sent_ ABSL_GUARDED_BY(mu_) = false;  // told the master on this session
+  bool leaving_ ABSL_GUARDED_BY(mu_) = false;     // say bye, then no more sessions
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;     // pool threads exit
+};
+
+}  // namespace taskmaster::worker
