@@ -92,6 +92,25 @@ TEST(Auth, PrivateFiles) {
   EXPECT_FALSE(IsPrivateFile(path));
 }
 
+// A named file wins over $TASKMASTER_TOKEN; without either there is no token.
+TEST(Auth, PresentedToken) {
+  testing::TempDir dir;
+  const std::string path = dir.File("token");
+  testing::WriteFile(path, "# the worker's\nfile-token\n");
+  chmod(path.c_str(), 0600);
+  setenv("TASKMASTER_TOKEN", "env-token", 1);
+  absl::StatusOr<PresentedToken> from_file = LoadPresentedToken(path);
+  ASSERT_TRUE(from_file.ok()) << from_file.status();
+  EXPECT_EQ(from_file->token, "file-token");
+  EXPECT_TRUE(from_file->warning.empty());
+  chmod(path.c_str(), 0644);
+  EXPECT_NE(LoadPresentedToken(path)->warning.find("chmod 600"), std::string::npos);
+  EXPECT_EQ(LoadPresentedToken("")->token, "env-token");
+  unsetenv("TASKMASTER_TOKEN");
+  EXPECT_EQ(LoadPresentedToken("")->token, "");
+  EXPECT_FALSE(LoadPresentedToken(dir.File("missing")).ok());
+}
+
 TEST(Util, LabelsAndNames) {
   auto labels = ParseLabels("gpu=yes, zone = a");
   ASSERT_TRUE(labels.ok());

@@ -60,17 +60,10 @@ int main(int argc, char** argv) {
     return 2;
   };
   if (absl::Status s = taskmaster::SetupLogging(log_level); !s.ok()) return fail(s);
-  if (!token_file.empty()) {
-    absl::StatusOr<std::string> token = taskmaster::ReadTokenFile(token_file);
-    if (!token.ok()) return fail(token.status());
-    if (!taskmaster::IsPrivateFile(token_file)) {
-      taskmaster::GetLogger("worker")->warn("{} can be read by other users: chmod 600 it",
-                                            token_file);
-    }
-    o.token = *token;
-  } else if (const char* env = std::getenv("TASKMASTER_TOKEN")) {
-    o.token = env;
-  }
+  absl::StatusOr<taskmaster::PresentedToken> token = taskmaster::LoadPresentedToken(token_file);
+  if (!token.ok()) return fail(token.status());
+  if (!token->warning.empty()) taskmaster::GetLogger("worker")->warn("{}", token->warning);
+  o.token = std::move(token->token);
   o.queues = taskmaster::SplitList(queues);
   auto parsed = taskmaster::ParseLabels(labels);
   if (!parsed.ok()) return fail(parsed.status());
