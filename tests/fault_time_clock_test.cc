@@ -1,20 +1,22 @@
 // Fault tests of time and silence: clocks stepped under the daemons (through the fault shim),
-// processes paused with SIGSTOP, links cut with iptables inside network namespaces the test
-// makes, and a master killed while results stream in. Each prints a FIGURES line: what was
-// acknowledged, recorded, lost, and run more than once.
+// master and workers paused with SIGSTOP, and a master killed while results stream in.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdint>
 #include <filesystem>
+#include <iostream>
 #include <map>
-#include <regex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/grpcpp.h"
-#include "nlohmann/json.hpp"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
+#include "tests/fault_time_common.h"
 #include "tests/harness.h"
 
 namespace taskmaster::testing {
@@ -35,38 +37,6 @@ v1::SubmitRequest Tasks(const std::string& kind, const std::string& payload, int
     t->set_delay_ms(delay_ms);
   }
   return request;
-}
-
-// How often each task's handler ran, from the workers' debug logs ("task N attempt A (kind)").
-std::map<uint64_t, int> Executions(const std::vector<std::string>& logs) {
-  std::map<uint64_t, int> runs;
-  const std::regex line(R"(\] task (\d+) attempt \d+ \()");
-  for (const std::string& log : logs) {
-    for (auto it = std::sregex_iterator(log.begin(), log.end(), line); it != std::sregex_iterator();
-         ++it) {
-      runs[std::stoull((*it)[1])]++;
-    }
-  }
-  return runs;
-}
-
-int ExtraExecutions(const std::map<uint64_t, int>& runs) {
-  int extra = 0;
-  for (const auto& [id, n] : runs) extra += std::max(0, n - 1);
-  return extra;
-}
-
-// The time of the first log line containing `text`, in ms of the day, or -1.
-int64_t LoggedAt(const std::string& log, const std::string& text) {
-  const size_t at = log.find(text);
-  if (at == std::string::npos) return -1;
-  const size_t start = log.rfind('\n', at);
-  const std::string line = log.substr(start == std::string::npos ? 0 : start + 1, 40);
-  static const std::regex stamp(R"((\d\d):(\d\d):(\d\d)\.(\d{3}) )");
-  std::smatch m;
-  if (!std::regex_search(line, m, stamp)) return -1;
-  return ((std::stoll(m[1]) * 60 + std::stoll(m[2])) * 60 + std::stoll(m[3])) * 1000 +
-         std::stoll(m[4]);
 }
 
 // Steps the wall clock of the processes that preload the shim with `file`.
@@ -396,209 +366,6 @@ TEST(FaultTime, MasterKilledWhileResultsStreamInRunsNothingTwice) {
             << std::endl;
   EXPECT_EQ(recorded, 60'000);
   EXPECT_EQ(extra, 0);
-}
-
-// Two network namespaces joined by a veth pair: the master's (10.213.7.1) and the worker's
-// (10.213.7.2). Links are cut with iptables inside the worker's namespace only; deleting the
-// namespaces takes the pair and the rules with them.
-class Namespaces {
- public:
-  Namespaces() {
-    const std::string id = std::to_string(getpid());
-    master_ = "tm-m-" + id;
-    worker_ = "tm-w-" + id;
-    const std::string veth_m = "tmm" + id, veth_w = "tmw" + id;
-    if (geteuid() != 0) {
-      skip_ = "network namespaces need root";
-      return;
-    }
-    const std::vector<std::vector<std::string>> setup = {
-        {"ip", "netns", "add", master_},
-        {"ip", "netns", "add", worker_},
-        {"ip", "link", "add", veth_m, "netns", master_, "type", "veth", "peer", "name", veth_w,
-         "netns", worker_},
-        {"ip", "-n", master_, "addr", "add", "10.213.7.1/30", "dev", veth_m},
-        {"ip", "-n", worker_, "addr", "add", "10.213.7.2/30", "dev", veth_w},
-        {"ip", "-n", master_, "link", "set", veth_m, "up"},
-        {"ip", "-n", worker_, "link", "set", veth_w, "up"},
-        {"ip", "-n", master_, "link", "set", "lo", "up"},
-        {"ip", "-n", worker_, "link", "set", "lo", "up"},
-        {"ip", "netns", "exec", worker_, "iptables", "-L", "-n"}};
-    for (const auto& argv : setup) {
-      CommandResult r = RunCommand(argv, "", seconds(10));
-      if (r.exit_code != 0) {
-        skip_ = absl::StrCat("cannot set up network namespaces (", argv[0], " ", argv[1], " ",
-                             argv[2], ": ", r.err, "); iptables and iproute2 are needed");
-        return;
-      }
-    }
-  }
-  ~Namespaces() {
-    for (const std::string& ns : {master_, worker_}) {
-      RunCommand({"ip", "netns", "delete", ns}, "", seconds(10));
-    }
-  }
-  const std::string& skip() const { return skip_; }
-
-  std::vector<std::string> InMaster(std::vector<std::string> argv) const {
-    return In(master_, std::move(argv));
-  }
-  std::vector<std::string> InWorker(std::vector<std::string> argv) const {
-    return In(worker_, std::move(argv));
-  }
-  // Drops everything between the namespaces (`cut`), or stops dropping it.
-  void Partition(bool cut) const {
-    const std::string op = cut ? "-A" : "-D";
-    for (const auto& rule : std::vector<std::vector<std::string>>{
-             {"iptables", op, "INPUT", "-s", "10.213.7.1", "-j", "DROP"},
-             {"iptables", op, "OUTPUT", "-d", "10.213.7.1", "-j", "DROP"}}) {
-      EXPECT_EQ(RunCommand(InWorker(rule), "", seconds(10)).exit_code, 0);
-    }
-  }
-
- private:
-  static std::vector<std::string> In(const std::string& ns, std::vector<std::string> argv) {
-    argv.insert(argv.begin(), {"ip", "netns", "exec", ns});
-    return argv;
-  }
-  std::string master_, worker_, skip_;
-};
-
-// A master in one namespace, workers in either, and taskctl beside the master.
-class PartitionedCluster {
- public:
-  PartitionedCluster(const Namespaces& ns, int64_t lease_ms, int64_t heartbeat_ms) : ns_(ns) {
-    WriteFile(dir_.File("tokens"),
-              std::string("submit ") + kSubmitToken + "\nwork " + kWorkToken + "\n");
-    WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
-    WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
-    for (const char* f : {"tokens", "submit.token", "work.token"}) {
-      std::filesystem::permissions(
-          dir_.File(f), std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
-    }
-    master_ = std::make_unique<Process>(
-        ns_.InMaster({Binary("taskmaster"), "--listen", "0.0.0.0:7070", "--tokens",
-                      dir_.File("tokens"), "--allow-plaintext", "--data-dir", dir_.File("data"),
-                      "--port-file", dir_.File("port"), "--lease-timeout-ms",
-                      std::to_string(lease_ms), "--heartbeat-ms", std::to_string(heartbeat_ms),
-                      "--tick-ms", "50"}),
-        dir_.File("master.log"));
-    EXPECT_TRUE(WaitFor([&] { return std::filesystem::exists(dir_.File("port")); }, seconds(20)))
-        << master_->Log();
-  }
-
-  Process& StartWorker(const std::string& name, bool beside_master) {
-    std::vector<std::string> argv = {Binary("taskworker"),
-                                     "--master",
-                                     beside_master ? "127.0.0.1:7070" : "10.213.7.1:7070",
-                                     "--token-file",
-                                     dir_.File("work.token"),
-                                     "--name",
-                                     name,
-                                     "--threads",
-                                     "1",
-                                     "--log-level",
-                                     "debug"};
-    workers_.push_back(std::make_unique<Process>(
-        beside_master ? ns_.InMaster(argv) : ns_.InWorker(argv), dir_.File(name + ".log")));
-    return *workers_.back();
-  }
-
-  nlohmann::json Taskctl(std::vector<std::string> args, const std::string& input = "") const {
-    std::vector<std::string> argv = {
-        Binary("taskctl"), "--master", "127.0.0.1:7070", "--token-file", dir_.File("submit.token"),
-        "--format",        "json"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    CommandResult r = RunCommand(ns_.InMaster(argv), input, seconds(20));
-    if (r.exit_code != 0) return nlohmann::json();
-    const std::string first_line = r.out.substr(0, r.out.find('\n'));
-    return nlohmann::json::parse(first_line, nullptr, /*allow_exceptions=*/false);
-  }
-
-  std::string TaskState(uint64_t id) const {
-    nlohmann::json t = Taskctl({"status", std::to_string(id)});
-    return t.is_object() && t.contains("state") ? t["state"].get<std::string>() : "";
-  }
-
-  uint64_t SubmitSleep(int ms, int max_attempts) const {
-    nlohmann::json r = Taskctl({"submit", "--kind", "sleep", "--max-attempts",
-                                std::to_string(max_attempts), std::to_string(ms)});
-    return r.is_object() && r.contains("task_ids") ? r["task_ids"][0].get<uint64_t>() : 0;
-  }
-
-  Process& master() { return *master_; }
-
- private:
-  const Namespaces& ns_;
-  TempDir dir_;
-  std::unique_ptr<Process> master_;
-  std::vector<std::unique_ptr<Process>> workers_;
-};
-
-// The proportions of the default timers (heartbeats a sixth of the lease apart) and a cut just
-// under half the lease: a heartbeat caught in TCP's retransmission backoff (0.2 s, doubling)
-// arrives after the lease when the backoff lines up badly, as it does on some of eight
-// connections. (The lease is short enough that gRPC's TCP_USER_TIMEOUT of 10 s, which drops such
-// a connection, comes too late to help.)
-TEST(FaultTime, PartitionShorterThanHalfTheLeaseCausesNoSecondRun) {
-  Namespaces ns;
-  if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
-  constexpr int kLeaseMs = 7'000, kWorkers = 8;
-  PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 6);
-  std::vector<Process*> workers;
-  for (int i = 0; i < kWorkers; ++i) {
-    workers.push_back(&cluster.StartWorker(absl::StrCat("far", i), /*beside_master=*/false));
-  }
-  std::vector<uint64_t> ids;
-  for (int i = 0; i < kWorkers; ++i) ids.push_back(cluster.SubmitSleep(8'000, 3));
-  for (uint64_t id : ids) {
-    ASSERT_NE(id, 0u);
-    ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20)));
-  }
-  ns.Partition(true);
-  std::this_thread::sleep_for(milliseconds(kLeaseMs / 2 - 100));  // the fault's length
-  ns.Partition(false);
-  std::vector<std::string> logs;
-  int attempts = 0;
-  for (uint64_t id : ids) {
-    EXPECT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "SUCCEEDED"; }, seconds(40)));
-    attempts += cluster.Taskctl({"status", std::to_string(id)})["attempts"].get<int>();
-  }
-  for (Process* w : workers) logs.push_back(w->Log());
-  const int extra = ExtraExecutions(Executions(logs));
-  std::cout << "FIGURES partition of " << kLeaseMs / 2 - 100 << " ms (lease " << kLeaseMs << " ms, "
-            << kWorkers << " workers): acknowledged=" << kWorkers << " recorded=" << kWorkers
-            << " lost=0 attempts=" << attempts << " extra_executions=" << extra << std::endl;
-  EXPECT_EQ(attempts, kWorkers);
-  EXPECT_EQ(extra, 0);
-  EXPECT_EQ(cluster.master().Log().find("leases expire"), std::string::npos);
-}
-
-TEST(FaultTime, PartitionLongerThanTheLeaseStopsTheWorkerBeforeItsLeaseLapses) {
-  Namespaces ns;
-  if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
-  constexpr int kLeaseMs = 3'000;
-  PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 10);
-  Process& far = cluster.StartWorker("far", /*beside_master=*/false);
-  const uint64_t id = cluster.SubmitSleep(6'000, 3);
-  ASSERT_NE(id, 0u);
-  ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20))) << far.Log();
-  ns.Partition(true);
-  Process& near = cluster.StartWorker("near", /*beside_master=*/true);
-  ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "SUCCEEDED"; }, seconds(30)))
-      << cluster.master().Log();
-  ns.Partition(false);
-  nlohmann::json task = cluster.Taskctl({"status", std::to_string(id)});
-  EXPECT_EQ(task["worker"], "near");
-  const int64_t stopped = LoggedAt(far.Log(), "stopped 1 running");
-  const int64_t expired = LoggedAt(cluster.master().Log(), "leases expire");
-  ASSERT_GE(stopped, 0) << far.Log();
-  ASSERT_GE(expired, 0) << cluster.master().Log();
-  std::cout << "FIGURES partition longer than the lease: acknowledged=1 recorded=1 lost=0 "
-               "executions=2 (its worker was cut off) far_worker_stopped_it_ms_before_expiry="
-            << expired - stopped << std::endl;
-  EXPECT_LT(stopped, expired) << "the cut-off worker stops before the master hands the task on";
-  (void)near;
 }
 
 }  // namespace
