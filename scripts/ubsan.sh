@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the unit tests (core, worker, streams), store and integration tests with UBSan (GCC;
 # every finding is fatal) into ${UBSAN_BUILD_DIR:-build-ubsan} and runs them there, daemons
-# included: no signed overflow or other undefined behaviour on the paths they take. scripts/test.sh runs it after the main tests.
+# included: no signed overflow or other undefined behaviour on the paths they take.
+# scripts/test.sh runs it after the main tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${UBSAN_BUILD_DIR:-build-ubsan}
