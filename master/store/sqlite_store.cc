@@ -63,18 +63,17 @@ class SqliteStore final : public Store {
 
   ~SqliteStore() override { Close(); }
 
+  // Called by the broker, then again by the destructor: the second call finds both threads
+  // joined already.
   void Close() override {
     {
       absl::MutexLock lock(&mu_);
-      if (closed_) return;
       stop_ = true;
     }
     // The writer commits what it can and hands over its last callbacks; the completer runs them
     // and any they cause, then ends.
     if (writer_.joinable()) writer_.join();
     completer_.Close();
-    absl::MutexLock lock(&mu_);
-    closed_ = true;
   }
 
   absl::Status Start() {
@@ -534,7 +533,6 @@ class SqliteStore final : public Store {
   absl::Status error_ ABSL_GUARDED_BY(mu_);        // the last commit's error, OK once one succeeds
   bool stop_ ABSL_GUARDED_BY(mu_) = false;         // Close began
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace
