@@ -14,17 +14,26 @@
 
 namespace taskmaster {
 
+// How far a running task has come, as its handler reports it.
+struct Progress {
+  int64_t done = 0;
+  int64_t total = 0;  // 0: unknown
+  std::string message;
+};
+using ProgressSink = std::function<void(Progress)>;
+
 // What a handler sees of the task it runs. Thread-compatible: one handler call uses it.
 class TaskContext {
  public:
   TaskContext(uint64_t task_id, int32_t attempt, std::string_view payload,
               std::chrono::steady_clock::time_point deadline,
-              std::shared_ptr<const std::atomic<bool>> cancelled)
+              std::shared_ptr<const std::atomic<bool>> cancelled, ProgressSink progress = nullptr)
       : task_id_(task_id),
         attempt_(attempt),
         payload_(payload),
         deadline_(deadline),
-        cancelled_(std::move(cancelled)) {}
+        cancelled_(std::move(cancelled)),
+        progress_(std::move(progress)) {}
 
   uint64_t task_id() const { return task_id_; }
   int32_t attempt() const { return attempt_; }
@@ -35,6 +44,10 @@ class TaskContext {
   bool ShouldStop() const;
   // Sleeps up to `d`, waking early when the handler should stop; returns !ShouldStop().
   bool SleepFor(std::chrono::milliseconds d) const;
+  // Cheap to call often: the worker keeps the latest report and sends it rate-limited.
+  void ReportProgress(int64_t done, int64_t total, std::string_view message = {}) const {
+    if (progress_) progress_({done, total, std::string(message)});
+  }
 
  private:
   uint64_t task_id_;
@@ -42,6 +55,7 @@ class TaskContext {
   std::string_view payload_;
   std::chrono::steady_clock::time_point deadline_;
   std::shared_ptr<const std::atomic<bool>> cancelled_;
+  ProgressSink progress_;
 };
 
 // A handler returns the task's output, or an error that fails this attempt. An
