@@ -27,9 +27,17 @@ bool TaskContext::SleepFor(std::chrono::milliseconds d) const {
 }
 
 absl::Status Registry::Register(const std::string& kind, Handler handler) {
-  if (absl::Status s = CheckName("kind", kind); !s.ok()) return s;
-  if (!handlers_.emplace(kind, std::move(handler)).second) {
-    return absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
+  absl::Status s = CheckName("kind", kind);
+  if (s.ok() && !handlers_.emplace(kind, std::move(handler)).second) {
+    s = absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
+  }
+  if (refused_.ok()) refused_ = s;
+  return s;
+}
+
+absl::Status Registry::Add(const Registry& other) {
+  for (const auto& [kind, handler] : other.handlers_) {
+    if (absl::Status s = Register(kind, handler); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <thread>
 
@@ -30,84 +31,178 @@ std::string HostName() {
   return buf;
 }
 
+// One pool of the worker: its threads, its slots and credits, and its own stream to the master,
+// where it shows as a worker of its own ("name/pool") serving only its kinds. Separate streams
+// keep each pool's credits and prefetch apart without the master knowing of pools.
+struct Lane {
+  Lane(const WorkerOptions* options, const Registry* registry, const PoolOptions& pool,
+       const std::string& worker_id, const std::string& name, const std::string& host,
+       std::vector<std::string> kinds, std::shared_ptr<spdlog::logger> log)
+      : name(name),
+        threads(pool.threads > 0
+                    ? pool.threads
+                    : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
+        prefetch(pool.prefetch.value_or(options->prefetch)),
+        kinds(kinds),
+        slots({.threads = threads,
+               .prefetch = prefetch,
+               .prefetch_max = options->prefetch_max,
+               .prefetch_window = options->prefetch_window,
+               .batch_bytes = kBatchBytes}),
+        pool(&slots, registry,
+             {.worker_name = name,
+              .max_output = static_cast<size_t>(std::max<int64_t>(
+                  0, int64_t{options->master.max_message_bytes} - int64_t{kResultOverhead}))},
+             log),
+        session(options,
+                {.worker_id = worker_id,
+                 .name = name,
+                 .host = host,
+                 .slots = threads,
+                 .kinds = std::move(kinds)},
+                &slots, log) {}
+
+  const std::string name;
+  const int threads;
+  const int prefetch;
+  const std::vector<std::string> kinds;
+  // Each is thread-safe or used by one thread at a time (see their headers).
+  worker::Slots slots;
+  worker::Pool pool;
+  worker::Session session;
+};
+
+// Which pool runs each kind: a pool's own `kinds`, or else the one pool that lists none. Fails on
+// a kind in two pools, a pool's kind the worker does not run, and a kind no pool runs.
+absl::StatusOr<std::map<std::string, std::vector<std::string>>> KindsByPool(
+    const std::vector<PoolOptions>& pools, const Registry& registry) {
+  std::map<std::string, std::vector<std::string>> by_pool;
+  std::map<std::string, std::string> pool_of;
+  std::string catch_all;
+  for (const PoolOptions& p : pools) {
+    if (absl::Status s = CheckName("pool name", p.name); !s.ok()) return s;
+    if (by_pool.count(p.name))
+      return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "' is declared twice"));
+    by_pool[p.name];
+    if (p.kinds.empty()) {
+      if (!catch_all.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("pools '", catch_all, "' and '", p.name,
+                                                       "' both list no kinds: one pool at most "
+                                                       "takes every kind no other pool lists"));
+      }
+      catch_all = p.name;
+    }
+    for (const std::string& kind : p.kinds) {
+      if (!registry.Find(kind)) {
+        return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "' lists kind '", kind,
+                                                       "', which this worker does not run"));
+      }
+      if (auto [it, fresh] = pool_of.emplace(kind, p.name); !fresh) {
+        return absl::InvalidArgumentError(absl::StrCat("kind '", kind, "' is in two pools, '",
+                                                       it->second, "' and '", p.name, "'"));
+      }
+      by_pool[p.name].push_back(kind);
+    }
+  }
+  for (const std::string& kind : registry.Kinds()) {
+    if (pool_of.count(kind)) continue;
+    if (catch_all.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kind '", kind, "' is in no pool: list it in one, or leave one pool's kinds unset"));
+    }
+    by_pool[catch_all].push_back(kind);
+  }
+  for (const auto& [pool, kinds] : by_pool) {
+    if (kinds.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("pool '", pool, "' runs no kind"));
+    }
+  }
+  return by_pool;
+}
+
 class WorkerImpl final : public Worker {
  public:
-  WorkerImpl(WorkerOptions options, const Registry* registry)
+  WorkerImpl(WorkerOptions options, const Registry* registry,
+             const std::map<std::string, std::vector<std::string>>& kinds_by_pool)
       : options_(std::move(options)),
         registry_(registry),
         log_(GetLogger("worker")),
         host_(HostName()),
-        name_(options_.name.empty() ? absl::StrCat(host_, "-", getpid()) : options_.name),
-        threads_(options_.threads > 0 ? options_.threads
-                                      : std::max(1u, std::thread::hardware_concurrency())),
-        slots_({.threads = threads_,
-                .prefetch = options_.prefetch,
-                .prefetch_max = options_.prefetch_max,
-                .prefetch_window = options_.prefetch_window,
-                .batch_bytes = kBatchBytes}),
-        pool_(&slots_, registry_,
-              {.worker_name = name_,
-               .max_output = static_cast<size_t>(std::max<int64_t>(
-                   0, int64_t{options_.master.max_message_bytes} - int64_t{kResultOverhead}))},
-              log_),
-        session_(&options_,
-                 {.worker_id = absl::StrCat(name_, "-", RandomHex(kWorkerIdRandomBytes)),
-                  .name = name_,
-                  .host = host_,
-                  .slots = threads_,
-                  .kinds = registry_->Kinds()},
-                 &slots_, log_) {}
+        name_(options_.name.empty() ? absl::StrCat(host_, "-", getpid()) : options_.name) {
+    const std::string id = absl::StrCat(name_, "-", RandomHex(kWorkerIdRandomBytes));
+    const bool one = options_.pools.size() <= 1;
+    for (const PoolOptions& p : options_.pools) {
+      const std::string lane_name = one ? name_ : absl::StrCat(name_, "/", p.name);
+      lanes_.push_back(std::make_unique<Lane>(
+          &options_, registry_, p, one ? id : absl::StrCat(id, "/", p.name), lane_name, host_,
+          kinds_by_pool.at(p.name), one ? log_ : GetLogger(absl::StrCat("worker/", p.name))));
+    }
+  }
 
   void Run() {
-    pool_.Start(threads_);
-    session_.Start();
-    log_->info("worker {} started: {} threads, prefetch {}, kinds [{}], master {}", name_, threads_,
-               options_.prefetch >= 0 ? std::to_string(options_.prefetch)
-                                      : absl::StrCat("adaptive up to ", options_.prefetch_max),
-               absl::StrJoin(registry_->Kinds(), ","), options_.master.address);
+    for (auto& lane : lanes_) {
+      lane->pool.Start(lane->threads);
+      lane->session.Start();
+      log_->info("worker {} started: {} threads, prefetch {}, kinds [{}], master {}", lane->name,
+                 lane->threads,
+                 lane->prefetch >= 0 ? std::to_string(lane->prefetch)
+                                     : absl::StrCat("adaptive up to ", options_.prefetch_max),
+                 absl::StrJoin(lane->kinds, ","), options_.master.address);
+    }
   }
 
   ~WorkerImpl() override { Abort(); }
 
   void Drain() override {
-    const worker::Time deadline = slots_.Now() + options_.drain_timeout;
-    const std::optional<worker::Slots::DrainStart> start = slots_.StartDrain();
-    if (!start) return;
-    log_->info("draining: {} tasks given back, {} running (up to {} ms)", start->returned,
-               start->running, options_.drain_timeout.count());
-    const worker::Slots::DrainEnd end = slots_.FinishDrain(deadline);
-    if (end.unfinished > 0) {
-      log_->warn("drain timeout: left {} tasks unfinished for the master to requeue",
-                 end.unfinished);
-    }
-    if (end.unacked > 0) {
-      log_->warn("left with {} results the master had not acknowledged", end.unacked);
-    }
+    const worker::Time deadline = lanes_.front()->slots.Now() + options_.drain_timeout;
+    // Every pool drains at once, so that the drain takes the timeout once, not once per pool.
+    std::vector<std::thread> drains;
+    for (auto& lane : lanes_) drains.emplace_back([&, l = lane.get()] { DrainLane(*l, deadline); });
+    for (std::thread& t : drains) t.join();
     Abort();
   }
 
   void Abort() override {
-    // Only the caller that stops the slots joins the threads.
-    if (!slots_.Stop()) return;
-    session_.Cancel();
-    session_.Join();
-    pool_.Join();
+    // Only the first caller joins the threads.
+    if (aborted_.exchange(true)) return;
+    for (auto& lane : lanes_) lane->slots.Stop();
+    for (auto& lane : lanes_) {
+      lane->session.Cancel();
+      lane->session.Join();
+      lane->pool.Join();
+    }
     log_->info("worker {} stopped", name_);
   }
 
-  bool Stopped() const override { return slots_.Stopped(); }
+  bool Stopped() const override {
+    return std::all_of(lanes_.begin(), lanes_.end(),
+                       [](const auto& lane) { return lane->slots.Stopped(); });
+  }
 
  private:
+  void DrainLane(Lane& lane, worker::Time deadline) {
+    const std::optional<worker::Slots::DrainStart> start = lane.slots.StartDrain();
+    if (!start) return;
+    log_->info("{} draining: {} tasks given back, {} running (up to {} ms)", lane.name,
+               start->returned, start->running, options_.drain_timeout.count());
+    const worker::Slots::DrainEnd end = lane.slots.FinishDrain(deadline);
+    if (end.unfinished > 0) {
+      log_->warn("{}: drain timeout: left {} tasks unfinished for the master to requeue", lane.name,
+                 end.unfinished);
+    }
+    if (end.unacked > 0) {
+      log_->warn("{}: left with {} results the master had not acknowledged", lane.name,
+                 end.unacked);
+    }
+  }
+
   const WorkerOptions options_;
   const Registry* const registry_;
   const std::shared_ptr<spdlog::logger> log_;
   const std::string host_;
   const std::string name_;
-  const int threads_;
-  // Each is thread-safe or used by one thread at a time (see their headers).
-  worker::Slots slots_;
-  worker::Pool pool_;
-  worker::Session session_;
+  std::vector<std::unique_ptr<Lane>> lanes_;  // fixed after construction
+  std::atomic<bool> aborted_ = false;
 };
 
 }  // namespace
@@ -126,7 +221,11 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
       !channel.ok()) {
     return channel.status();
   }
-  auto worker = std::make_unique<WorkerImpl>(std::move(options), registry);
+  if (options.pools.empty()) options.pools = {{.name = "default", .threads = options.threads}};
+  absl::StatusOr<std::map<std::string, std::vector<std::string>>> kinds =
+      KindsByPool(options.pools, *registry);
+  if (!kinds.ok()) return kinds.status();
+  auto worker = std::make_unique<WorkerImpl>(std::move(options), registry, *kinds);
   worker->Run();
   return worker;
 }

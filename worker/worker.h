@@ -5,6 +5,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,11 +15,20 @@
 
 namespace taskmaster {
 
+// A pool of threads with its own credits and prefetch, serving some of the worker's kinds: slow
+// I/O kinds in one pool never hold back compute kinds in another, nor the other way round.
+struct PoolOptions {
+  std::string name;                // [A-Za-z0-9_.-]{1,64}
+  int threads = 0;                 // 0: one per core
+  std::vector<std::string> kinds;  // empty: every kind no other pool serves
+  std::optional<int> prefetch;     // unset: the worker's
+};
+
 struct WorkerOptions {
   ChannelOptions master;  // address and transport of the master
   std::string token;      // bearer token with the `work` role; empty for an --insecure master
   std::string name;       // shown in `taskctl workers`; empty: host-pid
-  int threads = 0;        // 0: one per core
+  int threads = 0;        // 0: one per core; the size of the default pool
   // Tasks held beyond the running ones. -1: adaptive, enough to cover `prefetch_window` of work
   // judged from how long tasks take (none for long tasks), at most `prefetch_max`.
   int prefetch = -1;
@@ -26,6 +36,8 @@ struct WorkerOptions {
   std::chrono::milliseconds prefetch_window{2};
   std::vector<std::string> queues = {"default"};
   std::map<std::string, std::string> labels;
+  // Empty: one pool named "default" of `threads` threads runs every kind.
+  std::vector<PoolOptions> pools;
   // On Stop, how long running tasks may take to finish before the worker leaves anyway.
   std::chrono::milliseconds drain_timeout{30'000};
   // Reconnect backoff while the master is unreachable: doubles from min to max, with jitter.

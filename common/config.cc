@@ -1,0 +1,255 @@
+// The TOML reader behind every --config: toml++ parses, this file accounts for each key.
+#include "common/config.h"
+
+#include <limits>
+#include <set>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/util.h"
+#include "toml++/toml.h"
+
+namespace taskmaster {
+
+struct ConfigTable::State {
+  std::string file;
+  toml::table root;
+  std::set<const toml::node*> taken;
+  std::vector<std::string> errors;
+};
+
+namespace {
+
+const toml::table& AsTable(const void* table) { return *static_cast<const toml::table*>(table); }
+
+std::string Where(const std::string& file, const toml::node& node) {
+  return absl::StrCat(file, ":", node.source().begin.line);
+}
+
+const char* TypeName(const toml::node& node) {
+  switch (node.type()) {
+    case toml::node_type::table:
+      return "a table";
+    case toml::node_type::array:
+      return "an array";
+    case toml::node_type::string:
+      return "a string";
+    case toml::node_type::integer:
+      return "an integer";
+    case toml::node_type::floating_point:
+      return "a float";
+    case toml::node_type::boolean:
+      return "a boolean";
+    default:
+      return "a date or time";
+  }
+}
+
+// Every key under `table` that nobody took, with its line.
+void CollectUnknown(const std::string& file, const toml::table& table, const std::string& prefix,
+                    const std::set<const toml::node*>& taken, std::vector<std::string>* out) {
+  for (const auto& [key, node] : table) {
+    const std::string path =
+        prefix.empty() ? std::string(key.str()) : absl::StrCat(prefix, ".", std::string(key.str()));
+    if (!taken.count(&node)) {
+      out->push_back(absl::StrCat(Where(file, node), ": unknown key '", path, "'"));
+    } else if (const toml::table* sub = node.as_table()) {
+      CollectUnknown(file, *sub, path, taken, out);
+    }
+  }
+}
+
+}  // namespace
+
+std::string ConfigTable::Path(const std::string& key) const {
+  return prefix_.empty() ? std::string(key) : absl::StrCat(prefix_, ".", key);
+}
+
+const void* ConfigTable::Take(const std::string& key) {
+  const toml::node* node = AsTable(table_).get(key);
+  if (node) state_->taken.insert(node);
+  return node;
+}
+
+void ConfigTable::TypeError(const std::string& key, const void* node, const std::string& expected) {
+  const auto& n = *static_cast<const toml::node*>(node);
+  state_->errors.push_back(absl::StrCat(Where(state_->file, n), ": ", Path(key), " must be ",
+                                        expected, ", not ", TypeName(n)));
+}
+
+void ConfigTable::Error(const std::string& key, const std::string& message) {
+  const toml::node* node = AsTable(table_).get(key);
+  const std::string where =
+      node ? Where(state_->file, *node) : Where(state_->file, AsTable(table_));
+  state_->errors.push_back(absl::StrCat(where, ": ", Path(key), ": ", message));
+}
+
+bool ConfigTable::Get(const std::string& key, std::string* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  if (const auto* s = node->as_string()) {
+    *out = s->get();
+    return true;
+  }
+  TypeError(key, node, "a string");
+  return false;
+}
+
+bool ConfigTable::Get(const std::string& key, bool* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  if (const auto* b = node->as_boolean()) {
+    *out = b->get();
+    return true;
+  }
+  TypeError(key, node, "true or false");
+  return false;
+}
+
+bool ConfigTable::Get(const std::string& key, int64_t* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  if (const auto* i = node->as_integer()) {
+    *out = i->get();
+    return true;
+  }
+  TypeError(key, node, "an integer");
+  return false;
+}
+
+bool ConfigTable::Get(const std::string& key, int* out) {
+  int64_t wide = 0;
+  if (!Get(key, &wide)) return false;
+  if (wide < std::numeric_limits<int>::min() || wide > std::numeric_limits<int>::max()) {
+    Error(key, absl::StrCat(wide, " is out of range"));
+    return false;
+  }
+  *out = static_cast<int>(wide);
+  return true;
+}
+
+bool ConfigTable::Get(const std::string& key, std::vector<std::string>* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  const toml::array* array = node->as_array();
+  if (!array) {
+    TypeError(key, node, "an array of strings");
+    return false;
+  }
+  std::vector<std::string> values;
+  for (const toml::node& item : *array) {
+    const auto* s = item.as_string();
+    if (!s) {
+      TypeError(key, &item, "an array of strings");
+      return false;
+    }
+    values.push_back(s->get());
+  }
+  *out = std::move(values);
+  return true;
+}
+
+bool ConfigTable::Get(const std::string& key, std::vector<int>* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  const toml::array* array = node->as_array();
+  if (!array) {
+    TypeError(key, node, "an array of integers");
+    return false;
+  }
+  std::vector<int> values;
+  for (const toml::node& item : *array) {
+    const auto* i = item.as_integer();
+    if (!i) {
+      TypeError(key, &item, "an array of integers");
+      return false;
+    }
+    if (i->get() < std::numeric_limits<int>::min() || i->get() > std::numeric_limits<int>::max()) {
+      Error(key, absl::StrCat(i->get(), " is out of range"));
+      return false;
+    }
+    values.push_back(static_cast<int>(i->get()));
+  }
+  *out = std::move(values);
+  return true;
+}
+
+bool ConfigTable::Get(const std::string& key, std::map<std::string, std::string>* out) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  const toml::table* table = node->as_table();
+  if (!table) {
+    TypeError(key, node, "a table of strings");
+    return false;
+  }
+  std::map<std::string, std::string> values;
+  for (const auto& [name, item] : *table) {
+    state_->taken.insert(&item);
+    const auto* s = item.as_string();
+    if (!s) {
+      TypeError(absl::StrCat(key, ".", std::string(name.str())), &item, "a string");
+      return false;
+    }
+    values[std::string(name.str())] = s->get();
+  }
+  *out = std::move(values);
+  return true;
+}
+
+std::optional<ConfigTable> ConfigTable::Table(const std::string& key) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return std::nullopt;
+  if (const toml::table* table = node->as_table()) return ConfigTable(state_, table, Path(key));
+  TypeError(key, node, "a table");
+  return std::nullopt;
+}
+
+std::vector<std::pair<std::string, ConfigTable>> ConfigTable::Tables(const std::string& key) {
+  std::vector<std::pair<std::string, ConfigTable>> tables;
+  std::optional<ConfigTable> outer = Table(key);
+  if (!outer) return tables;
+  for (const auto& [name, node] : AsTable(outer->table_)) {
+    const std::string n(name.str());
+    if (std::optional<ConfigTable> table = outer->Table(n)) tables.emplace_back(n, *table);
+  }
+  return tables;
+}
+
+absl::StatusOr<ConfigFile> ConfigFile::Load(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return text.status();
+  return Parse(*text, path);
+}
+
+absl::StatusOr<ConfigFile> ConfigFile::Parse(std::string_view text, const std::string& name) {
+  auto state = std::make_shared<ConfigTable::State>();
+  state->file = name;
+  try {
+    state->root = toml::parse(text, name);
+  } catch (const toml::parse_error& e) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ":", e.source().begin.line, ":",
+                                                   e.source().begin.column, ": ", e.description()));
+  }
+  return ConfigFile(std::move(state));
+}
+
+ConfigTable ConfigFile::Root() { return ConfigTable(state_, &state_->root, ""); }
+
+absl::Status ConfigFile::Finish() {
+  std::vector<std::string> problems = state_->errors;
+  CollectUnknown(state_->file, state_->root, "", state_->taken, &problems);
+  if (problems.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrJoin(problems, "\n"));
+}
+
+bool LooksSecret(std::string_view name) {
+  const std::string upper = absl::AsciiStrToUpper(std::string(name));
+  for (const char* word : {"TOKEN", "PASSWORD", "PASSWD", "SECRET", "KEY", "CREDENTIAL"}) {
+    if (absl::StrContains(upper, word)) return true;
+  }
+  return false;
+}
+
+}  // namespace taskmaster

@@ -1,0 +1,193 @@
+// Users' own work end to end: a worker started from deploy/worker.example.toml runs its exec kinds
+// and pools, --print-config, config errors at start, plugins, and pools keeping compute tasks
+// clear of an I/O backlog.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "tests/integration_common.h"
+
+namespace taskmaster::testing {
+namespace {
+
+const std::string kExampleConfig =
+    std::string(TASKMASTER_SOURCE_DIR) + "/deploy/worker.example.toml";
+
+// Runs `kind` on each payload in one job; the results by payload (output, or "error: ...").
+std::map<std::string, std::string> RunJob(const Cluster& cluster, const std::string& kind,
+                                          const std::vector<std::string>& payloads) {
+  auto client = cluster.NewClient();
+  std::map<uint64_t, std::string> payload_of;
+  std::map<std::string, std::string> results;
+  absl::StatusOr<v1::SubmitResponse> submitted = client->Submit(Batch(kind, payloads, 1));
+  EXPECT_TRUE(submitted.ok()) << submitted.status();
+  if (!submitted.ok()) return results;
+  for (int i = 0; i < submitted->task_ids_size(); ++i) {
+    payload_of[submitted->task_ids(i)] = payloads[i];
+  }
+  absl::Status watched = client->WatchJob(submitted->job_id(), [&](const v1::JobEvent& event) {
+    for (const v1::TaskInfo& t : event.results()) {
+      results[payload_of[t.id()]] =
+          t.state() == v1::SUCCEEDED ? t.output() : absl::StrCat("error: ", t.error());
+    }
+  });
+  EXPECT_TRUE(watched.ok()) << watched;
+  return results;
+}
+
+std::vector<std::string> WorkerNames(const Cluster& cluster) {
+  std::vector<std::string> names;
+  auto workers = cluster.NewClient()->Workers();
+  if (workers.ok()) {
+    for (const auto& w : workers->workers()) names.push_back(w.name());
+  }
+  return names;
+}
+
+TEST(Handlers, ExampleConfigRunsItsExecKindsInItsPools) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("ex", {"--config", kExampleConfig});
+  // One stream per pool, each shown with its pool's name.
+  ASSERT_TRUE(cluster.WaitForWorkers(2)) << cluster.worker(0).Log();
+  const std::vector<std::string> names = WorkerNames(cluster);
+  EXPECT_EQ(std::set<std::string>(names.begin(), names.end()),
+            (std::set<std::string>{"ex/cpu", "ex/io"}));
+
+  EXPECT_EQ(RunJob(cluster, "upper", {"hello"}).at("hello"), "HELLO");
+  EXPECT_EQ(RunJob(cluster, "lines", {"a\nb\nc\n"}).at("a\nb\nc\n"), "3\n");
+  EXPECT_EQ(RunJob(cluster, "sha256", {"abc"}).at("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -\n");
+  EXPECT_EQ(RunJob(cluster, "square", {"12"}).at("12"), "12*12=144");
+  EXPECT_EQ(RunJob(cluster, "slow-count", {""}).at(""), "done\n");
+}
+
+TEST(Handlers, PrintConfigMergesFlagsAndMasksSecrets) {
+  TempDir dir;
+  const std::string config = dir.File("w.toml");
+  WriteFile(config, R"(master = "127.0.0.1:1"
+queues = ["a"]
+[exec.x]
+command = ["/bin/cat"]
+env = { API_TOKEN = "hunter2", LANG = "C" }
+)");
+  CommandResult r =
+      RunCommand({Binary("taskworker"), "--config", config, "--queues", "b,c", "--print-config"},
+                 "", std::chrono::seconds(30), {"TASKMASTER_TOKEN=the-token-itself"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, R"(queues = [ "b", "c" ])")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, R"(master = "127.0.0.1:1")")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "API_TOKEN = \"(secret)\"")) << r.out;
+  EXPECT_FALSE(absl::StrContains(r.out, "hunter2")) << r.out;
+  EXPECT_FALSE(absl::StrContains(r.out, "the-token-itself")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "LANG = \"C\"")) << r.out;
+}
+
+TEST(Handlers, BadConfigFailsAtStartNamingKeyAndLine) {
+  TempDir dir;
+  const std::string config = dir.File("w.toml");
+  WriteFile(config, "master = \"127.0.0.1:1\"\n[exec.x]\ncommand = [\"/bin/cat\"]\nretries = 3\n");
+  CommandResult r = RunCommand({Binary("taskworker"), "--config", config});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(r.err, config + ":4: unknown key 'exec.x.retries'")) << r.err;
+
+  // A pool naming a kind the worker does not run.
+  WriteFile(config, "master = \"127.0.0.1:1\"\n[pools.cpu]\nkinds = [\"nope\"]\n");
+  r = RunCommand({Binary("taskworker"), "--config", config});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(r.err, "pool 'cpu' lists kind 'nope'")) << r.err;
+}
+
+TEST(Handlers, PluginAddsItsKindsAndBadOnesAreRefused) {
+  // Built as the README says.
+  TempDir dir;
+  const std::string reverse = dir.File("libreverse.so");
+  CommandResult built =
+      RunCommand({"g++", "-std=c++20", "-shared", "-fPIC",
+                  std::string(TASKMASTER_SOURCE_DIR) + "/examples/plugin/reverse.cc",
+                  "-I" + std::string(TASKMASTER_SOURCE_DIR) + "/worker/sdk", "-o", reverse});
+  ASSERT_EQ(built.exit_code, 0) << built.err;
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("p", {"--plugin", reverse});
+  ASSERT_TRUE(cluster.WaitForWorkers(1)) << cluster.worker(0).Log();
+  EXPECT_EQ(RunJob(cluster, "reverse", {"stressed"}).at("stressed"), "desserts");
+
+  auto refused = [&](const std::vector<std::string>& plugins, const std::string& why) {
+    std::vector<std::string> argv = {Binary("taskworker"), "--master", cluster.address()};
+    for (const std::string& plugin : plugins) argv.insert(argv.end(), {"--plugin", plugin});
+    CommandResult r = RunCommand(argv);
+    EXPECT_EQ(r.exit_code, 2) << plugins.back();
+    EXPECT_TRUE(absl::StrContains(r.err, "plugin " + plugins.back() + ": ")) << r.err;
+    EXPECT_TRUE(absl::StrContains(r.err, why)) << r.err;
+  };
+  refused({TEST_PLUGIN_BAD_ABI}, "built for plugin ABI 999");
+  refused({TEST_PLUGIN_NO_ENTRY}, "no entry point 'taskmaster_plugin'");
+  refused({reverse, reverse}, "kind 'reverse' is registered twice");
+  refused({"/nonexistent/plugin.so"}, "No such file");
+}
+
+TEST(Handlers, PoolsKeepComputeTasksClearOfAnIoBacklog) {
+  Cluster cluster;
+  cluster.StartMaster();
+  TempDir dir;
+  const std::string config = dir.File("w.toml");
+  WriteFile(config, R"([pools.cpu]
+threads = 1
+kinds = ["square"]
+[pools.io]
+threads = 4
+kinds = ["sleep"]
+)");
+  cluster.StartWorker("pools", {"--config", config});
+  ASSERT_TRUE(cluster.WaitForWorkers(2)) << cluster.worker(0).Log();
+  auto client = cluster.NewClient();
+  // 200 I/O tasks of 100 ms on 4 threads: 5 s of backlog, queued ahead of the compute tasks.
+  absl::StatusOr<v1::SubmitResponse> io =
+      client->Submit(Batch("sleep", std::vector<std::string>(200, "100")));
+  ASSERT_TRUE(io.ok()) << io.status();
+  std::vector<std::string> numbers;
+  for (int i = 0; i < 20; ++i) numbers.push_back(std::to_string(i));
+  const std::map<std::string, std::string> squares = RunJob(cluster, "square", numbers);
+  ASSERT_EQ(squares.size(), 20u);
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(squares.at(std::to_string(i)), Square(i));
+  // The compute pool's own size explains its time: the I/O backlog was still there when every
+  // compute task had finished.
+  absl::StatusOr<v1::JobInfo> backlog = client->GetJob(io->job_id());
+  ASSERT_TRUE(backlog.ok());
+  EXPECT_LT(backlog->done(), 150) << "compute tasks waited behind the I/O backlog";
+  client->CancelJob(io->job_id()).IgnoreError();
+}
+
+// The SDK as an outside project sees it: installed into a scratch prefix, found with
+// find_package(taskmaster CONFIG), linked as taskmaster::worker.
+TEST(Handlers, OutsideProjectBuildsAWorkerAgainstTheInstalledSdk) {
+  TempDir dir;
+  const std::string prefix = dir.File("prefix");
+  CommandResult r = RunCommand(
+      {"cmake", "--install", TASKMASTER_BINARY_DIR, "--component", "sdk", "--prefix", prefix});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const std::string build = dir.File("build");
+  r = RunCommand({"cmake", "-S", std::string(TASKMASTER_SOURCE_DIR) + "/examples/cpp-worker", "-B",
+                  build, "-DCMAKE_PREFIX_PATH=" + prefix, "-DCMAKE_BUILD_TYPE=Release"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = RunCommand({"cmake", "--build", build, "-j2"}, "", std::chrono::seconds(240));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  Cluster cluster;
+  cluster.StartMaster();
+  Process worker({build + "/wordcount-worker", "--master", cluster.address(), "--token-file",
+                  cluster.dir().File("work.token"), "--name", "wc"},
+                 dir.File("wc.log"));
+  ASSERT_TRUE(cluster.WaitForWorkers(1)) << worker.Log();
+  const auto counted = RunJob(cluster, "wordcount", {"one two  three\nfour", ""});
+  EXPECT_EQ(counted.at("one two  three\nfour"), "4");
+  EXPECT_EQ(counted.at(""), "0");
+  // The SDK's worker runs the built-ins beside its own kind, as taskworker does.
+  EXPECT_EQ(RunJob(cluster, "square", {"3"}).at("3"), "3*3=9");
+}
+
+}  // namespace
+}  // namespace taskmaster::testing
