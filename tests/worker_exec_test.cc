@@ -362,16 +362,20 @@ TEST_F(ExecTest, SigtermIgnoredMeansSigkillAfterGrace) {
 TEST_F(ExecTest, LeaderExitKillsABackgroundProcessHoldingStdout) {
   const auto start = Clock::now();
   absl::StatusOr<std::string> out =
-      Call(Shell(absl::StrCat("sleep 1000 & echo $! > ", (dir_ / "bg").string(), "; echo done")));
+      Call(Shell(absl::StrCat("echo $$ > ", (dir_ / "pgid").string(), "; sleep 1000 & echo $! > ",
+                              (dir_ / "bg").string(), "; echo done")));
   EXPECT_LT(Clock::now() - start, kPrompt);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(*out, "done\n");
-  EXPECT_TRUE(AllGone(ReadPid(dir_ / "bg")));
+  EXPECT_TRUE(AllGone(ReadPid(dir_ / "pgid"), ReadPid(dir_ / "bg")));
 
   // A background process that writes on after the first process exited is cut off as well.
-  out = Call(Shell("echo first; (while :; do echo more; sleep 0.01; done) &"));
+  out = Call(Shell(absl::StrCat("echo first; echo $$ > ", (dir_ / "pgid2").string(),
+                                "; (trap '' TERM; while :; do echo more; sleep 0.01; done) &",
+                                "echo $! > ", (dir_ / "bg2").string())));
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_TRUE(absl::StartsWith(*out, "first\n")) << *out;
+  EXPECT_TRUE(AllGone(ReadPid(dir_ / "pgid2"), ReadPid(dir_ / "bg2")));
 }
 
 TEST_F(ExecTest, OutputOverTheLimitFails) {

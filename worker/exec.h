@@ -21,7 +21,7 @@ namespace taskmaster {
 // command cannot raise them again). Unset: the worker's own limits apply.
 struct ExecLimits {
   std::optional<uint64_t> address_space_bytes;  // RLIMIT_AS
-  std::optional<uint64_t> cpu_seconds;          // RLIMIT_CPU: SIGKILL once used up
+  std::optional<uint64_t> cpu_seconds;          // RLIMIT_CPU: killed once used up
   std::optional<uint64_t> open_files;           // RLIMIT_NOFILE
   std::optional<int> nice;  // the child's nice value itself (-20..19), not an increment
 };
