@@ -614,8 +614,8 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   }
 
   // The exit of the command's first process, without reaping it: a pidfd (Linux 5.3) in the
-  // poll set, else waitid(WNOWAIT) at every wake-up.
-  // The raw system call: glibc 2.36's <sys/pidfd.h> lacks extern "C" and cannot be linked from C++.
+  // poll set, else waitid(WNOWAIT) at every wake-up. The raw system call, because glibc 2.36's
+  // <sys/pidfd.h> lacks extern "C" and its pidfd_open cannot be linked from C++.
   Fd pidfd(static_cast<int>(syscall(SYS_pidfd_open, pid, 0)));
 
   std::string_view payload = ctx.payload();
