@@ -230,7 +230,8 @@ absl::StatusOr<ConfigFile> ConfigFile::Parse(std::string_view text, const std::s
     state->root = toml::parse(text, name);
   } catch (const toml::parse_error& e) {
     return absl::InvalidArgumentError(absl::StrCat(name, ":", e.source().begin.line, ":",
-                                                   e.source().begin.column, ": ", e.description()));
+                                                   e.source().begin.column, ": ",
+                                                   std::string(e.description())));
   }
   return ConfigFile(std::move(state));
 }

@@ -123,7 +123,8 @@ void ReadPools(ConfigTable& root, WorkerOptions* worker) {
   for (auto& [name, table] : root.Tables("pools")) {
     PoolOptions pool;
     pool.name = name;
-    if (absl::Status s = CheckName("pool name", name); !s.ok()) root.Error("pools", std::string(s.message()));
+    if (absl::Status s = CheckName("pool name", name); !s.ok())
+      root.Error("pools", std::string(s.message()));
     GetPositive(table, "threads", &pool.threads);
     GetNames(table, "kinds", "kind", &pool.kinds);
     int prefetch = 0;
@@ -169,7 +170,8 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   }
   ReadPools(root, &w);
   for (auto& [kind, table] : root.Tables("exec")) {
-    if (absl::Status s = CheckName("kind", kind); !s.ok()) root.Error("exec", std::string(s.message()));
+    if (absl::Status s = CheckName("kind", kind); !s.ok())
+      root.Error("exec", std::string(s.message()));
     config->exec.emplace_back(kind, ReadExec(table));
   }
   return file->Finish();

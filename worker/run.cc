@@ -35,7 +35,8 @@ std::string ConfigPath(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == kFlag && i + 1 < argc) return argv[i + 1];
-    if (arg.substr(0, kFlag.size() + 1) == absl::StrCat(kFlag, "=")) {
+    if (arg.size() > kFlag.size() && arg.substr(0, kFlag.size()) == kFlag &&
+        arg[kFlag.size()] == '=') {
       return std::string(arg.substr(kFlag.size() + 1));
     }
   }

@@ -221,7 +221,9 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
       !channel.ok()) {
     return channel.status();
   }
-  if (options.pools.empty()) options.pools = {{.name = "default", .threads = options.threads}};
+  if (options.pools.empty()) {
+    options.pools = {{.name = "default", .threads = options.threads, .kinds = {}, .prefetch = {}}};
+  }
   absl::StatusOr<std::map<std::string, std::vector<std::string>>> kinds =
       KindsByPool(options.pools, *registry);
   if (!kinds.ok()) return kinds.status();
