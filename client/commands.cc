@@ -4,8 +4,11 @@
 #include <cmath>
 #include <iomanip>
 #include <iostream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/util.h"
 #include "nlohmann/json.hpp"
 
@@ -36,6 +39,20 @@ std::string StateName(v1::TaskState state) {
 }
 
 // `wait` results come without payloads (status shows them).
+json ProgressJson(const v1::TaskProgress& p) {
+  return {{"task_id", p.task_id()}, {"attempt", p.attempt()}, {"done", p.done()},
+          {"total", p.total()},     {"message", p.message()}, {"updated_ms", p.updated_ms()}};
+}
+
+// "40/100 (40%) resizing", or "40 resizing" when the total is unknown.
+std::string ProgressText(const v1::TaskProgress& p) {
+  std::string text =
+      p.total() > 0 ? absl::StrCat(p.done(), "/", p.total(), " (", 100 * p.done() / p.total(), "%)")
+                    : absl::StrCat(p.done());
+  if (!p.message().empty()) absl::StrAppend(&text, " ", Printable(p.message()));
+  return text;
+}
+
 json TaskJson(const v1::TaskInfo& t, bool with_payload = true) {
   json j = {{"id", t.id()},
             {"job_id", t.job_id()},
@@ -53,13 +70,16 @@ json TaskJson(const v1::TaskInfo& t, bool with_payload = true) {
   if (with_payload) j["payload"] = t.payload();
   if (!t.waiting_for().empty()) j["waiting_for"] = t.waiting_for();
   if (t.not_before_ms() > 0) j["not_before_ms"] = t.not_before_ms();
+  if (t.has_progress()) j["progress"] = ProgressJson(t.progress());
   return j;
 }
 
 json JobJson(const v1::JobInfo& j) {
-  return {{"job_id", j.job_id()},        {"total", j.total()}, {"done", j.done()},
-          {"succeeded", j.succeeded()},  {"dead", j.dead()},   {"cancelled", j.cancelled()},
-          {"created_ms", j.created_ms()}};
+  json running = json::array();
+  for (const v1::TaskProgress& p : j.running()) running.push_back(ProgressJson(p));
+  return {{"job_id", j.job_id()},         {"total", j.total()}, {"done", j.done()},
+          {"succeeded", j.succeeded()},   {"dead", j.dead()},   {"cancelled", j.cancelled()},
+          {"created_ms", j.created_ms()}, {"running", running}};
 }
 
 json WorkerJson(const v1::WorkerInfo& w) {
@@ -71,6 +91,7 @@ json WorkerJson(const v1::WorkerInfo& w) {
           {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
           {"slots", w.slots()},
           {"running", w.running()},
+          {"stuck", w.stuck()},
           {"connected", w.connected()},
           {"draining", w.draining()}};
 }
@@ -88,17 +109,23 @@ std::string ResultLine(const v1::TaskInfo& t) {
   return absl::StrCat("task ", t.id(), " ", StateName(t.state()), ": ", Printable(t.error()));
 }
 
-void DrawProgress(const Console& console, int64_t done, int64_t total) {
+// The job's bar, and the latest progress one of its running tasks reported (`running`).
+void DrawProgress(const Console& console, int64_t done, int64_t total, const std::string& running) {
   constexpr int kWidth = 30;
+  // Keeps the line within a common terminal's width: a wrapped line cannot be redrawn with \r.
+  constexpr size_t kRunningShown = 40;
   const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
-  console.err << "\r[" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] "
-              << done << "/" << total << std::flush;
+  console.err << "\r\033[K[" << std::string(filled, '#') << std::string(kWidth - filled, '.')
+              << "] " << done << "/" << total;
+  if (!running.empty()) console.err << "  " << running.substr(0, kRunningShown);
+  console.err << std::flush;
 }
 
 void PrintWorkersTable(const Console& console,
                        const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
   console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST" << std::setw(8)
-              << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(14) << "STATE"
+              << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(6) << "STUCK" << std::setw(14)
+              << "STATE"
               << "KINDS\n";
   for (const v1::WorkerInfo& w : workers) {
     std::string kinds;
@@ -106,7 +133,7 @@ void PrintWorkersTable(const Console& console,
     const char* state = !w.connected() ? "disconnected" : w.draining() ? "draining" : "connected";
     console.out << std::left << std::setw(24) << Printable(w.name()) << std::setw(20)
                 << Printable(w.host()) << std::setw(8) << w.slots() << std::setw(8) << w.running()
-                << std::setw(14) << state << kinds << "\n";
+                << std::setw(6) << w.stuck() << std::setw(14) << state << kinds << "\n";
   }
 }
 
@@ -176,8 +203,28 @@ int RunSubmit(const Client& client, const SubmitArgs& args, const Console& conso
 }
 
 int RunWait(const Client& client, const std::string& job_id, const Console& console) {
+  absl::Mutex mu;  // the terminal and what it shows, between the results and the poller
   v1::JobInfo last;
+  std::string running;  // guarded by mu
+  // On a terminal, running tasks' progress too: results come on the stream, progress does not,
+  // so a poller asks for it now and then.
+  absl::Notification finished;
+  std::thread poller;
+  if (console.progress) {
+    poller = std::thread([&] {
+      while (!finished.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+        absl::StatusOr<v1::JobInfo> job = client.GetJob(job_id);
+        if (!job.ok()) continue;
+        absl::MutexLock lock(&mu);
+        running = job->running().empty() ? ""
+                                         : absl::StrCat("task ", job->running(0).task_id(), ": ",
+                                                        ProgressText(job->running(0)));
+        DrawProgress(console, last.done(), last.total(), running);
+      }
+    });
+  }
   absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    absl::MutexLock lock(&mu);
     if (console.progress) console.err << "\r\033[K" << std::flush;
     for (const v1::TaskInfo& t : event.results()) {
       console.out << (console.format == OutputFormat::kJson ? Dump(TaskJson(t, false))
@@ -186,8 +233,10 @@ int RunWait(const Client& client, const std::string& job_id, const Console& cons
     }
     console.out.flush();
     last = event.progress();
-    if (console.progress) DrawProgress(console, last.done(), last.total());
+    if (console.progress) DrawProgress(console, last.done(), last.total(), running);
   });
+  finished.Notify();
+  if (poller.joinable()) poller.join();
   if (console.progress) console.err << "\r\033[K" << std::flush;
   if (!status.ok()) return Fail(console, status);
   if (console.progress) {
@@ -210,6 +259,9 @@ int RunStatus(const Client& client, const std::string& id, const Console& consol
                   << "succeeded: " << job->succeeded() << "\n"
                   << "dead:      " << job->dead() << "\n"
                   << "cancelled: " << job->cancelled() << "\n";
+      for (const v1::TaskProgress& p : job->running()) {
+        console.out << "running:   task " << p.task_id() << ": " << ProgressText(p) << "\n";
+      }
     }
     return kExitOk;
   }
@@ -229,6 +281,7 @@ int RunStatus(const Client& client, const std::string& id, const Console& consol
               << "attempts: " << task->attempts() << "/" << task->max_attempts() << "\n";
   if (!task->worker().empty()) console.out << "worker:   " << Printable(task->worker()) << "\n";
   if (!task->waiting_for().empty()) console.out << "waiting:  " << task->waiting_for() << "\n";
+  if (task->has_progress()) console.out << "progress: " << ProgressText(task->progress()) << "\n";
   if (task->state() == v1::SUCCEEDED) {
     console.out << "output:   " << Printable(task->output()) << "\n";
   }

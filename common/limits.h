@@ -20,6 +20,9 @@ inline constexpr size_t kItemOverheadBytes = 32;
 // (kBatchBytes) and a 1 MiB payload, far below what would let one peer exhaust memory.
 inline constexpr int kDefaultMaxMessageBytes = 64 << 20;
 
+// Longest message a progress report keeps: a status line, not a log.
+inline constexpr size_t kMaxProgressMessageBytes = 256;
+
 // Keepalive pings from a worker to its master tell a dead connection well within a lease: this
 // many per lease period (docs/lifecycle.md, "Time"), ...
 inline constexpr int64_t kKeepalivesPerLease = 3;

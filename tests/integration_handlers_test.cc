@@ -129,6 +129,36 @@ TEST(Handlers, PluginAddsItsKindsAndBadOnesAreRefused) {
   refused({"/nonexistent/plugin.so"}, "No such file");
 }
 
+TEST(Handlers, AHandlerIgnoringItsDeadlineIsReportedTimedOutAndShownStuck) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("s", {"--plugin", TEST_PLUGIN_STUBBORN, "--threads", "1"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1)) << cluster.worker(0).Log();
+  auto client = cluster.NewClient();
+  v1::SubmitRequest request = Batch("stubborn", {"6000"}, /*max_attempts=*/1);
+  request.mutable_tasks(0)->set_timeout_ms(300);
+  absl::StatusOr<v1::SubmitResponse> submitted = client->Submit(request);
+  ASSERT_TRUE(submitted.ok()) << submitted.status();
+  // Reported at its deadline (and a grace), long before the handler returns.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto task = client->GetTask(submitted->task_ids(0));
+        return task.ok() && task->state() == v1::DEAD;
+      },
+      std::chrono::seconds(4)));
+  EXPECT_TRUE(absl::StrContains(client->GetTask(submitted->task_ids(0))->error(),
+                                "timed out after 300 ms"));
+  // Its slot stays busy, and the workers list says why.
+  auto stuck = [&] {
+    auto workers = client->Workers();
+    return workers.ok() && workers->workers_size() == 1 ? workers->workers(0).stuck() : -1;
+  };
+  EXPECT_TRUE(WaitFor([&] { return stuck() == 1; }, std::chrono::seconds(4)));
+  EXPECT_TRUE(absl::StrContains(cluster.Taskctl({"workers"}).out, "STUCK"));
+  EXPECT_TRUE(WaitFor([&] { return stuck() == 0; }, std::chrono::seconds(15)))
+      << "the handler returned: its slot is free";
+}
+
 TEST(Handlers, PoolsKeepComputeTasksClearOfAnIoBacklog) {
   Cluster cluster;
   cluster.StartMaster();

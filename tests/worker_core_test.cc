@@ -278,6 +278,38 @@ TEST_F(SlotsTest, RevokedTasksAreDroppedQueuedNowRunningWhenTheyReturn) {
   EXPECT_EQ(Ids(Connect()), std::vector<TaskId>{3});
 }
 
+TEST_F(SlotsTest, AHandlerPastItsDeadlineIsReportedTimedOutAndKeepsItsSlot) {
+  Make(1, 0);
+  Connect();
+  EXPECT_EQ(Tick().credits, 1);
+  Task task = MakeTask(1);
+  task.timeout_ms = 1'000;
+  Deliver({task});
+  Assignment stuck = Take();
+  time_.Advance(milliseconds(1'000) + kStuckGrace - milliseconds(1));
+  EXPECT_TRUE(slots_->Watch()->stuck.empty()) << "the handler still has its grace";
+  time_.Advance(milliseconds(2));
+  const std::optional<WatchReport> report = slots_->Watch();
+  ASSERT_EQ(report->stuck.size(), 1u);
+  EXPECT_TRUE(stuck.cancelled->load()) << "the handler is told to stop";
+  ToMaster out = Tick(kHeartbeat);
+  ASSERT_EQ(Ids(out.results), std::vector<TaskId>{1}) << "reported without the handler";
+  EXPECT_EQ(out.results[0].outcome, Outcome::kFailed);
+  EXPECT_TRUE(absl::StrContains(out.results[0].error, "timed out after 1000 ms"));
+  EXPECT_EQ(out.credits, 0) << "its thread is still busy";
+  EXPECT_EQ(out.stuck, 1) << "the heartbeat tells the master";
+  EXPECT_EQ(slots_->Stuck(), 1);
+  Ack({{1, 1}});
+  Disconnect();
+  EXPECT_TRUE(Connect().empty()) << "the master has its result: the hello holds nothing";
+  EXPECT_EQ(Tick().credits, 0) << "nor is its slot free on a new stream";
+  Succeed(stuck);
+  ToMaster after = Tick(kHeartbeat);
+  EXPECT_TRUE(after.results.empty()) << "what the handler returned at last is dropped";
+  EXPECT_EQ(after.credits, 1) << "its slot is free again";
+  EXPECT_EQ(after.stuck, 0);
+}
+
 TEST_F(SlotsTest, AMasterThatLostItsStateTakesEverythingBack) {
   Make(1, 2);
   Connect();

@@ -155,6 +155,7 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   }
   GetPositive(root, "prefetch_max", &w.prefetch_max);
   GetMillis(root, "prefetch_window_ms", &w.prefetch_window);
+  GetMillis(root, "progress_interval_ms", &w.progress_interval);
   GetNames(root, "queues", "queue name", &w.queues);
   root.Get("labels", &w.labels);
   GetMillis(root, "drain_timeout_ms", &w.drain_timeout, /*zero_ok=*/true);
@@ -233,6 +234,7 @@ std::string FormatWorkerConfig(const WorkerConfig& config, bool token_from_env) 
   root.insert("prefetch", w.prefetch);
   root.insert("prefetch_max", w.prefetch_max);
   root.insert("prefetch_window_ms", w.prefetch_window.count());
+  root.insert("progress_interval_ms", w.progress_interval.count());
   root.insert("queues", Strings(w.queues));
   if (!w.labels.empty()) root.insert("labels", StringTable(w.labels, /*mask_secrets=*/false));
   root.insert("drain_timeout_ms", w.drain_timeout.count());

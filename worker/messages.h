@@ -39,6 +39,15 @@ enum class Outcome {
 // The wire protocol's name of an outcome ("SUCCEEDED"...), for log lines.
 const char* OutcomeName(Outcome outcome);
 
+// How far a running task has come, as its handler last said.
+struct ProgressReport {
+  TaskId task_id = 0;
+  int32_t attempt = 0;
+  int64_t done = 0;
+  int64_t total = 0;
+  std::string message;
+};
+
 struct Result {
   TaskId task_id = 0;
   int32_t attempt = 0;
@@ -69,13 +78,16 @@ struct FromMaster {
 // What the sender writes next.
 struct ToMaster {
   std::vector<Result> results;
-  int32_t credits = 0;               // more tasks the worker can take (additive)
-  std::optional<Time> heartbeat_at;  // a heartbeat, sent at this time
-  bool draining = false;             // send no more tasks
-  bool bye = false;                  // the worker leaves
+  int32_t credits = 0;                   // more tasks the worker can take (additive)
+  std::optional<Time> heartbeat_at;      // a heartbeat, sent at this time
+  int32_t stuck = 0;                     // with a heartbeat: handlers running past their deadline
+  std::vector<ProgressReport> progress;  // the latest of tasks that reported since the last
+  bool draining = false;                 // send no more tasks
+  bool bye = false;                      // the worker leaves
 
   bool empty() const {
-    return results.empty() && credits == 0 && !heartbeat_at && !draining && !bye;
+    return results.empty() && credits == 0 && !heartbeat_at && !draining && !bye &&
+           progress.empty();
   }
 };
 

@@ -7,7 +7,7 @@
 namespace taskmaster::worker {
 
 Result RunTask(const Registry& registry, const RunOptions& options, const Task& task,
-               const std::shared_ptr<const std::atomic<bool>>& cancelled) {
+               const std::shared_ptr<const std::atomic<bool>>& cancelled, ProgressSink progress) {
   Result r;
   r.task_id = task.task_id;
   r.attempt = task.attempt;
@@ -20,7 +20,8 @@ Result RunTask(const Registry& registry, const RunOptions& options, const Task& 
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = task.timeout_ms > 0 ? start + std::chrono::milliseconds(task.timeout_ms)
                                             : std::chrono::steady_clock::time_point::max();
-  TaskContext context(task.task_id, task.attempt, task.payload, deadline, cancelled);
+  TaskContext context(task.task_id, task.attempt, task.payload, deadline, cancelled,
+                      std::move(progress));
   absl::StatusOr<std::string> output;
   try {
     output = (*handler)(context);
@@ -63,7 +64,9 @@ void Pool::Join() {
 void Pool::Loop() {
   while (std::optional<Assignment> a = slots_->NextTask()) {
     const auto start = std::chrono::steady_clock::now();
-    Result result = RunTask(*registry_, options_, a->task, a->cancelled);
+    Result result = RunTask(
+        *registry_, options_, a->task, a->cancelled,
+        [this, id = a->task.task_id](Progress p) { slots_->ReportProgress(id, std::move(p)); });
     const auto took = std::chrono::steady_clock::now() - start;
     log_->debug("task {} attempt {} ({}): {}", a->task.task_id, a->task.attempt, a->task.kind,
                 OutcomeName(result.outcome));

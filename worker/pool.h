@@ -24,7 +24,8 @@ struct RunOptions {
 // Runs `task`'s handler from `registry` and says how it went: its output, or why it failed, was
 // cancelled or timed out. Handler exceptions are failures. Blocks for as long as the handler runs.
 Result RunTask(const Registry& registry, const RunOptions& options, const Task& task,
-               const std::shared_ptr<const std::atomic<bool>>& cancelled);
+               const std::shared_ptr<const std::atomic<bool>>& cancelled,
+               ProgressSink progress = nullptr);
 
 // Thread-compatible: Start once, then Join once, after Slots::Stop.
 class Pool {

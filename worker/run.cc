@@ -79,6 +79,7 @@ int RunWorker(int argc, char** argv, Registry registry) {
   int64_t drain_ms = o.drain_timeout.count();
   int64_t reconnect_max_ms = o.reconnect_max.count();
   int64_t prefetch_window_ms = o.prefetch_window.count();
+  int64_t progress_interval_ms = o.progress_interval.count();
   std::vector<std::string> plugins;
   bool print_config = false;
 
@@ -99,6 +100,9 @@ int RunWorker(int argc, char** argv, Registry registry) {
       ->capture_default_str();
   app.add_option("--prefetch-window-ms", prefetch_window_ms,
                  "adaptive prefetch holds about this much work per thread")
+      ->capture_default_str();
+  app.add_option("--progress-interval-ms", progress_interval_ms,
+                 "handlers' progress reaches the master at most this often")
       ->capture_default_str();
   app.add_option("--queues", queues, "queues to take tasks from, comma separated")
       ->capture_default_str();
@@ -126,6 +130,7 @@ int RunWorker(int argc, char** argv, Registry registry) {
   o.labels = *parsed;
   o.drain_timeout = std::chrono::milliseconds(drain_ms);
   o.prefetch_window = std::chrono::milliseconds(prefetch_window_ms);
+  o.progress_interval = std::chrono::milliseconds(progress_interval_ms);
   o.reconnect_max = std::chrono::milliseconds(reconnect_max_ms);
   config.plugins.insert(config.plugins.end(), plugins.begin(), plugins.end());
   if (print_config) {

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/limits.h"
 #include "common/util.h"
 
 namespace taskmaster::worker {
@@ -73,8 +74,17 @@ v1::WorkerMessage ToProto(ToMaster out) {
     result->set_error(std::move(r.error));
     result->set_permanent(r.permanent);
   }
+  for (ProgressReport& p : out.progress) {
+    v1::TaskProgress* progress = m.add_progress();
+    progress->set_task_id(p.task_id);
+    progress->set_attempt(p.attempt);
+    progress->set_done(p.done);
+    progress->set_total(p.total);
+    progress->set_message(ValidUtf8(p.message, kMaxProgressMessageBytes));
+  }
   m.set_credits(out.credits);
   if (out.heartbeat_at) {
+    m.set_stuck(out.stuck);
     m.set_heartbeat(true);
     m.set_heartbeat_at(SteadyMs(*out.heartbeat_at));
   }
@@ -248,6 +258,12 @@ void Session::WatchdogLoop() {
       log_->warn("master {}: {}; reconnecting on a fresh connection", options_.master.address,
                  report->why);
       CancelSession(report->cut_session);
+    }
+    for (const TaskRef& ref : report->stuck) {
+      log_->warn(
+          "task {} attempt {}: the handler is past its deadline and did not stop; "
+          "reported timed out, its thread stays busy until it returns",
+          ref.task_id, ref.attempt);
     }
     if (report->stopped + report->dropped > 0) {
       log_->warn(

@@ -77,6 +77,8 @@ std::optional<Assignment> Slots::NextTask() {
   queue_.pop_front();
   Held& h = held_.at(id);
   h.running = true;
+  if (h.task.timeout_ms > 0)
+    h.deadline = options_.now() + std::chrono::milliseconds(h.task.timeout_ms);
   return Assignment{.task = {.task_id = id,
                              .attempt = h.task.attempt,
                              .kind = h.task.kind,
@@ -94,11 +96,20 @@ void Slots::Finish(Result result, std::chrono::steady_clock::duration took) {
   auto it = held_.find(result.task_id);
   const bool discard = it == held_.end() || it->second.discard;
   if (it != held_.end()) {
-    discarded_ -= it->second.discard ? 1 : 0;
+    discarded_ -= it->second.discard && !it->second.stuck ? 1 : 0;
+    stuck_ -= it->second.stuck ? 1 : 0;
     held_.erase(it);
   }
   if (!discard) AddResultLocked(std::move(result));
   TopUpCreditsLocked();
+}
+
+void Slots::ReportProgress(TaskId id, Progress progress) {
+  absl::MutexLock lock(&mu_);
+  auto it = held_.find(id);
+  if (it == held_.end() || !it->second.running || it->second.discard) return;
+  it->second.progress = std::move(progress);
+  progress_pending_ = true;
 }
 
 // ---- The session ----
@@ -215,7 +226,8 @@ std::optional<ToMaster> Slots::NextToSend() {
   absl::MutexLock lock(&mu_);
   auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return !session_open_ || !to_send_.empty() || credits_to_send_ > 0 ||
-           (draining_ && !drain_sent_) || leaving_;
+           (draining_ && !drain_sent_) || leaving_ ||
+           (progress_pending_ && options_.now() >= progress_due_);
   };
   AwaitUntilLocked(ready, heartbeat_due_);
   if (!session_open_) return std::nullopt;
@@ -248,8 +260,22 @@ std::optional<ToMaster> Slots::NextToSend() {
     drain_sent_ = true;
   }
   out.bye = leaving_ && to_send_.empty();
+  if (progress_pending_ && now >= progress_due_) {
+    for (auto& [id, h] : held_) {
+      if (!h.progress) continue;
+      out.progress.push_back({.task_id = id,
+                              .attempt = h.task.attempt,
+                              .done = h.progress->done,
+                              .total = h.progress->total,
+                              .message = std::move(h.progress->message)});
+      h.progress.reset();
+    }
+    progress_pending_ = false;
+    progress_due_ = now + options_.progress_interval;
+  }
   if (now >= heartbeat_due_) {
     out.heartbeat_at = now;
+    out.stuck = stuck_;
     heartbeat_due_ = now + heartbeat_;
   }
   return out;
@@ -334,7 +360,36 @@ std::optional<WatchReport> Slots::Watch() {
     }
   }
   if (echoes_ && lease_.count() > 0 && now > fence_at_) FenceLocked(&report);
+  ReportStuckLocked(&report);
   return report;
+}
+
+// A handler that ignores its deadline must not hold its result back forever: past the deadline
+// (and a grace to return on its own) the task is reported timed out, and whatever the handler
+// returns later is dropped. Its thread stays busy meanwhile, and counts so.
+void Slots::ReportStuckLocked(WatchReport* report) {
+  const Time now = options_.now();
+  for (auto& [id, h] : held_) {
+    if (!h.running || h.discard || now < h.deadline + kStuckGrace) continue;
+    h.discard = true;
+    h.stuck = true;
+    h.cancelled->store(true);
+    ++stuck_;
+    report->stuck.push_back({id, h.task.attempt});
+    AddResultLocked({.task_id = id,
+                     .attempt = h.task.attempt,
+                     .outcome = Outcome::kFailed,
+                     .output = {},
+                     .error = absl::StrCat("timed out after ", h.task.timeout_ms,
+                                           " ms; the handler did not stop, and its thread on "
+                                           "the worker stays busy until it does"),
+                     .permanent = false});
+  }
+}
+
+int32_t Slots::Stuck() const {
+  absl::MutexLock lock(&mu_);
+  return stuck_;
 }
 
 // Stops every task whose lease may lapse on the master: results not yet acknowledged are kept.

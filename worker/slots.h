@@ -18,6 +18,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "taskmaster/worker.h"
 #include "worker/messages.h"
 
 namespace taskmaster::worker {
@@ -25,6 +26,9 @@ namespace taskmaster::worker {
 // How often the watchdog looks at the session (Slots::Watch). Every timed wait of Slots ends
 // within this of its deadline: the watchdog's pass through the lock re-evaluates them.
 inline constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+// How long past its deadline a handler may take to return on its own (it sees ShouldStop) before
+// its task is reported timed out without it.
+inline constexpr auto kStuckGrace = std::chrono::milliseconds(500);
 
 // The worker fills these from WorkerOptions, whose fields of the same names say what they mean
 // and their defaults.
@@ -36,6 +40,8 @@ struct SlotsOptions {
   // A message of results closes once it holds about this many bytes (the worker passes
   // kBatchBytes); it carries one result at least, whatever its size.
   size_t batch_bytes = 0;
+  // Progress reports reach the master at most this often, the latest of each task in one message.
+  std::chrono::milliseconds progress_interval{500};
   // The monotonic clock; tests pass a fake one.
   std::function<Time()> now = [] { return std::chrono::steady_clock::now(); };
 };
@@ -61,6 +67,9 @@ struct WatchReport {
   size_t stopped = 0;        // running tasks stopped before their leases lapse
   size_t dropped = 0;        // queued tasks dropped for the same reason
   std::chrono::milliseconds lease{0};
+  // Handlers found past their deadline (and kStuckGrace) on this pass: their tasks are reported
+  // timed out; their threads stay busy until they return.
+  std::vector<TaskRef> stuck;
 };
 
 // Thread-safe: one mutex guards every field, and no call does I/O or runs a handler under it.
@@ -81,6 +90,9 @@ class Slots {
   // A running task's handler returned after `took`: its result waits for the master's
   // acknowledgement, unless the task was revoked or fenced meanwhile.
   void Finish(Result result, std::chrono::steady_clock::duration took);
+  // A running task's handler says how far it has come: kept (the latest only) and sent with the
+  // next message at most every progress_interval. Cheap enough to call in a handler's loop.
+  void ReportProgress(TaskId id, Progress progress);
 
   // ---- The session ----
 
@@ -127,6 +139,8 @@ class Slots {
   // when stopped already.
   bool Stop();
   bool Stopped() const;
+  // Handlers still running past their deadline, their tasks reported timed out.
+  int32_t Stuck() const;
 
  private:
   // A task this worker holds: queued or running.
@@ -135,6 +149,11 @@ class Slots {
     std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
     bool running = false;
     bool discard = false;  // revoked by the master or fenced: its result would be stale
+    // Reported timed out while its handler kept running: discarded, yet its thread is busy, so
+    // it still counts against the credits (and is not in discarded_).
+    bool stuck = false;
+    Time deadline = Time::max();       // from its start, when the task has a timeout
+    std::optional<Progress> progress;  // the latest its handler reported, until sent
   };
 
   template <typename Done>
@@ -142,6 +161,7 @@ class Slots {
   void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FenceLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReportStuckLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LeasesHeldSinceLocked(Time since) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int32_t PrefetchLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -155,10 +175,13 @@ class Slots {
   // ---- Tasks ----
   std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
   int32_t discarded_ ABSL_GUARDED_BY(mu_) = 0;     // entries of held_ running only to be dropped
+  int32_t stuck_ ABSL_GUARDED_BY(mu_) = 0;         // entries of held_ marked stuck
   std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
   // Cancels that arrived before their task (messages can pass each other), oldest first.
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
   std::deque<TaskId> recent_cancels_order_ ABSL_GUARDED_BY(mu_);
+  bool progress_pending_ ABSL_GUARDED_BY(mu_) = false;  // some held_ entry has progress to send
+  Time progress_due_ ABSL_GUARDED_BY(mu_);              // not sent before then
   // ---- Results ----
   // Results (and give-backs) until the master acknowledges them; sent again after a reconnect.
   std::map<TaskId, Result> unacked_ ABSL_GUARDED_BY(mu_);

@@ -48,7 +48,8 @@ struct Lane {
                .prefetch = prefetch,
                .prefetch_max = options->prefetch_max,
                .prefetch_window = options->prefetch_window,
-               .batch_bytes = kBatchBytes}),
+               .batch_bytes = kBatchBytes,
+               .progress_interval = options->progress_interval}),
         pool(&slots, registry,
              {.worker_name = name,
               .max_output = static_cast<size_t>(std::max<int64_t>(

@@ -34,6 +34,8 @@ struct WorkerOptions {
   int prefetch = -1;
   int prefetch_max = 1000;
   std::chrono::milliseconds prefetch_window{2};
+  // Handlers' progress reaches the master at most this often (the latest of each task).
+  std::chrono::milliseconds progress_interval{500};
   std::vector<std::string> queues = {"default"};
   std::map<std::string, std::string> labels;
   // Empty: one pool named "default" of `threads` threads runs every kind.

@@ -6,10 +6,12 @@
 #include <string>
 
 static void RegisterKinds(taskmaster::Registry& registry) {
-  registry.Register("reverse",
-                    [](const taskmaster::TaskContext& ctx) -> absl::StatusOr<std::string> {
-                      return std::string(ctx.payload().rbegin(), ctx.payload().rend());
-                    });
+  registry
+      .Register("reverse",
+                [](const taskmaster::TaskContext& ctx) -> absl::StatusOr<std::string> {
+                  return std::string(ctx.payload().rbegin(), ctx.payload().rend());
+                })
+      .IgnoreError();  // a refusal stays in registry.refused(): the worker refuses the plugin
 }
 
 TASKMASTER_PLUGIN(RegisterKinds)

@@ -113,7 +113,13 @@ void Broker::Report(const WorkerHandle& worker, std::vector<TaskReport> reports,
   impl_->Report(worker, std::move(reports), credits);
 }
 
-bool Broker::Heartbeat(const WorkerHandle& worker) { return impl_->Heartbeat(worker); }
+void Broker::Progress(const WorkerHandle& worker, std::vector<TaskProgress> reports) {
+  impl_->Progress(worker, std::move(reports));
+}
+
+bool Broker::Heartbeat(const WorkerHandle& worker, int32_t stuck) {
+  return impl_->Heartbeat(worker, stuck);
+}
 
 void Broker::Drain(const WorkerHandle& worker) { impl_->Drain(worker); }
 

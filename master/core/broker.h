@@ -124,7 +124,11 @@ class Broker {
   // on the channel once durable.
   void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits = 0);
   // Extends every lease of the worker; false when the handle is no longer current.
-  bool Heartbeat(const WorkerHandle& worker);
+  // Progress of tasks leased to the worker (others are ignored): the latest is kept while the
+  // lease lasts, for GetTask and GetJob.
+  void Progress(const WorkerHandle& worker, std::vector<TaskProgress> reports);
+  // `stuck`: its handlers past their deadline, shown in the workers list.
+  bool Heartbeat(const WorkerHandle& worker, int32_t stuck = 0);
   // The worker takes no more tasks.
   void Drain(const WorkerHandle& worker);
   // The stream ended. With `bye` the worker left for good and its leases return now; otherwise

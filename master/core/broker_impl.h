@@ -79,7 +79,8 @@ class Broker::Impl {
   absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
   void AddCredits(const WorkerHandle& worker, int32_t credits);
   void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits);
-  bool Heartbeat(const WorkerHandle& worker);
+  void Progress(const WorkerHandle& worker, std::vector<TaskProgress> reports);
+  bool Heartbeat(const WorkerHandle& worker, int32_t stuck);
   void Drain(const WorkerHandle& worker);
   void Detach(const WorkerHandle& worker, bool bye);
   void Tick();
@@ -254,6 +255,9 @@ class Broker::Impl {
   uint64_t durable_completion_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
+  // The latest progress of leased tasks that reported any; an entry goes with its lease. Apart
+  // from the tasks: it is kept only for the few running ones.
+  std::unordered_map<TaskId, TaskProgress> progress_ ABSL_GUARDED_BY(mu_);
   // The last Tick, or the broker's start: a pause before the first tick counts too.
   int64_t last_tick_ms_ ABSL_GUARDED_BY(mu_);
   // After a restart: workers attached before it, not back yet; dispatch waits while there are any,

@@ -108,9 +108,9 @@ bool Broker::Impl::CancelLocked(Task& t, Effects& fx) {
 }
 
 WorkerView Broker::Impl::ViewOf(const Worker& w) const {
-  return {w.id,        w.name,     w.host,        w.kinds,
-          w.queues,    w.labels,   w.slots,       static_cast<int32_t>(w.leases.size()),
-          w.connected, w.draining, w.connected_ms};
+  return {w.id,        w.name,     w.host,         w.kinds,
+          w.queues,    w.labels,   w.slots,        static_cast<int32_t>(w.leases.size()),
+          w.connected, w.draining, w.connected_ms, w.stuck};
 }
 
 TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
@@ -134,7 +134,7 @@ TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
 }
 
 JobView Broker::Impl::ViewOf(const Job& j) const {
-  JobView v{j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms};
+  JobView v{j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms, {}};
   for (auto id = j.completed.rbegin(); id != j.completed.rend(); ++id) {
     auto t = tasks_.find(*id);
     if (t == tasks_.end() || Settled(t->second)) break;  // durability follows completion order
@@ -167,6 +167,7 @@ absl::StatusOr<TaskView> Broker::Impl::GetTask(const Caller& caller, TaskId id) 
   TaskView view = ViewOf(**t);
   view.waiting_for = WaitingFor(**t);
   view.settled = Settled(**t);
+  if (auto p = progress_.find(id); p != progress_.end()) view.progress = p->second;
   return view;
 }
 
@@ -175,7 +176,17 @@ absl::StatusOr<JobView> Broker::Impl::GetJob(const Caller& caller,
   absl::MutexLock lock(&mu_);
   absl::StatusOr<Job*> job = VisibleJob(caller, job_id);
   if (!job.ok()) return job.status();
-  return ViewOf(**job);
+  JobView view = ViewOf(**job);
+  // Bounded by the tasks running now, not by the job's size.
+  for (const auto& [id, progress] : progress_) {
+    auto t = tasks_.find(id);
+    if (t != tasks_.end() && t->second.job == *job) view.running.push_back(progress);
+  }
+  std::sort(
+      view.running.begin(), view.running.end(),
+      [](const TaskProgress& a, const TaskProgress& b) { return a.updated_ms > b.updated_ms; });
+  if (view.running.size() > kMaxRunningShown) view.running.resize(kMaxRunningShown);
+  return view;
 }
 
 absl::StatusOr<int64_t> Broker::Impl::CancelTask(const Caller& caller, TaskId id) {

@@ -130,6 +130,7 @@ struct Worker {
   uint64_t generation = 0;
   bool connected = false;
   bool draining = false;
+  int32_t stuck = 0;  // handlers past their deadline, as its last heartbeat said
   int64_t connected_ms = 0;
   int64_t disconnected_ms = 0;
   // Its last heartbeat: all its leases expire together when none came for the lease timeout.

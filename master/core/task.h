@@ -42,6 +42,16 @@ struct TaskSpec {
 };
 
 // A consistent copy of one task, for status and results.
+// How far a running task has come, as its handler reported it.
+struct TaskProgress {
+  TaskId id = 0;
+  int32_t attempt = 0;
+  int64_t done = 0;
+  int64_t total = 0;  // 0: unknown
+  std::string message;
+  int64_t updated_ms = 0;  // set by the master
+};
+
 struct TaskView {
   TaskId id = 0;
   std::string job_id;
@@ -60,6 +70,7 @@ struct TaskView {
   int64_t created_ms = 0;
   int64_t finished_ms = 0;
   int64_t not_before_ms = 0;
+  std::optional<TaskProgress> progress;  // while leased, once reported; set by GetTask only
 };
 
 // What a result costs in a reply beyond its output and error: its ids, names, counts and times
@@ -69,6 +80,9 @@ inline size_t ResultBytes(const TaskView& v) {
   return v.output.size() + v.error.size() + kResultOverheadBytes;
 }
 
+// How many running tasks' progress GetJob shows.
+inline constexpr size_t kMaxRunningShown = 10;
+
 struct JobView {
   std::string job_id;
   int64_t total = 0;
@@ -77,6 +91,9 @@ struct JobView {
   int64_t dead = 0;
   int64_t cancelled = 0;
   int64_t created_ms = 0;
+  // GetJob only: the latest progress of running tasks, most recent first, at most
+  // kMaxRunningShown.
+  std::vector<TaskProgress> running;
 };
 
 struct SubmitOutcome {
@@ -113,6 +130,7 @@ struct WorkerView {
   bool connected = false;
   bool draining = false;
   int64_t connected_ms = 0;
+  int32_t stuck = 0;  // as the worker's last heartbeat said
 };
 
 // ---- The worker stream, in core terms ----

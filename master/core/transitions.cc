@@ -28,6 +28,7 @@ void Broker::Impl::SetState(Task& t, TaskState state) {
 
 void Broker::Impl::Unlease(Task& t) {
   if (t.leased_to) t.leased_to->leases.erase(t.id);
+  progress_.erase(t.id);
   t.leased_to = nullptr;
 }
 

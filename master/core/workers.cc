@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/limits.h"
 #include "common/util.h"
 #include "master/core/broker_impl.h"
 #include "master/core/validate.h"
@@ -206,11 +207,33 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
   });
 }
 
-bool Broker::Impl::Heartbeat(const WorkerHandle& handle) {
+void Broker::Impl::Progress(const WorkerHandle& handle, std::vector<TaskProgress> reports) {
   absl::MutexLock lock(&mu_);
   Worker* w = FindWorker(handle);
-  if (w) w->heard_ms = clock_->NowMs();
-  return w != nullptr;
+  if (!w) return;
+  const int64_t now = clock_->NowMs();
+  // No worker holds more tasks than its leases: what is beyond them cannot be for one.
+  if (reports.size() > w->leases.size()) reports.resize(w->leases.size());
+  for (TaskProgress& p : reports) {
+    // Only for a task this worker holds now, at the attempt it holds: never a stale one.
+    auto t = tasks_.find(p.id);
+    if (t == tasks_.end() || t->second.leased_to != w || t->second.attempts != p.attempt) continue;
+    p.done = std::max<int64_t>(p.done, 0);
+    p.total = std::max<int64_t>(p.total, 0);
+    p.message = Printable(ValidUtf8(p.message, kMaxProgressMessageBytes));
+    p.updated_ms = now;
+    progress_[p.id] = std::move(p);
+  }
+}
+
+bool Broker::Impl::Heartbeat(const WorkerHandle& handle, int32_t stuck) {
+  absl::MutexLock lock(&mu_);
+  Worker* w = FindWorker(handle);
+  if (!w) return false;
+  w->heard_ms = clock_->NowMs();
+  // Only shown to operators, yet bounded: a worker cannot have more stuck handlers than slots.
+  w->stuck = std::clamp(stuck, 0, w->slots);
+  return true;
 }
 
 void Broker::Impl::Drain(const WorkerHandle& handle) {

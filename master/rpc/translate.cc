@@ -60,6 +60,15 @@ std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
   return specs;
 }
 
+void ToProto(const TaskProgress& v, v1::TaskProgress* p) {
+  p->set_task_id(v.id);
+  p->set_attempt(v.attempt);
+  p->set_done(v.done);
+  p->set_total(v.total);
+  p->set_message(v.message);
+  p->set_updated_ms(v.updated_ms);
+}
+
 int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
                            v1::WorkerMessage& m) {
   if (m.results_size() > 0) {
@@ -75,7 +84,20 @@ int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
   } else if (m.credits() > 0 && !m.draining()) {
     broker.AddCredits(worker, m.credits());
   }
-  const bool heard = m.heartbeat() && broker.Heartbeat(worker);
+  if (m.progress_size() > 0) {
+    std::vector<TaskProgress> progress;
+    progress.reserve(m.progress_size());
+    for (v1::TaskProgress& p : *m.mutable_progress()) {
+      progress.push_back({.id = p.task_id(),
+                          .attempt = p.attempt(),
+                          .done = p.done(),
+                          .total = p.total(),
+                          .message = std::move(*p.mutable_message()),
+                          .updated_ms = 0});
+    }
+    broker.Progress(worker, std::move(progress));
+  }
+  const bool heard = m.heartbeat() && broker.Heartbeat(worker, m.stuck());
   if (m.draining()) broker.Drain(worker);
   return heard ? std::max<int64_t>(m.heartbeat_at(), 0) : 0;
 }
@@ -116,6 +138,7 @@ void ToProto(TaskView& v, v1::TaskInfo* p) {
   p->set_created_ms(v.created_ms);
   p->set_finished_ms(v.finished_ms);
   p->set_not_before_ms(v.not_before_ms);
+  if (v.progress) ToProto(*v.progress, p->mutable_progress());
 }
 
 void ToProto(const JobView& v, v1::JobInfo* p) {
@@ -126,6 +149,7 @@ void ToProto(const JobView& v, v1::JobInfo* p) {
   p->set_dead(v.dead);
   p->set_cancelled(v.cancelled);
   p->set_created_ms(v.created_ms);
+  for (const TaskProgress& progress : v.running) ToProto(progress, p->add_running());
 }
 
 void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
@@ -140,6 +164,7 @@ void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
   p->set_connected(v.connected);
   p->set_draining(v.draining);
   p->set_connected_ms(v.connected_ms);
+  p->set_stuck(v.stuck);
 }
 
 void AddRefs(const std::vector<TaskRef>& refs,
