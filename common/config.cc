@@ -47,6 +47,15 @@ const char* TypeName(const toml::node& node) {
   }
 }
 
+// Marks `node` and everything under it as taken: after a type error about it, its insides are
+// no news.
+void TakeAll(const toml::node& node, std::set<const toml::node*>* taken) {
+  taken->insert(&node);
+  if (const toml::table* table = node.as_table()) {
+    for (const auto& [key, child] : *table) TakeAll(child, taken);
+  }
+}
+
 // Every key under `table` that nobody took, with its line.
 void CollectUnknown(const std::string& file, const toml::table& table, const std::string& prefix,
                     const std::set<const toml::node*>& taken, std::vector<std::string>* out) {
@@ -75,6 +84,7 @@ const void* ConfigTable::Take(const std::string& key) {
 
 void ConfigTable::TypeError(const std::string& key, const void* node, const std::string& expected) {
   const auto& n = *static_cast<const toml::node*>(node);
+  TakeAll(n, &state_->taken);
   state_->errors.push_back(absl::StrCat(Where(state_->file, n), ": ", Path(key), " must be ",
                                         expected, ", not ", TypeName(n)));
 }
@@ -184,9 +194,9 @@ bool ConfigTable::Get(const std::string& key, std::map<std::string, std::string>
     TypeError(key, node, "a table of strings");
     return false;
   }
+  TakeAll(*node, &state_->taken);
   std::map<std::string, std::string> values;
   for (const auto& [name, item] : *table) {
-    state_->taken.insert(&item);
     const auto* s = item.as_string();
     if (!s) {
       TypeError(absl::StrCat(key, ".", std::string(name.str())), &item, "a string");

@@ -121,6 +121,7 @@ command = "wc -c"
   const WorkerOptions& w = config->worker;
   EXPECT_EQ(w.master.address, "127.0.0.1:7070");
   EXPECT_EQ(config->token_file, "/etc/taskmaster/work.token");
+  EXPECT_EQ(w.name, "w1");
   EXPECT_EQ(w.queues, (std::vector<std::string>{"default", "images"}));
   EXPECT_EQ(w.prefetch, 4);
   EXPECT_EQ(w.drain_timeout.count(), 0);

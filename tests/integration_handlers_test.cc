@@ -61,7 +61,30 @@ TEST(Handlers, ExampleConfigRunsItsExecKindsInItsPools) {
   EXPECT_EQ(RunJob(cluster, "sha256", {"abc"}).at("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -\n");
   EXPECT_EQ(RunJob(cluster, "square", {"12"}).at("12"), "12*12=144");
-  EXPECT_EQ(RunJob(cluster, "slow-count", {""}).at(""), "done\n");
+  // Progress from the exec child's fd 3 reaches `taskctl status` while it runs.
+  auto client = cluster.NewClient();
+  absl::StatusOr<v1::SubmitResponse> slow = client->Submit(Batch("slow-count", {""}));
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  const std::string id = std::to_string(slow->task_ids(0));
+  std::string status;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        status = cluster.Taskctl({"status", id}).out;
+        return absl::StrContains(status, "progress: ");
+      },
+      std::chrono::seconds(10)))
+      << status;
+  EXPECT_TRUE(absl::StrContains(status, "/5 (")) << status;
+  EXPECT_TRUE(absl::StrContains(status, "step ")) << status;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        status = cluster.Taskctl({"status", slow->job_id()}).out;
+        return absl::StrContains(status, "running:   task " + id + ": ");
+      },
+      std::chrono::seconds(10)))
+      << status;
+  // A terminal sees control bytes escaped.
+  EXPECT_EQ(cluster.Taskctl({"wait", slow->job_id()}).out, "done\\x0A\n");
 }
 
 TEST(Handlers, PrintConfigMergesFlagsAndMasksSecrets) {
@@ -78,6 +101,15 @@ env = { API_TOKEN = "hunter2", LANG = "C" }
                  "", std::chrono::seconds(30), {"TASKMASTER_TOKEN=the-token-itself"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(absl::StrContains(r.out, "queues = [ 'b', 'c' ]")) << r.out;
+  // The environment overrides the file, and a flag both.
+  CommandResult env = RunCommand({Binary("taskworker"), "--config", config, "--print-config"}, "",
+                                 std::chrono::seconds(30), {"TASKMASTER_ADDR=127.0.0.1:3"});
+  EXPECT_TRUE(absl::StrContains(env.out, "master = '127.0.0.1:3'")) << env.out;
+  CommandResult flag = RunCommand(
+      {Binary("taskworker"), "--config", config, "--master", "127.0.0.1:2", "--print-config"}, "",
+      std::chrono::seconds(30), {"TASKMASTER_ADDR=127.0.0.1:3"});
+  EXPECT_TRUE(absl::StrContains(flag.out, "master = '127.0.0.1:2'")) << flag.out;
+  EXPECT_TRUE(absl::StrContains(flag.out, "queues = [ 'a' ]")) << "the file's, no flag given";
   EXPECT_TRUE(absl::StrContains(r.out, "master = '127.0.0.1:1'")) << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "API_TOKEN = '(secret)'")) << r.out;
   EXPECT_FALSE(absl::StrContains(r.out, "hunter2")) << r.out;
@@ -173,10 +205,10 @@ threads = 4
   cluster.StartWorker("pools", {"--config", config});
   ASSERT_TRUE(cluster.WaitForWorkers(2)) << cluster.worker(0).Log();
   auto client = cluster.NewClient();
-  // 200 I/O tasks of 100 ms on 4 threads (`sleep`, in the pool of every kind but `square`): 5 s of
-  // backlog, queued ahead of the compute tasks.
+  // 200 I/O tasks of a second on 4 threads (`sleep`, in the pool of every kind but `square`): 5 s
+  // of backlog, queued ahead of the compute tasks.
   absl::StatusOr<v1::SubmitResponse> io =
-      client->Submit(Batch("sleep", std::vector<std::string>(200, "100")));
+      client->Submit(Batch("sleep", std::vector<std::string>(200, "1000")));
   ASSERT_TRUE(io.ok()) << io.status();
   std::vector<std::string> numbers;
   for (int i = 0; i < 20; ++i) numbers.push_back(std::to_string(i));
@@ -187,7 +219,7 @@ threads = 4
   // compute task had finished.
   absl::StatusOr<v1::JobInfo> backlog = client->GetJob(io->job_id());
   ASSERT_TRUE(backlog.ok());
-  EXPECT_LT(backlog->done(), 150) << "compute tasks waited behind the I/O backlog";
+  EXPECT_LT(backlog->done(), 100) << "compute tasks waited behind the I/O backlog";
   client->CancelJob(io->job_id()).IgnoreError();
 }
 
@@ -203,13 +235,19 @@ TEST(Handlers, OutsideProjectBuildsAWorkerAgainstTheInstalledSdk) {
   r = RunCommand({"cmake", "-S", std::string(TASKMASTER_SOURCE_DIR) + "/examples/cpp-worker", "-B",
                   build, "-DCMAKE_PREFIX_PATH=" + prefix, "-DCMAKE_BUILD_TYPE=Release"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  r = RunCommand({"cmake", "--build", build, "-j2"}, "", std::chrono::seconds(240));
+  r = RunCommand({"cmake", "--build", build, "-j2"}, "", std::chrono::seconds(90));
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
 
   Cluster cluster;
   cluster.StartMaster();
+  // Plugins load into it as into taskworker.
+  const std::string reverse = dir.File("libreverse.so");
+  r = RunCommand({"g++", "-std=c++20", "-shared", "-fPIC",
+                  std::string(TASKMASTER_SOURCE_DIR) + "/examples/plugin/reverse.cc",
+                  "-I" + prefix + "/include", "-o", reverse});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
   Process worker({build + "/wordcount-worker", "--master", cluster.address(), "--token-file",
-                  cluster.dir().File("work.token"), "--name", "wc"},
+                  cluster.dir().File("work.token"), "--name", "wc", "--plugin", reverse},
                  dir.File("wc.log"));
   ASSERT_TRUE(cluster.WaitForWorkers(1)) << worker.Log();
   const auto counted = RunJob(cluster, "wordcount", {"one two  three\nfour", ""});
@@ -217,6 +255,7 @@ TEST(Handlers, OutsideProjectBuildsAWorkerAgainstTheInstalledSdk) {
   EXPECT_EQ(counted.at(""), "0");
   // The SDK's worker runs the built-ins beside its own kind, as taskworker does.
   EXPECT_EQ(RunJob(cluster, "square", {"3"}).at("3"), "3*3=9");
+  EXPECT_EQ(RunJob(cluster, "reverse", {"abc"}).at("abc"), "cba");
 }
 
 }  // namespace

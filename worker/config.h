@@ -18,7 +18,7 @@ struct WorkerConfig {
   std::string log_level = "info";
   bool builtins = true;              // run square, echo, sleep and fail
   std::vector<std::string> plugins;  // shared objects that register kinds
-  // Exec kinds, by kind, in the order of the file.
+  // Exec kinds, by kind (sorted by name, as the file's tables are read).
   std::vector<std::pair<std::string, ExecSpec>> exec;
 };
 

@@ -37,8 +37,11 @@ absl::Status Registry::Register(const std::string& kind, Handler handler) {
 
 absl::Status Registry::Add(const Registry& other) {
   for (const auto& [kind, handler] : other.handlers_) {
-    if (absl::Status s = Register(kind, handler); !s.ok()) return s;
+    if (handlers_.contains(kind)) {
+      return absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
+    }
   }
+  handlers_.insert(other.handlers_.begin(), other.handlers_.end());
   return absl::OkStatus();
 }
 

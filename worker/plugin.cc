@@ -21,13 +21,18 @@ absl::Status LoadPlugin(const std::string& path, Registry& registry) {
     return refuse("no entry point 'taskmaster_plugin' (build it with TASKMASTER_PLUGIN)");
   }
   const TaskmasterPlugin* plugin = entry();
-  if (!plugin || plugin->abi_version != TASKMASTER_PLUGIN_ABI || !plugin->register_kinds) {
+  if (!plugin || plugin->abi_version != TASKMASTER_PLUGIN_ABI) {
     const uint32_t version = plugin ? plugin->abi_version : 0;
     dlclose(handle);
     return refuse(absl::StrCat("built for plugin ABI ", version, ", this worker loads ABI ",
                                TASKMASTER_PLUGIN_ABI, ": rebuild it against this taskmaster"));
   }
-  // Into a registry of its own first: a plugin whose kinds clash adds none of them.
+  if (!plugin->register_kinds) {
+    dlclose(handle);
+    return refuse("its entry point gives no function to register kinds");
+  }
+  // Never dlclose'd from here on: the handlers it registers are its code. Into a registry of its
+  // own first: a plugin whose kinds clash adds none of them.
   Registry own;
   plugin->register_kinds(own);
   if (!own.refused().ok()) return refuse(std::string(own.refused().message()));

@@ -49,6 +49,12 @@ absl::Status AddKinds(const WorkerConfig& config, Registry& registry) {
     if (absl::Status s = RegisterBuiltins(registry); !s.ok()) return s;
   }
   for (const auto& [kind, spec] : config.exec) {
+    if (spec.max_output > static_cast<size_t>(config.worker.master.max_message_bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "exec.", kind, ".max_output_bytes (", spec.max_output,
+          ") is more than one result can carry (max_message_bytes ",
+          config.worker.master.max_message_bytes, ")"));
+    }
     absl::StatusOr<Handler> handler = MakeExecHandler(kind, spec);
     if (!handler.ok()) return handler.status();
     if (absl::Status s = registry.Register(kind, std::move(*handler)); !s.ok()) {
@@ -75,7 +81,7 @@ int RunWorker(int argc, char** argv, Registry registry) {
   }
   WorkerOptions& o = config.worker;
   std::string queues = absl::StrJoin(o.queues, ",");
-  std::string labels = absl::StrJoin(o.labels, ",", absl::PairFormatter("="));
+  std::string labels;
   int64_t drain_ms = o.drain_timeout.count();
   int64_t reconnect_max_ms = o.reconnect_max.count();
   int64_t prefetch_window_ms = o.prefetch_window.count();
@@ -124,10 +130,13 @@ int RunWorker(int argc, char** argv, Registry registry) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  o.queues = SplitList(queues);
-  absl::StatusOr<std::map<std::string, std::string>> parsed = ParseLabels(labels);
-  if (!parsed.ok()) return Fail(parsed.status());
-  o.labels = *parsed;
+  // Only flags given replace the file's lists: a label value may hold what --labels splits on.
+  if (app.count("--queues")) o.queues = SplitList(queues);
+  if (app.count("--labels")) {
+    absl::StatusOr<std::map<std::string, std::string>> parsed = ParseLabels(labels);
+    if (!parsed.ok()) return Fail(parsed.status());
+    o.labels = *parsed;
+  }
   o.drain_timeout = std::chrono::milliseconds(drain_ms);
   o.prefetch_window = std::chrono::milliseconds(prefetch_window_ms);
   o.progress_interval = std::chrono::milliseconds(progress_interval_ms);

@@ -370,7 +370,8 @@ std::optional<WatchReport> Slots::Watch() {
 void Slots::ReportStuckLocked(WatchReport* report) {
   const Time now = options_.now();
   for (auto& [id, h] : held_) {
-    if (!h.running || h.discard || now < h.deadline + kStuckGrace) continue;
+    // As a difference: a task without a deadline has Time::max(), which no sum may reach.
+    if (!h.running || h.discard || now - h.deadline < kStuckGrace) continue;
     h.discard = true;
     h.stuck = true;
     h.cancelled->store(true);

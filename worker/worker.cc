@@ -222,6 +222,11 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
       !channel.ok()) {
     return channel.status();
   }
+  if (!options.pools.empty() && options.threads > 0) {
+    return absl::InvalidArgumentError(
+        "--threads (or threads) sizes the one default pool; with [pools.*], set each pool's "
+        "threads instead");
+  }
   if (options.pools.empty()) {
     options.pools = {{.name = "default", .threads = options.threads, .kinds = {}, .prefetch = {}}};
   }

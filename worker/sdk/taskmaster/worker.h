@@ -73,7 +73,7 @@ class Registry {
   // The first Register that failed (OK when none did): a plugin that registers a kind twice is
   // refused even when it ignored what Register returned.
   const absl::Status& refused() const { return refused_; }
-  // Registers every kind of `other`; fails on the first kind registered already.
+  // Registers every kind of `other`, or none when one of them is registered already.
   absl::Status Add(const Registry& other);
   const Handler* Find(const std::string& kind) const;
   std::vector<std::string> Kinds() const;
@@ -101,7 +101,8 @@ int RunWorker(int argc, char** argv, Registry registry);
 // The worker refuses, naming the file, a plugin built for another ABI version, one without the
 // entry point, and one registering a kind twice.
 
-// Changes whenever this header changes in a way a built plugin cannot follow.
+// Changes whenever this header changes in a way a built plugin cannot follow: the layout of
+// TaskContext (its accessors are inline in the plugin), Registry, Handler or TaskmasterPlugin.
 #define TASKMASTER_PLUGIN_ABI 1
 
 extern "C" {
