@@ -4,7 +4,10 @@
 # prints the medians, the ratios and the targets; bench/results.json gets every figure. Every
 # measurement starts a fresh master.
 #
-#   bench/run.sh [--runs N] [--out FILE] [--tasks N] [--bin BUILD_DIR]
+#   bench/run.sh [--runs N] [--out FILE] [--tasks N] [--exec-tasks N] [--bin BUILD_DIR]
+#
+# --exec-tasks (5,000) is how many tasks measure an exec kind against the built-in echo: a
+# process per task is far slower than the rest, so it gets fewer.
 #
 # --bin measures the binaries of another build (say, of an earlier commit, built with
 # `cmake -DCMAKE_BUILD_TYPE=Release`) with this script, so two versions compare on one method.
@@ -16,14 +19,17 @@ root=$(pwd)
 runs=5
 out=bench/results.json
 tasks=200000
+exec_tasks=5000
 bin=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --tasks) tasks=$2; shift 2 ;;
+    --exec-tasks) exec_tasks=$2; shift 2 ;;
     --bin) bin=$(cd "$2" && pwd); shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--out FILE] [--tasks N] [--bin BUILD_DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--runs N] [--out FILE] [--tasks N] [--exec-tasks N] [--bin BUILD_DIR]" >&2
+       exit 2 ;;
   esac
 done
 seed_peer=${SEED_PEER:-$root/../shared/peers/seed-manager}
@@ -82,8 +88,9 @@ start_master() {
   addr=127.0.0.1:$(cat "$work/port")
 }
 
+# Starts one worker of 2 threads (extra flags: "$@"); sets worker_pid.
 start_worker() {
-  "$bin/worker/taskworker" --master "$addr" --threads 2 --name bench-worker --log-level warn \
+  "$bin/worker/taskworker" --master "$addr" --threads 2 --name bench-worker --log-level warn "$@" \
     2>>"$work/worker.log" &
   worker_pid=$!
   pids+=("$worker_pid")
@@ -183,6 +190,19 @@ for run in $(seq "$runs"); do
   done
   stop "$worker_pid"
   stop "$master_pid"
+
+  # What an exec task costs: the same payloads to the built-in echo and to an exec kind running
+  # /bin/cat (a process per task), on one worker of 2 threads, a fresh memory master each.
+  head -n "$exec_tasks" "$work/numbers" >"$work/exec-numbers"
+  printf '[exec.cat]\ncommand = ["/bin/cat"]\n' >"$work/exec.toml"
+  for kind in echo cat; do
+    start_master "$work/data-exec-$run" --store memory
+    start_worker --config "$work/exec.toml"
+    record "throughput-$kind" "$run" \
+      "$(tb throughput --numbers "$work/exec-numbers" --kind "$kind" --batch 1000)"
+    stop "$worker_pid"
+    stop "$master_pid"
+  done
 
   # Master memory per pending task: 1,000,000 tasks of 16-byte payloads.
   start_master "$work/data-mem-$run" --store memory

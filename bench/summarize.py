@@ -42,6 +42,8 @@ def main():
         "idle_streams_1000_tasks_per_s": median("throughput-1000-idle-streams", "tasks_per_s"),
         "working_streams_1000_tasks_per_s": median("throughput-1000-working-streams",
                                                    "tasks_per_s"),
+        "echo_tasks_per_s": median("throughput-echo", "tasks_per_s"),
+        "exec_cat_tasks_per_s": median("throughput-cat", "tasks_per_s"),
         "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
         "recovery_1m_ms": median("recovery", "ms"),
         "commit_mark_us": median("commit-mark", "mark_us"),
@@ -53,6 +55,8 @@ def main():
         "one_per_call_vs_seed": ratio_median("throughput-memory-one-per-call", "tasks_per_s",
                                              "seed", "tasks_per_s"),
         "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
+        "exec_cat_vs_echo": ratio_median("throughput-cat", "tasks_per_s", "throughput-echo",
+                                         "tasks_per_s"),
         "idle_streams_vs_one_worker": ratio_median("throughput-1000-idle-streams", "tasks_per_s",
                                                    "throughput-one-worker", "tasks_per_s"),
         "working_streams_vs_one_worker": ratio_median("throughput-1000-working-streams",
@@ -118,6 +122,9 @@ def main():
     print(f"{'  + 1,000 streams working too':34}"
           f"{fmt(figures['working_streams_1000_tasks_per_s'], 0):>14}{'':12}"
           f"{fmt(ratios['working_streams_vs_one_worker'], 2):>8}x")
+    print(f"{'echo, 1 worker of 2 (tasks/s)':34}{fmt(figures['echo_tasks_per_s'], 0):>14}")
+    print(f"{'  exec /bin/cat instead':34}{fmt(figures['exec_cat_tasks_per_s'], 0):>14}{'':12}"
+          f"{fmt(ratios['exec_cat_vs_echo'], 3):>8}x")
     print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
     print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
     print(f"{'commit mark / fsync per commit (us)':34}"

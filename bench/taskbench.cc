@@ -48,12 +48,19 @@ std::vector<int64_t> ReadNumbers(const std::string& path) {
   return numbers;
 }
 
-v1::SubmitRequest SquareBatch(const std::vector<int64_t>& numbers, size_t from, size_t to) {
+// What `kind` answers for n: `square` its n*n line; any other kind of the benchmark (echo, an exec
+// kind running cat) its payload.
+std::string Expected(const std::string& kind, int64_t n) {
+  return kind == "square" ? Square(n) : std::to_string(n);
+}
+
+v1::SubmitRequest SquareBatch(const std::vector<int64_t>& numbers, size_t from, size_t to,
+                              const std::string& kind = "square") {
   v1::SubmitRequest request;
   request.mutable_tasks()->Reserve(static_cast<int>(to - from));
   for (size_t i = from; i < to; ++i) {
     v1::TaskSpec* t = request.add_tasks();
-    t->set_kind("square");
+    t->set_kind(kind);
     t->set_payload(std::to_string(numbers[i]));
   }
   return request;
@@ -61,7 +68,8 @@ v1::SubmitRequest SquareBatch(const std::vector<int64_t>& numbers, size_t from, 
 
 // Submits in batches while a second thread follows each job as soon as it exists; the clock
 // runs from the first submit to the last result.
-int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t batch) {
+int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t batch,
+               const std::string& kind) {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::pair<std::string, size_t>> jobs;  // job id, index of its first number
@@ -92,7 +100,7 @@ int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t
   std::vector<std::pair<std::string, std::pair<uint64_t, size_t>>> firsts;
   for (size_t from = 0; from < numbers.size(); from += batch) {
     const size_t to = std::min(numbers.size(), from + batch);
-    auto response = client.Submit(SquareBatch(numbers, from, to));
+    auto response = client.Submit(SquareBatch(numbers, from, to, kind));
     if (!response.ok()) Die(std::string(response.status().message()));
     firsts.push_back({response->job_id(), {response->task_ids(0), from}});
     std::lock_guard<std::mutex> lock(mu);
@@ -107,14 +115,14 @@ int Throughput(const Client& client, const std::vector<int64_t>& numbers, size_t
   collector.join();
   const double seconds = Seconds(Clock::now() - start);
   if (checked != numbers.size()) Die("missing results");
-  // Check every output against n*n (outside the timed part).
+  // Check every output (outside the timed part).
   size_t wrong = 0;
   for (const auto& [job_id, first] : firsts) {
     // `first` by copy: clang 14 cannot capture a structured binding.
     absl::Status status = client.WatchJob(job_id, [&, first = first](const v1::JobEvent& event) {
       for (const v1::TaskInfo& t : event.results()) {
         const size_t index = first.second + (t.id() - first.first);
-        if (index >= numbers.size() || t.output() != Square(numbers[index])) ++wrong;
+        if (index >= numbers.size() || t.output() != Expected(kind, numbers[index])) ++wrong;
       }
     });
     if (!status.ok()) Die(std::string(status.message()));
@@ -314,6 +322,9 @@ int main(int argc, char** argv) {
   CLI::App* throughput = app.add_subcommand("throughput", "submit and collect every number");
   throughput->add_option("--numbers", numbers_file, "one integer per line")->required();
   throughput->add_option("--batch", batch, "tasks per submit")->capture_default_str();
+  std::string kind = "square";
+  throughput->add_option("--kind", kind, "square, or a kind answering its payload (echo, cat)")
+      ->capture_default_str();
   CLI::App* latency = app.add_subcommand("latency", "sequential round trips");
   latency->add_option("--numbers", numbers_file, "one integer per line")->required();
   latency->add_option("--count", count, "measured round trips")->capture_default_str();
@@ -339,7 +350,7 @@ int main(int argc, char** argv) {
   if (*streams) return Streams(options.master, options.token, count, slots, credits);
   auto client = taskmaster::Client::Connect(options);
   if (!client.ok()) Die(std::string(client.status().message()));
-  if (*throughput) return Throughput(**client, ReadNumbers(numbers_file), batch);
+  if (*throughput) return Throughput(**client, ReadNumbers(numbers_file), batch, kind);
   if (*latency) return Latency(**client, ReadNumbers(numbers_file), count, warmup);
   if (*fill) return Fill(**client, fill_count, payload_bytes, batch);
   return 1;

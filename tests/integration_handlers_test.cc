@@ -61,6 +61,17 @@ TEST(Handlers, ExampleConfigRunsItsExecKindsInItsPools) {
   EXPECT_EQ(RunJob(cluster, "sha256", {"abc"}).at("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -\n");
   EXPECT_EQ(RunJob(cluster, "square", {"12"}).at("12"), "12*12=144");
+  // A kind no config declares never runs: the submitter is told, and the task waits for a worker
+  // that runs it.
+  CommandResult missing = cluster.Taskctl({"submit", "--kind", "convert", "x"});
+  EXPECT_EQ(missing.exit_code, 0) << missing.err;
+  EXPECT_TRUE(absl::StrContains(missing.err, "no connected worker runs")) << missing.err;
+  const std::vector<uint64_t> ids =
+      SubmittedIds(cluster.Taskctl({"--format", "json", "submit", "--kind", "convert", "y"}));
+  ASSERT_EQ(ids.size(), 1u);
+  const std::string waiting = cluster.Taskctl({"status", std::to_string(ids[0])}).out;
+  EXPECT_TRUE(absl::StrContains(waiting, "state:    PENDING")) << waiting;
+  EXPECT_TRUE(absl::StrContains(waiting, "no connected worker runs")) << waiting;
   // Progress from the exec child's fd 3 reaches `taskctl status` while it runs.
   auto client = cluster.NewClient();
   absl::StatusOr<v1::SubmitResponse> slow = client->Submit(Batch("slow-count", {""}));
