@@ -3,8 +3,12 @@
 // /proc (a zombie counts as gone: PID 1 here need not reap the orphans it inherits).
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/capability.h>
+#include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -216,7 +220,10 @@ TEST_F(ExecTest, EmptyPayloadAndEmptyOutput) {
 TEST_F(ExecTest, CommandThatIgnoresStdinGetsBigPayloadWithoutSigpipeHere) {
   // SIGPIPE keeps its default action in this test: an EPIPE raised here would end the test binary.
   ASSERT_EQ(signal(SIGPIPE, SIG_DFL), SIG_DFL);
-  absl::StatusOr<std::string> out = Call(Shell("exec 0<&-; echo closed"), Bytes(4 << 20, 2));
+  // The command closes its stdin and then stays (reading nothing) well past the moment the pipe
+  // reports its reader gone: the handler's writes meet EPIPE before it sees the exit, not after.
+  absl::StatusOr<std::string> out =
+      Call(Shell("exec 0<&-; echo closed; sleep 0.5"), Bytes(4 << 20, 2));
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(*out, "closed\n");
   sigset_t pending;
@@ -388,7 +395,12 @@ TEST_F(ExecTest, OutputOverTheLimitFails) {
   spec.argv = {"head -c 1001 /dev/zero"};
   out = Call(spec);
   ASSERT_FALSE(out.ok());
-  EXPECT_EQ(out.status().message(), "kind 'k': output over the 1000-byte limit (max_output)");
+  EXPECT_TRUE(absl::IsInvalidArgument(out.status())) << out.status();
+  EXPECT_EQ(out.status().message(), "kind 'k': output over the 1000-byte limit (max_output_bytes)");
+  // The same input gives the same output: retrying cannot help, the task is DEAD at once.
+  const worker::Result r = Run(Make(spec), "", 0, cancelled_);
+  EXPECT_EQ(r.outcome, worker::Outcome::kFailed);
+  EXPECT_TRUE(r.permanent);
 
   // A command that never stops writing is stopped.
   spec.argv = {"/bin/cat", "/dev/zero"};
@@ -396,14 +408,15 @@ TEST_F(ExecTest, OutputOverTheLimitFails) {
   const auto start = Clock::now();
   out = Call(spec);
   EXPECT_LT(Clock::now() - start, kPrompt);
-  EXPECT_TRUE(absl::IsResourceExhausted(out.status())) << out.status();
+  EXPECT_TRUE(absl::IsInvalidArgument(out.status())) << out.status();
 
   ExecSpec big;
   big.argv = {"/bin/cat"};
   EXPECT_EQ(big.max_output, size_t{16} << 20);
   out = Call(big, Bytes((16 << 20) + 1, 3));
   ASSERT_FALSE(out.ok());
-  EXPECT_EQ(out.status().message(), "kind 'k': output over the 16777216-byte limit (max_output)");
+  EXPECT_EQ(out.status().message(),
+            "kind 'k': output over the 16777216-byte limit (max_output_bytes)");
 }
 
 TEST_F(ExecTest, MissingExecutableIsAClearError) {
@@ -459,7 +472,41 @@ TEST_F(ExecTest, EnvironmentIsOnlyWhatTheSpecSays) {
   unsetenv("TASKMASTER_TOKEN");
   unsetenv("TM_EXEC_PASSED");
   ASSERT_TRUE(out.ok()) << out.status();
-  EXPECT_EQ(*out, "TM_EXEC_PASSED=from the worker\nTM_EXEC_SET=set=by spec\n");
+  // PATH is the default one: the spec names none (see PathOfTheChild).
+  EXPECT_EQ(*out, absl::StrCat("PATH=", kExecDefaultPath,
+                               "\nTM_EXEC_PASSED=from the worker\nTM_EXEC_SET=set=by spec\n"));
+}
+
+TEST_F(ExecTest, PathOfTheChild) {
+  // No PATH in env or pass_env: the child gets the PATH its program was looked up in.
+  ExecSpec spec = Shell("echo \"$PATH\"");
+  absl::StatusOr<std::string> out = Call(spec);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(*out, absl::StrCat(kExecDefaultPath, "\n"));
+  EXPECT_EQ(std::string(kExecDefaultPath), "/usr/local/bin:/usr/bin:/bin");
+
+  // An explicit one wins.
+  spec.env = {{"PATH", "/opt/tm:/bin"}};
+  out = Call(spec);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(*out, "/opt/tm:/bin\n");
+
+  // So does the worker's, when passed.
+  const char* old = std::getenv("PATH");
+  const std::string saved = old ? old : "";
+  ASSERT_EQ(setenv("PATH", "/usr/bin:/bin:/tm-worker-path", 1), 0);
+  spec.env.clear();
+  spec.pass_env = {"PATH"};
+  absl::StatusOr<Handler> handler = MakeExecHandler("k", spec);
+  if (old) {
+    setenv("PATH", saved.c_str(), 1);
+  } else {
+    unsetenv("PATH");
+  }
+  ASSERT_TRUE(handler.ok()) << handler.status();
+  out = Call(*handler, "");
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(*out, "/usr/bin:/bin:/tm-worker-path\n");
 }
 
 TEST_F(ExecTest, DescriptorsAreNotInherited) {
@@ -560,6 +607,191 @@ TEST_F(ExecTest, ConcurrentRunsKeepTheirOwnPipes) {
   for (auto& run : runs) {
     ASSERT_EQ(run.wait_for(kBound), std::future_status::ready);
     EXPECT_TRUE(run.get());
+  }
+}
+
+TEST_F(ExecTest, CancelNearTheDeadlineIsACancelNotATimeout) {
+  // The command ignores SIGTERM, so the stop waits out the grace, which ends past the deadline:
+  // the handler still says why it stopped, a cancel.
+  ExecSpec spec =
+      Shell(absl::StrCat("trap '' TERM; echo $$ > ", (dir_ / "pgid").string(), "; sleep 1000"));
+  spec.kill_grace = milliseconds(1'200);
+  const Handler handler = Make(spec);
+  const auto deadline = Clock::now() + milliseconds(800);
+  auto running = std::async(std::launch::async,
+                            [&] { return Call(handler, "", cancelled_, nullptr, deadline); });
+  const pid_t pgid = ReadPid(dir_ / "pgid");
+  ASSERT_LT(Clock::now(), deadline - milliseconds(200)) << "the command started too slowly";
+  cancelled_->store(true);
+  ASSERT_EQ(running.wait_for(kBound), std::future_status::ready);
+  EXPECT_GE(Clock::now(), deadline);
+  absl::StatusOr<std::string> out = running.get();
+  EXPECT_TRUE(absl::IsCancelled(out.status())) << out.status();
+  EXPECT_CONTAINS(out.status().message(), "stopped: cancelled, killed by signal 9 (SIGKILL)");
+  EXPECT_TRUE(AllGone(pgid));
+
+  // The same through RunTask, the way a pool runs it.
+  fs::remove(dir_ / "pgid");
+  cancelled_->store(false);
+  auto task = std::async(std::launch::async, [&] { return Run(handler, "", 800, cancelled_); });
+  const pid_t pgid2 = ReadPid(dir_ / "pgid");
+  cancelled_->store(true);
+  ASSERT_EQ(task.wait_for(kBound), std::future_status::ready);
+  const worker::Result r = task.get();
+  EXPECT_EQ(r.outcome, worker::Outcome::kCancelled);
+  EXPECT_TRUE(AllGone(pgid2));
+}
+
+// While set, a process this one forks waits (before anything else, so before it could exec) until
+// the test closes its end of g_hold_fd's pipe: a child that never gets to its exec, as with a cwd
+// on a hung mount.
+std::atomic<bool> g_hold_forks{false};
+std::atomic<int> g_hold_fd{-1};
+std::atomic<int> g_hold_writer{-1};
+
+void HoldForkedChild() {
+  if (!g_hold_forks.load()) return;
+  close(g_hold_writer.load());  // its copy would keep the pipe open
+  char c;
+  while (read(g_hold_fd.load(), &c, 1) < 0 && errno == EINTR) {
+  }
+}
+
+TEST_F(ExecTest, CancelWhileTheChildHasNotExecedYet) {
+  static const bool registered = pthread_atfork(nullptr, nullptr, HoldForkedChild) == 0;
+  ASSERT_TRUE(registered);
+  int hold[2];
+  ASSERT_EQ(pipe2(hold, O_CLOEXEC), 0);
+  g_hold_fd = hold[0];
+  g_hold_writer = hold[1];
+  g_hold_forks = true;
+  ExecSpec spec = Shell(absl::StrCat("touch ", (dir_ / "ran").string()));
+  const Handler handler = Make(spec);
+  auto running = std::async(std::launch::async, [&] { return Call(handler, "", cancelled_); });
+  std::this_thread::sleep_for(milliseconds(200));
+  g_hold_forks = false;
+  const auto cancelled_at = Clock::now();
+  cancelled_->store(true);
+  const bool ready = running.wait_for(kPrompt) == std::future_status::ready;
+  // Lets a child that was not killed go on, so that nothing hangs.
+  close(hold[1]);
+  ASSERT_EQ(running.wait_for(kBound), std::future_status::ready);
+  close(hold[0]);
+  EXPECT_TRUE(ready) << "the handler waited for the exec despite the cancel";
+  EXPECT_LT(Clock::now() - cancelled_at, kPrompt);
+  absl::StatusOr<std::string> out = running.get();
+  EXPECT_TRUE(absl::IsCancelled(out.status())) << out.status();
+  EXPECT_CONTAINS(out.status().message(), "cancelled");
+  EXPECT_FALSE(fs::exists(dir_ / "ran"));
+}
+
+TEST_F(ExecTest, SigchldIgnoredLosesTheStatusAndSignalsNothingAfter) {
+  // A plugin in the same process ignores SIGCHLD: the kernel reaps the command's first process
+  // itself, and its pid (the group's id) may be anyone's once its group is empty. The handler must
+  // return, say the status is lost, and send the group id no signal after it learned that.
+  const std::string script =
+      absl::StrCat("sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > ", (dir_ / "bg").string(),
+                   "; echo $$ > ", (dir_ / "pgid").string(), "; echo done");
+  const Handler handler = Make(Shell(script));
+  struct sigaction ignore {
+  }, old{};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  ASSERT_EQ(sigaction(SIGCHLD, &ignore, &old), 0);
+  auto running = std::async(std::launch::async, [&] { return Call(handler, ""); });
+  const bool ready = running.wait_for(kBound) == std::future_status::ready;
+  sigaction(SIGCHLD, &old, nullptr);
+  ASSERT_TRUE(ready) << "the handler hangs";
+  absl::StatusOr<std::string> out = running.get();
+  EXPECT_TRUE(absl::IsInternal(out.status())) << out.status();
+  EXPECT_CONTAINS(out.status().message(), "its exit status was taken by someone else");
+  // The background process is still in the group: the group kill that follows a normal exit was
+  // not sent once the first process was found reaped elsewhere.
+  const pid_t bg = ReadPid(dir_ / "bg");
+  const pid_t pgid = ReadPid(dir_ / "pgid");
+  const auto state = StateAndGroup(bg);
+  EXPECT_TRUE(Alive(bg)) << "the group was signalled after its first process was reaped elsewhere";
+  if (state) {
+    EXPECT_EQ(state->second, pgid);
+  }
+  kill(bg, SIGKILL);
+  EXPECT_TRUE(AllGone(pgid, bg));
+
+  // A stop with SIGCHLD ignored still ends the command and returns.
+  ASSERT_EQ(sigaction(SIGCHLD, &ignore, &old), 0);
+  ExecSpec sleeper = Shell(absl::StrCat("echo $$ > ", (dir_ / "pgid2").string(), "; sleep 1000"));
+  const Handler stopping = Make(sleeper);
+  auto stopped = std::async(std::launch::async, [&] { return Call(stopping, "", cancelled_); });
+  const pid_t pgid2 = ReadPid(dir_ / "pgid2");
+  cancelled_->store(true);
+  const bool stopped_ready = stopped.wait_for(kBound) == std::future_status::ready;
+  sigaction(SIGCHLD, &old, nullptr);
+  ASSERT_TRUE(stopped_ready) << "the handler hangs";
+  out = stopped.get();
+  EXPECT_TRUE(absl::IsCancelled(out.status())) << out.status();
+  EXPECT_TRUE(AllGone(pgid2));
+}
+
+TEST_F(ExecTest, NiceBelowTheWorkersIsCheckedAtTheStart) {
+  // Root with CAP_SYS_NICE here, so this process may lower its nice value: the allowed path. The
+  // refused one is run in a thread that drops CAP_SYS_NICE from its effective set (capabilities
+  // are a thread's, and the handler's check runs with the calling thread's). Whether lowering is
+  // allowed is asked of a forked probe, independently of the handler's own check.
+  errno = 0;
+  const int current = getpriority(PRIO_PROCESS, 0);
+  ASSERT_EQ(errno, 0);
+  if (current == -20) GTEST_SKIP() << "already at nice -20";
+  const int target = std::max(-20, current - 5);
+  const pid_t probe = fork();
+  if (probe == 0) _exit(setpriority(PRIO_PROCESS, 0, target) == 0 ? 0 : 1);
+  ASSERT_GT(probe, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(probe, &status, 0), probe);
+  const bool may_lower = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  const std::string refusal =
+      absl::StrCat("kind 'k': limits.nice ", target, " is below the worker's ", current,
+                   " and this process may not lower it (that needs CAP_SYS_NICE or an RLIMIT_NICE"
+                   " of at least ",
+                   20 - target, "): ");
+
+  ExecSpec spec = Shell("nice");
+  spec.limits.nice = target;
+  absl::StatusOr<Handler> handler = MakeExecHandler("k", spec);
+  if (may_lower) {
+    ASSERT_TRUE(handler.ok()) << handler.status();
+    absl::StatusOr<std::string> out = Call(*handler, "");
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(*out, absl::StrCat(target, "\n"));
+  } else {
+    EXPECT_TRUE(absl::IsInvalidArgument(handler.status())) << handler.status();
+    EXPECT_CONTAINS(handler.status().message(), refusal);
+  }
+  // Not below the worker's: no question.
+  spec.limits.nice = current;
+  EXPECT_TRUE(MakeExecHandler("k", spec).ok());
+
+  rlimit nice_limit{};
+  ASSERT_EQ(getrlimit(RLIMIT_NICE, &nice_limit), 0);
+  const bool rlimit_allows = nice_limit.rlim_cur == RLIM_INFINITY ||
+                             static_cast<rlim_t>(20 - target) <= nice_limit.rlim_cur;
+  spec.limits.nice = target;
+  bool dropped = false;
+  absl::Status without_cap;
+  std::thread([&] {
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+    if (syscall(SYS_capget, &header, data) != 0) return;
+    data[CAP_TO_INDEX(CAP_SYS_NICE)].effective &= ~CAP_TO_MASK(CAP_SYS_NICE);
+    if (syscall(SYS_capset, &header, data) != 0) return;
+    dropped = true;
+    without_cap = MakeExecHandler("k", spec).status();
+  }).join();
+  ASSERT_TRUE(dropped) << "cannot drop CAP_SYS_NICE in a thread";
+  if (rlimit_allows) {
+    EXPECT_TRUE(without_cap.ok()) << without_cap;
+  } else {
+    EXPECT_TRUE(absl::IsInvalidArgument(without_cap)) << without_cap;
+    EXPECT_CONTAINS(without_cap.message(), refusal);
   }
 }
 

@@ -22,6 +22,8 @@
 #include <climits>
 #include <cstdlib>
 #include <memory>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -50,7 +52,6 @@ constexpr size_t kWriteChunk = 1 << 20;
 constexpr size_t kMaxProgressLine = 4'096;
 // Below this an address-space limit makes even the exec of a small program fail.
 constexpr uint64_t kMinAddressSpace = 1 << 20;
-constexpr char kDefaultPath[] = "/usr/local/bin:/usr/bin:/bin";
 constexpr char kShell[] = "/bin/sh";
 
 std::string ErrnoText(int err) {
@@ -219,7 +220,12 @@ void ChildSetLimit(int resource, const std::optional<uint64_t>& value, int repor
 
 // The command's first process and its process group, whose id is that process's pid. Signals go
 // to the group only while the process is unreaped: until then its pid, so the group's id, cannot
-// be reused. Destroyed unreaped (an early return, an exception), it kills the group and reaps.
+// be reused. Only this class reaps it, but something else in the process can (a waitpid(-1), or
+// SIGCHLD set to SIG_IGN, which has the kernel reap it at its exit): so every signal is preceded
+// by a waitid(WNOWAIT) that confirms the process is still ours, running or an unreaped zombie.
+// Once it is not (ECHILD), its status is lost and the group's id may be anyone's: no signal is
+// sent again and no wait is made (the pid may even be another thread's new child by then).
+// Destroyed unreaped (an early return, an exception), it kills the group and reaps.
 class ChildGroup {
  public:
   explicit ChildGroup(pid_t pid) : pid_(pid) {}
@@ -233,25 +239,77 @@ class ChildGroup {
   }
 
   pid_t pid() const { return pid_; }
-  void Signal(int sig) const {
-    if (pid_ > 0) kill(-pid_, sig);
+  // True once the process was found reaped by someone else.
+  bool lost() const { return lost_; }
+
+  // Sends `sig` to the group if its first process is still ours; false when not (or no more).
+  bool Signal(int sig) {
+    siginfo_t info{};
+    if (!Peek(info)) return false;
+    kill(-pid_, sig);
+    return true;
   }
+
+  // Whether the process exited, without reaping it. A lost process counts as exited.
+  bool Exited() {
+    siginfo_t info{};
+    if (!Peek(info)) return true;
+    return info.si_pid != 0;
+  }
+
   // Waits for the process (it has exited, or was just killed). nullopt: its status is lost
-  // (someone else reaped it, or SIGCHLD is ignored).
+  // (someone else reaped it).
   std::optional<int> Reap() {
+    siginfo_t info{};
+    if (!Peek(info)) {
+      pid_ = -1;
+      return std::nullopt;
+    }
     int status = 0;
     pid_t r;
     do {
       r = waitpid(pid_, &status, 0);
     } while (r < 0 && errno == EINTR);
     pid_ = -1;
-    if (r < 0) return std::nullopt;
+    if (r < 0) {
+      // Reaped elsewhere while this thread waited (SIGCHLD ignored: the wait ends at the exit).
+      lost_ = true;
+      return std::nullopt;
+    }
     return status;
   }
 
  private:
+  // waitid(WNOWAIT): true while the process is ours (info.si_pid is 0 while it runs, its pid once
+  // it exited); false, and lost from then on, once it is not (ECHILD).
+  bool Peek(siginfo_t& info) {
+    if (pid_ <= 0 || lost_) return false;
+    int r;
+    do {
+      r = waitid(P_PID, static_cast<id_t>(pid_), &info, WEXITED | WNOHANG | WNOWAIT);
+    } while (r != 0 && errno == EINTR);
+    if (r != 0) lost_ = true;
+    return r == 0;
+  }
+
   pid_t pid_;
+  bool lost_ = false;
 };
+
+// Why a run was stopped. The handler's context tells only ShouldStop() and the deadline, so a
+// stop seen before the deadline is the cancel; one seen at or past it counts as the deadline
+// (RunTask reads the cancel flag itself, and a cancel wins there). Decided when the stop is seen,
+// not after the kill grace, which may well run past the deadline.
+enum class Ending { kNone, kCancelled, kDeadline, kOverLimit };
+
+Ending StopReason(const TaskContext& ctx) {
+  return Clock::now() < ctx.deadline() ? Ending::kCancelled : Ending::kDeadline;
+}
+
+absl::Status StoppedError(Ending why, std::string message) {
+  return why == Ending::kDeadline ? absl::DeadlineExceededError(message)
+                                  : absl::CancelledError(message);
+}
 
 // Writing to a pipe whose reader is gone raises SIGPIPE in the writing thread. The worker ignores
 // it, but a handler must not depend on its host for that: SIGPIPE is blocked in this thread while
@@ -381,6 +439,33 @@ absl::Status CheckLimit(const std::string& prefix, const char* name, int resourc
   return absl::OkStatus();
 }
 
+// Lowering a nice value takes CAP_SYS_NICE or an RLIMIT_NICE that allows it; without either, every
+// child would fail at its setpriority (EACCES): refused at the start instead. A thread tries it,
+// which asks the kernel itself (user namespaces, LSMs and all): on Linux a nice value is a
+// thread's, so the probe changes nothing else, and it starts with the calling thread's value,
+// capabilities and limits, as a forked child does.
+absl::Status CheckNice(const std::string& prefix, int nice) {
+  errno = 0;
+  const int current = getpriority(PRIO_PROCESS, 0);
+  if (current == -1 && errno != 0) return absl::OkStatus();  // cannot tell: each run will
+  if (nice >= current) return absl::OkStatus();
+  bool allowed = true;
+  int error = 0;
+  try {
+    std::thread([&] {
+      allowed = setpriority(PRIO_PROCESS, 0, nice) == 0;
+      error = errno;
+    }).join();
+  } catch (const std::system_error&) {
+    return absl::OkStatus();  // no thread to try in: each run will tell
+  }
+  if (allowed) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      prefix, "limits.nice ", nice, " is below the worker's ", current,
+      " and this process may not lower it (that needs CAP_SYS_NICE or an RLIMIT_NICE of at least ",
+      20 - nice, "): ", ErrnoText(error)));
+}
+
 absl::Status CheckSpec(const std::string& prefix, const ExecSpec& spec) {
   auto invalid = [&prefix](auto&&... parts) {
     return absl::InvalidArgumentError(absl::StrCat(prefix, parts...));
@@ -440,6 +525,7 @@ absl::Status CheckSpec(const std::string& prefix, const ExecSpec& spec) {
   if (limits.nice && (*limits.nice < -20 || *limits.nice > 19)) {
     return invalid("limits.nice must be in -20..19, not ", *limits.nice);
   }
+  if (limits.nice) return CheckNice(prefix, *limits.nice);
   return absl::OkStatus();
 }
 
@@ -569,15 +655,36 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   progress->write.Reset();
   report_write.Reset();
 
+  // Until the child execs (the report pipe's end) or reports its failure, a stop is checked at
+  // every kPollInterval: a child can hang before its exec (a chdir on a hung mount), and it must
+  // not hold the task's slot. A stop then kills it at once: the command has not started, so there
+  // is nothing for a grace to let finish. (A hung NFS operation is killable.)
   ChildFailure failure{};
   size_t got = 0;
   while (got < sizeof failure) {
-    const ssize_t n =
-        read(report_read.get(), reinterpret_cast<char*>(&failure) + got, sizeof failure - got);
-    if (n > 0) {
-      got += static_cast<size_t>(n);
-    } else if (n == 0 || errno != EINTR) {
-      break;
+    pollfd report_poll{report_read.get(), POLLIN, 0};
+    const int ready = poll(&report_poll, 1, static_cast<int>(kPollInterval.count()));
+    if (ready < 0 && errno != EINTR) {
+      return absl::InternalError(absl::StrCat(p.Prefix(), "poll failed: ", ErrnoText(errno)));
+    }
+    if (ready > 0) {
+      // Readable: data or the end, so this read does not block.
+      const ssize_t n =
+          read(report_read.get(), reinterpret_cast<char*>(&failure) + got, sizeof failure - got);
+      if (n > 0) {
+        got += static_cast<size_t>(n);
+      } else if (n == 0 || errno != EINTR) {
+        break;
+      }
+      continue;
+    }
+    if (ctx.ShouldStop()) {
+      const Ending why = StopReason(ctx);
+      group.Signal(SIGKILL);
+      group.Reap();
+      return StoppedError(
+          why, absl::StrCat(p.Prefix(), "stopped before the command started: ",
+                            why == Ending::kDeadline ? "past its deadline" : "cancelled"));
     }
   }
   report_read.Reset();
@@ -617,6 +724,9 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   // poll set, else waitid(WNOWAIT) at every wake-up. The raw system call, because glibc 2.36's
   // <sys/pidfd.h> lacks extern "C" and its pidfd_open cannot be linked from C++.
   Fd pidfd(static_cast<int>(syscall(SYS_pidfd_open, pid, 0)));
+  // Had the process been reaped elsewhere before pidfd_open, the pid may be another's by now, and
+  // so the pidfd's: the process must still be ours after it. (Once it is, the pidfd is its.)
+  if (pidfd.valid() && group.Exited() && group.lost()) pidfd.Reset();
 
   std::string_view payload = ctx.payload();
   Fd& stdin_fd = in->write;
@@ -632,14 +742,13 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   bool stderr_cut = false;
   ProgressLines progress_lines(ctx);
 
-  enum class Ending { kNone, kStopped, kOverLimit };
   Ending ending = Ending::kNone;
-  std::optional<Clock::time_point> kill_at;  // SIGKILL for the group, after a SIGTERM
-  bool status_lost = false;
+  std::optional<Clock::time_point> kill_at;      // SIGKILL for the group, after a SIGTERM
   std::optional<Clock::time_point> drain_until;  // set once the first process exited
 
   auto stop = [&](Ending why) {
     ending = why;
+    // Each signal only while the first process is still ours (see ChildGroup).
     group.Signal(SIGTERM);
     // A stopped process acts on SIGTERM only once it runs again.
     group.Signal(SIGCONT);
@@ -724,27 +833,20 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
       continue;
     }
     if (ending == Ending::kNone && over_limit) stop(Ending::kOverLimit);
-    if (ending == Ending::kNone && ctx.ShouldStop()) stop(Ending::kStopped);
+    if (ending == Ending::kNone && ctx.ShouldStop()) stop(StopReason(ctx));
     if (kill_at && Clock::now() >= *kill_at) {
       group.Signal(SIGKILL);
       kill_at.reset();
     }
-    bool exited = false;
-    if (pidfd.valid()) {
-      exited = revents(pidfd_at) != 0;
-    } else {
-      siginfo_t info{};
-      if (waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0) {
-        exited = errno != EINTR;
-        status_lost = exited;
-      } else {
-        exited = info.si_pid != 0;
-      }
-    }
+    // The pidfd is readable once the process exited; waitid(WNOWAIT) says the same without one.
+    // Either way a process reaped elsewhere counts as exited.
+    const bool exited = pidfd.valid() ? revents(pidfd_at) != 0 : group.Exited();
     if (exited) {
-      // Whatever the command left running (a background job holding its stdout, say) goes now:
-      // the first process is still unreaped, so the group's id is still this command's.
-      if (!status_lost) group.Signal(SIGKILL);
+      // Whatever the command left running (a background job holding its stdout, say) goes now,
+      // if the first process is still unreaped, so that the group's id is still this command's.
+      // Reaped elsewhere, it may be anyone's: nothing is sent (what the command left running is
+      // beyond reach then).
+      group.Signal(SIGKILL);
       stdin_fd.Reset();
       drain_until = Clock::now() + kDrainBound;
     }
@@ -754,21 +856,23 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   const std::optional<int> status = group.Reap();
   const std::string prefix = p.Prefix();
   if (ending == Ending::kOverLimit || over_limit) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(prefix, "output over the ", p.spec.max_output, "-byte limit (max_output)"));
+    // Permanent: the same input gives the same output, so a retry would only fail again.
+    return absl::InvalidArgumentError(absl::StrCat(prefix, "output over the ", p.spec.max_output,
+                                                   "-byte limit (max_output_bytes)"));
   }
-  if (ending == Ending::kStopped) {
-    const bool late = Clock::now() >= ctx.deadline();
-    std::string message =
-        absl::StrCat(prefix, "stopped: ", late ? "past its deadline" : "cancelled");
+  if (ending == Ending::kCancelled || ending == Ending::kDeadline) {
+    std::string message = absl::StrCat(
+        prefix, "stopped: ", ending == Ending::kDeadline ? "past its deadline" : "cancelled");
     if (status && WIFSIGNALED(*status)) {
       absl::StrAppend(&message, ", killed by ", SignalText(WTERMSIG(*status)));
     }
-    return late ? absl::DeadlineExceededError(message) : absl::CancelledError(message);
+    return StoppedError(ending, std::move(message));
   }
   if (!status) {
-    return absl::InternalError(
-        absl::StrCat(prefix, "its exit status was lost (", ErrnoText(errno), ")"));
+    return absl::InternalError(absl::StrCat(
+        prefix,
+        "its exit status was taken by someone else (something in the worker ignores SIGCHLD or "
+        "waits for any child), so how the command ended is unknown"));
   }
   if (WIFEXITED(*status)) {
     const int code = WEXITSTATUS(*status);
@@ -809,9 +913,18 @@ absl::StatusOr<Handler> MakeExecHandler(const std::string& kind, ExecSpec spec) 
   for (const auto& [name, value] : s.env) p->env.push_back(absl::StrCat(name, "=", value));
   std::sort(p->env.begin(), p->env.end());
   p->env.erase(std::unique(p->env.begin(), p->env.end()), p->env.end());
-  p->search_path = kDefaultPath;
+  p->search_path = kExecDefaultPath;
+  bool has_path = false;
   for (const std::string& entry : p->env) {
-    if (entry.rfind("PATH=", 0) == 0) p->search_path = entry.substr(5);
+    if (entry.rfind("PATH=", 0) == 0) {
+      p->search_path = entry.substr(5);
+      has_path = true;
+    }
+  }
+  // The child searches the PATH its program was found in (a shell command's commands, execvp).
+  if (!has_path) {
+    p->env.push_back(absl::StrCat("PATH=", kExecDefaultPath));
+    std::sort(p->env.begin(), p->env.end());
   }
   for (std::string& arg : p->args) p->argv.push_back(arg.data());
   p->argv.push_back(nullptr);
