@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/limits.h"
 #include "master/core/broker.h"
 #include "tests/broker_fixture.h"
 #include "tests/fakes.h"
@@ -297,6 +298,61 @@ TEST_F(BrokerTest, CreditsFromAPeerCannotOverflow) {
   SubmitOne(Spec("echo", "a"));
   SubmitOne(Spec("echo", "b"));
   EXPECT_EQ(w.channel->Take().size(), 2u);
+}
+
+TEST_F(BrokerTest, ProgressIsKeptForTheLeaseHolderOnlyWhileTheLeaseLasts) {
+  const std::string job = Submit({Spec("echo", "a"), Spec("echo", "b")})->job_id;
+  auto w = Attach("w", 2, 2);
+  auto other = Attach("other", 1, 0);
+  std::vector<LeasedTask> leased = w.channel->Take();
+  ASSERT_EQ(leased.size(), 2u);
+  const LeasedTask& a = leased[0];
+  auto report = [](const LeasedTask& t, int32_t attempt, int64_t done, int64_t total,
+                   std::string message = "") {
+    return TaskProgress{.id = t.id,
+                        .attempt = attempt,
+                        .done = done,
+                        .total = total,
+                        .message = std::move(message),
+                        .updated_ms = 0};
+  };
+  // From the holder, at its attempt: kept, the message bounded and printable.
+  broker_->Progress(w.handle, {{.id = a.id,
+                                .attempt = a.attempt,
+                                .done = 4,
+                                .total = 10,
+                                .message = std::string(1000, 'x') + "\x1b[2J",
+                                .updated_ms = 0}});
+  std::optional<TaskProgress> p = broker_->GetTask(kClient, a.id)->progress;
+  ASSERT_TRUE(p.has_value());
+  EXPECT_EQ(p->done, 4);
+  EXPECT_EQ(p->total, 10);
+  EXPECT_EQ(p->message.size(), kMaxProgressMessageBytes);
+  EXPECT_GT(p->updated_ms, 0);
+  EXPECT_EQ(broker_->GetJob(kClient, job)->running.size(), 1u);
+  // From another worker, or for another attempt, or with negative counts: not taken as is.
+  broker_->Progress(other.handle, {report(a, a.attempt, 9, 10)});
+  broker_->Progress(w.handle, {report(a, a.attempt + 1, 9, 10)});
+  EXPECT_EQ(broker_->GetTask(kClient, a.id)->progress->done, 4);
+  broker_->Progress(w.handle, {report(a, a.attempt, -5, -1)});
+  EXPECT_EQ(broker_->GetTask(kClient, a.id)->progress->done, 0);
+  // More reports than the worker holds leases: the excess is ignored, not stored.
+  std::vector<TaskProgress> flood(100, report(leased[1], leased[1].attempt, 1, 2));
+  broker_->Progress(w.handle, flood);
+  // The lease ends: its progress goes with it.
+  Report(w, a, Outcome::kSucceeded, "a");
+  EXPECT_FALSE(broker_->GetTask(kClient, a.id)->progress.has_value());
+  EXPECT_EQ(broker_->GetJob(kClient, job)->running.size(), 1u) << "b's, not a's";
+}
+
+TEST_F(BrokerTest, StuckHandlersAreShownAndBounded) {
+  auto w = Attach("w", 2, 0);
+  EXPECT_TRUE(broker_->Heartbeat(w.handle, 1));
+  EXPECT_EQ(broker_->Workers().at(0).stuck, 1);
+  broker_->Heartbeat(w.handle, 1'000'000);
+  EXPECT_EQ(broker_->Workers().at(0).stuck, 2) << "never more than its slots";
+  broker_->Heartbeat(w.handle, -3);
+  EXPECT_EQ(broker_->Workers().at(0).stuck, 0);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/util.h"
 #include "tests/integration_common.h"
 
 namespace taskmaster::testing {
@@ -200,6 +201,46 @@ TEST(Handlers, AHandlerIgnoringItsDeadlineIsReportedTimedOutAndShownStuck) {
   EXPECT_TRUE(absl::StrContains(cluster.Taskctl({"workers"}).out, "STUCK"));
   EXPECT_TRUE(WaitFor([&] { return stuck() == 0; }, std::chrono::seconds(15)))
       << "the handler returned: its slot is free";
+}
+
+// Gone, or a zombie waiting for whoever reaps orphans here.
+bool ProcessGone(pid_t pid) {
+  const std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+  const size_t paren = stat.rfind(')');
+  return stat.empty() || (paren != std::string::npos && stat.substr(paren + 2, 1) == "Z");
+}
+
+TEST(Handlers, CancelOfARunningExecTaskKillsItsProcessGroup) {
+  Cluster cluster;
+  cluster.StartMaster();
+  TempDir dir;
+  const std::string pids = dir.File("pids");
+  const std::string config = dir.File("w.toml");
+  // The command and a child of its own, both waiting far longer than the test.
+  WriteFile(config, absl::StrCat("[exec.long]\nshell = true\ncommand = \"echo $$ > ", pids,
+                                 "; sleep 600 & echo $! >> ", pids, "; wait\"\n"));
+  cluster.StartWorker("x", {"--config", config});
+  ASSERT_TRUE(cluster.WaitForWorkers(1)) << cluster.worker(0).Log();
+  const std::vector<uint64_t> ids =
+      SubmittedIds(cluster.Taskctl({"--format", "json", "submit", "--kind", "long", "go"}));
+  ASSERT_EQ(ids.size(), 1u);
+  std::vector<pid_t> running;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        running.clear();
+        for (std::string_view line : SplitLines(ReadFile(pids))) {
+          if (!line.empty()) running.push_back(std::stoi(std::string(line)));
+        }
+        return running.size() == 2;
+      },
+      std::chrono::seconds(10)));
+  CommandResult cancelled = cluster.Taskctl({"cancel", std::to_string(ids[0])});
+  EXPECT_EQ(cancelled.exit_code, 0) << cancelled.err;
+  EXPECT_TRUE(WaitFor([&] { return ProcessGone(running[0]) && ProcessGone(running[1]); },
+                      std::chrono::seconds(10)))
+      << "the command and its child outlived the cancel";
+  const std::string status = cluster.Taskctl({"status", std::to_string(ids[0])}).out;
+  EXPECT_TRUE(absl::StrContains(status, "CANCELLED")) << status;
 }
 
 TEST(Handlers, PoolsKeepComputeTasksClearOfAnIoBacklog) {

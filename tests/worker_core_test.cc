@@ -310,6 +310,37 @@ TEST_F(SlotsTest, AHandlerPastItsDeadlineIsReportedTimedOutAndKeepsItsSlot) {
   EXPECT_EQ(after.stuck, 0);
 }
 
+TEST_F(SlotsTest, ProgressGoesOutRateLimitedTheLatestOfEachTaskOnce) {
+  Make(2, 0);
+  Connect();
+  Tick();
+  Deliver({MakeTask(1), MakeTask(2)});
+  Assignment a = Take();
+  Assignment b = Take();
+  slots_->ReportProgress(1, {1, 10, "first"});
+  slots_->ReportProgress(1, {2, 10, "second"});
+  slots_->ReportProgress(2, {5, 0, ""});
+  ToMaster out = Tick(milliseconds(0));
+  ASSERT_EQ(out.progress.size(), 2u) << "the latest of each, in one message";
+  EXPECT_EQ(out.progress[0].task_id, 1u);
+  EXPECT_EQ(out.progress[0].done, 2);
+  EXPECT_EQ(out.progress[0].message, "second");
+  EXPECT_EQ(out.progress[1].task_id, 2u);
+  slots_->ReportProgress(1, {3, 10, "third"});
+  // Within the interval the report waits: a message that goes now (a result) carries none of it.
+  Succeed(b);
+  ToMaster now = Tick(milliseconds(0));
+  EXPECT_EQ(Ids(now.results), std::vector<TaskId>{2});
+  EXPECT_TRUE(now.progress.empty());
+  ToMaster later = Tick(milliseconds(500));
+  ASSERT_EQ(later.progress.size(), 1u);
+  EXPECT_EQ(later.progress[0].done, 3);
+  // A finished task's progress is never sent, and a report is sent once.
+  slots_->ReportProgress(2, {9, 10, "late"});
+  EXPECT_TRUE(Tick().progress.empty());
+  Succeed(a);
+}
+
 TEST_F(SlotsTest, AMasterThatLostItsStateTakesEverythingBack) {
   Make(1, 2);
   Connect();
