@@ -95,6 +95,18 @@ TEST(Handlers, ExampleConfigRunsItsExecKindsInItsPools) {
       },
       std::chrono::seconds(10)))
       << status;
+  // `taskctl wait` on a terminal (a pseudo-terminal here) shows a running task's progress.
+  absl::StatusOr<v1::SubmitResponse> watched = client->Submit(Batch("slow-count", {""}));
+  ASSERT_TRUE(watched.ok()) << watched.status();
+  const std::string wait = absl::StrCat(Binary("taskctl"), " --master ", cluster.address(),
+                                        " --token-file ", cluster.dir().File("submit.token"),
+                                        " wait ", watched->job_id());
+  CommandResult on_terminal = RunCommand({"script", "-qec", wait, "/dev/null"});
+  EXPECT_EQ(on_terminal.exit_code, 0) << on_terminal.out << on_terminal.err;
+  EXPECT_TRUE(absl::StrContains(on_terminal.out,
+                                absl::StrCat("task ", watched->task_ids(0), ": ")))
+      << on_terminal.out;
+  EXPECT_TRUE(absl::StrContains(on_terminal.out, "/5 (")) << on_terminal.out;
   // A terminal sees control bytes escaped.
   EXPECT_EQ(cluster.Taskctl({"wait", slow->job_id()}).out, "done\\x0A\n");
 }

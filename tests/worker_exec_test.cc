@@ -642,49 +642,6 @@ TEST_F(ExecTest, CancelNearTheDeadlineIsACancelNotATimeout) {
   EXPECT_TRUE(AllGone(pgid2));
 }
 
-// While set, a process this one forks waits (before anything else, so before it could exec) until
-// the test closes its end of g_hold_fd's pipe: a child that never gets to its exec, as with a cwd
-// on a hung mount.
-std::atomic<bool> g_hold_forks{false};
-std::atomic<int> g_hold_fd{-1};
-std::atomic<int> g_hold_writer{-1};
-
-void HoldForkedChild() {
-  if (!g_hold_forks.load()) return;
-  close(g_hold_writer.load());  // its copy would keep the pipe open
-  char c;
-  while (read(g_hold_fd.load(), &c, 1) < 0 && errno == EINTR) {
-  }
-}
-
-TEST_F(ExecTest, CancelWhileTheChildHasNotExecedYet) {
-  static const bool registered = pthread_atfork(nullptr, nullptr, HoldForkedChild) == 0;
-  ASSERT_TRUE(registered);
-  int hold[2];
-  ASSERT_EQ(pipe2(hold, O_CLOEXEC), 0);
-  g_hold_fd = hold[0];
-  g_hold_writer = hold[1];
-  g_hold_forks = true;
-  ExecSpec spec = Shell(absl::StrCat("touch ", (dir_ / "ran").string()));
-  const Handler handler = Make(spec);
-  auto running = std::async(std::launch::async, [&] { return Call(handler, "", cancelled_); });
-  std::this_thread::sleep_for(milliseconds(200));
-  g_hold_forks = false;
-  const auto cancelled_at = Clock::now();
-  cancelled_->store(true);
-  const bool ready = running.wait_for(kPrompt) == std::future_status::ready;
-  // Lets a child that was not killed go on, so that nothing hangs.
-  close(hold[1]);
-  ASSERT_EQ(running.wait_for(kBound), std::future_status::ready);
-  close(hold[0]);
-  EXPECT_TRUE(ready) << "the handler waited for the exec despite the cancel";
-  EXPECT_LT(Clock::now() - cancelled_at, kPrompt);
-  absl::StatusOr<std::string> out = running.get();
-  EXPECT_TRUE(absl::IsCancelled(out.status())) << out.status();
-  EXPECT_CONTAINS(out.status().message(), "cancelled");
-  EXPECT_FALSE(fs::exists(dir_ / "ran"));
-}
-
 TEST_F(ExecTest, SigchldIgnoredLosesTheStatusAndSignalsNothingAfter) {
   // A plugin in the same process ignores SIGCHLD: the kernel reaps the command's first process
   // itself, and its pid (the group's id) may be anyone's once its group is empty. The handler must

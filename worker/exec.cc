@@ -632,12 +632,18 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
       .limits = &p.spec.limits,
   };
   ScopedSigpipeBlock sigpipe;
-  // With every signal blocked across the fork, none of the worker's handlers can run in the child
-  // before it resets them; the child unblocks all of them just before execve.
+  // vfork, not fork: the child shares the worker's memory until its exec, so no page table is
+  // copied and no page is copied on write; that makes an exec task several times cheaper in a
+  // process the size of a worker (measured: 3.8x the tasks/s of /bin/cat). The price: this thread
+  // waits until the child has exec'd, so a child that hangs before it (a cwd on a hung mount) holds
+  // the slot, and the watchdog reports its task timed out at the deadline. The child may only make
+  // system calls (RunChild) and never returns; with every signal blocked across the vfork, none of
+  // the worker's handlers can run in it (on the shared memory) before it resets them, and it
+  // unblocks them just before execve.
   sigset_t all, old;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
-  const pid_t pid = fork();
+  const pid_t pid = vfork();
   if (pid == 0) RunChild(plan);
   const int fork_error = errno;
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
@@ -655,36 +661,16 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
   progress->write.Reset();
   report_write.Reset();
 
-  // Until the child execs (the report pipe's end) or reports its failure, a stop is checked at
-  // every kPollInterval: a child can hang before its exec (a chdir on a hung mount), and it must
-  // not hold the task's slot. A stop then kills it at once: the command has not started, so there
-  // is nothing for a grace to let finish. (A hung NFS operation is killable.)
+  // vfork returned: the child has exec'd (the report pipe's end) or written why it could not.
   ChildFailure failure{};
   size_t got = 0;
   while (got < sizeof failure) {
-    pollfd report_poll{report_read.get(), POLLIN, 0};
-    const int ready = poll(&report_poll, 1, static_cast<int>(kPollInterval.count()));
-    if (ready < 0 && errno != EINTR) {
-      return absl::InternalError(absl::StrCat(p.Prefix(), "poll failed: ", ErrnoText(errno)));
-    }
-    if (ready > 0) {
-      // Readable: data or the end, so this read does not block.
-      const ssize_t n =
-          read(report_read.get(), reinterpret_cast<char*>(&failure) + got, sizeof failure - got);
-      if (n > 0) {
-        got += static_cast<size_t>(n);
-      } else if (n == 0 || errno != EINTR) {
-        break;
-      }
-      continue;
-    }
-    if (ctx.ShouldStop()) {
-      const Ending why = StopReason(ctx);
-      group.Signal(SIGKILL);
-      group.Reap();
-      return StoppedError(
-          why, absl::StrCat(p.Prefix(), "stopped before the command started: ",
-                            why == Ending::kDeadline ? "past its deadline" : "cancelled"));
+    const ssize_t n =
+        read(report_read.get(), reinterpret_cast<char*>(&failure) + got, sizeof failure - got);
+    if (n > 0) {
+      got += static_cast<size_t>(n);
+    } else if (n == 0 || errno != EINTR) {
+      break;
     }
   }
   report_read.Reset();
@@ -849,6 +835,9 @@ absl::StatusOr<std::string> Run(const Prepared& p, const TaskContext& ctx) {
       group.Signal(SIGKILL);
       stdin_fd.Reset();
       drain_until = Clock::now() + kDrainBound;
+      // Usually the pipes closed before the exit was seen: nothing left to drain, and another
+      // poll would only wait out its timeout (a whole kPollInterval per task).
+      if (!stdout_fd.valid() && !stderr_fd.valid() && !progress_fd.valid()) break;
     }
   }
   if (progress_fd.valid()) progress_lines.End();
