@@ -96,37 +96,28 @@ void ConfigTable::Error(const std::string& key, const std::string& message) {
   state_->errors.push_back(absl::StrCat(where, ": ", Path(key), ": ", message));
 }
 
-bool ConfigTable::Get(const std::string& key, std::string* out) {
+template <typename T>
+bool ConfigTable::GetExact(const std::string& key, T* out, const std::string& expected) {
   const auto* node = static_cast<const toml::node*>(Take(key));
   if (!node) return false;
-  if (const auto* s = node->as_string()) {
-    *out = s->get();
+  if (std::optional<T> value = node->value_exact<T>()) {
+    *out = std::move(*value);
     return true;
   }
-  TypeError(key, node, "a string");
+  TypeError(key, node, expected);
   return false;
+}
+
+bool ConfigTable::Get(const std::string& key, std::string* out) {
+  return GetExact(key, out, "a string");
 }
 
 bool ConfigTable::Get(const std::string& key, bool* out) {
-  const auto* node = static_cast<const toml::node*>(Take(key));
-  if (!node) return false;
-  if (const auto* b = node->as_boolean()) {
-    *out = b->get();
-    return true;
-  }
-  TypeError(key, node, "true or false");
-  return false;
+  return GetExact(key, out, "true or false");
 }
 
 bool ConfigTable::Get(const std::string& key, int64_t* out) {
-  const auto* node = static_cast<const toml::node*>(Take(key));
-  if (!node) return false;
-  if (const auto* i = node->as_integer()) {
-    *out = i->get();
-    return true;
-  }
-  TypeError(key, node, "an integer");
-  return false;
+  return GetExact(key, out, "an integer");
 }
 
 bool ConfigTable::Get(const std::string& key, int* out) {

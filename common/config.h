@@ -52,6 +52,9 @@ class ConfigTable {
   // The node of `key`, marked as taken; nullptr when absent.
   const void* Take(const std::string& key);
   void TypeError(const std::string& key, const void* node, const std::string& expected);
+  // Get for a scalar of exactly type T (toml++'s value_exact).
+  template <typename T>
+  bool GetExact(const std::string& key, T* out, const std::string& expected);
 
   std::shared_ptr<State> state_;
   const void* table_;  // a toml::table, kept out of this header
