@@ -98,13 +98,12 @@ TEST(Handlers, ExampleConfigRunsItsExecKindsInItsPools) {
   // `taskctl wait` on a terminal (a pseudo-terminal here) shows a running task's progress.
   absl::StatusOr<v1::SubmitResponse> watched = client->Submit(Batch("slow-count", {""}));
   ASSERT_TRUE(watched.ok()) << watched.status();
-  const std::string wait = absl::StrCat(Binary("taskctl"), " --master ", cluster.address(),
-                                        " --token-file ", cluster.dir().File("submit.token"),
-                                        " wait ", watched->job_id());
+  const std::string wait =
+      absl::StrCat(Binary("taskctl"), " --master ", cluster.address(), " --token-file ",
+                   cluster.dir().File("submit.token"), " wait ", watched->job_id());
   CommandResult on_terminal = RunCommand({"script", "-qec", wait, "/dev/null"});
   EXPECT_EQ(on_terminal.exit_code, 0) << on_terminal.out << on_terminal.err;
-  EXPECT_TRUE(absl::StrContains(on_terminal.out,
-                                absl::StrCat("task ", watched->task_ids(0), ": ")))
+  EXPECT_TRUE(absl::StrContains(on_terminal.out, absl::StrCat("task ", watched->task_ids(0), ": ")))
       << on_terminal.out;
   EXPECT_TRUE(absl::StrContains(on_terminal.out, "/5 (")) << on_terminal.out;
   // A terminal sees control bytes escaped.
@@ -296,8 +295,17 @@ TEST(Handlers, OutsideProjectBuildsAWorkerAgainstTheInstalledSdk) {
       {"cmake", "--install", TASKMASTER_BINARY_DIR, "--component", "sdk", "--prefix", prefix});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   const std::string build = dir.File("build");
-  r = RunCommand({"cmake", "-S", std::string(TASKMASTER_SOURCE_DIR) + "/examples/cpp-worker", "-B",
-                  build, "-DCMAKE_PREFIX_PATH=" + prefix, "-DCMAKE_BUILD_TYPE=Release"});
+  std::vector<std::string> configure = {"cmake",
+                                        "-S",
+                                        std::string(TASKMASTER_SOURCE_DIR) + "/examples/cpp-worker",
+                                        "-B",
+                                        build,
+                                        "-DCMAKE_PREFIX_PATH=" + prefix,
+                                        "-DCMAKE_BUILD_TYPE=Release"};
+  if (std::string_view(TASKMASTER_SANITIZE) != "") {
+    configure.push_back(absl::StrCat("-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=", TASKMASTER_SANITIZE));
+  }
+  r = RunCommand(configure);
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   r = RunCommand({"cmake", "--build", build, "-j2"}, "", std::chrono::seconds(90));
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
