@@ -56,12 +56,16 @@ void TakeAll(const toml::node& node, std::set<const toml::node*>* taken) {
   }
 }
 
+// `key` under `prefix`, dotted as errors show it.
+std::string JoinPath(const std::string& prefix, const std::string& key) {
+  return prefix.empty() ? key : absl::StrCat(prefix, ".", key);
+}
+
 // Every key under `table` that nobody took, with its line.
 void CollectUnknown(const std::string& file, const toml::table& table, const std::string& prefix,
                     const std::set<const toml::node*>& taken, std::vector<std::string>* out) {
   for (const auto& [key, node] : table) {
-    const std::string path =
-        prefix.empty() ? std::string(key.str()) : absl::StrCat(prefix, ".", std::string(key.str()));
+    const std::string path = JoinPath(prefix, std::string(key.str()));
     if (!taken.count(&node)) {
       out->push_back(absl::StrCat(Where(file, node), ": unknown key '", path, "'"));
     } else if (const toml::table* sub = node.as_table()) {
@@ -72,9 +76,7 @@ void CollectUnknown(const std::string& file, const toml::table& table, const std
 
 }  // namespace
 
-std::string ConfigTable::Path(const std::string& key) const {
-  return prefix_.empty() ? std::string(key) : absl::StrCat(prefix_, ".", key);
-}
+std::string ConfigTable::Path(const std::string& key) const { return JoinPath(prefix_, key); }
 
 const void* ConfigTable::Take(const std::string& key) {
   const toml::node* node = AsTable(table_).get(key);
@@ -120,61 +122,53 @@ bool ConfigTable::Get(const std::string& key, int64_t* out) {
   return GetExact(key, out, "an integer");
 }
 
-bool ConfigTable::Get(const std::string& key, int* out) {
-  int64_t wide = 0;
-  if (!Get(key, &wide)) return false;
-  if (wide < std::numeric_limits<int>::min() || wide > std::numeric_limits<int>::max()) {
-    Error(key, absl::StrCat(wide, " is out of range"));
+std::optional<int64_t> ConfigTable::GetInt(const std::string& key, int64_t min, int64_t max) {
+  int64_t value = 0;
+  if (!Get(key, &value)) return std::nullopt;
+  if (value >= min && value <= max) return value;
+  if (max < std::numeric_limits<int>::max()) {
+    Error(key, absl::StrCat("must be from ", min, " to ", max));
+  } else if (value > max) {
+    Error(key, absl::StrCat("must be at most ", max));
+  } else if (min == 1) {
+    Error(key, "must be positive");
+  } else if (min == 0) {
+    Error(key, "must not be negative");
+  } else {
+    Error(key, absl::StrCat("must be ", min, " or more"));
+  }
+  return std::nullopt;
+}
+
+template <typename T>
+bool ConfigTable::GetArray(const std::string& key, std::vector<T>* out,
+                           const std::string& expected) {
+  const auto* node = static_cast<const toml::node*>(Take(key));
+  if (!node) return false;
+  const toml::array* array = node->as_array();
+  if (!array) {
+    TypeError(key, node, expected);
     return false;
   }
-  *out = static_cast<int>(wide);
+  std::vector<T> values;
+  for (const toml::node& item : *array) {
+    std::optional<T> value = item.value_exact<T>();
+    if (!value) {
+      TypeError(key, &item, expected);
+      return false;
+    }
+    values.push_back(std::move(*value));
+  }
+  *out = std::move(values);
   return true;
 }
 
 bool ConfigTable::Get(const std::string& key, std::vector<std::string>* out) {
-  const auto* node = static_cast<const toml::node*>(Take(key));
-  if (!node) return false;
-  const toml::array* array = node->as_array();
-  if (!array) {
-    TypeError(key, node, "an array of strings");
-    return false;
-  }
-  std::vector<std::string> values;
-  for (const toml::node& item : *array) {
-    const auto* s = item.as_string();
-    if (!s) {
-      TypeError(key, &item, "an array of strings");
-      return false;
-    }
-    values.push_back(s->get());
-  }
-  *out = std::move(values);
-  return true;
+  return GetArray(key, out, "an array of strings");
 }
 
-bool ConfigTable::Get(const std::string& key, std::vector<int>* out) {
-  const auto* node = static_cast<const toml::node*>(Take(key));
-  if (!node) return false;
-  const toml::array* array = node->as_array();
-  if (!array) {
-    TypeError(key, node, "an array of integers");
-    return false;
-  }
-  std::vector<int> values;
-  for (const toml::node& item : *array) {
-    const auto* i = item.as_integer();
-    if (!i) {
-      TypeError(key, &item, "an array of integers");
-      return false;
-    }
-    if (i->get() < std::numeric_limits<int>::min() || i->get() > std::numeric_limits<int>::max()) {
-      Error(key, absl::StrCat(i->get(), " is out of range"));
-      return false;
-    }
-    values.push_back(static_cast<int>(i->get()));
-  }
-  *out = std::move(values);
-  return true;
+bool ConfigTable::Get(const std::string& key, std::vector<int64_t>* out) {
+  return GetArray(key, out, "an array of integers");
 }
 
 bool ConfigTable::Get(const std::string& key, std::map<std::string, std::string>* out) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -27,9 +28,12 @@ class ConfigTable {
   bool Get(const std::string& key, std::string* out);
   bool Get(const std::string& key, bool* out);
   bool Get(const std::string& key, int64_t* out);
-  bool Get(const std::string& key, int* out);
   bool Get(const std::string& key, std::vector<std::string>* out);
-  bool Get(const std::string& key, std::vector<int>* out);
+  bool Get(const std::string& key, std::vector<int64_t>* out);
+  // An integer from `min` to `max`; nullopt when absent, or (with an error naming the bounds)
+  // of another type or out of them.
+  std::optional<int64_t> GetInt(const std::string& key, int64_t min,
+                                int64_t max = std::numeric_limits<int64_t>::max());
   // A table of strings: [labels] or labels = { k = "v" }.
   bool Get(const std::string& key, std::map<std::string, std::string>* out);
 
@@ -41,8 +45,6 @@ class ConfigTable {
   // Records an error about `key` of this table, for a value its type allows but the program does
   // not ("threads must be positive"): "FILE:LINE: KEY: MESSAGE".
   void Error(const std::string& key, const std::string& message);
-  // The dotted name of `key` in this table, as errors show it ("handlers.resize.command").
-  std::string Path(const std::string& key) const;
 
  private:
   friend class ConfigFile;
@@ -52,9 +54,13 @@ class ConfigTable {
   // The node of `key`, marked as taken; nullptr when absent.
   const void* Take(const std::string& key);
   void TypeError(const std::string& key, const void* node, const std::string& expected);
-  // Get for a scalar of exactly type T (toml++'s value_exact).
+  // The dotted name of `key` in this table, as errors show it ("exec.resize.command").
+  std::string Path(const std::string& key) const;
+  // Get for a scalar of exactly type T (toml++'s value_exact), and for an array of them.
   template <typename T>
   bool GetExact(const std::string& key, T* out, const std::string& expected);
+  template <typename T>
+  bool GetArray(const std::string& key, std::vector<T>* out, const std::string& expected);
 
   std::shared_ptr<State> state_;
   const void* table_;  // a toml::table, kept out of this header

@@ -47,7 +47,7 @@ labels = { zone = "eu" }
   ASSERT_TRUE(file.ok()) << file.status();
   ConfigTable root = file->Root();
   std::string name, absent = "kept";
-  int threads = 0;
+  int64_t threads = 0;
   bool on = false;
   std::vector<std::string> list;
   root.Get("name", &name);
@@ -57,7 +57,7 @@ labels = { zone = "eu" }
   root.Get("list", &list);
   std::optional<ConfigTable> section = root.Table("section");
   ASSERT_TRUE(section);
-  std::vector<int> codes;
+  std::vector<int64_t> codes;
   std::map<std::string, std::string> labels;
   section->Get("codes", &codes);
   section->Get("labels", &labels);
@@ -67,7 +67,7 @@ labels = { zone = "eu" }
   EXPECT_EQ(threads, 4);
   EXPECT_TRUE(on);
   EXPECT_EQ(list, (std::vector<std::string>{"a", "b"}));
-  EXPECT_EQ(codes, (std::vector<int>{2, 3}));
+  EXPECT_EQ(codes, (std::vector<int64_t>{2, 3}));
   EXPECT_EQ(labels.at("zone"), "eu");
 }
 

@@ -1,6 +1,7 @@
 // The worker's TOML keys, read over defaults, and printed back with secrets masked.
 #include "worker/config.h"
 
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -11,26 +12,18 @@
 namespace taskmaster {
 namespace {
 
-// Reads a duration in milliseconds that must be positive (or zero, when `zero_ok`).
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
+// A duration in milliseconds, at least `min`.
 void GetMillis(ConfigTable& table, const std::string& key, std::chrono::milliseconds* out,
-               bool zero_ok = false) {
-  int64_t ms = out->count();
-  if (!table.Get(key, &ms)) return;
-  if (ms < 0 || (ms == 0 && !zero_ok)) {
-    table.Error(key, zero_ok ? "must not be negative" : "must be positive");
-    return;
-  }
-  *out = std::chrono::milliseconds(ms);
+               int64_t min = 1) {
+  if (std::optional<int64_t> ms = table.GetInt(key, min)) *out = std::chrono::milliseconds(*ms);
 }
 
-void GetPositive(ConfigTable& table, const std::string& key, int* out) {
-  int value = *out;
-  if (!table.Get(key, &value)) return;
-  if (value <= 0) {
-    table.Error(key, "must be positive");
-    return;
-  }
-  *out = value;
+// An int field, at least `min`.
+void GetInt(ConfigTable& table, const std::string& key, int* out, int64_t min = 1) {
+  if (std::optional<int64_t> value = table.GetInt(key, min, kIntMax))
+    *out = static_cast<int>(*value);
 }
 
 void GetNames(ConfigTable& table, const std::string& key, const std::string& what,
@@ -46,27 +39,14 @@ void GetNames(ConfigTable& table, const std::string& key, const std::string& wha
   *out = std::move(names);
 }
 
-void GetOptionalU64(ConfigTable& table, const std::string& key, std::optional<uint64_t>* out) {
-  int64_t value = 0;
-  if (!table.Get(key, &value)) return;
-  if (value <= 0) {
-    table.Error(key, "must be positive");
-    return;
-  }
-  *out = static_cast<uint64_t>(value);
-}
-
 void ReadLimits(ConfigTable& table, ExecLimits* limits) {
-  GetOptionalU64(table, "address_space_bytes", &limits->address_space_bytes);
-  GetOptionalU64(table, "cpu_seconds", &limits->cpu_seconds);
-  GetOptionalU64(table, "open_files", &limits->open_files);
-  int nice = 0;
-  if (table.Get("nice", &nice)) {
-    if (nice < -20 || nice > 19) {
-      table.Error("nice", "must be from -20 to 19");
-    } else {
-      limits->nice = nice;
-    }
+  for (auto [key, limit] : {std::pair{"address_space_bytes", &limits->address_space_bytes},
+                            {"cpu_seconds", &limits->cpu_seconds},
+                            {"open_files", &limits->open_files}}) {
+    if (std::optional<int64_t> value = table.GetInt(key, 1)) *limit = static_cast<uint64_t>(*value);
+  }
+  if (std::optional<int64_t> nice = table.GetInt("nice", -20, 19)) {
+    limits->nice = static_cast<int>(*nice);
   }
 }
 
@@ -86,34 +66,25 @@ ExecSpec ReadExec(ConfigTable& table) {
   table.Get("cwd", &spec.cwd);
   table.Get("env", &spec.env);
   table.Get("pass_env", &spec.pass_env);
-  GetMillis(table, "kill_grace_ms", &spec.kill_grace, /*zero_ok=*/true);
-  int64_t max_output = static_cast<int64_t>(spec.max_output);
-  if (table.Get("max_output_bytes", &max_output)) {
-    if (max_output <= 0) {
-      table.Error("max_output_bytes", "must be positive");
-    } else {
-      spec.max_output = static_cast<size_t>(max_output);
-    }
+  GetMillis(table, "kill_grace_ms", &spec.kill_grace, /*min=*/0);
+  if (std::optional<int64_t> max = table.GetInt("max_output_bytes", 1)) {
+    spec.max_output = static_cast<size_t>(*max);
   }
-  int64_t stderr_tail = static_cast<int64_t>(spec.stderr_tail);
-  if (table.Get("stderr_tail_bytes", &stderr_tail)) {
-    if (stderr_tail < 0) {
-      table.Error("stderr_tail_bytes", "must not be negative");
-    } else {
-      spec.stderr_tail = static_cast<size_t>(stderr_tail);
-    }
+  if (std::optional<int64_t> tail = table.GetInt("stderr_tail_bytes", 0)) {
+    spec.stderr_tail = static_cast<size_t>(*tail);
   }
-  std::vector<int> permanent;
+  std::vector<int64_t> permanent;
   if (table.Get("permanent_exit_codes", &permanent)) {
-    for (int code : permanent) {
+    for (int64_t code : permanent) {
       if (code < 1 || code > 255) {
         table.Error("permanent_exit_codes", absl::StrCat(code, " is not an exit code (1..255)"));
+      } else {
+        spec.permanent_exit_codes.insert(static_cast<int>(code));
       }
-      spec.permanent_exit_codes.insert(code);
     }
   }
-  if (table.Get("progress_fd", &spec.progress_fd) && spec.progress_fd < 3) {
-    table.Error("progress_fd", "must be 3 or more (0, 1 and 2 are stdin, stdout and stderr)");
+  if (std::optional<int64_t> fd = table.GetInt("progress_fd", 3, kIntMax)) {
+    spec.progress_fd = static_cast<int>(*fd);
   }
   if (std::optional<ConfigTable> limits = table.Table("limits")) ReadLimits(*limits, &spec.limits);
   return spec;
@@ -123,17 +94,14 @@ void ReadPools(ConfigTable& root, WorkerOptions* worker) {
   for (auto& [name, table] : root.Tables("pools")) {
     PoolOptions pool;
     pool.name = name;
-    if (absl::Status s = CheckName("pool name", name); !s.ok())
+    if (absl::Status s = CheckName("pool name", name); !s.ok()) {
       root.Error("pools", std::string(s.message()));
-    GetPositive(table, "threads", &pool.threads);
+    }
+    GetInt(table, "threads", &pool.threads);
     GetNames(table, "kinds", "kind", &pool.kinds);
-    int prefetch = 0;
-    if (table.Get("prefetch", &prefetch)) {
-      if (prefetch < -1) {
-        table.Error("prefetch", "must be -1 (adaptive) or more");
-      } else {
-        pool.prefetch = prefetch;
-      }
+    // -1: adaptive.
+    if (std::optional<int64_t> prefetch = table.GetInt("prefetch", -1, kIntMax)) {
+      pool.prefetch = static_cast<int>(*prefetch);
     }
     worker->pools.push_back(std::move(pool));
   }
@@ -149,18 +117,16 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   root.Get("master", &w.master.address);
   root.Get("token_file", &config->token_file);
   root.Get("name", &w.name);
-  GetPositive(root, "threads", &w.threads);
-  if (root.Get("prefetch", &w.prefetch) && w.prefetch < -1) {
-    root.Error("prefetch", "must be -1 (adaptive) or more");
-  }
-  GetPositive(root, "prefetch_max", &w.prefetch_max);
+  GetInt(root, "threads", &w.threads);
+  GetInt(root, "prefetch", &w.prefetch, /*min=*/-1);  // -1: adaptive
+  GetInt(root, "prefetch_max", &w.prefetch_max);
   GetMillis(root, "prefetch_window_ms", &w.prefetch_window);
   GetMillis(root, "progress_interval_ms", &w.progress_interval);
   GetNames(root, "queues", "queue name", &w.queues);
   root.Get("labels", &w.labels);
-  GetMillis(root, "drain_timeout_ms", &w.drain_timeout, /*zero_ok=*/true);
+  GetMillis(root, "drain_timeout_ms", &w.drain_timeout, /*min=*/0);
   GetMillis(root, "reconnect_max_ms", &w.reconnect_max);
-  GetPositive(root, "max_message_bytes", &w.master.max_message_bytes);
+  GetInt(root, "max_message_bytes", &w.master.max_message_bytes);
   root.Get("log_level", &config->log_level);
   root.Get("builtins", &config->builtins);
   root.Get("plugins", &config->plugins);
@@ -171,8 +137,9 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   }
   ReadPools(root, &w);
   for (auto& [kind, table] : root.Tables("exec")) {
-    if (absl::Status s = CheckName("kind", kind); !s.ok())
+    if (absl::Status s = CheckName("kind", kind); !s.ok()) {
       root.Error("exec", std::string(s.message()));
+    }
     config->exec.emplace_back(kind, ReadExec(table));
   }
   return file->Finish();

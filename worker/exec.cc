@@ -1,8 +1,8 @@
-// Exec handlers. The parent prepares everything (argv, envp, the program's path, the pipes), forks,
-// and the child only makes async-signal-safe calls until execve: the worker is multi-threaded, and
-// another thread may have held any lock (malloc's included) at the moment of the fork. The parent
-// then feeds stdin and reads stdout, stderr and the progress pipe in one poll() loop, and ends the
-// command's whole process group before it reaps the command's first process.
+// Exec handlers. The parent prepares everything (argv, envp, the program's path, the pipes),
+// vforks, and the child only makes system calls until execve: it shares the worker's memory until
+// then, and another thread may have held any lock (malloc's included) at the moment of the vfork.
+// The parent then feeds stdin and reads stdout, stderr and the progress pipe in one poll() loop,
+// and ends the command's whole process group before it reaps the command's first process.
 #include "worker/exec.h"
 
 #include <fcntl.h>
@@ -160,7 +160,7 @@ void ChildSetLimit(int resource, const std::optional<uint64_t>& value, int repor
   if (setrlimit(resource, &limit) != 0) ChildFail(report_fd, stage);
 }
 
-// Runs in the forked child: async-signal-safe calls only, no allocation, no exceptions.
+// Runs in the vforked child: system calls only, no allocation, no exceptions, never returns.
 [[noreturn]] void RunChild(const ChildPlan& plan) {
   // Its own process group, so that a stop reaches everything the command starts.
   setpgid(0, 0);
@@ -896,8 +896,9 @@ absl::StatusOr<Handler> MakeExecHandler(const std::string& kind, ExecSpec spec) 
   // The environment is read once, here: getenv is not safe against a setenv in another thread,
   // and every run of a kind should see the same environment.
   for (const std::string& name : s.pass_env) {
-    if (const char* value = std::getenv(name.c_str()))
+    if (const char* value = std::getenv(name.c_str())) {
       p->env.push_back(absl::StrCat(name, "=", value));
+    }
   }
   for (const auto& [name, value] : s.env) p->env.push_back(absl::StrCat(name, "=", value));
   std::sort(p->env.begin(), p->env.end());

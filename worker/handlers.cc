@@ -26,20 +26,24 @@ bool TaskContext::SleepFor(std::chrono::milliseconds d) const {
   return false;
 }
 
+namespace {
+
+absl::Status RegisteredTwice(const std::string& kind) {
+  return absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
+}
+
+}  // namespace
+
 absl::Status Registry::Register(const std::string& kind, Handler handler) {
   absl::Status s = CheckName("kind", kind);
-  if (s.ok() && !handlers_.emplace(kind, std::move(handler)).second) {
-    s = absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
-  }
+  if (s.ok() && !handlers_.emplace(kind, std::move(handler)).second) s = RegisteredTwice(kind);
   if (refused_.ok()) refused_ = s;
   return s;
 }
 
 absl::Status Registry::Add(const Registry& other) {
   for (const auto& [kind, handler] : other.handlers_) {
-    if (handlers_.contains(kind)) {
-      return absl::AlreadyExistsError(absl::StrCat("kind '", kind, "' is registered twice"));
-    }
+    if (handlers_.contains(kind)) return RegisteredTwice(kind);
   }
   handlers_.insert(other.handlers_.begin(), other.handlers_.end());
   return absl::OkStatus();

@@ -50,10 +50,10 @@ absl::Status AddKinds(const WorkerConfig& config, Registry& registry) {
   }
   for (const auto& [kind, spec] : config.exec) {
     if (spec.max_output > static_cast<size_t>(config.worker.master.max_message_bytes)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "exec.", kind, ".max_output_bytes (", spec.max_output,
-          ") is more than one result can carry (max_message_bytes ",
-          config.worker.master.max_message_bytes, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("exec.", kind, ".max_output_bytes (", spec.max_output,
+                       ") is more than one result can carry (max_message_bytes ",
+                       config.worker.master.max_message_bytes, ")"));
     }
     absl::StatusOr<Handler> handler = MakeExecHandler(kind, spec);
     if (!handler.ok()) return handler.status();

@@ -77,8 +77,9 @@ std::optional<Assignment> Slots::NextTask() {
   queue_.pop_front();
   Held& h = held_.at(id);
   h.running = true;
-  if (h.task.timeout_ms > 0)
+  if (h.task.timeout_ms > 0) {
     h.deadline = options_.now() + std::chrono::milliseconds(h.task.timeout_ms);
+  }
   return Assignment{.task = {.task_id = id,
                              .attempt = h.task.attempt,
                              .kind = h.task.kind,

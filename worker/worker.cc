@@ -43,7 +43,7 @@ struct Lane {
                     ? pool.threads
                     : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
         prefetch(pool.prefetch.value_or(options->prefetch)),
-        kinds(kinds),
+        kinds(std::move(kinds)),
         slots({.threads = threads,
                .prefetch = prefetch,
                .prefetch_max = options->prefetch_max,
@@ -60,7 +60,7 @@ struct Lane {
                  .name = name,
                  .host = host,
                  .slots = threads,
-                 .kinds = std::move(kinds)},
+                 .kinds = this->kinds},
                 &slots, log) {}
 
   const std::string name;
@@ -82,9 +82,9 @@ absl::StatusOr<std::map<std::string, std::vector<std::string>>> KindsByPool(
   std::string catch_all;
   for (const PoolOptions& p : pools) {
     if (absl::Status s = CheckName("pool name", p.name); !s.ok()) return s;
-    if (by_pool.count(p.name))
+    if (!by_pool.try_emplace(p.name).second) {
       return absl::InvalidArgumentError(absl::StrCat("pool '", p.name, "' is declared twice"));
-    by_pool[p.name];
+    }
     if (p.kinds.empty()) {
       if (!catch_all.empty()) {
         return absl::InvalidArgumentError(absl::StrCat("pools '", catch_all, "' and '", p.name,
