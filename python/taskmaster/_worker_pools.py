@@ -1,0 +1,467 @@
+"""The worker's pools: threads for I/O-bound handlers, processes for CPU-bound ones (the GIL lets
+one thread run Python at a time).
+
+The process pool is built for throughput: tasks go to its processes in chunks (plain tuples,
+one pipe message per chunk), each process runs a chunk and sends its results back in one
+message, already encoded for the wire (_worker_wire), so the worker's main process spends a
+few dict operations per task. Cancels reach running processes through shared memory: a ring of
+task ids the worker writes and every process reads before each task and whenever a handler
+asks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from ._worker_slots import Result, Slots, Task
+from ._worker_task import Handler, run_task
+from ._worker_wire import CANCELLED, FAILED, RETURNED, encode_result
+
+log = logging.getLogger("taskmaster.worker")
+
+# A pool process sends the results it has after a task once this long has passed since it last
+# sent any: short tasks go back a chunk at a time, long ones one by one.
+_RESULTS_FLUSH = 0.005
+# Chunks hold about this much work (judged from how long tasks take), within _MAX_CHUNK tasks:
+# large enough that a pipe message per chunk costs little per task, small enough that the
+# processes share the work evenly.
+_CHUNK_WINDOW = 0.005
+_MAX_CHUNK = 256
+# The weight of the newest task in the pool's moving average of task times.
+_TASK_TIME_WEIGHT = 0.05
+# Cancelled task ids the ring keeps: a process that lags this many cancels behind misses some
+# (their handlers run to the end; the master keeps the cancel either way).
+_RING_SIZE = 4096
+# How often a process handler waiting on ctx.cancel_event looks at the ring.
+_CANCEL_POLL = 0.01
+# prctl(PR_SET_PDEATHSIG): a pool process dies with the worker, even one stuck in a handler.
+_PR_SET_PDEATHSIG = 1
+
+
+class ThreadPool:
+    """`threads` threads, each running one task at a time from the accounting."""
+
+    def __init__(self, slots: Slots, handlers: Dict[str, Handler], threads: int,
+                 max_output: int, worker_name: str) -> None:
+        self._slots = slots
+        self._handlers = handlers
+        self._max_output = max_output
+        self._worker_name = worker_name
+        self._threads = [threading.Thread(target=self._loop, name=f"taskmaster-thread-{i}",
+                                          daemon=True) for i in range(threads)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def poll(self) -> None:
+        """The watchdog's pass: thread tasks have their deadlines already."""
+
+    def close(self, timeout: float) -> None:
+        """Waits up to `timeout` seconds for the threads, which exit once the accounting stopped;
+        a handler that ignores its stop keeps its (daemon) thread."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(t.is_alive() for t in self._threads)
+        if busy:
+            log.warning("%d thread handlers did not return after being told to stop; "
+                        "leaving them behind", busy)
+
+    def _progress(self, task_id: int, attempt: int, done: int, total: int, message: str) -> None:
+        self._slots.report_progress(task_id, done, total, message)
+
+    def _loop(self) -> None:
+        slots, handlers = self._slots, self._handlers
+        while True:
+            taken = slots.take_one()
+            if taken is None:
+                return
+            task, stop = taken
+            began = time.monotonic()
+            outcome, encoded = run_task(handlers.get(task[2]), task, stop, self._progress,
+                                        self._max_output, self._worker_name)
+            slots.finish([(task[0], task[1], outcome, encoded)], time.monotonic() - began)
+
+
+class _CancelRing:
+    """Ids of tasks the pool's processes must stop, in shared memory. The worker writes (one
+    writer at a time: the accounting calls under its lock), processes read."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ids = ctx.RawArray(ctypes.c_uint64, _RING_SIZE)
+        self.count = ctx.RawValue(ctypes.c_uint64, 0)
+
+    def add(self, task_id: int) -> None:
+        n = self.count.value
+        self.ids[n % _RING_SIZE] = task_id
+        # The id is in place before the count says so (x86 and ARM keep this order for the
+        # readers' loads of an aligned word they see after the count).
+        self.count.value = n + 1
+
+
+class _CancelView:
+    """A pool process's view of the ring: refreshed only when its count moved."""
+
+    def __init__(self, ring: _CancelRing) -> None:
+        self._ring = ring
+        self._seen = 0
+        self._ids: frozenset = frozenset()
+
+    def __contains__(self, task_id: int) -> bool:
+        n = self._ring.count.value
+        if n != self._seen:
+            self._ids = frozenset(self._ring.ids[:min(n, _RING_SIZE)])
+            self._seen = n
+        return task_id in self._ids
+
+
+class _ProcessStop:
+    """A process handler's stop signal, with threading.Event's is_set() and wait()."""
+
+    __slots__ = ("_view", "_task_id")
+
+    def __init__(self, view: _CancelView, task_id: int) -> None:
+        self._view = view
+        self._task_id = task_id
+
+    def is_set(self) -> bool:
+        return self._task_id in self._view
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        until = None if timeout is None else time.monotonic() + timeout
+        while self._task_id not in self._view:
+            left = _CANCEL_POLL if until is None else min(_CANCEL_POLL, until - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
+
+
+class _Sender:
+    """A pool process's messages to the worker: results, and progress reports at most one
+    message per interval (the latest of each task; a timer sends what waits)."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, interval: float) -> None:
+        self._conn = conn
+        self._interval = interval
+        self._lock = threading.Lock()
+        # Guarded by _lock: reports not sent yet, by task; when the next may go; its timer.
+        self._pending: Dict[int, Tuple[int, int, int, int, str]] = {}
+        self._next = 0.0
+        self._timer: Optional[threading.Timer] = None
+
+    def send(self, message: Tuple[Any, ...]) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def progress(self, task_id: int, attempt: int, done: int, total: int, message: str) -> None:
+        with self._lock:
+            self._pending[task_id] = (task_id, attempt, done, total, message)
+            now = time.monotonic()
+            if now >= self._next:
+                self._flush_locked(now)
+            elif self._timer is None:
+                self._timer = threading.Timer(self._next - now, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._pending:
+                self._flush_locked(time.monotonic())
+
+    def _flush_locked(self, now: float) -> None:
+        self._conn.send(("p", list(self._pending.values())))
+        self._pending.clear()
+        self._next = now + self._interval
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # no prctl: the pipe's end still stops an idle process
+
+
+def _process_main(handlers: Dict[str, Handler], tasks: multiprocessing.connection.Connection,
+                  results: multiprocessing.connection.Connection,
+                  inherited: List[multiprocessing.connection.Connection], ring: _CancelRing,
+                  current_id: Any, current_start: Any, max_output: int, worker_name: str,
+                  progress_interval: float) -> None:
+    """A pool process: runs the chunks of tasks it receives until told to stop (None) or its
+    worker goes away."""
+    # The worker drains on SIGTERM and SIGINT and stops its processes itself; a terminal's ^C
+    # or a service manager's SIGTERM to the whole group must not kill a handler mid-task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    for conn in inherited:  # the worker's ends of earlier processes' pipes, copied by fork
+        conn.close()
+    cancels = _CancelView(ring)
+    out = _Sender(results, progress_interval)
+    monotonic = time.monotonic
+    while True:
+        try:
+            chunk = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        batch: List[Result] = []
+        last = monotonic()
+        for task in chunk:
+            task_id, attempt = task[0], task[1]
+            if task_id in cancels:
+                batch.append((task_id, attempt, CANCELLED,
+                              encode_result(task_id, attempt, CANCELLED, error="cancelled")))
+                continue
+            current_start.value = monotonic()
+            current_id.value = task_id
+            outcome, encoded = run_task(handlers.get(task[2]), task,
+                                        _ProcessStop(cancels, task_id), out.progress,
+                                        max_output, worker_name)
+            current_id.value = 0
+            batch.append((task_id, attempt, outcome, encoded))
+            now = monotonic()
+            if now - last >= _RESULTS_FLUSH:
+                out.send(("r", batch, now - last))
+                batch, last = [], now
+        if batch:
+            out.send(("r", batch, monotonic() - last))
+
+
+def _returned(task: Task) -> Result:
+    return task[0], task[1], RETURNED, encode_result(task[0], task[1], RETURNED)
+
+
+class _Process:
+    """The worker's side of one pool process."""
+
+    def __init__(self, index: int, process: Any, tasks: multiprocessing.connection.Connection,
+                 results: multiprocessing.connection.Connection, current_id: Any,
+                 current_start: Any) -> None:
+        self.index = index
+        self.process = process
+        self.tasks = tasks          # the worker writes chunks (the dispatcher only)
+        self.results = results      # the worker reads results (the collector only)
+        self.current_id = current_id        # the task its handler runs now; 0: none
+        self.current_start = current_start  # when that handler started (monotonic)
+        # Guarded by ProcessPool._lock: tasks sent, in order, whose results have not come back
+        # (a process answers every task of its chunks, in order); whether it runs.
+        self.inflight: Deque[Task] = deque()
+        self.alive = True
+
+
+class ProcessPool:
+    """`processes` processes running process handlers. Started (forked) by start() before the
+    worker opens any gRPC channel; attach() then connects it to the accounting."""
+
+    def __init__(self, handlers: Dict[str, Handler], processes: int, mp_context: Optional[str],
+                 max_output: int, worker_name: str, progress_interval: float,
+                 on_failure: Callable[[str], None]) -> None:
+        self._handlers = handlers
+        self._size = processes
+        self._ctx = multiprocessing.get_context(mp_context or "fork")
+        self._max_output = max_output
+        self._worker_name = worker_name
+        self._progress_interval = progress_interval
+        self._on_failure = on_failure
+        self._ring = _CancelRing(self._ctx)
+        self._processes: List[_Process] = []  # fixed once started
+        self._slots: Optional[Slots] = None
+        self._threads: List[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a process can take more tasks
+        # Guarded by _lock: processes still running; the pool is closing; how long a task
+        # takes (seconds, moving average; 0: unknown).
+        self._alive = 0
+        self._closing = False
+        self._task_time = 0.0
+
+    def start(self) -> None:
+        """Starts the processes."""
+        inherited: List[multiprocessing.connection.Connection] = []
+        fork = self._ctx.get_start_method() == "fork"
+        for i in range(self._size):
+            tasks_r, tasks_w = self._ctx.Pipe(duplex=False)
+            results_r, results_w = self._ctx.Pipe(duplex=False)
+            current_id = self._ctx.RawValue(ctypes.c_uint64, 0)
+            current_start = self._ctx.RawValue(ctypes.c_double, 0.0)
+            process = self._ctx.Process(
+                target=_process_main, name=f"taskmaster-pool-{i}", daemon=True,
+                args=(self._handlers, tasks_r, results_w, list(inherited) if fork else [],
+                      self._ring, current_id, current_start, self._max_output,
+                      self._worker_name, self._progress_interval))
+            process.start()
+            # Closed here, so that a process's death reads as the end of its results pipe.
+            tasks_r.close()
+            results_w.close()
+            inherited += [tasks_w, results_r]
+            self._processes.append(_Process(i, process, tasks_w, results_r, current_id,
+                                            current_start))
+        with self._lock:
+            self._alive = self._size
+
+    def attach(self, slots: Slots) -> None:
+        """Starts taking tasks from `slots` (whose stop_hook is this pool's stop_hook)."""
+        self._slots = slots
+        self._threads = [threading.Thread(target=self._dispatch, name="taskmaster-dispatch",
+                                          daemon=True),
+                         threading.Thread(target=self._collect, name="taskmaster-collect",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop_hook(self, task_id: int) -> None:
+        """Tells the processes to stop (or skip) a task; called under the accounting's lock."""
+        self._ring.add(task_id)
+
+    def poll(self) -> None:
+        """The watchdog's pass: tells the accounting when running handlers started, so that
+        their deadlines count from then."""
+        assert self._slots is not None
+        for p in self._processes:
+            task_id = p.current_id.value
+            if task_id:
+                self._slots.started(task_id, p.current_start.value)
+
+    def close(self, timeout: float) -> None:
+        """Stops the processes (after the accounting stopped): each finishes its chunk (tasks
+        told to stop are skipped) and exits; those still running after `timeout` seconds are
+        killed."""
+        with self._lock:
+            self._closing = True
+            self._room.notify_all()
+        deadline = time.monotonic() + timeout
+        for p in self._processes:
+            p.process.join(max(0.0, deadline - time.monotonic()))
+        for p in self._processes:
+            if p.process.is_alive():
+                log.warning("pool process %d did not exit; killing it", p.index)
+                p.process.kill()
+                p.process.join(1.0)
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        for p in self._processes:
+            p.tasks.close()
+            p.results.close()
+
+    def _chunk_locked(self) -> int:
+        if self._task_time <= 0:
+            return 1
+        return int(min(max(_CHUNK_WINDOW / self._task_time, 1), _MAX_CHUNK))
+
+    def _dispatch(self) -> None:
+        # Keeps every process a chunk ahead (two chunks in flight, one for long tasks), the
+        # tasks at hand split evenly over the processes with room.
+        assert self._slots is not None
+        while True:
+            with self._lock:
+                while True:
+                    chunk = self._chunk_locked()
+                    limit = 2 * chunk if chunk > 1 else 1
+                    rooms = [(p, limit - len(p.inflight)) for p in self._processes
+                             if p.alive and len(p.inflight) < limit]
+                    if self._closing or rooms:
+                        break
+                    self._room.wait()
+                closing = self._closing
+            if closing:
+                break
+            tasks = self._slots.take(sum(room for _, room in rooms))
+            if tasks is None:
+                break
+            self._send(tasks, rooms)
+        with self._lock:  # the processes' exits that follow are no failure
+            self._closing = True
+        for p in self._processes:
+            try:
+                p.tasks.send(None)
+            except OSError:
+                pass  # gone already
+
+    def _send(self, tasks: List[Task], rooms: List[Tuple[_Process, int]]) -> None:
+        share = -(-len(tasks) // len(rooms))
+        start = 0
+        unsent: List[Task] = []
+        for p, room in rooms:
+            part = tasks[start:start + min(share, room)]
+            start += len(part)
+            if not part:
+                break
+            with self._lock:
+                if not p.alive:
+                    unsent += part
+                    continue
+                p.inflight.extend(part)
+            try:
+                p.tasks.send(part)
+            except OSError:
+                pass  # it died: the collector reads its pipe's end and accounts for them
+        unsent += tasks[start:]
+        if unsent:  # only when processes died meanwhile: the master hands them to others
+            self._slots.finish([_returned(t) for t in unsent], None)
+
+    def _collect(self) -> None:
+        assert self._slots is not None
+        slots = self._slots
+        by_conn = {p.results: p for p in self._processes}
+        while by_conn:
+            for conn in multiprocessing.connection.wait(list(by_conn)):
+                p = by_conn[conn]  # type: ignore[index]
+                try:
+                    message = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    del by_conn[conn]
+                    self._ended(p)
+                    continue
+                if message[0] == "p":
+                    for task_id, _, done, total, text in message[1]:
+                        slots.report_progress(task_id, done, total, text)
+                    continue
+                results, busy = message[1], message[2]
+                with self._lock:
+                    inflight = p.inflight
+                    for _ in range(len(results)):
+                        inflight.popleft()
+                    per_task = busy / len(results)
+                    weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(results)
+                    self._task_time = (per_task if self._task_time <= 0 else
+                                       (1 - weight) * self._task_time + weight * per_task)
+                    self._room.notify()
+                slots.finish(results, busy)
+
+    def _ended(self, p: _Process) -> None:
+        # A process's results pipe ended: it exited, on its own or told to.
+        assert self._slots is not None
+        p.process.join(1.0)
+        with self._lock:
+            p.alive = False
+            self._alive -= 1
+            alive, closing = self._alive, self._closing
+            lost = list(p.inflight)
+            p.inflight.clear()
+            self._room.notify_all()
+        running = p.current_id.value
+        why = f"pool process {p.index} exited with code {p.process.exitcode}"
+        # The task it was running failed with it; the others never started.
+        self._slots.finish([(t[0], t[1], FAILED, encode_result(t[0], t[1], FAILED, error=why))
+                            if t[0] == running else _returned(t) for t in lost], None)
+        if closing:
+            return
+        log.error("%s; %d tasks it held given back; %d processes left", why, len(lost), alive)
+        self._slots.set_threads(alive)
+        if alive == 0:
+            self._on_failure("every process of the process pool exited")

@@ -1,0 +1,312 @@
+"""A pool's stream to the master, as worker/session.cc runs it for the C++ worker: connecting, the
+hello and welcome, reading, the sender, reconnecting with backoff, and the watchdog that cuts a
+silent stream. The only part of the worker that sees gRPC or protobuf: it converts messages from
+and to the plain tuples of _worker_slots. Results go out as the ready-made bytes their handlers'
+side encoded (_worker_wire), after the other fields of their message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import grpc
+
+from . import errors
+from ._conn import Connection
+from ._worker_slots import WATCHDOG_PERIOD, HelloState, Slots, ToMaster, Welcome
+from ._worker_wire import MAX_PROGRESS_MESSAGE_BYTES, valid_utf8
+from .v1 import taskmaster_pb2 as pb
+
+log = logging.getLogger("taskmaster.worker")
+
+_CONNECT = "/taskmaster.v1.WorkerService/Connect"
+# A hello refused with these is refused again on every attempt: the worker stops and says why.
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT)
+# Keepalive pings tell a dead connection well within a lease (common/limits.h): this many per
+# lease period, never closer than the minimum, and this far apart until a welcome says.
+_KEEPALIVES_PER_LEASE = 3
+_MIN_KEEPALIVE_MS = 1000
+_DEFAULT_KEEPALIVE_MS = 30000
+_KEEPALIVE_TIMEOUT_MS = 10000
+# The first reconnect waits about this long; each failure doubles it, up to reconnect_max.
+_RECONNECT_MIN = 0.1
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a pool presents itself in every hello."""
+
+    worker_id: str  # stable for the process: a reconnect keeps its leases
+    name: str
+    host: str
+    kinds: Sequence[str]
+    queues: Sequence[str]
+    labels: Dict[str, str]
+    slots: int  # tasks it runs at once
+
+
+class _Backoff:
+    """Waits before reconnecting: uniform in [next/2, next], then next doubles up to the max."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._initial = initial
+        self._max = maximum
+        self._next = initial
+
+    def next(self) -> float:
+        wait = random.uniform(self._next / 2, self._next)
+        self._next = min(self._next * 2, self._max)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self._initial
+
+
+class Session:
+    """Thread-safe. start() once; cancel() any time; join() after the accounting stopped."""
+
+    def __init__(self, conn: Connection, identity: Identity, slots: Slots,
+                 poll: Callable[[], None], reconnect_max: float,
+                 on_refused: Callable[[errors.TaskmasterError], None]) -> None:
+        """`poll` runs on each watchdog pass, before the accounting's; `on_refused` hears of a
+        master that refused this worker's hello (a bad token, say): the session stops."""
+        self._conn = conn
+        self._identity = identity
+        self._slots = slots
+        self._poll = poll
+        self._reconnect_max = reconnect_max
+        self._on_refused = on_refused
+        self._threads = [threading.Thread(target=self._loop, name="taskmaster-session",
+                                          daemon=True),
+                         threading.Thread(target=self._watchdog, name="taskmaster-watchdog",
+                                          daemon=True)]
+        self._mu = threading.Lock()
+        # Guarded by _mu: the latest session's number; its call once made (the watchdog and
+        # cancel() cancel it); a cancel asked for before the call was made.
+        self._number = 0
+        self._call: Optional[grpc.RpcContext] = None
+        self._cancel_pending = False
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def cancel(self) -> None:
+        """Cancels the live stream, if any: the worker is leaving."""
+        self._cancel_session(0)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _cancel_session(self, number: int) -> None:
+        # Session `number` if it is still the live one; 0: whichever is.
+        with self._mu:
+            if number not in (0, self._number):
+                return
+            call = self._call
+            if call is None:
+                self._cancel_pending = True
+        if call is not None:
+            call.cancel()  # outside the lock: the call takes its own
+
+    def _loop(self) -> None:
+        backoff = _Backoff(_RECONNECT_MIN, self._reconnect_max)
+        address = self._conn.address
+        warned = False
+        while True:
+            welcomed, error = self._run()
+            if welcomed:
+                backoff.reset()
+                warned = False
+            if self._slots.leaving():
+                return
+            if not welcomed and error is not None and error.code() in _REFUSED:
+                refused = errors.from_rpc_error(error, address)
+                log.error("master %s refused this worker: %s", address, refused.message)
+                self._on_refused(refused)
+                return
+            wait = self._slots.reconnect_delay(backoff.next())
+            why = _describe(error)
+            if not warned:
+                log.warning("lost the master %s (%s); reconnecting with backoff", address, why)
+                warned = True
+            log.debug("stream ended (%s); next attempt in %.0f ms", why, wait * 1000)
+            if self._slots.await_leaving(wait):
+                return
+
+    def _run(self) -> Tuple[bool, Optional[grpc.RpcError]]:
+        """One stream, from hello to its end: whether the master welcomed us, and how the stream
+        ended (None: it ended well, or the master is stopping)."""
+        with self._mu:
+            self._number += 1
+            number = self._number
+            self._call = None
+            self._cancel_pending = False
+        state = self._slots.begin_session(number)
+        if state is None:  # leaving
+            return False, None
+        keepalive_ms = (max(_MIN_KEEPALIVE_MS, int(state.lease * 1000) // _KEEPALIVES_PER_LEASE)
+                        if state.lease > 0 else _DEFAULT_KEEPALIVE_MS)
+        # A fresh connection each time: one stalled in TCP's retransmission backoff would not
+        # get through.
+        channel = self._conn.channel([("grpc.keepalive_time_ms", keepalive_ms),
+                                      ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.max_pings_without_data", 0)])
+        opened = threading.Event()  # the welcome came, or the stream ended without one
+        welcomed = False
+        error: Optional[grpc.RpcError] = None
+        master_stopping = False
+        try:
+            # Requests are bytes already (no serializer): results arrive encoded.
+            connect = channel.stream_stream(_CONNECT, request_serializer=None,
+                                            response_deserializer=pb.MasterMessage.FromString)
+            call = connect(self._requests(self._hello(state), opened),
+                           metadata=self._conn.metadata)
+            with self._mu:
+                self._call = call
+                cancel_now = self._cancel_pending
+            if cancel_now:
+                call.cancel()
+            first = next(call)
+            if not first.HasField("welcome"):
+                call.cancel()  # not a master we understand
+                raise _NotAMaster()
+            lost_state = self._slots.welcomed(_welcome(first.welcome))
+            welcomed = True
+            opened.set()
+            if lost_state:
+                log.warning("%s", lost_state)
+            log.info("%s connected to master %s (epoch %s)", self._identity.name,
+                     self._conn.address, first.welcome.master_epoch)
+            message = first
+            while True:
+                self._slots.received(
+                    [(t.task_id, t.attempt, t.kind, t.payload, t.timeout_ms)
+                     for t in message.tasks],
+                    message.cancel, [(a.task_id, a.attempt) for a in message.acked],
+                    message.heartbeat_echo)
+                if message.shutting_down:
+                    master_stopping = True
+                    break
+                message = next(call)
+        except StopIteration:
+            pass  # the master ended the stream with OK
+        except _NotAMaster:
+            error = _NotAMaster()
+        except grpc.RpcError as e:
+            error = e
+        finally:
+            opened.set()
+            self._slots.close_session()
+            channel.close()  # cancels the call, which unblocks the sender
+        for line in self._slots.session_ended(master_stopping, _describe(error)):
+            log.error("%s", line)
+        return welcomed, None if master_stopping else error
+
+    def _requests(self, hello: bytes, opened: threading.Event) -> Iterator[bytes]:
+        # gRPC's own thread runs this: the hello, then (once welcomed) whatever the accounting
+        # has to send, until the session closes or the worker says bye.
+        yield hello
+        opened.wait()
+        while True:
+            out = self._slots.next_to_send()
+            if out is None:
+                return
+            if out.empty():
+                continue
+            yield _encode(out)
+            if out.bye:
+                return
+
+    def _hello(self, state: HelloState) -> bytes:
+        me = self._identity
+        message = pb.WorkerMessage()
+        hello = message.hello
+        hello.worker_id = me.worker_id
+        hello.name = me.name
+        hello.host = me.host
+        hello.kinds.extend(me.kinds)
+        hello.queues.extend(me.queues)
+        hello.labels.update(me.labels)
+        hello.slots = me.slots
+        for task_id, attempt in state.held:
+            hello.held.add(task_id=task_id, attempt=attempt)
+        hello.master_epoch = state.master_epoch
+        hello.worker_secret = state.worker_secret
+        return message.SerializeToString()
+
+    def _watchdog(self) -> None:
+        address = self._conn.address
+        while True:
+            time.sleep(WATCHDOG_PERIOD)
+            self._poll()
+            report = self._slots.watch()
+            if report is None:
+                return
+            if report.cut_session:
+                log.warning("master %s: %s; reconnecting on a fresh connection", address,
+                            report.why)
+                self._cancel_session(report.cut_session)
+            for task_id, attempt in report.stuck:
+                log.warning("task %d attempt %d: the handler is past its deadline and did not "
+                            "stop; reported timed out, its slot stays busy until it returns",
+                            task_id, attempt)
+            if report.stopped + report.dropped > 0:
+                log.warning("no heartbeat answered by the master for %.0f ms: stopped %d running "
+                            "and dropped %d queued tasks before their leases lapse there (the "
+                            "master hands them to others)", report.lease * 1000, report.stopped,
+                            report.dropped)
+
+
+class _NotAMaster(grpc.RpcError):
+    """The first answer was not a welcome."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        return "the first answer was no welcome: not a taskmaster master?"
+
+
+def _describe(error: Optional[grpc.RpcError]) -> str:
+    if error is None:
+        return "ended"
+    return f"{error.code().name}: {error.details() or ''}"
+
+
+def _welcome(w: "pb.Welcome") -> Welcome:
+    return Welcome(master_epoch=w.master_epoch, heartbeat_interval_ms=w.heartbeat_interval_ms,
+                   lease_timeout_ms=w.lease_timeout_ms,
+                   revoked=[(r.task_id, r.attempt) for r in w.revoked],
+                   echoes_heartbeats=w.echoes_heartbeats, worker_secret=w.worker_secret)
+
+
+def _encode(out: ToMaster) -> bytes:
+    """The message's own fields, then its results: protobuf reads the concatenation as one
+    message."""
+    head = pb.WorkerMessage()
+    if out.credits:
+        head.credits = out.credits
+    if out.heartbeat_at_ms is not None:
+        head.heartbeat = True
+        head.heartbeat_at = out.heartbeat_at_ms
+        head.stuck = out.stuck
+    if out.draining:
+        head.draining = True
+    if out.bye:
+        head.bye = True
+    for task_id, attempt, done, total, message in out.progress:
+        head.progress.add(task_id=task_id, attempt=attempt, done=done, total=total,
+                          message=valid_utf8(message, MAX_PROGRESS_MESSAGE_BYTES).decode())
+    if not out.results:
+        return head.SerializeToString()
+    return head.SerializeToString() + b"".join(out.results)

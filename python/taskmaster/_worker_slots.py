@@ -1,0 +1,687 @@
+"""The worker's accounting, as worker/slots.cc keeps it for the C++ worker: the tasks a pool holds,
+the credits it grants, the results it keeps until the master acknowledges them, and the lease
+fence. Plain Python: no gRPC, no protobuf; the session and the pool drive it, and tests can drive
+it with a fake clock.
+
+Tasks travel as plain tuples `(task_id, attempt, kind, payload, timeout_ms)`, and results as
+`(task_id, attempt, outcome, encoded)`, where `encoded` is the result's ready-made entry of a
+WorkerMessage (see _worker_wire). Times are seconds on the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import (Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple)
+
+from ._worker_wire import CANCELLED, OUTCOME_NAMES, RETURNED, FAILED, encode_result
+
+Task = Tuple[int, int, str, bytes, int]
+Result = Tuple[int, int, int, bytes]
+TaskRef = Tuple[int, int]
+# (task_id, attempt, done, total, message)
+ProgressReport = Tuple[int, int, int, int, str]
+
+# How often the watchdog looks at the session (Slots.watch).
+WATCHDOG_PERIOD = 0.05
+# How long past its deadline a handler may take to return on its own before its task is reported
+# timed out without it.
+STUCK_GRACE = 0.5
+# Results per message: bounds one write when many piled up during an outage.
+_MAX_RESULTS_PER_MESSAGE = 1000
+# A message of results closes once it holds about this many bytes (common/limits.h, kBatchBytes).
+_BATCH_BYTES = 1 << 20
+# Cancels that arrived before their task (messages can pass each other), remembered this many.
+_RECENT_CANCELS = 4096
+# Results unacknowledged this long are sent again on the same stream.
+_RESEND_AFTER = 10.0
+# After the drain, how long results may wait for the master's acknowledgement.
+_ACK_GRACE = 5.0
+# After the drain, how long the sender's bye may take to end the stream before it is cut.
+_BYE_GRACE = 5.0
+# A master silent for this many heartbeat intervals is given up on: a fresh connection gets
+# through where a stalled one sits in TCP's retransmission backoff.
+_SILENT_HEARTBEATS = 3
+# A result whose sending ended the master's stream this many times is given up on.
+_MAX_REFUSALS = 5
+# The longest wait between reconnects while the worker holds tasks or results.
+_HURRIED = 1.0
+# Until a master says otherwise (in its welcome).
+_DEFAULT_HEARTBEAT = 5.0
+# The shortest heartbeat interval a welcome may set: a smaller one would make the sender spin.
+_MIN_HEARTBEAT = 0.1
+# The weight of the newest task in the moving average of task times.
+_TASK_TIME_WEIGHT = 0.05
+
+
+@dataclass(frozen=True)
+class SlotsOptions:
+    """What a pool's accounting needs to know; the Worker fills it from its arguments."""
+
+    threads: int                # tasks run at once (threads or processes)
+    prefetch: Optional[int]     # tasks held beyond the running ones; None: adaptive
+    prefetch_max: int           # the adaptive prefetch's ceiling
+    prefetch_window: float      # seconds of work the adaptive prefetch keeps at hand
+    progress_interval: float    # progress reaches the master at most this often
+    # Called, under the accounting's lock, for each running task that must stop (cancelled,
+    # revoked, fenced, stuck); must not block. Thread pools see the task's event instead.
+    stop_hook: Optional[Callable[[int], None]] = None
+    now: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class Welcome:
+    """A master's welcome, as the session read it."""
+
+    master_epoch: str
+    heartbeat_interval_ms: int
+    lease_timeout_ms: int
+    revoked: List[TaskRef]
+    echoes_heartbeats: bool
+    worker_secret: str
+
+
+@dataclass
+class HelloState:
+    """What a new stream's hello carries of the worker's state."""
+
+    held: List[TaskRef]   # queued, running, or with a result not yet acknowledged
+    master_epoch: str     # the epoch they came from
+    worker_secret: str    # from the last welcome
+    lease: float          # the master's lease, seconds; 0 until a welcome said
+
+
+@dataclass
+class ToMaster:
+    """What the sender writes next."""
+
+    results: List[bytes] = field(default_factory=list)  # encoded WorkerMessage.results entries
+    credits: int = 0
+    heartbeat_at_ms: Optional[int] = None  # a heartbeat, on the worker's monotonic clock
+    stuck: int = 0
+    progress: List[ProgressReport] = field(default_factory=list)
+    draining: bool = False
+    bye: bool = False
+
+    def empty(self) -> bool:
+        return not (self.results or self.credits or self.heartbeat_at_ms is not None
+                    or self.progress or self.draining or self.bye)
+
+
+@dataclass
+class WatchReport:
+    """What the watchdog found on one pass."""
+
+    cut_session: int = 0   # the session to cut and reconnect afresh; 0: none
+    why: str = ""
+    stopped: int = 0       # running tasks stopped before their leases lapse
+    dropped: int = 0       # queued tasks dropped for the same reason
+    lease: float = 0.0
+    stuck: List[TaskRef] = field(default_factory=list)  # handlers found past their deadline
+
+
+class _Held:
+    """A task this pool holds: queued or running."""
+
+    __slots__ = ("task", "running", "discard", "stuck", "deadline", "progress", "event")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.running = False
+        # Revoked by the master or fenced: its result would be stale.
+        self.discard = False
+        # Reported timed out while its handler kept running: discarded, yet its thread is busy,
+        # so it still counts against the credits (and is not counted in _discarded).
+        self.stuck = False
+        self.deadline: Optional[float] = None  # from its start, when the task has a timeout
+        self.progress: Optional[Tuple[int, int, str]] = None  # the latest report, until sent
+        self.event: Optional[threading.Event] = None  # a thread pool's stop signal
+
+
+class Slots:
+    """Thread-safe: `_lock` guards every field below it; no method does I/O or runs a handler
+    under it. take, take_one, next_to_send, finish_drain and await_leaving block."""
+
+    def __init__(self, options: SlotsOptions) -> None:
+        self._options = options
+        self._now = options.now
+        self._lock = threading.Lock()
+        # One lock, three wait lists, so that a result does not wake every pool thread.
+        self._task_ready = threading.Condition(self._lock)   # pool threads, the dispatcher
+        self._send_ready = threading.Condition(self._lock)   # the sender
+        self._changed = threading.Condition(self._lock)      # drain and leaving waits
+        self._threads = options.threads
+        # ---- Tasks ----
+        self._held: Dict[int, _Held] = {}
+        self._discarded = 0  # entries of _held running only to be dropped
+        self._stuck = 0      # entries of _held marked stuck
+        self._queue: Deque[int] = deque()  # held, not started, in arrival order
+        self._recent_cancels: Set[int] = set()
+        self._recent_cancels_order: Deque[int] = deque()
+        self._progress_pending = False  # some _held entry has progress to send
+        self._progress_due = 0.0        # not sent before then
+        # ---- Results ----
+        # Results (and give-backs) until the master acknowledges them; sent again after a
+        # reconnect.
+        self._unacked: Dict[int, Result] = {}
+        self._to_send: Deque[int] = deque()          # unacked results not written yet
+        self._sent_in_session: Set[int] = set()      # results written on this stream
+        self._unacked_before: List[int] = []         # at the last resend check
+        self._resend_at = 0.0
+        self._refusals: Dict[int, int] = {}  # streams the master ended with these on them
+        # ---- Credits ----
+        self._credits_to_send = 0     # granted, not written yet
+        self._outstanding_credit = 0  # granted this session, not used yet
+        self._task_time_ewma = 0.0    # seconds a task takes; 0: unknown
+        # ---- The master, from its last welcome ----
+        self._epoch = ""
+        self._secret = ""
+        self._heartbeat = _DEFAULT_HEARTBEAT
+        self._lease = 0.0  # 0 until a welcome came
+        self._echoes = False
+        self._fence_at = 0.0  # tasks still held then are stopped (_fence_locked)
+        # ---- The session ----
+        self._live_session = 0  # from its hello to its end; 0: none
+        self._cut = False
+        self._welcomed = False
+        self._session_open = False  # from its welcome until it stops reading
+        self._session_started = 0.0
+        self._heard_at = 0.0
+        self._heartbeat_due = 0.0
+        # ---- The worker's life ----
+        self._draining = False
+        self._drain_sent = False
+        self._leaving = False
+        self._stopped = False
+
+    # ---- The pool ----
+
+    def take_one(self) -> Optional[Tuple[Task, threading.Event]]:
+        """Blocks until a task is queued, and marks it running with an event that tells its
+        handler to stop; None once the pool stopped. For thread pools."""
+        with self._lock:
+            while not self._stopped and not self._queue:
+                self._task_ready.wait()
+            if self._stopped:
+                return None
+            h = self._held[self._queue.popleft()]
+            h.running = True
+            h.event = threading.Event()
+            if h.task[4] > 0:
+                h.deadline = self._now() + h.task[4] / 1000.0
+            return h.task, h.event
+
+    def take(self, max_tasks: int) -> Optional[List[Task]]:
+        """Blocks until a task is queued, then marks up to `max_tasks` running; None once the pool
+        stopped. For the process pool's dispatcher, which reports starts with `started`."""
+        with self._lock:
+            while not self._stopped and not self._queue:
+                self._task_ready.wait()
+            if self._stopped:
+                return None
+            queue, held = self._queue, self._held
+            tasks = []
+            for _ in range(min(max_tasks, len(queue))):
+                h = held[queue.popleft()]
+                h.running = True
+                tasks.append(h.task)
+            return tasks
+
+    def started(self, task_id: int, at: float) -> None:
+        """A running task's handler started at `at`: its deadline runs from then."""
+        with self._lock:
+            h = self._held.get(task_id)
+            if h is not None and h.running and h.deadline is None and h.task[4] > 0:
+                h.deadline = at + h.task[4] / 1000.0
+
+    def finish(self, results: Sequence[Result], busy: Optional[float]) -> None:
+        """Running tasks' handlers returned, taking `busy` seconds together (None: they never
+        ran): their results wait for the master's acknowledgement, unless their tasks were
+        revoked or fenced meanwhile."""
+        if not results:
+            return
+        with self._lock:
+            if busy is not None:
+                per_task = busy / len(results)
+                weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(results)
+                self._task_time_ewma = (per_task if self._task_time_ewma <= 0 else
+                                        (1 - weight) * self._task_time_ewma + weight * per_task)
+            held, unacked, to_send = self._held, self._unacked, self._to_send
+            for r in results:
+                h = held.pop(r[0], None)
+                if h is None:
+                    continue
+                if h.discard:
+                    self._discarded -= 0 if h.stuck else 1
+                    self._stuck -= 1 if h.stuck else 0
+                    continue
+                unacked[r[0]] = r
+                to_send.append(r[0])
+            self._top_up_credits_locked()
+            self._send_ready.notify()
+            self._changed.notify_all()
+
+    def report_progress(self, task_id: int, done: int, total: int, message: str) -> None:
+        """A running task's handler says how far it has come: the latest is kept and sent with
+        the next message at most every progress interval."""
+        with self._lock:
+            h = self._held.get(task_id)
+            if h is None or not h.running or h.discard:
+                return
+            h.progress = (done, total, message)
+            if not self._progress_pending:
+                self._progress_pending = True
+                self._send_ready.notify()
+
+    def set_threads(self, threads: int) -> None:
+        """The pool now runs `threads` tasks at once (a pool process died)."""
+        with self._lock:
+            self._threads = threads
+
+    def stuck(self) -> int:
+        """Handlers running past their deadline, their tasks reported timed out."""
+        with self._lock:
+            return self._stuck
+
+    # ---- The session ----
+
+    def begin_session(self, session: int) -> Optional[HelloState]:
+        """A new stream, numbered `session` (non-zero, increasing): what its hello says; None
+        when the worker is leaving."""
+        with self._lock:
+            if self._leaving:
+                return None
+            self._live_session = session
+            self._cut = False
+            self._welcomed = False
+            self._session_started = self._now()
+            held = [(tid, h.task[1]) for tid, h in self._held.items() if not h.discard]
+            held += [(tid, r[1]) for tid, r in self._unacked.items() if tid not in self._held]
+            return HelloState(held, self._epoch, self._secret, self._lease)
+
+    def welcomed(self, welcome: Welcome) -> Optional[str]:
+        """The master's welcome opens the session. Returns what to tell the operator when the
+        master lost its state (and with it this worker's tasks and results)."""
+        with self._lock:
+            lost_state = None
+            if self._epoch and self._epoch != welcome.master_epoch:
+                lost_state = (f"the master lost its state (epoch {self._epoch} -> "
+                              f"{welcome.master_epoch}): dropping {len(self._held)} held tasks "
+                              f"and {len(self._unacked)} unacknowledged results")
+                for tid in list(self._held):
+                    self._revoke_locked(tid)
+                self._unacked.clear()
+                self._refusals.clear()
+            for tid, _ in welcome.revoked:
+                if tid in self._held:
+                    self._revoke_locked(tid)
+                self._unacked.pop(tid, None)
+            self._prune_queue_locked()
+            self._epoch = welcome.master_epoch
+            self._heartbeat = max(_MIN_HEARTBEAT, welcome.heartbeat_interval_ms / 1000.0)
+            self._lease = max(0.0, welcome.lease_timeout_ms / 1000.0)
+            self._echoes = welcome.echoes_heartbeats
+            self._secret = welcome.worker_secret
+            now = self._now()
+            self._heard_at = now
+            self._welcomed = True
+            # Attaching extended every lease this worker kept: from when the hello left at the
+            # latest.
+            self._leases_held_since_locked(self._session_started)
+            self._to_send = deque(self._unacked)
+            self._unacked_before = []
+            self._resend_at = now + _RESEND_AFTER
+            self._heartbeat_due = now  # at once: its echo tells how long the leases hold
+            self._credits_to_send = 0
+            self._outstanding_credit = 0
+            self._drain_sent = False
+            self._session_open = True
+            self._top_up_credits_locked()
+            self._send_ready.notify()
+            return lost_state
+
+    def received(self, tasks: Iterable[Task], cancels: Iterable[int], acked: Iterable[TaskRef],
+                 heartbeat_echo_ms: int) -> None:
+        """A message from the master: tasks, cancels, acknowledgements, a heartbeat's echo."""
+        with self._lock:
+            self._heard_at = self._now()
+            if heartbeat_echo_ms > 0:
+                self._leases_held_since_locked(heartbeat_echo_ms / 1000.0)
+            held, queue = self._held, self._queue
+            arrived = 0
+            for t in tasks:
+                arrived += 1
+                tid = t[0]
+                if tid in held:
+                    continue  # delivered twice
+                if tid in self._recent_cancels:
+                    self._recent_cancels.discard(tid)
+                    self._add_result_locked(tid, t[1], CANCELLED, "cancelled")
+                elif self._draining:
+                    self._add_result_locked(tid, t[1], RETURNED)
+                else:
+                    held[tid] = _Held(t)
+                    queue.append(tid)
+            self._outstanding_credit = max(0, self._outstanding_credit - arrived)
+            dequeued = False
+            for tid in cancels:
+                h = held.get(tid)
+                if h is None:
+                    self._remember_cancel_locked(tid)
+                elif h.running:
+                    self._stop_locked(tid, h)
+                else:
+                    self._add_result_locked(tid, h.task[1], CANCELLED, "cancelled")
+                    del held[tid]
+                    dequeued = True
+            if dequeued:
+                self._prune_queue_locked()
+                queue = self._queue
+            unacked = self._unacked
+            for tid, attempt in acked:
+                r = unacked.get(tid)
+                if r is not None and r[1] == attempt:
+                    del unacked[tid]
+                    if self._refusals:
+                        self._refusals.pop(tid, None)
+            self._top_up_credits_locked()
+            if queue:
+                self._task_ready.notify(len(queue))
+            self._send_ready.notify()
+            self._changed.notify_all()
+
+    def _remember_cancel_locked(self, tid: int) -> None:
+        if len(self._recent_cancels_order) >= _RECENT_CANCELS:
+            self._recent_cancels.discard(self._recent_cancels_order.popleft())
+        self._recent_cancels.add(tid)
+        self._recent_cancels_order.append(tid)
+
+    def _send_wanted_locked(self, now: float) -> bool:
+        return (not self._session_open or bool(self._to_send) or self._credits_to_send > 0
+                or (self._draining and not self._drain_sent) or self._leaving
+                or (self._progress_pending and now >= self._progress_due)
+                or now >= self._heartbeat_due)
+
+    def next_to_send(self) -> Optional[ToMaster]:
+        """Blocks until there is something to write or a heartbeat is due; None once the
+        session closed."""
+        with self._lock:
+            now = self._now()
+            while not self._send_wanted_locked(now):
+                due = self._heartbeat_due
+                if self._progress_pending:
+                    due = min(due, self._progress_due)
+                self._send_ready.wait(max(0.0, due - now))
+                now = self._now()
+            if not self._session_open:
+                return None
+            if now >= self._resend_at:
+                # Still unacknowledged a whole period later: the master could not store them
+                # (its disk was full, say). Send them again; it records each result once.
+                self._to_send.extend(t for t in self._unacked_before if t in self._unacked)
+                self._unacked_before = list(self._unacked)
+                self._resend_at = now + _RESEND_AFTER
+            out = ToMaster()
+            size = 0
+            to_send, unacked, sent = self._to_send, self._unacked, self._sent_in_session
+            while to_send and len(out.results) < _MAX_RESULTS_PER_MESSAGE and size < _BATCH_BYTES:
+                tid = to_send.popleft()
+                r = unacked.get(tid)
+                if r is None:
+                    continue
+                size += len(r[3])
+                out.results.append(r[3])
+                sent.add(tid)
+            if self._credits_to_send > 0 and not self._draining:
+                out.credits = self._credits_to_send
+            self._credits_to_send = 0
+            if self._draining and not self._drain_sent:
+                out.draining = True
+                self._drain_sent = True
+            out.bye = self._leaving and not to_send
+            if self._progress_pending and now >= self._progress_due:
+                for tid, h in self._held.items():
+                    if h.progress is not None:
+                        out.progress.append((tid, h.task[1]) + h.progress)
+                        h.progress = None
+                self._progress_pending = False
+                self._progress_due = now + self._options.progress_interval
+            if now >= self._heartbeat_due:
+                out.heartbeat_at_ms = int(now * 1000)
+                out.stuck = self._stuck
+                self._heartbeat_due = now + self._heartbeat
+            return out
+
+    def close_session(self) -> None:
+        """The stream stopped reading: the sender stops too."""
+        with self._lock:
+            self._session_open = False
+            self._send_ready.notify_all()
+            self._changed.notify_all()
+
+    def session_ended(self, master_stopping: bool, error: str) -> List[str]:
+        """The stream ended, with the master's `error` message. Returns what to log of the
+        results given up on: those on this stream when the master ended it once too often."""
+        with self._lock:
+            given_up = []
+            if not self._cut and not self._leaving and not master_stopping:
+                given_up = self._count_refusals_locked(error)
+            self._sent_in_session.clear()
+            self._live_session = 0
+            self._changed.notify_all()
+            return given_up
+
+    def _count_refusals_locked(self, error: str) -> List[str]:
+        # Results the master keeps refusing (it ends the stream each time one arrives) would be
+        # resent forever and keep this worker from doing anything else.
+        given_up = []
+        for tid in self._sent_in_session:
+            r = self._unacked.get(tid)
+            if r is None:
+                continue
+            self._refusals[tid] = self._refusals.get(tid, 0) + 1
+            if self._refusals[tid] < _MAX_REFUSALS:
+                continue
+            given_up.append(
+                f"giving up on the result of task {tid} attempt {r[1]} ({OUTCOME_NAMES[r[2]]}, "
+                f"{len(r[3])} bytes): the master ended the stream each of the last "
+                f"{_MAX_REFUSALS} times it was sent ({error!r}); the task runs again once its "
+                "lease lapses")
+            del self._unacked[tid]
+            del self._refusals[tid]
+        return given_up
+
+    def reconnect_delay(self, wait: float) -> float:
+        """How long to wait before the next connection, given the backoff's `wait`."""
+        with self._lock:
+            # Holding tasks, the worker must be back before their leases lapse, and a restarted
+            # master waits for it before it hands anything out: retry at least every second.
+            if self._held or self._unacked:
+                return min(wait, self._heartbeat, _HURRIED)
+            return wait
+
+    def leaving(self) -> bool:
+        with self._lock:
+            return self._leaving
+
+    def await_leaving(self, wait: float) -> bool:
+        """Waits up to `wait` seconds for the worker to leave; returns whether it does."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._leaving, wait)
+
+    def watch(self) -> Optional[WatchReport]:
+        """The watchdog's pass: a session to cut, tasks to stop before their leases lapse on the
+        master, handlers past their deadline; None once the pool stopped."""
+        with self._lock:
+            if self._stopped:
+                return None
+            report = WatchReport(lease=self._lease)
+            now = self._now()
+            silence = _SILENT_HEARTBEATS * self._heartbeat
+            if self._live_session and not self._cut:
+                # A master that accepted the connection but says nothing (paused, or its answer
+                # lost in a partition): try again, though not so soon that a busy master never
+                # makes it.
+                if (not self._welcomed
+                        and now - self._session_started > max(silence, self._lease / 2, _HURRIED)):
+                    report.why = "no welcome"
+                elif self._session_open and self._echoes and now - self._heard_at > silence:
+                    report.why = f"no word for {int((now - self._heard_at) * 1000)} ms"
+                if report.why:
+                    report.cut_session = self._live_session
+                    self._cut = True
+            if self._echoes and self._lease > 0 and now > self._fence_at:
+                self._fence_locked(report)
+            self._report_stuck_locked(report, now)
+            if report.stuck or report.stopped or report.dropped:
+                self._send_ready.notify()
+                self._changed.notify_all()
+            return report
+
+    def _report_stuck_locked(self, report: WatchReport, now: float) -> None:
+        # A handler that ignores its deadline must not hold its result back forever: past the
+        # deadline and a grace the task is reported timed out, and whatever the handler returns
+        # later is dropped. Its thread stays busy meanwhile, and counts so.
+        for tid, h in self._held.items():
+            if (not h.running or h.discard or h.deadline is None
+                    or now - h.deadline < STUCK_GRACE):
+                continue
+            self._stop_locked(tid, h)
+            h.discard = True
+            h.stuck = True
+            self._stuck += 1
+            report.stuck.append((tid, h.task[1]))
+            self._add_result_locked(
+                tid, h.task[1], FAILED,
+                f"timed out after {h.task[4]} ms; the handler did not stop, and its slot on the "
+                "worker stays busy until it does")
+
+    def _fence_locked(self, report: WatchReport) -> None:
+        # Stops every task whose lease may lapse on the master: results not yet acknowledged
+        # are kept.
+        report.dropped = len(self._queue)
+        for tid in self._queue:
+            del self._held[tid]
+        self._queue.clear()
+        for tid, h in self._held.items():
+            if not h.discard:
+                h.discard = True
+                self._stop_locked(tid, h)
+                self._discarded += 1
+                report.stopped += 1
+
+    def _leases_held_since_locked(self, since: float) -> None:
+        # The master extended this worker's leases at `since` at the latest: they hold for a
+        # lease period from then. Stop a little earlier than the master would expire them.
+        margin = max(self._lease / 10, 2 * WATCHDOG_PERIOD)
+        self._fence_at = max(self._fence_at, since + self._lease - margin)
+
+    def _prefetch_locked(self) -> int:
+        # Adaptive: enough to keep the pool busy for the prefetch window while the next tasks
+        # travel, judged from how long tasks take; so short tasks stream without a round trip
+        # between them, and long ones never queue behind each other.
+        o = self._options
+        if o.prefetch is not None:
+            return o.prefetch
+        if self._task_time_ewma <= 0:
+            return self._threads
+        want = self._threads * o.prefetch_window / self._task_time_ewma
+        return int(min(max(want, 0), o.prefetch_max))
+
+    def _top_up_credits_locked(self) -> None:
+        # Grants the master what the pool can take now: its slots plus prefetch, less what it
+        # holds and what it granted already.
+        if self._draining or not self._session_open:
+            return
+        held = len(self._held) - self._discarded
+        want = self._threads + self._prefetch_locked() - held - self._outstanding_credit
+        if want > 0:
+            self._credits_to_send += want
+            self._outstanding_credit += want
+
+    def _stop_locked(self, tid: int, h: _Held) -> None:
+        if h.event is not None:
+            h.event.set()
+        if self._options.stop_hook is not None:
+            self._options.stop_hook(tid)
+
+    def _revoke_locked(self, tid: int) -> None:
+        # Drops a held task: a queued one now (the caller prunes the queue), a running one when
+        # its handler returns.
+        h = self._held[tid]
+        if h.running:
+            if not h.discard:
+                self._discarded += 1
+                h.discard = True
+            self._stop_locked(tid, h)
+        else:
+            del self._held[tid]
+
+    def _prune_queue_locked(self) -> None:
+        # One pass for any number of queued tasks dropped from _held.
+        if len(self._queue) > 0:
+            self._queue = deque(tid for tid in self._queue if tid in self._held)
+
+    def _add_result_locked(self, tid: int, attempt: int, outcome: int, error: str = "") -> None:
+        self._unacked[tid] = (tid, attempt, outcome, encode_result(tid, attempt, outcome,
+                                                                   error=error))
+        self._to_send.append(tid)
+
+    # ---- The worker's life ----
+
+    def start_drain(self) -> Optional[Tuple[int, int]]:
+        """Stops taking tasks and gives back the queued ones; returns (given back, running), or
+        None when draining or stopped already."""
+        with self._lock:
+            if self._stopped or self._draining:
+                return None
+            self._draining = True
+            self._credits_to_send = 0
+            returned = len(self._queue)
+            # The master requeues what never started without using an attempt.
+            for tid in self._queue:
+                self._add_result_locked(tid, self._held.pop(tid).task[1], RETURNED)
+            self._queue.clear()
+            self._send_ready.notify()
+            return returned, len(self._held)
+
+    def finish_drain(self, deadline: float) -> Tuple[int, int]:
+        """Waits for the running tasks until `deadline` (monotonic), for their acknowledgements
+        a little longer, then leaves: the sender says bye. Returns (tasks unfinished at the
+        deadline, results unacknowledged) once the session closed, or a little later."""
+        with self._lock:
+            self._changed.wait_for(lambda: self._stopped or not self._held,
+                                   max(0.0, deadline - self._now()))
+            unfinished = len(self._held)
+            self._changed.wait_for(lambda: self._stopped or not self._unacked,
+                                   max(0.0, deadline + _ACK_GRACE - self._now()))
+            unacked = len(self._unacked)
+            self._leaving = True
+            self._send_ready.notify()
+            self._changed.notify_all()
+            # The sender says bye and the stream ends; wait a little for that before cutting it.
+            self._changed.wait_for(lambda: not self._session_open, _BYE_GRACE)
+            return unfinished, unacked
+
+    def stop(self) -> bool:
+        """Stops: pool threads exit, running handlers are told to stop, no more sessions.
+        Returns False when stopped already."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._stopped = True
+            self._leaving = True
+            for tid, h in self._held.items():
+                if h.running:
+                    self._stop_locked(tid, h)
+            self._queue.clear()
+            self._task_ready.notify_all()
+            self._send_ready.notify_all()
+            self._changed.notify_all()
+            return True
+
+    def stopped(self) -> bool:
+        with self._lock:
+            return self._stopped

@@ -1,0 +1,236 @@
+"""The Python worker (taskmaster.worker) against a real master: the seed's scenario, many tasks
+over two worker processes, a killed worker, drain, cancel, process pools, failures, progress,
+refused tokens, argument checks.
+
+Workers that fork a process pool, or that a test signals or kills, run in processes of their own
+(conftest.WORKER_PROGRAM); the others run in a thread of the test process, where handlers can
+tell the test what they saw.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable, Iterator, List, Optional
+
+import pytest
+
+from conftest import TIMEOUT, Master, wait_for
+from taskmaster.errors import PermissionDenied, Unauthenticated
+from taskmaster.v1 import taskmaster_pb2 as pb
+from taskmaster.worker import PermanentError, TaskContext, Worker
+
+
+def squared(n: int) -> str:
+    return "%d*%d=%d" % (n, n, n * n)
+
+
+class RunningWorker:
+    """A Worker whose run() runs in a thread of the test process; `error` is what it raised."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:  # noqa: B902 - the test looks at whatever it was
+            self.error = e
+
+
+@pytest.fixture
+def run_in_thread(master: Master) -> Iterator[Callable[[Worker], RunningWorker]]:
+    """Runs workers in threads, and waits until the master lists them; stops them at
+    teardown."""
+    running: List[RunningWorker] = []
+
+    def run(worker: Worker, wait_connected: bool = True) -> RunningWorker:
+        r = RunningWorker(worker)
+        running.append(r)
+        if wait_connected:
+            wait_for(lambda: worker.name in master.connected_workers(),
+                     f"worker {worker.name} to connect")
+        return r
+
+    yield run
+    for r in running:
+        r.worker.stop()
+    for r in running:
+        r.thread.join(TIMEOUT)
+        assert not r.thread.is_alive(), f"worker {r.worker.name} did not stop"
+
+
+def thread_worker(master: Master, name: str, **options) -> Worker:
+    return Worker(master.address, token_file=str(master.work_token_file), name=name,
+                  reconnect_max=0.5, **options)
+
+
+@pytest.mark.parametrize("mp_context", ["fork", "spawn"])
+def test_seed_scenario_ten_numbers_squared(master, start_worker, mp_context):
+    start_worker("seed", pool="process", processes=2, mp_context=mp_context)
+    out = master.taskctl("submit", "--kind", "square", "--wait", *map(str, range(1, 11)))
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()[1:]) == sorted(squared(n) for n in range(1, 11))
+
+
+def test_2000_tasks_over_two_worker_processes_one_result_each(master, start_worker):
+    start_worker("pair-a", pool="process", processes=1)
+    start_worker("pair-b", pool="process", processes=1)
+    job, ids = master.submit("square", [b"%d" % n for n in range(2000)])
+    results = master.watch(job)
+    assert sorted(r.id for r in results) == sorted(ids)
+    number = {task_id: n for n, task_id in enumerate(ids)}
+    for r in results:
+        assert (r.state, r.output) == (pb.SUCCEEDED, squared(number[r.id]).encode())
+    assert {r.worker for r in results} == {"pair-a", "pair-b"}
+    assert master.stats().duplicate_results == 0
+
+
+def test_killed_worker_task_finished_by_another(master, start_worker):
+    doomed = start_worker("doomed")
+    _, [task_id] = master.submit("first_attempt_hangs", [b""])
+    wait_for(lambda: master.task(task_id).progress.message == "hanging", "the handler to start")
+    doomed.proc.kill()
+    doomed.proc.wait(TIMEOUT)
+    start_worker("rescuer")
+    task = master.wait_state(task_id, pb.SUCCEEDED)
+    assert (task.output, task.worker, task.attempts) == (b"attempt 2", "rescuer", 2)
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_sigterm_drains_running_task_and_exits_0(master, start_worker, pool):
+    w = start_worker(f"drained-{pool}", pool=pool, processes=1)
+    _, [task_id] = master.submit("sleep", [b"1000"])
+    wait_for(lambda: master.task(task_id).progress.message == "sleeping", "the handler to start")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(TIMEOUT) == 0, w.log()
+    task = master.task(task_id)
+    assert (task.state, task.output) == (pb.SUCCEEDED, b"slept 1000 ms"), w.log()
+    assert "draining" in w.log()
+    assert f"drained-{pool}" not in master.connected_workers()
+
+
+def test_cancel_reaches_running_thread_handler(master, run_in_thread):
+    worker = thread_worker(master, "canceller")
+    started = threading.Event()
+    seen: List[bool] = []
+
+    @worker.handler("wait")
+    def wait(payload: bytes, ctx: TaskContext) -> str:
+        started.set()
+        ctx.cancel_event.wait(TIMEOUT)
+        seen.append(ctx.cancelled)
+        return "never recorded"
+
+    previous = signal.getsignal(signal.SIGTERM)
+    run_in_thread(worker)
+    assert signal.getsignal(signal.SIGTERM) is previous  # not the main thread: no handlers
+    _, [task_id] = master.submit("wait", [b""])
+    wait_for(started.is_set, "the handler to start")
+    assert master.cancel(task_id) == 1
+    wait_for(lambda: seen, "the handler to return")
+    assert seen == [True]
+    assert master.wait_state(task_id, pb.CANCELLED).output == b""
+
+
+def test_process_pool_handler(master, start_worker):
+    # One process: a task after the cancelled one runs only once its handler saw the cancel.
+    w = start_worker("processes", pool="process", processes=1)
+    _, [pid_task] = master.submit("pid", [b""])
+    pool_pid = int(master.wait_state(pid_task, pb.SUCCEEDED).output)
+    assert pool_pid != w.proc.pid
+    _, [task_id] = master.submit("until_cancelled", [b""])
+    wait_for(lambda: master.task(task_id).progress.message == "waiting for a cancel",
+             "progress from the pool process")
+    assert master.cancel(task_id) == 1
+    master.wait_state(task_id, pb.CANCELLED)
+    _, [after] = master.submit("pid", [b""])
+    assert int(master.wait_state(after, pb.SUCCEEDED, timeout=10).output) == pool_pid
+
+
+def test_handler_failures(master, run_in_thread):
+    worker = thread_worker(master, "failing")
+
+    @worker.handler("boom")
+    def boom(payload: bytes) -> bytes:
+        raise ValueError(f"bad payload {payload.decode()}")
+
+    @worker.handler("malformed")
+    def malformed(payload: bytes) -> bytes:
+        raise PermanentError("cannot parse this")
+
+    run_in_thread(worker)
+    _, [retried] = master.submit("boom", [b"x"], max_attempts=2)
+    _, [permanent] = master.submit("malformed", [b""], max_attempts=3)
+    task = master.wait_state(retried, pb.DEAD)
+    assert task.attempts == 2 and "ValueError: bad payload x" in task.error
+    task = master.wait_state(permanent, pb.DEAD)
+    assert (task.attempts, task.error) == (1, "cannot parse this")
+
+
+def test_progress_visible_while_running(master, run_in_thread):
+    worker = thread_worker(master, "reporter")
+    release = threading.Event()
+
+    @worker.handler("report")
+    def report(payload: bytes, ctx: TaskContext) -> bytes:
+        ctx.progress(3, 10, "three of ten")
+        release.wait(TIMEOUT)
+        return b"done"
+
+    run_in_thread(worker)
+    _, [task_id] = master.submit("report", [b""])
+    task = wait_for(lambda: (lambda t: t if t.progress.done == 3 else None)(master.task(task_id)),
+                    "the progress to reach the master")
+    assert (task.state, task.progress.total, task.progress.message) == \
+        (pb.LEASED, 10, "three of ten")
+    release.set()
+    assert master.wait_state(task_id, pb.SUCCEEDED).output == b"done"
+
+
+@pytest.mark.parametrize("token,error", [("not-a-token-0123456789", Unauthenticated),
+                                         ("submit-token-for-tests-0123456789", PermissionDenied)])
+def test_refused_token_raises_from_run(master, run_in_thread, token, error):
+    worker = Worker(master.address, token=token, name="intruder")
+    worker.handler("square")(lambda payload: payload)
+    r = run_in_thread(worker, wait_connected=False)
+    r.thread.join(TIMEOUT)
+    assert isinstance(r.error, error), r.error
+
+
+def test_stop_without_a_master():
+    worker = Worker("127.0.0.1:1", token="t", name="alone")
+    worker.handler("square")(lambda payload: payload)
+    r = RunningWorker(worker)
+    worker.stop()
+    r.thread.join(TIMEOUT)
+    assert not r.thread.is_alive() and r.error is None
+
+
+def test_arguments_checked(monkeypatch):
+    monkeypatch.delenv("TASKMASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="no master address"):
+        Worker(token="t")
+    for bad, exc in [(dict(threads=0), ValueError), (dict(threads="4"), TypeError),
+                     (dict(processes=True), TypeError), (dict(prefetch=-1), ValueError),
+                     (dict(queues="default"), TypeError), (dict(queues=["no spaces"]), ValueError),
+                     (dict(labels={"k": 1}), TypeError), (dict(mp_context="threads"), ValueError),
+                     (dict(drain_timeout=-1), ValueError), (dict(name=""), ValueError)]:
+        with pytest.raises(exc):
+            Worker("127.0.0.1:1", token="t", **bad)
+    worker = Worker("127.0.0.1:1", token="t")
+    with pytest.raises(ValueError, match="no handler"):
+        worker.run()
+    with pytest.raises(ValueError, match="kind"):
+        worker.handler("has space")
+    with pytest.raises(ValueError, match="pool"):
+        worker.handler("square", pool="fiber")
+    with pytest.raises(TypeError, match="payload"):
+        worker.handler("three")(lambda a, b, c: None)
+    worker.handler("square")(lambda payload: payload)
+    with pytest.raises(ValueError, match="twice"):
+        worker.handler("square")(lambda payload: payload)
+    assert worker.kinds == ["square"]
