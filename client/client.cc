@@ -155,7 +155,8 @@ absl::StatusOr<std::string> Client::SubmitAndWatch(
     job_id = event.progress().job_id();
     seen += event.results_size();
     on_event(event);
-    if (JobFullyRead(event.progress().done(), event.progress().total(), seen)) {
+    if (JobFullyRead(event.progress().done(), event.progress().total(), event.progress().open(),
+                     seen)) {
       reader->Finish().IgnoreError();
       return job_id;
     }
@@ -194,7 +195,8 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
       backoff.Reset();
       seen += event.results_size();
       on_event(event);
-      complete = JobFullyRead(event.progress().done(), event.progress().total(), seen);
+      complete = JobFullyRead(event.progress().done(), event.progress().total(),
+                              event.progress().open(), seen);
     }
     const grpc::Status status = reader->Finish();
     if (complete) return absl::OkStatus();

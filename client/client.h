@@ -23,6 +23,7 @@ struct ClientOptions {
 class Client {
  public:
   static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientOptions options);
+  const ClientOptions& options() const { return options_; }
 
   absl::StatusOr<v1::SubmitResponse> Submit(const v1::SubmitRequest& request) const;
   absl::StatusOr<v1::TaskInfo> GetTask(uint64_t id) const;

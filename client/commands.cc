@@ -79,7 +79,7 @@ json JobJson(const v1::JobInfo& j) {
   for (const v1::TaskProgress& p : j.running()) running.push_back(ProgressJson(p));
   return {{"job_id", j.job_id()},         {"total", j.total()}, {"done", j.done()},
           {"succeeded", j.succeeded()},   {"dead", j.dead()},   {"cancelled", j.cancelled()},
-          {"created_ms", j.created_ms()}, {"running", running}};
+          {"created_ms", j.created_ms()}, {"open", j.open()},   {"running", running}};
 }
 
 json WorkerJson(const v1::WorkerInfo& w) {
@@ -162,44 +162,137 @@ absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
   return static_cast<int64_t>(std::llround(ms));
 }
 
-int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console) {
-  if (args.payloads.empty())
-    return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
-  absl::StatusOr<std::map<std::string, std::string>> labels = ParseLabels(args.labels);
-  if (!labels.ok()) return Fail(console, labels.status());
-  v1::SubmitRequest request;
-  request.mutable_tasks()->Reserve(static_cast<int>(args.payloads.size()));
-  for (size_t i = 0; i < args.payloads.size(); ++i) {
-    v1::TaskSpec* t = request.add_tasks();
-    t->set_queue(args.queue);
-    t->set_kind(args.kind);
-    t->set_payload(args.payloads[i]);
-    t->set_priority(args.priority);
-    t->set_delay_ms(args.delay_ms);
-    t->set_timeout_ms(args.timeout_ms);
-    t->set_max_attempts(args.max_attempts);
-    if (!args.key.empty()) {
-      t->set_idempotency_key(args.payloads.size() == 1 ? args.key : absl::StrCat(args.key, "/", i));
+namespace {
+
+// Reads submit's input a batch at a time, each a request of its own.
+class BatchReader {
+ public:
+  BatchReader(const SubmitArgs& args, std::map<std::string, std::string> labels)
+      : args_(args), labels_(std::move(labels)) {}
+
+  // The next batch: empty once the input is exhausted.
+  v1::SubmitRequest Next() {
+    v1::SubmitRequest request;
+    size_t bytes = 0;
+    std::string payload;
+    while (static_cast<size_t>(request.tasks_size()) < args_.batch_size &&
+           bytes < args_.batch_bytes && args_.next_payload(&payload)) {
+      bytes += payload.size();
+      v1::TaskSpec* t = request.add_tasks();
+      t->set_queue(args_.queue);
+      t->set_kind(args_.kind);
+      t->set_payload(std::move(payload));
+      t->set_priority(args_.priority);
+      t->set_delay_ms(args_.delay_ms);
+      t->set_timeout_ms(args_.timeout_ms);
+      t->set_max_attempts(args_.max_attempts);
+      if (!args_.key.empty()) t->set_idempotency_key(absl::StrCat(args_.key, "/", index_));
+      t->mutable_labels()->insert(labels_.begin(), labels_.end());
+      ++index_;
     }
-    t->mutable_labels()->insert(labels->begin(), labels->end());
+    return request;
   }
-  absl::StatusOr<v1::SubmitResponse> response = client.Submit(request);
-  if (!response.ok()) return Fail(console, response.status());
-  for (const std::string& warning : response->warnings()) {
+
+ private:
+  const SubmitArgs& args_;
+  const std::map<std::string, std::string> labels_;
+  size_t index_ = 0;  // of the next payload in the whole input
+};
+
+// Adds a batch to an open job. A lost answer or a master restarting is retried with the same
+// batch number, which the master applies once; other refusals are final.
+absl::Status Append(const Client& client, const v1::SubmitRequest& request,
+                    std::chrono::milliseconds give_up_after) {
+  Backoff backoff(std::chrono::milliseconds(100), std::chrono::milliseconds(2'000));
+  const auto deadline = std::chrono::steady_clock::now() + give_up_after;
+  while (true) {
+    absl::StatusOr<v1::SubmitResponse> response = client.Submit(request);
+    if (response.ok()) return absl::OkStatus();
+    const absl::Status& s = response.status();
+    const bool transient =
+        absl::IsUnavailable(s) || absl::IsAborted(s) || absl::IsDeadlineExceeded(s);
+    if (!transient || std::chrono::steady_clock::now() >= deadline) return s;
+    std::this_thread::sleep_for(backoff.Next());
+  }
+}
+
+void PrintWarnings(const v1::SubmitResponse& response, const Console& console) {
+  for (const std::string& warning : response.warnings()) {
     console.err << "taskctl: warning: " << warning << "\n";
   }
+}
+
+}  // namespace
+
+int RunSubmit(const Client& client, const SubmitArgs& args, const Console& console) {
+  absl::StatusOr<std::map<std::string, std::string>> labels = ParseLabels(args.labels);
+  if (!labels.ok()) return Fail(console, labels.status());
+  BatchReader reader(args, std::move(*labels));
+  v1::SubmitRequest batch = reader.Next();
+  if (batch.tasks_size() == 0) {
+    return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
+  }
+  // One batch ahead: a call says whether more follow.
+  v1::SubmitRequest next = reader.Next();
+  const bool several = next.tasks_size() > 0;
+  // A lone task takes the key as it is; several take key/0, key/1 ...
+  if (!several && batch.tasks_size() == 1 && !args.key.empty()) {
+    batch.mutable_tasks(0)->set_idempotency_key(args.key);
+  }
+  batch.set_keep_open(several);
+  absl::StatusOr<v1::SubmitResponse> response = client.Submit(batch);
+  if (!response.ok()) return Fail(console, response.status());
+  PrintWarnings(*response, console);
+  const std::string job_id = response->job_id();
   if (console.format == OutputFormat::kJson) {
-    console.out << Dump({{"job_id", response->job_id()},
-                         {"task_ids", std::vector<uint64_t>(response->task_ids().begin(),
-                                                            response->task_ids().end())},
-                         {"warnings", std::vector<std::string>(response->warnings().begin(),
-                                                               response->warnings().end())}})
-                << "\n";
+    nlohmann::json out = {{"job_id", job_id},
+                          {"warnings", std::vector<std::string>(response->warnings().begin(),
+                                                                response->warnings().end())}};
+    // The ids of a job of one call; a job of several has as many as its input, maybe millions.
+    if (!several) {
+      out["task_ids"] =
+          std::vector<uint64_t>(response->task_ids().begin(), response->task_ids().end());
+    }
+    console.out << Dump(out) << "\n";
   } else {
-    console.out << response->job_id() << "\n";
+    console.out << job_id << "\n";
   }
   console.out.flush();
-  return args.wait ? RunWait(client, response->job_id(), console) : kExitOk;
+  // Results are followed while the rest of the input goes in.
+  int waited = kExitOk;
+  std::thread follower;
+  if (args.wait) follower = std::thread([&] { waited = RunWait(client, job_id, console); });
+  absl::Status appended;
+  int64_t number = 0;
+  int64_t submitted = batch.tasks_size();
+  while (several && appended.ok()) {
+    batch = std::move(next);
+    next = reader.Next();
+    batch.set_job_id(job_id);
+    batch.set_batch(++number);
+    batch.set_keep_open(next.tasks_size() > 0);
+    const int size = batch.tasks_size();
+    appended = Append(client, batch, client.options().reconnect_timeout);
+    if (appended.ok()) submitted += size;
+    if (!batch.keep_open()) break;
+  }
+  if (!appended.ok()) {
+    // Closed as it is, so that it completes and its followers end (the master closes it after
+    // its open-job timeout otherwise).
+    v1::SubmitRequest close;
+    close.set_job_id(job_id);
+    close.set_batch(number);
+    Append(client, close, client.options().reconnect_timeout).IgnoreError();
+  }
+  if (follower.joinable()) follower.join();
+  if (!appended.ok()) {
+    return Fail(console, absl::Status(appended.code(),
+                                      absl::StrCat("job ", job_id, " holds the first ", submitted,
+                                                   " tasks of the input; the rest were not "
+                                                   "submitted: ",
+                                                   appended.message())));
+  }
+  return waited;
 }
 
 int RunWait(const Client& client, const std::string& job_id, const Console& console) {
@@ -253,7 +346,7 @@ int RunStatus(const Client& client, const std::string& id, const Console& consol
     if (console.format == OutputFormat::kJson) {
       console.out << Dump(JobJson(*job)) << "\n";
     } else {
-      console.out << "job:       " << job->job_id() << "\n"
+      console.out << "job:       " << job->job_id() << (job->open() ? " (open)" : "") << "\n"
                   << "total:     " << job->total() << "\n"
                   << "done:      " << job->done() << "\n"
                   << "succeeded: " << job->succeeded() << "\n"

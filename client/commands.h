@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <string>
 #include <vector>
@@ -26,7 +27,12 @@ struct Console {
 
 struct SubmitArgs {
   std::string kind;
-  std::vector<std::string> payloads;
+  // Gives the next payload, false once there are no more: input of any size streams through.
+  std::function<bool(std::string*)> next_payload;
+  // Payloads per submit call (and at most batch_bytes of them): more make one job of several
+  // calls, followed as it grows with --wait.
+  size_t batch_size = 10'000;
+  size_t batch_bytes = 8 << 20;
   std::string queue;
   int32_t priority = 0;
   int64_t delay_ms = 0;

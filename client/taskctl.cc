@@ -11,14 +11,15 @@
 
 namespace {
 
-// One payload per line of `in`; blank lines are skipped.
-std::vector<std::string> ReadLines(std::istream& in) {
-  std::vector<std::string> lines;
+// The next payload of `in`, one per line; blank lines are skipped.
+bool NextLine(std::istream& in, std::string* payload) {
   for (std::string line; std::getline(in, line);) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (!line.empty()) lines.push_back(std::move(line));
+    if (line.empty()) continue;
+    *payload = std::move(line);
+    return true;
   }
-  return lines;
+  return false;
 }
 
 }  // namespace
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   taskmaster::ClientOptions options;
   std::string token_file, format = "text", file, delay = "0", timeout = "0";
   taskmaster::SubmitArgs submit;
+  std::vector<std::string> payloads;
   std::string id;
 
   CLI::App app{"taskctl: submit tasks to a taskmaster master and follow them"};
@@ -46,7 +48,7 @@ int main(int argc, char** argv) {
 
   CLI::App* sub = app.add_subcommand("submit", "submit tasks; prints the job id first");
   sub->add_option("--kind", submit.kind, "handler name, e.g. square")->required();
-  sub->add_option("payloads", submit.payloads, "payloads (default: one per line of --file/stdin)");
+  sub->add_option("payloads", payloads, "payloads (default: one per line of --file/stdin)");
   sub->add_option("--file", file, "read payloads one per line from this file ('-': stdin)");
   sub->add_option("--queue", submit.queue, "queue name (default: default)");
   sub->add_option("--priority", submit.priority, "higher runs first");
@@ -57,6 +59,10 @@ int main(int argc, char** argv) {
   sub->add_option("--key", submit.key, "idempotency key: resubmitting it returns the first task");
   sub->add_option("--label", submit.labels, "required worker labels: k=v,k2=v2");
   sub->add_flag("--wait", submit.wait, "follow the job and print each result");
+  sub->add_option("--batch-size", submit.batch_size,
+                  "payloads per submit call; more input makes one job of several calls")
+      ->check(CLI::Range(size_t{1}, size_t{100'000}))
+      ->capture_default_str();
 
   CLI::App* wait = app.add_subcommand("wait", "follow a job, printing each result as it completes");
   wait->add_option("job", id, "job id")->required();
@@ -95,15 +101,24 @@ int main(int argc, char** argv) {
     if (!timeout_ms.ok()) return fail(timeout_ms.status());
     submit.delay_ms = *delay_ms;
     submit.timeout_ms = *timeout_ms;
-    if (!file.empty() && !submit.payloads.empty()) {
+    if (!file.empty() && !payloads.empty()) {
       return fail(absl::InvalidArgumentError("give payloads as arguments or --file, not both"));
     }
-    if (file == "-" || (file.empty() && submit.payloads.empty())) {
-      submit.payloads = ReadLines(std::cin);
-    } else if (!file.empty()) {
-      std::ifstream in(file);
+    // Read as they are submitted: input of any size streams through in batches.
+    std::ifstream in;
+    size_t given = 0;
+    if (!payloads.empty()) {
+      submit.next_payload = [&](std::string* payload) {
+        if (given == payloads.size()) return false;
+        *payload = std::move(payloads[given++]);
+        return true;
+      };
+    } else if (file.empty() || file == "-") {
+      submit.next_payload = [](std::string* payload) { return NextLine(std::cin, payload); };
+    } else {
+      in.open(file);
       if (!in) return fail(absl::NotFoundError("cannot read " + file));
-      submit.payloads = ReadLines(in);
+      submit.next_payload = [&](std::string* payload) { return NextLine(in, payload); };
     }
     return taskmaster::RunSubmit(**client, submit, console);
   }

@@ -76,10 +76,11 @@ class Backoff {
   std::mt19937_64 rng_{std::random_device{}()};
 };
 
-// A job's stream of results is complete once every task of the job has finished and the reader
-// has every finished task's result (`seen` of them, in completion order).
-inline bool JobFullyRead(int64_t done, int64_t total, int64_t seen) {
-  return done == total && seen >= done;
+// A job's stream of results is complete once the job is closed (takes no more batches), every
+// task of it has finished, and the reader has every finished task's result (`seen` of them, in
+// completion order).
+inline bool JobFullyRead(int64_t done, int64_t total, bool open, int64_t seen) {
+  return !open && done == total && seen >= done;
 }
 
 }  // namespace taskmaster

@@ -67,7 +67,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-payload-bytes", b.max_payload_bytes, "largest task payload")
       ->capture_default_str();
-  app.add_option("--max-batch", b.max_batch, "most tasks in one submit")->capture_default_str();
+  app.add_option("--max-batch", b.max_batch,
+                 "most tasks in one submit (a job of any size takes several)")
+      ->capture_default_str();
+  app.add_option("--max-open-jobs", b.max_open_jobs,
+                 "jobs being built from several submits at once")
+      ->capture_default_str();
+  app.add_option("--open-job-timeout-ms", b.open_job_timeout_ms,
+                 "close a job being built when no batch came for this long")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--max-queue-length", b.max_queue_length, "most pending tasks in one queue")
       ->capture_default_str();
   app.add_option("--lease-timeout-ms", b.lease_timeout_ms,

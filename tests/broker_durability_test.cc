@@ -182,5 +182,58 @@ TEST(BrokerDurability, SubmitIsInvisibleUntilStoredAndLeavesNoTraceWhenRefused) 
   store.Open();
 }
 
+// A batch added to an open job is a submit of its own: unseen until stored, and gone without a
+// trace when the store refuses it, leaving the job as it was, still taking that batch.
+TEST(BrokerDurability, ABatchJoinsItsJobOnlyOnceStored) {
+  HeldStore store;
+  FakeClock clock;
+  Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
+  WorkerHello hello;
+  hello.worker_id = "w";
+  hello.kinds = {"echo"};
+  auto channel = std::make_shared<FakeChannel>();
+  auto handle = broker.Attach(hello, channel);
+  broker.AddCredits(*handle, 10);
+  absl::StatusOr<SubmitOutcome> opened = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "a")},
+                [&](absl::StatusOr<SubmitOutcome> r) { opened = r; });
+  store.Release();
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string job = opened->job_id;
+  EXPECT_EQ(channel->Take().size(), 1u);
+
+  absl::StatusOr<SubmitOutcome> refused = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{job, 1, true}, {Spec("echo", "b"), Spec("echo", "c")},
+                [&](absl::StatusOr<SubmitOutcome> r) { refused = r; });
+  EXPECT_TRUE(channel->Take().empty()) << "nothing runs before it is on disk";
+  EXPECT_EQ(broker.GetJob(kClient, job)->total, 1);
+  EXPECT_TRUE(absl::IsNotFound(broker.GetTask(kClient, 2).status()));
+  // One batch at a time: the next waits for this one to be stored.
+  absl::StatusOr<SubmitOutcome> racing = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{job, 1, true}, {Spec("echo", "b")},
+                [&](absl::StatusOr<SubmitOutcome> r) { racing = r; });
+  EXPECT_EQ(racing.status().code(), absl::StatusCode::kAborted) << racing.status();
+  store.Release(absl::ResourceExhaustedError("disk full"));
+  EXPECT_TRUE(absl::IsUnavailable(refused.status())) << refused.status();
+  EXPECT_TRUE(channel->Take().empty());
+  EXPECT_TRUE(absl::IsNotFound(broker.GetTask(kClient, 2).status()));
+  auto view = broker.GetJob(kClient, job);
+  EXPECT_EQ(view->total, 1);
+  EXPECT_TRUE(view->open);
+  for (const QueueStatsView& q : broker.QueueStats()) EXPECT_EQ(q.pending, 0) << q.queue;
+
+  absl::StatusOr<SubmitOutcome> stored = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{job, 1, false}, {Spec("echo", "b")},
+                [&](absl::StatusOr<SubmitOutcome> r) { stored = r; });
+  EXPECT_TRUE(broker.GetJob(kClient, job)->open) << "closed only once stored";
+  store.Release();
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(channel->Take().size(), 1u);
+  view = broker.GetJob(kClient, job);
+  EXPECT_EQ(view->total, 2);
+  EXPECT_FALSE(view->open);
+  store.Open();
+}
+
 }  // namespace
 }  // namespace taskmaster

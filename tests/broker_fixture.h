@@ -44,6 +44,15 @@ class BrokerTest : public ::testing::Test {
     return result;
   }
 
+  // A batch into `target`: a new job left open, or the next batch of an open one.
+  absl::StatusOr<SubmitOutcome> SubmitTo(const SubmitTarget& target, std::vector<TaskSpec> specs,
+                                         const Caller& caller = kClient) {
+    absl::StatusOr<SubmitOutcome> result = absl::UnknownError("not called");
+    broker_->Submit(caller, target, std::move(specs),
+                    [&](absl::StatusOr<SubmitOutcome> r) { result = r; });
+    return result;
+  }
+
   TaskId SubmitOne(TaskSpec spec) {
     auto out = Submit({std::move(spec)});
     EXPECT_TRUE(out.ok()) << out.status();

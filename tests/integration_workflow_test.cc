@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 #include "tests/harness.h"
@@ -104,6 +105,29 @@ TEST(Integration, PayloadsFromStdinAndFailuresSetTheExitCode) {
   EXPECT_NE(r.out.find("\"output\":\"3*3=9\""), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("\"state\":\"DEAD\""), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("must be a decimal integer"), std::string::npos) << r.out;
+}
+
+// More input than one submit may hold (--max-batch, 100,000) streams into one job of several
+// calls, followed with --wait as it grows.
+TEST(Integration, StdinOfAnySizeStreamsIntoOneJob) {
+  Cluster cluster;
+  cluster.StartMaster();
+  cluster.StartWorker("w1", {"--threads", "2"});
+  ASSERT_TRUE(cluster.WaitForWorkers(1));
+  constexpr int kTasks = 200'000;
+  std::string input;
+  for (int i = 0; i < kTasks; ++i) absl::StrAppend(&input, i, "\n");
+  CommandResult r = cluster.Taskctl({"submit", "--kind", "square", "--wait"}, input);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::vector<std::string> lines = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), kTasks + 1u) << r.err;
+  const std::string job = lines[0];
+  std::set<std::string> results(lines.begin() + 1, lines.end());
+  EXPECT_EQ(results.size(), static_cast<size_t>(kTasks)) << "each result once";
+  EXPECT_TRUE(results.contains(Square(kTasks - 1)));
+  CommandResult status = cluster.Taskctl({"--format", "json", "status", job});
+  EXPECT_NE(status.out.find("\"total\":200000"), std::string::npos) << status.out;
+  EXPECT_NE(status.out.find("\"open\":false"), std::string::npos) << status.out;
 }
 
 TEST(Integration, TwoWorkersShareTwoThousandTasksExactlyOnce) {

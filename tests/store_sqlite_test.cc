@@ -46,7 +46,7 @@ TEST(SqliteStore, CloseAnswersEveryCallbackBeforeItReturns) {
   std::atomic<int> answered{0};
   for (int i = 0; i < 50; ++i) {
     SubmitRows rows;
-    rows.job = {"job-" + std::to_string(i), 0, 0, ""};
+    rows.job.job_id = "job-" + std::to_string(i);
     (*store)->Submit(std::move(rows), [&](absl::Status s) {
       EXPECT_TRUE(s.ok()) << s;
       answered++;
@@ -135,11 +135,13 @@ TEST(SqliteStore, Version2DatabaseIsMigrated) {
     ASSERT_TRUE(submitted.ok());
     job_id = submitted->job_id;
   });
-  // Version 2 was version 3 without tenants.
+  // Version 2 was version 4 without tenants and jobs of several batches.
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(dir.File("taskmaster.db").c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db, "ALTER TABLE jobs DROP COLUMN tenant; PRAGMA user_version=2;", nullptr,
-                         nullptr, nullptr),
+  ASSERT_EQ(sqlite3_exec(db,
+                         "ALTER TABLE jobs DROP COLUMN tenant; ALTER TABLE jobs DROP COLUMN open; "
+                         "ALTER TABLE jobs DROP COLUMN batches; PRAGMA user_version=2;",
+                         nullptr, nullptr, nullptr),
             SQLITE_OK)
       << sqlite3_errmsg(db);
   sqlite3_close(db);
@@ -149,6 +151,38 @@ TEST(SqliteStore, Version2DatabaseIsMigrated) {
       EXPECT_TRUE(absl::IsNotFound(broker.GetJob(Caller{"acme"}, job_id).status()));
     });
   }
+}
+
+// An open job survives a restart with its batches: the next one is taken, a repeated one is not.
+TEST(SqliteStore, AnOpenJobIsRecoveredOpenWithItsBatches) {
+  TempDir dir;
+  std::string job_id;
+  auto submit = [](Broker& broker, const SubmitTarget& target, std::vector<TaskSpec> specs) {
+    std::promise<absl::StatusOr<SubmitOutcome>> done;
+    broker.Submit(kClient, target, std::move(specs),
+                  [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
+    return done.get_future().get();
+  };
+  WithRecoveredBroker(dir, [&](Broker& broker) {
+    auto opened = submit(broker, {"", 0, true}, {Spec("square", "1"), Spec("square", "2")});
+    ASSERT_TRUE(opened.ok()) << opened.status();
+    job_id = opened->job_id;
+    ASSERT_TRUE(submit(broker, {job_id, 1, true}, {Spec("square", "3")}).ok());
+  });
+  WithRecoveredBroker(dir, [&](Broker& broker) {
+    auto job = broker.GetJob(kClient, job_id);
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_TRUE(job->open);
+    EXPECT_EQ(job->total, 3);
+    EXPECT_TRUE(submit(broker, {job_id, 1, true}, {Spec("square", "3")})->duplicate);
+    ASSERT_TRUE(submit(broker, {job_id, 2, false}, {Spec("square", "4")}).ok());
+  });
+  WithRecoveredBroker(dir, [&](Broker& broker) {
+    auto job = broker.GetJob(kClient, job_id);
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_FALSE(job->open);
+    EXPECT_EQ(job->total, 4);
+  });
 }
 
 TEST(SqliteStore, TheDataDirectoryIsTheOwnersOnly) {

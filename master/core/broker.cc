@@ -57,7 +57,12 @@ void Broker::WhenDurable(std::function<void(absl::Status)> done) {
 
 void Broker::Submit(const Caller& caller, std::vector<TaskSpec> specs,
                     std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
-  impl_->Submit(caller, std::move(specs), std::move(done));
+  impl_->Submit(caller, SubmitTarget{}, std::move(specs), std::move(done));
+}
+
+void Broker::Submit(const Caller& caller, const SubmitTarget& target, std::vector<TaskSpec> specs,
+                    std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
+  impl_->Submit(caller, target, std::move(specs), std::move(done));
 }
 
 absl::StatusOr<TaskView> Broker::GetTask(const Caller& caller, TaskId id) const {

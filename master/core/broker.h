@@ -45,6 +45,10 @@ struct BrokerOptions {
   size_t max_queue_length = 1'000'000;  // PENDING + DELAYED per queue
   // Distinct (queue, kind, labels) combinations; each keeps a small index for good.
   size_t max_task_classes = 10'000;
+  // Jobs built from several submits (SubmitTarget) that are open at once; one that gets no
+  // batch for open_job_timeout_ms is closed by the master.
+  size_t max_open_jobs = 10'000;
+  int64_t open_job_timeout_ms = 600'000;
   // Of every tenant that no SetTenantLimits names.
   TenantLimits tenant_limits;
 };
@@ -86,6 +90,10 @@ class Broker {
   // never loses what it was given unless the process dies, and then the client was not
   // acknowledged.
   void Submit(const Caller& caller, std::vector<TaskSpec> specs,
+              std::function<void(absl::StatusOr<SubmitOutcome>)> done);
+  // The same into `target`: a new job, possibly left open, or the next batch of an open job of
+  // the caller's tenant (batches are applied in order, each once; an empty one may close it).
+  void Submit(const Caller& caller, const SubmitTarget& target, std::vector<TaskSpec> specs,
               std::function<void(absl::StatusOr<SubmitOutcome>)> done);
 
   absl::StatusOr<TaskView> GetTask(const Caller& caller, TaskId id) const;

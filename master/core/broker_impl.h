@@ -61,7 +61,7 @@ class Broker::Impl {
 
   // ---- The operations behind Broker's public calls (see broker.h) ----
   absl::Status Recover();
-  void Submit(const Caller& caller, std::vector<TaskSpec> specs,
+  void Submit(const Caller& caller, const SubmitTarget& target, std::vector<TaskSpec> specs,
               std::function<void(absl::StatusOr<SubmitOutcome>)> done);
   absl::StatusOr<TaskView> GetTask(const Caller& caller, TaskId id) const;
   absl::StatusOr<JobView> GetJob(const Caller& caller, const std::string& job_id) const;
@@ -121,11 +121,21 @@ class Broker::Impl {
   std::string WaitingFor(const Task& t) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // ---- Submit: admission, idempotency keys, tenant limits, staging ----
-  // Validates and enqueues a batch as one job. With a persistent store the job stays staged
-  // (see Job::staged) and its rows go to `rows`; Publish or Discard ends the staging.
-  absl::StatusOr<SubmitOutcome> SubmitLocked(const std::string& tenant,
+  // Validates and enqueues a batch as a new job or into an open one (`target`). With a
+  // persistent store the new tasks stay staged (see Job::staged and Job::append) and their rows
+  // go to `rows`; Publish or Discard ends the staging.
+  absl::StatusOr<SubmitOutcome> SubmitLocked(const Caller& caller, const SubmitTarget& target,
                                              std::vector<TaskSpec>& specs, Effects& fx,
                                              SubmitRows* rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The open job a batch goes to, when it may: the caller's, open, with no batch on its way to
+  // the store, and this batch the next one. Sets `duplicate` for a batch applied before.
+  absl::StatusOr<Job*> AppendTarget(const Caller& caller, const SubmitTarget& target,
+                                    bool* duplicate) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A batch joins its open job: its tasks (staged in `batch`, or already in `job` with a memory
+  // store) count, and the job takes the batch's open flag. A closed job may complete now.
+  // `counts`: a client's batch, which takes the next batch number.
+  void JoinBatch(Job& job, std::unique_ptr<Job> batch, bool keep_open, bool counts, Effects& fx)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Where an idempotency key is found: keys of different tenants never meet. A newline cannot be
   // part of a tenant name.
   static std::string KeyIndex(const std::string& tenant, const std::string& key);
@@ -140,9 +150,11 @@ class Broker::Impl {
   absl::Status CheckKey(const std::string& tenant, const TaskSpec& s,
                         std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The store has a staged job: it becomes visible and its tasks ready.
-  void Publish(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The store failed to write a staged job: it leaves no trace.
+  // The store has a staged job (or batch): its tasks become visible and ready.
+  // `from`: the first of job.tasks that was staged (a batch joined the job at that index).
+  void Publish(Job& job, size_t from = 0) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The store failed to write a staged job (or batch): its tasks leave no trace. The caller
+  // erases the job itself.
   void Discard(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A resubmitted idempotency key: the new job follows the original task.
   void AddExistingToJob(Job* job, TaskId id, Effects& fx, SubmitRows* rows)
@@ -216,8 +228,15 @@ class Broker::Impl {
   // expires, and the heartbeats that waited in the sockets arrive in time.
   void ForgivePause(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // The outcome of storing a staged job: published, or discarded without a trace.
-  void Staged(const std::string& job_id, const absl::Status& stored);
+  // The outcome of storing a staged job or batch: published, or discarded without a trace.
+  void Staged(const std::string& job_id, bool append, const absl::Status& stored);
+  // Tick's work under the lock; returns the open jobs to close for idling.
+  std::vector<std::string> TickLocked(Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Open jobs that had no batch for the open-job timeout.
+  std::vector<std::string> IdleOpenJobs(int64_t now, Effects& fx)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Closes an idle open job (durably, with a persistent store), unless a batch came meanwhile.
+  void CloseIdle(const std::string& job_id);
 
   const BrokerOptions options_;
   const Clock* const clock_;
@@ -246,6 +265,10 @@ class Broker::Impl {
   std::priority_queue<Due, std::vector<Due>, std::greater<>> delayed_ ABSL_GUARDED_BY(mu_);
   // Complete jobs by expiry; retention is one constant, so it stays sorted.
   std::deque<std::pair<int64_t, std::string>> job_expiry_ ABSL_GUARDED_BY(mu_);
+  // Open jobs by the time they idle out, one entry per batch (stale ones are skipped); the
+  // timeout is one constant, so it stays sorted.
+  std::deque<std::pair<int64_t, std::string>> open_expiry_ ABSL_GUARDED_BY(mu_);
+  size_t open_jobs_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<TaskId> dirty_ ABSL_GUARDED_BY(mu_);           // tasks to send to the store
   std::vector<Worker*> dirty_workers_ ABSL_GUARDED_BY(mu_);  // workers with an outbox
   TaskId next_id_ ABSL_GUARDED_BY(mu_) = 1;

@@ -78,7 +78,7 @@ void Broker::Impl::CountDone(Job* job, const Task& t, Effects& fx) {
 }
 
 void Broker::Impl::MaybeJobComplete(Job* job, int64_t now) {
-  if (job->done == job->total) {
+  if (job->done == job->total && !job->open) {
     job_expiry_.push_back({now + options_.result_retention_ms, job->id});
   }
 }
@@ -134,7 +134,7 @@ TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
 }
 
 JobView Broker::Impl::ViewOf(const Job& j) const {
-  JobView v{j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms, {}};
+  JobView v{j.id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.created_ms, j.open, {}};
   for (auto id = j.completed.rbegin(); id != j.completed.rend(); ++id) {
     auto t = tasks_.find(*id);
     if (t == tasks_.end() || Settled(t->second)) break;  // durability follows completion order

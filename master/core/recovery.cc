@@ -24,6 +24,14 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     job->account = &b_.accounts_[job->tenant];
     job->total = row.total;
     job->created_ms = row.created_ms;
+    job->open = row.open;
+    job->batches = row.batches;
+    // An open job gets a whole timeout after the restart for its client to come back.
+    job->appended_ms = now_;
+    if (job->open) {
+      ++b_.open_jobs_;
+      b_.open_expiry_.push_back({now_ + b_.options_.open_job_timeout_ms, job->id});
+    }
     b_.jobs_[job->id] = std::move(job);
   }
 
@@ -141,7 +149,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     }
     std::vector<std::pair<int64_t, std::string>> expiries;
     for (const auto& [id, job] : b_.jobs_) {
-      if (job->done != job->total) continue;
+      if (job->done != job->total || job->open) continue;
       int64_t last = job->created_ms;
       for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).finished_ms);
       expiries.push_back({last + b_.options_.result_retention_ms, id});

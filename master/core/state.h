@@ -113,6 +113,15 @@ struct Job {
   // Submitted, not yet on disk: invisible to clients and workers until the store has it, and
   // forgotten without a trace if the store fails to write it.
   bool staged = false;
+  // Takes more batches until a submit closes it (or it idles past the open-job timeout); only a
+  // closed job completes.
+  bool open = false;
+  int64_t batches = 1;      // submit calls applied
+  int64_t appended_ms = 0;  // when the latest one was
+  // With a persistent store, a batch on its way to disk: its tasks belong to this staged job,
+  // unseen, and join this one once durable (their rows already name this job). Its `open` is what
+  // this job's becomes then.
+  std::unique_ptr<Job> append;
   std::vector<TaskId> tasks;
   std::vector<TaskId> completed;  // completion order
   std::vector<std::shared_ptr<JobWatcher>> watchers;

@@ -13,10 +13,35 @@
 
 namespace taskmaster {
 
-absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tenant,
+absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
+                                                         const SubmitTarget& target,
                                                          std::vector<TaskSpec>& specs, Effects& fx,
                                                          SubmitRows* rows) {
-  if (specs.empty()) return absl::InvalidArgumentError("a submit needs at least one task");
+  const std::string& tenant = caller.tenant;
+  Job* open_job = nullptr;  // the job this batch is appended to
+  if (!target.job_id.empty()) {
+    bool duplicate = false;
+    absl::StatusOr<Job*> found = AppendTarget(caller, target, &duplicate);
+    if (!found.ok()) return found.status();
+    if (duplicate) {
+      SubmitOutcome out;
+      out.job_id = target.job_id;
+      out.batch = target.batch;
+      out.duplicate = true;
+      return out;
+    }
+    open_job = *found;
+  } else if (target.batch != 0) {
+    return absl::InvalidArgumentError(
+        "a batch number needs the job id of the open job it belongs to");
+  }
+  if (specs.empty() && !open_job) {
+    return absl::InvalidArgumentError("a submit needs at least one task");
+  }
+  if (!open_job && target.keep_open && open_jobs_ >= options_.max_open_jobs) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(open_jobs_, " jobs are open, the limit (--max-open-jobs): close one first"));
+  }
   if (specs.size() > options_.max_batch) {
     return absl::InvalidArgumentError(absl::StrCat("a batch holds at most ", options_.max_batch,
                                                    " tasks; this one has ", specs.size()));
@@ -36,6 +61,15 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tena
     }
     if (absl::Status st = CheckKey(tenant, s, batch_keys); !st.ok()) {
       return absl::Status(st.code(), absl::StrCat("task ", i, ": ", st.message()));
+    }
+    // A batch joins its job's completion order at its end, where a finished task of another job
+    // has no place that a restart would keep.
+    if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key));
+        open_job && !s.idempotency_key.empty() && it != keys_.end() &&
+        tasks_.at(it->second).job != open_job) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "task ", i, ": idempotency key '", s.idempotency_key, "' belongs to a task of job ",
+          tasks_.at(it->second).job->id, "; a batch added to an open job can only repeat its own"));
     }
     // A key already known, or repeated in the batch, adds no task.
     if (s.idempotency_key.empty() || (!keys_.contains(KeyIndex(tenant, s.idempotency_key)) &&
@@ -65,18 +99,36 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tena
     return st;
   }
 
-  auto job_owner = std::make_unique<Job>();
-  Job* job = job_owner.get();
-  job->id = "job-" + RandomHex(8);
-  job->tenant = tenant;
-  job->account = &account;
-  // An upper bound while tasks are added (a key repeated in the batch is one task), so the
-  // job cannot look complete before all of them are in.
-  job->total = static_cast<int64_t>(specs.size());
-  job->created_ms = now;
-  job->staged = rows != nullptr;
-  job->tasks.reserve(specs.size());
-  jobs_[job->id] = std::move(job_owner);
+  // Where the new tasks go: a new job; or a staged batch that joins the open job once durable;
+  // or, with a memory store, the open job itself.
+  Job* job;
+  if (open_job && !rows) {
+    job = open_job;
+  } else {
+    auto job_owner = std::make_unique<Job>();
+    job = job_owner.get();
+    job->id = open_job ? open_job->id : "job-" + RandomHex(8);
+    job->tenant = tenant;
+    job->account = &account;
+    job->created_ms = open_job ? open_job->created_ms : now;
+    job->staged = rows != nullptr;
+    job->open = target.keep_open;
+    if (open_job) {
+      open_job->append = std::move(job_owner);
+    } else {
+      job->appended_ms = now;
+      jobs_[job->id] = std::move(job_owner);
+      if (job->open) {
+        ++open_jobs_;
+        open_expiry_.push_back({now + options_.open_job_timeout_ms, job->id});
+      }
+    }
+  }
+  // An upper bound while tasks are added (a key repeated in the batch is one task), so a new job
+  // cannot look complete before all of them are in.
+  const size_t had = open_job && !rows ? job->tasks.size() : 0;
+  if (!open_job) job->total = static_cast<int64_t>(specs.size());
+  job->tasks.reserve(had + specs.size());
   if (rows) rows->tasks.reserve(specs.size());
   std::unordered_set<TaskId> in_job;  // tasks the job follows through keys, each once
 
@@ -88,7 +140,7 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tena
     if (!s.idempotency_key.empty()) {
       if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key)); it != keys_.end()) {
         const TaskId id = it->second;
-        const bool own = tasks_.at(id).job == job;
+        const bool own = tasks_.at(id).job == job || tasks_.at(id).job == open_job;
         if (!own && in_job.insert(id).second) AddExistingToJob(job, id, fx, rows);
         out.task_ids.push_back(id);
         continue;
@@ -129,15 +181,136 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const std::string& tena
     out.warnings.push_back(absl::StrCat("no connected worker runs ", DescribeClass(*cls),
                                         "; its tasks wait until one does"));
   }
+  const auto added = static_cast<int64_t>(job->tasks.size() - had);
+  if (open_job) {
+    out.batch = target.batch;
+    if (rows) {
+      job->total = added;
+      rows->job = {open_job->id, open_job->total + added, open_job->created_ms,
+                   tenant,       target.keep_open,        open_job->batches + 1};
+    } else {
+      open_job->total += added;
+      JoinBatch(*open_job, nullptr, target.keep_open, /*counts=*/true, fx);
+      DispatchAll();
+    }
+    return out;
+  }
   // The job is over its distinct tasks: task_ids repeat an id for a repeated key.
-  const auto total = static_cast<int64_t>(job->tasks.size());
-  if (total != job->total) {
-    job->total = total;
+  if (added != job->total) {
+    job->total = added;
     MaybeJobComplete(job, now);
   }
-  if (rows) rows->job = {job->id, job->total, job->created_ms, job->tenant};
-  if (!rows) DispatchAll();
+  if (rows) {
+    rows->job = {job->id, job->total, job->created_ms, job->tenant, job->open, job->batches};
+  } else {
+    DispatchAll();
+  }
   return out;
+}
+
+absl::StatusOr<core::Job*> Broker::Impl::AppendTarget(const Caller& caller,
+                                                      const SubmitTarget& target, bool* duplicate) {
+  absl::StatusOr<Job*> found = VisibleJob(caller, target.job_id);
+  if (!found.ok()) return found.status();
+  Job& job = **found;
+  const std::string& id = job.id;
+  if (job.tenant != caller.tenant) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("job ", id, " belongs to another tenant: only its own adds to it"));
+  }
+  if (job.append) {
+    return absl::AbortedError(absl::StrCat("batch ", job.batches, " of job ", id,
+                                           " is still being stored; retry in a moment"));
+  }
+  if (target.batch == job.batches - 1) {
+    *duplicate = true;  // its answer was lost, or the call was retried: applied once only
+    return &job;
+  }
+  if (!job.open) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", id, " is closed: it takes no more tasks"));
+  }
+  if (target.batch != job.batches) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", id, " takes batch ", job.batches, " next, not batch ", target.batch));
+  }
+  return &job;
+}
+
+void Broker::Impl::JoinBatch(Job& job, std::unique_ptr<Job> batch, bool keep_open, bool counts,
+                             Effects& fx) {
+  const int64_t now = clock_->NowMs();
+  if (batch) {
+    for (TaskId id : batch->tasks) tasks_.at(id).job = &job;  // a batch holds only its own
+    job.tasks.insert(job.tasks.end(), batch->tasks.begin(), batch->tasks.end());
+    job.total += batch->total;
+  }
+  if (counts) ++job.batches;
+  job.appended_ms = now;
+  if (keep_open) {
+    open_expiry_.push_back({now + options_.open_job_timeout_ms, job.id});
+    return;
+  }
+  if (job.open) --open_jobs_;
+  job.open = false;
+  MaybeJobComplete(&job, now);
+  // Its followers learn that it is closed (and maybe complete), once that is durable.
+  if (!fx.touched.insert(&job).second) return;
+  if (persistent_) {
+    fx.reveal_jobs.push_back(job.id);
+  } else {
+    fx.notify.insert(fx.notify.end(), job.watchers.begin(), job.watchers.end());
+  }
+}
+
+std::vector<std::string> Broker::Impl::IdleOpenJobs(int64_t now, Effects& fx) {
+  std::vector<std::string> idle;
+  while (!open_expiry_.empty() && open_expiry_.front().first <= now) {
+    auto it = jobs_.find(open_expiry_.front().second);
+    open_expiry_.pop_front();
+    if (it == jobs_.end()) continue;
+    const Job& job = *it->second;
+    // A later batch pushed a later entry; a batch being stored pushes one when it joins.
+    if (!job.open || job.staged || job.append ||
+        now < job.appended_ms + options_.open_job_timeout_ms) {
+      continue;
+    }
+    Log(fx, spdlog::level::info, "job {} had no batch for {} ms: closing it", job.id,
+        now - job.appended_ms);
+    idle.push_back(job.id);
+  }
+  return idle;
+}
+
+void Broker::Impl::CloseIdle(const std::string& job_id) {
+  SubmitRows rows;
+  {
+    Section section(*this);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    Job& job = *it->second;
+    if (!job.open || job.append) return;  // closed, or a batch came meanwhile
+    // Closed without taking a batch number: a client's late batch is refused, never mistaken
+    // for one applied before.
+    if (!persistent_) {
+      JoinBatch(job, nullptr, /*keep_open=*/false, /*counts=*/false, section.fx);
+      return;
+    }
+    job.append = std::make_unique<Job>();
+    Job& close = *job.append;
+    close.id = job.id;
+    close.tenant = job.tenant;
+    close.account = job.account;
+    close.staged = true;
+    close.batches = 0;
+    rows.job = {job.id, job.total, job.created_ms, job.tenant, false, job.batches};
+  }
+  store_->Submit(std::move(rows), [this, job_id](absl::Status status) {
+    Staged(job_id, /*append=*/true, status);
+    if (!status.ok()) {
+      log_->warn("could not close idle job {}: {}", job_id, std::string(status.message()));
+    }
+  });
 }
 
 std::string Broker::Impl::KeyIndex(const std::string& tenant, const std::string& key) {
@@ -220,9 +393,10 @@ absl::Status Broker::Impl::CheckKey(
              : mismatch();
 }
 
-void Broker::Impl::Publish(Job& job) {
+void Broker::Impl::Publish(Job& job, size_t from) {
   job.staged = false;
-  for (TaskId id : job.tasks) {
+  for (size_t i = from; i < job.tasks.size(); ++i) {
+    const TaskId id = job.tasks[i];
     auto it = tasks_.find(id);  // a task it follows may be gone past retention
     if (it != tasks_.end() && it->second.job == &job) Enqueue(it->second);
   }
@@ -249,7 +423,6 @@ void Broker::Impl::Discard(Job& job) {
     if (!t.key().empty()) keys_.erase(KeyIndex(t));
     Forget(it);
   }
-  jobs_.erase(job.id);
 }
 
 void Broker::Impl::AddExistingToJob(Job* job, TaskId id, Effects& fx, SubmitRows* rows) {
@@ -290,7 +463,8 @@ bool Broker::Impl::HasWorkerFor(const TaskClass& cls) const {
   return false;
 }
 
-void Broker::Impl::Submit(const Caller& caller, std::vector<TaskSpec> specs,
+void Broker::Impl::Submit(const Caller& caller, const SubmitTarget& target,
+                          std::vector<TaskSpec> specs,
                           std::function<void(absl::StatusOr<SubmitOutcome>)> done) {
   // Refuse new work while the store cannot write; acknowledged work waits in memory meanwhile.
   if (absl::Status writable = store_->Writable(); !writable.ok()) {
@@ -303,17 +477,18 @@ void Broker::Impl::Submit(const Caller& caller, std::vector<TaskSpec> specs,
   absl::StatusOr<SubmitOutcome> outcome;
   {
     Section section(*this);
-    outcome = SubmitLocked(caller.tenant, specs, section.fx, staged);
+    outcome = SubmitLocked(caller, target, specs, section.fx, staged);
   }
-  if (!outcome.ok() || !staged) {
+  if (!outcome.ok() || !staged || outcome->duplicate) {
     done(std::move(outcome));
     return;
   }
-  // Workers and clients see the job only once it is on disk; a job the store failed to write
-  // is forgotten, so a client told "failed" finds no trace of it, ever.
-  store_->Submit(std::move(rows), [this, done = std::move(done),
+  // Workers and clients see the tasks only once they are on disk; a batch the store failed to
+  // write is forgotten, so a client told "failed" finds no trace of it, ever.
+  const bool append = !target.job_id.empty();
+  store_->Submit(std::move(rows), [this, append, done = std::move(done),
                                    outcome = std::move(*outcome)](absl::Status status) mutable {
-    Staged(outcome.job_id, status);
+    Staged(outcome.job_id, append, status);
     if (status.ok()) {
       done(std::move(outcome));
     } else {
@@ -324,15 +499,32 @@ void Broker::Impl::Submit(const Caller& caller, std::vector<TaskSpec> specs,
   });
 }
 
-void Broker::Impl::Staged(const std::string& job_id, const absl::Status& stored) {
+void Broker::Impl::Staged(const std::string& job_id, bool append, const absl::Status& stored) {
   Section section(*this);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return;
-  if (stored.ok()) {
-    Publish(*it->second);
-  } else {
-    Discard(*it->second);
+  Job& job = *it->second;
+  if (!append) {
+    if (stored.ok()) {
+      Publish(job);
+      return;
+    }
+    if (job.open) --open_jobs_;
+    Discard(job);
+    jobs_.erase(it);
+    return;
   }
+  std::unique_ptr<Job> batch = std::move(job.append);
+  if (!batch) return;
+  if (!stored.ok()) {
+    Discard(*batch);
+    return;
+  }
+  const size_t from = job.tasks.size();
+  const bool keep_open = batch->open;
+  const bool counts = batch->batches > 0;
+  JoinBatch(job, std::move(batch), keep_open, counts, section.fx);
+  Publish(job, from);
 }
 
 void Broker::Impl::SetTenantLimits(std::map<std::string, TenantLimits> limits) {

@@ -41,6 +41,14 @@ struct TaskSpec {
   Labels labels;  // required worker labels
 };
 
+// Where a submit's tasks go. A job of any size is built from several calls: the first opens it
+// (keep_open), each later one appends batch 1, 2, ... to it, and one without keep_open closes it.
+struct SubmitTarget {
+  std::string job_id;      // empty: a new job
+  int64_t batch = 0;       // with job_id: the number of this batch in the job
+  bool keep_open = false;  // the job takes more batches, and cannot complete until closed
+};
+
 // A consistent copy of one task, for status and results.
 // How far a running task has come, as its handler reported it.
 struct TaskProgress {
@@ -91,6 +99,7 @@ struct JobView {
   int64_t dead = 0;
   int64_t cancelled = 0;
   int64_t created_ms = 0;
+  bool open = false;  // takes more batches; it completes only once closed
   // GetJob only: the latest progress of running tasks, most recent first, at most
   // kMaxRunningShown.
   std::vector<TaskProgress> running;
@@ -100,6 +109,10 @@ struct SubmitOutcome {
   std::string job_id;
   std::vector<TaskId> task_ids;       // in the order of the request
   std::vector<std::string> warnings;  // e.g. no connected worker runs a kind
+  int64_t batch = 0;                  // the number of this batch in its job (0: the first)
+  // The batch had been applied before (a retry after a lost answer): nothing was added, and
+  // task_ids is empty.
+  bool duplicate = false;
 };
 
 struct JobEvents {

@@ -22,8 +22,15 @@ void Broker::Impl::ForgivePause(int64_t now, Effects& fx) {
 }
 
 void Broker::Impl::Tick() {
-  Section section(*this);
-  Effects& fx = section.fx;
+  std::vector<std::string> idle;
+  {
+    Section section(*this);
+    idle = TickLocked(section.fx);
+  }
+  for (const std::string& job_id : idle) CloseIdle(job_id);
+}
+
+std::vector<std::string> Broker::Impl::TickLocked(Effects& fx) {
   const int64_t now = clock_->NowMs();
   ForgivePause(now, fx);
   EndHoldIfDue(now, fx);
@@ -78,6 +85,7 @@ void Broker::Impl::Tick() {
     if (it != jobs_.end()) DeleteJob(*it->second);
   }
   DispatchAll();
+  return IdleOpenJobs(now, fx);
 }
 
 void Broker::Impl::Shutdown() {

@@ -139,7 +139,8 @@ void JobStream::Pump() {
       pumping_ = false;
       break;
     }
-    if (events->results.empty() && wrote_any_) {  // nothing new yet
+    if (events->results.empty() && wrote_any_ && events->progress.open == wrote_open_) {
+      // nothing new yet
       if (repump_) continue;
       pumping_ = false;
       break;
@@ -148,8 +149,10 @@ void JobStream::Pump() {
     for (TaskView& v : events->results) ToProto(v, event_.add_results());
     cursor_ += static_cast<int64_t>(events->results.size());
     ToProto(events->progress, event_.mutable_progress());
-    last_written_ = JobFullyRead(events->progress.done, events->progress.total, cursor_);
+    last_written_ =
+        JobFullyRead(events->progress.done, events->progress.total, events->progress.open, cursor_);
     wrote_any_ = true;
+    wrote_open_ = events->progress.open;
     writing_ = true;
     write = &event_;
     pumping_ = false;

@@ -62,6 +62,8 @@ class JobStream final : public grpc::ServerWriteReactor<v1::JobEvent> {
   bool repump_ ABSL_GUARDED_BY(mu_) = false;  // the job changed while pumping_
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool wrote_any_ ABSL_GUARDED_BY(mu_) = false;
+  // Whether the job was open in the last event written: its closing is news even without results.
+  bool wrote_open_ ABSL_GUARDED_BY(mu_) = false;
   bool last_written_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;

@@ -28,17 +28,20 @@ grpc::ServerUnaryReactor* TaskQueueService::Submit(grpc::CallbackServerContext* 
     return Reply(context, s);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  broker_->Submit(
-      who.caller(), TakeSpecs(request), [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
-        if (!outcome.ok()) {
-          reactor->Finish(ToGrpcStatus(outcome.status()));
-          return;
-        }
-        response->set_job_id(std::move(outcome->job_id));
-        response->mutable_task_ids()->Add(outcome->task_ids.begin(), outcome->task_ids.end());
-        for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
-        reactor->Finish(grpc::Status::OK);
-      });
+  broker_->Submit(who.caller(), TargetOf(*request), TakeSpecs(request),
+                  [reactor, response](absl::StatusOr<SubmitOutcome> outcome) {
+                    if (!outcome.ok()) {
+                      reactor->Finish(ToGrpcStatus(outcome.status()));
+                      return;
+                    }
+                    response->set_job_id(std::move(outcome->job_id));
+                    response->mutable_task_ids()->Add(outcome->task_ids.begin(),
+                                                      outcome->task_ids.end());
+                    for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
+                    response->set_batch(outcome->batch);
+                    response->set_duplicate(outcome->duplicate);
+                    reactor->Finish(grpc::Status::OK);
+                  });
   return reactor;
 }
 
@@ -107,13 +110,21 @@ grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::SubmitAndWatch(
   if (auto* refused = RefuseWatch(context, "SubmitAndWatch", &who)) return refused;
   const Caller caller = who.caller();
   auto* stream = new JobStream(broker_, std::move(who), &watches_, /*submitting=*/true);
-  broker_->Submit(caller, TakeSpecs(request), [stream](absl::StatusOr<SubmitOutcome> outcome) {
-    if (outcome.ok()) {
-      stream->Follow(outcome->job_id, 0);
-    } else {
-      stream->Fail(ToGrpcStatus(outcome.status()));
-    }
-  });
+  // Appending to an open job and following it from here would skip what it already finished.
+  if (!request->job_id().empty()) {
+    stream->Fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "SubmitAndWatch opens a new job; add batches with Submit and "
+                              "follow the job with WatchJob"));
+    return stream;
+  }
+  broker_->Submit(caller, TargetOf(*request), TakeSpecs(request),
+                  [stream](absl::StatusOr<SubmitOutcome> outcome) {
+                    if (outcome.ok()) {
+                      stream->Follow(outcome->job_id, 0);
+                    } else {
+                      stream->Fail(ToGrpcStatus(outcome.status()));
+                    }
+                  });
   return stream;
 }
 

@@ -60,6 +60,10 @@ std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request) {
   return specs;
 }
 
+SubmitTarget TargetOf(const v1::SubmitRequest& request) {
+  return {request.job_id(), request.batch(), request.keep_open()};
+}
+
 void ToProto(const TaskProgress& v, v1::TaskProgress* p) {
   p->set_task_id(v.id);
   p->set_attempt(v.attempt);
@@ -149,6 +153,7 @@ void ToProto(const JobView& v, v1::JobInfo* p) {
   p->set_dead(v.dead);
   p->set_cancelled(v.cancelled);
   p->set_created_ms(v.created_ms);
+  p->set_open(v.open);
   for (const TaskProgress& progress : v.running) ToProto(progress, p->add_running());
 }
 

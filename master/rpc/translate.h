@@ -19,6 +19,7 @@ WorkerHello FromProto(v1::Hello& p);
 
 // The request is the call's until it finishes: move the payloads out instead of copying them.
 std::vector<TaskSpec> TakeSpecs(const v1::SubmitRequest* request);
+SubmitTarget TargetOf(const v1::SubmitRequest& request);
 
 // Applies one message of an attached worker's stream to the broker: its results with the credits
 // that ride along (or the credits alone), its heartbeat, its drain. Returns the heartbeat time to

@@ -15,7 +15,8 @@ namespace {
 constexpr char kSchema[] = R"sql(
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE jobs(job_id TEXT PRIMARY KEY, total INTEGER NOT NULL, created_ms INTEGER NOT NULL,
-  crc INTEGER NOT NULL, tenant TEXT NOT NULL) WITHOUT ROWID;
+  crc INTEGER NOT NULL, tenant TEXT NOT NULL, open INTEGER NOT NULL, batches INTEGER NOT NULL)
+  WITHOUT ROWID;
 CREATE TABLE tasks(
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, queue TEXT NOT NULL, kind TEXT NOT NULL,
   labels TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
@@ -48,7 +49,14 @@ constexpr char kMigrateFrom2[] = R"sql(
 ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
 )sql";
 
-constexpr char kJobColumns[] = "job_id, total, created_ms, crc, tenant";
+// Version 3 had no jobs built from several submits: each was one closed batch, and its checksum
+// still holds.
+constexpr char kMigrateFrom3[] = R"sql(
+ALTER TABLE jobs ADD COLUMN open INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN batches INTEGER NOT NULL DEFAULT 1;
+)sql";
+
+constexpr char kJobColumns[] = "job_id, total, created_ms, crc, tenant, open, batches";
 constexpr char kMemberColumns[] = "job_id, task_id, position, crc";
 
 // Runs `sql` and hands each row to `on_row`.
@@ -65,7 +73,8 @@ absl::Status ForEachRow(sqlite3* db, const std::string& sql,
 }
 
 JobRow ReadJob(sqlite3_stmt* s) {
-  return {Text(s, 0), sqlite3_column_int64(s, 1), sqlite3_column_int64(s, 2), Text(s, 4)};
+  return {Text(s, 0), sqlite3_column_int64(s, 1),      sqlite3_column_int64(s, 2),
+          Text(s, 4), sqlite3_column_int64(s, 5) != 0, sqlite3_column_int64(s, 6)};
 }
 
 JobMemberRow ReadMember(sqlite3_stmt* s) {
@@ -184,12 +193,13 @@ absl::Status Migrate(sqlite3* db, int from_version) {
         absl::StrCat("no migration from schema version ", from_version));
   }
   if (absl::Status s =
-          Exec(db, absl::StrCat("BEGIN;", from_version == 1 ? kMigrateFrom1 : "", kMigrateFrom2));
+          Exec(db, absl::StrCat("BEGIN;", from_version <= 1 ? kMigrateFrom1 : "",
+                                from_version <= 2 ? kMigrateFrom2 : "", kMigrateFrom3));
       !s.ok()) {
     Exec(db, "ROLLBACK").IgnoreError();
     return s;
   }
-  if (from_version == 2) {
+  if (from_version >= 2) {
     return Exec(db, absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";COMMIT;"));
   }
   auto fail = [db](absl::Status s) {
@@ -256,8 +266,10 @@ std::string EncodeLabels(const Labels& labels) {
 uint32_t JobChecksum(const JobRow& job) {
   RecordChecksum crc;
   crc.Add(job.job_id).Add(job.total).Add(job.created_ms);
-  // Jobs of the default tenant keep the checksum they had before tenants existed.
+  // Jobs of the default tenant keep the checksum they had before tenants existed, and closed
+  // jobs of one batch the one they had before jobs took several.
   if (!job.tenant.empty()) crc.Add(job.tenant);
+  if (job.open || job.batches != 1) crc.Add(int64_t{job.open}).Add(job.batches);
   return crc.value();
 }
 
@@ -335,6 +347,8 @@ absl::Status Scan(sqlite3* db, const ScanCallbacks& callbacks) {
           problem = "checksum mismatch";
         } else if (job.total < 1) {
           problem = absl::StrCat("total of ", job.total, " tasks");
+        } else if (job.batches < 1) {
+          problem = absl::StrCat("count of ", job.batches, " batches");
         }
         Tally& tally = jobs[job.job_id];
         tally.total = job.total;

@@ -18,7 +18,7 @@ namespace taskmaster::sqlite {
 // 'TMS1': marks a taskmaster database, so we never adopt somebody else's SQLite file.
 inline constexpr int kApplicationId = 0x544D5331;
 // Bump when the schema changes, with a migration from every older version (see Migrate).
-inline constexpr int kSchemaVersion = 3;
+inline constexpr int kSchemaVersion = 4;
 
 inline constexpr char kTaskColumns[] =
     "id, job_id, queue, kind, labels, payload, priority, max_attempts, timeout_ms, created_ms, "

@@ -219,14 +219,19 @@ absl::StatusOr<std::string> RepairSqliteStore(const SqliteStoreOptions& options)
     }
     for (const auto& [job_id, found] : short_jobs) {
       if (!status.ok() || found == 0) continue;
-      // The job's creation time and tenant are kept: only its total and checksum change.
+      // The job's creation time, tenant and batches are kept: only its total and checksum change.
       Statement created;
-      status = created.Prepare(db, "SELECT created_ms, tenant FROM jobs WHERE job_id=?");
+      status =
+          created.Prepare(db, "SELECT created_ms, tenant, open, batches FROM jobs WHERE job_id=?");
       if (!status.ok()) break;
       BindText(created.get(), 1, job_id);
       if (sqlite3_step(created.get()) != SQLITE_ROW) continue;
-      const JobRow job{job_id, found, sqlite3_column_int64(created.get(), 0),
-                       sqlite::Text(created.get(), 1)};
+      const JobRow job{job_id,
+                       found,
+                       sqlite3_column_int64(created.get(), 0),
+                       sqlite::Text(created.get(), 1),
+                       sqlite3_column_int64(created.get(), 2) != 0,
+                       sqlite3_column_int64(created.get(), 3)};
       sqlite3_bind_int64(lower.get(), 1, found);
       sqlite3_bind_int64(lower.get(), 2, sqlite::JobChecksum(job));
       BindText(lower.get(), 3, job_id);

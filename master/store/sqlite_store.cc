@@ -87,8 +87,8 @@ class SqliteStore final : public Store {
               "WHERE id=?",
               &update_task_},
              {"DELETE FROM tasks WHERE id=?", &delete_task_},
-             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms, crc, tenant) "
-              "VALUES(?,?,?,?,?)",
+             {"INSERT OR REPLACE INTO jobs(job_id, total, created_ms, crc, tenant, open, batches) "
+              "VALUES(?,?,?,?,?,?,?)",
               &insert_job_},
              {"DELETE FROM jobs WHERE job_id=?", &delete_job_},
              {"DELETE FROM job_members WHERE job_id=?", &delete_members_},
@@ -464,6 +464,8 @@ class SqliteStore final : public Store {
     sqlite3_bind_int64(s, 3, rows.job.created_ms);
     sqlite3_bind_int64(s, 4, sqlite::JobChecksum(rows.job));
     BindText(s, 5, rows.job.tenant);
+    sqlite3_bind_int64(s, 6, rows.job.open ? 1 : 0);
+    sqlite3_bind_int64(s, 7, rows.job.batches);
     if (absl::Status st = insert_job_.Run(); !st.ok()) return st;
     s = insert_task_.get();
     for (const TaskRow& t : rows.tasks) {

@@ -48,6 +48,8 @@ struct JobRow {
   int64_t total = 0;
   int64_t created_ms = 0;
   std::string tenant;
+  bool open = false;    // takes more batches (see SubmitTarget)
+  int64_t batches = 1;  // submit calls applied to it
 };
 
 // A task of another job that a job follows through a resubmitted idempotency key. `position` is
@@ -66,7 +68,9 @@ struct WorkerRow {
 };
 
 // One submit: a job with its new tasks and the tasks of other jobs it follows through
-// idempotency keys. A store writes it whole in one transaction, or not at all.
+// idempotency keys. A store writes it whole in one transaction, or not at all. A batch appended
+// to an open job carries the job's row as it becomes (its new total, batches and open flag),
+// which replaces the stored one.
 struct SubmitRows {
   JobRow job;
   std::vector<TaskRow> tasks;

@@ -44,7 +44,8 @@ int64_t IntArg(sqlite3_value* v) { return sqlite3_value_int64(v); }
 // The checksums the store would have written for a row, as SQL functions of its columns, in
 // the order of the tables' columns (see kTaskColumns).
 void JobCrc(sqlite3_context* c, int, sqlite3_value** a) {
-  JobRow job{TextArg(a[0]), IntArg(a[1]), IntArg(a[2]), TextArg(a[3])};
+  JobRow job{TextArg(a[0]), IntArg(a[1]),      IntArg(a[2]),
+             TextArg(a[3]), IntArg(a[4]) != 0, IntArg(a[5])};
   sqlite3_result_int64(c, sqlite::JobChecksum(job));
 }
 
@@ -94,8 +95,10 @@ struct Table {
 };
 
 constexpr Table kTables[] = {
-    {"INSERT INTO jobs(job_id, total, created_ms, crc, tenant) VALUES(?,?,?,?,?)", 5,
-     "UPDATE jobs SET crc=job_crc(job_id, total, created_ms, tenant) WHERE crc=?"},
+    {"INSERT INTO jobs(job_id, total, created_ms, crc, tenant, open, batches) "
+     "VALUES(?,?,?,?,?,?,?)",
+     7,
+     "UPDATE jobs SET crc=job_crc(job_id, total, created_ms, tenant, open, batches) WHERE crc=?"},
     {"INSERT INTO tasks(id, job_id, queue, kind, labels, payload, priority, max_attempts, "
      "timeout_ms, created_ms, idempotency_key, state, attempts, not_before_ms, finished_ms, seq, "
      "completion_seq, output, error, worker, worker_id, status_crc, spec_crc) "
@@ -152,7 +155,7 @@ struct SealFunction {
   void (*fn)(sqlite3_context*, int, sqlite3_value**);
 };
 
-constexpr SealFunction kSealFunctions[] = {{"job_crc", 4, &JobCrc},
+constexpr SealFunction kSealFunctions[] = {{"job_crc", 6, &JobCrc},
                                            {"spec_crc", 11, &SpecCrc},
                                            {"status_crc", 11, &StatusCrc},
                                            {"member_crc", 3, &MemberCrc},
