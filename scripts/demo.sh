@@ -2,8 +2,16 @@
 # The seed's scenario: installs what is missing, builds, starts a master and two workers on
 # loopback with generated tokens, submits ten random numbers as `square` tasks, prints each
 # result as n*n=r, and stops everything it started.
+# --python: the seed's two programs, ported to the Python library (examples/python), in place
+# of taskworker and taskctl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=false
+case "${1:-}" in
+  --python) python=true ;;
+  "") ;;
+  *) echo "usage: $0 [--python]" >&2; exit 2 ;;
+esac
 ./scripts/deps.sh
 echo "building (log: build/build.log) ..." >&2
 mkdir -p build
@@ -42,17 +50,36 @@ fi
 master="127.0.0.1:$(cat "$work/port")"
 echo "master listening on $master" >&2
 
+ctl=("$bin/client/taskctl" --master "$master" --token-file "$work/submit.token")
+wait_for_workers() {
+  for _ in $(seq 100); do
+    [ "$("${ctl[@]}" --format json workers | grep -o '"connected":true' | wc -l)" -ge "$1" ] && return
+    sleep 0.1
+  done
+  echo "the workers did not connect; their logs are in $work" >&2
+  exit 1
+}
+
+if $python; then
+  export PYTHONPATH="$PWD/$bin/python${PYTHONPATH:+:$PYTHONPATH}" TASKMASTER_ADDR="$master"
+  TASKMASTER_TOKEN="$work_token" /usr/bin/python3 examples/python/task_worker.py \
+    >"$work/worker.out" 2>"$work/worker.log" &
+  worker=$!
+  pids+=("$worker")
+  wait_for_workers 1
+  TASKMASTER_TOKEN="$submit_token" /usr/bin/python3 examples/python/task_master.py
+  kill -TERM "$worker"
+  wait "$worker"
+  cat "$work/worker.out"
+  exit 0
+fi
+
 for i in 1 2; do
   "$bin/worker/taskworker" --master "$master" --token-file "$work/work.token" \
     --name "worker-$i" 2>"$work/worker-$i.log" &
   pids+=($!)
 done
-
-ctl=("$bin/client/taskctl" --master "$master" --token-file "$work/submit.token")
-for _ in $(seq 100); do
-  [ "$("${ctl[@]}" --format json workers | grep -o '"connected":true' | wc -l)" -ge 2 ] && break
-  sleep 0.1
-done
+wait_for_workers 2
 
 numbers=()
 for _ in $(seq 10); do numbers+=($((RANDOM % 10001))); done

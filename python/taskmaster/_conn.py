@@ -62,12 +62,12 @@ class Connection:
             return grpc.insecure_channel(self.address, options=self.options(extra))
         return grpc.secure_channel(self.address, creds, options=self.options(extra))
 
-    def aio_channel(self) -> "grpc.aio.Channel":
+    def aio_channel(self, extra: Optional[List[Tuple[str, int]]] = None) -> "grpc.aio.Channel":
         """An asyncio channel to the master."""
         creds = self.credentials()
         if creds is None:
-            return grpc.aio.insecure_channel(self.address, options=self.options())
-        return grpc.aio.secure_channel(self.address, creds, options=self.options())
+            return grpc.aio.insecure_channel(self.address, options=self.options(extra))
+        return grpc.aio.secure_channel(self.address, creds, options=self.options(extra))
 
 
 def resolve(address: Optional[str], token: Optional[str], token_file: Optional[str],

@@ -1,0 +1,364 @@
+"""What the blocking and the asyncio clients share: requests built from Python values, answers
+turned into plain objects, and the rules for following a job. No I/O here."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import grpc
+
+from . import errors
+from .v1 import taskmaster_pb2 as pb
+
+Payload = Union[bytes, str]
+
+# Tasks per submit call: well under the master's --max-batch (100,000), and small enough that a
+# job's first results come while the rest of its input is still being sent.
+DEFAULT_BATCH_SIZE = 10_000
+# Bytes of payloads per call, far below the 64 MiB message limit.
+DEFAULT_BATCH_BYTES = 8 << 20
+# Statuses after which a batch is sent again with the same number (the master applies it once).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.DEADLINE_EXCEEDED)
+# A master that went away is looked for again this often at first, then up to the maximum.
+RECONNECT_INITIAL_S = 0.1
+RECONNECT_MAX_S = 2.0
+# Channel options that make gRPC reconnect at that pace too, not after its own 1 s to 120 s.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", int(RECONNECT_INITIAL_S * 1000)),
+                   ("grpc.min_reconnect_backoff_ms", int(RECONNECT_INITIAL_S * 1000)),
+                   ("grpc.max_reconnect_backoff_ms", int(RECONNECT_MAX_S * 1000))]
+
+STATE_NAMES = {v: k for k, v in pb.TaskState.items()}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a running task has come, as its handler last reported it."""
+
+    task_id: int
+    done: int
+    total: int  # 0: unknown
+    message: str
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished task, as a job's results give it (without its payload: Client.task has it)."""
+
+    id: int
+    job_id: str
+    state: str  # SUCCEEDED, DEAD or CANCELLED
+    output: bytes
+    error: str
+    attempts: int
+    kind: str
+    queue: str
+    worker: str
+    finished_ms: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task succeeded."""
+        return self.state == "SUCCEEDED"
+
+    @property
+    def text(self) -> str:
+        """The output as UTF-8 text."""
+        return self.output.decode("utf-8")
+
+
+@dataclass(frozen=True)
+class TaskInfo(Result):
+    """Everything the master knows of one task (Client.task)."""
+
+    payload: bytes = b""
+    max_attempts: int = 0
+    priority: int = 0
+    waiting_for: str = ""
+    created_ms: int = 0
+    progress: Optional[Progress] = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's counts. `done` counts tasks finished in any way; `open` that it takes more tasks."""
+
+    job_id: str
+    total: int
+    done: int
+    succeeded: int
+    dead: int
+    cancelled: int
+    open: bool
+    running: List[Progress] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.open and self.done == self.total
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    pending: int
+    leased: int
+    succeeded: int
+    failed: int
+    dead: int
+    cancelled: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    name: str
+    host: str
+    kinds: List[str]
+    queues: List[str]
+    labels: Dict[str, str]
+    slots: int
+    running: int
+    connected: bool
+    draining: bool
+    stuck: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    queues: List[QueueStats]
+    workers: List[WorkerInfo]
+    duplicate_results: int
+
+
+def encode(payload: Payload) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    raise TypeError(f"a payload is bytes or str, not {type(payload).__name__}: "
+                    f"pass str({payload!r}) for a number")
+
+
+def milliseconds(seconds: Optional[float], what: str) -> int:
+    """A duration in seconds (float) as the API's milliseconds; None is 0 (the default)."""
+    if seconds is None:
+        return 0
+    if not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be a number of seconds, 0 or more, not {seconds!r}")
+    return int(round(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """What every task of a submit carries besides its payload."""
+
+    kind: str
+    queue: str = ""
+    priority: int = 0
+    delay_ms: int = 0
+    timeout_ms: int = 0
+    max_attempts: int = 0
+    key: Optional[str] = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError("kind must be a non-empty str (the handler's name)")
+        if not 1 <= self.batch_size <= 100_000:
+            raise ValueError(f"batch_size must be 1 to 100000, not {self.batch_size}")
+
+
+def make_options(kind: str, queue: str, priority: int, delay: Optional[float],
+                 timeout: Optional[float], max_attempts: int, key: Optional[str],
+                 labels: Optional[Mapping[str, str]], batch_size: int) -> SubmitOptions:
+    return SubmitOptions(kind=kind, queue=queue, priority=priority,
+                         delay_ms=milliseconds(delay, "delay"),
+                         timeout_ms=milliseconds(timeout, "timeout"), max_attempts=max_attempts,
+                         key=key, labels=dict(labels or {}), batch_size=batch_size)
+
+
+def batches(options: SubmitOptions, payloads: Iterable[Payload]) -> Iterator[pb.SubmitRequest]:
+    """The submit calls of a job: each batch as a request, without job_id, batch or keep_open
+    (the caller sets them, knowing whether another batch follows). A lone task takes `key` as it
+    is; several take key/0, key/1 ..., as taskctl does."""
+    if isinstance(payloads, (bytes, str)):
+        raise TypeError("payloads is a list (or any iterable) of payloads; wrap a single one "
+                        "in a list")
+    it = iter(payloads)
+    index = 0
+    labels = dict(options.labels)
+    while True:
+        request = pb.SubmitRequest()
+        size = 0
+        for payload in itertools.islice(it, options.batch_size):
+            data = encode(payload)
+            spec = request.tasks.add(queue=options.queue, kind=options.kind, payload=data,
+                                     priority=options.priority, delay_ms=options.delay_ms,
+                                     timeout_ms=options.timeout_ms,
+                                     max_attempts=options.max_attempts)
+            if labels:
+                spec.labels.update(labels)
+            if options.key is not None:
+                spec.idempotency_key = f"{options.key}/{index}"
+            index += 1
+            size += len(data)
+            if size >= options.batch_bytes:
+                break
+        if not request.tasks:
+            return
+        yield request
+
+
+class SubmitPlan:
+    """The calls of one submit: the first opens the job (left open when more batches follow);
+    each later one names the job and its batch number, and the last closes the job. One batch
+    is read ahead, to know whether another follows."""
+
+    def __init__(self, options: SubmitOptions, payloads: Iterable[Payload]) -> None:
+        self._requests = batches(options, payloads)
+        self._options = options
+        self._ahead: Optional[pb.SubmitRequest] = None
+        self._number = 0
+
+    def first(self) -> pb.SubmitRequest:
+        request = next(self._requests, None)
+        if request is None:
+            raise errors.InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "no payloads to submit")
+        self._ahead = next(self._requests, None)
+        if self._ahead is None and self._options.key is not None and len(request.tasks) == 1:
+            request.tasks[0].idempotency_key = self._options.key  # a job of one task: the key
+        request.keep_open = self._ahead is not None
+        return request
+
+    def next(self, job_id: str) -> Optional[pb.SubmitRequest]:
+        """The next batch of job `job_id`, or None when the job is closed."""
+        request = self._ahead
+        if request is None:
+            return None
+        self._ahead = next(self._requests, None)
+        self._number += 1
+        request.job_id = job_id
+        request.batch = self._number
+        request.keep_open = self._ahead is not None
+        return request
+
+
+def progress_of(p: pb.TaskProgress) -> Progress:
+    return Progress(p.task_id, p.done, p.total, p.message, p.updated_ms)
+
+
+def result_of(t: pb.TaskInfo) -> Result:
+    return Result(t.id, t.job_id, STATE_NAMES.get(t.state, str(t.state)), t.output, t.error,
+                  t.attempts, t.kind, t.queue, t.worker, t.finished_ms)
+
+
+def task_of(t: pb.TaskInfo) -> TaskInfo:
+    return TaskInfo(t.id, t.job_id, STATE_NAMES.get(t.state, str(t.state)), t.output, t.error,
+                    t.attempts, t.kind, t.queue, t.worker, t.finished_ms, t.payload,
+                    t.max_attempts, t.priority, t.waiting_for, t.created_ms,
+                    progress_of(t.progress) if t.HasField("progress") else None)
+
+
+def status_of(j: pb.JobInfo) -> JobStatus:
+    return JobStatus(j.job_id, j.total, j.done, j.succeeded, j.dead, j.cancelled, j.open,
+                     [progress_of(p) for p in j.running])
+
+
+def worker_of(w: pb.WorkerInfo) -> WorkerInfo:
+    return WorkerInfo(w.worker_id, w.name, w.host, list(w.kinds), list(w.queues), dict(w.labels),
+                      w.slots, w.running, w.connected, w.draining, w.stuck)
+
+
+def stats_of(s: pb.StatsResponse) -> Stats:
+    return Stats([QueueStats(q.queue, q.pending, q.leased, q.succeeded, q.failed, q.dead,
+                             q.cancelled) for q in s.queues],
+                 [worker_of(w) for w in s.workers], s.duplicate_results)
+
+
+class Backoff:
+    """Jittered exponential delays between attempts to reach a master again."""
+
+    def __init__(self) -> None:
+        self._next = RECONNECT_INITIAL_S
+
+    def reset(self) -> None:
+        self._next = RECONNECT_INITIAL_S
+
+    def next(self) -> float:
+        delay = self._next * random.uniform(0.5, 1.0)
+        self._next = min(RECONNECT_MAX_S, self._next * 2)
+        return delay
+
+
+def retry_pause(code: grpc.StatusCode, deadline: float, backoff: Backoff) -> Optional[float]:
+    """How long to wait before sending a batch again after `code`; None: give up."""
+    if code not in RETRYABLE or time.monotonic() >= deadline:
+        return None
+    return backoff.next()
+
+
+class Follow:
+    """Following a job's results across streams: how many were seen (a new stream starts after
+    them, so each result comes once), whether the job is complete, and what to do when a stream
+    ends: follow again after a pause, or raise what to tell the user."""
+
+    def __init__(self, job_id: str, address: str, timeout: Optional[float],
+                 reconnect_timeout: float) -> None:
+        self.job_id = job_id
+        self.address = address
+        self.seen = 0
+        self.complete = False
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._reconnect_timeout = reconnect_timeout
+        self._last_contact = time.monotonic()
+        self._lost_master = False
+        self._backoff = Backoff()
+
+    def request(self) -> pb.WatchJobRequest:
+        return pb.WatchJobRequest(job_id=self.job_id, after=self.seen)
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left for the stream to run (its gRPC timeout)."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def on_event(self, event: pb.JobEvent) -> List[Result]:
+        self._last_contact = time.monotonic()
+        self._backoff.reset()
+        results = [result_of(t) for t in event.results]
+        self.seen += len(results)
+        p = event.progress
+        self.complete = not p.open and p.done == p.total and self.seen >= p.done
+        return results
+
+    def on_end(self, code: Optional[grpc.StatusCode], details: str) -> float:
+        """A stream ended (`code` None: it ended OK) before the job was complete: the pause
+        before following again, or raises the error to give the user."""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self._deadline is not None:
+            raise TimeoutError(f"job {self.job_id} did not complete within {self._timeout} s")
+        if code == grpc.StatusCode.NOT_FOUND and self._lost_master:
+            raise errors.NotFound(code, f"the master came back without job {self.job_id} (a "
+                                        "master on the memory store forgets everything when it "
+                                        "restarts)", self.address)
+        # OK: the master ended the stream as it shut down.
+        if code is not None and code not in (grpc.StatusCode.UNAVAILABLE,
+                                             grpc.StatusCode.CANCELLED):
+            raise errors.error_for(code, details or code.name, self.address)
+        self._lost_master = True
+        if time.monotonic() - self._last_contact > self._reconnect_timeout:
+            raise errors.Unavailable(
+                grpc.StatusCode.UNAVAILABLE,
+                f"lost the master at {self.address} for over {self._reconnect_timeout:.0f} s "
+                f"while following {self.job_id}", self.address)
+        pause = self._backoff.next()
+        if self._deadline is not None and time.monotonic() + pause >= self._deadline:
+            raise TimeoutError(f"job {self.job_id} did not complete within {self._timeout} s")
+        return pause

@@ -1,0 +1,161 @@
+"""The client for asyncio (grpc.aio), with the names of taskmaster.client.
+
+    from taskmaster.aio import Client
+
+    async with Client("master.example:7070", token_file="submit.token") as client:
+        job = await client.submit("square", [str(n) for n in range(10)])
+        async for result in job.results():
+            print(result.text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Iterable, List, Mapping, Optional, Union
+
+import grpc
+import grpc.aio
+
+from . import _client_common as common
+from . import _conn, errors
+from ._client_common import JobStatus, Payload, Result, Stats, TaskInfo, WorkerInfo
+from .v1 import taskmaster_pb2 as pb
+from .v1 import taskmaster_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "Job"]
+
+
+class Client:
+    """taskmaster.client.Client for asyncio: the same arguments; its methods are coroutines."""
+
+    def __init__(self, address: Optional[str] = None, *, token: Optional[str] = None,
+                 token_file: Optional[str] = None, tls: Union[_conn.TLS, str, None] = None,
+                 timeout: float = 30.0, reconnect_timeout: float = 60.0,
+                 max_message_bytes: int = _conn.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self._conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
+        self._timeout = timeout
+        self._reconnect_timeout = reconnect_timeout
+        self._channel = self._conn.aio_channel(common.CHANNEL_OPTIONS)
+        self._stub = pb_grpc.TaskQueueStub(self._channel)
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(self, kind: str, payloads: Iterable[Payload], *, queue: str = "",
+                     priority: int = 0, delay: Optional[float] = None,
+                     timeout: Optional[float] = None, max_attempts: int = 0,
+                     key: Optional[str] = None, labels: Optional[Mapping[str, str]] = None,
+                     batch_size: int = common.DEFAULT_BATCH_SIZE) -> "Job":
+        """See taskmaster.client.Client.submit."""
+        plan = common.SubmitPlan(common.make_options(kind, queue, priority, delay, timeout,
+                                                     max_attempts, key, labels, batch_size),
+                                 payloads)
+        response = await self._call(self._stub.Submit, plan.first())
+        job = Job(self, response.job_id, list(response.task_ids), list(response.warnings))
+        request = plan.next(job.id)
+        while request is not None:
+            job.task_ids.extend((await self._append(request)).task_ids)
+            request = plan.next(job.id)
+        return job
+
+    def job(self, job_id: str) -> "Job":
+        """A job submitted earlier, to follow or cancel."""
+        return Job(self, job_id, [], [])
+
+    async def task(self, task_id: int) -> TaskInfo:
+        return common.task_of(await self._call(self._stub.GetTask,
+                                               pb.GetTaskRequest(id=task_id)))
+
+    async def cancel_task(self, task_id: int) -> int:
+        return (await self._call(self._stub.Cancel, pb.CancelRequest(task_id=task_id))).cancelled
+
+    async def stats(self) -> Stats:
+        return common.stats_of(await self._call(self._stub.Stats, pb.StatsRequest()))
+
+    async def workers(self) -> List[WorkerInfo]:
+        response = await self._call(self._stub.Workers, pb.WorkersRequest())
+        return [common.worker_of(w) for w in response.workers]
+
+    # ---- internals ----
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._conn.metadata)
+        except grpc.aio.AioRpcError as e:
+            raise errors.from_rpc_error(e, self._conn.address) from None
+
+    async def _append(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
+        deadline = time.monotonic() + self._reconnect_timeout
+        backoff = common.Backoff()
+        while True:
+            try:
+                return await self._stub.Submit(request, timeout=self._timeout,
+                                         metadata=self._conn.metadata)
+            except grpc.aio.AioRpcError as e:
+                pause = common.retry_pause(e.code(), deadline, backoff)
+                if pause is None:
+                    raise errors.from_rpc_error(e, self._conn.address) from None
+            await asyncio.sleep(pause)
+
+    async def _follow(self, job_id: str, timeout: Optional[float]) -> AsyncIterator[Result]:
+        state = common.Follow(job_id, self._conn.address, timeout, self._reconnect_timeout)
+        while True:
+            call = self._stub.WatchJob(state.request(), timeout=state.remaining(),
+                                       metadata=self._conn.metadata)
+            code: Optional[grpc.StatusCode] = None
+            details = ""
+            try:
+                async for event in call:
+                    for result in state.on_event(event):
+                        yield result
+                    if state.complete:
+                        return
+            except grpc.aio.AioRpcError as e:
+                code, details = e.code(), e.details() or ""
+            finally:
+                call.cancel()  # also when the caller stops iterating early
+            await asyncio.sleep(state.on_end(code, details))
+
+
+class Job:
+    """taskmaster.client.Job for asyncio."""
+
+    def __init__(self, client: Client, job_id: str, task_ids: List[int],
+                 warnings: List[str]) -> None:
+        self._client = client
+        self.id = job_id
+        self.task_ids = task_ids
+        self.warnings = warnings
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def results(self, timeout: Optional[float] = None) -> AsyncIterator[Result]:
+        """An async iterator of the job's results, as taskmaster.client.Job.results."""
+        return self._client._follow(self.id, timeout)
+
+    async def wait(self, timeout: Optional[float] = None) -> JobStatus:
+        async for _ in self.results(timeout):
+            pass
+        return await self.status()
+
+    async def status(self) -> JobStatus:
+        client = self._client
+        return common.status_of(await client._call(client._stub.GetJob,
+                                                   pb.GetJobRequest(job_id=self.id)))
+
+    async def cancel(self) -> int:
+        client = self._client
+        return (await client._call(client._stub.Cancel,
+                                   pb.CancelRequest(job_id=self.id))).cancelled
