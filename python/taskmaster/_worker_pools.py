@@ -5,8 +5,8 @@ The process pool is built for throughput: tasks go to its processes in chunks (p
 one pipe message per chunk), each process runs a chunk and sends its results back in one
 message, already encoded for the wire (_worker_wire), so the worker's main process spends a
 few dict operations per task. Cancels reach running processes through shared memory: a ring of
-task ids the worker writes and every process reads before each task and whenever a handler
-asks.
+(task id, attempt) the worker writes and every process reads before each task and whenever a
+handler asks.
 """
 
 from __future__ import annotations
@@ -63,22 +63,17 @@ class ThreadPool:
         for t in self._threads:
             t.start()
 
-    def poll(self) -> None:
-        """The watchdog's pass: thread tasks have their deadlines already."""
-
     def close(self, timeout: float) -> None:
         """Waits up to `timeout` seconds for the threads, which exit once the accounting stopped;
         a handler that ignores its stop keeps its (daemon) thread."""
         deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.ident is not None:  # started
+                t.join(max(0.0, deadline - time.monotonic()))
         busy = sum(t.is_alive() for t in self._threads)
         if busy:
             log.warning("%d thread handlers did not return after being told to stop; "
                         "leaving them behind", busy)
-
-    def _progress(self, task_id: int, attempt: int, done: int, total: int, message: str) -> None:
-        self._slots.report_progress(task_id, done, total, message)
 
     def _loop(self) -> None:
         slots, handlers = self._slots, self._handlers
@@ -88,58 +83,70 @@ class ThreadPool:
                 return
             task, stop = taken
             began = time.monotonic()
-            outcome, encoded = run_task(handlers.get(task[2]), task, stop, self._progress,
+            outcome, encoded = run_task(handlers.get(task[2]), task, stop, slots.report_progress,
                                         self._max_output, self._worker_name)
-            slots.finish([(task[0], task[1], outcome, encoded)], time.monotonic() - began)
+            slots.finish([(task, (task[0], task[1], outcome, encoded))],
+                         time.monotonic() - began)
 
 
 class _CancelRing:
-    """Ids of tasks the pool's processes must stop, in shared memory. The worker writes (one
-    writer at a time: the accounting calls under its lock), processes read."""
+    """Tasks (id, attempt) the pool's processes must stop, in shared memory: entries
+    [start, count) of a ring, the latest _RING_SIZE at most. The worker writes (one writer at a
+    time: the accounting calls under its lock), processes read."""
 
     def __init__(self, ctx: Any) -> None:
         self.ids = ctx.RawArray(ctypes.c_uint64, _RING_SIZE)
+        self.attempts = ctx.RawArray(ctypes.c_int32, _RING_SIZE)
         self.count = ctx.RawValue(ctypes.c_uint64, 0)
+        self.start = ctx.RawValue(ctypes.c_uint64, 0)
 
-    def add(self, task_id: int) -> None:
+    def add(self, task_id: int, attempt: int) -> None:
         n = self.count.value
         self.ids[n % _RING_SIZE] = task_id
-        # The id is in place before the count says so (x86 and ARM keep this order for the
-        # readers' loads of an aligned word they see after the count).
+        self.attempts[n % _RING_SIZE] = attempt
+        # The entry is in place before the count says so (x86 and ARM keep this order for the
+        # readers' loads of aligned words they see after the count).
         self.count.value = n + 1
+
+    def clear(self) -> None:
+        self.start.value = self.count.value
 
 
 class _CancelView:
-    """A pool process's view of the ring: refreshed only when its count moved."""
+    """A pool process's view of the ring: read again only when the ring changed."""
 
     def __init__(self, ring: _CancelRing) -> None:
         self._ring = ring
-        self._seen = 0
-        self._ids: frozenset = frozenset()
+        self._seen = (0, 0)
+        self._stopped: frozenset = frozenset()
 
-    def __contains__(self, task_id: int) -> bool:
-        n = self._ring.count.value
-        if n != self._seen:
-            self._ids = frozenset(self._ring.ids[:min(n, _RING_SIZE)])
-            self._seen = n
-        return task_id in self._ids
+    def __contains__(self, task: Tuple[int, int]) -> bool:
+        ring = self._ring
+        seen = (ring.start.value, ring.count.value)
+        if seen != self._seen:
+            start, n = seen
+            ids, attempts = ring.ids, ring.attempts
+            self._stopped = frozenset((ids[i % _RING_SIZE], attempts[i % _RING_SIZE])
+                                      for i in range(max(start, n - _RING_SIZE), n))
+            self._seen = seen
+        return task in self._stopped
 
 
 class _ProcessStop:
     """A process handler's stop signal, with threading.Event's is_set() and wait()."""
 
-    __slots__ = ("_view", "_task_id")
+    __slots__ = ("_view", "_task")
 
-    def __init__(self, view: _CancelView, task_id: int) -> None:
+    def __init__(self, view: _CancelView, task: Tuple[int, int]) -> None:
         self._view = view
-        self._task_id = task_id
+        self._task = task  # (id, attempt)
 
     def is_set(self) -> bool:
-        return self._task_id in self._view
+        return self._task in self._view
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         until = None if timeout is None else time.monotonic() + timeout
-        while self._task_id not in self._view:
+        while self._task not in self._view:
             left = _CANCEL_POLL if until is None else min(_CANCEL_POLL, until - time.monotonic())
             if left <= 0:
                 return False
@@ -222,16 +229,15 @@ def _process_main(handlers: Dict[str, Handler], tasks: multiprocessing.connectio
         batch: List[Result] = []
         last = monotonic()
         for task in chunk:
-            task_id, attempt = task[0], task[1]
-            if task_id in cancels:
+            task_id, attempt = key = task[0], task[1]
+            if key in cancels:
                 batch.append((task_id, attempt, CANCELLED,
                               encode_result(task_id, attempt, CANCELLED, error="cancelled")))
                 continue
             current_start.value = monotonic()
             current_id.value = task_id
-            outcome, encoded = run_task(handlers.get(task[2]), task,
-                                        _ProcessStop(cancels, task_id), out.progress,
-                                        max_output, worker_name)
+            outcome, encoded = run_task(handlers.get(task[2]), task, _ProcessStop(cancels, key),
+                                        out.progress, max_output, worker_name)
             current_id.value = 0
             batch.append((task_id, attempt, outcome, encoded))
             now = monotonic()
@@ -315,7 +321,7 @@ class ProcessPool:
             self._alive = self._size
 
     def attach(self, slots: Slots) -> None:
-        """Starts taking tasks from `slots` (whose stop_hook is this pool's stop_hook)."""
+        """Starts taking tasks from `slots` (whose StopSink is this pool)."""
         self._slots = slots
         self._threads = [threading.Thread(target=self._dispatch, name="taskmaster-dispatch",
                                           daemon=True),
@@ -324,9 +330,14 @@ class ProcessPool:
         for t in self._threads:
             t.start()
 
-    def stop_hook(self, task_id: int) -> None:
-        """Tells the processes to stop (or skip) a task; called under the accounting's lock."""
-        self._ring.add(task_id)
+    def stop_task(self, task_id: int, attempt: int) -> None:
+        """StopSink: the processes stop (or skip) this task."""
+        self._ring.add(task_id, attempt)
+
+    def forget_stops(self) -> None:
+        """StopSink: tasks stopped so far are forgotten. Handlers of a lost epoch then run to
+        their end (their results are dropped), and new tasks that reuse their ids run."""
+        self._ring.clear()
 
     def poll(self) -> None:
         """The watchdog's pass: tells the accounting when running handlers started, so that
@@ -412,7 +423,7 @@ class ProcessPool:
                 pass  # it died: the collector reads its pipe's end and accounts for them
         unsent += tasks[start:]
         if unsent:  # only when processes died meanwhile: the master hands them to others
-            self._slots.finish([_returned(t) for t in unsent], None)
+            self._slots.finish([(t, _returned(t)) for t in unsent], None)
 
     def _collect(self) -> None:
         assert self._slots is not None
@@ -428,20 +439,19 @@ class ProcessPool:
                     self._ended(p)
                     continue
                 if message[0] == "p":
-                    for task_id, _, done, total, text in message[1]:
-                        slots.report_progress(task_id, done, total, text)
+                    for report in message[1]:
+                        slots.report_progress(*report)
                     continue
                 results, busy = message[1], message[2]
                 with self._lock:
                     inflight = p.inflight
-                    for _ in range(len(results)):
-                        inflight.popleft()
+                    done = [(inflight.popleft(), r) for r in results]
                     per_task = busy / len(results)
                     weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(results)
                     self._task_time = (per_task if self._task_time <= 0 else
                                        (1 - weight) * self._task_time + weight * per_task)
                     self._room.notify()
-                slots.finish(results, busy)
+                slots.finish(done, busy)
 
     def _ended(self, p: _Process) -> None:
         # A process's results pipe ended: it exited, on its own or told to.
@@ -457,8 +467,8 @@ class ProcessPool:
         running = p.current_id.value
         why = f"pool process {p.index} exited with code {p.process.exitcode}"
         # The task it was running failed with it; the others never started.
-        self._slots.finish([(t[0], t[1], FAILED, encode_result(t[0], t[1], FAILED, error=why))
-                            if t[0] == running else _returned(t) for t in lost], None)
+        self._slots.finish([(t, (t[0], t[1], FAILED, encode_result(t[0], t[1], FAILED, error=why))
+                             if t[0] == running else _returned(t)) for t in lost], None)
         if closing:
             return
         log.error("%s; %d tasks it held given back; %d processes left", why, len(lost), alive)

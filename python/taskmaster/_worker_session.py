@@ -72,10 +72,11 @@ class Session:
     """Thread-safe. start() once; cancel() any time; join() after the accounting stopped."""
 
     def __init__(self, conn: Connection, identity: Identity, slots: Slots,
-                 poll: Callable[[], None], reconnect_max: float,
+                 poll: Optional[Callable[[], None]], reconnect_max: float,
                  on_refused: Callable[[errors.TaskmasterError], None]) -> None:
-        """`poll` runs on each watchdog pass, before the accounting's; `on_refused` hears of a
-        master that refused this worker's hello (a bad token, say): the session stops."""
+        """`poll`, if any, runs on each watchdog pass, before the accounting's; `on_refused`
+        hears of a master that refused this worker's hello (a bad token, say): the session
+        stops."""
         self._conn = conn
         self._identity = identity
         self._slots = slots
@@ -104,7 +105,8 @@ class Session:
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.ident is not None:  # started
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def _cancel_session(self, number: int) -> None:
         # Session `number` if it is still the live one; 0: whichever is.
@@ -169,7 +171,7 @@ class Session:
             # Requests are bytes already (no serializer): results arrive encoded.
             connect = channel.stream_stream(_CONNECT, request_serializer=None,
                                             response_deserializer=pb.MasterMessage.FromString)
-            call = connect(self._requests(self._hello(state), opened),
+            call = connect(self._requests(number, self._hello(state), opened),
                            metadata=self._conn.metadata)
             with self._mu:
                 self._call = call
@@ -212,13 +214,14 @@ class Session:
             log.error("%s", line)
         return welcomed, None if master_stopping else error
 
-    def _requests(self, hello: bytes, opened: threading.Event) -> Iterator[bytes]:
-        # gRPC's own thread runs this: the hello, then (once welcomed) whatever the accounting
-        # has to send, until the session closes or the worker says bye.
+    def _requests(self, number: int, hello: bytes, opened: threading.Event) -> Iterator[bytes]:
+        # gRPC's own thread runs this (it cannot be joined as session.cc joins its sender): the
+        # hello, then (once welcomed) whatever the accounting has to send on session `number`,
+        # until it closes or the worker says bye.
         yield hello
         opened.wait()
         while True:
-            out = self._slots.next_to_send()
+            out = self._slots.next_to_send(number)
             if out is None:
                 return
             if out.empty():
@@ -248,7 +251,8 @@ class Session:
         address = self._conn.address
         while True:
             time.sleep(WATCHDOG_PERIOD)
-            self._poll()
+            if self._poll is not None:
+                self._poll()
             report = self._slots.watch()
             if report is None:
                 return

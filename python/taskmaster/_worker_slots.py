@@ -6,6 +6,11 @@ it with a fake clock.
 Tasks travel as plain tuples `(task_id, attempt, kind, payload, timeout_ms)`, and results as
 `(task_id, attempt, outcome, encoded)`, where `encoded` is the result's ready-made entry of a
 WorkerMessage (see _worker_wire). Times are seconds on the monotonic clock.
+
+Unlike slots.cc, a running handler whose result no longer counts (its task revoked, fenced, timed
+out while it ran on, or from a master that lost its state) leaves `held` for `orphans`, where its
+task tuple's identity finds it when it returns: the master may lease the same task id again
+meanwhile (at the next attempt, or as a new task of a new epoch), and that lease must run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import (Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple)
+from typing import (Callable, Deque, Dict, Iterable, List, Optional, Protocol, Sequence, Set,
+                    Tuple)
 
 from ._worker_wire import CANCELLED, OUTCOME_NAMES, RETURNED, FAILED, encode_result
 
@@ -56,6 +62,17 @@ _MIN_HEARTBEAT = 0.1
 _TASK_TIME_WEIGHT = 0.05
 
 
+class StopSink(Protocol):
+    """Where the accounting tells a process pool to stop running tasks (thread pools see each
+    task's event instead). Called under the accounting's lock: must not block."""
+
+    def stop_task(self, task_id: int, attempt: int) -> None:
+        """The handler of this task must stop, or not start."""
+
+    def forget_stops(self) -> None:
+        """The master lost its state: task ids stopped so far may come again as new tasks."""
+
+
 @dataclass(frozen=True)
 class SlotsOptions:
     """What a pool's accounting needs to know; the Worker fills it from its arguments."""
@@ -65,9 +82,7 @@ class SlotsOptions:
     prefetch_max: int           # the adaptive prefetch's ceiling
     prefetch_window: float      # seconds of work the adaptive prefetch keeps at hand
     progress_interval: float    # progress reaches the master at most this often
-    # Called, under the accounting's lock, for each running task that must stop (cancelled,
-    # revoked, fenced, stuck); must not block. Thread pools see the task's event instead.
-    stop_hook: Optional[Callable[[int], None]] = None
+    stops: Optional[StopSink] = None
     now: Callable[[], float] = time.monotonic
 
 
@@ -123,17 +138,16 @@ class WatchReport:
 
 
 class _Held:
-    """A task this pool holds: queued or running."""
+    """A task this pool holds, queued or running; or an orphan: a running handler whose result
+    will be dropped."""
 
-    __slots__ = ("task", "running", "discard", "stuck", "deadline", "progress", "event")
+    __slots__ = ("task", "running", "stuck", "deadline", "progress", "event")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.running = False
-        # Revoked by the master or fenced: its result would be stale.
-        self.discard = False
-        # Reported timed out while its handler kept running: discarded, yet its thread is busy,
-        # so it still counts against the credits (and is not counted in _discarded).
+        # An orphan reported timed out while its handler runs on: its slot is busy, so it
+        # counts against the credits (other orphans were told to stop, and soon free theirs).
         self.stuck = False
         self.deadline: Optional[float] = None  # from its start, when the task has a timeout
         self.progress: Optional[Tuple[int, int, str]] = None  # the latest report, until sent
@@ -154,9 +168,9 @@ class Slots:
         self._changed = threading.Condition(self._lock)      # drain and leaving waits
         self._threads = options.threads
         # ---- Tasks ----
-        self._held: Dict[int, _Held] = {}
-        self._discarded = 0  # entries of _held running only to be dropped
-        self._stuck = 0      # entries of _held marked stuck
+        self._held: Dict[int, _Held] = {}  # by task id
+        self._orphans: Dict[int, _Held] = {}  # by id() of their task tuple
+        self._stuck = 0  # orphans marked stuck
         self._queue: Deque[int] = deque()  # held, not started, in arrival order
         self._recent_cancels: Set[int] = set()
         self._recent_cancels_order: Deque[int] = deque()
@@ -236,39 +250,42 @@ class Slots:
             if h is not None and h.running and h.deadline is None and h.task[4] > 0:
                 h.deadline = at + h.task[4] / 1000.0
 
-    def finish(self, results: Sequence[Result], busy: Optional[float]) -> None:
+    def finish(self, done: Sequence[Tuple[Task, Result]], busy: Optional[float]) -> None:
         """Running tasks' handlers returned, taking `busy` seconds together (None: they never
-        ran): their results wait for the master's acknowledgement, unless their tasks were
-        revoked or fenced meanwhile."""
-        if not results:
+        ran): each pairs the task tuple it was given (by take or take_one) with its result,
+        which waits for the master's acknowledgement, unless the handler was orphaned
+        meanwhile."""
+        if not done:
             return
         with self._lock:
             if busy is not None:
-                per_task = busy / len(results)
-                weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(results)
+                per_task = busy / len(done)
+                weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(done)
                 self._task_time_ewma = (per_task if self._task_time_ewma <= 0 else
                                         (1 - weight) * self._task_time_ewma + weight * per_task)
             held, unacked, to_send = self._held, self._unacked, self._to_send
-            for r in results:
-                h = held.pop(r[0], None)
-                if h is None:
+            for task, r in done:
+                tid = task[0]
+                h = held.get(tid)
+                if h is not None and h.task is task:
+                    del held[tid]
+                    unacked[tid] = r
+                    to_send.append(tid)
                     continue
-                if h.discard:
-                    self._discarded -= 0 if h.stuck else 1
-                    self._stuck -= 1 if h.stuck else 0
-                    continue
-                unacked[r[0]] = r
-                to_send.append(r[0])
+                orphan = self._orphans.pop(id(task), None)
+                if orphan is not None and orphan.stuck:
+                    self._stuck -= 1
             self._top_up_credits_locked()
             self._send_ready.notify()
             self._changed.notify_all()
 
-    def report_progress(self, task_id: int, done: int, total: int, message: str) -> None:
+    def report_progress(self, task_id: int, attempt: int, done: int, total: int,
+                        message: str) -> None:
         """A running task's handler says how far it has come: the latest is kept and sent with
         the next message at most every progress interval."""
         with self._lock:
             h = self._held.get(task_id)
-            if h is None or not h.running or h.discard:
+            if h is None or not h.running or h.task[1] != attempt:
                 return
             h.progress = (done, total, message)
             if not self._progress_pending:
@@ -279,11 +296,6 @@ class Slots:
         """The pool now runs `threads` tasks at once (a pool process died)."""
         with self._lock:
             self._threads = threads
-
-    def stuck(self) -> int:
-        """Handlers running past their deadline, their tasks reported timed out."""
-        with self._lock:
-            return self._stuck
 
     # ---- The session ----
 
@@ -297,7 +309,7 @@ class Slots:
             self._cut = False
             self._welcomed = False
             self._session_started = self._now()
-            held = [(tid, h.task[1]) for tid, h in self._held.items() if not h.discard]
+            held = [(tid, h.task[1]) for tid, h in self._held.items()]
             held += [(tid, r[1]) for tid, r in self._unacked.items() if tid not in self._held]
             return HelloState(held, self._epoch, self._secret, self._lease)
 
@@ -311,12 +323,16 @@ class Slots:
                               f"{welcome.master_epoch}): dropping {len(self._held)} held tasks "
                               f"and {len(self._unacked)} unacknowledged results")
                 for tid in list(self._held):
-                    self._revoke_locked(tid)
+                    self._drop_locked(tid)
                 self._unacked.clear()
                 self._refusals.clear()
+                self._recent_cancels.clear()
+                self._recent_cancels_order.clear()
+                if self._options.stops is not None:
+                    self._options.stops.forget_stops()
             for tid, _ in welcome.revoked:
                 if tid in self._held:
-                    self._revoke_locked(tid)
+                    self._drop_locked(tid)
                 self._unacked.pop(tid, None)
             self._prune_queue_locked()
             self._epoch = welcome.master_epoch
@@ -371,7 +387,8 @@ class Slots:
                 if h is None:
                     self._remember_cancel_locked(tid)
                 elif h.running:
-                    self._stop_locked(tid, h)
+                    # Its handler returns with the task CANCELLED (run_task sees the stop).
+                    self._stop_locked(h)
                 else:
                     self._add_result_locked(tid, h.task[1], CANCELLED, "cancelled")
                     del held[tid]
@@ -398,24 +415,26 @@ class Slots:
         self._recent_cancels.add(tid)
         self._recent_cancels_order.append(tid)
 
-    def _send_wanted_locked(self, now: float) -> bool:
-        return (not self._session_open or bool(self._to_send) or self._credits_to_send > 0
+    def _send_wanted_locked(self, session: int, now: float) -> bool:
+        return (not self._session_open or session != self._live_session
+                or bool(self._to_send) or self._credits_to_send > 0
                 or (self._draining and not self._drain_sent) or self._leaving
                 or (self._progress_pending and now >= self._progress_due)
                 or now >= self._heartbeat_due)
 
-    def next_to_send(self) -> Optional[ToMaster]:
-        """Blocks until there is something to write or a heartbeat is due; None once the
-        session closed."""
+    def next_to_send(self, session: int) -> Optional[ToMaster]:
+        """Blocks until there is something to write on `session` or a heartbeat is due; None
+        once that session closed (a sender that wakes late never takes what a later session's
+        sender should write)."""
         with self._lock:
             now = self._now()
-            while not self._send_wanted_locked(now):
+            while not self._send_wanted_locked(session, now):
                 due = self._heartbeat_due
                 if self._progress_pending:
                     due = min(due, self._progress_due)
                 self._send_ready.wait(max(0.0, due - now))
                 now = self._now()
-            if not self._session_open:
+            if not self._session_open or session != self._live_session:
                 return None
             if now >= self._resend_at:
                 # Still unacknowledged a whole period later: the master could not store them
@@ -544,12 +563,10 @@ class Slots:
         # A handler that ignores its deadline must not hold its result back forever: past the
         # deadline and a grace the task is reported timed out, and whatever the handler returns
         # later is dropped. Its thread stays busy meanwhile, and counts so.
-        for tid, h in self._held.items():
-            if (not h.running or h.discard or h.deadline is None
-                    or now - h.deadline < STUCK_GRACE):
-                continue
-            self._stop_locked(tid, h)
-            h.discard = True
+        for tid in [tid for tid, h in self._held.items() if h.running
+                    and h.deadline is not None and now - h.deadline >= STUCK_GRACE]:
+            h = self._held[tid]
+            self._orphan_locked(tid, h)
             h.stuck = True
             self._stuck += 1
             report.stuck.append((tid, h.task[1]))
@@ -562,15 +579,10 @@ class Slots:
         # Stops every task whose lease may lapse on the master: results not yet acknowledged
         # are kept.
         report.dropped = len(self._queue)
-        for tid in self._queue:
-            del self._held[tid]
+        report.stopped = len(self._held) - report.dropped
+        for tid in list(self._held):
+            self._drop_locked(tid)
         self._queue.clear()
-        for tid, h in self._held.items():
-            if not h.discard:
-                h.discard = True
-                self._stop_locked(tid, h)
-                self._discarded += 1
-                report.stopped += 1
 
     def _leases_held_since_locked(self, since: float) -> None:
         # The master extended this worker's leases at `since` at the latest: they hold for a
@@ -595,27 +607,31 @@ class Slots:
         # holds and what it granted already.
         if self._draining or not self._session_open:
             return
-        held = len(self._held) - self._discarded
+        held = len(self._held) + self._stuck
         want = self._threads + self._prefetch_locked() - held - self._outstanding_credit
         if want > 0:
             self._credits_to_send += want
             self._outstanding_credit += want
 
-    def _stop_locked(self, tid: int, h: _Held) -> None:
+    def _stop_locked(self, h: _Held) -> None:
         if h.event is not None:
             h.event.set()
-        if self._options.stop_hook is not None:
-            self._options.stop_hook(tid)
+        if self._options.stops is not None:
+            self._options.stops.stop_task(h.task[0], h.task[1])
 
-    def _revoke_locked(self, tid: int) -> None:
-        # Drops a held task: a queued one now (the caller prunes the queue), a running one when
-        # its handler returns.
+    def _orphan_locked(self, tid: int, h: _Held) -> None:
+        # A running handler whose result will not count: told to stop, and out of _held, where a
+        # new lease of the same task id may come.
+        del self._held[tid]
+        self._stop_locked(h)
+        self._orphans[id(h.task)] = h
+
+    def _drop_locked(self, tid: int) -> None:
+        # Drops a held task: a queued one now (the caller prunes the queue), a running one's
+        # result when its handler returns.
         h = self._held[tid]
         if h.running:
-            if not h.discard:
-                self._discarded += 1
-                h.discard = True
-            self._stop_locked(tid, h)
+            self._orphan_locked(tid, h)
         else:
             del self._held[tid]
 
@@ -673,9 +689,9 @@ class Slots:
                 return False
             self._stopped = True
             self._leaving = True
-            for tid, h in self._held.items():
+            for h in list(self._held.values()) + list(self._orphans.values()):
                 if h.running:
-                    self._stop_locked(tid, h)
+                    self._stop_locked(h)
             self._queue.clear()
             self._task_ready.notify_all()
             self._send_ready.notify_all()

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Tuple
 from ._worker_wire import (CANCELLED, FAILED, MAX_PROGRESS_MESSAGE_BYTES, SUCCEEDED,
                            encode_result)
 
-# (done, total, message) of a running task, to whoever sends it to the master.
+# (task_id, attempt, done, total, message) of a running task, to whoever sends it to the master.
 ProgressSink = Callable[[int, int, int, int, str], None]
 
 

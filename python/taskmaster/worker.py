@@ -39,6 +39,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from . import _conn
@@ -121,32 +122,32 @@ class Worker:
         Raises ValueError or TypeError for an argument out of range or of the wrong type.
         """
         try:
-            self._conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
+            conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
         except InvalidArgument as e:
             raise ValueError(e.message) from None
-        self._queues = _check_queues(queues)
-        self._labels = _check_labels(labels)
-        self._host = socket.gethostname()
-        self._name = _check_text("name", name) if name is not None else \
-            f"{self._host}-{os.getpid()}"
-        self._threads = _check_int("threads", threads, 1, _MAX_SLOTS) if threads is not None \
-            else min(32, (os.cpu_count() or 1) + 4)
-        self._processes = _check_int("processes", processes, 1, _MAX_SLOTS) \
-            if processes is not None else os.cpu_count() or 1
-        self._prefetch = _check_int("prefetch", prefetch, 0, _MAX_PREFETCH) \
-            if prefetch is not None else None
-        self._prefetch_max = _check_int("prefetch_max", prefetch_max, 0, _MAX_PREFETCH)
-        self._prefetch_window = _check_seconds("prefetch_window", prefetch_window, positive=True)
         if mp_context is not None and mp_context not in multiprocessing.get_all_start_methods():
             raise ValueError(f"mp_context must be one of "
                              f"{multiprocessing.get_all_start_methods()}, not {mp_context!r}")
-        self._mp_context = mp_context
-        self._drain_timeout = _check_seconds("drain_timeout", drain_timeout, positive=False)
-        self._progress_interval = _check_seconds("progress_interval", progress_interval,
-                                                 positive=True)
-        self._reconnect_max = _check_seconds("reconnect_max", reconnect_max, positive=True)
-        self._max_output = max(0, self._conn.max_message_bytes - RESULT_OVERHEAD_BYTES)
-        self._worker_id = f"{self._name}-{secrets.token_hex(_WORKER_ID_RANDOM_BYTES)}"
+        host = socket.gethostname()
+        self._settings = _Settings(
+            conn=conn, host=host,
+            name=_check_text("name", name) if name is not None else f"{host}-{os.getpid()}",
+            queues=_check_queues(queues), labels=_check_labels(labels),
+            threads=(_check_int("threads", threads, 1, _MAX_SLOTS) if threads is not None
+                     else min(32, (os.cpu_count() or 1) + 4)),
+            processes=(_check_int("processes", processes, 1, _MAX_SLOTS)
+                       if processes is not None else os.cpu_count() or 1),
+            prefetch=(_check_int("prefetch", prefetch, 0, _MAX_PREFETCH)
+                      if prefetch is not None else None),
+            prefetch_max=_check_int("prefetch_max", prefetch_max, 0, _MAX_PREFETCH),
+            prefetch_window=_check_seconds("prefetch_window", prefetch_window, positive=True),
+            mp_context=mp_context,
+            drain_timeout=_check_seconds("drain_timeout", drain_timeout, positive=False),
+            progress_interval=_check_seconds("progress_interval", progress_interval,
+                                             positive=True),
+            reconnect_max=_check_seconds("reconnect_max", reconnect_max, positive=True),
+            max_output=max(0, conn.max_message_bytes - RESULT_OVERHEAD_BYTES))
+        self._worker_id = f"{self._settings.name}-{secrets.token_hex(_WORKER_ID_RANDOM_BYTES)}"
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # Guarded by _lock: kind -> handler; run() was called; stop() was; why the worker must
@@ -168,7 +169,7 @@ class Worker:
 
     @property
     def name(self) -> str:
-        return self._name
+        return self._settings.name
 
     @property
     def kinds(self) -> List[str]:
@@ -235,23 +236,24 @@ class Worker:
                 lane.abort()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            log.info("worker %s stopped", self._name)
+            log.info("worker %s stopped", self._settings.name)
         with self._lock:
             fatal = self._fatal
         if fatal is not None:
             raise fatal
 
     def _make_lanes(self, handlers: Dict[str, Handler]) -> List["_Lane"]:
-        pools = sorted({h.pool for h in handlers.values()})
-        lanes = []
+        # Process pools first: their processes must fork before any gRPC channel exists.
+        pools = sorted({h.pool for h in handlers.values()}, key=lambda p: p != PROCESS)
+        one = len(pools) == 1
+        name = self._settings.name
+        lanes: List[_Lane] = []
         try:
-            # Process pools first: their processes must fork before any gRPC channel exists.
-            for pool in sorted(pools, key=lambda p: p != PROCESS):
-                one = len(pools) == 1
+            for pool in pools:
                 lanes.append(_Lane(
-                    self, pool, {k: h for k, h in handlers.items() if h.pool == pool},
+                    self._settings, pool, {k: h for k, h in handlers.items() if h.pool == pool},
                     worker_id=self._worker_id if one else f"{self._worker_id}/{pool}",
-                    name=self._name if one else f"{self._name}/{pool}"))
+                    name=name if one else f"{name}/{pool}", on_fatal=self._fail))
         except BaseException:
             for lane in lanes:
                 lane.abort()
@@ -302,7 +304,7 @@ class Worker:
                 drainer.start()
 
     def _drain(self, lanes: List["_Lane"]) -> None:
-        deadline = time.monotonic() + self._drain_timeout
+        deadline = time.monotonic() + self._settings.drain_timeout
         # Every pool drains at once, so that the drain takes the timeout once, not per pool.
         threads = [threading.Thread(target=lane.drain, args=(deadline,), daemon=True)
                    for lane in lanes]
@@ -312,59 +314,79 @@ class Worker:
             t.join()
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """A worker's checked arguments (see Worker.__init__), for its lanes."""
+
+    conn: _conn.Connection
+    host: str
+    name: str
+    queues: List[str]
+    labels: Dict[str, str]
+    threads: int
+    processes: int
+    prefetch: Optional[int]
+    prefetch_max: int
+    prefetch_window: float
+    mp_context: Optional[str]
+    drain_timeout: float
+    progress_interval: float
+    reconnect_max: float
+    max_output: int  # bytes of output a result may carry
+
+
 class _Lane:
     """One pool of the worker with its accounting and its own stream to the master, where it
     shows as a worker of its own serving only its kinds: separate streams keep each pool's
     credits and prefetch apart without the master knowing of pools."""
 
-    def __init__(self, worker: Worker, pool: str, handlers: Dict[str, Handler], worker_id: str,
-                 name: str) -> None:
-        w = worker
+    def __init__(self, settings: _Settings, pool: str, handlers: Dict[str, Handler],
+                 worker_id: str, name: str, on_fatal: Callable[[BaseException], None]) -> None:
+        """Starts the pool's processes, if it has any: before any gRPC channel exists."""
+        s = settings
+        self._settings = settings
         self.name = name
         self.pool = pool
         self.kinds = sorted(handlers)
-        self.size = w._processes if pool == PROCESS else w._threads
+        self.size = s.processes if pool == PROCESS else s.threads
         self.process_pool: Optional[ProcessPool] = None
+        self.thread_pool: Optional[ThreadPool] = None
         if pool == PROCESS:
-            self.process_pool = ProcessPool(handlers, self.size, w._mp_context, w._max_output,
-                                            name, w._progress_interval,
-                                            lambda why: w._fail(RuntimeError(why)))
+            self.process_pool = ProcessPool(handlers, self.size, s.mp_context, s.max_output,
+                                            name, s.progress_interval,
+                                            lambda why: on_fatal(RuntimeError(why)))
             self.process_pool.start()
         self.slots = Slots(SlotsOptions(
-            threads=self.size, prefetch=w._prefetch, prefetch_max=w._prefetch_max,
-            prefetch_window=w._prefetch_window, progress_interval=w._progress_interval,
-            stop_hook=self.process_pool.stop_hook if self.process_pool else None))
-        self.thread_pool: Optional[ThreadPool] = None
+            threads=self.size, prefetch=s.prefetch, prefetch_max=s.prefetch_max,
+            prefetch_window=s.prefetch_window, progress_interval=s.progress_interval,
+            stops=self.process_pool))
         if self.process_pool is not None:
             self.process_pool.attach(self.slots)
-            poll = self.process_pool.poll
         else:
-            self.thread_pool = ThreadPool(self.slots, handlers, self.size, w._max_output, name)
-            poll = self.thread_pool.poll
+            self.thread_pool = ThreadPool(self.slots, handlers, self.size, s.max_output, name)
         self.session = Session(
-            w._conn, Identity(worker_id=worker_id, name=name, host=w._host, kinds=self.kinds,
-                              queues=w._queues, labels=w._labels, slots=self.size),
-            self.slots, poll, w._reconnect_max, w._fail)
-        self._prefetch = (str(w._prefetch) if w._prefetch is not None
-                          else f"adaptive up to {w._prefetch_max}")
-        self._master = w._conn.address
-        self._drain_timeout = w._drain_timeout
-        self._aborted = threading.Event()
+            s.conn, Identity(worker_id=worker_id, name=name, host=s.host, kinds=self.kinds,
+                             queues=s.queues, labels=s.labels, slots=self.size),
+            self.slots, self.process_pool.poll if self.process_pool else None, s.reconnect_max,
+            on_fatal)
 
     def start(self) -> None:
+        s = self._settings
         if self.thread_pool is not None:
             self.thread_pool.start()
         self.session.start()
+        prefetch = (str(s.prefetch) if s.prefetch is not None
+                    else f"adaptive up to {s.prefetch_max}")
         log.info("worker %s started: %d %s, prefetch %s, kinds [%s], master %s", self.name,
-                 self.size, "processes" if self.pool == PROCESS else "threads", self._prefetch,
-                 ",".join(self.kinds), self._master)
+                 self.size, "processes" if self.pool == PROCESS else "threads", prefetch,
+                 ",".join(self.kinds), s.conn.address)
 
     def drain(self, deadline: float) -> None:
         start = self.slots.start_drain()
         if start is None:
             return
         log.info("%s draining: %d tasks given back, %d running (up to %.0f s)", self.name,
-                 start[0], start[1], self._drain_timeout)
+                 start[0], start[1], self._settings.drain_timeout)
         unfinished, unacked = self.slots.finish_drain(deadline)
         if unfinished:
             log.warning("%s: drain timeout: left %d tasks unfinished for the master to requeue",
@@ -375,10 +397,7 @@ class _Lane:
 
     def abort(self) -> None:
         """Stops at once: handlers told to stop, the stream cancelled, threads and processes
-        ended. Only the first call does anything."""
-        if self._aborted.is_set():
-            return
-        self._aborted.set()
+        ended."""
         self.slots.stop()
         self.session.cancel()
         self.session.join(_CLOSE_TIMEOUT)

@@ -83,20 +83,33 @@ class Master:
     def __init__(self, build: Path, directory: Path, flags: Sequence[str]) -> None:
         self.build = build
         self.dir = directory
-        tokens = directory / "tokens"
-        tokens.write_text(f"submit {SUBMIT_TOKEN}\nwork {WORK_TOKEN}\nadmin {ADMIN_TOKEN}\n")
+        self.flags = list(flags)
+        self.tokens = directory / "tokens"
+        self.tokens.write_text(f"submit {SUBMIT_TOKEN}\nwork {WORK_TOKEN}\nadmin {ADMIN_TOKEN}\n")
         self.submit_token_file = directory / "submit.token"
         self.work_token_file = directory / "work.token"
         self.submit_token_file.write_text(SUBMIT_TOKEN + "\n")
         self.work_token_file.write_text(WORK_TOKEN + "\n")
-        for f in (tokens, self.submit_token_file, self.work_token_file):
+        for f in (self.tokens, self.submit_token_file, self.work_token_file):
             f.chmod(0o600)
-        port_file = directory / "port"
-        self.log_path = directory / "master.log"
+        self.starts = 0
+        self.port = 0
+        self.channel: Optional[grpc.Channel] = None
+        self.start()
+        # Every call: the submit token, bounded, and waiting out a restart of the master.
+        self.call = dict(metadata=(("authorization", f"Bearer {SUBMIT_TOKEN}"),),
+                         timeout=TIMEOUT, wait_for_ready=True)
+
+    def start(self) -> None:
+        """Starts the master, or starts it again on its port once it has stopped."""
+        port_file = self.dir / "port"
+        port_file.unlink(missing_ok=True)
+        self.log_path = self.dir / f"master-{self.starts}.log"
+        self.starts += 1
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [str(build / "master/taskmaster"), "--listen", "127.0.0.1:0", "--tokens",
-                 str(tokens), "--port-file", str(port_file), *flags],
+                [str(self.build / "master/taskmaster"), "--listen", f"127.0.0.1:{self.port}",
+                 "--tokens", str(self.tokens), "--port-file", str(port_file), *self.flags],
                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: port_file.exists() and port_file.read_text().strip()
@@ -104,49 +117,52 @@ class Master:
             if self.proc.poll() is not None:
                 pytest.fail(f"the master exited: {self.log_path.read_text()}")
         except BaseException:
-            self.stop()
+            stop_process(self.proc)
             raise
-        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        self.port = int(port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+        # A new channel: the last one's connection went with the master it reached.
+        if self.channel is not None:
+            self.channel.close()
         self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.TaskQueueStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {SUBMIT_TOKEN}"),)
 
-    def stop(self) -> None:
-        if hasattr(self, "channel"):
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        stop_process(self.proc, sig)
+
+    def close(self) -> None:
+        if self.channel is not None:
             self.channel.close()
-        stop_process(self.proc)
+        self.stop()
 
     def submit(self, kind: str, payloads: Sequence[bytes], **spec: Any) -> Tuple[str, List[int]]:
         """Submits one task per payload; returns the job id and the task ids."""
         request = pb.SubmitRequest(tasks=[pb.TaskSpec(kind=kind, payload=p, **spec)
                                           for p in payloads])
-        response = self.stub.Submit(request, metadata=self.metadata, timeout=TIMEOUT)
+        response = self.stub.Submit(request, **self.call)
         return response.job_id, list(response.task_ids)
 
     def task(self, task_id: int) -> "pb.TaskInfo":
-        return self.stub.GetTask(pb.GetTaskRequest(id=task_id), metadata=self.metadata,
-                                 timeout=TIMEOUT)
+        return self.stub.GetTask(pb.GetTaskRequest(id=task_id), **self.call)
 
     def job(self, job_id: str) -> "pb.JobInfo":
-        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self.metadata,
-                                timeout=TIMEOUT)
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), **self.call)
 
     def cancel(self, task_id: int) -> int:
-        return self.stub.Cancel(pb.CancelRequest(task_id=task_id), metadata=self.metadata,
-                                timeout=TIMEOUT).cancelled
+        return self.stub.Cancel(pb.CancelRequest(task_id=task_id), **self.call).cancelled
 
     def stats(self) -> "pb.StatsResponse":
-        return self.stub.Stats(pb.StatsRequest(), metadata=self.metadata, timeout=TIMEOUT)
+        return self.stub.Stats(pb.StatsRequest(), **self.call)
 
     def connected_workers(self) -> List[str]:
-        workers = self.stub.Workers(pb.WorkersRequest(), metadata=self.metadata, timeout=TIMEOUT)
+        workers = self.stub.Workers(pb.WorkersRequest(), **self.call)
         return sorted(w.name for w in workers.workers if w.connected)
 
     def watch(self, job_id: str) -> List["pb.TaskInfo"]:
         """Every result of a job, in completion order, once the job finished."""
         results: List[pb.TaskInfo] = []
         for event in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id),
-                                        metadata=self.metadata, timeout=TIMEOUT):
+                                        **self.call):
             results.extend(event.results)
         return results
 
@@ -162,10 +178,16 @@ class Master:
 
 
 @pytest.fixture
-def master(build_dir: Path, tmp_path: Path) -> Iterator[Master]:
-    m = Master(build_dir, tmp_path, MASTER_FLAGS)
+def master_flags() -> List[str]:
+    """The master's flags; a test overrides this fixture for others."""
+    return MASTER_FLAGS
+
+
+@pytest.fixture
+def master(build_dir: Path, tmp_path: Path, master_flags: List[str]) -> Iterator[Master]:
+    m = Master(build_dir, tmp_path, master_flags)
     yield m
-    m.stop()
+    m.close()
 
 
 # A worker program: the handlers the tests run, in the pool its configuration names (a JSON

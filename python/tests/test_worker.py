@@ -15,7 +15,8 @@ from typing import Callable, Iterator, List, Optional
 
 import pytest
 
-from conftest import TIMEOUT, Master, wait_for
+from conftest import MASTER_FLAGS, TIMEOUT, Master, wait_for
+from taskmaster._worker_slots import Slots, SlotsOptions, Welcome
 from taskmaster.errors import PermissionDenied, Unauthenticated
 from taskmaster.v1 import taskmaster_pb2 as pb
 from taskmaster.worker import PermanentError, TaskContext, Worker
@@ -234,3 +235,101 @@ def test_arguments_checked(monkeypatch):
     with pytest.raises(ValueError, match="twice"):
         worker.handler("square")(lambda payload: payload)
     assert worker.kinds == ["square"]
+
+
+class TestDurableMaster:
+    @pytest.fixture
+    def master_flags(self, tmp_path):
+        flags = list(MASTER_FLAGS)
+        flags[flags.index("--store") + 1] = "sqlite"
+        return flags + ["--data-dir", str(tmp_path / "data"), "--recovery-hold-ms", "5000"]
+
+    def test_restarted_master_leases_held_task_back(self, master, start_worker):
+        start_worker("loyal")
+        _, [task_id] = master.submit("sleep", [b"1500"])
+        wait_for(lambda: master.task(task_id).progress.message == "sleeping",
+                 "the handler to start")
+        master.stop(signal.SIGKILL)
+        master.start()
+        # The worker's hello names the task it holds (with the epoch and its secret): the
+        # master leases it back at the same attempt, and takes its result.
+        task = master.wait_state(task_id, pb.SUCCEEDED)
+        assert (task.attempts, task.output, task.worker) == (1, b"slept 1500 ms", "loyal")
+
+
+def test_master_losing_its_state(master, start_worker):
+    w = start_worker("forgetful")
+    _, [old] = master.submit("sleep", [b"2000"])
+    wait_for(lambda: master.task(old).progress.message == "sleeping", "the handler to start")
+    master.stop(signal.SIGKILL)
+    master.start()  # the memory store: a new epoch, and task ids start again
+    wait_for(lambda: "lost its state" in w.log(), "the worker to see the new epoch")
+    _, [new] = master.submit("square", [b"7"])
+    assert new == old  # the new task reuses the id the old handler still runs under
+    assert master.wait_state(new, pb.SUCCEEDED).output == b"7*7=49"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def welcomed_slots(clock: FakeClock, epoch: str = "e1") -> Slots:
+    slots = Slots(SlotsOptions(threads=1, prefetch=1, prefetch_max=1, prefetch_window=0.02,
+                               progress_interval=0.5, now=clock))
+    assert slots.begin_session(1) is not None
+    slots.welcomed(Welcome(master_epoch=epoch, heartbeat_interval_ms=200, lease_timeout_ms=2000,
+                           revoked=[], echoes_heartbeats=True, worker_secret="s"))
+    return slots
+
+
+def make_task(task_id, attempt):
+    """A task as the session makes it: a new tuple each time (the accounting tells a handler's
+    task from a new lease of the same id by the tuple's identity)."""
+    return task_id, attempt, "k", b"", 0
+
+
+def result(t, outcome=1):
+    return t, (t[0], t[1], outcome, b"r%d" % t[1])
+
+
+def test_slots_new_lease_of_a_fenced_task_runs():
+    clock = FakeClock()
+    slots = welcomed_slots(clock)
+    slots.received([make_task(5, 1)], [], [], 0)
+    first, first_stop = slots.take_one()
+    clock.now += 3  # no heartbeat echo for a whole lease: the task is fenced
+    assert slots.watch().stopped == 1 and first_stop.is_set()
+    slots.close_session()
+    slots.session_ended(False, "")
+    assert slots.begin_session(2).held == []  # the fenced task is not claimed
+    slots.welcomed(Welcome("e1", 200, 2000, [], True, "s"))
+    slots.received([make_task(5, 2)], [], [], 0)  # leased again, at the next attempt
+    second, _ = slots.take_one()
+    assert second[:2] == (5, 2)
+    slots.finish([result(first)], 0.001)  # the orphan's result is dropped
+    slots.finish([result(second)], 0.001)
+    out = slots.next_to_send(2)
+    assert out.results == [b"r2"]
+
+
+def test_slots_new_epoch_drops_held_and_accepts_reused_ids():
+    clock = FakeClock()
+    slots = welcomed_slots(clock, "e1")
+    slots.received([make_task(7, 1), make_task(8, 1)], [], [], 0)
+    old, old_stop = slots.take_one()
+    slots.close_session()
+    slots.session_ended(False, "")
+    assert sorted(slots.begin_session(2).held) == [(7, 1), (8, 1)]
+    lost = slots.welcomed(Welcome("e2", 200, 2000, [], True, "s2"))
+    assert "lost its state" in lost and old_stop.is_set()
+    slots.received([make_task(7, 1)], [], [], 0)
+    new, _ = slots.take_one()
+    assert new is not old and new[:2] == (7, 1)
+    slots.finish([result(old, outcome=2)], 0.001)
+    slots.finish([result(new)], 0.001)
+    assert slots.next_to_send(2).results == [b"r1"]
+    assert slots.begin_session(3).held == [(7, 1)]  # its result, until acknowledged
