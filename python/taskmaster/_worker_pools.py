@@ -36,8 +36,6 @@ _RESULTS_FLUSH = 0.005
 # processes share the work evenly.
 _CHUNK_WINDOW = 0.005
 _MAX_CHUNK = 256
-# The weight of the newest task in the pool's moving average of task times.
-_TASK_TIME_WEIGHT = 0.05
 # Cancelled task ids the ring keeps: a process that lags this many cancels behind misses some
 # (their handlers run to the end; the master keeps the cancel either way).
 _RING_SIZE = 4096
@@ -117,19 +115,21 @@ class _CancelView:
 
     def __init__(self, ring: _CancelRing) -> None:
         self._ring = ring
-        self._seen = (0, 0)
-        self._stopped: frozenset = frozenset()
+        # ((start, count) when read, the tasks stopped then): one attribute, replaced whole, so
+        # that a handler's own threads asking at once never see halves of two reads.
+        self._view: Tuple[Tuple[int, int], frozenset] = ((0, 0), frozenset())
 
     def __contains__(self, task: Tuple[int, int]) -> bool:
         ring = self._ring
         seen = (ring.start.value, ring.count.value)
-        if seen != self._seen:
+        view = self._view
+        if seen != view[0]:
             start, n = seen
             ids, attempts = ring.ids, ring.attempts
-            self._stopped = frozenset((ids[i % _RING_SIZE], attempts[i % _RING_SIZE])
-                                      for i in range(max(start, n - _RING_SIZE), n))
-            self._seen = seen
-        return task in self._stopped
+            view = (seen, frozenset((ids[i % _RING_SIZE], attempts[i % _RING_SIZE])
+                                    for i in range(max(start, n - _RING_SIZE), n)))
+            self._view = view
+        return task in view[1]
 
 
 class _ProcessStop:
@@ -288,13 +288,13 @@ class ProcessPool:
         self._processes: List[_Process] = []  # fixed once started
         self._slots: Optional[Slots] = None
         self._threads: List[threading.Thread] = []
+        # Taken before the accounting's lock when both are held (the accounting calls this pool
+        # only through stop_task and forget_stops, which take no lock).
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a process can take more tasks
-        # Guarded by _lock: processes still running; the pool is closing; how long a task
-        # takes (seconds, moving average; 0: unknown).
+        # Guarded by _lock: processes still running; the pool is closing.
         self._alive = 0
         self._closing = False
-        self._task_time = 0.0
 
     def start(self) -> None:
         """Starts the processes."""
@@ -369,11 +369,6 @@ class ProcessPool:
             p.tasks.close()
             p.results.close()
 
-    def _chunk_locked(self) -> int:
-        if self._task_time <= 0:
-            return 1
-        return int(min(max(_CHUNK_WINDOW / self._task_time, 1), _MAX_CHUNK))
-
     def _dispatch(self) -> None:
         # Keeps every process a chunk ahead (two chunks in flight, one for long tasks), the
         # tasks at hand split evenly over the processes with room.
@@ -381,7 +376,9 @@ class ProcessPool:
         while True:
             with self._lock:
                 while True:
-                    chunk = self._chunk_locked()
+                    task_time = self._slots.task_time()
+                    chunk = (int(min(max(_CHUNK_WINDOW / task_time, 1), _MAX_CHUNK))
+                             if task_time > 0 else 1)
                     limit = 2 * chunk if chunk > 1 else 1
                     rooms = [(p, limit - len(p.inflight)) for p in self._processes
                              if p.alive and len(p.inflight) < limit]
@@ -446,10 +443,6 @@ class ProcessPool:
                 with self._lock:
                     inflight = p.inflight
                     done = [(inflight.popleft(), r) for r in results]
-                    per_task = busy / len(results)
-                    weight = 1 - (1 - _TASK_TIME_WEIGHT) ** len(results)
-                    self._task_time = (per_task if self._task_time <= 0 else
-                                       (1 - weight) * self._task_time + weight * per_task)
                     self._room.notify()
                 slots.finish(done, busy)
 

@@ -146,7 +146,7 @@ class Session:
 
     def _run(self) -> Tuple[bool, Optional[grpc.RpcError]]:
         """One stream, from hello to its end: whether the master welcomed us, and how the stream
-        ended (None: it ended well, or the master is stopping)."""
+        ended (None: with OK, or not at all: the worker is leaving)."""
         with self._mu:
             self._number += 1
             number = self._number
@@ -180,8 +180,9 @@ class Session:
                 call.cancel()
             first = next(call)
             if not first.HasField("welcome"):
-                call.cancel()  # not a master we understand
-                raise _NotAMaster()
+                call.cancel()
+                raise _Ended(grpc.StatusCode.UNKNOWN,
+                             "the first answer was no welcome: not a taskmaster master?")
             lost_state = self._slots.welcomed(_welcome(first.welcome))
             welcomed = True
             opened.set()
@@ -198,21 +199,20 @@ class Session:
                     message.heartbeat_echo)
                 if message.shutting_down:
                     master_stopping = True
+                    error = _Ended(grpc.StatusCode.UNAVAILABLE, "master stopping")
                     break
                 message = next(call)
         except StopIteration:
             pass  # the master ended the stream with OK
-        except _NotAMaster:
-            error = _NotAMaster()
         except grpc.RpcError as e:
             error = e
         finally:
             opened.set()
-            self._slots.close_session()
-            channel.close()  # cancels the call, which unblocks the sender
+            self._slots.close_session()  # the sender returns
+            channel.close()  # and the call ends, if it had not
         for line in self._slots.session_ended(master_stopping, _describe(error)):
             log.error("%s", line)
-        return welcomed, None if master_stopping else error
+        return welcomed, error
 
     def _requests(self, number: int, hello: bytes, opened: threading.Event) -> Iterator[bytes]:
         # gRPC's own thread runs this (it cannot be joined as session.cc joins its sender): the
@@ -271,14 +271,20 @@ class Session:
                             report.dropped)
 
 
-class _NotAMaster(grpc.RpcError):
-    """The first answer was not a welcome."""
+class _Ended(grpc.RpcError):
+    """How a stream ended that gRPC saw end well: the master said it is stopping, or was not a
+    master."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNKNOWN
+        return self._code
 
     def details(self) -> str:
-        return "the first answer was no welcome: not a taskmaster master?"
+        return self._details
 
 
 def _describe(error: Optional[grpc.RpcError]) -> str:

@@ -292,6 +292,11 @@ class Slots:
                 self._progress_pending = True
                 self._send_ready.notify()
 
+    def task_time(self) -> float:
+        """How long a task takes, seconds (a moving average); 0: unknown yet."""
+        with self._lock:
+            return self._task_time_ewma
+
     def set_threads(self, threads: int) -> None:
         """The pool now runs `threads` tasks at once (a pool process died)."""
         with self._lock:
