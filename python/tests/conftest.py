@@ -190,8 +190,8 @@ def master(build_dir: Path, tmp_path: Path, master_flags: List[str]) -> Iterator
     m.close()
 
 
-# A worker program: the handlers the tests run, in the pool its configuration names (a JSON
-# object in argv[1]), until SIGTERM. A file, run as a script: pool processes started with
+# A worker program: the handlers the tests run, in the pools its configuration names (a JSON
+# object in argv[1]: "pool" for every kind, "pools" by kind), until SIGTERM. A file, run as a script: pool processes started with
 # mp_context="spawn" import it again (as __mp_main__) for its handlers.
 WORKER_PROGRAM = r'''
 import json, logging, os, sys
@@ -202,34 +202,35 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 worker = Worker(cfg["address"], token_file=cfg["token_file"], name=cfg["name"],
                 reconnect_max=0.5, **cfg.get("options", {}))
-pool = cfg.get("pool", "thread")
+def pool(kind):
+    return cfg.get("pools", {}).get(kind, cfg.get("pool", "thread"))
 
-@worker.handler("square", pool=pool)
+@worker.handler("square", pool=pool("square"))
 def square(payload):
     n = int(payload)
     return "%d*%d=%d" % (n, n, n * n)
 
-@worker.handler("sleep", pool=pool)
+@worker.handler("sleep", pool=pool("sleep"))
 def sleep(payload, ctx):
     ctx.progress(0, 1, "sleeping")
     ms = int(payload)
     ctx.sleep(ms / 1000)
     return "slept %d ms" % ms
 
-@worker.handler("first_attempt_hangs", pool=pool)
+@worker.handler("first_attempt_hangs", pool=pool("first_attempt_hangs"))
 def first_attempt_hangs(payload, ctx):
     if ctx.attempt == 1:
         ctx.progress(0, 1, "hanging")
         ctx.sleep(60)
     return "attempt %d" % ctx.attempt
 
-@worker.handler("until_cancelled", pool=pool)
+@worker.handler("until_cancelled", pool=pool("until_cancelled"))
 def until_cancelled(payload, ctx):
     ctx.progress(1, 0, "waiting for a cancel")
     ctx.cancel_event.wait(30)
     return "cancelled: %s" % ctx.cancelled
 
-@worker.handler("pid", pool=pool)
+@worker.handler("pid", pool=pool("pid"))
 def pid(payload):
     return str(os.getpid())
 
@@ -241,11 +242,12 @@ if __name__ == "__main__":
 class WorkerProcess:
     """A Python worker in a process of its own, logging to a file."""
 
-    def __init__(self, master: Master, name: str, pool: str, options: Dict[str, Any]) -> None:
+    def __init__(self, master: Master, name: str, pool: str, pools: Dict[str, str],
+                 options: Dict[str, Any]) -> None:
         self.name = name
         self.log_path = master.dir / f"{name}.log"
         config = {"address": master.address, "token_file": str(master.work_token_file),
-                  "name": name, "pool": pool, "options": options}
+                  "name": name, "pool": pool, "pools": pools, "options": options}
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(master.build / "python"), os.environ.get("PYTHONPATH")) if p))
         program = master.dir / "worker_program.py"
@@ -261,14 +263,18 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(master: Master) -> Iterator[Callable[..., WorkerProcess]]:
-    """Starts a worker process running WORKER_PROGRAM and waits until the master lists it;
-    kills what is left of them at teardown."""
+    """Starts a worker process running WORKER_PROGRAM (its kinds in `pool`, or as `pools` says
+    by kind; `options` for its Worker) and waits until the master lists it (or, with two pools,
+    one of its streams, "NAME/thread" or "NAME/process"); kills what is left of them at
+    teardown."""
     started: List[WorkerProcess] = []
 
-    def start(name: str, pool: str = "thread", **options: Any) -> WorkerProcess:
-        w = WorkerProcess(master, name, pool, options)
+    def start(name: str, pool: str = "thread", pools: Optional[Dict[str, str]] = None,
+              **options: Any) -> WorkerProcess:
+        w = WorkerProcess(master, name, pool, pools or {}, options)
         started.append(w)
-        wait_for(lambda: name in master.connected_workers() or w.proc.poll() is not None,
+        wait_for(lambda: any(n == name or n.startswith(name + "/")
+                             for n in master.connected_workers()) or w.proc.poll() is not None,
                  f"worker {name} to connect")
         assert w.proc.poll() is None, f"worker {name} exited: {w.log()}"
         return w

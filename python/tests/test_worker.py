@@ -333,3 +333,35 @@ def test_slots_new_epoch_drops_held_and_accepts_reused_ids():
     slots.finish([result(new)], 0.001)
     assert slots.next_to_send(2).results == [b"r1"]
     assert slots.begin_session(3).held == [(7, 1)]  # its result, until acknowledged
+
+
+def test_thread_and_process_pools_hold_a_stream_each(master, start_worker):
+    w = start_worker("mixed", pools={"square": "process"}, processes=1)
+    wait_for(lambda: {"mixed/thread", "mixed/process"} <= set(master.connected_workers()),
+             "both pools to connect")
+    _, [square] = master.submit("square", [b"12"])
+    _, [pid] = master.submit("pid", [b""])
+    task = master.wait_state(square, pb.SUCCEEDED)
+    assert (task.output, task.worker) == (squared(12).encode(), "mixed/process")
+    task = master.wait_state(pid, pb.SUCCEEDED)
+    assert (int(task.output), task.worker) == (w.proc.pid, "mixed/thread")  # in the worker
+
+
+def test_handler_ignoring_its_deadline_is_reported_timed_out(master, run_in_thread):
+    worker = thread_worker(master, "stubborn")
+    release = threading.Event()
+
+    @worker.handler("stubborn")
+    def stubborn(payload: bytes) -> bytes:
+        release.wait(TIMEOUT)  # deaf to its deadline and to cancels
+        return b"too late"
+
+    run_in_thread(worker)
+    try:
+        _, [task_id] = master.submit("stubborn", [b""], timeout_ms=200, max_attempts=1)
+        task = master.wait_state(task_id, pb.DEAD)
+        assert "timed out after 200 ms" in task.error and "did not stop" in task.error
+        wait_for(lambda: [w.stuck for w in master.stats().workers if w.name == "stubborn"] == [1],
+                 "the master to show the stuck handler")
+    finally:
+        release.set()
