@@ -73,16 +73,16 @@ class Session:
 
     def __init__(self, conn: Connection, identity: Identity, slots: Slots,
                  poll: Optional[Callable[[], None]], reconnect_max: float,
-                 on_refused: Callable[[errors.TaskmasterError], None]) -> None:
-        """`poll`, if any, runs on each watchdog pass, before the accounting's; `on_refused`
-        hears of a master that refused this worker's hello (a bad token, say): the session
-        stops."""
+                 on_fatal: Callable[[BaseException], None]) -> None:
+        """`poll`, if any, runs on each watchdog pass, before the accounting's; `on_fatal`
+        hears why the session stopped for good: the master refused this worker's hello (a bad
+        token, say), or the session failed in a way it cannot retry."""
         self._conn = conn
         self._identity = identity
         self._slots = slots
         self._poll = poll
         self._reconnect_max = reconnect_max
-        self._on_refused = on_refused
+        self._on_fatal = on_fatal
         self._threads = [threading.Thread(target=self._loop, name="taskmaster-session",
                                           daemon=True),
                          threading.Thread(target=self._watchdog, name="taskmaster-watchdog",
@@ -120,6 +120,13 @@ class Session:
             call.cancel()  # outside the lock: the call takes its own
 
     def _loop(self) -> None:
+        try:
+            self._reconnect_loop()
+        except Exception as e:  # a bug: stop the worker and say so, rather than hang
+            log.exception("the session with master %s failed", self._conn.address)
+            self._on_fatal(e)
+
+    def _reconnect_loop(self) -> None:
         backoff = _Backoff(_RECONNECT_MIN, self._reconnect_max)
         address = self._conn.address
         warned = False
@@ -133,7 +140,7 @@ class Session:
             if not welcomed and error is not None and error.code() in _REFUSED:
                 refused = errors.from_rpc_error(error, address)
                 log.error("master %s refused this worker: %s", address, refused.message)
-                self._on_refused(refused)
+                self._on_fatal(refused)
                 return
             wait = self._slots.reconnect_delay(backoff.next())
             why = _describe(error)
@@ -159,10 +166,14 @@ class Session:
                         if state.lease > 0 else _DEFAULT_KEEPALIVE_MS)
         # A fresh connection each time: one stalled in TCP's retransmission backoff would not
         # get through.
-        channel = self._conn.channel([("grpc.keepalive_time_ms", keepalive_ms),
-                                      ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
-                                      ("grpc.keepalive_permit_without_calls", 1),
-                                      ("grpc.http2.max_pings_without_data", 0)])
+        try:
+            channel = self._conn.channel([("grpc.keepalive_time_ms", keepalive_ms),
+                                          ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+                                          ("grpc.keepalive_permit_without_calls", 1),
+                                          ("grpc.http2.max_pings_without_data", 0)])
+        except errors.TaskmasterError as e:  # checked at start: the TLS files went away since
+            self._slots.session_ended(False, e.message)
+            return False, _Ended(grpc.StatusCode.FAILED_PRECONDITION, e.message)
         opened = threading.Event()  # the welcome came, or the stream ended without one
         welcomed = False
         error: Optional[grpc.RpcError] = None

@@ -123,6 +123,7 @@ class Worker:
         """
         try:
             conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
+            conn.credentials()  # unreadable TLS files fail here, not in every reconnect
         except InvalidArgument as e:
             raise ValueError(e.message) from None
         if mp_context is not None and mp_context not in multiprocessing.get_all_start_methods():
@@ -424,10 +425,17 @@ def _check_seconds(what: str, value: Any, positive: bool) -> float:
     return float(value)
 
 
+def _utf8_size(what: str, value: str) -> int:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: a protobuf string cannot carry it
+        raise ValueError(f"{what} is not valid text: {value!r}") from None
+
+
 def _check_text(what: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
-    if not value or len(value.encode("utf-8", "replace")) > _MAX_ID_BYTES:
+    if not 0 < _utf8_size(what, value) <= _MAX_ID_BYTES:
         raise ValueError(f"{what} must be 1 to {_MAX_ID_BYTES} bytes, not {value!r}")
     return value
 
@@ -458,8 +466,8 @@ def _check_labels(labels: Optional[Mapping[str, str]]) -> Dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"labels must map str to str, not {key!r}: {value!r}")
-        if not key:
+        if not _utf8_size("a label key", key):
             raise ValueError("a label key is empty")
-        if len(value.encode("utf-8", "replace")) > _MAX_LABEL_VALUE_BYTES:
+        if _utf8_size(f"label {key!r}", value) > _MAX_LABEL_VALUE_BYTES:
             raise ValueError(f"label {key!r}: its value is over {_MAX_LABEL_VALUE_BYTES} bytes")
     return dict(labels)

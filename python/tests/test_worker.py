@@ -219,7 +219,9 @@ def test_arguments_checked(monkeypatch):
                      (dict(processes=True), TypeError), (dict(prefetch=-1), ValueError),
                      (dict(queues="default"), TypeError), (dict(queues=["no spaces"]), ValueError),
                      (dict(labels={"k": 1}), TypeError), (dict(mp_context="threads"), ValueError),
-                     (dict(drain_timeout=-1), ValueError), (dict(name=""), ValueError)]:
+                     (dict(drain_timeout=-1), ValueError), (dict(name=""), ValueError),
+                     (dict(labels={"k": "\ud800"}), ValueError),
+                     (dict(tls="/nonexistent/ca.pem"), ValueError)]:
         with pytest.raises(exc):
             Worker("127.0.0.1:1", token="t", **bad)
     worker = Worker("127.0.0.1:1", token="t")
