@@ -6,6 +6,9 @@
 #
 #   bench/run.sh [--runs N] [--out FILE] [--tasks N] [--exec-tasks N] [--bin BUILD_DIR]
 #
+# The Python rows run bench/python_bench.py: a Python worker with a pool of 2 processes against
+# the seed's design, and the Python client's submit rate.
+#
 # --exec-tasks (5,000) is how many tasks measure an exec kind against the built-in echo: a
 # process per task is far slower than the rest, so it gets fewer.
 #
@@ -44,7 +47,7 @@ if [ -z "$bin" ]; then
   # Only what the benchmark runs: the tests are not needed here.
   if ! { cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF &&
     cmake --build build-release -j"$(nproc)" --target taskmaster taskworker taskctl taskbench \
-      commit_mark; } >build-release/build.log 2>&1; then
+      commit_mark python_package; } >build-release/build.log 2>&1; then
     tail -n 40 build-release/build.log >&2
     exit 1
   fi
@@ -94,14 +97,21 @@ start_worker() {
     2>>"$work/worker.log" &
   worker_pid=$!
   pids+=("$worker_pid")
-  # Connected once the master lists it (bounded: 10 s).
+  wait_worker bench-worker
+}
+
+# Waits until the master lists a worker named NAME (bounded: 10 s).
+wait_worker() {
   for _ in $(seq 200); do
-    "$bin/client/taskctl" --master "$addr" workers 2>/dev/null | grep -q bench-worker && return
+    "$bin/client/taskctl" --master "$addr" workers 2>/dev/null | grep -q "$1" && return
     sleep 0.05
   done
-  echo "the worker did not connect" >&2
+  echo "the worker $1 did not connect" >&2
   exit 1
 }
+
+# The Python library's benchmark program (bench/python_bench.py), with Debian's interpreter.
+py_bench() { PYTHONPATH="$bin/python" timeout 300 /usr/bin/python3 bench/python_bench.py "$@"; }
 
 # One measurement on a fresh master (store, flags...) with one worker: measure KIND RUN TB-ARGS...
 measure() {
@@ -203,6 +213,21 @@ for run in $(seq "$runs"); do
     stop "$worker_pid"
     stop "$master_pid"
   done
+
+  # The Python library on the seed's workload: a Python worker (`square` on a pool of 2
+  # processes) measured as taskmaster's throughput is, in place of taskworker; and the Python
+  # client submitting the same tasks as one job to a durable master (stored when it returns).
+  start_master "$work/data-py-$run" --store memory
+  py_bench worker "$addr" py-worker 2>>"$work/py-worker.log" &
+  py_pid=$!
+  pids+=("$py_pid")
+  wait_worker py-worker
+  record "throughput-python-worker" "$run" "$(tb throughput --numbers "$work/numbers")"
+  stop "$py_pid"
+  stop "$master_pid"
+  start_master "$work/data-py-$run" --store sqlite --sync full
+  record "python-submit" "$run" "$(py_bench submit "$addr" "$work/numbers")"
+  stop "$master_pid"
 
   # Master memory per pending task: 1,000,000 tasks of 16-byte payloads.
   start_master "$work/data-mem-$run" --store memory

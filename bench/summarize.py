@@ -44,6 +44,8 @@ def main():
                                                    "tasks_per_s"),
         "echo_tasks_per_s": median("throughput-echo", "tasks_per_s"),
         "exec_cat_tasks_per_s": median("throughput-cat", "tasks_per_s"),
+        "python_worker_tasks_per_s": median("throughput-python-worker", "tasks_per_s"),
+        "python_submit_tasks_per_s": median("python-submit", "tasks_per_s"),
         "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
         "recovery_1m_ms": median("recovery", "ms"),
         "commit_mark_us": median("commit-mark", "mark_us"),
@@ -55,6 +57,8 @@ def main():
         "one_per_call_vs_seed": ratio_median("throughput-memory-one-per-call", "tasks_per_s",
                                              "seed", "tasks_per_s"),
         "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
+        "python_worker_vs_seed": ratio_median("throughput-python-worker", "tasks_per_s", "seed",
+                                              "tasks_per_s"),
         "exec_cat_vs_echo": ratio_median("throughput-cat", "tasks_per_s", "throughput-echo",
                                          "tasks_per_s"),
         "idle_streams_vs_one_worker": ratio_median("throughput-1000-idle-streams", "tasks_per_s",
@@ -82,6 +86,10 @@ def main():
               lambda v: v <= 300),
         check("recovery of 1,000,000 (ms)", figures["recovery_1m_ms"], "<= 5000",
               lambda v: v <= 5000),
+        check("Python worker vs seed", ratios["python_worker_vs_seed"], ">= 10x",
+              lambda v: v >= 10),
+        check("Python client submit (tasks/s)", figures["python_submit_tasks_per_s"],
+              ">= 50000", lambda v: v >= 50_000),
     ]
     runs = len(by_kind.get("throughput-memory", []))
     summary = {
@@ -125,6 +133,11 @@ def main():
     print(f"{'echo, 1 worker of 2 (tasks/s)':34}{fmt(figures['echo_tasks_per_s'], 0):>14}")
     print(f"{'  exec /bin/cat instead':34}{fmt(figures['exec_cat_tasks_per_s'], 0):>14}{'':12}"
           f"{fmt(ratios['exec_cat_vs_echo'], 3):>8}x")
+    print(f"{'Python worker, 2 processes':34}"
+          f"{fmt(figures['python_worker_tasks_per_s'], 0):>14}"
+          f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['python_worker_vs_seed']):>8}x")
+    print(f"{'Python client submit, durable':34}"
+          f"{fmt(figures['python_submit_tasks_per_s'], 0):>14}")
     print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
     print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
     print(f"{'commit mark / fsync per commit (us)':34}"
