@@ -34,7 +34,7 @@ ProgressReport = Tuple[int, int, int, int, str]
 WATCHDOG_PERIOD = 0.05
 # How long past its deadline a handler may take to return on its own before its task is reported
 # timed out without it.
-STUCK_GRACE = 0.5
+_STUCK_GRACE = 0.5
 # Results per message: bounds one write when many piled up during an outage.
 _MAX_RESULTS_PER_MESSAGE = 1000
 # A message of results closes once it holds about this many bytes (common/limits.h, kBatchBytes).
@@ -569,7 +569,7 @@ class Slots:
         # deadline and a grace the task is reported timed out, and whatever the handler returns
         # later is dropped. Its thread stays busy meanwhile, and counts so.
         for tid in [tid for tid, h in self._held.items() if h.running
-                    and h.deadline is not None and now - h.deadline >= STUCK_GRACE]:
+                    and h.deadline is not None and now - h.deadline >= _STUCK_GRACE]:
             h = self._held[tid]
             self._orphan_locked(tid, h)
             h.stuck = True
@@ -686,12 +686,11 @@ class Slots:
             self._changed.wait_for(lambda: not self._session_open, _BYE_GRACE)
             return unfinished, unacked
 
-    def stop(self) -> bool:
-        """Stops: pool threads exit, running handlers are told to stop, no more sessions.
-        Returns False when stopped already."""
+    def stop(self) -> None:
+        """Stops: pool threads exit, running handlers are told to stop, no more sessions."""
         with self._lock:
             if self._stopped:
-                return False
+                return
             self._stopped = True
             self._leaving = True
             for h in list(self._held.values()) + list(self._orphans.values()):
@@ -701,8 +700,3 @@ class Slots:
             self._task_ready.notify_all()
             self._send_ready.notify_all()
             self._changed.notify_all()
-            return True
-
-    def stopped(self) -> bool:
-        with self._lock:
-            return self._stopped

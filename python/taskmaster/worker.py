@@ -1,6 +1,6 @@
 """Write taskmaster handlers in Python and run them in a worker process.
 
-    from taskmaster.worker import Worker
+    from taskmaster.worker import TaskContext, Worker
 
     worker = Worker("master.example:7070", token_file="/etc/taskmaster/work.token")
 
