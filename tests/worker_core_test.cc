@@ -135,7 +135,8 @@ class SlotsTest : public ::testing::Test {
   }
 
   void Succeed(const Assignment& a, std::chrono::nanoseconds took = milliseconds(1)) {
-    slots_->Finish({a.task.task_id, a.task.attempt, Outcome::kSucceeded, "out", ""}, took);
+    slots_->Finish(a.delivery, {a.task.task_id, a.task.attempt, Outcome::kSucceeded, "out", ""},
+                   took);
   }
 
   // Messages from the master: tasks, cancels, acknowledgements, a heartbeat's echo, or none of
@@ -310,6 +311,70 @@ TEST_F(SlotsTest, AHandlerPastItsDeadlineIsReportedTimedOutAndKeepsItsSlot) {
   EXPECT_EQ(after.stuck, 0);
 }
 
+// The master leases a task again (its retry) to the worker whose handler it gave up on: the new
+// attempt runs, and the old handler's late return touches nothing of it.
+TEST_F(SlotsTest, ATaskLeasedAgainRunsBesideItsStuckHandler) {
+  Make(2, 0);
+  Connect();
+  Tick();
+  Task task = MakeTask(1);
+  task.timeout_ms = 1'000;
+  Deliver({task});
+  Assignment stuck = Take();
+  time_.Advance(milliseconds(1'000) + kStuckGrace + milliseconds(1));
+  ASSERT_EQ(slots_->Watch()->stuck.size(), 1u);
+  ToMaster reported = Tick(kHeartbeat);
+  ASSERT_EQ(Ids(reported.results), std::vector<TaskId>{1});
+  Ack({{1, 1}});
+  Deliver({MakeTask(1, "echo", "", /*attempt=*/2)});
+  Assignment retry = Take();
+  EXPECT_EQ(retry.task.task_id, 1u);
+  EXPECT_EQ(retry.task.attempt, 2);
+  EXPECT_FALSE(retry.cancelled->load());
+  slots_->ReportProgress(1, stuck.delivery, {9, 9, "from the stuck handler"});
+  EXPECT_TRUE(Tick().progress.empty()) << "not the retry's progress";
+  Succeed(stuck);  // returns at last: dropped, and the retry still runs
+  EXPECT_TRUE(Tick().results.empty());
+  Succeed(retry);
+  ToMaster done = Tick(milliseconds(0));
+  ASSERT_EQ(done.results.size(), 1u);
+  EXPECT_EQ(done.results[0].attempt, 2);
+  EXPECT_EQ(done.stuck, 0);
+}
+
+// The same after a fence, and after a master that lost its state hands out the same id again; a
+// cancel remembered from before the loss does not stop the new task.
+TEST_F(SlotsTest, ATaskIdHandedOutAgainRunsBesideItsFencedOrRevokedHandler) {
+  Make(2, 0);
+  Connect();
+  Tick();
+  Deliver({MakeTask(1)});
+  Assignment fenced = Take();
+  time_.Advance(milliseconds(9'100));  // past the lease, less its margin: fenced
+  EXPECT_EQ(slots_->Watch()->stopped, 1u);
+  Hear();
+  Deliver({MakeTask(1, "echo", "", 2)});
+  Assignment again = Take();
+  EXPECT_EQ(again.task.attempt, 2);
+  Succeed(fenced);
+  EXPECT_TRUE(Tick().results.empty()) << "the fenced handler's result is stale";
+  Cancel(5);  // overtakes a task 5 that the lost state will never send
+  Disconnect();
+  Connect(MakeWelcome("e2"));
+  ASSERT_TRUE(lost_state_.has_value());
+  EXPECT_TRUE(again.cancelled->load()) << "revoked with the lost state";
+  Deliver({MakeTask(1), MakeTask(5)});
+  Assignment first = Take();
+  Assignment fifth = Take();
+  EXPECT_EQ(first.task.task_id, 1u);
+  EXPECT_EQ(fifth.task.task_id, 5u) << "a cancel of the lost state stops nothing new";
+  Succeed(again);
+  Succeed(first);
+  Succeed(fifth);
+  ToMaster out = Tick(milliseconds(0));
+  EXPECT_EQ(Ids(out.results), (std::vector<TaskId>{1, 5}));
+}
+
 TEST_F(SlotsTest, ProgressGoesOutRateLimitedTheLatestOfEachTaskOnce) {
   Make(2, 0);
   Connect();
@@ -317,16 +382,16 @@ TEST_F(SlotsTest, ProgressGoesOutRateLimitedTheLatestOfEachTaskOnce) {
   Deliver({MakeTask(1), MakeTask(2)});
   Assignment a = Take();
   Assignment b = Take();
-  slots_->ReportProgress(1, {1, 10, "first"});
-  slots_->ReportProgress(1, {2, 10, "second"});
-  slots_->ReportProgress(2, {5, 0, ""});
+  slots_->ReportProgress(1, a.delivery, {1, 10, "first"});
+  slots_->ReportProgress(1, a.delivery, {2, 10, "second"});
+  slots_->ReportProgress(2, b.delivery, {5, 0, ""});
   ToMaster out = Tick(milliseconds(0));
   ASSERT_EQ(out.progress.size(), 2u) << "the latest of each, in one message";
   EXPECT_EQ(out.progress[0].task_id, 1u);
   EXPECT_EQ(out.progress[0].done, 2);
   EXPECT_EQ(out.progress[0].message, "second");
   EXPECT_EQ(out.progress[1].task_id, 2u);
-  slots_->ReportProgress(1, {3, 10, "third"});
+  slots_->ReportProgress(1, a.delivery, {3, 10, "third"});
   // Within the interval the report waits: a message that goes now (a result) carries none of it.
   Succeed(b);
   ToMaster now = Tick(milliseconds(0));
@@ -336,7 +401,7 @@ TEST_F(SlotsTest, ProgressGoesOutRateLimitedTheLatestOfEachTaskOnce) {
   ASSERT_EQ(later.progress.size(), 1u);
   EXPECT_EQ(later.progress[0].done, 3);
   // A finished task's progress is never sent, and a report is sent once.
-  slots_->ReportProgress(2, {9, 10, "late"});
+  slots_->ReportProgress(2, b.delivery, {9, 10, "late"});
   EXPECT_TRUE(Tick().progress.empty());
   Succeed(a);
 }
@@ -403,8 +468,8 @@ TEST_F(SlotsTest, AMessageOfResultsClosesAtItsByteBudget) {
   Tick();
   for (TaskId id = 1; id <= 3; ++id) {
     Deliver({MakeTask(id)});
-    Take();
-    slots_->Finish({id, 1, Outcome::kSucceeded, std::string(600, 'x'), ""}, milliseconds(1));
+    slots_->Finish(Take().delivery, {id, 1, Outcome::kSucceeded, std::string(600, 'x'), ""},
+                   milliseconds(1));
   }
   EXPECT_EQ(Ids(Next().results), (std::vector<TaskId>{1, 2})) << "1,000 bytes: two of 600";
   EXPECT_EQ(Ids(Next().results), std::vector<TaskId>{3});

@@ -64,13 +64,14 @@ void Pool::Join() {
 void Pool::Loop() {
   while (std::optional<Assignment> a = slots_->NextTask()) {
     const auto start = std::chrono::steady_clock::now();
-    Result result = RunTask(
-        *registry_, options_, a->task, a->cancelled,
-        [this, id = a->task.task_id](Progress p) { slots_->ReportProgress(id, std::move(p)); });
+    Result result = RunTask(*registry_, options_, a->task, a->cancelled,
+                            [this, id = a->task.task_id, delivery = a->delivery](Progress p) {
+                              slots_->ReportProgress(id, delivery, std::move(p));
+                            });
     const auto took = std::chrono::steady_clock::now() - start;
     log_->debug("task {} attempt {} ({}): {}", a->task.task_id, a->task.attempt, a->task.kind,
                 OutcomeName(result.outcome));
-    slots_->Finish(std::move(result), took);
+    slots_->Finish(a->delivery, std::move(result), took);
   }
 }
 

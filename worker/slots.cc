@@ -85,30 +85,31 @@ std::optional<Assignment> Slots::NextTask() {
                              .kind = h.task.kind,
                              .payload = std::move(h.task.payload),
                              .timeout_ms = h.task.timeout_ms},
-                    .cancelled = h.cancelled};
+                    .cancelled = h.cancelled,
+                    .delivery = h.delivery};
 }
 
-void Slots::Finish(Result result, std::chrono::steady_clock::duration took) {
+void Slots::Finish(uint64_t delivery, Result result, std::chrono::steady_clock::duration took) {
   const double took_us = std::chrono::duration<double, std::micro>(took).count();
   absl::MutexLock lock(&mu_);
   task_us_ewma_ = task_us_ewma_ <= 0
                       ? took_us
                       : (1 - kTaskTimeWeight) * task_us_ewma_ + kTaskTimeWeight * took_us;
-  auto it = held_.find(result.task_id);
-  const bool discard = it == held_.end() || it->second.discard;
-  if (it != held_.end()) {
-    discarded_ -= it->second.discard && !it->second.stuck ? 1 : 0;
-    stuck_ -= it->second.stuck ? 1 : 0;
+  if (auto it = held_.find(result.task_id); it != held_.end() && it->second.delivery == delivery) {
     held_.erase(it);
+    AddResultLocked(std::move(result));
+  } else if (auto orphan = orphans_.find(delivery); orphan != orphans_.end()) {
+    stuck_ -= orphan->second ? 1 : 0;
+    orphans_.erase(orphan);
   }
-  if (!discard) AddResultLocked(std::move(result));
   TopUpCreditsLocked();
 }
 
-void Slots::ReportProgress(TaskId id, Progress progress) {
+void Slots::ReportProgress(TaskId id, uint64_t delivery, Progress progress) {
   absl::MutexLock lock(&mu_);
+  // Only from the task's own handler: not an orphan's, whose task id may be held anew.
   auto it = held_.find(id);
-  if (it == held_.end() || !it->second.running || it->second.discard) return;
+  if (it == held_.end() || it->second.delivery != delivery || !it->second.running) return;
   it->second.progress = std::move(progress);
   progress_pending_ = true;
 }
@@ -123,9 +124,7 @@ std::optional<HelloState> Slots::BeginSession(uint64_t session) {
   welcomed_ = false;
   session_started_ = options_.now();
   HelloState hello{.held = {}, .master_epoch = epoch_, .worker_secret = secret_, .lease = lease_};
-  for (const auto& [id, h] : held_) {
-    if (!h.discard) hello.held.push_back({id, h.task.attempt});
-  }
+  for (const auto& [id, h] : held_) hello.held.push_back({id, h.task.attempt});
   for (const auto& [id, r] : unacked_) {
     if (!held_.contains(id)) hello.held.push_back({id, r.attempt});
   }
@@ -144,6 +143,9 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
     for (TaskId id : ids) RevokeLocked(id);
     unacked_.clear();
     refusals_.clear();
+    // Ids of the lost state: a cancel remembered for one must not stop a new task of that id.
+    recent_cancels_.clear();
+    recent_cancels_order_.clear();
   }
   for (const TaskRef& ref : welcome.revoked) {
     if (held_.contains(ref.task_id)) RevokeLocked(ref.task_id);
@@ -189,7 +191,9 @@ void Slots::Received(FromMaster in) {
       AddResultLocked({id, t.attempt, Outcome::kReturned, "", ""});
       continue;
     }
-    held_[id].task = std::move(t);
+    Held& h = held_[id];
+    h.task = std::move(t);
+    h.delivery = next_delivery_++;
     queue_.push_back(id);
   }
   for (TaskId id : in.cancel) {
@@ -370,15 +374,15 @@ std::optional<WatchReport> Slots::Watch() {
 // returns later is dropped. Its thread stays busy meanwhile, and counts so.
 void Slots::ReportStuckLocked(WatchReport* report) {
   const Time now = options_.now();
-  for (auto& [id, h] : held_) {
+  for (auto it = held_.begin(); it != held_.end();) {
+    const Held& h = it->second;
     // As a difference: a task without a deadline has Time::max(), which no sum may reach.
-    if (!h.running || h.discard || now - h.deadline < kStuckGrace) continue;
-    h.discard = true;
-    h.stuck = true;
-    h.cancelled->store(true);
-    ++stuck_;
-    report->stuck.push_back({id, h.task.attempt});
-    AddResultLocked({.task_id = id,
+    if (!h.running || now - h.deadline < kStuckGrace) {
+      ++it;
+      continue;
+    }
+    report->stuck.push_back({it->first, h.task.attempt});
+    AddResultLocked({.task_id = it->first,
                      .attempt = h.task.attempt,
                      .outcome = Outcome::kFailed,
                      .output = {},
@@ -386,6 +390,7 @@ void Slots::ReportStuckLocked(WatchReport* report) {
                                            " ms; the handler did not stop, and its thread on "
                                            "the worker stays busy until it does"),
                      .permanent = false});
+    it = OrphanLocked(it, /*stuck=*/true);
   }
 }
 
@@ -397,15 +402,9 @@ int32_t Slots::Stuck() const {
 // Stops every task whose lease may lapse on the master: results not yet acknowledged are kept.
 void Slots::FenceLocked(WatchReport* report) {
   for (auto it = held_.begin(); it != held_.end();) {
-    Held& h = it->second;
-    if (h.running) {
-      if (!h.discard) {
-        h.discard = true;
-        h.cancelled->store(true);
-        ++discarded_;
-        ++report->stopped;
-      }
-      ++it;
+    if (it->second.running) {
+      it = OrphanLocked(it, /*stuck=*/false);
+      ++report->stopped;
     } else {
       std::erase(queue_, it->first);
       it = held_.erase(it);
@@ -439,7 +438,7 @@ int32_t Slots::PrefetchLocked() const {
 // and what it granted already.
 void Slots::TopUpCreditsLocked() {
   if (draining_ || !session_open_) return;
-  const auto held = static_cast<int32_t>(held_.size()) - discarded_;
+  const auto held = static_cast<int32_t>(held_.size()) + stuck_;
   const int32_t want = options_.threads + PrefetchLocked() - held - outstanding_credit_;
   if (want <= 0) return;
   credits_to_send_ += want;
@@ -448,15 +447,21 @@ void Slots::TopUpCreditsLocked() {
 
 // Drops a held task: a queued one now, a running one when its handler returns.
 void Slots::RevokeLocked(TaskId id) {
-  Held& h = held_.at(id);
-  if (h.running) {
-    discarded_ += h.discard ? 0 : 1;
-    h.discard = true;
-    h.cancelled->store(true);
+  auto it = held_.find(id);
+  if (it->second.running) {
+    OrphanLocked(it, /*stuck=*/false);
   } else {
     std::erase(queue_, id);
-    held_.erase(id);
+    held_.erase(it);
   }
+}
+
+std::map<TaskId, Slots::Held>::iterator Slots::OrphanLocked(std::map<TaskId, Held>::iterator it,
+                                                            bool stuck) {
+  it->second.cancelled->store(true);
+  orphans_[it->second.delivery] = stuck;
+  stuck_ += stuck ? 1 : 0;
+  return held_.erase(it);
 }
 
 void Slots::AddResultLocked(Result result) {
@@ -486,8 +491,10 @@ std::optional<Slots::DrainStart> Slots::StartDrain() {
 Slots::DrainEnd Slots::FinishDrain(Time deadline) {
   absl::MutexLock lock(&mu_);
   DrainEnd end;
-  AwaitUntilLocked([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty(); }, deadline);
-  end.unfinished = held_.size();
+  AwaitUntilLocked(
+      [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty() && orphans_.empty(); },
+      deadline);
+  end.unfinished = held_.size() + orphans_.size();
   AwaitUntilLocked([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return unacked_.empty(); },
                    deadline + kAckGrace);
   end.unacked = unacked_.size();

@@ -50,6 +50,9 @@ struct SlotsOptions {
 struct Assignment {
   Task task;
   std::shared_ptr<std::atomic<bool>> cancelled;
+  // Which delivery of the task this is: the master may lease the same task id again (a retry, a
+  // reused id after it lost its state) while a handler it gave up on still runs.
+  uint64_t delivery = 0;
 };
 
 // What a new stream's hello carries of the worker's state.
@@ -87,12 +90,12 @@ class Slots {
 
   // Blocks until a task is queued, and marks it running; nullopt once the worker stopped.
   std::optional<Assignment> NextTask();
-  // A running task's handler returned after `took`: its result waits for the master's
-  // acknowledgement, unless the task was revoked or fenced meanwhile.
-  void Finish(Result result, std::chrono::steady_clock::duration took);
-  // A running task's handler says how far it has come: kept (the latest only) and sent with the
+  // The handler of `delivery` returned after `took`: its result waits for the master's
+  // acknowledgement, unless the task was revoked, fenced or reported stuck meanwhile.
+  void Finish(uint64_t delivery, Result result, std::chrono::steady_clock::duration took);
+  // The handler of `delivery` says how far it has come: kept (the latest only) and sent with the
   // next message at most every progress_interval. Cheap enough to call in a handler's loop.
-  void ReportProgress(TaskId id, Progress progress);
+  void ReportProgress(TaskId id, uint64_t delivery, Progress progress);
 
   // ---- The session ----
 
@@ -147,11 +150,8 @@ class Slots {
   struct Held {
     Task task;  // its payload moves to the pool thread that runs it
     std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    uint64_t delivery = 0;
     bool running = false;
-    bool discard = false;  // revoked by the master or fenced: its result would be stale
-    // Reported timed out while its handler kept running: discarded, yet its thread is busy, so
-    // it still counts against the credits (and is not in discarded_).
-    bool stuck = false;
     Time deadline = Time::max();       // from its start, when the task has a timeout
     std::optional<Progress> progress;  // the latest its handler reported, until sent
   };
@@ -160,6 +160,10 @@ class Slots {
   bool AwaitUntilLocked(Done done, Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A running handler whose result no longer counts leaves held_ for orphans_, told to stop:
+  // the task id is free for the master to lease again.
+  std::map<TaskId, Held>::iterator OrphanLocked(std::map<TaskId, Held>::iterator it, bool stuck)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FenceLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReportStuckLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LeasesHeldSinceLocked(Time since) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -174,8 +178,12 @@ class Slots {
   mutable absl::Mutex mu_;
   // ---- Tasks ----
   std::map<TaskId, Held> held_ ABSL_GUARDED_BY(mu_);
-  int32_t discarded_ ABSL_GUARDED_BY(mu_) = 0;     // entries of held_ running only to be dropped
-  int32_t stuck_ ABSL_GUARDED_BY(mu_) = 0;         // entries of held_ marked stuck
+  uint64_t next_delivery_ ABSL_GUARDED_BY(mu_) = 1;
+  // Handlers still running whose results will be dropped (revoked, fenced, reported stuck), by
+  // delivery: whether each was reported stuck. A stuck one keeps its thread busy, and so counts
+  // against the credits.
+  std::map<uint64_t, bool> orphans_ ABSL_GUARDED_BY(mu_);
+  int32_t stuck_ ABSL_GUARDED_BY(mu_) = 0;         // orphans reported stuck
   std::deque<TaskId> queue_ ABSL_GUARDED_BY(mu_);  // held, not started, in arrival order
   // Cancels that arrived before their task (messages can pass each other), oldest first.
   std::set<TaskId> recent_cancels_ ABSL_GUARDED_BY(mu_);
