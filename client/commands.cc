@@ -2,13 +2,18 @@
 
 #include <charconv>
 #include <cmath>
+#include <deque>
 #include <iomanip>
 #include <iostream>
+#include <set>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/util.h"
 #include "nlohmann/json.hpp"
 
@@ -164,19 +169,107 @@ absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
 
 namespace {
 
-// Reads submit's input a batch at a time, each a request of its own.
+// Submit's input, read on a thread of its own: a batch can then go out on a timer while the
+// input is slow, so its tasks run before the rest has arrived. Holds at most `max_queued`
+// payloads; the reader waits for room.
+class PayloadQueue {
+ public:
+  PayloadQueue(std::function<bool(std::string*)> next, size_t max_queued)
+      : shared_(std::make_shared<Shared>()) {
+    reader_ = std::thread([shared = shared_, next = std::move(next), max_queued] {
+      Read(*shared, next, max_queued);
+    });
+  }
+
+  // Stops the reader. One blocked in its input (submit gave up while a producer is still
+  // writing) is left to end with the process; it owns what it touches.
+  ~PayloadQueue() {
+    Shared& s = *shared_;
+    bool idle;
+    {
+      absl::MutexLock lock(&s.mu);
+      s.stop = true;
+      // A read from a file returns soon: wait for it rather than leave it reading.
+      auto out_of_input = [&s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return !s.reading; };
+      idle = s.mu.AwaitWithTimeout(absl::Condition(&out_of_input), absl::Seconds(1));
+    }
+    if (idle) {
+      reader_.join();
+    } else {
+      reader_.detach();
+    }
+  }
+
+  enum class Got { kPayload, kTimeout, kEnd };
+  // The next payload, waiting until `deadline` at most.
+  Got Next(std::string* payload, absl::Time deadline) {
+    Shared& s = *shared_;
+    absl::MutexLock lock(&s.mu);
+    auto ready = [&s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return !s.queue.empty() || s.ended; };
+    if (!s.mu.AwaitWithDeadline(absl::Condition(&ready), deadline)) return Got::kTimeout;
+    if (s.queue.empty()) return Got::kEnd;
+    *payload = std::move(s.queue.front());
+    s.queue.pop_front();
+    return Got::kPayload;
+  }
+
+ private:
+  struct Shared {
+    absl::Mutex mu;
+    std::deque<std::string> queue ABSL_GUARDED_BY(mu);
+    bool ended ABSL_GUARDED_BY(mu) = false;    // the input has no more
+    bool stop ABSL_GUARDED_BY(mu) = false;     // nobody reads the queue any more
+    bool reading ABSL_GUARDED_BY(mu) = false;  // the reader is inside `next`
+  };
+
+  static void Read(Shared& s, const std::function<bool(std::string*)>& next, size_t max_queued) {
+    auto room = [&s, max_queued]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+      return s.stop || s.queue.size() < max_queued;
+    };
+    std::string payload;
+    s.mu.Lock();
+    while (!s.stop) {
+      s.reading = true;
+      s.mu.Unlock();
+      const bool got = next(&payload);
+      s.mu.Lock();
+      s.reading = false;
+      if (!got) break;
+      s.mu.Await(absl::Condition(&room));
+      s.queue.push_back(std::move(payload));
+    }
+    s.ended = true;
+    s.mu.Unlock();
+  }
+
+  std::shared_ptr<Shared> shared_;
+  std::thread reader_;
+};
+
+// Submit's input as requests: a batch closes at --batch-size payloads, at batch_bytes, or
+// batch_wait after its first payload, whichever comes first.
 class BatchReader {
  public:
   BatchReader(const SubmitArgs& args, std::map<std::string, std::string> labels)
-      : args_(args), labels_(std::move(labels)) {}
+      : args_(args), labels_(std::move(labels)), input_(args.next_payload, 2 * args.batch_size) {}
 
-  // The next batch: empty once the input is exhausted.
-  v1::SubmitRequest Next() {
+  // The next batch, and whether the input ended with it.
+  std::pair<v1::SubmitRequest, bool> Next(absl::Duration wait) {
     v1::SubmitRequest request;
     size_t bytes = 0;
+    absl::Time deadline = absl::InfiniteFuture();
     std::string payload;
     while (static_cast<size_t>(request.tasks_size()) < args_.batch_size &&
-           bytes < args_.batch_bytes && args_.next_payload(&payload)) {
+           bytes < args_.batch_bytes) {
+      switch (input_.Next(&payload, deadline)) {
+        case PayloadQueue::Got::kEnd:
+          return {std::move(request), true};
+        case PayloadQueue::Got::kTimeout:
+          return {std::move(request), false};
+        case PayloadQueue::Got::kPayload:
+          break;
+      }
+      if (request.tasks_size() == 0) deadline = absl::Now() + wait;
       bytes += payload.size();
       v1::TaskSpec* t = request.add_tasks();
       t->set_queue(args_.queue);
@@ -190,35 +283,52 @@ class BatchReader {
       t->mutable_labels()->insert(labels_.begin(), labels_.end());
       ++index_;
     }
-    return request;
+    return {std::move(request), false};
+  }
+
+  // Whether the input ends here (waits for the next payload or the end).
+  bool AtEnd() {
+    std::string payload;
+    if (input_.Next(&payload, absl::InfiniteFuture()) == PayloadQueue::Got::kEnd) return true;
+    return false;
   }
 
  private:
   const SubmitArgs& args_;
   const std::map<std::string, std::string> labels_;
+  PayloadQueue input_;
   size_t index_ = 0;  // of the next payload in the whole input
 };
 
-// Adds a batch to an open job. A lost answer or a master restarting is retried with the same
-// batch number, which the master applies once; other refusals are final.
-absl::Status Append(const Client& client, const v1::SubmitRequest& request,
-                    std::chrono::milliseconds give_up_after) {
+// Adds a batch to an open job. A lost answer, a master restarting, or a queue or tenant limit
+// (which clears as workers catch up) is retried with the same batch number, which the master
+// applies once, until `give_up_after`; other refusals are final.
+absl::StatusOr<v1::SubmitResponse> Append(const Client& client, const v1::SubmitRequest& request,
+                                          std::chrono::milliseconds give_up_after,
+                                          const Console& console) {
   Backoff backoff(std::chrono::milliseconds(100), std::chrono::milliseconds(2'000));
   const auto deadline = std::chrono::steady_clock::now() + give_up_after;
+  bool told = false;
   while (true) {
     absl::StatusOr<v1::SubmitResponse> response = client.Submit(request);
-    if (response.ok()) return absl::OkStatus();
+    if (response.ok()) return response;
     const absl::Status& s = response.status();
-    const bool transient =
-        absl::IsUnavailable(s) || absl::IsAborted(s) || absl::IsDeadlineExceeded(s);
+    const bool transient = absl::IsUnavailable(s) || absl::IsAborted(s) ||
+                           absl::IsDeadlineExceeded(s) || absl::IsResourceExhausted(s);
     if (!transient || std::chrono::steady_clock::now() >= deadline) return s;
+    if (absl::IsResourceExhausted(s) && !told) {
+      console.err << "taskctl: waiting: " << s.message() << "\n";
+      told = true;
+    }
     std::this_thread::sleep_for(backoff.Next());
   }
 }
 
-void PrintWarnings(const v1::SubmitResponse& response, const Console& console) {
+// Each warning once: every batch of a job may bring the same one.
+void PrintWarnings(const v1::SubmitResponse& response, std::set<std::string>& printed,
+                   const Console& console) {
   for (const std::string& warning : response.warnings()) {
-    console.err << "taskctl: warning: " << warning << "\n";
+    if (printed.insert(warning).second) console.err << "taskctl: warning: " << warning << "\n";
   }
 }
 
@@ -228,28 +338,35 @@ int RunSubmit(const Client& client, const SubmitArgs& args, const Console& conso
   absl::StatusOr<std::map<std::string, std::string>> labels = ParseLabels(args.labels);
   if (!labels.ok()) return Fail(console, labels.status());
   BatchReader reader(args, std::move(*labels));
-  v1::SubmitRequest batch = reader.Next();
+  // Keyed tasks are resubmitted as a whole: they must fit one call, read entire.
+  const bool keyed = !args.key.empty();
+  auto [batch, ended] =
+      reader.Next(keyed ? absl::InfiniteDuration() : absl::FromChrono(args.batch_wait));
   if (batch.tasks_size() == 0) {
     return Fail(console, absl::InvalidArgumentError("no payloads to submit"));
   }
-  // One batch ahead: a call says whether more follow.
-  v1::SubmitRequest next = reader.Next();
-  const bool several = next.tasks_size() > 0;
+  if (keyed && !ended && !reader.AtEnd()) {
+    return Fail(console, absl::InvalidArgumentError(absl::StrCat(
+                             "--key covers at most --batch-size (", args.batch_size,
+                             ") payloads: a job of several calls cannot be resubmitted by key")));
+  }
+  ended = ended || keyed;
   // A lone task takes the key as it is; several take key/0, key/1 ...
-  if (!several && batch.tasks_size() == 1 && !args.key.empty()) {
+  if (ended && batch.tasks_size() == 1 && keyed) {
     batch.mutable_tasks(0)->set_idempotency_key(args.key);
   }
-  batch.set_keep_open(several);
+  batch.set_keep_open(!ended);
   absl::StatusOr<v1::SubmitResponse> response = client.Submit(batch);
   if (!response.ok()) return Fail(console, response.status());
-  PrintWarnings(*response, console);
+  std::set<std::string> warned;
+  PrintWarnings(*response, warned, console);
   const std::string job_id = response->job_id();
   if (console.format == OutputFormat::kJson) {
     nlohmann::json out = {{"job_id", job_id},
                           {"warnings", std::vector<std::string>(response->warnings().begin(),
                                                                 response->warnings().end())}};
     // The ids of a job of one call; a job of several has as many as its input, maybe millions.
-    if (!several) {
+    if (ended) {
       out["task_ids"] =
           std::vector<uint64_t>(response->task_ids().begin(), response->task_ids().end());
     }
@@ -265,31 +382,40 @@ int RunSubmit(const Client& client, const SubmitArgs& args, const Console& conso
   absl::Status appended;
   int64_t number = 0;
   int64_t submitted = batch.tasks_size();
-  while (several && appended.ok()) {
-    batch = std::move(next);
-    next = reader.Next();
+  while (!ended) {
+    std::tie(batch, ended) = reader.Next(absl::FromChrono(args.batch_wait));
+    if (batch.tasks_size() == 0 && !ended) continue;  // nothing came within the wait
     batch.set_job_id(job_id);
     batch.set_batch(++number);
-    batch.set_keep_open(next.tasks_size() > 0);
+    batch.set_keep_open(!ended);
     const int size = batch.tasks_size();
-    appended = Append(client, batch, client.options().reconnect_timeout);
-    if (appended.ok()) submitted += size;
-    if (!batch.keep_open()) break;
+    absl::StatusOr<v1::SubmitResponse> added =
+        Append(client, batch, client.options().reconnect_timeout, console);
+    if (!added.ok()) {
+      appended = added.status();
+      break;
+    }
+    PrintWarnings(*added, warned, console);
+    submitted += size;
   }
   if (!appended.ok()) {
-    // Closed as it is, so that it completes and its followers end (the master closes it after
-    // its open-job timeout otherwise).
+    // Closed as it is, so that it completes and its followers end. The failed batch may have
+    // been stored all the same (its answer lost): then its number is taken, and the next closes.
     v1::SubmitRequest close;
     close.set_job_id(job_id);
-    close.set_batch(number);
-    Append(client, close, client.options().reconnect_timeout).IgnoreError();
+    for (int64_t n : {number, number + 1}) {
+      close.set_batch(n);
+      absl::StatusOr<v1::SubmitResponse> closed =
+          Append(client, close, client.options().reconnect_timeout, console);
+      if (!closed.ok() || !closed->duplicate()) break;
+    }
   }
   if (follower.joinable()) follower.join();
   if (!appended.ok()) {
     return Fail(console, absl::Status(appended.code(),
                                       absl::StrCat("job ", job_id, " holds the first ", submitted,
-                                                   " tasks of the input; the rest were not "
-                                                   "submitted: ",
+                                                   " tasks of the input (or a batch more); the "
+                                                   "rest were not submitted: ",
                                                    appended.message())));
   }
   return waited;

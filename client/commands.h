@@ -1,5 +1,6 @@
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
@@ -33,6 +34,8 @@ struct SubmitArgs {
   // calls, followed as it grows with --wait.
   size_t batch_size = 10'000;
   size_t batch_bytes = 8 << 20;
+  // A batch goes out this long after its first payload at the latest, full or not.
+  std::chrono::milliseconds batch_wait{200};
   std::string queue;
   int32_t priority = 0;
   int64_t delay_ms = 0;

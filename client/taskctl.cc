@@ -63,6 +63,11 @@ int main(int argc, char** argv) {
                   "payloads per submit call; more input makes one job of several calls")
       ->check(CLI::Range(size_t{1}, size_t{100'000}))
       ->capture_default_str();
+  int64_t batch_wait_ms = submit.batch_wait.count();
+  sub->add_option("--batch-wait-ms", batch_wait_ms,
+                  "send a batch this long after its first payload, full or not (slow input)")
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}))
+      ->capture_default_str();
 
   CLI::App* wait = app.add_subcommand("wait", "follow a job, printing each result as it completes");
   wait->add_option("job", id, "job id")->required();
@@ -100,6 +105,7 @@ int main(int argc, char** argv) {
     auto timeout_ms = taskmaster::ParseDurationMs(timeout);
     if (!timeout_ms.ok()) return fail(timeout_ms.status());
     submit.delay_ms = *delay_ms;
+    submit.batch_wait = std::chrono::milliseconds(batch_wait_ms);
     submit.timeout_ms = *timeout_ms;
     if (!file.empty() && !payloads.empty()) {
       return fail(absl::InvalidArgumentError("give payloads as arguments or --file, not both"));

@@ -73,9 +73,13 @@ int main(int argc, char** argv) {
   app.add_option("--max-open-jobs", b.max_open_jobs,
                  "jobs being built from several submits at once")
       ->capture_default_str();
+  app.add_option("--tenant-max-open-jobs", b.tenant_max_open_jobs,
+                 "jobs being built from several submits at once, per tenant")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--open-job-timeout-ms", b.open_job_timeout_ms,
                  "close a job being built when no batch came for this long")
-      ->check(CLI::PositiveNumber)
+      ->check(CLI::Range(int64_t{1}, int64_t{30} * 24 * 3600 * 1000))
       ->capture_default_str();
   app.add_option("--max-queue-length", b.max_queue_length, "most pending tasks in one queue")
       ->capture_default_str();
@@ -130,6 +134,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   o.tick = std::chrono::milliseconds(tick_ms);
+  // Dispatch keeps well under the buffer at which a worker's stream is cut off.
+  b.max_worker_backlog_bytes = static_cast<size_t>(o.max_worker_buffer_bytes) / 4;
   o.sqlite.sync = sync == "full" ? taskmaster::SyncMode::kFull : taskmaster::SyncMode::kNormal;
   if (repair) {
     absl::StatusOr<std::string> report = taskmaster::RepairSqliteStore(o.sqlite);

@@ -223,15 +223,50 @@ TEST(BrokerDurability, ABatchJoinsItsJobOnlyOnceStored) {
   for (const QueueStatsView& q : broker.QueueStats()) EXPECT_EQ(q.pending, 0) << q.queue;
 
   absl::StatusOr<SubmitOutcome> stored = absl::UnknownError("not yet");
+  auto watcher = std::make_shared<CountingWatcher>();
+  ASSERT_TRUE(broker.Watch(kClient, job, watcher).ok());
   broker.Submit(kClient, SubmitTarget{job, 1, false}, {Spec("echo", "b")},
                 [&](absl::StatusOr<SubmitOutcome> r) { stored = r; });
   EXPECT_TRUE(broker.GetJob(kClient, job)->open) << "closed only once stored";
   store.Release();
   ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_GE(watcher->calls, 1) << "its followers learn that it is closed";
   EXPECT_EQ(channel->Take().size(), 1u);
   view = broker.GetJob(kClient, job);
   EXPECT_EQ(view->total, 2);
   EXPECT_FALSE(view->open);
+  store.Open();
+}
+
+// The master's own close of an idle job is stored like a client's: its followers hear of it,
+// and a close the store refused is tried again later rather than forgotten.
+TEST(BrokerDurability, AnIdleJobIsClosedDurablyAndAgainAfterAFailedWrite) {
+  HeldStore store;
+  FakeClock clock;
+  BrokerOptions options;
+  options.open_job_timeout_ms = 1'000;
+  options.max_open_jobs = 1;
+  Broker broker(options, &clock, &store, GetLogger("held-test"));
+  absl::StatusOr<SubmitOutcome> opened = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "a")},
+                [&](absl::StatusOr<SubmitOutcome> r) { opened = r; });
+  store.Release();
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const std::string job = opened->job_id;
+  auto watcher = std::make_shared<CountingWatcher>();
+  ASSERT_TRUE(broker.Watch(kClient, job, watcher).ok());
+  testing::PassTime(clock, broker, 1'100);
+  store.Release(absl::ResourceExhaustedError("disk full"));  // the close is not stored
+  EXPECT_TRUE(broker.GetJob(kClient, job)->open);
+  testing::PassTime(clock, broker, 1'100);
+  store.Release();
+  EXPECT_FALSE(broker.GetJob(kClient, job)->open) << "closed on the second try";
+  EXPECT_GE(watcher->calls, 1);
+  absl::StatusOr<SubmitOutcome> next = absl::UnknownError("not yet");
+  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "b")},
+                [&](absl::StatusOr<SubmitOutcome> r) { next = r; });
+  store.Release();
+  EXPECT_TRUE(next.ok()) << "its open-job slot is free: " << next.status();
   store.Open();
 }
 

@@ -85,7 +85,12 @@ TEST_F(BrokerTest, BatchesApplyInOrderAndEachOnce) {
   EXPECT_NE(skipped.status().message().find("takes batch 2 next"), std::string::npos)
       << skipped.status();
   EXPECT_EQ(SubmitTo({job, 0, true}, Squares(4, 1)).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+            absl::StatusCode::kInvalidArgument)
+      << "batch 0 is the call that opened it, and has no job id";
+  EXPECT_EQ(SubmitTo({job, -1, true}, Squares(4, 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SubmitTo({job, 2, true}, {}).status().code(), absl::StatusCode::kInvalidArgument)
+      << "only the call that closes a job may be empty";
   ASSERT_TRUE(SubmitTo({job, 2, false}, Squares(4, 1)).ok());
   // Closed: no more batches, though the closing one may be retried.
   auto late = SubmitTo({job, 3, true}, Squares(5, 1));
@@ -136,7 +141,8 @@ TEST_F(BrokerTest, ABatchRepeatsOnlyItsOwnJobsIdempotencyKeys) {
 }
 
 TEST_F(BrokerTest, OpenJobsAreBoundedAndClosedWhenLeftIdle) {
-  options_.max_open_jobs = 2;
+  options_.max_open_jobs = 3;
+  options_.tenant_max_open_jobs = 2;
   options_.open_job_timeout_ms = 30'000;
   Reset();
   auto a = SubmitTo({"", 0, true}, Squares(0, 1));
@@ -144,6 +150,10 @@ TEST_F(BrokerTest, OpenJobsAreBoundedAndClosedWhenLeftIdle) {
   ASSERT_TRUE(a.ok() && b.ok());
   auto c = SubmitTo({"", 0, true}, Squares(2, 1));
   EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << c.status();
+  EXPECT_NE(c.status().message().find("--tenant-max-open-jobs"), std::string::npos) << c.status();
+  ASSERT_TRUE(SubmitTo({"", 0, true}, Squares(2, 1), Caller{"beta"}).ok()) << "its own share";
+  auto d = SubmitTo({"", 0, true}, Squares(2, 1), Caller{"gamma"});
+  EXPECT_NE(d.status().message().find("--max-open-jobs"), std::string::npos) << d.status();
   EXPECT_TRUE(Submit(Squares(2, 1)).ok()) << "a closed job is not bounded by it";
 
   auto watcher = std::make_shared<CountingWatcher>();
@@ -162,6 +172,19 @@ TEST_F(BrokerTest, OpenJobsAreBoundedAndClosedWhenLeftIdle) {
   EXPECT_TRUE(SubmitTo({"", 0, true}, Squares(5, 1)).ok());
   Pass(31'000);
   EXPECT_FALSE(broker_->GetJob(kClient, b->job_id)->open);
+}
+
+// A master that did not run (paused, starved) does not count that time against open jobs.
+TEST_F(BrokerTest, APausedMasterClosesNoOpenJobForIdling) {
+  options_.open_job_timeout_ms = 30'000;
+  Reset();
+  auto opened = SubmitTo({"", 0, true}, Squares(0, 1));
+  ASSERT_TRUE(opened.ok());
+  clock_.Advance(120'000);  // no tick ran meanwhile
+  broker_->Tick();
+  EXPECT_TRUE(broker_->GetJob(kClient, opened->job_id)->open);
+  Pass(31'000);
+  EXPECT_FALSE(broker_->GetJob(kClient, opened->job_id)->open) << "idle since the pause";
 }
 
 }  // namespace

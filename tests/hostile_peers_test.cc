@@ -15,9 +15,10 @@
 namespace taskmaster::testing::hostile {
 namespace {
 
-// A worker that asks for a thousand tasks and never reads its stream: the master cuts it off
-// once --max-worker-buffer-bytes wait for it (it sees its stream end), and every task it was
-// given, the honest client's included, runs on the honest workers, each with its right result.
+// A worker that asks for a thousand tasks and never reads its stream: the master sends it little
+// (a quarter of --max-worker-buffer-bytes), cuts it off once a write has waited for it half a
+// lease (it sees its stream end), and every task it was given, the honest client's included,
+// runs on the honest workers, each with its right result.
 TEST_F(Hostile, AWorkerThatNeverReads) {
   Start(Security::kMutualTls);
   if (HasFatalFailure()) return;

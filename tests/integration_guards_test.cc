@@ -97,8 +97,10 @@ TEST(Integration, TokensInClearOffLoopbackOnlyWhenAskedFor) {
   EXPECT_NE(warned.err.find("in clear"), std::string::npos) << warned.err;
 }
 
-// A worker that asks for tasks and never reads its stream: the master cuts it off instead of
-// buffering for it without bound, and its tasks go to an honest worker.
+// A worker that asks for tasks and never reads its stream, while it keeps it alive with
+// heartbeats: the master buffers little for it, cuts it off once a write has waited for it half
+// a lease, and its tasks go to an honest worker, whose stream (large tasks, many credits)
+// is never mistaken for one that does not read.
 TEST(Integration, AWorkerThatNeverReadsIsCutOff) {
   Cluster cluster({"--max-message-bytes", "4194304", "--max-worker-buffer-bytes", "8388608",
                    "--reconnect-grace-ms", "500", "--lease-timeout-ms", "2000"});
@@ -115,6 +117,16 @@ TEST(Integration, AWorkerThatNeverReadsIsCutOff) {
   hello.mutable_hello()->set_slots(1'000);
   hello.set_credits(1'000);
   ASSERT_TRUE(stream->Write(hello));
+  std::atomic<bool> stop_beating{false};
+  std::thread beats([&] {
+    v1::WorkerMessage beat;
+    beat.set_heartbeat(true);
+    for (int i = 0; i < 300 && !stop_beating; ++i) {  // at most 30 s
+      beat.set_heartbeat_at(i + 1);  // asks for an echo: something more to write to it
+      if (!stream->Write(beat)) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
   auto client = cluster.NewClient();
   std::vector<uint64_t> ids;
   for (int b = 0; b < 8; ++b) {
@@ -132,7 +144,9 @@ TEST(Integration, AWorkerThatNeverReadsIsCutOff) {
       },
       std::chrono::seconds(20)));
   EXPECT_NE(cluster.master().Log().find("cut off worker stream"), std::string::npos);
+  stop_beating = true;
   context.TryCancel();
+  beats.join();
   stream->Finish().IgnoreError();
   cluster.StartWorker("honest", {"--threads", "2", "--max-message-bytes", "4194304"});
   EXPECT_TRUE(WaitFor(

@@ -28,7 +28,8 @@ class InProcessMaster {
         broker_(BrokerOptions{}, SystemClock::Get(), store_.get(), GetLogger("rpc-test")),
         auth_(std::nullopt),
         queue_(&broker_, &auth_, /*max_watches_per_token=*/100),
-        workers_(&broker_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20) {
+        workers_(&broker_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20,
+                 /*stall=*/std::chrono::seconds(30)) {
     EXPECT_TRUE(broker_.Recover().ok());
     grpc::ServerBuilder builder;
     builder.RegisterService(&queue_);

@@ -49,6 +49,21 @@ TEST(WorkerOutbox, CutsMessagesAtTheBatchSize) {
 
 // A Finish asked for while a write is in flight waits for it, and is owed even when that write
 // fails: a stream whose write failed must still finish, or the call never ends.
+// A worker that keeps its stream alive (heartbeats) but never takes a write is cut off once a
+// write has waited for it longer than the stall limit, however little waits behind it.
+TEST(WorkerOutbox, CutsOffAStreamWhoseWriteStalls) {
+  auto now = std::chrono::steady_clock::time_point{};
+  WorkerOutbox box(1 << 30, std::chrono::seconds(10), [&now] { return now; });
+  ASSERT_NE(box.Add(Tasks(1, 10)).write, nullptr);
+  now += std::chrono::seconds(9);
+  EXPECT_FALSE(box.Add(Tasks(2, 10)).cut_off) << "within the limit";
+  ASSERT_NE(box.WriteDone(true).write, nullptr) << "it reads: the next write starts";
+  now += std::chrono::seconds(9);
+  EXPECT_FALSE(box.Add(Tasks(3, 10)).cut_off) << "the limit counts from the write in flight";
+  now += std::chrono::seconds(2);
+  EXPECT_TRUE(box.Add(Tasks(4, 10)).cut_off);
+}
+
 TEST(WorkerOutbox, AFinishDeferredForAWriteFollowsItEvenWhenTheWriteFails) {
   WorkerOutbox box(1 << 30);
   ASSERT_NE(box.Add(Tasks(1, 10)).write, nullptr);

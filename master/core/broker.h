@@ -45,9 +45,14 @@ struct BrokerOptions {
   size_t max_queue_length = 1'000'000;  // PENDING + DELAYED per queue
   // Distinct (queue, kind, labels) combinations; each keeps a small index for good.
   size_t max_task_classes = 10'000;
-  // Jobs built from several submits (SubmitTarget) that are open at once; one that gets no
-  // batch for open_job_timeout_ms is closed by the master.
+  // Dispatch holds tasks back from a worker while this many bytes of tasks sent to it wait to be
+  // read (0: no limit): credits count tasks, and a worker that asks for many large ones must not
+  // be sent more than its stream may buffer (the service cuts off a worker past that).
+  size_t max_worker_backlog_bytes = 0;
+  // Jobs built from several submits (SubmitTarget) that are open at once, in all and per
+  // tenant; one that gets no batch for open_job_timeout_ms is closed by the master.
   size_t max_open_jobs = 10'000;
+  int64_t tenant_max_open_jobs = 1'000;
   int64_t open_job_timeout_ms = 600'000;
   // Of every tenant that no SetTenantLimits names.
   TenantLimits tenant_limits;

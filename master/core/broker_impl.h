@@ -237,6 +237,10 @@ class Broker::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Closes an idle open job (durably, with a persistent store), unless a batch came meanwhile.
   void CloseIdle(const std::string& job_id);
+  // Looks at `job` (open) again at `at`, unless a look is due already.
+  void ScheduleIdleCheck(Job& job, int64_t at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A job opens or closes: the master's and its tenant's counts of open jobs follow.
+  void CountOpen(Job& job, bool open) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const BrokerOptions options_;
   const Clock* const clock_;
@@ -265,9 +269,11 @@ class Broker::Impl {
   std::priority_queue<Due, std::vector<Due>, std::greater<>> delayed_ ABSL_GUARDED_BY(mu_);
   // Complete jobs by expiry; retention is one constant, so it stays sorted.
   std::deque<std::pair<int64_t, std::string>> job_expiry_ ABSL_GUARDED_BY(mu_);
-  // Open jobs by the time they idle out, one entry per batch (stale ones are skipped); the
-  // timeout is one constant, so it stays sorted.
-  std::deque<std::pair<int64_t, std::string>> open_expiry_ ABSL_GUARDED_BY(mu_);
+  // When to look whether an open job idled out: one entry per open job (Job::idle_check), so
+  // bounded by max_open_jobs; an entry that comes due early is put back for the job's due time.
+  using IdleCheck = std::pair<int64_t, std::string>;
+  std::priority_queue<IdleCheck, std::vector<IdleCheck>, std::greater<>> idle_checks_
+      ABSL_GUARDED_BY(mu_);
   size_t open_jobs_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<TaskId> dirty_ ABSL_GUARDED_BY(mu_);           // tasks to send to the store
   std::vector<Worker*> dirty_workers_ ABSL_GUARDED_BY(mu_);  // workers with an outbox

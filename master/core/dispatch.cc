@@ -82,7 +82,9 @@ bool Broker::Impl::IsStale(const ReadyEntry& e) const {
 }
 
 bool Broker::Impl::CanTake(const Worker& w) const {
-  return w.connected && !w.draining && w.credits > 0 && !w.eligible.empty();
+  if (!w.connected || w.draining || w.credits <= 0 || w.eligible.empty()) return false;
+  const size_t limit = options_.max_worker_backlog_bytes;
+  return limit == 0 || !w.channel || w.channel->Backlog() + w.outbox_bytes < limit;
 }
 
 bool Broker::Impl::Dispatching() const { return !shutting_down_ && awaited_.empty(); }

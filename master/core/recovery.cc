@@ -24,15 +24,15 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     job->account = &b_.accounts_[job->tenant];
     job->total = row.total;
     job->created_ms = row.created_ms;
-    job->open = row.open;
     job->batches = row.batches;
     // An open job gets a whole timeout after the restart for its client to come back.
     job->appended_ms = now_;
-    if (job->open) {
-      ++b_.open_jobs_;
-      b_.open_expiry_.push_back({now_ + b_.options_.open_job_timeout_ms, job->id});
+    Job& j = *job;
+    b_.jobs_[j.id] = std::move(job);
+    if (row.open) {
+      b_.CountOpen(j, true);
+      b_.ScheduleIdleCheck(j, now_ + b_.options_.open_job_timeout_ms);
     }
-    b_.jobs_[job->id] = std::move(job);
   }
 
   void OnTask(TaskRow row) override {

@@ -98,6 +98,7 @@ struct Account {
   // overdraw it, and the next waits until it is positive again.
   double allowance = 0;
   int64_t refilled_ms = -1;  // -1: never used (starts full)
+  int64_t open_jobs = 0;     // jobs taking more batches (see Job::open)
 };
 
 struct Job {
@@ -118,6 +119,7 @@ struct Job {
   bool open = false;
   int64_t batches = 1;      // submit calls applied
   int64_t appended_ms = 0;  // when the latest one was
+  bool idle_check = false;  // has its entry in Impl::idle_checks_
   // With a persistent store, a batch on its way to disk: its tasks belong to this staged job,
   // unseen, and join this one once durable (their rows already name this job). Its `open` is what
   // this job's becomes then.
@@ -150,7 +152,8 @@ struct Worker {
   std::shared_ptr<WorkerChannel> channel;
   std::unordered_set<TaskId> leases;
   std::vector<TaskClass*> eligible;
-  WorkerOutbound outbox;  // collected under the lock, sent after it
+  WorkerOutbound outbox;    // collected under the lock, sent after it
+  size_t outbox_bytes = 0;  // of the tasks in the outbox, not yet in the channel's backlog
   bool dirty = false;
 };
 

@@ -19,6 +19,14 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
                                                          SubmitRows* rows) {
   const std::string& tenant = caller.tenant;
   Job* open_job = nullptr;  // the job this batch is appended to
+  if (!target.job_id.empty() && target.batch < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a batch added to job ", target.job_id, " is numbered from 1; this one is ", target.batch));
+  }
+  if (specs.empty() && target.keep_open) {
+    return absl::InvalidArgumentError(
+        "a submit needs at least one task (only the call that closes a job may have none)");
+  }
   if (!target.job_id.empty()) {
     bool duplicate = false;
     absl::StatusOr<Job*> found = AppendTarget(caller, target, &duplicate);
@@ -31,6 +39,7 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
       return out;
     }
     open_job = *found;
+    open_job->appended_ms = clock_->NowMs();  // its client is alive, whatever the batch's fate
   } else if (target.batch != 0) {
     return absl::InvalidArgumentError(
         "a batch number needs the job id of the open job it belongs to");
@@ -38,9 +47,18 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
   if (specs.empty() && !open_job) {
     return absl::InvalidArgumentError("a submit needs at least one task");
   }
-  if (!open_job && target.keep_open && open_jobs_ >= options_.max_open_jobs) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(open_jobs_, " jobs are open, the limit (--max-open-jobs): close one first"));
+  if (!open_job && target.keep_open) {
+    if (open_jobs_ >= options_.max_open_jobs) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(open_jobs_, " jobs are open, the limit (--max-open-jobs): close one first"));
+    }
+    if (auto it = accounts_.find(tenant);
+        it != accounts_.end() && it->second.open_jobs >= options_.tenant_max_open_jobs) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(it->second.open_jobs,
+                       " jobs of this tenant are open, its limit "
+                       "(--tenant-max-open-jobs): close one first"));
+    }
   }
   if (specs.size() > options_.max_batch) {
     return absl::InvalidArgumentError(absl::StrCat("a batch holds at most ", options_.max_batch,
@@ -95,7 +113,10 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
   }
   const int64_t now = clock_->NowMs();
   Account& account = accounts_[tenant];
-  if (absl::Status st = Charge(tenant, account, new_tasks, now); !st.ok()) {
+  // A batch adding nothing (its own keys again) still costs a call's worth of the rate.
+  if (absl::Status st =
+          Charge(tenant, account, open_job ? std::max<int64_t>(new_tasks, 1) : new_tasks, now);
+      !st.ok()) {
     return st;
   }
 
@@ -119,8 +140,8 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
       job->appended_ms = now;
       jobs_[job->id] = std::move(job_owner);
       if (job->open) {
-        ++open_jobs_;
-        open_expiry_.push_back({now + options_.open_job_timeout_ms, job->id});
+        CountOpen(*job, true);
+        ScheduleIdleCheck(*job, now + options_.open_job_timeout_ms);
       }
     }
   }
@@ -219,8 +240,10 @@ absl::StatusOr<core::Job*> Broker::Impl::AppendTarget(const Caller& caller,
         absl::StrCat("job ", id, " belongs to another tenant: only its own adds to it"));
   }
   if (job.append) {
-    return absl::AbortedError(absl::StrCat("batch ", job.batches, " of job ", id,
-                                           " is still being stored; retry in a moment"));
+    return absl::AbortedError(job.append->batches == 0
+                                  ? absl::StrCat("job ", id, " is being closed for idling")
+                                  : absl::StrCat("batch ", job.batches, " of job ", id,
+                                                 " is still being stored; retry in a moment"));
   }
   if (target.batch == job.batches - 1) {
     *duplicate = true;  // its answer was lost, or the call was retried: applied once only
@@ -248,31 +271,42 @@ void Broker::Impl::JoinBatch(Job& job, std::unique_ptr<Job> batch, bool keep_ope
   if (counts) ++job.batches;
   job.appended_ms = now;
   if (keep_open) {
-    open_expiry_.push_back({now + options_.open_job_timeout_ms, job.id});
+    ScheduleIdleCheck(job, now + options_.open_job_timeout_ms);
     return;
   }
-  if (job.open) --open_jobs_;
-  job.open = false;
+  if (job.open) CountOpen(job, false);
   MaybeJobComplete(&job, now);
-  // Its followers learn that it is closed (and maybe complete), once that is durable.
-  if (!fx.touched.insert(&job).second) return;
-  if (persistent_) {
-    fx.reveal_jobs.push_back(job.id);
-  } else {
-    fx.notify.insert(fx.notify.end(), job.watchers.begin(), job.watchers.end());
-  }
+  // Its followers learn that it is closed (and maybe complete): the close is durable by now.
+  fx.notify.insert(fx.notify.end(), job.watchers.begin(), job.watchers.end());
+}
+
+void Broker::Impl::CountOpen(Job& job, bool open) {
+  job.open = open;
+  const int64_t delta = open ? 1 : -1;
+  open_jobs_ += delta;
+  job.account->open_jobs += delta;
+}
+
+void Broker::Impl::ScheduleIdleCheck(Job& job, int64_t at) {
+  if (job.idle_check) return;
+  job.idle_check = true;
+  idle_checks_.push({at, job.id});
 }
 
 std::vector<std::string> Broker::Impl::IdleOpenJobs(int64_t now, Effects& fx) {
   std::vector<std::string> idle;
-  while (!open_expiry_.empty() && open_expiry_.front().first <= now) {
-    auto it = jobs_.find(open_expiry_.front().second);
-    open_expiry_.pop_front();
+  while (!idle_checks_.empty() && idle_checks_.top().first <= now) {
+    auto it = jobs_.find(idle_checks_.top().second);
+    idle_checks_.pop();
     if (it == jobs_.end()) continue;
-    const Job& job = *it->second;
-    // A later batch pushed a later entry; a batch being stored pushes one when it joins.
-    if (!job.open || job.staged || job.append ||
-        now < job.appended_ms + options_.open_job_timeout_ms) {
+    Job& job = *it->second;
+    job.idle_check = false;
+    if (!job.open) continue;
+    // A batch on its way to the store (or the job's first) is a sign of life: look again later.
+    const int64_t due = job.staged || job.append ? now + options_.open_job_timeout_ms
+                                                 : job.appended_ms + options_.open_job_timeout_ms;
+    if (now < due) {
+      ScheduleIdleCheck(job, due);
       continue;
     }
     Log(fx, spdlog::level::info, "job {} had no batch for {} ms: closing it", job.id,
@@ -289,7 +323,12 @@ void Broker::Impl::CloseIdle(const std::string& job_id) {
     auto it = jobs_.find(job_id);
     if (it == jobs_.end()) return;
     Job& job = *it->second;
-    if (!job.open || job.append) return;  // closed, or a batch came meanwhile
+    if (!job.open || job.idle_check || job.append) return;  // closed, or looked at again
+    const int64_t now = clock_->NowMs();
+    if (now < job.appended_ms + options_.open_job_timeout_ms) {  // a batch came meanwhile
+      ScheduleIdleCheck(job, job.appended_ms + options_.open_job_timeout_ms);
+      return;
+    }
     // Closed without taking a batch number: a client's late batch is refused, never mistaken
     // for one applied before.
     if (!persistent_) {
@@ -509,7 +548,7 @@ void Broker::Impl::Staged(const std::string& job_id, bool append, const absl::St
       Publish(job);
       return;
     }
-    if (job.open) --open_jobs_;
+    if (job.open) CountOpen(job, false);
     Discard(job);
     jobs_.erase(it);
     return;
@@ -518,6 +557,8 @@ void Broker::Impl::Staged(const std::string& job_id, bool append, const absl::St
   if (!batch) return;
   if (!stored.ok()) {
     Discard(*batch);
+    // Still open: its client may retry, or it idles out later (a failed close is tried again).
+    ScheduleIdleCheck(job, clock_->NowMs() + options_.open_job_timeout_ms);
     return;
   }
   const size_t from = job.tasks.size();

@@ -216,6 +216,9 @@ class WorkerChannel {
  public:
   virtual ~WorkerChannel() = default;
   virtual void Send(WorkerOutbound message) = 0;
+  // Bytes of tasks sent that the worker has not read yet. Called under the broker's lock: it
+  // must not block.
+  virtual size_t Backlog() const { return 0; }
 };
 
 // Told when a job has new results; must not block (read them with Broker::ReadJob).

@@ -15,9 +15,15 @@ void Broker::Impl::ForgivePause(int64_t now, Effects& fx) {
     w->heard_ms = std::min(now, w->heard_ms + gap);
     if (!w->connected) w->disconnected_ms = std::min(now, w->disconnected_ms + gap);
   }
+  // Nor do open jobs' clients lose their time (a pause is rare: all jobs are looked at).
+  if (open_jobs_ > 0) {
+    for (auto& [id, job] : jobs_) {
+      if (job->open) job->appended_ms = std::min(now, job->appended_ms + gap);
+    }
+  }
   Log(fx, spdlog::level::warn,
       "the master did not run for {} ms (paused or starved): workers' leases and reconnect "
-      "graces are extended by that much",
+      "graces, and open jobs' idle timeouts, are extended by that much",
       gap);
 }
 

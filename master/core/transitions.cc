@@ -71,6 +71,7 @@ void Broker::Impl::Lease(Task& t, Worker& w) {
   LeaseTo(t, w, t.attempts + 1);
   w.credits--;
   w.outbox.tasks.push_back({t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
+  w.outbox_bytes += t.payload.size();
   MarkDirty(w);
 }
 
@@ -180,6 +181,7 @@ void Broker::Impl::Collect(Effects& fx) {
       fx.sends.emplace_back(w->channel, std::move(w->outbox));
     }
     w->outbox = WorkerOutbound{};
+    w->outbox_bytes = 0;
   }
   dirty_workers_.clear();
 }

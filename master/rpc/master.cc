@@ -51,8 +51,11 @@ class MasterImpl final : public Master {
         auth_(tokens),
         tls_(std::move(tls)),
         queue_service_(&broker_, &auth_, static_cast<size_t>(options.max_watches_per_token)),
+        // A write the worker has not taken for half a lease: it holds tasks it cannot know of
+        // (cut by the time its leases lapse, whose cancels are written to it).
         worker_service_(&broker_, &auth_, log_,
-                        static_cast<size_t>(options.max_worker_buffer_bytes)) {}
+                        static_cast<size_t>(options.max_worker_buffer_bytes),
+                        std::chrono::milliseconds(options.broker.lease_timeout_ms / 2)) {}
 
   absl::Status Init(const std::optional<TokenSet>& tokens) {
     if (tokens) broker_.SetTenantLimits(tokens->limits());

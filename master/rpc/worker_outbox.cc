@@ -42,10 +42,13 @@ StreamStep WorkerOutbox::Add(WorkerOutbound message) {
   AddRefs(message.acked, out->mutable_acked());
   if (message.shutting_down) out->set_shutting_down(true);
   out->set_heartbeat_echo(std::max(out->heartbeat_echo(), message.heartbeat_echo));
-  if (buffered_bytes_ > max_buffered_bytes_) {
-    // A worker that does not read its stream holds tasks it does not run; cut it off rather than
-    // buffer for it without bound. Its leases lapse as for any lost worker. The write it never
-    // takes ends with the call; the Finish deferred for it follows then.
+  // A worker that does not read its stream holds tasks it does not run (dispatch keeps what is
+  // sent to one far below the limit, so a worker that reads never reaches it); cut it off rather
+  // than buffer for it without bound, or let it keep its tasks by heartbeats alone. Its leases
+  // lapse as for any lost worker. The write it never takes ends with the call; the Finish
+  // deferred for it follows then.
+  const bool stalled = writing_now_ && now_() - write_started_ > stall_;
+  if (buffered_bytes_ > max_buffered_bytes_ || stalled) {
     StreamStep step =
         Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                             absl::StrCat("the worker does not read its stream: ", buffered_bytes_,
@@ -87,6 +90,7 @@ StreamStep WorkerOutbox::WriteNext() {
   writing_bytes_ = queue_.front().bytes;
   queue_.pop_front();
   writing_now_ = true;
+  write_started_ = now_();
   StreamStep step;
   step.write = &writing_;
   return step;

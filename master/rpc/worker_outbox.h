@@ -4,8 +4,10 @@
 // releasing its lock, so no gRPC call is made under it.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <deque>
+#include <functional>
 #include <optional>
 
 #include "grpcpp/grpcpp.h"
@@ -24,11 +26,17 @@ struct StreamStep {
 // Not thread-safe: the stream calls it under its own mutex.
 class WorkerOutbox {
  public:
-  // `max_buffered_bytes`: tasks that may wait for a worker that does not read before it is cut.
-  explicit WorkerOutbox(size_t max_buffered_bytes) : max_buffered_bytes_(max_buffered_bytes) {}
+  using Clock = std::function<std::chrono::steady_clock::time_point()>;
+  // `max_buffered_bytes`: tasks that may wait for a worker that does not read before it is cut;
+  // `stall`: how long a write may wait for the worker to read before it is cut, whatever waits.
+  explicit WorkerOutbox(size_t max_buffered_bytes,
+                        std::chrono::steady_clock::duration stall = std::chrono::hours(24),
+                        Clock now = std::chrono::steady_clock::now)
+      : max_buffered_bytes_(max_buffered_bytes), stall_(stall), now_(std::move(now)) {}
 
-  // Queues `message`; writes it now if no write is in flight. Past the buffer limit the stream is
-  // cut off and finished with RESOURCE_EXHAUSTED. Ignored once the stream is ending.
+  // Queues `message`; writes it now if no write is in flight. Past the buffer limit, or behind a
+  // write stalled for `stall`, the stream is cut off and finished with RESOURCE_EXHAUSTED.
+  // Ignored once the stream is ending.
   StreamStep Add(WorkerOutbound message);
   // The write in flight completed (`ok`: it went out). Writes the next message, or the Finish
   // deferred for the write, which is owed whether the write went through or not.
@@ -47,6 +55,9 @@ class WorkerOutbox {
     size_t bytes = 0;  // of its tasks, roughly (see kItemOverheadBytes)
   };
   const size_t max_buffered_bytes_;
+  const std::chrono::steady_clock::duration stall_;
+  const Clock now_;
+  std::chrono::steady_clock::time_point write_started_;  // of the write in flight
   std::deque<Pending> queue_;
   size_t buffered_bytes_ = 0;  // of the tasks queued and being written
   size_t writing_bytes_ = 0;   // of the tasks being written

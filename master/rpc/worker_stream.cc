@@ -1,6 +1,7 @@
 // The worker service (see worker_stream.h).
 #include "master/rpc/worker_stream.h"
 
+#include <atomic>
 #include <utility>
 
 #include "common/grpc_util.h"
@@ -16,13 +17,14 @@ namespace {
 class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
  public:
   WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth,
-               grpc::CallbackServerContext* context, size_t max_buffered_bytes)
+               grpc::CallbackServerContext* context, size_t max_buffered_bytes,
+               std::chrono::milliseconds stall)
       : broker_(broker),
         log_(std::move(log)),
         context_(context),
         peer_(context->peer()),
         channel_(std::make_shared<Channel>(this)),
-        outbox_(max_buffered_bytes) {
+        outbox_(max_buffered_bytes, stall) {
     if (!auth.ok()) {
       log_->warn("refused a worker stream from {}: {}", peer_, auth.error_message());
       End(auth);
@@ -67,6 +69,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     {
       absl::MutexLock lock(&mu_);
       step = outbox_.WriteDone(ok);
+      channel_->backlog.store(outbox_.buffered_bytes(), std::memory_order_relaxed);
     }
     Take(step);
   }
@@ -83,7 +86,9 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     void Send(WorkerOutbound message) override {
       ref.Call([&](WorkerStream& stream) { stream.Enqueue(std::move(message)); });
     }
+    size_t Backlog() const override { return backlog.load(std::memory_order_relaxed); }
     ReactorRef<WorkerStream> ref;
+    std::atomic<size_t> backlog{0};  // the outbox's buffered bytes, as of its latest change
   };
 
   void Handle(v1::WorkerMessage& m) {
@@ -102,6 +107,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       absl::MutexLock lock(&mu_);
       step = outbox_.Add(std::move(message));
       buffered = outbox_.buffered_bytes();
+      channel_->backlog.store(buffered, std::memory_order_relaxed);
     }
     if (step.cut_off) {
       log_->warn("cut off worker stream from {}: {} bytes wait for it to read", peer_, buffered);
@@ -146,7 +152,7 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
   return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"), context,
-                          max_buffered_bytes_);
+                          max_buffered_bytes_, stall_);
 }
 
 }  // namespace taskmaster

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import grpc
 
@@ -22,9 +22,10 @@ Payload = Union[bytes, str]
 DEFAULT_BATCH_SIZE = 10_000
 # Bytes of payloads per call, far below the 64 MiB message limit.
 DEFAULT_BATCH_BYTES = 8 << 20
-# Statuses after which a batch is sent again with the same number (the master applies it once).
+# Statuses after which a batch is sent again with the same number (the master applies it once):
+# a lost answer, a master restarting, a queue or tenant limit that clears as workers catch up.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.DEADLINE_EXCEEDED)
+             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # A master that went away is looked for again this often at first, then up to the maximum.
 RECONNECT_INITIAL_S = 0.1
 RECONNECT_MAX_S = 2.0
@@ -185,69 +186,79 @@ def make_options(kind: str, queue: str, priority: int, delay: Optional[float],
                          key=key, labels=dict(labels or {}), batch_size=batch_size)
 
 
-def batches(options: SubmitOptions, payloads: Iterable[Payload]) -> Iterator[pb.SubmitRequest]:
-    """The submit calls of a job: each batch as a request, without job_id, batch or keep_open
-    (the caller sets them, knowing whether another batch follows). A lone task takes `key` as it
-    is; several take key/0, key/1 ..., as taskctl does."""
-    if isinstance(payloads, (bytes, str)):
-        raise TypeError("payloads is a list (or any iterable) of payloads; wrap a single one "
-                        "in a list")
-    it = iter(payloads)
-    index = 0
-    labels = dict(options.labels)
-    while True:
+_END = object()  # the end of a submit's payloads (None is a payload, and refused as one)
+
+
+class SubmitPlan:
+    """The calls of one submit: the first opens the job (left open when more payloads follow);
+    each later one names the job and its batch number, and the one that reaches the end closes
+    the job. A batch goes as soon as it is full: one payload is read ahead, to know whether
+    another follows. Keyed tasks (key/0, key/1 ...; a lone task takes the key as it is) are
+    resubmitted as a whole, so they must fit one call."""
+
+    def __init__(self, options: SubmitOptions, payloads: Iterable[Payload]) -> None:
+        if isinstance(payloads, (bytes, str)):
+            raise TypeError("payloads is a list (or any iterable) of payloads; wrap a single one "
+                            "in a list")
+        self._options = options
+        self._labels = dict(options.labels)
+        self._it = iter(payloads)
+        self._ahead: List[Any] = []
+        self._index = 0
+        self.number = 0  # of the latest batch made
+        self.ended = False
+
+    def first(self) -> pb.SubmitRequest:
+        request = self._batch()
+        if not request.tasks:
+            raise errors.InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "no payloads to submit")
+        if self._options.key is not None:
+            if not self.ended:
+                raise ValueError(f"key= covers at most batch_size ({self._options.batch_size}) "
+                                 "payloads: a job of several calls cannot be resubmitted by key")
+            if len(request.tasks) == 1:
+                request.tasks[0].idempotency_key = self._options.key
+        request.keep_open = not self.ended
+        return request
+
+    def next(self, job_id: str) -> Optional[pb.SubmitRequest]:
+        """The next batch of job `job_id`, or None once the job is closed."""
+        if self.ended:
+            return None
+        request = self._batch()
+        self.number += 1
+        request.job_id = job_id
+        request.batch = self.number
+        request.keep_open = not self.ended
+        return request
+
+    @staticmethod
+    def closing(job_id: str, number: int) -> pb.SubmitRequest:
+        """An empty call that closes the job as it is, as batch `number`."""
+        return pb.SubmitRequest(job_id=job_id, batch=number)
+
+    def _batch(self) -> pb.SubmitRequest:
+        options = self._options
         request = pb.SubmitRequest()
         size = 0
-        for payload in itertools.islice(it, options.batch_size):
+        while len(request.tasks) < options.batch_size and size < options.batch_bytes:
+            payload = self._ahead.pop() if self._ahead else next(self._it, _END)
+            if payload is _END:
+                break
             data = encode(payload)
             spec = request.tasks.add(queue=options.queue, kind=options.kind, payload=data,
                                      priority=options.priority, delay_ms=options.delay_ms,
                                      timeout_ms=options.timeout_ms,
                                      max_attempts=options.max_attempts)
-            if labels:
-                spec.labels.update(labels)
+            if self._labels:
+                spec.labels.update(self._labels)
             if options.key is not None:
-                spec.idempotency_key = f"{options.key}/{index}"
-            index += 1
+                spec.idempotency_key = f"{options.key}/{self._index}"
+            self._index += 1
             size += len(data)
-            if size >= options.batch_bytes:
-                break
-        if not request.tasks:
-            return
-        yield request
-
-
-class SubmitPlan:
-    """The calls of one submit: the first opens the job (left open when more batches follow);
-    each later one names the job and its batch number, and the last closes the job. One batch
-    is read ahead, to know whether another follows."""
-
-    def __init__(self, options: SubmitOptions, payloads: Iterable[Payload]) -> None:
-        self._requests = batches(options, payloads)
-        self._options = options
-        self._ahead: Optional[pb.SubmitRequest] = None
-        self._number = 0
-
-    def first(self) -> pb.SubmitRequest:
-        request = next(self._requests, None)
-        if request is None:
-            raise errors.InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "no payloads to submit")
-        self._ahead = next(self._requests, None)
-        if self._ahead is None and self._options.key is not None and len(request.tasks) == 1:
-            request.tasks[0].idempotency_key = self._options.key  # a job of one task: the key
-        request.keep_open = self._ahead is not None
-        return request
-
-    def next(self, job_id: str) -> Optional[pb.SubmitRequest]:
-        """The next batch of job `job_id`, or None when the job is closed."""
-        request = self._ahead
-        if request is None:
-            return None
-        self._ahead = next(self._requests, None)
-        self._number += 1
-        request.job_id = job_id
-        request.batch = self._number
-        request.keep_open = self._ahead is not None
+        if not self._ahead:  # whether another payload follows
+            self._ahead.extend(itertools.islice(self._it, 1))
+        self.ended = not self._ahead
         return request
 
 

@@ -80,10 +80,22 @@ class Client:
                                  payloads)
         response = self._call(self._stub.Submit, plan.first())
         job = Job(self, response.job_id, list(response.task_ids), list(response.warnings))
-        request = plan.next(job.id)
-        while request is not None:
-            job.task_ids.extend((self._append(request)).task_ids)
+        try:
             request = plan.next(job.id)
+            while request is not None:
+                job.task_ids.extend((self._append(request)).task_ids)
+                request = plan.next(job.id)
+        except errors.TaskmasterError:
+            # Closed as it is, so that it completes and its followers end. The failed batch may
+            # have been stored all the same (its answer lost): then the next number closes it.
+            for number in (plan.number, plan.number + 1):
+                try:
+                    closed = self._append(plan.closing(job.id, number))
+                except errors.TaskmasterError:
+                    break
+                if not closed.duplicate:
+                    break
+            raise
         return job
 
     def job(self, job_id: str) -> "Job":

@@ -62,8 +62,12 @@ def test_payloads_are_bytes_or_text_and_keys_make_resubmits_safe(master, start_w
     again = client.submit("square", [b"7", "8"], key="nightly")
     assert again.task_ids == first.task_ids
     assert sorted(r.output for r in first.results(timeout=TIMEOUT)) == [b"7*7=49", b"8*8=64"]
+    with pytest.raises(ValueError, match="key= covers at most batch_size"):
+        client.submit("square", ["1", "2", "3"], key="big", batch_size=2)
     with pytest.raises(TypeError, match="bytes or str"):
         client.submit("square", [7])
+    with pytest.raises(TypeError, match="bytes or str"):
+        client.submit("square", ["1", None])
     with pytest.raises(TypeError, match="wrap a single one"):
         client.submit("square", "7")
 
