@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -87,6 +88,19 @@ class HeldStore final : public Store {
   bool open_ = false;
 };
 
+// A worker "w" running echo, with `credits`: its channel, which records what the broker sends
+// it, and its handle.
+std::pair<std::shared_ptr<FakeChannel>, Broker::WorkerHandle> AttachEchoWorker(Broker& broker,
+                                                                               int32_t credits) {
+  WorkerHello hello;
+  hello.worker_id = "w";
+  hello.kinds = {"echo"};
+  auto channel = std::make_shared<FakeChannel>();
+  Broker::WorkerHandle handle = *broker.Attach(hello, channel);
+  broker.AddCredits(handle, credits);
+  return {channel, handle};
+}
+
 // The broker closes its store as it goes: a submit the store still holds is answered then (the
 // client is told it was not stored), and no store callback runs after the broker is gone.
 TEST(BrokerDurability, ASubmitStillBeingWrittenIsAnsweredWhenTheBrokerGoes) {
@@ -115,17 +129,12 @@ TEST(BrokerDurability, ResultsShowOnlyOnceOnDiskAndWorkersAreAckedThen) {
   store.Release();
   ASSERT_TRUE(submitted.ok());
 
-  WorkerHello hello;
-  hello.worker_id = "w";
-  hello.kinds = {"echo"};
-  auto channel = std::make_shared<FakeChannel>();
-  auto handle = broker.Attach(hello, channel);
-  broker.AddCredits(*handle, 1);
+  auto [channel, handle] = AttachEchoWorker(broker, 1);
   auto tasks = channel->Take();
   ASSERT_EQ(tasks.size(), 1u);
   auto watcher = std::make_shared<CountingWatcher>();
   ASSERT_TRUE(broker.Watch(kClient, submitted->job_id, watcher).ok());
-  broker.Report(*handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "x", ""}});
+  broker.Report(handle, {{tasks[0].id, tasks[0].attempt, Outcome::kSucceeded, "x", ""}});
 
   EXPECT_TRUE(broker.ReadJob(kClient, submitted->job_id, 0, 10, 1 << 20)->results.empty());
   EXPECT_FALSE(broker.GetTask(kClient, tasks[0].id)->settled);
@@ -143,12 +152,7 @@ TEST(BrokerDurability, SubmitIsInvisibleUntilStoredAndLeavesNoTraceWhenRefused) 
   HeldStore store;
   FakeClock clock;
   Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
-  WorkerHello hello;
-  hello.worker_id = "w";
-  hello.kinds = {"echo"};
-  auto channel = std::make_shared<FakeChannel>();
-  auto handle = broker.Attach(hello, channel);
-  broker.AddCredits(*handle, 10);
+  auto channel = AttachEchoWorker(broker, 10).first;
 
   absl::StatusOr<SubmitOutcome> refused = absl::UnknownError("not yet");
   TaskSpec keyed = Spec("echo", "k");
@@ -188,12 +192,7 @@ TEST(BrokerDurability, ABatchJoinsItsJobOnlyOnceStored) {
   HeldStore store;
   FakeClock clock;
   Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
-  WorkerHello hello;
-  hello.worker_id = "w";
-  hello.kinds = {"echo"};
-  auto channel = std::make_shared<FakeChannel>();
-  auto handle = broker.Attach(hello, channel);
-  broker.AddCredits(*handle, 10);
+  auto channel = AttachEchoWorker(broker, 10).first;
   absl::StatusOr<SubmitOutcome> opened = absl::UnknownError("not yet");
   broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "a")},
                 [&](absl::StatusOr<SubmitOutcome> r) { opened = r; });

@@ -24,7 +24,8 @@ worker = Worker()
 @worker.handler('square', pool='process')
 def square(payload):
     n = int(payload)
-    print('run task %d * %d...' % (n, n), flush=True)
+    # One write per line: the pool's processes share stdout.
+    print('run task %d * %d...\n' % (n, n), end='', flush=True)
     return '%d*%d=%d' % (n, n, n * n)
 
 
