@@ -72,8 +72,11 @@ class Client:
         `payloads` may be any iterable, of any size (a generator reading a file, say): it is
         sent `batch_size` tasks per call, and the job takes them all. `delay` and `timeout` are
         seconds (None: none, and the master's default); `max_attempts` 0 takes the master's;
-        `key` is an idempotency key (one task: the key; several: key/0, key/1 ...); `labels`
-        must all be carried by the worker that runs a task.
+        `key` is an idempotency key (one task: the key; several: key/0, key/1 ...), which makes
+        the job resubmittable as a whole, so it covers at most `batch_size` payloads; `labels`
+        must all be carried by the worker that runs a task. A full queue or a tenant's limit is
+        waited out (up to `reconnect_timeout` per batch); if a later batch fails for good, the
+        job is closed with what it has and the error raised.
         """
         plan = common.SubmitPlan(common.make_options(kind, queue, priority, delay, timeout,
                                                      max_attempts, key, labels, batch_size),
