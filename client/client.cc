@@ -173,7 +173,10 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
                             const std::function<void(const v1::JobEvent&)>& on_event,
                             bool lost_master) const {
   Backoff backoff(std::chrono::milliseconds(100), std::chrono::milliseconds(2'000));
-  auto last_contact = std::chrono::steady_clock::now();
+  // Since when the master has been lost: a stream's first event comes at once, so a job that is
+  // merely quiet (long tasks, no results for a while) never counts as lost.
+  // (max(): not lost. Not an optional: GCC 12 takes its value for uninitialized.)
+  auto lost_since = std::chrono::steady_clock::time_point::max();
   while (true) {
     grpc::ClientContext context;
     AddBearerToken(context, options_.token);
@@ -191,7 +194,7 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
     v1::JobEvent event;
     bool complete = false;
     while (reader->Read(&event)) {
-      last_contact = std::chrono::steady_clock::now();
+      lost_since = std::chrono::steady_clock::time_point::max();
       backoff.Reset();
       seen += event.results_size();
       on_event(event);
@@ -209,7 +212,9 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
                            status.error_code() == grpc::StatusCode::CANCELLED ||
                            status.ok();  // ended early by a master shutting down
     if (!retryable) return Explain(status, context);
-    if (std::chrono::steady_clock::now() - last_contact > options_.reconnect_timeout) {
+    const auto now = std::chrono::steady_clock::now();
+    if (lost_since == std::chrono::steady_clock::time_point::max()) lost_since = now;
+    if (now - lost_since > options_.reconnect_timeout) {
       return absl::UnavailableError(absl::StrCat("lost the master at ", options_.master.address,
                                                  " for over ", options_.reconnect_timeout.count(),
                                                  " ms while following ", job_id));

@@ -34,7 +34,8 @@ CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", int(RECONNECT_INITIAL_S
                    ("grpc.min_reconnect_backoff_ms", int(RECONNECT_INITIAL_S * 1000)),
                    ("grpc.max_reconnect_backoff_ms", int(RECONNECT_MAX_S * 1000))]
 
-STATE_NAMES = {v: k for k, v in pb.TaskState.items()}
+# A result past the master's retention comes back with no state, as taskctl shows it.
+STATE_NAMES = {**{v: k for k, v in pb.TaskState.items()}, pb.TASK_STATE_UNSPECIFIED: "EXPIRED"}
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def milliseconds(seconds: Optional[float], what: str) -> int:
     """A duration in seconds (float) as the API's milliseconds; None is 0 (the default)."""
     if seconds is None:
         return 0
-    if not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+    if (not isinstance(seconds, (int, float)) or math.isnan(seconds) or math.isinf(seconds)
+            or seconds < 0):
         raise ValueError(f"{what} must be a number of seconds, 0 or more, not {seconds!r}")
     return int(round(seconds * 1000))
 
@@ -255,7 +257,7 @@ class SubmitPlan:
             if options.key is not None:
                 spec.idempotency_key = f"{options.key}/{self._index}"
             self._index += 1
-            size += len(data)
+            size += spec.ByteSize()  # labels, kind and queue repeat in every task
         if not self._ahead:  # whether another payload follows
             self._ahead.extend(itertools.islice(self._it, 1))
         self.ended = not self._ahead
@@ -330,7 +332,9 @@ class Follow:
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._reconnect_timeout = reconnect_timeout
-        self._last_contact = time.monotonic()
+        # Since when the master has been lost: a stream's first event comes at once, so a job
+        # that is merely quiet (long tasks, no results for a while) never counts as lost.
+        self._lost_since: Optional[float] = None
         self._lost_master = False
         self._backoff = Backoff()
 
@@ -342,7 +346,7 @@ class Follow:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def on_event(self, event: pb.JobEvent) -> List[Result]:
-        self._last_contact = time.monotonic()
+        self._lost_since = None
         self._backoff.reset()
         results = [result_of(t) for t in event.results]
         self.seen += len(results)
@@ -364,7 +368,10 @@ class Follow:
                                              grpc.StatusCode.CANCELLED):
             raise errors.error_for(code, details or code.name, self.address)
         self._lost_master = True
-        if time.monotonic() - self._last_contact > self._reconnect_timeout:
+        now = time.monotonic()
+        if self._lost_since is None:
+            self._lost_since = now
+        if now - self._lost_since > self._reconnect_timeout:
             raise errors.Unavailable(
                 grpc.StatusCode.UNAVAILABLE,
                 f"lost the master at {self.address} for over {self._reconnect_timeout:.0f} s "

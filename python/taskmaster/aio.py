@@ -66,12 +66,16 @@ class Client:
         try:
             request = plan.next(job.id)
             while request is not None:
-                job.task_ids.extend((await self._append(request)).task_ids)
+                response = await self._append(request)
+                if response.duplicate or job.task_ids is None:
+                    job.task_ids = None  # that batch's answer was lost, and its ids with it
+                else:
+                    job.task_ids.extend(response.task_ids)
                 request = plan.next(job.id)
-        except errors.TaskmasterError:
+        except BaseException:  # the input failing or an interrupt too: the job must not hang
             # Closed as it is, so that it completes and its followers end. The failed batch may
             # have been stored all the same (its answer lost): then the next number closes it.
-            for number in (plan.number, plan.number + 1):
+            for number in (n for n in (plan.number, plan.number + 1) if n >= 1):
                 try:
                     closed = await self._append(plan.closing(job.id, number))
                 except errors.TaskmasterError:
@@ -83,7 +87,7 @@ class Client:
 
     def job(self, job_id: str) -> "Job":
         """A job submitted earlier, to follow or cancel."""
-        return Job(self, job_id, [], [])
+        return Job(self, job_id, None, [])
 
     async def task(self, task_id: int) -> TaskInfo:
         return common.task_of(await self._call(self._stub.GetTask,
@@ -143,7 +147,7 @@ class Client:
 class Job:
     """taskmaster.client.Job for asyncio."""
 
-    def __init__(self, client: Client, job_id: str, task_ids: List[int],
+    def __init__(self, client: Client, job_id: str, task_ids: Optional[List[int]],
                  warnings: List[str]) -> None:
         self._client = client
         self.id = job_id

@@ -86,12 +86,16 @@ class Client:
         try:
             request = plan.next(job.id)
             while request is not None:
-                job.task_ids.extend((self._append(request)).task_ids)
+                response = self._append(request)
+                if response.duplicate or job.task_ids is None:
+                    job.task_ids = None  # that batch's answer was lost, and its ids with it
+                else:
+                    job.task_ids.extend(response.task_ids)
                 request = plan.next(job.id)
-        except errors.TaskmasterError:
+        except BaseException:  # the input failing or an interrupt too: the job must not hang
             # Closed as it is, so that it completes and its followers end. The failed batch may
             # have been stored all the same (its answer lost): then the next number closes it.
-            for number in (plan.number, plan.number + 1):
+            for number in (n for n in (plan.number, plan.number + 1) if n >= 1):
                 try:
                     closed = self._append(plan.closing(job.id, number))
                 except errors.TaskmasterError:
@@ -103,7 +107,7 @@ class Client:
 
     def job(self, job_id: str) -> "Job":
         """A job submitted earlier (by anyone of this token's tenant), to follow or cancel."""
-        return Job(self, job_id, [], [])
+        return Job(self, job_id, None, [])
 
     def task(self, task_id: int) -> TaskInfo:
         """Everything the master knows of one task, its payload and progress included."""
@@ -165,10 +169,11 @@ class Client:
 
 
 class Job:
-    """A submitted job: its id, its tasks' ids (in the order of the payloads), and the master's
-    warnings (such as a kind no connected worker runs)."""
+    """A submitted job: its id, its tasks' ids (in the order of the payloads; None when the
+    answer to one of its calls was lost, so that call's ids are unknown, or for a job found by
+    id), and the master's warnings (such as a kind no connected worker runs)."""
 
-    def __init__(self, client: Client, job_id: str, task_ids: List[int],
+    def __init__(self, client: Client, job_id: str, task_ids: Optional[List[int]],
                  warnings: List[str]) -> None:
         self._client = client
         self.id = job_id
