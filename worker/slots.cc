@@ -170,6 +170,8 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
   credits_to_send_ = 0;
   outstanding_credit_ = 0;
   drain_sent_ = false;
+  drain_heartbeat_.reset();
+  drain_echoed_ = false;
   session_open_ = true;
   TopUpCreditsLocked();
   return lost_state;
@@ -178,7 +180,10 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
 void Slots::Received(FromMaster in) {
   absl::MutexLock lock(&mu_);
   heard_at_ = options_.now();
-  if (in.heartbeat_echo) LeasesHeldSinceLocked(*in.heartbeat_echo);
+  if (in.heartbeat_echo) {
+    LeasesHeldSinceLocked(*in.heartbeat_echo);
+    if (drain_heartbeat_ && *in.heartbeat_echo >= *drain_heartbeat_) drain_echoed_ = true;
+  }
   outstanding_credit_ = std::max(0, outstanding_credit_ - static_cast<int32_t>(in.tasks.size()));
   for (Task& t : in.tasks) {
     const TaskId id = t.task_id;
@@ -278,7 +283,10 @@ std::optional<ToMaster> Slots::NextToSend() {
     progress_pending_ = false;
     progress_due_ = now + options_.progress_interval;
   }
-  if (now >= heartbeat_due_) {
+  // The drain goes with a heartbeat: its echo comes after every task the master sent before it
+  // saw the drain, so once it is back no task is still on its way (see FinishDrain).
+  if (now >= heartbeat_due_ || out.draining) {
+    if (out.draining) drain_heartbeat_ = now;
     out.heartbeat_at = now;
     out.stuck = stuck_;
     heartbeat_due_ = now + heartbeat_;
@@ -491,6 +499,11 @@ std::optional<Slots::DrainStart> Slots::StartDrain() {
 Slots::DrainEnd Slots::FinishDrain(Time deadline) {
   absl::MutexLock lock(&mu_);
   DrainEnd end;
+  // Tasks the master sent before it saw the drain are given back as they arrive: wait for them
+  // (for the drain's echo), unless there is no stream to bring them or the master echoes nothing.
+  AwaitUntilLocked([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(
+                       mu_) { return drain_echoed_ || !session_open_ || !echoes_; },
+                   deadline);
   AwaitUntilLocked(
       [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return held_.empty() && orphans_.empty(); },
       deadline);

@@ -221,6 +221,9 @@ class Slots {
   Time session_started_ ABSL_GUARDED_BY(mu_);       // its hello left
   Time heard_at_ ABSL_GUARDED_BY(mu_);              // its last message from the master
   Time heartbeat_due_ ABSL_GUARDED_BY(mu_);         // its next heartbeat
+  // The heartbeat sent with its drain, and whether the master echoed it (or a later one).
+  std::optional<Time> drain_heartbeat_ ABSL_GUARDED_BY(mu_);
+  bool drain_echoed_ ABSL_GUARDED_BY(mu_) = false;
   // ---- The worker's life ----
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool drain_sent_ ABSL_GUARDED_BY(mu_) = false;  // told the master on this session
