@@ -289,8 +289,7 @@ class BatchReader {
   // Whether the input ends here (waits for the next payload or the end).
   bool AtEnd() {
     std::string payload;
-    if (input_.Next(&payload, absl::InfiniteFuture()) == PayloadQueue::Got::kEnd) return true;
-    return false;
+    return input_.Next(&payload, absl::InfiniteFuture()) == PayloadQueue::Got::kEnd;
   }
 
  private:

@@ -82,12 +82,15 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
     }
     // A batch joins its job's completion order at its end, where a finished task of another job
     // has no place that a restart would keep.
-    if (auto it = keys_.find(KeyIndex(tenant, s.idempotency_key));
-        open_job && !s.idempotency_key.empty() && it != keys_.end() &&
-        tasks_.at(it->second).job != open_job) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "task ", i, ": idempotency key '", s.idempotency_key, "' belongs to a task of job ",
-          tasks_.at(it->second).job->id, "; a batch added to an open job can only repeat its own"));
+    // (Looked up for keyed tasks of appended batches only: no other submit pays for it.)
+    if (open_job && !s.idempotency_key.empty()) {
+      auto it = keys_.find(KeyIndex(tenant, s.idempotency_key));
+      if (it != keys_.end() && tasks_.at(it->second).job != open_job) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("task ", i, ": idempotency key '", s.idempotency_key,
+                         "' belongs to a task of job ", tasks_.at(it->second).job->id,
+                         "; a batch added to an open job can only repeat its own"));
+      }
     }
     // A key already known, or repeated in the batch, adds no task.
     if (s.idempotency_key.empty() || (!keys_.contains(KeyIndex(tenant, s.idempotency_key)) &&
