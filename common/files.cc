@@ -14,6 +14,11 @@
 namespace taskmaster {
 
 std::string DefaultDataDir() {
+  // systemd's StateDirectory= (a list separated by ':'; the first is the unit's own).
+  if (const char* state = std::getenv("STATE_DIRECTORY"); state && *state) {
+    const std::string dirs = state;
+    return dirs.substr(0, dirs.find(':'));
+  }
   if (const char* xdg = std::getenv("XDG_DATA_HOME"); xdg && *xdg) {
     return std::string(xdg) + "/taskmaster";
   }

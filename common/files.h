@@ -7,7 +7,8 @@
 
 namespace taskmaster {
 
-// $XDG_DATA_HOME/taskmaster, else ~/.local/share/taskmaster, else ./taskmaster-data.
+// $STATE_DIRECTORY (set by systemd), else $XDG_DATA_HOME/taskmaster, else
+// ~/.local/share/taskmaster, else ./taskmaster-data.
 std::string DefaultDataDir();
 
 // Writes `port` to `path` whole (through a temporary file renamed over it), following no

@@ -12,6 +12,8 @@
 #include "absl/synchronization/mutex.h"
 #include "common/auth.h"
 #include "common/logging.h"
+#include "common/notify.h"
+#include "common/settings.h"
 #include "common/signals.h"
 #include "common/util.h"
 #include "worker/config.h"
@@ -26,21 +28,6 @@ namespace {
 int Fail(const absl::Status& status) {
   fprintf(stderr, "taskworker: %s\n", std::string(status.message()).c_str());
   return 2;
-}
-
-// The value of --config, looked for before the other flags are parsed: the file's values are
-// their defaults, so that a flag given overrides the file.
-std::string ConfigPath(int argc, char** argv) {
-  constexpr std::string_view kFlag = "--config";
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    if (arg == kFlag && i + 1 < argc) return argv[i + 1];
-    if (arg.size() > kFlag.size() && arg.substr(0, kFlag.size()) == kFlag &&
-        arg[kFlag.size()] == '=') {
-      return std::string(arg.substr(kFlag.size() + 1));
-    }
-  }
-  return "";
 }
 
 // The kinds the worker runs: the caller's, the built-ins, the config's exec kinds, the plugins'.
@@ -75,7 +62,7 @@ int RunWorker(int argc, char** argv, Registry registry) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   WorkerConfig config;
-  std::string config_path = ConfigPath(argc, argv);
+  std::string config_path = Settings::ConfigPath(argc, argv);
   if (!config_path.empty()) {
     if (absl::Status s = LoadWorkerConfig(config_path, &config); !s.ok()) return Fail(s);
   }
@@ -137,6 +124,13 @@ int RunWorker(int argc, char** argv, Registry registry) {
     if (!parsed.ok()) return Fail(parsed.status());
     o.labels = *parsed;
   }
+  // Secrets may come from systemd's credentials: "$CREDENTIALS_DIRECTORY/token".
+  for (std::string* path : {&config.token_file, &o.master.tls_ca_file, &o.master.tls_cert_file,
+                            &o.master.tls_key_file}) {
+    absl::StatusOr<std::string> expanded = ExpandCredentialsPath(*path);
+    if (!expanded.ok()) return Fail(expanded.status());
+    *path = std::move(*expanded);
+  }
   o.drain_timeout = std::chrono::milliseconds(drain_ms);
   o.prefetch_window = std::chrono::milliseconds(prefetch_window_ms);
   o.progress_interval = std::chrono::milliseconds(progress_interval_ms);
@@ -164,18 +158,31 @@ int RunWorker(int argc, char** argv, Registry registry) {
   }
   absl::StatusOr<std::unique_ptr<Worker>> worker = Worker::Start(o, &registry);
   if (!worker.ok()) return Fail(worker.status());
+  // Ready once its pools run: a worker waits for an absent master without failing its unit.
+  const ServiceNotifier notifier;
+  notifier.Ready((*worker)->StatusLine());
 
   // SIGHUP (a closed terminal, a reload sent to every daemon) leaves a worker running: it has
   // nothing to re-read.
   auto stop = [](int sig) { return sig == SIGINT || sig == SIGTERM; };
-  // Any wait will do until the first signal; during the drain, how soon its end is noticed.
-  constexpr auto kIdleWait = std::chrono::hours(1);
-  constexpr auto kDrainPoll = std::chrono::milliseconds(100);
-  while (!stop(WaitForSignal(kIdleWait))) {
+  // Until the first signal, how often the status line is refreshed (and the watchdog pinged, at
+  // least as often as the unit asks); during the drain, how soon its end is noticed.
+  std::chrono::milliseconds wake(5'000);
+  if (notifier.watchdog_interval().count() > 0) {
+    wake = std::clamp(
+        std::chrono::duration_cast<std::chrono::milliseconds>(notifier.watchdog_interval()),
+        std::chrono::milliseconds(1), wake);
   }
+  constexpr auto kDrainPoll = std::chrono::milliseconds(100);
+  while (!stop(WaitForSignal(wake))) {
+    notifier.Watchdog();
+    notifier.Status((*worker)->StatusLine());
+  }
+  notifier.Stopping("draining: running tasks finish, the others go back to the master");
   std::thread drain([&] { (*worker)->Drain(); });
   while (!(*worker)->Stopped()) {
-    if (stop(WaitForSignal(kDrainPoll))) (*worker)->Abort();
+    notifier.Watchdog();
+    if (stop(WaitForSignal(std::min(wake, kDrainPoll)))) (*worker)->Abort();
   }
   drain.join();
   return 0;

@@ -209,6 +209,7 @@ bool Session::Run(grpc::Status* status) {
   }
   log_->info("connected to master {} (epoch {})", options_.master.address,
              in.welcome().master_epoch());
+  connected_.store(true, std::memory_order_relaxed);
   std::thread sender([this, s = stream.get()] { SendLoop(s); });
   bool master_stopping = false;
   do {
@@ -228,6 +229,7 @@ bool Session::Run(grpc::Status* status) {
 }
 
 void Session::Ended(bool master_stopping, const grpc::Status& status) {
+  connected_.store(false, std::memory_order_relaxed);
   const std::vector<std::string> given_up =
       slots_->SessionEnded(master_stopping, status.error_message());
   {

@@ -3,6 +3,7 @@
 // part of the worker that sees gRPC or protobuf: it converts them from and to plain structs.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -41,6 +42,8 @@ class Session {
   // Cancels the live stream, if any: the worker is leaving.
   void Cancel();
   void Join();
+  // Whether a stream is open and the master welcomed it.
+  bool connected() const { return connected_.load(std::memory_order_relaxed); }
 
  private:
   using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>;
@@ -67,6 +70,7 @@ class Session {
   uint64_t number_ ABSL_GUARDED_BY(mu_) = 0;  // of the latest session
   // Its call, from before its hello to its end; the watchdog and Cancel cancel it.
   std::shared_ptr<grpc::ClientContext> live_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> connected_{false};  // for status lines only
 };
 
 }  // namespace taskmaster::worker

@@ -180,6 +180,17 @@ class WorkerImpl final : public Worker {
                        [](const auto& lane) { return lane->slots.Stopped(); });
   }
 
+  std::string StatusLine() const override {
+    size_t connected = 0;
+    for (const auto& lane : lanes_) connected += lane->session.connected() ? 1 : 0;
+    const std::string state = connected == lanes_.size()
+                                  ? "connected to"
+                                  : (connected == 0 ? "connecting to"
+                                                    : absl::StrCat(connected, " of ", lanes_.size(),
+                                                                   " pools connected to"));
+    return absl::StrCat(name_, ": ", state, " master ", options_.master.address);
+  }
+
  private:
   void DrainLane(Lane& lane, worker::Time deadline) {
     const std::optional<worker::Slots::DrainStart> start = lane.slots.StartDrain();

@@ -63,6 +63,8 @@ class Worker {
   virtual void Abort() = 0;
   // True once the worker has left (after Drain or Abort).
   virtual bool Stopped() const = 0;
+  // One line for a person (systemd's STATUS=): whether each pool is connected to the master.
+  virtual std::string StatusLine() const = 0;
 };
 
 }  // namespace taskmaster

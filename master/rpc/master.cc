@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -81,6 +82,7 @@ class MasterImpl final : public Master {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
+    MarkTick();
     ticker_ = std::thread([this] { TickLoop(); });
     log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
                options_.insecure ? "INSECURE: no authentication" : "token authentication",
@@ -94,6 +96,28 @@ class MasterImpl final : public Master {
   ~MasterImpl() override { Shutdown(std::chrono::milliseconds(0)); }
 
   int port() const override { return port_; }
+
+  std::string StatusLine() const override {
+    int64_t pending = 0, leased = 0;
+    for (const QueueStatsView& q : broker_.QueueStats()) {
+      pending += q.pending;
+      leased += q.leased;
+    }
+    size_t connected = 0;
+    for (const WorkerView& w : broker_.Workers()) connected += w.connected ? 1 : 0;
+    return absl::StrCat("serving on ", options_.listen, " (port ", port_, "): ", connected,
+                        connected == 1 ? " worker, " : " workers, ", pending, " tasks waiting, ",
+                        leased, " running");
+  }
+
+  bool Ticking() const override {
+    // Far longer than any tick takes, far shorter than a watchdog worth setting.
+    constexpr auto kStalled = std::chrono::seconds(10);
+    const auto last = std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(last_tick_.load(std::memory_order_relaxed)));
+    return std::chrono::steady_clock::now() - last <
+           std::max<std::chrono::steady_clock::duration>(kStalled, options_.tick * 50);
+  }
 
   void Reload() override {
     if (!options_.tokens_file.empty()) {
@@ -138,6 +162,11 @@ class MasterImpl final : public Master {
   }
 
  private:
+  void MarkTick() {
+    last_tick_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                     std::memory_order_relaxed);
+  }
+
   void TickLoop() {
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
@@ -145,6 +174,7 @@ class MasterImpl final : public Master {
       if (stopping_) break;
       lock.unlock();
       broker_.Tick();
+      MarkTick();
       lock.lock();
     }
   }
@@ -161,6 +191,8 @@ class MasterImpl final : public Master {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::thread ticker_;
+  // When TickLoop last finished a tick (steady_clock ticks); read by Ticking from another thread.
+  std::atomic<int64_t> last_tick_{0};
 
   std::mutex mu_;
   bool stopping_ = false;  // guarded by mu_

@@ -56,6 +56,11 @@ class Master {
   // Tells workers, stops accepting, and waits for calls to end until `deadline` has passed,
   // then cancels what is left.
   virtual void Shutdown(std::chrono::milliseconds deadline) = 0;
+  // One line for a person (systemd's STATUS=): where it listens and what it holds.
+  virtual std::string StatusLine() const = 0;
+  // Whether the timers ticked lately. Gates the watchdog pings, so that systemd restarts a master
+  // whose serving loop hung rather than one whose main thread merely runs.
+  virtual bool Ticking() const = 0;
 };
 
 }  // namespace taskmaster
