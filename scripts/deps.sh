@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
   libgrpc++-dev libabsl-dev libspdlog-dev libcli11-dev libsqlite3-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libjemalloc-dev libssl-dev openssl python3 iproute2 iptables
-  libtomlplusplus-dev libsystemd-dev python3-grpcio python3-grpc-tools python3-protobuf python3-pytest
+  libtomlplusplus-dev libsystemd-dev lintian python3-grpcio python3-grpc-tools python3-protobuf python3-pytest
   python3-venv python3-pip python3-setuptools clang-14 libfuzzer-14-dev libclang-rt-14-dev llvm-14)
 missing=()
 for p in "${packages[@]}"; do
