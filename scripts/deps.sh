@@ -6,6 +6,9 @@ packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-g
   libgtest-dev libgmock-dev libjemalloc-dev libssl-dev openssl python3 iproute2 iptables
   libtomlplusplus-dev libsystemd-dev lintian python3-grpcio python3-grpc-tools python3-protobuf python3-pytest
   python3-venv python3-pip python3-setuptools clang-14 libfuzzer-14-dev libclang-rt-14-dev llvm-14)
+# The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
+# from a registry), the compose file checked by docker-compose; pgrep checks what it left.
+packages+=(podman buildah runc conmon debootstrap docker-compose procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
