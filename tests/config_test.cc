@@ -6,17 +6,11 @@
 
 #include "absl/strings/match.h"
 #include "harness.h"
+#include "tests/expect.h"
 #include "worker/config.h"
 
 namespace taskmaster {
 namespace {
-
-// Checks that `text` holds `part`, showing the whole text when it does not.
-#define EXPECT_CONTAINS(text, part)                       \
-  do {                                                    \
-    const std::string text_ = (text);                     \
-    EXPECT_TRUE(absl::StrContains(text_, part)) << text_; \
-  } while (0)
 
 absl::StatusOr<WorkerConfig> LoadText(const std::string& text) {
   testing::TempDir dir;

@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "tests/expect.h"
 #include "tests/harness.h"
 
 namespace taskmaster::testing {
@@ -29,12 +30,6 @@ namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using Clock = std::chrono::steady_clock;
-
-#define EXPECT_CONTAINS(text, part)                       \
-  do {                                                    \
-    const std::string text_ = (text);                     \
-    EXPECT_TRUE(absl::StrContains(text_, part)) << text_; \
-  } while (0)
 
 const std::string kExampleConfig =
     std::string(TASKMASTER_SOURCE_DIR) + "/deploy/master.example.toml";

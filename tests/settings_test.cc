@@ -15,15 +15,10 @@
 #include "absl/strings/str_replace.h"
 #include "harness.h"
 #include "master/config.h"
+#include "tests/expect.h"
 
 namespace taskmaster {
 namespace {
-
-#define EXPECT_CONTAINS(text, part)                       \
-  do {                                                    \
-    const std::string text_ = (text);                     \
-    EXPECT_TRUE(absl::StrContains(text_, part)) << text_; \
-  } while (0)
 
 // A master's settings read from a file's text, an environment and flags, in that order.
 struct Parsed {

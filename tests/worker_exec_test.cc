@@ -26,6 +26,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
+#include "tests/expect.h"
 #include "worker/exec.h"
 #include "worker/pool.h"
 
@@ -186,9 +187,6 @@ class ExecTest : public ::testing::Test {
   std::set<std::string> fds_before_;
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
 };
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_TRUE(absl::StrContains(text, part)) << "'" << (text) << "' lacks '" << (part) << "'"
 
 TEST_F(ExecTest, CatEchoesEveryByteValue) {
   std::string payload;
