@@ -4,8 +4,12 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
   libgrpc++-dev libabsl-dev libspdlog-dev libcli11-dev libsqlite3-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libjemalloc-dev libssl-dev openssl python3 iproute2 iptables
-  libtomlplusplus-dev libsystemd-dev lintian python3-grpcio python3-grpc-tools python3-protobuf python3-pytest
-  python3-venv python3-pip python3-setuptools clang-14 libfuzzer-14-dev libclang-rt-14-dev llvm-14)
+  libtomlplusplus-dev libsystemd-dev python3-grpcio python3-grpc-tools python3-protobuf
+  python3-pytest python3-venv python3-pip python3-setuptools clang-14 libfuzzer-14-dev
+  libclang-rt-14-dev llvm-14)
+# The deploy and package tests: systemd-analyze (verify, security), cpack's DEB generator (file,
+# dpkg-shlibdeps) and lintian.
+packages+=(systemd file dpkg-dev lintian)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.
 packages+=(podman buildah runc conmon debootstrap docker-compose procps)
