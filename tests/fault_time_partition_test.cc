@@ -1,7 +1,6 @@
 // Fault tests of a network partition: links between master and worker cut with iptables inside
 // network namespaces the test makes, shorter than half the lease and longer than the lease.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
@@ -18,6 +17,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/fault_time_common.h"
 #include "tests/harness.h"
+#include "tests/netns.h"
 
 namespace taskmaster::testing {
 namespace {
@@ -38,109 +38,42 @@ int64_t LoggedAt(const std::string& log, const std::string& text) {
          std::stoll(m[4]);
 }
 
-// Two network namespaces joined by a veth pair: the master's (10.213.7.1) and the worker's
-// (10.213.7.2). Links are cut with iptables inside the worker's namespace only; deleting the
-// namespaces takes the pair and the rules with them.
-class Namespaces {
- public:
-  Namespaces() {
-    const std::string id = std::to_string(getpid());
-    master_ = "tm-m-" + id;
-    worker_ = "tm-w-" + id;
-    const std::string veth_m = "tmm" + id, veth_w = "tmw" + id;
-    if (geteuid() != 0) {
-      skip_ = "network namespaces need root";
-      return;
-    }
-    const std::vector<std::vector<std::string>> setup = {
-        {"ip", "netns", "add", master_},
-        {"ip", "netns", "add", worker_},
-        {"ip", "link", "add", veth_m, "netns", master_, "type", "veth", "peer", "name", veth_w,
-         "netns", worker_},
-        {"ip", "-n", master_, "addr", "add", "10.213.7.1/30", "dev", veth_m},
-        {"ip", "-n", worker_, "addr", "add", "10.213.7.2/30", "dev", veth_w},
-        {"ip", "-n", master_, "link", "set", veth_m, "up"},
-        {"ip", "-n", worker_, "link", "set", veth_w, "up"},
-        {"ip", "-n", master_, "link", "set", "lo", "up"},
-        {"ip", "-n", worker_, "link", "set", "lo", "up"},
-        {"ip", "netns", "exec", worker_, "iptables", "-L", "-n"}};
-    for (const auto& argv : setup) {
-      CommandResult r = RunCommand(argv, "", seconds(10));
-      if (r.exit_code != 0) {
-        skip_ = absl::StrCat("cannot set up network namespaces (", argv[0], " ", argv[1], " ",
-                             argv[2], ": ", r.err, "); iptables and iproute2 are needed");
-        return;
-      }
-    }
-  }
-  ~Namespaces() {
-    for (const std::string& ns : {master_, worker_}) {
-      RunCommand({"ip", "netns", "delete", ns}, "", seconds(10));
-    }
-  }
-  const std::string& skip() const { return skip_; }
-
-  std::vector<std::string> InMaster(std::vector<std::string> argv) const {
-    return In(master_, std::move(argv));
-  }
-  std::vector<std::string> InWorker(std::vector<std::string> argv) const {
-    return In(worker_, std::move(argv));
-  }
-  // Drops everything between the namespaces (`cut`), or stops dropping it.
-  void Partition(bool cut) const {
-    const std::string op = cut ? "-A" : "-D";
-    for (const auto& rule : std::vector<std::vector<std::string>>{
-             {"iptables", op, "INPUT", "-s", "10.213.7.1", "-j", "DROP"},
-             {"iptables", op, "OUTPUT", "-d", "10.213.7.1", "-j", "DROP"}}) {
-      EXPECT_EQ(RunCommand(InWorker(rule), "", seconds(10)).exit_code, 0);
-    }
-  }
-
- private:
-  static std::vector<std::string> In(const std::string& ns, std::vector<std::string> argv) {
-    argv.insert(argv.begin(), {"ip", "netns", "exec", ns});
-    return argv;
-  }
-  std::string master_, worker_, skip_;
-};
+// The master's host (10.213.7.1) and the worker's (10.213.7.2); links are cut inside the worker's
+// namespace only.
+NetworkNamespaces MasterAndWorker() { return NetworkNamespaces({"master", "worker"}, "10.213.7."); }
 
 // A master in one namespace, workers in either, and taskctl beside the master.
 class PartitionedCluster {
  public:
-  PartitionedCluster(const Namespaces& ns, int64_t lease_ms, int64_t heartbeat_ms) : ns_(ns) {
-    WriteFile(dir_.File("tokens"),
-              std::string("submit ") + kSubmitToken + "\nwork " + kWorkToken + "\n");
-    WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
-    WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
-    for (const char* f : {"tokens", "submit.token", "work.token"}) {
-      std::filesystem::permissions(
-          dir_.File(f), std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
-    }
+  PartitionedCluster(const NetworkNamespaces& ns, int64_t lease_ms, int64_t heartbeat_ms)
+      : ns_(ns) {
+    WriteTokenFiles(dir_);
     master_ = std::make_unique<Process>(
-        ns_.InMaster({Binary("taskmaster"), "--listen", "0.0.0.0:7070", "--tokens",
-                      dir_.File("tokens"), "--allow-plaintext", "--data-dir", dir_.File("data"),
-                      "--port-file", dir_.File("port"), "--lease-timeout-ms",
-                      std::to_string(lease_ms), "--heartbeat-ms", std::to_string(heartbeat_ms),
-                      "--tick-ms", "50"}),
+        ns_.In("master",
+               {Binary("taskmaster"), "--listen", "0.0.0.0:7070", "--tokens", dir_.File("tokens"),
+                "--allow-plaintext", "--data-dir", dir_.File("data"), "--port-file",
+                dir_.File("port"), "--lease-timeout-ms", std::to_string(lease_ms), "--heartbeat-ms",
+                std::to_string(heartbeat_ms), "--tick-ms", "50"}),
         dir_.File("master.log"));
     EXPECT_TRUE(WaitFor([&] { return std::filesystem::exists(dir_.File("port")); }, seconds(20)))
         << master_->Log();
   }
 
   Process& StartWorker(const std::string& name, bool beside_master) {
-    std::vector<std::string> argv = {Binary("taskworker"),
-                                     "--master",
-                                     beside_master ? "127.0.0.1:7070" : "10.213.7.1:7070",
-                                     "--token-file",
-                                     dir_.File("work.token"),
-                                     "--name",
-                                     name,
-                                     "--threads",
-                                     "1",
-                                     "--log-level",
-                                     "debug"};
+    std::vector<std::string> argv = {
+        Binary("taskworker"),
+        "--master",
+        beside_master ? "127.0.0.1:7070" : ns_.Address("master") + ":7070",
+        "--token-file",
+        dir_.File("work.token"),
+        "--name",
+        name,
+        "--threads",
+        "1",
+        "--log-level",
+        "debug"};
     workers_.push_back(std::make_unique<Process>(
-        beside_master ? ns_.InMaster(argv) : ns_.InWorker(argv), dir_.File(name + ".log")));
+        beside_master ? ns_.In("master", argv) : ns_.In("worker", argv), dir_.File(name + ".log")));
     return *workers_.back();
   }
 
@@ -149,7 +82,7 @@ class PartitionedCluster {
         Binary("taskctl"), "--master", "127.0.0.1:7070", "--token-file", dir_.File("submit.token"),
         "--format",        "json"};
     argv.insert(argv.end(), args.begin(), args.end());
-    CommandResult r = RunCommand(ns_.InMaster(argv), input, seconds(20));
+    CommandResult r = RunCommand(ns_.In("master", argv), input, seconds(20));
     if (r.exit_code != 0) return nlohmann::json();
     const std::string first_line = r.out.substr(0, r.out.find('\n'));
     return nlohmann::json::parse(first_line, nullptr, /*allow_exceptions=*/false);
@@ -169,7 +102,7 @@ class PartitionedCluster {
   Process& master() { return *master_; }
 
  private:
-  const Namespaces& ns_;
+  const NetworkNamespaces& ns_;
   TempDir dir_;
   std::unique_ptr<Process> master_;
   std::vector<std::unique_ptr<Process>> workers_;
@@ -181,7 +114,7 @@ class PartitionedCluster {
 // connections. (The lease is short enough that gRPC's TCP_USER_TIMEOUT of 10 s, which drops such
 // a connection, comes too late to help.)
 TEST(FaultTime, PartitionShorterThanHalfTheLeaseCausesNoSecondRun) {
-  Namespaces ns;
+  NetworkNamespaces ns = MasterAndWorker();
   if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
   constexpr int kLeaseMs = 7'000, kWorkers = 8;
   PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 6);
@@ -195,9 +128,9 @@ TEST(FaultTime, PartitionShorterThanHalfTheLeaseCausesNoSecondRun) {
     ASSERT_NE(id, 0u);
     ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20)));
   }
-  ns.Partition(true);
+  ASSERT_TRUE(ns.Cut("worker", "master", true));
   std::this_thread::sleep_for(milliseconds(kLeaseMs / 2 - 100));  // the fault's length
-  ns.Partition(false);
+  EXPECT_TRUE(ns.Cut("worker", "master", false));
   std::vector<std::string> logs;
   int attempts = 0;
   for (uint64_t id : ids) {
@@ -215,7 +148,7 @@ TEST(FaultTime, PartitionShorterThanHalfTheLeaseCausesNoSecondRun) {
 }
 
 TEST(FaultTime, PartitionLongerThanTheLeaseStopsTheWorkerBeforeItsLeaseLapses) {
-  Namespaces ns;
+  NetworkNamespaces ns = MasterAndWorker();
   if (!ns.skip().empty()) GTEST_SKIP() << ns.skip();
   constexpr int kLeaseMs = 3'000;
   PartitionedCluster cluster(ns, kLeaseMs, kLeaseMs / 10);
@@ -223,11 +156,11 @@ TEST(FaultTime, PartitionLongerThanTheLeaseStopsTheWorkerBeforeItsLeaseLapses) {
   const uint64_t id = cluster.SubmitSleep(6'000, 3);
   ASSERT_NE(id, 0u);
   ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "LEASED"; }, seconds(20))) << far.Log();
-  ns.Partition(true);
+  ASSERT_TRUE(ns.Cut("worker", "master", true));
   Process& near = cluster.StartWorker("near", /*beside_master=*/true);
   ASSERT_TRUE(WaitFor([&] { return cluster.TaskState(id) == "SUCCEEDED"; }, seconds(30)))
       << cluster.master().Log();
-  ns.Partition(false);
+  EXPECT_TRUE(ns.Cut("worker", "master", false));
   nlohmann::json task = cluster.Taskctl({"status", std::to_string(id)});
   EXPECT_EQ(task["worker"], "near");
   const int64_t stopped = LoggedAt(far.Log(), "stopped 1 running");

@@ -104,9 +104,11 @@ std::string Binary(const std::string& name) {
 
 std::string Square(int64_t n) { return absl::StrCat(n, "*", n, "=", n * n); }
 
-CommandResult MakeCertificates(const std::string& dir) {
-  return RunCommand(
-      {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh", "--days", "2", dir});
+CommandResult MakeCertificates(const std::string& dir, const std::vector<std::string>& names) {
+  std::vector<std::string> argv = {std::string(TASKMASTER_SOURCE_DIR) + "/deploy/make-certs.sh",
+                                   "--days", "2", dir};
+  argv.insert(argv.end(), names.begin(), names.end());
+  return RunCommand(argv);
 }
 
 std::vector<std::string> FaultShimEnv(const std::string& clock_file,
@@ -163,15 +165,19 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
   return result;
 }
 
-Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::move(master_flags)) {
-  WriteFile(dir_.File("tokens"), std::string("# test tokens\nsubmit ") + kSubmitToken + "\nwork " +
-                                     kWorkToken + "\nadmin " + kAdminToken + "\n");
-  WriteFile(dir_.File("submit.token"), std::string(kSubmitToken) + "\n");
-  WriteFile(dir_.File("work.token"), std::string(kWorkToken) + "\n");
+void WriteTokenFiles(const TempDir& dir) {
+  WriteFile(dir.File("tokens"), std::string("# test tokens\nsubmit ") + kSubmitToken + "\nwork " +
+                                    kWorkToken + "\nadmin " + kAdminToken + "\n");
+  WriteFile(dir.File("submit.token"), std::string(kSubmitToken) + "\n");
+  WriteFile(dir.File("work.token"), std::string(kWorkToken) + "\n");
   for (const char* name : {"tokens", "submit.token", "work.token"}) {
     std::filesystem::permissions(
-        dir_.File(name), std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+        dir.File(name), std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   }
+}
+
+Cluster::Cluster(std::vector<std::string> master_flags) : master_flags_(std::move(master_flags)) {
+  WriteTokenFiles(dir_);
 }
 
 std::vector<std::string> Cluster::MasterArgv() const {

@@ -74,9 +74,10 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
 // "n*n=r", what the built-in `square` handler answers for payload n.
 std::string Square(int64_t n);
 
-// deploy/make-certs.sh into `dir`: a CA, a server certificate for loopback, worker and client
-// certificates (ca.pem, server.pem/.key, worker.pem/.key, client.pem/.key).
-CommandResult MakeCertificates(const std::string& dir);
+// deploy/make-certs.sh into `dir`: a CA, a server certificate for loopback and `names` (host
+// names or addresses), worker and client certificates (ca.pem, server.pem/.key, worker.pem/.key,
+// client.pem/.key).
+CommandResult MakeCertificates(const std::string& dir, const std::vector<std::string>& names = {});
 
 // The fault shim (tests/fault_shim.cc), preloaded into a child by these environment entries:
 // CLOCK_REALTIME is shifted by the seconds written in `clock_file`, and fsync and fdatasync fail
@@ -87,6 +88,10 @@ std::vector<std::string> FaultShimEnv(const std::string& clock_file,
 inline constexpr char kSubmitToken[] = "submit-token-for-tests-0123456789";
 inline constexpr char kWorkToken[] = "work-token-for-tests-0123456789";
 inline constexpr char kAdminToken[] = "admin-token-for-tests-0123456789";
+
+// In `dir`: "tokens", the master's file of the three test tokens, and "submit.token" and
+// "work.token" for taskctl and workers; all 0600.
+void WriteTokenFiles(const TempDir& dir);
 
 // A cluster on loopback: token files in a temp dir, a master on an OS-chosen port, workers.
 class Cluster {

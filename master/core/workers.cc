@@ -104,6 +104,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
       welcome.revoked.push_back(ref);
     }
   }
+  const size_t revoked = welcome.revoked.size();  // logged below, once `welcome` is moved
   w.outbox = WorkerOutbound{};
   w.outbox.welcome = std::move(welcome);
   MarkDirty(w);
@@ -115,7 +116,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
       "worker {} ({}) attached: {} slots, kinds [{}], queues [{}], {} leases kept ({} taken "
       "back from the queue), {} revoked",
       w.name, w.host, w.slots, absl::StrJoin(w.kinds, ","), absl::StrJoin(w.queues, ","),
-      w.leases.size(), adopted, welcome.revoked.size());
+      w.leases.size(), adopted, revoked);
   DispatchAll();  // tasks it gave back may go to others
   return WorkerHandle{w.id, w.generation};
 }
