@@ -23,12 +23,15 @@ endforeach()
 # time.
 set(TM_ETC "/\${TM_ETC}")
 
-install(FILES ${TM_DEPLOY}/systemd/taskmaster.service DESTINATION ${TASKMASTER_SYSTEMD_UNIT_DIR}
-  COMPONENT master)
+set(TM_UNITS taskmaster.service master taskworker@.service worker)
+while(TM_UNITS)
+  list(POP_FRONT TM_UNITS unit component)
+  install(CODE "set(TM_UNIT_SOURCE \"${TM_DEPLOY}/systemd/${unit}\")
+    set(TM_UNIT_DIR \"${TASKMASTER_SYSTEMD_UNIT_DIR}\")
+    include(\"${PROJECT_SOURCE_DIR}/cmake/InstallUnit.cmake\")" COMPONENT ${component})
+endwhile()
 install(FILES ${TM_DEPLOY}/master.example.toml DESTINATION ${TM_ETC} RENAME master.toml
   COMPONENT master)
-install(FILES ${TM_DEPLOY}/systemd/taskworker@.service
-  DESTINATION ${TASKMASTER_SYSTEMD_UNIT_DIR} COMPONENT worker)
 install(FILES ${TM_DEPLOY}/worker.toml DESTINATION ${TM_ETC} COMPONENT worker)
 
 # Each package's /usr/share/doc/PACKAGE: the copyright and changelog Debian asks for, and the
@@ -49,8 +52,9 @@ while(TM_PACKAGES)
   string(TOUPPER ${component} COMPONENT)
   set(CPACK_DEBIAN_${COMPONENT}_PACKAGE_NAME ${package})
 endwhile()
-install(FILES README.md DESTINATION ${CMAKE_INSTALL_DATAROOTDIR}/doc/taskmaster COMPONENT master)
-install(FILES ${TM_DEPLOY}/worker.example.toml
+install(FILES README.md ${TM_DEPLOY}/master.example.toml
+  DESTINATION ${CMAKE_INSTALL_DATAROOTDIR}/doc/taskmaster COMPONENT master)
+install(FILES README.md ${TM_DEPLOY}/worker.example.toml
   DESTINATION ${CMAKE_INSTALL_DATAROOTDIR}/doc/taskmaster-worker COMPONENT worker)
 
 set(CPACK_PACKAGE_NAME taskmaster)
@@ -87,12 +91,17 @@ set(CPACK_COMPONENT_SDK_DESCRIPTION "distributed task queue: worker SDK
 
 set(CPACK_DEBIAN_MASTER_PACKAGE_DEPENDS "adduser")
 set(CPACK_DEBIAN_WORKER_PACKAGE_DEPENDS "adduser")
-# The postinst makes the system user (and the master's, a first set of tokens); conffiles
-# keeps an edited /etc/taskmaster file across upgrades.
+# Maintainer scripts: postinst makes the system user (the master's also a first set of tokens)
+# and reloads systemd (restarting what ran, on upgrade), prerm stops the units on removal, postrm
+# removes what postinst made on purge; conffiles keeps an edited /etc/taskmaster file across
+# upgrades.
 foreach(component master worker)
   string(TOUPPER ${component} COMPONENT)
-  set(CPACK_DEBIAN_${COMPONENT}_PACKAGE_CONTROL_EXTRA
-    "${TM_DEPLOY}/debian/${component}/postinst;${TM_DEPLOY}/debian/${component}/conffiles")
+  set(extra)
+  foreach(file postinst prerm postrm conffiles)
+    list(APPEND extra ${TM_DEPLOY}/debian/${component}/${file})
+  endforeach()
+  set(CPACK_DEBIAN_${COMPONENT}_PACKAGE_CONTROL_EXTRA "${extra}")
 endforeach()
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
 set(CPACK_DEBIAN_SDK_PACKAGE_SECTION libdevel)

@@ -7,6 +7,7 @@
 #include <limits>
 #include <optional>
 #include <sstream>
+#include <utility>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/ascii.h"
@@ -73,7 +74,7 @@ std::string Settings::Setting::Check() const {
     if (choices_.empty() || std::find(choices_.begin(), choices_.end(), **p) != choices_.end()) {
       return "";
     }
-    return absl::StrCat("must be one of ", absl::StrJoin(choices_, ", "), ", not '", **p, "'");
+    return absl::StrCat("must be one of ", absl::StrJoin(choices_, ", "));
   }
   if (std::holds_alternative<bool*>(target_)) return "";
   const int64_t value = Integer();
@@ -123,20 +124,30 @@ std::string Settings::Setting::FormatValue() const {
 void Settings::AddFlags(CLI::App& app) {
   for (const std::unique_ptr<Setting>& s : settings_) {
     const std::string flag = FlagName(s->key_);
-    CLI::Option* option = nullptr;
+    Setting* setting = s.get();
     if (auto* p = std::get_if<bool*>(&s->target_)) {
-      option = app.add_flag(flag, **p, s->help_);
-    } else {
-      std::visit([&](auto* target) { option = app.add_option(flag, *target, s->help_); },
-                 s->target_);
-      option->capture_default_str();
-      if (!s->choices_.empty()) {
-        option->check(CLI::IsMember(s->choices_));
-      } else if (!std::holds_alternative<std::string*>(s->target_)) {
-        option->check(CLI::Range(s->min_, s->max_));
-      }
+      // --insecure, or --insecure=false to override the file or the environment.
+      app.add_flag_function(
+          flag,
+          [setting, target = *p](int64_t count) {
+            *target = count > 0;
+            setting->source_ = Source::kFlag;
+          },
+          s->help_);
+      continue;
     }
-    s->flag_ = option;
+    // Through the same Parse as the environment: one conversion and one check for both (CLI11's
+    // own would take 010 as octal and saturate what overflows).
+    app.add_option_function<std::string>(
+           flag,
+           [setting, flag](const std::string& text) {
+             if (absl::Status status = setting->Parse(text); !status.ok()) {
+               throw CLI::ValidationError(flag, std::string(status.message()));
+             }
+             setting->source_ = Source::kFlag;
+           },
+           s->help_)
+        ->default_str(s->FormatValue());
   }
 }
 
@@ -145,17 +156,27 @@ absl::Status Settings::ReadFile(const std::string& path) {
   if (!file.ok()) return file.status();
   ConfigTable root = file->Root();
   for (const std::unique_ptr<Setting>& s : settings_) {
+    // A key the flags gave is still read, so that its type and value are checked and it is not
+    // "unknown", but the flag's value stays.
+    const bool keep = s->source_ == Source::kFlag;
     bool set = false;
     if (auto* p = std::get_if<std::string*>(&s->target_)) {
-      set = root.Get(s->key_, *p);
-      if (std::string problem = set ? s->Check() : ""; !problem.empty()) {
-        root.Error(s->key_, problem);
+      std::string value;
+      if (root.Get(s->key_, &value)) {
+        const std::string kept = std::exchange(**p, value);
+        if (std::string problem = s->Check(); !problem.empty()) root.Error(s->key_, problem);
+        if (keep) **p = kept;
+        set = !keep;
       }
     } else if (auto* p = std::get_if<bool*>(&s->target_)) {
-      set = root.Get(s->key_, *p);
+      bool value = false;
+      if (root.Get(s->key_, &value) && !keep) {
+        **p = value;
+        set = true;
+      }
     } else if (std::optional<int64_t> value = root.GetInt(s->key_, s->min_, s->max_)) {
-      s->SetInteger(*value);
-      set = true;
+      if (!keep) s->SetInteger(*value);
+      set = !keep;
     }
     if (set) s->source_ = Source::kFile;
   }
@@ -168,33 +189,39 @@ std::string Settings::EnvName(const std::string& key) const {
 
 absl::Status Settings::ReadEnvironment(char** environ) {
   std::vector<std::string> problems;
+  unknown_environment_.clear();
   for (char** entry = environ; entry && *entry; ++entry) {
     const std::string_view text = *entry;
     const size_t eq = text.find('=');
     if (eq == std::string_view::npos || !text.starts_with(env_prefix_)) continue;
     const std::string name(text.substr(0, eq));
-    for (const std::unique_ptr<Setting>& s : settings_) {
-      if (EnvName(s->key_) != name) continue;
-      // The value is not repeated in the error: it may be something the operator keeps private.
-      if (absl::Status status = s->Parse(std::string(text.substr(eq + 1))); !status.ok()) {
-        problems.push_back(absl::StrCat("environment variable ", name, ": ", status.message()));
-      } else {
-        s->source_ = Source::kEnvironment;
-      }
+    const auto setting = std::find_if(settings_.begin(), settings_.end(),
+                                      [&](const auto& s) { return EnvName(s->key_) == name; });
+    if (setting == settings_.end()) {
+      if (!others_.count(name.substr(env_prefix_.size()))) unknown_environment_.push_back(name);
+      continue;
+    }
+    Setting& s = **setting;
+    if (s.source_ == Source::kFlag) continue;
+    // The value is not repeated in the error: it may be something the operator keeps private.
+    if (absl::Status status = s.Parse(std::string(text.substr(eq + 1))); !status.ok()) {
+      problems.push_back(absl::StrCat("environment variable ", name, ": ", status.message()));
+    } else {
+      s.source_ = Source::kEnvironment;
     }
   }
   if (problems.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrJoin(problems, "\n"));
 }
 
-absl::Status Settings::Finish() {
+absl::Status Settings::ResolvePaths() {
   for (const std::unique_ptr<Setting>& s : settings_) {
-    if (s->flag_ && s->flag_->count() > 0) s->source_ = Source::kFlag;
     if (!s->path_) continue;
     std::string* path = std::get<std::string*>(s->target_);
     absl::StatusOr<std::string> expanded = ExpandCredentialsPath(*path);
-    if (!expanded.ok())
+    if (!expanded.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(s->key_, ": ", expanded.status().message()));
+    }
     *path = std::move(*expanded);
   }
   return absl::OkStatus();
@@ -227,50 +254,47 @@ std::string Settings::Format() const {
 std::optional<int> Settings::ParseCommandLine(CLI::App& app, int argc, char** argv) {
   std::string config_path;
   bool print_config = false;
-  app.add_option("--config", config_path,
-                 "TOML file of these settings, by their names with '_' for '-' (" + env_prefix_ +
-                     "CONFIG works too; " + env_prefix_ +
-                     "NAME variables override the file, flags override both)");
+  CLI::Option* config =
+      app.add_option("--config", config_path,
+                     "TOML file of these settings, by their names with '_' for '-' (" +
+                         env_prefix_ + "CONFIG works too; " + env_prefix_ +
+                         "NAME variables override the file, flags override both)");
   app.add_flag("--print-config", print_config,
-               "print the settings in effect (file, environment and flags merged) and exit");
+               "print the settings in effect (file, environment and flags merged, paths as "
+               "given) and exit");
   AddFlags(app);
-  auto fail = [&](const absl::Status& status) {
-    fprintf(stderr, "%s: %s\n", app.get_name().c_str(), std::string(status.message()).c_str());
+  auto fail = [&](const std::string& message) {
+    fprintf(stderr, "%s: %s\n", app.get_name().c_str(), message.c_str());
     return 2;
   };
-  config_path = ConfigPath(argc, argv);
+  // The flags first, so that --config is found as CLI11 finds it and --help works whatever the
+  // file holds; the file and the environment then leave the settings the flags gave alone.
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (config->count() > 0 && config_path.empty()) return fail("--config: no file named");
   if (config_path.empty()) {
     if (const char* env = std::getenv((env_prefix_ + "CONFIG").c_str()); env && *env) {
       config_path = env;
     }
   }
   if (!config_path.empty()) {
-    if (absl::Status s = ReadFile(config_path); !s.ok()) return fail(s);
+    if (absl::Status s = ReadFile(config_path); !s.ok()) return fail(std::string(s.message()));
   }
-  if (absl::Status s = ReadEnvironment(environ); !s.ok()) return fail(s);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+  if (absl::Status s = ReadEnvironment(environ); !s.ok()) return fail(std::string(s.message()));
+  if (!unknown_environment_.empty()) {
+    fprintf(stderr, "%s: warning: no setting is named %s (ignored)\n", app.get_name().c_str(),
+            absl::StrJoin(unknown_environment_, ", ").c_str());
   }
-  if (absl::Status s = Finish(); !s.ok()) return fail(s);
+  // Printed before credential paths are resolved: outside the unit they would not resolve.
   if (print_config) {
     fputs(Format().c_str(), stdout);
     return 0;
   }
+  if (absl::Status s = ResolvePaths(); !s.ok()) return fail(std::string(s.message()));
   return std::nullopt;
-}
-
-std::string Settings::ConfigPath(int argc, char** argv) {
-  constexpr std::string_view kFlag = "--config";
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    if (arg == kFlag && i + 1 < argc) return argv[i + 1];
-    if (arg.starts_with(kFlag) && arg.size() > kFlag.size() && arg[kFlag.size()] == '=') {
-      return std::string(arg.substr(kFlag.size() + 1));
-    }
-  }
-  return "";
 }
 
 absl::StatusOr<std::string> ExpandCredentialsPath(const std::string& path) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <variant>
 #include <vector>
@@ -60,8 +61,12 @@ class Settings {
     CLI::Option* flag_ = nullptr;
   };
 
-  // `env_prefix`: "TASKMASTER_" makes lease_timeout_ms TASKMASTER_LEASE_TIMEOUT_MS.
-  explicit Settings(std::string env_prefix) : env_prefix_(std::move(env_prefix)) {}
+  // `env_prefix`: "TASKMASTER_" makes lease_timeout_ms TASKMASTER_LEASE_TIMEOUT_MS. `others`:
+  // names after the prefix that other programs read (ADDR, TOKEN), which draw no warning.
+  Settings(std::string env_prefix, std::set<std::string> others)
+      : env_prefix_(std::move(env_prefix)), others_(std::move(others)) {
+    others_.insert("CONFIG");  // ParseCommandLine's
+  }
   Settings(const Settings&) = delete;
   Settings& operator=(const Settings&) = delete;
 
@@ -73,33 +78,35 @@ class Settings {
   }
 
   // The whole command line: adds --config, --print-config and a flag per setting to `app`, then
-  // reads the config file (--config, else $PREFIX CONFIG), the environment and the flags, each
-  // over the one before. Returns the exit code when the program is to exit now (--help,
-  // --print-config, or an error, each printed), nullopt when it is to go on.
+  // reads the flags, the config file (--config, else $PREFIX CONFIG) and the environment, each
+  // taking only what the ones before it did not (so that flags beat the environment, which beats
+  // the file). Returns the exit code when the program is to exit now (--help, --print-config, or
+  // an error, each printed), nullopt when it is to go on.
   std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv);
 
-  // The steps of ParseCommandLine, for tests.
-  // A flag for each setting (--lease-timeout-ms for lease_timeout_ms), showing its default.
+  // The steps of ParseCommandLine, in its order, for tests.
+  // A flag for each setting (--lease-timeout-ms for lease_timeout_ms), showing its default;
+  // parsed and checked as the file's and the environment's values are.
   void AddFlags(CLI::App& app);
-  // Each setting present in the file; its problems, and keys no setting has, are in the error.
+  // Each setting present in the file and not given by a flag; its problems, and keys no setting
+  // has, are in the error.
   absl::Status ReadFile(const std::string& path);
-  // Each PREFIX variable of `environ` that names a setting; other variables are left alone (the
-  // client's and worker's TASKMASTER_ADDR and TASKMASTER_TOKEN may be in the same environment).
+  // Each PREFIX variable of `environ` naming a setting no flag gave. Other PREFIX variables are
+  // left alone, listed by unknown_environment() unless they are among `others`.
   absl::Status ReadEnvironment(char** environ);
-  // After the flags were parsed: marks the settings they gave, and resolves credential paths.
-  absl::Status Finish();
+  const std::vector<std::string>& unknown_environment() const { return unknown_environment_; }
+  // Resolves credential paths ($CREDENTIALS_DIRECTORY/NAME).
+  absl::Status ResolvePaths();
   // Every setting as a TOML file that ReadFile takes back, saying where each value came from.
   std::string Format() const;
-
-  // The value given to `--config` in argv, found before the flags are parsed (the file's values
-  // are the defaults the flags override); empty when none.
-  static std::string ConfigPath(int argc, char** argv);
 
  private:
   std::string EnvName(const std::string& key) const;
 
   const std::string env_prefix_;
+  std::set<std::string> others_;
   std::vector<std::unique_ptr<Setting>> settings_;
+  std::vector<std::string> unknown_environment_;
 };
 
 // `path` with a leading $CREDENTIALS_DIRECTORY (or ${CREDENTIALS_DIRECTORY}) replaced by its

@@ -104,7 +104,7 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
       .Range(0, 3'600'000);
   s.Add("port_file", &config->port_file, "write the port listened on to this file");
   s.Add("log_level", &config->log_level, "trace, debug, info, warn, error")
-      .Choices({"trace", "debug", "info", "warn", "error", "critical", "off"});
+      .Choices({"trace", "debug", "info", "warn", "warning", "err", "error", "critical", "off"});
 }
 
 void Settle(MasterConfig* config) {

@@ -17,7 +17,8 @@ int main(int argc, char** argv) {
   // Debian's absl checks every lock for deadlock cycles; the tests keep that, daemons skip it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   taskmaster::MasterConfig config;
-  taskmaster::Settings settings("TASKMASTER_");
+  // Clients and workers read TASKMASTER_ADDR and TASKMASTER_TOKEN, maybe from the same environment.
+  taskmaster::Settings settings("TASKMASTER_", {"ADDR", "TOKEN"});
   taskmaster::DeclareMasterSettings(&config, &settings);
   CLI::App app{"taskmaster: the master of a distributed task queue", "taskmaster"};
   bool repair = false;

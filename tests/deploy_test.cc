@@ -84,6 +84,37 @@ TEST(MasterConfig, ErrorsNameTheKeyAndLineAndStopTheMaster) {
   EXPECT_CONTAINS(env.err, "environment variable TASKMASTER_TICK_MS: must be an integer");
 }
 
+TEST(MasterConfig, ConfigIsFoundAsTheFlagsAreParsed) {
+  // The file is the one CLI11 parses --config to, even for `--config=` (which takes the next
+  // argument): the master stops, and never starts with no file.
+  CommandResult empty = RunCommand({Binary("taskmaster"), "--config=", "--print-config"}, "",
+                                   seconds(20), {"TASKMASTER_INSECURE=1"});
+  EXPECT_EQ(empty.exit_code, 2);
+  EXPECT_CONTAINS(empty.err, "cannot read --print-config");
+  // --help works whatever the file holds.
+  TempDir dir;
+  WriteFile(dir.File("bad.toml"), "listen = [\n");
+  EXPECT_EQ(RunCommand({Binary("taskmaster"), "--config", dir.File("bad.toml"), "--help"}, "",
+                       seconds(20))
+                .exit_code,
+            0);
+  // A credential path prints as given: outside its unit it names no directory yet.
+  WriteFile(dir.File("m.toml"), "tokens = \"$CREDENTIALS_DIRECTORY/tokens\"\n");
+  CommandResult printed = RunCommand(
+      {Binary("taskmaster"), "--config", dir.File("m.toml"), "--print-config"}, "", seconds(20));
+  EXPECT_EQ(printed.exit_code, 0) << printed.err;
+  EXPECT_CONTAINS(printed.out, "tokens = '$CREDENTIALS_DIRECTORY/tokens'  # from the config file");
+  CommandResult run =
+      RunCommand({Binary("taskmaster"), "--config", dir.File("m.toml")}, "", seconds(20));
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_CONTAINS(run.err, "names $CREDENTIALS_DIRECTORY, which is not set");
+  // A variable that names no setting is ignored with a warning naming it.
+  CommandResult typo = RunCommand({Binary("taskmaster"), "--print-config"}, "", seconds(20),
+                                  {"TASKMASTER_LEASE_TIMEOUT=5"});
+  EXPECT_EQ(typo.exit_code, 0);
+  EXPECT_CONTAINS(typo.err, "warning: no setting is named TASKMASTER_LEASE_TIMEOUT (ignored)");
+}
+
 // Every flag of `taskmaster --help` but the actions is a key: in --print-config, and documented
 // in deploy/master.example.toml, which itself is a valid config.
 TEST(MasterConfig, EveryFlagIsAKeyOfTheExampleConfig) {

@@ -59,7 +59,29 @@ depends=$(dpkg-deb -f "$work"/out/taskmaster_*.deb Depends)
 for lib in libc6 libgrpc++1.51 libsqlite3-0 libsystemd0 adduser; do
   grep -q "$lib" <<<"$depends" || fail "taskmaster does not depend on $lib: $depends"
 done
-sh -n "$work/control-taskmaster/postinst" || fail "postinst syntax"
+
+echo "== maintainer scripts, into the scratch root (DPKG_ROOT), with adduser and getent stubbed"
+stubs=$work/stubs
+mkdir -p "$stubs"
+printf '#!/bin/sh\nexit 2\n' >"$stubs/getent"                       # no such user yet
+printf '#!/bin/sh\necho "adduser $*" >>"%s"\n' "$work/calls" >"$stubs/adduser"
+chmod +x "$stubs"/*
+maint() { DPKG_ROOT=$root PATH=$stubs:$PATH sh "$work/control-$1/$2" "${@:3}"; }
+maint taskmaster postinst configure
+maint taskmaster-worker postinst configure
+[ "$(grep -c -- '--system --group --no-create-home --home /var/lib/taskmaster' "$work/calls")" -eq 2 ] ||
+  fail "adduser was not asked for the system user: $(cat "$work/calls")"
+etc=$root/etc/taskmaster
+for f in tokens worker.token submit.token admin.token; do
+  [ "$(stat -c %a "$etc/$f")" = 600 ] || fail "$f is not 0600"
+done
+[ "$(awk '$1 == "work" {print $2}' "$etc/tokens")" = "$(cat "$etc/worker.token")" ] || fail "work token"
+[ "$(awk '$1 == "submit" {print $2}' "$etc/tokens")" = "$(cat "$etc/submit.token")" ] ||
+  fail "submit token"
+[ "$(awk '$1 == "admin" {print length($2)}' "$etc/tokens")" = 48 ] || fail "admin token"
+before=$(sha256sum "$etc/tokens")
+maint taskmaster postinst configure 0.1.0-1                          # an upgrade: made once
+[ "$(sha256sum "$etc/tokens")" = "$before" ] || fail "an upgrade replaced the tokens"
 
 echo "== systemd-analyze verify, on the units as installed"
 # The system's own units (targets the service units are ordered after) go beside them.
@@ -72,16 +94,24 @@ for unit in taskmaster.service taskworker@worker.service; do
   [ -z "$out" ] || fail "verify $unit said: $out"
 done
 
+echo "== cmake --install under another prefix: the units name what it placed"
+prefix=$work/prefix
+for component in master worker; do
+  cmake --install "$build" --prefix "$prefix" --component "$component" >/dev/null
+done
+unit=$prefix/lib/systemd/system/taskmaster.service
+grep -qxF "ExecStart=$prefix/bin/taskmaster --config $prefix/etc/taskmaster/master.toml" "$unit" ||
+  fail "$unit: $(grep ExecStart "$unit")"
+grep -qxF "LoadCredential=tokens:$prefix/etc/taskmaster/tokens" "$unit" || fail "$unit credential"
+[ -f "$prefix/etc/taskmaster/master.toml" ] && [ -x "$prefix/bin/taskmaster" ] || fail "prefix files"
+grep -qF "ExecStart=$prefix/bin/taskworker --config $prefix/etc/taskmaster/%i.toml" \
+  "$prefix/lib/systemd/system/taskworker@.service" || fail "worker unit under the prefix"
+
 echo "== the seed's scenario with the installed binaries and config files"
 bin=$root/usr/bin
-etc=$root/etc/taskmaster
-umask 077
-printf 'submit %s\nwork %s\n' "submit-$RANDOM$RANDOM-package-test" "work-$RANDOM$RANDOM-package-test" \
-  >"$work/tokens"
-awk '$1 == "submit" {print $2}' "$work/tokens" >"$work/submit.token"
-awk '$1 == "work" {print $2}' "$work/tokens" >"$work/work.token"
-# The installed master.toml, with what differs on a test machine given as variables and flags.
-TASKMASTER_DATA_DIR=$work/data TASKMASTER_TOKENS=$work/tokens \
+# The installed master.toml, with what differs on a test machine given as variables and flags,
+# and the tokens the postinst made.
+TASKMASTER_DATA_DIR=$work/data TASKMASTER_TOKENS=$etc/tokens \
   "$bin/taskmaster" --config "$etc/master.toml" --listen 127.0.0.1:0 --port-file "$work/port" \
   >"$work/master.log" 2>&1 &
 pids+=($!)
@@ -90,10 +120,10 @@ for _ in $(seq 200); do [ -s "$work/port" ] && break; sleep 0.1; done
 addr=127.0.0.1:$(cat "$work/port")
 for i in 1 2; do
   "$bin/taskworker" --config "$etc/worker.toml" --master "$addr" \
-    --token-file "$work/work.token" --name "packaged-$i" >"$work/worker-$i.log" 2>&1 &
+    --token-file "$etc/worker.token" --name "packaged-$i" >"$work/worker-$i.log" 2>&1 &
   pids+=($!)
 done
-seq 1 10 | timeout 60 "$bin/taskctl" --master "$addr" --token-file "$work/submit.token" \
+seq 1 10 | timeout 60 "$bin/taskctl" --master "$addr" --token-file "$etc/submit.token" \
   submit --kind square --wait >"$work/results.txt" 2>"$work/taskctl.err" || {
   cat "$work/taskctl.err" "$work/master.log"; fail "taskctl submit --wait"; }
 cat "$work/results.txt"
@@ -111,5 +141,7 @@ stop() {
 stop "${pids[1]}" worker-1
 stop "${pids[2]}" worker-2
 stop "${pids[0]}" master
+maint taskmaster postrm purge
+[ ! -e "$etc/tokens" ] && [ ! -e "$etc/worker.token" ] || fail "purge left the tokens"
 pids=()
-echo "PASS: 4 packages, lintian clean of errors, units verified, seed scenario on the installed binaries"
+echo "PASS: 4 packages, lintian clean of errors, maintainer scripts, units verified, seed scenario on the installed binaries with the tokens the postinst made"

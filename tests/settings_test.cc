@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,10 +21,11 @@
 namespace taskmaster {
 namespace {
 
-// A master's settings read from a file's text, an environment and flags, in that order.
+// A master's settings from flags, a file's text and an environment, in the order the master
+// reads them.
 struct Parsed {
   MasterConfig config;
-  Settings settings{"TASKMASTER_"};
+  Settings settings{"TASKMASTER_", {"ADDR", "TOKEN"}};
   CLI::App app{"test", "taskmaster"};
   absl::Status status;
 
@@ -31,6 +33,16 @@ struct Parsed {
          std::vector<std::string> flags) {
     DeclareMasterSettings(&config, &settings);
     settings.AddFlags(app);
+    std::vector<std::string> argv = {"taskmaster"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    std::vector<char*> args;
+    for (std::string& a : argv) args.push_back(a.data());
+    try {
+      app.parse(static_cast<int>(args.size()), args.data());
+    } catch (const CLI::ParseError& e) {
+      status = absl::InvalidArgumentError(e.what());
+      return;
+    }
     testing::TempDir dir;
     if (!file_text.empty()) {
       testing::WriteFile(dir.File("master.toml"), file_text);
@@ -42,19 +54,19 @@ struct Parsed {
     environ.push_back(nullptr);
     status = settings.ReadEnvironment(environ.data());
     if (!status.ok()) return;
-    std::vector<std::string> argv = {"taskmaster"};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    std::vector<char*> args;
-    for (std::string& a : argv) args.push_back(a.data());
-    try {
-      app.parse(static_cast<int>(args.size()), args.data());
-    } catch (const CLI::ParseError& e) {
-      status = absl::InvalidArgumentError(e.what());
-      return;
-    }
-    status = settings.Finish();
+    status = settings.ResolvePaths();
     if (status.ok()) Settle(&config);
   }
+};
+
+// Sets an environment variable for the scope of a test, whatever way it leaves.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+  ~ScopedEnv() { unsetenv(name_); }
+
+ private:
+  const char* name_;
 };
 
 TEST(MasterSettings, FileThenEnvironmentThenFlags) {
@@ -130,7 +142,7 @@ cert = "x"
   ASSERT_FALSE(p.status.ok());
   const std::string error(p.status.message());
   EXPECT_CONTAINS(error, "master.toml:2: lease_timeout_ms must be an integer, not a string");
-  EXPECT_CONTAINS(error, "master.toml:3: store: must be one of sqlite, memory, not 'postgres'");
+  EXPECT_CONTAINS(error, "master.toml:3: store: must be one of sqlite, memory\n");
   EXPECT_CONTAINS(error, "master.toml:4: tick_ms: must be from 1 to 60000");
   EXPECT_CONTAINS(error, "master.toml:5: unknown key 'lease_timout_ms'");
   EXPECT_CONTAINS(error, "master.toml:6: unknown key 'tls'");
@@ -146,8 +158,9 @@ TEST(MasterSettings, EnvironmentErrorsNameTheVariableNotItsValue) {
   EXPECT_CONTAINS(error, "environment variable TASKMASTER_LEASE_TIMEOUT_MS: must be an integer");
   EXPECT_CONTAINS(error, "environment variable TASKMASTER_MAX_BATCH: must be from 1 to 10000000");
   EXPECT_CONTAINS(error, "environment variable TASKMASTER_INSECURE: must be true or false");
-  EXPECT_CONTAINS(error, "TASKMASTER_SYNC: must be one of full, normal, not 'sometimes'");
+  EXPECT_CONTAINS(error, "TASKMASTER_SYNC: must be one of full, normal");
   EXPECT_FALSE(absl::StrContains(error, "soon"));
+  EXPECT_FALSE(absl::StrContains(error, "sometimes"));
 }
 
 TEST(MasterSettings, FlagsAreCheckedAsTheFileIs) {
@@ -159,7 +172,8 @@ TEST(MasterSettings, FlagsAreCheckedAsTheFileIs) {
 }
 
 TEST(MasterSettings, CredentialsDirectoryIsAPath) {
-  ASSERT_EQ(setenv("CREDENTIALS_DIRECTORY", "/run/credentials/taskmaster.service", 1), 0);
+  std::optional<ScopedEnv> credentials(std::in_place, "CREDENTIALS_DIRECTORY",
+                                       "/run/credentials/taskmaster.service");
   Parsed p("tokens = \"$CREDENTIALS_DIRECTORY/tokens\"\n",
            {"TASKMASTER_TLS_KEY=${CREDENTIALS_DIRECTORY}/server.key"},
            {"--tls-cert", "/etc/taskmaster/server.pem"});
@@ -167,7 +181,7 @@ TEST(MasterSettings, CredentialsDirectoryIsAPath) {
   EXPECT_EQ(p.config.master.tokens_file, "/run/credentials/taskmaster.service/tokens");
   EXPECT_EQ(p.config.master.tls.key_file, "/run/credentials/taskmaster.service/server.key");
   EXPECT_EQ(p.config.master.tls.cert_file, "/etc/taskmaster/server.pem");
-  ASSERT_EQ(unsetenv("CREDENTIALS_DIRECTORY"), 0);
+  credentials.reset();
   Parsed q("tokens = \"$CREDENTIALS_DIRECTORY/tokens\"\n", {}, {});
   ASSERT_FALSE(q.status.ok());
   EXPECT_CONTAINS(std::string(q.status.message()),
@@ -179,15 +193,42 @@ TEST(MasterSettings, CredentialsDirectoryIsAPath) {
   EXPECT_EQ(r.config.master.tokens_file, "$CREDENTIALS_DIRECTORYX/tokens");
 }
 
-TEST(MasterSettings, ConfigPathIsFoundBeforeTheFlagsAreParsed) {
-  std::vector<std::string> a = {"taskmaster", "--listen", "x", "--config", "/etc/m.toml"};
-  std::vector<std::string> b = {"taskmaster", "--config=/etc/n.toml"};
-  std::vector<std::string> c = {"taskmaster", "--configx", "y"};
-  for (auto [argv, want] : {std::pair{&a, "/etc/m.toml"}, {&b, "/etc/n.toml"}, {&c, ""}}) {
-    std::vector<char*> args;
-    for (std::string& s : *argv) args.push_back(s.data());
-    EXPECT_EQ(Settings::ConfigPath(static_cast<int>(args.size()), args.data()), want);
+TEST(MasterSettings, FlagsConvertAsTheEnvironmentDoes) {
+  // No octal, no hex, no saturation: what would wrap is refused.
+  Parsed octal("", {}, {"--max-batch", "010"});
+  ASSERT_TRUE(octal.status.ok()) << octal.status;
+  EXPECT_EQ(octal.config.master.broker.max_batch, 10u);
+  for (const char* bad : {"0x10", "18446744073709551615", "99999999999999999999", "-1", "1e3"}) {
+    Parsed p("", {}, {"--max-open-jobs", bad});
+    EXPECT_FALSE(p.status.ok()) << bad;
+    Parsed e("", {std::string("TASKMASTER_MAX_OPEN_JOBS=") + bad}, {});
+    EXPECT_FALSE(e.status.ok()) << bad;
   }
+  Parsed largest("", {}, {"--max-open-jobs", "9223372036854775807"});
+  ASSERT_TRUE(largest.status.ok()) << largest.status;
+  EXPECT_CONTAINS(largest.settings.Format(), "max_open_jobs = 9223372036854775807  # from");
+}
+
+TEST(MasterSettings, AFlagBeatsTheFileAndTheEnvironmentThatAreReadAfterIt) {
+  Parsed p("insecure = true\nsync = \"normal\"\n",
+           {"TASKMASTER_SYNC=full", "TASKMASTER_INSECURE=1"},
+           {"--insecure=false", "--sync", "normal"});
+  ASSERT_TRUE(p.status.ok()) << p.status;
+  EXPECT_FALSE(p.config.master.insecure);
+  EXPECT_EQ(p.config.master.sqlite.sync, SyncMode::kNormal);
+  EXPECT_CONTAINS(p.settings.Format(), "insecure = false  # from --insecure\n");
+  // Still checked in the file, though the flag wins.
+  Parsed q("max_batch = \"many\"\n", {}, {"--max-batch", "5"});
+  EXPECT_FALSE(q.status.ok());
+}
+
+TEST(MasterSettings, UnknownVariablesAreListedButForOtherPrograms) {
+  Parsed p("",
+           {"TASKMASTER_LEASE_TIMEOUT=5", "TASKMASTER_ADDR=a:1", "TASKMASTER_TOKEN=t",
+            "TASKMASTER_CONFIG=/x", "OTHER_LEASE=1"},
+           {});
+  ASSERT_TRUE(p.status.ok()) << p.status;
+  EXPECT_EQ(p.settings.unknown_environment(), std::vector<std::string>{"TASKMASTER_LEASE_TIMEOUT"});
 }
 
 }  // namespace

@@ -30,6 +30,21 @@ int Fail(const absl::Status& status) {
   return 2;
 }
 
+// The value of --config, looked for before the other flags are parsed: the file's values are
+// their defaults, so that a flag given overrides the file. RunWorker checks that CLI11 found the
+// same.
+std::string ConfigPath(int argc, char** argv) {
+  constexpr std::string_view kFlag = "--config";
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == kFlag && i + 1 < argc) return argv[i + 1];
+    if (arg.starts_with(kFlag) && arg.size() > kFlag.size() && arg[kFlag.size()] == '=') {
+      return std::string(arg.substr(kFlag.size() + 1));
+    }
+  }
+  return "";
+}
+
 // The kinds the worker runs: the caller's, the built-ins, the config's exec kinds, the plugins'.
 absl::Status AddKinds(const WorkerConfig& config, Registry& registry) {
   if (config.builtins) {
@@ -62,7 +77,8 @@ int RunWorker(int argc, char** argv, Registry registry) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   WorkerConfig config;
-  std::string config_path = Settings::ConfigPath(argc, argv);
+  const std::string config_file = ConfigPath(argc, argv);
+  std::string config_path = config_file;
   if (!config_path.empty()) {
     if (absl::Status s = LoadWorkerConfig(config_path, &config); !s.ok()) return Fail(s);
   }
@@ -116,6 +132,9 @@ int RunWorker(int argc, char** argv, Registry registry) {
   app.add_option("--log-level", config.log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (app.count("--config") > 0 && (config_path.empty() || config_path != config_file)) {
+    return Fail(absl::InvalidArgumentError("--config: give one file, as --config FILE"));
+  }
 
   // Only flags given replace the file's lists: a label value may hold what --labels splits on.
   if (app.count("--queues")) o.queues = SplitList(queues);
