@@ -17,7 +17,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
 }
 
 Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
-    : options_(std::move(options)), stub_(v1::TaskQueue::NewStub(channel)) {}
+    : options_(std::move(options)),
+      stub_(v1::TaskQueue::NewStub(channel)),
+      health_(grpc::health::v1::Health::NewStub(channel)) {}
 
 void Client::Prepare(grpc::ClientContext* context) const {
   AddBearerToken(*context, options_.token);
@@ -134,6 +136,16 @@ absl::StatusOr<v1::StatsResponse> Client::Stats() const {
 
 absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
   return Call(&v1::TaskQueue::Stub::Workers, v1::WorkersRequest{});
+}
+
+absl::StatusOr<bool> Client::Serving() const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status =
+      health_->Check(&context, grpc::health::v1::HealthCheckRequest{}, &response);
+  if (!status.ok()) return Explain(status, context);
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 absl::Status Client::WatchJob(const std::string& job_id,

@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/grpc_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 
 namespace taskmaster {
@@ -32,6 +33,8 @@ class Client {
   absl::StatusOr<int64_t> CancelJob(const std::string& job_id) const;
   absl::StatusOr<v1::StatsResponse> Stats() const;
   absl::StatusOr<v1::WorkersResponse> Workers() const;
+  // The master's answer to the standard health check (grpc.health.v1): whether it serves.
+  absl::StatusOr<bool> Serving() const;
 
   // Follows a job until every task has finished, calling `on_event` with each batch of new
   // results in completion order. Survives master restarts (within reconnect_timeout) and
@@ -63,6 +66,7 @@ class Client {
 
   const ClientOptions options_;
   const std::unique_ptr<v1::TaskQueue::Stub> stub_;
+  const std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 
 }  // namespace taskmaster

@@ -525,6 +525,18 @@ int RunCancel(const Client& client, const std::string& id, const Console& consol
   return kExitOk;
 }
 
+int RunHealth(const Client& client, const Console& console) {
+  absl::StatusOr<bool> serving = client.Serving();
+  if (!serving.ok()) return Fail(console, serving.status());
+  const char* status = *serving ? "SERVING" : "NOT_SERVING";
+  if (console.format == OutputFormat::kJson) {
+    console.out << Dump({{"status", status}}) << "\n";
+  } else {
+    console.out << status << "\n";
+  }
+  return *serving ? kExitOk : kExitNotServing;
+}
+
 int RunStats(const Client& client, const Console& console) {
   absl::StatusOr<v1::StatsResponse> stats = client.Stats();
   if (!stats.ok()) return Fail(console, stats.status());

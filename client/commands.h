@@ -14,6 +14,7 @@ namespace taskmaster {
 // Exit codes of taskctl.
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitTaskFailed = 1;  // a task ended DEAD or CANCELLED
+inline constexpr int kExitNotServing = 1;  // health: the master answers but does not serve
 inline constexpr int kExitError = 2;       // bad input, master unreachable, refused ...
 
 enum class OutputFormat { kText, kJson };
@@ -52,6 +53,8 @@ int RunWait(const Client& client, const std::string& job_id, const Console& cons
 int RunStatus(const Client& client, const std::string& id, const Console& console);
 int RunCancel(const Client& client, const std::string& id, const Console& console);
 int RunStats(const Client& client, const Console& console);
+// Prints SERVING or NOT_SERVING; exit 0 only when SERVING (a probe for containers and systemd).
+int RunHealth(const Client& client, const Console& console);
 int RunWorkers(const Client& client, const Console& console);
 
 // "250ms", "2s", "1.5m", "1h"; a bare number is seconds.

@@ -78,6 +78,12 @@ int main(int argc, char** argv) {
   cancel->add_option("id", id, "task id or job id")->required();
   CLI::App* stats = app.add_subcommand("stats", "queue counts and connected workers");
   CLI::App* workers = app.add_subcommand("workers", "connected workers");
+  CLI::App* health = app.add_subcommand(
+      "health", "whether the master serves (exit 0), or not (1: draining, store cannot write)");
+  int64_t timeout_ms = options.rpc_timeout.count();
+  health->add_option("--timeout-ms", timeout_ms, "give up after this long (exit 2)")
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   taskmaster::Console console{
@@ -96,6 +102,7 @@ int main(int argc, char** argv) {
       !warning.empty()) {
     fprintf(stderr, "taskctl: warning: %s\n", warning.c_str());
   }
+  if (*health) options.rpc_timeout = std::chrono::milliseconds(timeout_ms);
   auto client = taskmaster::Client::Connect(options);
   if (!client.ok()) return fail(client.status());
 
@@ -133,5 +140,6 @@ int main(int argc, char** argv) {
   if (*cancel) return taskmaster::RunCancel(**client, id, console);
   if (*stats) return taskmaster::RunStats(**client, console);
   if (*workers) return taskmaster::RunWorkers(**client, console);
+  if (*health) return taskmaster::RunHealth(**client, console);
   return taskmaster::kExitError;
 }

@@ -38,12 +38,12 @@ install(FILES ${TM_DEPLOY}/worker.toml DESTINATION ${TM_ETC} COMPONENT worker)
 # README and example configs the units and config files point to.
 set(TM_PACKAGES master taskmaster worker taskmaster-worker client taskmaster-client
   sdk taskmaster-dev)
+# Made when configuring, not by a build target: an install of any component, after a build of
+# only some targets, finds it.
 configure_file(${TM_DEPLOY}/debian/changelog ${CMAKE_CURRENT_BINARY_DIR}/debian/changelog @ONLY)
 set(TM_CHANGELOG_GZ ${CMAKE_CURRENT_BINARY_DIR}/debian/changelog.Debian.gz)
-add_custom_command(OUTPUT ${TM_CHANGELOG_GZ}
-  COMMAND gzip -9nc ${CMAKE_CURRENT_BINARY_DIR}/debian/changelog > ${TM_CHANGELOG_GZ}
-  DEPENDS ${TM_DEPLOY}/debian/changelog VERBATIM)
-add_custom_target(debian_changelog ALL DEPENDS ${TM_CHANGELOG_GZ})
+execute_process(COMMAND gzip -9nc ${CMAKE_CURRENT_BINARY_DIR}/debian/changelog
+  OUTPUT_FILE ${TM_CHANGELOG_GZ} COMMAND_ERROR_IS_FATAL ANY)
 while(TM_PACKAGES)
   list(POP_FRONT TM_PACKAGES component package)
   set(doc ${CMAKE_INSTALL_DATAROOTDIR}/doc/${package})

@@ -20,6 +20,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
 #include "tests/expect.h"
 #include "tests/harness.h"
 
@@ -287,6 +289,54 @@ TEST(Notify, WorkerIsReadyThenConnectedAndStopsOnSigterm) {
   worker.Signal(SIGTERM);
   EXPECT_TRUE(notify.Await("STOPPING=1", seconds(10), &seen)) << worker.Log();
   EXPECT_EQ(worker.Wait(seconds(30)), 0) << worker.Log();
+}
+
+// The standard health check: open to probes without a token, SERVING while the master serves,
+// NOT_SERVING once it stops (the disk-full fault test sees NOT_SERVING while the store cannot
+// write).
+TEST(Health, AnyProbeAsksWithoutATokenAndKnowsItsServices) {
+  Cluster cluster;
+  cluster.StartMaster();
+  CommandResult plain =
+      RunCommand({Binary("taskctl"), "--master", cluster.address(), "health"}, "", seconds(20));
+  EXPECT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_EQ(plain.out, "SERVING\n");
+  CommandResult json =
+      RunCommand({Binary("taskctl"), "--master", cluster.address(), "--format", "json", "health"},
+                 "", seconds(20));
+  EXPECT_EQ(json.out, "{\"status\":\"SERVING\"}\n");
+
+  auto channel = grpc::CreateChannel(cluster.address(), grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  for (const char* service : {"", "taskmaster.v1.TaskQueue", "taskmaster.v1.WorkerService",
+                              "grpc.health.v1.Health", "nope.Service"}) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + seconds(10));
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(service);
+    grpc::health::v1::HealthCheckResponse response;
+    const grpc::Status status = stub->Check(&context, request, &response);
+    if (std::string_view(service) == "nope.Service") {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    } else {
+      EXPECT_TRUE(status.ok()) << service << ": " << status.error_message();
+      EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
+    }
+  }
+  // No stream to hold open: a probe polls Check.
+  grpc::ClientContext watch_context;
+  watch_context.set_deadline(std::chrono::system_clock::now() + seconds(10));
+  auto watch = stub->Watch(&watch_context, grpc::health::v1::HealthCheckRequest{});
+  grpc::health::v1::HealthCheckResponse ignored;
+  EXPECT_FALSE(watch->Read(&ignored));
+  EXPECT_EQ(watch->Finish().error_code(), grpc::StatusCode::UNIMPLEMENTED);
+
+  cluster.KillMaster(SIGTERM);
+  CommandResult gone = RunCommand(
+      {Binary("taskctl"), "--master", cluster.address(), "health", "--timeout-ms", "2000"}, "",
+      seconds(20));
+  EXPECT_EQ(gone.exit_code, 2) << "no master: an error, not NOT_SERVING";
+  EXPECT_CONTAINS(gone.err, "cannot reach the master");
 }
 
 // systemd-analyze, or why the test cannot run.

@@ -186,6 +186,13 @@ TEST(Fault, DiskFullRefusesNewWorkKeepsTheRestAndRecovers) {
   EXPECT_NE(told.exit_code, 0);
   EXPECT_NE(told.err.find("full"), std::string::npos) << told.err;
   EXPECT_EQ(told.err.find("cannot reach"), std::string::npos) << told.err;
+  // The health check says so: probes see a master that cannot take work.
+  absl::StatusOr<bool> serving = client->Serving();
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_FALSE(*serving);
+  CommandResult health = cluster.Taskctl({"health"});
+  EXPECT_EQ(health.exit_code, 1) << health.out << health.err;
+  EXPECT_EQ(health.out, "NOT_SERVING\n");
   // Reads still work, and acknowledged tasks are there.
   EXPECT_TRUE(client->GetTask(acked->task_ids(0)).ok());
   EXPECT_TRUE(client->Stats().ok());
@@ -227,6 +234,8 @@ TEST(Fault, DiskFullRefusesNewWorkKeepsTheRestAndRecovers) {
       },
       seconds(20)))
       << "the store takes new work once space returns: " << resubmitted;
+  serving = client->Serving();
+  EXPECT_TRUE(serving.ok() && *serving) << "serving again once space returns";
   accepted += 50;
   cluster.KillMaster(SIGKILL);
   const int64_t rows = ExpectWholeJobs(disk.File("data"));

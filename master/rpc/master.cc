@@ -15,6 +15,7 @@
 #include "common/logging.h"
 #include "common/util.h"
 #include "grpcpp/grpcpp.h"
+#include "master/rpc/health_service.h"
 #include "master/rpc/task_queue_service.h"
 #include "master/rpc/worker_stream.h"
 #include "master/store/memory_store.h"
@@ -56,7 +57,8 @@ class MasterImpl final : public Master {
         // (cut by the time its leases lapse, whose cancels are written to it).
         worker_service_(&broker_, &auth_, log_,
                         static_cast<size_t>(options.max_worker_buffer_bytes),
-                        std::chrono::milliseconds(options.broker.lease_timeout_ms / 2)) {}
+                        std::chrono::milliseconds(options.broker.lease_timeout_ms / 2)),
+        health_service_([this] { return Serving(); }) {}
 
   absl::Status Init(const std::optional<TokenSet>& tokens) {
     if (tokens) broker_.SetTenantLimits(tokens->limits());
@@ -68,6 +70,7 @@ class MasterImpl final : public Master {
         &port_);
     builder.RegisterService(&queue_service_);
     builder.RegisterService(&worker_service_);
+    builder.RegisterService(&health_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
     builder.SetMaxSendMessageSize(options_.max_message_bytes);
     // Workers ping even when idle (see WorkerKeepaliveMs): allow it rather than answer GOAWAY.
@@ -162,6 +165,16 @@ class MasterImpl final : public Master {
   }
 
  private:
+  // What the health service answers: not while shutting down, nor while the store cannot write
+  // (a full disk), when every submit would be refused.
+  bool Serving() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return false;
+    }
+    return store_->Writable().ok();
+  }
+
   void MarkTick() {
     last_tick_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
                      std::memory_order_relaxed);
@@ -188,6 +201,7 @@ class MasterImpl final : public Master {
   const std::shared_ptr<ReloadableServerCredentials> tls_;
   TaskQueueService queue_service_;
   WorkerServiceImpl worker_service_;
+  HealthService health_service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::thread ticker_;

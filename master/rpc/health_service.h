@@ -1,0 +1,27 @@
+// The standard health service (grpc.health.v1) of the master: what probes ask (taskctl health,
+// grpc_health_probe, Kubernetes, a container's HEALTHCHECK).
+#pragma once
+
+#include <functional>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace taskmaster {
+
+// SERVING while `serving` says so, NOT_SERVING otherwise, for the server ("") and for each of its
+// services. Open to every peer, since probes carry no token: it tells only that status, and its
+// request is bounded. Watch is left unimplemented (a probe polls Check), so no peer can hold a
+// stream open here. Thread-safe.
+class HealthService final : public grpc::health::v1::Health::CallbackService {
+ public:
+  explicit HealthService(std::function<bool()> serving) : serving_(std::move(serving)) {}
+
+  grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* context,
+                                  const grpc::health::v1::HealthCheckRequest* request,
+                                  grpc::health::v1::HealthCheckResponse* response) override;
+
+ private:
+  const std::function<bool()> serving_;
+};
+
+}  // namespace taskmaster
