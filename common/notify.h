@@ -4,6 +4,8 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
+#include <string>
 #include <string_view>
 
 namespace taskmaster {
@@ -12,18 +14,23 @@ class ServiceNotifier {
  public:
   ServiceNotifier();
 
-  void Ready(std::string_view status) const;
-  void Status(std::string_view status) const;
+  // The status lines are made only when systemd listens: a daemon started by hand does not
+  // count its work every few seconds for nobody.
+  void Ready(const std::function<std::string()>& status) const;
+  void Status(const std::function<std::string()>& status) const;
   void Stopping(std::string_view status) const;
   void Watchdog() const;
 
-  // How often to call Watchdog: half of the unit's WatchdogSec=, as sd_watchdog_enabled(3)
-  // advises; zero when the unit has no watchdog.
-  std::chrono::microseconds watchdog_interval() const { return watchdog_interval_; }
+  // How often a daemon's loop wakes to ping the watchdog and refresh its status: every 5 s, and
+  // at least at half of the unit's WatchdogSec= (as sd_watchdog_enabled(3) advises); hourly when
+  // systemd does not listen.
+  std::chrono::milliseconds wake_interval() const { return wake_interval_; }
 
  private:
   void Send(std::string_view state, std::string_view status) const;
-  std::chrono::microseconds watchdog_interval_{0};
+  bool listening_ = false;  // $NOTIFY_SOCKET is set
+  bool watchdog_ = false;
+  std::chrono::milliseconds wake_interval_{std::chrono::hours(1)};
 };
 
 }  // namespace taskmaster

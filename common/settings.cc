@@ -11,7 +11,6 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -69,16 +68,11 @@ void Settings::Setting::SetInteger(int64_t value) {
   }
 }
 
-std::string Settings::Setting::Check() const {
-  if (auto* p = std::get_if<std::string*>(&target_)) {
-    if (choices_.empty() || std::find(choices_.begin(), choices_.end(), **p) != choices_.end()) {
-      return "";
-    }
-    return absl::StrCat("must be one of ", absl::StrJoin(choices_, ", "));
+std::string Settings::Setting::ChoiceError(const std::string& value) const {
+  if (choices_.empty() || std::find(choices_.begin(), choices_.end(), value) != choices_.end()) {
+    return "";
   }
-  if (std::holds_alternative<bool*>(target_)) return "";
-  const int64_t value = Integer();
-  return value >= min_ && value <= max_ ? "" : RangeError();
+  return absl::StrCat("must be one of ", absl::StrJoin(choices_, ", "));
 }
 
 std::string Settings::Setting::RangeError() const {
@@ -88,6 +82,9 @@ std::string Settings::Setting::RangeError() const {
 
 absl::Status Settings::Setting::Parse(const std::string& text) {
   if (auto* p = std::get_if<std::string*>(&target_)) {
+    if (std::string problem = ChoiceError(text); !problem.empty()) {
+      return absl::InvalidArgumentError(problem);
+    }
     **p = text;
   } else if (auto* p = std::get_if<bool*>(&target_)) {
     const std::string lower = absl::AsciiStrToLower(text);
@@ -105,8 +102,7 @@ absl::Status Settings::Setting::Parse(const std::string& text) {
     if (value < min_ || value > max_) return absl::InvalidArgumentError(RangeError());
     SetInteger(value);
   }
-  const std::string problem = Check();
-  return problem.empty() ? absl::OkStatus() : absl::InvalidArgumentError(problem);
+  return absl::OkStatus();
 }
 
 std::string Settings::Setting::FormatValue() const {
@@ -163,10 +159,12 @@ absl::Status Settings::ReadFile(const std::string& path) {
     if (auto* p = std::get_if<std::string*>(&s->target_)) {
       std::string value;
       if (root.Get(s->key_, &value)) {
-        const std::string kept = std::exchange(**p, value);
-        if (std::string problem = s->Check(); !problem.empty()) root.Error(s->key_, problem);
-        if (keep) **p = kept;
-        set = !keep;
+        if (std::string problem = s->ChoiceError(value); !problem.empty()) {
+          root.Error(s->key_, problem);
+        } else if (!keep) {
+          **p = std::move(value);
+          set = true;
+        }
       }
     } else if (auto* p = std::get_if<bool*>(&s->target_)) {
       bool value = false;
@@ -299,11 +297,12 @@ std::optional<int> Settings::ParseCommandLine(CLI::App& app, int argc, char** ar
 
 absl::StatusOr<std::string> ExpandCredentialsPath(const std::string& path) {
   std::optional<std::string_view> rest;
+  const std::string_view p = path;
   for (std::string_view name : {"$CREDENTIALS_DIRECTORY", "${CREDENTIALS_DIRECTORY}"}) {
-    const std::string_view after =
-        std::string_view(path).substr(std::min(name.size(), path.size()));
-    if (std::string_view(path).starts_with(name) && (after.empty() || after.front() == '/'))
-      rest = after;
+    // Only the whole name: $CREDENTIALS_DIRECTORYX is some other variable.
+    if (p.starts_with(name) && (p.size() == name.size() || p[name.size()] == '/')) {
+      rest = p.substr(name.size());
+    }
   }
   if (!rest) return path;
   const char* dir = std::getenv("CREDENTIALS_DIRECTORY");

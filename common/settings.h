@@ -18,7 +18,6 @@
 
 namespace CLI {
 class App;
-class Option;
 }  // namespace CLI
 
 namespace taskmaster {
@@ -42,10 +41,10 @@ class Settings {
     friend class Settings;
     using Target = std::variant<std::string*, bool*, int64_t*, int*, size_t*>;
     Setting(std::string key, Target target, std::string help);
-    // Sets the value from text (an environment variable's), checked as a flag's would be.
+    // Sets the value from text (a flag's or an environment variable's), checked before it is set.
     absl::Status Parse(const std::string& text);
-    // The value's error, if any, for a value set from any source.
-    std::string Check() const;
+    // What is wrong with a string's `value` (not among the choices), or "".
+    std::string ChoiceError(const std::string& value) const;
     std::string RangeError() const;
     int64_t Integer() const;
     void SetInteger(int64_t value);
@@ -58,7 +57,6 @@ class Settings {
     std::vector<std::string> choices_;
     bool path_ = false;
     Source source_ = Source::kDefault;
-    CLI::Option* flag_ = nullptr;
   };
 
   // `env_prefix`: "TASKMASTER_" makes lease_timeout_ms TASKMASTER_LEASE_TIMEOUT_MS. `others`:

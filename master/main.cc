@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const taskmaster::ServiceNotifier notifier;
-  notifier.Status("recovering the store");
+  notifier.Status([] { return "recovering the store"; });
   auto master = taskmaster::Master::Start(o);
   if (!master.ok()) {
     fprintf(stderr, "taskmaster: %s\n", std::string(master.status().message()).c_str());
@@ -57,20 +57,14 @@ int main(int argc, char** argv) {
     }
   }
   // Recovered and listening: only now may systemd start the units ordered after this one.
-  notifier.Ready((*master)->StatusLine());
-  // The status line is refreshed this often; watchdog pings go at least as often as asked.
-  std::chrono::milliseconds wake(5'000);
-  if (notifier.watchdog_interval().count() > 0) {
-    wake = std::min(
-        wake, std::chrono::duration_cast<std::chrono::milliseconds>(notifier.watchdog_interval()));
-    wake = std::max(wake, std::chrono::milliseconds(1));
-  }
+  auto status = [&] { return (*master)->StatusLine(); };
+  notifier.Ready(status);
   for (;;) {
-    const int sig = taskmaster::WaitForSignal(wake);
+    const int sig = taskmaster::WaitForSignal(notifier.wake_interval());
     if (sig == SIGINT || sig == SIGTERM) break;
     if (sig == SIGHUP) (*master)->Reload();
     if ((*master)->Ticking()) notifier.Watchdog();
-    notifier.Status((*master)->StatusLine());
+    notifier.Status(status);
   }
   notifier.Stopping("draining: telling workers, waiting for calls to end");
   (*master)->Shutdown(std::chrono::milliseconds(config.shutdown_timeout_ms));

@@ -179,29 +179,23 @@ int RunWorker(int argc, char** argv, Registry registry) {
   if (!worker.ok()) return Fail(worker.status());
   // Ready once its pools run: a worker waits for an absent master without failing its unit.
   const ServiceNotifier notifier;
-  notifier.Ready((*worker)->StatusLine());
+  auto status = [&] { return (*worker)->StatusLine(); };
+  notifier.Ready(status);
 
   // SIGHUP (a closed terminal, a reload sent to every daemon) leaves a worker running: it has
   // nothing to re-read.
   auto stop = [](int sig) { return sig == SIGINT || sig == SIGTERM; };
-  // Until the first signal, how often the status line is refreshed (and the watchdog pinged, at
-  // least as often as the unit asks); during the drain, how soon its end is noticed.
-  std::chrono::milliseconds wake(5'000);
-  if (notifier.watchdog_interval().count() > 0) {
-    wake = std::clamp(
-        std::chrono::duration_cast<std::chrono::milliseconds>(notifier.watchdog_interval()),
-        std::chrono::milliseconds(1), wake);
-  }
+  // During the drain, how soon its end is noticed.
   constexpr auto kDrainPoll = std::chrono::milliseconds(100);
-  while (!stop(WaitForSignal(wake))) {
+  while (!stop(WaitForSignal(notifier.wake_interval()))) {
     notifier.Watchdog();
-    notifier.Status((*worker)->StatusLine());
+    notifier.Status(status);
   }
   notifier.Stopping("draining: running tasks finish, the others go back to the master");
   std::thread drain([&] { (*worker)->Drain(); });
   while (!(*worker)->Stopped()) {
     notifier.Watchdog();
-    if (stop(WaitForSignal(std::min(wake, kDrainPoll)))) (*worker)->Abort();
+    if (stop(WaitForSignal(std::min(notifier.wake_interval(), kDrainPoll)))) (*worker)->Abort();
   }
   drain.join();
   return 0;
