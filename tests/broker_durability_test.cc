@@ -88,6 +88,18 @@ class HeldStore final : public Store {
   bool open_ = false;
 };
 
+// A submit the store answers with `answer` once it is made: its outcome.
+absl::StatusOr<SubmitOutcome> SubmitAnswered(Broker& broker, HeldStore& store,
+                                             const SubmitTarget& target,
+                                             std::vector<TaskSpec> specs,
+                                             absl::Status answer = absl::OkStatus()) {
+  absl::StatusOr<SubmitOutcome> outcome = absl::UnknownError("not answered");
+  broker.Submit(kClient, target, std::move(specs),
+                [&](absl::StatusOr<SubmitOutcome> r) { outcome = std::move(r); });
+  store.Release(std::move(answer));
+  return outcome;
+}
+
 // A worker "w" running echo, with `credits`: its channel, which records what the broker sends
 // it, and its handle.
 std::pair<std::shared_ptr<FakeChannel>, Broker::WorkerHandle> AttachEchoWorker(Broker& broker,
@@ -193,10 +205,8 @@ TEST(BrokerDurability, ABatchJoinsItsJobOnlyOnceStored) {
   FakeClock clock;
   Broker broker(BrokerOptions{}, &clock, &store, GetLogger("held-test"));
   auto channel = AttachEchoWorker(broker, 10).first;
-  absl::StatusOr<SubmitOutcome> opened = absl::UnknownError("not yet");
-  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "a")},
-                [&](absl::StatusOr<SubmitOutcome> r) { opened = r; });
-  store.Release();
+  absl::StatusOr<SubmitOutcome> opened =
+      SubmitAnswered(broker, store, SubmitTarget{"", 0, true}, {Spec("echo", "a")});
   ASSERT_TRUE(opened.ok()) << opened.status();
   const std::string job = opened->job_id;
   EXPECT_EQ(channel->Take().size(), 1u);
@@ -246,10 +256,8 @@ TEST(BrokerDurability, AnIdleJobIsClosedDurablyAndAgainAfterAFailedWrite) {
   options.open_job_timeout_ms = 1'000;
   options.max_open_jobs = 1;
   Broker broker(options, &clock, &store, GetLogger("held-test"));
-  absl::StatusOr<SubmitOutcome> opened = absl::UnknownError("not yet");
-  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "a")},
-                [&](absl::StatusOr<SubmitOutcome> r) { opened = r; });
-  store.Release();
+  absl::StatusOr<SubmitOutcome> opened =
+      SubmitAnswered(broker, store, SubmitTarget{"", 0, true}, {Spec("echo", "a")});
   ASSERT_TRUE(opened.ok()) << opened.status();
   const std::string job = opened->job_id;
   auto watcher = std::make_shared<CountingWatcher>();
@@ -261,10 +269,8 @@ TEST(BrokerDurability, AnIdleJobIsClosedDurablyAndAgainAfterAFailedWrite) {
   store.Release();
   EXPECT_FALSE(broker.GetJob(kClient, job)->open) << "closed on the second try";
   EXPECT_GE(watcher->calls, 1);
-  absl::StatusOr<SubmitOutcome> next = absl::UnknownError("not yet");
-  broker.Submit(kClient, SubmitTarget{"", 0, true}, {Spec("echo", "b")},
-                [&](absl::StatusOr<SubmitOutcome> r) { next = r; });
-  store.Release();
+  absl::StatusOr<SubmitOutcome> next =
+      SubmitAnswered(broker, store, SubmitTarget{"", 0, true}, {Spec("echo", "b")});
   EXPECT_TRUE(next.ok()) << "its open-job slot is free: " << next.status();
   store.Open();
 }
