@@ -202,7 +202,8 @@ TEST(Integration, WorkerOutlivesMasterRestart) {
 TEST(Integration, WorkerDrainsOnSigterm) {
   Cluster cluster;
   cluster.StartMaster();
-  Process& draining = cluster.StartWorker("draining", {"--threads", "1", "--prefetch", "2"});
+  Process& draining = cluster.StartWorker(
+      "draining", {"--threads", "1", "--prefetch", "2", "--log-level", "debug"});
   ASSERT_TRUE(cluster.WaitForWorkers(1));
   auto client = cluster.NewClient();
   auto submitted = client->Submit(Batch("sleep", {"1000", "1000", "1000"}));
@@ -213,6 +214,10 @@ TEST(Integration, WorkerDrainsOnSigterm) {
         return workers.ok() && workers->workers_size() == 1 && workers->workers(0).running() == 3;
       },
       seconds(10)));
+  // Leased is not started: until its thread takes one, the worker would give all three back.
+  ASSERT_TRUE(WaitFor([&] { return draining.Log().find("starting task") != std::string::npos; },
+                      seconds(10)))
+      << draining.Log();
   draining.Signal(SIGTERM);
   EXPECT_EQ(draining.Wait(seconds(20)), 0) << draining.Log();
   // The worker ran one of the three (which one is its pool's choice) and gave the others back.

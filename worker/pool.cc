@@ -63,6 +63,7 @@ void Pool::Join() {
 
 void Pool::Loop() {
   while (std::optional<Assignment> a = slots_->NextTask()) {
+    log_->debug("starting task {} attempt {} ({})", a->task.task_id, a->task.attempt, a->task.kind);
     const auto start = std::chrono::steady_clock::now();
     Result result = RunTask(*registry_, options_, a->task, a->cancelled,
                             [this, id = a->task.task_id, delivery = a->delivery](Progress p) {
