@@ -98,7 +98,8 @@ json WorkerJson(const v1::WorkerInfo& w) {
           {"running", w.running()},
           {"stuck", w.stuck()},
           {"connected", w.connected()},
-          {"draining", w.draining()}};
+          {"draining", w.draining()},
+          {"heartbeat_age_ms", w.heartbeat_age_ms()}};
 }
 
 json WorkersJson(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
@@ -126,19 +127,28 @@ void DrawProgress(const Console& console, int64_t done, int64_t total, const std
   console.err << std::flush;
 }
 
+// "silent": connected, but no heartbeat for three of the default intervals (a worker sends one
+// every 5 s), so likely cut off; the master takes its tasks back at the lease timeout.
+std::string WorkerState(const v1::WorkerInfo& w) {
+  constexpr int64_t kSilentMs = 15'000;
+  if (!w.connected()) return "disconnected";
+  if (w.heartbeat_age_ms() >= kSilentMs) return "silent";
+  return w.draining() ? "draining" : "connected";
+}
+
 void PrintWorkersTable(const Console& console,
                        const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
   console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST" << std::setw(8)
               << "SLOTS" << std::setw(8) << "RUNNING" << std::setw(6) << "STUCK" << std::setw(14)
-              << "STATE"
+              << "STATE" << std::setw(7) << "HEARD"
               << "KINDS\n";
   for (const v1::WorkerInfo& w : workers) {
     std::string kinds;
     for (const auto& k : w.kinds()) absl::StrAppend(&kinds, kinds.empty() ? "" : ",", k);
-    const char* state = !w.connected() ? "disconnected" : w.draining() ? "draining" : "connected";
     console.out << std::left << std::setw(24) << Printable(w.name()) << std::setw(20)
                 << Printable(w.host()) << std::setw(8) << w.slots() << std::setw(8) << w.running()
-                << std::setw(6) << w.stuck() << std::setw(14) << state << kinds << "\n";
+                << std::setw(6) << w.stuck() << std::setw(14) << WorkerState(w) << std::setw(7)
+                << absl::StrCat(w.heartbeat_age_ms() / 1000, "s") << kinds << "\n";
   }
 }
 
@@ -545,9 +555,14 @@ int RunStats(const Client& client, const Console& console) {
     for (const v1::QueueStats& q : stats->queues()) {
       queues.push_back({{"queue", q.queue()},
                         {"pending", q.pending()},
+                        {"delayed", q.delayed()},
                         {"leased", q.leased()},
+                        {"oldest_ready_age_ms", q.oldest_ready_age_ms()},
+                        {"submitted", q.submitted()},
                         {"succeeded", q.succeeded()},
                         {"failed", q.failed()},
+                        {"retried", q.retried()},
+                        {"redelivered", q.redelivered()},
                         {"dead", q.dead()},
                         {"cancelled", q.cancelled()}});
     }

@@ -18,7 +18,10 @@ Broker::Impl::Impl(BrokerOptions options, const Clock* clock, Store* store,
       persistent_(store->persistent()),
       last_tick_ms_(clock->NowMs()) {}
 
-Broker::Impl::Section::Section(Impl& b) : b_(b) { b.mu_.Lock(); }
+Broker::Impl::Section::Section(Impl& b) : b_(b) {
+  b.mu_.Lock();
+  b.now_ms_ = b.clock_->NowMs();
+}
 
 Broker::Impl::Section::~Section() {
   b_.mu_.AssertHeld();
@@ -104,6 +107,8 @@ std::vector<QueueStatsView> Broker::QueueStats() const { return impl_->QueueStat
 std::vector<WorkerView> Broker::Workers() const { return impl_->Workers(); }
 
 int64_t Broker::DuplicateResults() const { return impl_->DuplicateResults(); }
+
+BrokerMetrics Broker::Metrics() const { return impl_->Metrics(); }
 
 absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
                                                     std::shared_ptr<WorkerChannel> channel) {

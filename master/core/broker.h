@@ -56,6 +56,19 @@ struct BrokerOptions {
   int64_t open_job_timeout_ms = 600'000;
   // Of every tenant that no SetTenantLimits names.
   TenantLimits tenant_limits;
+  // Metrics keep the times of this many distinct kinds apart; later ones share kOtherKinds, so
+  // that clients cannot grow what every scrape exports.
+  size_t max_metric_kinds = 50;
+  // Failed attempts kept for the status page, newest first.
+  size_t recent_failures = 50;
+};
+
+// What the master's metrics and status page read, in one locked pass.
+struct BrokerMetrics {
+  std::vector<QueueStatsView> queues;
+  std::vector<KindTimesView> kinds;
+  std::vector<FailureView> failures;  // newest first
+  int64_t duplicate_results = 0;
 };
 
 // The broker core: queues, leases, retries, results and jobs, in memory, with no gRPC or SQLite
@@ -126,6 +139,7 @@ class Broker {
   std::vector<WorkerView> Workers() const;
   // Results dropped since start: from a stale attempt, or for a task already recorded.
   int64_t DuplicateResults() const;
+  BrokerMetrics Metrics() const;
 
   // ---- Workers ----
 

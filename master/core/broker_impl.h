@@ -29,6 +29,9 @@
 
 namespace taskmaster {
 
+// Of each failed attempt's error, what the status page keeps (GetTask has it whole).
+inline constexpr size_t kMaxFailureErrorBytes = 512;
+
 class Broker::Impl {
  public:
   using Account = core::Account;
@@ -76,6 +79,7 @@ class Broker::Impl {
   std::vector<QueueStatsView> QueueStats() const;
   std::vector<WorkerView> Workers() const;
   int64_t DuplicateResults() const;
+  BrokerMetrics Metrics() const;
   absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
   void AddCredits(const WorkerHandle& worker, int32_t credits);
   void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits);
@@ -178,6 +182,11 @@ class Broker::Impl {
   void LeaseTo(Task& t, Worker& w, int32_t attempt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The worker no longer holds `t`; a leased task is counted as a failed attempt.
+  // A failed attempt of `t` (its error set), for the status page's list.
+  void NoteFailure(const Task& t, bool dead) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The counters of every queue, with the age of its oldest ready task.
+  std::vector<QueueStatsView> QueueStatsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  KindTimesView* TimesOf(const std::string& kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LoseLease(Task& t, const std::string& reason, Effects& fx)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A reconnecting worker holds `t` (running it, or with its result on the way), but the master
@@ -284,6 +293,12 @@ class Broker::Impl {
   uint64_t durable_completion_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
+  // The clock when the current Section began: one reading per operation for the times tasks keep.
+  int64_t now_ms_ ABSL_GUARDED_BY(mu_) = 0;
+  // By kind, at most options_.max_metric_kinds of them and kOtherKinds; never erased, so classes
+  // keep pointers.
+  std::map<std::string, std::unique_ptr<KindTimesView>> kind_times_ ABSL_GUARDED_BY(mu_);
+  std::deque<FailureView> failures_ ABSL_GUARDED_BY(mu_);  // newest first
   // The latest progress of leased tasks that reported any; an entry goes with its lease. Apart
   // from the tasks: it is kept only for the few running ones.
   std::unordered_map<TaskId, TaskProgress> progress_ ABSL_GUARDED_BY(mu_);

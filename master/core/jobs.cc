@@ -68,7 +68,7 @@ void Broker::Impl::CountDone(Job* job, const Task& t, Effects& fx) {
   if (t.state == TaskState::kDead) job->dead++;
   if (t.state == TaskState::kCancelled) job->cancelled++;
   job->completed.push_back(t.id);
-  MaybeJobComplete(job, t.finished_ms);
+  MaybeJobComplete(job, t.since_ms);
   if (!fx.touched.insert(job).second) return;
   if (persistent_) {
     fx.reveal_jobs.push_back(job->id);  // its watchers are told once the result is on disk
@@ -108,9 +108,19 @@ bool Broker::Impl::CancelLocked(Task& t, Effects& fx) {
 }
 
 WorkerView Broker::Impl::ViewOf(const Worker& w) const {
-  return {w.id,        w.name,     w.host,         w.kinds,
-          w.queues,    w.labels,   w.slots,        static_cast<int32_t>(w.leases.size()),
-          w.connected, w.draining, w.connected_ms, w.stuck};
+  return {w.id,
+          w.name,
+          w.host,
+          w.kinds,
+          w.queues,
+          w.labels,
+          w.slots,
+          static_cast<int32_t>(w.leases.size()),
+          w.connected,
+          w.draining,
+          w.connected_ms,
+          w.stuck,
+          std::max<int64_t>(0, clock_->NowMs() - w.heard_ms)};
 }
 
 TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
@@ -128,7 +138,7 @@ TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
   v.error = t.error();
   v.worker = t.worker();
   v.created_ms = t.created_ms;
-  v.finished_ms = t.finished_ms;
+  v.finished_ms = IsFinished(t.state) ? t.since_ms : 0;
   v.not_before_ms = t.not_before_ms;
   return v;
 }
@@ -256,11 +266,57 @@ void Broker::Impl::Unwatch(const std::string& job_id, const JobWatcher* watcher)
 
 std::vector<QueueStatsView> Broker::Impl::QueueStats() const {
   absl::MutexLock lock(&mu_);
+  return QueueStatsLocked();
+}
+
+std::vector<QueueStatsView> Broker::Impl::QueueStatsLocked() const {
+  // The head of a ready list is its oldest entry; those of tasks that left PENDING are skipped
+  // as dispatch skips them, up to a bound that keeps a scrape short whatever the lists hold.
+  constexpr int kStaleLooked = 64;
+  std::map<std::string_view, int64_t> oldest_since;
+  for (const auto& [key, cls] : classes_) {
+    for (const auto& [priority, lane] : cls->ready) {
+      int looked = 0;
+      for (const ReadyEntry& e : lane) {
+        if (++looked > kStaleLooked) break;
+        if (IsStale(e)) continue;
+        auto [it, added] = oldest_since.emplace(cls->queue, tasks_.at(e.id).since_ms);
+        if (!added) it->second = std::min(it->second, tasks_.at(e.id).since_ms);
+        break;
+      }
+    }
+  }
+  const int64_t now = clock_->NowMs();
   std::vector<QueueStatsView> out;
+  out.reserve(counters_.size());
   for (const auto& [queue, c] : counters_) {
-    out.push_back({queue, c.pending, c.leased, c.succeeded, c.failed, c.dead, c.cancelled});
+    QueueStatsView v{.queue = queue,
+                     .pending = c.ready + c.delayed,
+                     .delayed = c.delayed,
+                     .leased = c.leased,
+                     .submitted = c.submitted,
+                     .succeeded = c.succeeded,
+                     .failed = c.failed,
+                     .retried = c.retried,
+                     .redelivered = c.redelivered,
+                     .dead = c.dead,
+                     .cancelled = c.cancelled};
+    if (auto it = oldest_since.find(queue); it != oldest_since.end()) {
+      v.oldest_ready_age_ms = std::max<int64_t>(0, now - it->second);
+    }
+    out.push_back(std::move(v));
   }
   return out;
+}
+
+BrokerMetrics Broker::Impl::Metrics() const {
+  absl::MutexLock lock(&mu_);
+  BrokerMetrics m;
+  m.queues = QueueStatsLocked();
+  for (const auto& [kind, times] : kind_times_) m.kinds.push_back(*times);
+  m.failures.assign(failures_.begin(), failures_.end());
+  m.duplicate_results = duplicates_;
+  return m;
 }
 
 int64_t Broker::Impl::DuplicateResults() const {

@@ -56,7 +56,11 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     }
     t.created_ms = row.created_ms;
     t.not_before_ms = row.status.not_before_ms;
-    t.finished_ms = row.status.finished_ms;
+    // Ready since it was submitted, as far as the store knows; leased since now, its worker
+    // claiming it again.
+    t.since_ms = IsFinished(row.status.state)             ? row.status.finished_ms
+                 : row.status.state == TaskState::kLeased ? now_
+                                                          : row.created_ms;
     t.timeout_ms = row.timeout_ms;
     t.seq = row.status.seq;
     t.completion_seq = row.status.completion_seq;
@@ -73,11 +77,11 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     core::QueueCounters& c = *t.cls->counters;
     switch (t.state) {
       case TaskState::kPending:
-        c.pending++;
+        c.ready++;
         ready_.push_back({t.seq, t.id});
         break;
       case TaskState::kDelayed:
-        c.pending++;
+        c.delayed++;
         // A system clock set back while the master was down must not stretch a delay beyond
         // what it was when it was set.
         t.not_before_ms = std::min(t.not_before_ms, now_ + (t.not_before_ms - t.created_ms));
@@ -151,7 +155,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     for (const auto& [id, job] : b_.jobs_) {
       if (job->done != job->total || job->open) continue;
       int64_t last = job->created_ms;
-      for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).finished_ms);
+      for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).since_ms);
       expiries.push_back({last + b_.options_.result_retention_ms, id});
     }
     std::sort(expiries.begin(), expiries.end());
@@ -201,6 +205,7 @@ absl::Status Broker::Impl::Recover() {
     // Recover runs before any other call, so holding the lock while the store reads blocks
     // nobody, and every row is applied under it.
     absl::MutexLock lock(&mu_);
+    now_ms_ = clock_->NowMs();
     if (absl::Status status = store_->Load(&loader); !status.ok()) return status;
     loader.Finish();
     loader.Settle();

@@ -21,10 +21,15 @@ struct Job;
 struct Worker;
 
 struct QueueCounters {
-  int64_t pending = 0;
+  int64_t ready = 0;  // PENDING
+  int64_t delayed = 0;
   int64_t leased = 0;
+  // Since the master started.
+  int64_t submitted = 0;
   int64_t succeeded = 0;
-  int64_t failed = 0;
+  int64_t failed = 0;       // failed attempts: reported, or a lost lease
+  int64_t retried = 0;      // failed attempts followed by another
+  int64_t redelivered = 0;  // of those, lost leases
   int64_t dead = 0;
   int64_t cancelled = 0;
 };
@@ -42,6 +47,7 @@ struct TaskClass {
   std::string kind;
   Labels labels;
   QueueCounters* counters;
+  KindTimesView* times;  // its kind's (shared with the other classes of the kind)
   // Ready tasks: highest priority first, FIFO within one. Entries of tasks that left PENDING
   // since are skipped when they reach the front (their seq no longer matches).
   std::map<int32_t, std::deque<ReadyEntry>, std::greater<>> ready;
@@ -77,7 +83,9 @@ struct Task {
   std::unique_ptr<TaskNotes> notes;
   int64_t created_ms = 0;
   int64_t not_before_ms = 0;
-  int64_t finished_ms = 0;
+  // When it entered its state: ready since (PENDING), leased since, finished at. Read for the
+  // times metrics observe, and as finished_ms.
+  int64_t since_ms = 0;
   int64_t timeout_ms = 0;
   uint64_t seq = 0;             // position in its ready list
   uint64_t completion_seq = 0;  // order of finishing, across all tasks

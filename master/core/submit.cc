@@ -103,7 +103,7 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
   }
   for (const auto& [queue, added] : added_per_queue) {
     auto it = counters_.find(queue);
-    const int64_t pending = it == counters_.end() ? 0 : it->second.pending;
+    const int64_t pending = it == counters_.end() ? 0 : it->second.ready + it->second.delayed;
     if (pending + added > static_cast<int64_t>(options_.max_queue_length)) {
       return absl::ResourceExhaustedError(
           absl::StrCat("queue '", queue, "' is full: ", pending, " pending, limit ",
@@ -186,12 +186,15 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
     account.unfinished++;
     job->tasks.push_back(t.id);
     out.task_ids.push_back(t.id);
-    cls->counters->pending++;  // PENDING and DELAYED both count as pending
+    t.since_ms = now;
+    cls->counters->submitted++;
     if (s.delay_ms > 0) {
       t.state = TaskState::kDelayed;
       t.not_before_ms = now + s.delay_ms;
+      cls->counters->delayed++;
     } else {
       t.seq = next_seq_++;
+      cls->counters->ready++;
     }
     if (rows) {
       rows->tasks.push_back(RowOf(t));
@@ -460,7 +463,9 @@ void Broker::Impl::Discard(Job& job) {
       }
       continue;
     }
-    t.cls->counters->pending--;
+    // Not from `submitted`: a counter only grows, and the batch was accepted before the store
+    // failed it.
+    --*(t.state == TaskState::kDelayed ? &t.cls->counters->delayed : &t.cls->counters->ready);
     job.account->unfinished--;
     if (!t.key().empty()) keys_.erase(KeyIndex(t));
     Forget(it);
@@ -492,10 +497,25 @@ core::TaskClass* Broker::Impl::ClassFor(const std::string& queue, const std::str
   cls->kind = kind;
   cls->labels = labels;
   cls->counters = &counters_[queue];
+  cls->times = TimesOf(kind);
   for (auto& [id, w] : workers_) {
     if (CanRun(*w, *cls)) w->eligible.push_back(cls.get());
   }
   return classes_.emplace(key, std::move(cls)).first->second.get();
+}
+
+KindTimesView* Broker::Impl::TimesOf(const std::string& kind) {
+  auto it = kind_times_.find(kind);
+  if (it == kind_times_.end()) {
+    const bool room = kind_times_.size() < options_.max_metric_kinds;
+    it = kind_times_.find(room ? kind : kOtherKinds);
+    if (it == kind_times_.end()) {
+      auto times = std::make_unique<KindTimesView>();
+      times->kind = room ? kind : kOtherKinds;
+      it = kind_times_.emplace(times->kind, std::move(times)).first;
+    }
+  }
+  return it->second.get();
 }
 
 bool Broker::Impl::HasWorkerFor(const TaskClass& cls) const {

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "common/histogram.h"
+
 namespace taskmaster {
 
 using TaskId = uint64_t;
@@ -123,10 +125,17 @@ struct JobEvents {
 struct QueueStatsView {
   std::string queue;
   int64_t pending = 0;  // PENDING and DELAYED now
+  int64_t delayed = 0;  // of those, DELAYED (a delay or a retry's backoff)
   int64_t leased = 0;   // now
+  // How long the oldest PENDING task has waited to be leased (0 with none): the head of each of
+  // its ready lists, where a task given back keeps its place but counts from its return.
+  int64_t oldest_ready_age_ms = 0;
   // Totals since the master started.
+  int64_t submitted = 0;
   int64_t succeeded = 0;
-  int64_t failed = 0;  // failed attempts, retried or not
+  int64_t failed = 0;       // failed attempts, retried or not (reported, or a lost lease)
+  int64_t retried = 0;      // failed attempts followed by another
+  int64_t redelivered = 0;  // of those, lost leases (the worker went silent)
   int64_t dead = 0;
   int64_t cancelled = 0;
 };
@@ -144,7 +153,31 @@ struct WorkerView {
   bool draining = false;
   int64_t connected_ms = 0;
   int32_t stuck = 0;  // as the worker's last heartbeat said
+  // Since its last heartbeat: a connected worker silent for long is likely cut off, and loses its
+  // leases at the lease timeout.
+  int64_t heartbeat_age_ms = 0;
 };
+
+// A failed attempt, as the status page lists the latest ones.
+struct FailureView {
+  int64_t time_ms = 0;
+  TaskId task_id = 0;
+  std::string job_id;
+  std::string queue;
+  std::string kind;
+  std::string worker;
+  int32_t attempt = 0;
+  bool dead = false;  // its last attempt (else it is retried)
+  std::string error;
+};
+
+// Per kind, how long tasks waited from ready to leased and ran from leased to their result.
+struct KindTimesView {
+  std::string kind;  // kOtherKinds past BrokerOptions::max_metric_kinds
+  Histogram wait_seconds{kTaskSecondsBuckets};
+  Histogram run_seconds{kTaskSecondsBuckets};
+};
+inline constexpr char kOtherKinds[] = "(other)";
 
 // ---- The worker stream, in core terms ----
 

@@ -3,6 +3,7 @@
 // store and the workers.
 #include <utility>
 
+#include "common/util.h"
 #include "master/core/broker_impl.h"
 
 namespace taskmaster {
@@ -17,12 +18,14 @@ void Broker::Impl::SetState(Task& t, TaskState state) {
   Touch(t);
   QueueCounters& c = *t.cls->counters;
   auto live = [&c](TaskState s) -> int64_t* {
-    if (s == TaskState::kPending || s == TaskState::kDelayed) return &c.pending;
+    if (s == TaskState::kPending) return &c.ready;
+    if (s == TaskState::kDelayed) return &c.delayed;
     if (s == TaskState::kLeased) return &c.leased;
     return nullptr;
   };
   if (int64_t* was = live(t.state)) --*was;
   t.state = state;
+  t.since_ms = now_ms_;
   if (int64_t* now = live(state)) ++*now;
 }
 
@@ -68,6 +71,7 @@ void Broker::Impl::LeaseTo(Task& t, Worker& w, int32_t attempt) {
 }
 
 void Broker::Impl::Lease(Task& t, Worker& w) {
+  t.cls->times->wait_seconds.Observe(static_cast<double>(now_ms_ - t.since_ms) / 1000);
   LeaseTo(t, w, t.attempts + 1);
   w.credits--;
   w.outbox.tasks.push_back({t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
@@ -78,14 +82,26 @@ void Broker::Impl::Lease(Task& t, Worker& w) {
 void Broker::Impl::LoseLease(Task& t, const std::string& reason, Effects& fx) {
   Unlease(t);
   if (t.state != TaskState::kLeased) return;
-  t.cls->counters->failed++;
+  QueueCounters& c = *t.cls->counters;
+  c.failed++;
   t.Notes().error = reason;
-  if (t.attempts >= t.max_attempts) {
+  const bool dead = t.attempts >= t.max_attempts;
+  NoteFailure(t, dead);
+  if (dead) {
     Finish(t, TaskState::kDead, fx);
   } else {
+    c.retried++;
+    c.redelivered++;
     MakeReady(t, /*front=*/false);
     t.lease_lost = true;
   }
+}
+
+void Broker::Impl::NoteFailure(const Task& t, bool dead) {
+  if (options_.recent_failures == 0) return;
+  if (failures_.size() >= options_.recent_failures) failures_.pop_back();
+  failures_.push_front({now_ms_, t.id, t.job->id, t.cls->queue, t.cls->kind, t.worker(), t.attempts,
+                        dead, ValidUtf8(t.error(), kMaxFailureErrorBytes)});
 }
 
 bool Broker::Impl::Adopt(Task& t, const TaskRef& ref, Worker& w, bool awaited) {
@@ -113,7 +129,6 @@ void Broker::Impl::Finish(Task& t, TaskState state, Effects& fx) {
   SetState(t, state);
   t.job->account->unfinished--;
   QueueCounters& c = *t.cls->counters;
-  t.finished_ms = clock_->NowMs();
   t.completion_seq = next_completion_++;
   fx.finished_through = t.completion_seq;
   if (state == TaskState::kSucceeded) c.succeeded++;
@@ -140,7 +155,7 @@ TaskStatusRow Broker::Impl::StatusOf(const Task& t) const {
   s.state = t.state;
   s.attempts = t.attempts;
   s.not_before_ms = t.not_before_ms;
-  s.finished_ms = t.finished_ms;
+  s.finished_ms = IsFinished(t.state) ? t.since_ms : 0;
   s.seq = t.seq;
   s.completion_seq = t.completion_seq;
   s.output = t.output();

@@ -159,6 +159,9 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
       }
       Unlease(t);
       if (t.state != TaskState::kLeased) continue;  // cancelled while it ran: its slot is free
+      if (r.outcome != Outcome::kCancelled) {
+        t.cls->times->run_seconds.Observe(static_cast<double>(now_ms_ - t.since_ms) / 1000);
+      }
       switch (r.outcome) {
         case Outcome::kSucceeded:
           t.Notes().output = std::move(r.output);
@@ -169,12 +172,15 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
           t.Notes().error = std::move(r.error);
           t.cls->counters->failed++;
           if (r.permanent || t.attempts >= t.max_attempts) {
+            NoteFailure(t, /*dead=*/true);
             Finish(t, TaskState::kDead, fx);
           } else {
+            NoteFailure(t, /*dead=*/false);
+            t.cls->counters->retried++;
             const int shift = std::min(t.attempts - 1, 30);
             const int64_t backoff =
                 std::min(options_.retry_backoff_max_ms, options_.retry_backoff_ms << shift);
-            Delay(t, clock_->NowMs() + backoff);
+            Delay(t, now_ms_ + backoff);
           }
           break;
         case Outcome::kCancelled:

@@ -26,6 +26,7 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
   const auto& metadata = context->client_metadata();
   auto it = metadata.find("authorization");
   if (it == metadata.end()) {
+    failures_.missing.fetch_add(1, std::memory_order_relaxed);
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "missing 'authorization: Bearer <token>' metadata");
   }
@@ -37,14 +38,24 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
     tokens = tokens_;
   }
   std::optional<Identity> identity = token ? tokens->Lookup(*token) : std::nullopt;
-  if (!identity) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  if (!identity) {
+    failures_.unknown.fetch_add(1, std::memory_order_relaxed);
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  }
   if (!RoleAllows(identity->role, need)) {
+    failures_.denied.fetch_add(1, std::memory_order_relaxed);
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("a '", RoleName(identity->role), "' token may not call ", call,
                                      " (it needs a '", RoleName(need), "' or 'admin' token)"));
   }
   if (who) *who = Authorized{std::move(*identity), std::string(*token)};
   return grpc::Status::OK;
+}
+
+AuthFailures Authorizer::Failures() const {
+  return {failures_.missing.load(std::memory_order_relaxed),
+          failures_.unknown.load(std::memory_order_relaxed),
+          failures_.denied.load(std::memory_order_relaxed)};
 }
 
 bool StreamQuota::Acquire(const std::string& token) {

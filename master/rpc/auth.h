@@ -2,6 +2,8 @@
 // and tenant, and the per-token cap on open streams.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +24,13 @@ struct Authorized {
   Caller caller() const { return {identity.tenant, identity.role == Role::kAdmin}; }
 };
 
+// Calls refused since the master started, by reason.
+struct AuthFailures {
+  int64_t missing_token = 0;
+  int64_t unknown_token = 0;
+  int64_t role_denied = 0;  // a known token whose role may not make the call
+};
+
 // Checks the bearer token of a call. Without a token set (the master's --insecure mode) every
 // call is allowed, as an admin of the default tenant. Thread-safe.
 class Authorizer {
@@ -34,9 +43,13 @@ class Authorizer {
                      Authorized* who = nullptr) const;
   // New tokens for calls from now on (streams already open keep going).
   void Replace(TokenSet tokens);
+  AuthFailures Failures() const;
 
  private:
   const bool open_;  // --insecure
+  struct {
+    std::atomic<int64_t> missing{0}, unknown{0}, denied{0};
+  } mutable failures_;
   mutable absl::Mutex mu_;
   std::shared_ptr<const TokenSet> tokens_ ABSL_GUARDED_BY(mu_);
 };

@@ -158,16 +158,7 @@ grpc::ServerUnaryReactor* TaskQueueService::Stats(grpc::CallbackServerContext* c
   if (grpc::Status s = auth_->Check(context, Role::kSubmit, "Stats"); !s.ok()) {
     return Reply(context, s);
   }
-  for (const QueueStatsView& q : broker_->QueueStats()) {
-    v1::QueueStats* p = response->add_queues();
-    p->set_queue(q.queue);
-    p->set_pending(q.pending);
-    p->set_leased(q.leased);
-    p->set_succeeded(q.succeeded);
-    p->set_failed(q.failed);
-    p->set_dead(q.dead);
-    p->set_cancelled(q.cancelled);
-  }
+  for (const QueueStatsView& q : broker_->QueueStats()) ToProto(q, response->add_queues());
   for (const WorkerView& w : broker_->Workers()) ToProto(w, response->add_workers());
   response->set_duplicate_results(broker_->DuplicateResults());
   return Reply(context, grpc::Status::OK);

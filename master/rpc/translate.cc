@@ -170,6 +170,7 @@ void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
   p->set_draining(v.draining);
   p->set_connected_ms(v.connected_ms);
   p->set_stuck(v.stuck);
+  p->set_heartbeat_age_ms(v.heartbeat_age_ms);
 }
 
 void AddRefs(const std::vector<TaskRef>& refs,
@@ -179,6 +180,21 @@ void AddRefs(const std::vector<TaskRef>& refs,
     p->set_task_id(r.id);
     p->set_attempt(r.attempt);
   }
+}
+
+void ToProto(const QueueStatsView& v, v1::QueueStats* p) {
+  p->set_queue(v.queue);
+  p->set_pending(v.pending);
+  p->set_delayed(v.delayed);
+  p->set_leased(v.leased);
+  p->set_oldest_ready_age_ms(v.oldest_ready_age_ms);
+  p->set_submitted(v.submitted);
+  p->set_succeeded(v.succeeded);
+  p->set_failed(v.failed);
+  p->set_retried(v.retried);
+  p->set_redelivered(v.redelivered);
+  p->set_dead(v.dead);
+  p->set_cancelled(v.cancelled);
 }
 
 }  // namespace taskmaster

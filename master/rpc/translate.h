@@ -32,6 +32,7 @@ v1::TaskState ToProto(TaskState s);
 void ToProto(TaskView& v, v1::TaskInfo* p);
 void ToProto(const JobView& v, v1::JobInfo* p);
 void ToProto(const WorkerView& v, v1::WorkerInfo* p);
+void ToProto(const QueueStatsView& v, v1::QueueStats* p);
 void ToProto(const TaskProgress& v, v1::TaskProgress* p);
 void AddRefs(const std::vector<TaskRef>& refs,
              google::protobuf::RepeatedPtrField<v1::TaskRef>* out);

@@ -6,6 +6,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <thread>
 #include <unordered_map>
@@ -118,6 +119,11 @@ class SqliteStore final : public Store {
 
   absl::Status Load(RecoveryVisitor* visitor) override {
     return sqlite::LoadRecords(*dir_, visitor);
+  }
+
+  StoreMetrics Metrics() const override {
+    absl::MutexLock lock(&mu_);
+    return metrics_;
   }
 
   absl::Status Writable() const override {
@@ -237,7 +243,9 @@ class SqliteStore final : public Store {
         task_ops_.clear();
         target = version_;
       }
+      const auto began = std::chrono::steady_clock::now();
       absl::Status status = Commit(batch);
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - began;
       if (status.ok() && wal_pages_ >= kCheckpointPages) {
         // A full disk stops the checkpoint, not the commit: the WAL holds the data meanwhile.
         absl::Status copied = Checkpoint(SQLITE_CHECKPOINT_PASSIVE);
@@ -261,7 +269,11 @@ class SqliteStore final : public Store {
       bool changed;  // from writing to failing or back
       {
         absl::MutexLock lock(&mu_);
-        if (status.ok()) durable_ = target;
+        if (status.ok()) {
+          durable_ = target;
+          metrics_.commit_seconds.Observe(took.count());
+          metrics_.commit_changes.Observe(static_cast<double>(batch.size()));
+        }
         changed = status.ok() != error_.ok();
         error_ = status;
         auto first_pending = std::partition(waiters_.begin(), waiters_.end(),
@@ -532,6 +544,7 @@ class SqliteStore final : public Store {
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;                         // changes recorded
   uint64_t durable_ ABSL_GUARDED_BY(mu_) = 0;                         // changes committed
   std::vector<std::pair<uint64_t, std::function<void(absl::Status)>>> waiters_ ABSL_GUARDED_BY(mu_);
+  StoreMetrics metrics_ ABSL_GUARDED_BY(mu_);      // of the commits that succeeded
   absl::Status error_ ABSL_GUARDED_BY(mu_);        // the last commit's error, OK once one succeeds
   bool stop_ ABSL_GUARDED_BY(mu_) = false;         // Close began
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/histogram.h"
 #include "master/core/task.h"
 
 namespace taskmaster {
@@ -97,6 +98,12 @@ class RecoveryVisitor {
 // last commit in one transaction (group commit), so a burst of submits costs one fsync.
 //
 // Implementations are thread-safe.
+// What a store's commits took, for metrics.
+struct StoreMetrics {
+  Histogram commit_seconds{kCommitSecondsBuckets};
+  Histogram commit_changes{kBatchSizeBuckets};  // changes (rows) per commit
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -116,6 +123,9 @@ class Store {
   // OK while writes succeed; the error that stops them otherwise (disk full, I/O error). New
   // work is refused with it, while acknowledged work waits in memory to be written.
   virtual absl::Status Writable() const = 0;
+
+  // Its commits so far; a store that commits nothing (memory) has none.
+  virtual StoreMetrics Metrics() const { return {}; }
 
   // ---- Changes, in the broker's order. No I/O. ----
 
