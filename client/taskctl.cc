@@ -8,6 +8,7 @@
 #include "CLI/CLI.hpp"
 #include "client/commands.h"
 #include "common/auth.h"
+#include "common/logging.h"
 
 namespace {
 
@@ -26,7 +27,7 @@ bool NextLine(std::istream& in, std::string* payload) {
 
 int main(int argc, char** argv) {
   taskmaster::ClientOptions options;
-  std::string token_file, format = "text", file, delay = "0", timeout = "0";
+  std::string token_file, format = "text", log_format = "text", file, delay = "0", timeout = "0";
   taskmaster::SubmitArgs submit;
   std::vector<std::string> payloads;
   std::string id;
@@ -37,6 +38,10 @@ int main(int argc, char** argv) {
       ->envname("TASKMASTER_ADDR");
   app.add_option("--token-file", token_file, "file holding a token (or set TASKMASTER_TOKEN)");
   app.add_option("--format", format, "text or json")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--log-format", log_format,
+                 "warnings on stderr: text, or json (one object a line, as the daemons' logs)")
       ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
   app.add_option("--max-message-bytes", options.master.max_message_bytes,
@@ -94,13 +99,16 @@ int main(int argc, char** argv) {
     std::cerr << "taskctl: " << s.message() << "\n";
     return taskmaster::kExitError;
   };
+  if (absl::Status s = taskmaster::SetupLogging("info", log_format); !s.ok()) return fail(s);
+  const std::shared_ptr<spdlog::logger> log = taskmaster::GetLogger("taskctl");
   absl::StatusOr<taskmaster::PresentedToken> token = taskmaster::LoadPresentedToken(token_file);
   if (!token.ok()) return fail(token.status());
+  if (!token->warning.empty()) log->warn("{}", token->warning);
   options.token = std::move(token->token);
   if (std::string warning =
           taskmaster::CleartextTokenWarning(options.master, !options.token.empty());
       !warning.empty()) {
-    fprintf(stderr, "taskctl: warning: %s\n", warning.c_str());
+    log->warn("{}", warning);
   }
   if (*health) options.rpc_timeout = std::chrono::milliseconds(timeout_ms);
   auto client = taskmaster::Client::Connect(options);

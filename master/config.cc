@@ -105,6 +105,9 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
   s.Add("port_file", &config->port_file, "write the port listened on to this file");
   s.Add("log_level", &config->log_level, "trace, debug, info, warn, error")
       .Choices({"trace", "debug", "info", "warn", "warning", "err", "error", "critical", "off"});
+  s.Add("log_format", &config->log_format,
+        "text (for people) or json (one object a line, for log shippers)")
+      .Choices({"text", "json"});
 }
 
 void Settle(MasterConfig* config) {

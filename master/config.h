@@ -13,6 +13,7 @@ namespace taskmaster {
 struct MasterConfig {
   MasterOptions master;
   std::string log_level = "info";
+  std::string log_format = "text";
   std::string port_file;  // where the port listened on is written; empty: nowhere
   int64_t shutdown_timeout_ms = 5'000;
   // Read as plain values, then put into `master` by Settle.

@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
   taskmaster::Settle(&config);
   taskmaster::MasterOptions& o = config.master;
 
-  if (absl::Status s = taskmaster::SetupLogging(config.log_level); !s.ok()) {
+  if (absl::Status s = taskmaster::SetupLogging(config.log_level, config.log_format); !s.ok()) {
     fprintf(stderr, "taskmaster: %s\n", std::string(s.message()).c_str());
     return 2;
   }

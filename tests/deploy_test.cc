@@ -1,6 +1,6 @@
 // What deploying needs of the real binaries: the master's settings from a config file, the
-// environment and flags; the systemd notify protocol against a socket the test makes; and the
-// units of deploy/systemd checked by systemd-analyze.
+// environment and flags; the systemd notify protocol against a socket the test makes; logs a
+// shipper can read; and the units of deploy/systemd checked by systemd-analyze.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -22,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "nlohmann/json.hpp"
 #include "tests/expect.h"
 #include "tests/harness.h"
 
@@ -340,6 +341,88 @@ TEST(Health, AnyProbeAsksWithoutATokenAndKnowsItsServices) {
       seconds(20));
   EXPECT_EQ(gone.exit_code, 2) << "no master: an error, not NOT_SERVING";
   EXPECT_CONTAINS(gone.err, "cannot reach the master");
+}
+
+// The lines of a --log-format json log, each checked to be an object of the five fields.
+std::vector<nlohmann::json> JsonLines(const std::string& log) {
+  static const std::regex time(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)");
+  std::vector<nlohmann::json> lines;
+  for (const std::string& line :
+       std::vector<std::string>(absl::StrSplit(log, '\n', absl::SkipEmpty()))) {
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    const bool shaped = j.is_object() && j.size() == 5 && j["time"].is_string() &&
+                        std::regex_match(j["time"].get<std::string>(), time) &&
+                        j["level"].is_string() && j["component"].is_string() &&
+                        j["pid"].is_number_integer() && j["msg"].is_string();
+    EXPECT_TRUE(shaped) << "not a log object: " << line;
+    lines.push_back(std::move(j));
+  }
+  return lines;
+}
+
+// The messages of `lines` that `component` logged.
+std::vector<std::string> Messages(const std::vector<nlohmann::json>& lines,
+                                  const std::string& component) {
+  std::vector<std::string> messages;
+  for (const nlohmann::json& j : lines) {
+    if (j.value("component", "") == component) messages.push_back(j.value("msg", ""));
+  }
+  return messages;
+}
+
+TEST(Logging, MasterWritesOneJsonObjectALine) {
+  TempDir dir;
+  Process master({Binary("taskmaster"), "--log-format", "json", "--insecure", "--listen",
+                  "127.0.0.1:0", "--store", "memory", "--port-file", dir.File("port")},
+                 dir.File("master.log"));
+  ASSERT_TRUE(WaitFor([&] { return fs::exists(dir.File("port")); }, seconds(20))) << master.Log();
+  master.Signal(SIGTERM);
+  ASSERT_EQ(master.Wait(seconds(20)), 0) << master.Log();
+  const std::vector<std::string> messages = Messages(JsonLines(master.Log()), "master");
+  ASSERT_FALSE(messages.empty()) << master.Log();
+  EXPECT_TRUE(absl::StartsWith(messages.front(), "listening on 127.0.0.1:")) << master.Log();
+  EXPECT_EQ(messages.back(), "stopped") << master.Log();
+}
+
+// A worker's name is the peer's own text: whatever it holds, the master's log gets no line of
+// it but the one that logs it, in either format, and no terminal escape.
+TEST(Logging, AWorkersNameForgesNoLineOfTheMastersLog) {
+  const std::string name =
+      "evil\n2026-01-01T00:00:00.000 info [master] forged\r\n"
+      R"({"time":"2026-01-01T00:00:00.000Z","level":"info","component":"master","pid":1,)"
+      R"("msg":"forged"})"
+      "\x1B[2J";
+  for (const std::string format : {"text", "json"}) {
+    SCOPED_TRACE(format);
+    Cluster cluster({"--log-format", format});
+    cluster.StartMaster();
+    Process& worker = cluster.StartWorker(name, {"--log-format", format});
+    ASSERT_TRUE(
+        WaitFor([&] { return absl::StrContains(cluster.master().Log(), "attached"); }, seconds(20)))
+        << cluster.master().Log() << worker.Log();
+    worker.Signal(SIGTERM);
+    EXPECT_EQ(worker.Wait(seconds(30)), 0) << worker.Log();
+    cluster.KillMaster(SIGTERM);
+
+    const std::string log = cluster.master().Log();
+    EXPECT_FALSE(absl::StrContains(log, "\x1B")) << log;
+    // The name's text is only ever on a line that names the worker (attached, left ...).
+    int naming = 0;
+    for (const std::string& line : std::vector<std::string>(absl::StrSplit(log, '\n'))) {
+      const size_t forged = line.find("forged");
+      if (forged == std::string::npos) continue;
+      ++naming;
+      EXPECT_LT(line.find("worker evil"), forged) << line;
+    }
+    EXPECT_GE(naming, 1) << log;
+    if (format == "json") {
+      const std::vector<std::string> attached = Messages(JsonLines(log), "broker");
+      EXPECT_TRUE(std::any_of(attached.begin(), attached.end(), [](const std::string& m) {
+        return absl::StartsWith(m, "worker evil") && absl::StrContains(m, "attached");
+      })) << log;
+      EXPECT_FALSE(Messages(JsonLines(worker.Log()), "worker").empty()) << worker.Log();
+    }
+  }
 }
 
 // systemd-analyze, or why the test cannot run.

@@ -128,6 +128,7 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   GetMillis(root, "reconnect_max_ms", &w.reconnect_max);
   GetInt(root, "max_message_bytes", &w.master.max_message_bytes);
   root.Get("log_level", &config->log_level);
+  root.Get("log_format", &config->log_format);
   root.Get("builtins", &config->builtins);
   root.Get("plugins", &config->plugins);
   if (std::optional<ConfigTable> tls = root.Table("tls")) {
@@ -208,6 +209,7 @@ std::string FormatWorkerConfig(const WorkerConfig& config, bool token_from_env) 
   root.insert("reconnect_max_ms", w.reconnect_max.count());
   root.insert("max_message_bytes", w.master.max_message_bytes);
   root.insert("log_level", config.log_level);
+  root.insert("log_format", config.log_format);
   root.insert("builtins", config.builtins);
   if (!config.plugins.empty()) root.insert("plugins", Strings(config.plugins));
   toml::table tls;

@@ -16,6 +16,7 @@ struct WorkerConfig {
   WorkerOptions worker;
   std::string token_file;  // empty: $TASKMASTER_TOKEN, or none
   std::string log_level = "info";
+  std::string log_format = "text";   // or json
   bool builtins = true;              // run square, echo, sleep and fail
   std::vector<std::string> plugins;  // shared objects that register kinds
   // Exec kinds, by kind (sorted by name, as the file's tables are read).

@@ -131,6 +131,9 @@ int RunWorker(int argc, char** argv, Registry registry) {
   app.add_option("--tls-key", o.master.tls_key_file, "PEM key of --tls-cert");
   app.add_option("--log-level", config.log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  app.add_option("--log-format", config.log_format,
+                 "text (for people) or json (one object a line, for log shippers)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (app.count("--config") > 0 && (config_path.empty() || config_path != config_file)) {
     return Fail(absl::InvalidArgumentError("--config: give one file, as --config FILE"));
@@ -165,7 +168,7 @@ int RunWorker(int argc, char** argv, Registry registry) {
         "no master: give --master, `master` in the --config file, or TASKMASTER_ADDR"));
   }
 
-  if (absl::Status s = SetupLogging(config.log_level); !s.ok()) return Fail(s);
+  if (absl::Status s = SetupLogging(config.log_level, config.log_format); !s.ok()) return Fail(s);
   const std::shared_ptr<spdlog::logger> log = GetLogger("worker");
   absl::StatusOr<PresentedToken> token = LoadPresentedToken(config.token_file);
   if (!token.ok()) return Fail(token.status());
