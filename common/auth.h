@@ -40,6 +40,13 @@ struct Identity {
 //   ROLE TOKEN [TENANT]   ROLE is submit, work or admin; tokens are at least 16 characters;
 //                         several tokens may share a role and tenant (rotation)
 //   limit TENANT [max-pending=N] [submit-rate=N]   overrides the master's per-tenant defaults
+// Calls refused since the master started, by reason.
+struct AuthFailures {
+  int64_t missing_token = 0;
+  int64_t unknown_token = 0;
+  int64_t role_denied = 0;  // a known token whose role may not make the call
+};
+
 class TokenSet {
  public:
   static absl::StatusOr<TokenSet> Parse(std::string_view text);

@@ -23,6 +23,15 @@ class Histogram {
     ++count_;
   }
 
+  // Adds `other`'s observations; its bounds must be these.
+  void Merge(const Histogram& other) {
+    for (size_t i = 0; i < counts_.size() && i < other.counts_.size(); ++i) {
+      counts_[i] += other.counts_[i];
+    }
+    sum_ += other.sum_;
+    count_ += other.count_;
+  }
+
   const std::vector<double>& bounds() const { return bounds_; }
   // Per bucket, not cumulative: counts()[i] lies in (bounds()[i-1], bounds()[i]].
   const std::vector<uint64_t>& counts() const { return counts_; }
@@ -35,6 +44,28 @@ class Histogram {
   double sum_ = 0;
   uint64_t count_ = 0;
 };
+
+// The value below which a fraction `q` of the observations counted in `counts` (as
+// Histogram::counts, over `bounds`) lie, interpolated within its bucket as Prometheus'
+// histogram_quantile does; the top bucket answers its lower bound. -1 with no observations.
+inline double Quantile(const std::vector<double>& bounds, const std::vector<uint64_t>& counts,
+                       double q) {
+  uint64_t total = 0;
+  for (uint64_t c : counts) total += c;
+  if (total == 0) return -1;
+  const double rank = q * static_cast<double>(total);
+  uint64_t below = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (static_cast<double>(below + counts[i]) >= rank && counts[i] > 0) {
+      if (i == bounds.size()) return bounds.empty() ? 0 : bounds.back();
+      const double lower = i == 0 ? 0 : bounds[i - 1];
+      return lower + (bounds[i] - lower) * (rank - static_cast<double>(below)) /
+                         static_cast<double>(counts[i]);
+    }
+    below += counts[i];
+  }
+  return bounds.empty() ? 0 : bounds.back();
+}
 
 // Seconds, from 1 ms (the broker's clock ticks in milliseconds) to an hour: task waits and run
 // times.

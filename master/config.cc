@@ -32,6 +32,19 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
   s.Add("tls_client_ca", &o.tls.client_ca_file,
         "PEM CA bundle: require client certificates it signed (mutual TLS)")
       .Path();
+  s.Add("admin_listen", &o.admin.http.listen,
+        "host:port of the admin listener: /metrics, /healthz, /readyz and the status page (empty: "
+        "off; off loopback it serves HTTPS with tls_cert and asks for an admin token)");
+  s.Add("admin_allow_plaintext", &o.admin.http.allow_plaintext,
+        "serve the admin listener without TLS on an address other than loopback");
+  s.Add("max_metric_queues", &o.admin.max_metric_queues,
+        "queues exported as metric labels of their own; later ones are summed as '(other)'")
+      .Range(1, 100'000);
+  s.Add("max_metric_kinds", &b.max_metric_kinds,
+        "kinds whose wait and run times are exported apart; later ones share '(other)'")
+      .Range(1, 10'000);
+  s.Add("grpc_reflection", &o.grpc_reflection,
+        "serve gRPC server reflection (the API's schema, without a token) for tools like grpcurl");
   s.Add("store", &o.store, "sqlite (durable) or memory (lost on restart)")
       .Choices({"sqlite", "memory"});
   s.Add("data_dir", &o.sqlite.data_dir,

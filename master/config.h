@@ -10,7 +10,11 @@
 
 namespace taskmaster {
 
+// The admin listener's address when no setting names one (MasterOptions leaves it off).
+inline constexpr char kDefaultAdminListen[] = "127.0.0.1:7071";
+
 struct MasterConfig {
+  MasterConfig() { master.admin.http.listen = kDefaultAdminListen; }
   MasterOptions master;
   std::string log_level = "info";
   std::string log_format = "text";

@@ -1,6 +1,7 @@
 // Authorization of calls (see auth.h).
 #include "master/rpc/auth.h"
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 
@@ -19,6 +20,10 @@ void Authorizer::Replace(TokenSet tokens) {
 grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, const char* call,
                                Authorized* who) const {
   context->AddTrailingMetadata(kAnsweredByMaster, "1");
+  if (recovering_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "the master is recovering its store; retry in a moment");
+  }
   if (open_) {
     if (who) *who = Authorized{};
     return grpc::Status::OK;
@@ -50,6 +55,36 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
   }
   if (who) *who = Authorized{std::move(*identity), std::string(*token)};
   return grpc::Status::OK;
+}
+
+bool Authorizer::IsAdminAuthorization(std::string_view header) const {
+  if (open_) return true;
+  std::optional<std::string_view> token = BearerToken(header);
+  std::string basic;
+  if (!token && header.starts_with("Basic ") &&
+      absl::Base64Unescape(absl::string_view(header.data() + 6, header.size() - 6), &basic) &&
+      basic.find(':') != std::string::npos) {
+    token = std::string_view(basic).substr(basic.find(':') + 1);
+  }
+  if (!token) {
+    failures_.missing.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  std::shared_ptr<const TokenSet> tokens;
+  {
+    absl::MutexLock lock(&mu_);
+    tokens = tokens_;
+  }
+  std::optional<Identity> identity = tokens->Lookup(*token);
+  if (!identity) {
+    failures_.unknown.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  if (identity->role != Role::kAdmin) {
+    failures_.denied.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
 }
 
 AuthFailures Authorizer::Failures() const {

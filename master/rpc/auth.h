@@ -24,13 +24,6 @@ struct Authorized {
   Caller caller() const { return {identity.tenant, identity.role == Role::kAdmin}; }
 };
 
-// Calls refused since the master started, by reason.
-struct AuthFailures {
-  int64_t missing_token = 0;
-  int64_t unknown_token = 0;
-  int64_t role_denied = 0;  // a known token whose role may not make the call
-};
-
 // Checks the bearer token of a call. Without a token set (the master's --insecure mode) every
 // call is allowed, as an admin of the default tenant. Thread-safe.
 class Authorizer {
@@ -44,9 +37,16 @@ class Authorizer {
   // New tokens for calls from now on (streams already open keep going).
   void Replace(TokenSet tokens);
   AuthFailures Failures() const;
+  // Whether an HTTP Authorization header ("Bearer TOKEN", or Basic with the token as password)
+  // holds an admin token, for the admin listener. Always true without tokens (--insecure).
+  bool IsAdminAuthorization(std::string_view header) const;
+  // While set, every call is answered UNAVAILABLE: the master listens while it recovers its
+  // store (so that probes hear NOT_SERVING), and nothing may reach the broker before it is done.
+  void SetRecovering(bool recovering) { recovering_.store(recovering); }
 
  private:
   const bool open_;  // --insecure
+  std::atomic<bool> recovering_{false};
   struct {
     std::atomic<int64_t> missing{0}, unknown{0}, denied{0};
   } mutable failures_;

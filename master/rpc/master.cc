@@ -14,6 +14,7 @@
 #include "common/auth.h"
 #include "common/logging.h"
 #include "common/util.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "master/rpc/health_service.h"
 #include "master/rpc/task_queue_service.h"
@@ -58,11 +59,20 @@ class MasterImpl final : public Master {
         worker_service_(&broker_, &auth_, log_,
                         static_cast<size_t>(options.max_worker_buffer_bytes),
                         std::chrono::milliseconds(options.broker.lease_timeout_ms / 2)),
-        health_service_([this] { return Serving(); }) {}
+        health_service_([this] { return Health().state == MasterState::kServing; }) {}
 
   absl::Status Init(const std::optional<TokenSet>& tokens) {
     if (tokens) broker_.SetTenantLimits(tokens->limits());
-    if (absl::Status s = broker_.Recover(); !s.ok()) return s;
+    if (!options_.admin.http.listen.empty()) {
+      absl::StatusOr<std::unique_ptr<MasterAdmin>> admin =
+          MasterAdmin::Start(AdminOptions(), AdminSourcesOf(), log_);
+      if (!admin.ok()) return admin.status();
+      admin_ = std::move(*admin);
+    }
+    // The server listens before the store is recovered, so that probes hear NOT_SERVING
+    // meanwhile, and every other call is answered UNAVAILABLE until it is.
+    auth_.SetRecovering(true);
+    if (options_.grpc_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder builder;
     builder.AddListeningPort(
         options_.listen,
@@ -85,6 +95,12 @@ class MasterImpl final : public Master {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
+    if (absl::Status s = broker_.Recover(); !s.ok()) return s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      recovered_ = true;
+    }
+    auth_.SetRecovering(false);
     MarkTick();
     ticker_ = std::thread([this] { TickLoop(); });
     log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
@@ -99,6 +115,7 @@ class MasterImpl final : public Master {
   ~MasterImpl() override { Shutdown(std::chrono::milliseconds(0)); }
 
   int port() const override { return port_; }
+  int admin_port() const override { return admin_ ? admin_->port() : 0; }
 
   std::string StatusLine() const override {
     int64_t pending = 0, leased = 0;
@@ -156,23 +173,54 @@ class MasterImpl final : public Master {
     }
     cv_.notify_all();
     if (ticker_.joinable()) ticker_.join();
-    if (!server_) return;  // never started
+    if (!server_) {  // never started
+      admin_.reset();
+      return;
+    }
     log_->info("shutting down: telling workers, waiting up to {} ms for calls", deadline.count());
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + deadline);
     server_->Wait();
+    admin_.reset();
     log_->info("stopped");
   }
 
  private:
-  // What the health service answers: not while shutting down, nor while the store cannot write
-  // (a full disk), when every submit would be refused.
-  bool Serving() {
+  // What the probes answer: not serving while recovering or shutting down, nor while the store
+  // cannot write (a full disk), when every submit would be refused.
+  MasterHealth Health() const {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (stopping_) return false;
+      if (stopping_) return {MasterState::kStopping, "shutting down"};
+      if (!recovered_) return {MasterState::kRecovering, "recovering the store"};
     }
-    return store_->Writable().ok();
+    if (absl::Status s = store_->Writable(); !s.ok()) {
+      return {MasterState::kStoreFailing, std::string(s.message())};
+    }
+    return {MasterState::kServing, ""};
+  }
+
+  MasterAdminOptions AdminOptions() const {
+    MasterAdminOptions admin = options_.admin;
+    admin.http.tls_cert = options_.tls.cert_file;
+    admin.http.tls_key = options_.tls.key_file;
+    // Off loopback, with tokens, the pages are for admins only: they name queues, workers and
+    // the errors of tasks. On loopback, whoever can connect can read the store anyway.
+    if (!options_.insecure && !IsLoopbackAddress(admin.http.listen)) {
+      admin.http.authorize = [this](std::string_view header) {
+        return auth_.IsAdminAuthorization(header);
+      };
+    }
+    return admin;
+  }
+
+  AdminSources AdminSourcesOf() const {
+    return {&broker_,
+            store_.get(),
+            [this] { return Health(); },
+            [this] { return auth_.Failures(); },
+            [this] { return Ticking(); },
+            options_.listen};
   }
 
   void MarkTick() {
@@ -203,13 +251,15 @@ class MasterImpl final : public Master {
   WorkerServiceImpl worker_service_;
   HealthService health_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MasterAdmin> admin_;  // reads broker_ and store_, so declared after them
   int port_ = 0;
   std::thread ticker_;
   // When TickLoop last finished a tick (steady_clock ticks); read by Ticking from another thread.
   std::atomic<int64_t> last_tick_{0};
 
-  std::mutex mu_;
-  bool stopping_ = false;  // guarded by mu_
+  mutable std::mutex mu_;
+  bool stopping_ = false;   // guarded by mu_
+  bool recovered_ = false;  // guarded by mu_
   std::condition_variable cv_;
 };
 

@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/grpc_util.h"
+#include "master/admin/admin.h"
 #include "master/core/broker.h"
 #include "master/rpc/tls.h"
 #include "master/store/sqlite_store.h"
@@ -37,6 +38,13 @@ struct MasterOptions {
   // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
   std::string store = "sqlite";
   SqliteStoreOptions sqlite;
+  // The admin listener (metrics, probes, the status page); off when its address is empty. It
+  // serves HTTPS with the master's certificate when the master has one, and asks for an admin
+  // token when the master has tokens and the listener is off loopback.
+  MasterAdminOptions admin;
+  // The gRPC server reflection service, for tools such as grpcurl: it tells only the API's
+  // schema (public in docs/api.md), but answers without a token, so it is off unless asked.
+  bool grpc_reflection = false;
   // How often leases, delays and retention are checked.
   std::chrono::milliseconds tick{100};
   BrokerOptions broker;
@@ -56,6 +64,8 @@ class Master {
   // Tells workers, stops accepting, and waits for calls to end until `deadline` has passed,
   // then cancels what is left.
   virtual void Shutdown(std::chrono::milliseconds deadline) = 0;
+  // The admin listener's port; 0 when it is off.
+  virtual int admin_port() const = 0;
   // One line for a person (systemd's STATUS=): where it listens and what it holds.
   virtual std::string StatusLine() const = 0;
   // Whether the timers ticked lately. Gates the watchdog pings, so that systemd restarts a master
