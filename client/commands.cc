@@ -24,11 +24,6 @@ using nlohmann::json;
 
 std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
-int Fail(const Console& console, const absl::Status& status) {
-  console.err << "taskctl: " << Printable(std::string(status.message())) << "\n";
-  return kExitError;
-}
-
 absl::StatusOr<uint64_t> ParseTaskId(const std::string& id) {
   uint64_t task_id = 0;
   const auto [end, ec] = std::from_chars(id.data(), id.data() + id.size(), task_id);
@@ -127,15 +122,6 @@ void DrawProgress(const Console& console, int64_t done, int64_t total, const std
   console.err << std::flush;
 }
 
-// "silent": connected, but no heartbeat for three of the default intervals (a worker sends one
-// every 5 s), so likely cut off; the master takes its tasks back at the lease timeout.
-std::string WorkerState(const v1::WorkerInfo& w) {
-  constexpr int64_t kSilentMs = 15'000;
-  if (!w.connected()) return "disconnected";
-  if (w.heartbeat_age_ms() >= kSilentMs) return "silent";
-  return w.draining() ? "draining" : "connected";
-}
-
 void PrintWorkersTable(const Console& console,
                        const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
   console.out << std::left << std::setw(24) << "WORKER" << std::setw(20) << "HOST" << std::setw(8)
@@ -153,6 +139,19 @@ void PrintWorkersTable(const Console& console,
 }
 
 }  // namespace
+
+int Fail(const Console& console, const absl::Status& status) {
+  console.err << "taskctl: " << Printable(std::string(status.message())) << "\n";
+  return kExitError;
+}
+
+std::string WorkerState(const v1::WorkerInfo& w) {
+  // Three of the default heartbeat intervals (a worker sends one every 5 s).
+  constexpr int64_t kSilentMs = 15'000;
+  if (!w.connected()) return "disconnected";
+  if (w.heartbeat_age_ms() >= kSilentMs) return "silent";
+  return w.draining() ? "draining" : "connected";
+}
 
 absl::StatusOr<int64_t> ParseDurationMs(const std::string& text) {
   std::string_view s = Trim(text);

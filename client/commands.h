@@ -57,6 +57,13 @@ int RunStats(const Client& client, const Console& console);
 int RunHealth(const Client& client, const Console& console);
 int RunWorkers(const Client& client, const Console& console);
 
+// Writes "taskctl: MESSAGE" (made printable) on console.err; returns kExitError.
+int Fail(const Console& console, const absl::Status& status);
+
+// connected, draining, disconnected, or "silent": connected but not heard for three heartbeat
+// intervals, so likely cut off (the master takes its tasks back at the lease timeout).
+std::string WorkerState(const v1::WorkerInfo& w);
+
 // "250ms", "2s", "1.5m", "1h"; a bare number is seconds.
 absl::StatusOr<int64_t> ParseDurationMs(const std::string& text);
 

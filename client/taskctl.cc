@@ -1,12 +1,14 @@
 // taskctl: submit tasks and follow them. Flags → a command of client/commands.h.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
 #include "client/commands.h"
+#include "client/top.h"
 #include "common/auth.h"
 #include "common/logging.h"
 
@@ -89,6 +91,17 @@ int main(int argc, char** argv) {
   health->add_option("--timeout-ms", timeout_ms, "give up after this long (exit 2)")
       ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}))
       ->capture_default_str();
+  CLI::App* top = app.add_subcommand(
+      "top", "a live view of queues and workers, q quits (not on a terminal: plain snapshots)");
+  taskmaster::TopArgs top_args;
+  int64_t interval_ms = top_args.interval.count();
+  top->add_option("--interval-ms", interval_ms, "refresh this often")
+      ->check(CLI::Range(int64_t{100}, int64_t{60'000}))
+      ->capture_default_str();
+  top->add_option("--count", top_args.count,
+                  "stop after this many refreshes (0: until q; plain output: until killed)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1'000'000'000}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   taskmaster::Console console{
@@ -111,6 +124,16 @@ int main(int argc, char** argv) {
     log->warn("{}", warning);
   }
   if (*health) options.rpc_timeout = std::chrono::milliseconds(timeout_ms);
+  if (*top) {
+    if (console.format == taskmaster::OutputFormat::kJson) {
+      return fail(absl::InvalidArgumentError(
+          "top draws text only: poll `taskctl --format json stats` for JSON"));
+    }
+    top_args.interval = std::chrono::milliseconds(interval_ms);
+    // A master that does not answer holds up q (and Ctrl-C) no longer than this.
+    options.rpc_timeout = std::clamp(top_args.interval, std::chrono::milliseconds(1'000),
+                                     std::chrono::milliseconds(5'000));
+  }
   auto client = taskmaster::Client::Connect(options);
   if (!client.ok()) return fail(client.status());
 
@@ -149,5 +172,6 @@ int main(int argc, char** argv) {
   if (*stats) return taskmaster::RunStats(**client, console);
   if (*workers) return taskmaster::RunWorkers(**client, console);
   if (*health) return taskmaster::RunHealth(**client, console);
+  if (*top) return taskmaster::RunTop(**client, top_args, console);
   return taskmaster::kExitError;
 }

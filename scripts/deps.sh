@@ -10,6 +10,8 @@ packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-g
 # The deploy and package tests: systemd-analyze (verify, security), cpack's DEB generator (file,
 # dpkg-shlibdeps) and lintian.
 packages+=(systemd file dpkg-dev lintian)
+# taskctl top's test drives it on a terminal: a tmux pane.
+packages+=(tmux)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.
 packages+=(podman buildah runc conmon debootstrap docker-compose procps)
