@@ -78,6 +78,7 @@ start_master() {
   local data=$1; shift
   rm -f "$work/port"
   "$bin/master/taskmaster" --insecure --listen 127.0.0.1:0 --port-file "$work/port" \
+    --admin-listen 127.0.0.1:0 \
     --data-dir "$data" --log-level warn "$@" 2>>"$work/master.log" &
   master_pid=$!
   pids+=("$master_pid")

@@ -92,9 +92,10 @@ absl::StatusOr<std::unique_ptr<AdminHttpServer>> AdminHttpServer::Start(
       if (!route.probe && authorize && !authorize(request.get_header_value("Authorization"))) {
         response.status = 401;
         response.set_header("WWW-Authenticate", "Basic realm=\"taskmaster\", charset=\"UTF-8\"");
-        response.set_content("an admin token is needed: Authorization: Bearer <token>, or as the "
-                             "password of Basic authentication\n",
-                             "text/plain; charset=utf-8");
+        response.set_content(
+            "an admin token is needed: Authorization: Bearer <token>, or as the "
+            "password of Basic authentication\n",
+            "text/plain; charset=utf-8");
         return;
       }
       HttpReply reply = route.handler();

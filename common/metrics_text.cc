@@ -85,8 +85,8 @@ void AddProcessMetrics(MetricsText& out) {
     if (key == "btime") {
       double boot = 0;
       proc_stat >> boot;
-      out.Gauge("process_start_time_seconds", "Start time of the process since the Unix epoch.",
-                {}, boot + std::stod(f[19]) / ticks);
+      out.Gauge("process_start_time_seconds", "Start time of the process since the Unix epoch.", {},
+                boot + std::stod(f[19]) / ticks);
       break;
     }
   }

@@ -27,8 +27,7 @@ class MetricsText {
 
   // A sample of the family `name` (its help and type given by its first sample). Label values
   // may be anything: the serializer escapes them.
-  void Counter(const std::string& name, const std::string& help, MetricLabels labels,
-               double value);
+  void Counter(const std::string& name, const std::string& help, MetricLabels labels, double value);
   void Gauge(const std::string& name, const std::string& help, MetricLabels labels, double value);
   void Histogram(const std::string& name, const std::string& help, MetricLabels labels,
                  const taskmaster::Histogram& histogram);

@@ -40,7 +40,7 @@ chmod 600 "$work"/*
 
 # The embedded SQLite store, in a directory of its own that goes away with the demo.
 "$bin/master/taskmaster" --listen 127.0.0.1:0 --tokens "$work/tokens" --data-dir "$work/data" \
-  --port-file "$work/port" 2>"$work/master.log" &
+  --admin-listen 127.0.0.1:0 --port-file "$work/port" 2>"$work/master.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.1; done
 if [ ! -s "$work/port" ]; then

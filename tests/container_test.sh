@@ -111,7 +111,7 @@ podman volume create "$run-data" >/dev/null
 start_master() { # NAME
   podman run -d --name "$1" "${run_flags[@]}" -v "$run-data:/var/lib/taskmaster" \
     "$(secret tokens)" "$(secret server.pem)" "$(secret server.key)" "$(secret ca.pem)" \
-    "$master_id" --listen "$master_addr" --data-dir /var/lib/taskmaster \
+    "$master_id" --listen "$master_addr" --admin-listen 127.0.0.1:0 --data-dir /var/lib/taskmaster \
     --tokens /run/secrets/tokens --tls-cert /run/secrets/server.pem \
     --tls-key /run/secrets/server.key >/dev/null
 }

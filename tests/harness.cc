@@ -190,7 +190,8 @@ std::vector<std::string> Cluster::MasterArgv() const {
       {"--tick-ms", "50"},
       {"--heartbeat-ms", "200"},
       {"--shutdown-timeout-ms", "1000"},
-      {"--data-dir", dir_.File("data")}};
+      {"--data-dir", dir_.File("data")},
+      {"--admin-listen", "127.0.0.1:0"}};
   for (const auto& [flag, value] : defaults) {
     if (std::find(master_flags_.begin(), master_flags_.end(), flag) == master_flags_.end()) {
       argv.insert(argv.end(), {flag, value});

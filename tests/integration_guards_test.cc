@@ -82,8 +82,9 @@ TEST(Integration, TokensInClearOffLoopbackOnlyWhenAskedFor) {
                                       dir.File("tokens"), "--store", "memory"});
   EXPECT_EQ(refused.exit_code, 1);
   EXPECT_NE(refused.err.find("--allow-plaintext"), std::string::npos) << refused.err;
-  Process allowed({Binary("taskmaster"), "--listen", "0.0.0.0:0", "--tokens", dir.File("tokens"),
-                   "--store", "memory", "--allow-plaintext", "--port-file", dir.File("port")},
+  Process allowed({Binary("taskmaster"), "--admin-listen", "127.0.0.1:0", "--listen", "0.0.0.0:0",
+                   "--tokens", dir.File("tokens"), "--store", "memory", "--allow-plaintext",
+                   "--port-file", dir.File("port")},
                   dir.File("master.log"));
   EXPECT_TRUE(
       WaitFor([&] { return std::filesystem::exists(dir.File("port")); }, std::chrono::seconds(20)))
@@ -241,16 +242,17 @@ TEST(Integration, AResultTheMasterKeepsRefusingIsGivenUp) {
 }
 
 TEST(Integration, APortFileThatCannotBeWrittenStopsTheMaster) {
-  CommandResult r = RunCommand({Binary("taskmaster"), "--insecure", "--store", "memory", "--listen",
-                                "127.0.0.1:0", "--port-file", "/nonexistent-dir/port"});
+  CommandResult r =
+      RunCommand({Binary("taskmaster"), "--admin-listen", "127.0.0.1:0", "--insecure", "--store",
+                  "memory", "--listen", "127.0.0.1:0", "--port-file", "/nonexistent-dir/port"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("cannot write the port file"), std::string::npos) << r.err;
 }
 
 TEST(Integration, InsecureMasterSaysSoAndServesLoopback) {
   TempDir dir;
-  Process master({Binary("taskmaster"), "--insecure", "--listen", "127.0.0.1:0", "--port-file",
-                  dir.File("port"), "--store", "memory"},
+  Process master({Binary("taskmaster"), "--admin-listen", "127.0.0.1:0", "--insecure", "--listen",
+                  "127.0.0.1:0", "--port-file", dir.File("port"), "--store", "memory"},
                  dir.File("master.log"));
   ASSERT_TRUE(WaitFor([&] { return !ReadFile(dir.File("port")).empty(); }, seconds(20)));
   EXPECT_NE(master.Log().find("INSECURE"), std::string::npos);

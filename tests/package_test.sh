@@ -113,6 +113,7 @@ bin=$root/usr/bin
 # and the tokens the postinst made.
 TASKMASTER_DATA_DIR=$work/data TASKMASTER_TOKENS=$etc/tokens \
   "$bin/taskmaster" --config "$etc/master.toml" --listen 127.0.0.1:0 --port-file "$work/port" \
+  --admin-listen 127.0.0.1:0 \
   >"$work/master.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 200); do [ -s "$work/port" ] && break; sleep 0.1; done

@@ -125,9 +125,9 @@ class MasterAdminImpl final : public MasterAdmin {
                 {{"state", std::string(StateName(s))}}, health.state == s ? 1 : 0);
     }
     const AuthFailures auth = sources_.auth_failures();
-    for (const auto& [reason, count] :
-         {std::pair{"missing_token", auth.missing_token}, {"unknown_token", auth.unknown_token},
-          {"role_denied", auth.role_denied}}) {
+    for (const auto& [reason, count] : {std::pair{"missing_token", auth.missing_token},
+                                        {"unknown_token", auth.unknown_token},
+                                        {"role_denied", auth.role_denied}}) {
       out.Counter("taskmaster_auth_failures_total", "Calls refused for their token, by reason.",
                   {{"reason", reason}}, static_cast<double>(count));
     }
@@ -141,12 +141,9 @@ class MasterAdminImpl final : public MasterAdmin {
 
   std::string StatusJson() const override {
     const MasterHealth health = sources_.health();
-    json status = {{"version", TASKMASTER_VERSION},
-                   {"listen", sources_.listen},
-                   {"time_ms", UnixMs()},
-                   {"state", StateName(health.state)},
-                   {"reason", health.reason},
-                   {"silent_after_ms", kSilentAfterMs}};
+    json status = {{"version", TASKMASTER_VERSION}, {"listen", sources_.listen},
+                   {"time_ms", UnixMs()},           {"state", StateName(health.state)},
+                   {"reason", health.reason},       {"silent_after_ms", kSilentAfterMs}};
     if (health.state == MasterState::kRecovering) return status.dump();
     status["epoch"] = sources_.broker->epoch();
     const BrokerMetrics m = sources_.broker->Metrics();
@@ -275,9 +272,8 @@ class MasterAdminImpl final : public MasterAdmin {
                 {{"queue", queue}}, d(q.oldest_ready_age_ms) / 1000);
       out.Counter("taskmaster_tasks_submitted_total", "Tasks accepted.", {{"queue", queue}},
                   d(q.submitted));
-      for (const auto& [outcome, count] : {std::pair{"succeeded", q.succeeded},
-                                           {"dead", q.dead},
-                                           {"cancelled", q.cancelled}}) {
+      for (const auto& [outcome, count] :
+           {std::pair{"succeeded", q.succeeded}, {"dead", q.dead}, {"cancelled", q.cancelled}}) {
         out.Counter("taskmaster_tasks_completed_total", "Tasks finished, by outcome.",
                     {{"queue", queue}, {"outcome", outcome}}, d(count));
       }
@@ -329,8 +325,8 @@ class MasterAdminImpl final : public MasterAdmin {
     const StoreMetrics s = sources_.store->Metrics();
     out.Histogram("taskmaster_store_commit_seconds", "How long each store commit took.", {},
                   s.commit_seconds);
-    out.Histogram("taskmaster_store_commit_changes", "Changes (rows) written per store commit.",
-                  {}, s.commit_changes);
+    out.Histogram("taskmaster_store_commit_changes", "Changes (rows) written per store commit.", {},
+                  s.commit_changes);
   }
 
   void SampleLoop() {
@@ -375,9 +371,8 @@ class MasterAdminImpl final : public MasterAdmin {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<MasterAdmin>> MasterAdmin::Start(const MasterAdminOptions& options,
-                                                                AdminSources sources,
-                                                                std::shared_ptr<spdlog::logger> log) {
+absl::StatusOr<std::unique_ptr<MasterAdmin>> MasterAdmin::Start(
+    const MasterAdminOptions& options, AdminSources sources, std::shared_ptr<spdlog::logger> log) {
   auto admin = std::make_unique<MasterAdminImpl>(options, std::move(sources));
   if (absl::Status s = admin->Init(std::move(log)); !s.ok()) return s;
   return admin;

@@ -109,6 +109,7 @@ class Master:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [str(self.build / "master/taskmaster"), "--listen", f"127.0.0.1:{self.port}",
+                 "--admin-listen", "127.0.0.1:0",
                  "--tokens", str(self.tokens), "--port-file", str(port_file), *self.flags],
                 stdout=log, stderr=subprocess.STDOUT)
         try:
