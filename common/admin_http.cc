@@ -60,8 +60,9 @@ absl::StatusOr<std::unique_ptr<AdminHttpServer>> AdminHttpServer::Start(
   if (!tls && !options.allow_plaintext && !IsLoopbackAddress(options.listen)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the admin listener on ", options.listen,
-        " is off loopback without TLS: its pages would cross the network in clear; give the "
-        "master --tls-cert and --tls-key, listen on 127.0.0.1, or say --admin-allow-plaintext"));
+        " is off loopback without TLS: its pages would cross the network in clear; listen on "
+        "127.0.0.1, serve TLS (the master's --tls-cert and --tls-key), or say "
+        "--admin-allow-plaintext"));
   }
   auto state = std::make_unique<State>();
   if (tls) {

@@ -12,6 +12,10 @@ packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-g
 packages+=(systemd file dpkg-dev lintian)
 # taskctl top's test drives it on a terminal: a tmux pane.
 packages+=(tmux)
+# The admin listeners: Prometheus' text format (prometheus-cpp) served by cpp-httplib; their test
+# checks scrapes with promtool (Debian's prometheus package, whose server is kept from starting,
+# below) and the status page in headless Chromium.
+packages+=(prometheus-cpp-dev libcpp-httplib-dev prometheus chromium)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.
 packages+=(podman buildah runc conmon debootstrap docker-compose procps)
@@ -25,5 +29,21 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Only promtool is wanted of the prometheus package: policy-rc.d keeps its server (and any other
+  # service a package brings) from starting while installing, and its unit stays disabled.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=false
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod 755 "$policy"
+    made_policy=true
+  fi
+  installed=0
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    installed=$?
+  if $made_policy; then "${sudo_cmd[@]}" rm -f "$policy"; fi
+  ((installed == 0)) || exit "$installed"
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    "${sudo_cmd[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi

@@ -46,6 +46,7 @@ class InProcessMaster {
   std::unique_ptr<v1::WorkerService::Stub> Workers() {
     return v1::WorkerService::NewStub(channel_);
   }
+  Authorizer& auth() { return auth_; }
 
  private:
   std::unique_ptr<Store> store_;
@@ -102,6 +103,34 @@ void RunEchoWorker(v1::WorkerService::Stub& stub, int tasks) {
   while (stream->Read(&in)) {
   }
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// While the master recovers its store it listens, but answers every call UNAVAILABLE, workers'
+// streams included: nothing may reach a broker that is not recovered yet.
+TEST(RpcGate, EveryCallIsUnavailableWhileRecovering) {
+  InProcessMaster master;
+  master.auth().SetRecovering(true);
+  {
+    grpc::ClientContext context;
+    v1::StatsResponse stats;
+    const grpc::Status s = master.Client()->Stats(&context, v1::StatsRequest(), &stats);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_NE(s.error_message().find("recovering"), std::string::npos) << s.error_message();
+  }
+  {
+    grpc::ClientContext context;
+    auto stream = master.Workers()->Connect(&context);
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_worker_id("early");
+    stream->Write(hello);
+    v1::MasterMessage in;
+    EXPECT_FALSE(stream->Read(&in));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
+  master.auth().SetRecovering(false);
+  grpc::ClientContext context;
+  v1::StatsResponse stats;
+  EXPECT_TRUE(master.Client()->Stats(&context, v1::StatsRequest(), &stats).ok());
 }
 
 // Every result reaches the follower exactly once, although they come in one by one while it

@@ -726,7 +726,8 @@ TEST_F(SlotsTest, APoolRunsWhatTheSlotsHoldAndStopsWithThem) {
   Make(2, 0);
   Connect();
   Tick();
-  Pool pool(slots_.get(), &registry, {.worker_name = "w1", .max_output = 1'000},
+  RunMetrics metrics(registry.Kinds());
+  Pool pool(slots_.get(), &registry, &metrics, {.worker_name = "w1", .max_output = 1'000},
             spdlog::default_logger());
   pool.Start(2);
   Deliver({MakeTask(1, "square", "3"), MakeTask(2, "square", "4")});

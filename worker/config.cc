@@ -127,6 +127,8 @@ absl::Status LoadWorkerConfig(const std::string& path, WorkerConfig* config) {
   GetMillis(root, "drain_timeout_ms", &w.drain_timeout, /*min=*/0);
   GetMillis(root, "reconnect_max_ms", &w.reconnect_max);
   GetInt(root, "max_message_bytes", &w.master.max_message_bytes);
+  root.Get("admin_listen", &w.admin_listen);
+  root.Get("admin_allow_plaintext", &w.admin_allow_plaintext);
   root.Get("log_level", &config->log_level);
   root.Get("log_format", &config->log_format);
   root.Get("builtins", &config->builtins);
@@ -208,6 +210,8 @@ std::string FormatWorkerConfig(const WorkerConfig& config, bool token_from_env) 
   root.insert("drain_timeout_ms", w.drain_timeout.count());
   root.insert("reconnect_max_ms", w.reconnect_max.count());
   root.insert("max_message_bytes", w.master.max_message_bytes);
+  if (!w.admin_listen.empty()) root.insert("admin_listen", w.admin_listen);
+  if (w.admin_allow_plaintext) root.insert("admin_allow_plaintext", true);
   root.insert("log_level", config.log_level);
   root.insert("log_format", config.log_format);
   root.insert("builtins", config.builtins);

@@ -65,11 +65,13 @@ void Pool::Loop() {
   while (std::optional<Assignment> a = slots_->NextTask()) {
     log_->debug("starting task {} attempt {} ({})", a->task.task_id, a->task.attempt, a->task.kind);
     const auto start = std::chrono::steady_clock::now();
+    metrics_->Started();
     Result result = RunTask(*registry_, options_, a->task, a->cancelled,
                             [this, id = a->task.task_id, delivery = a->delivery](Progress p) {
                               slots_->ReportProgress(id, delivery, std::move(p));
                             });
     const auto took = std::chrono::steady_clock::now() - start;
+    metrics_->Ended(a->task.kind, result.outcome, took);
     log_->debug("task {} attempt {} ({}): {}", a->task.task_id, a->task.attempt, a->task.kind,
                 OutcomeName(result.outcome));
     slots_->Finish(a->delivery, std::move(result), took);

@@ -11,6 +11,7 @@
 #include "spdlog/logger.h"
 #include "worker/handlers.h"
 #include "worker/messages.h"
+#include "worker/run_metrics.h"
 #include "worker/slots.h"
 
 namespace taskmaster::worker {
@@ -30,10 +31,14 @@ Result RunTask(const Registry& registry, const RunOptions& options, const Task& 
 // Thread-compatible: Start once, then Join once, after Slots::Stop.
 class Pool {
  public:
-  // `slots` and `registry` must outlive the pool.
-  Pool(Slots* slots, const Registry* registry, RunOptions options,
+  // `slots`, `registry` and `metrics` must outlive the pool.
+  Pool(Slots* slots, const Registry* registry, RunMetrics* metrics, RunOptions options,
        std::shared_ptr<spdlog::logger> log)
-      : slots_(slots), registry_(registry), options_(std::move(options)), log_(std::move(log)) {}
+      : slots_(slots),
+        registry_(registry),
+        metrics_(metrics),
+        options_(std::move(options)),
+        log_(std::move(log)) {}
 
   void Start(int threads);
   void Join();
@@ -43,6 +48,7 @@ class Pool {
 
   Slots* const slots_;
   const Registry* const registry_;
+  RunMetrics* const metrics_;
   const RunOptions options_;
   const std::shared_ptr<spdlog::logger> log_;
   std::vector<std::thread> threads_;

@@ -129,6 +129,10 @@ int RunWorker(int argc, char** argv, Registry registry) {
   app.add_option("--tls-ca", o.master.tls_ca_file, "PEM CA bundle: connect with TLS");
   app.add_option("--tls-cert", o.master.tls_cert_file, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", o.master.tls_key_file, "PEM key of --tls-cert");
+  app.add_option("--admin-listen", o.admin_listen,
+                 "host:port of the admin listener: /metrics, /healthz, /readyz (default: off)");
+  app.add_flag("--admin-allow-plaintext", o.admin_allow_plaintext,
+               "serve the admin listener on an address other than loopback (it has no TLS)");
   app.add_option("--log-level", config.log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
   app.add_option("--log-format", config.log_format,

@@ -210,6 +210,7 @@ bool Session::Run(grpc::Status* status) {
   log_->info("connected to master {} (epoch {})", options_.master.address,
              in.welcome().master_epoch());
   connected_.store(true, std::memory_order_relaxed);
+  connections_.fetch_add(1, std::memory_order_relaxed);
   std::thread sender([this, s = stream.get()] { SendLoop(s); });
   bool master_stopping = false;
   do {

@@ -44,6 +44,8 @@ class Session {
   void Join();
   // Whether a stream is open and the master welcomed it.
   bool connected() const { return connected_.load(std::memory_order_relaxed); }
+  // Streams the master welcomed, the first included.
+  int64_t connections() const { return connections_.load(std::memory_order_relaxed); }
 
  private:
   using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>;
@@ -70,7 +72,8 @@ class Session {
   uint64_t number_ ABSL_GUARDED_BY(mu_) = 0;  // of the latest session
   // Its call, from before its hello to its end; the watchdog and Cancel cancel it.
   std::shared_ptr<grpc::ClientContext> live_ ABSL_GUARDED_BY(mu_);
-  std::atomic<bool> connected_{false};  // for status lines only
+  std::atomic<bool> connected_{false};   // for status lines only
+  std::atomic<int64_t> connections_{0};  // for metrics only
 };
 
 }  // namespace taskmaster::worker

@@ -9,7 +9,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/admin_http.h"
 #include "common/logging.h"
+#include "common/metrics_text.h"
 #include "common/util.h"
 #include "worker/pool.h"
 #include "worker/session.h"
@@ -31,6 +33,21 @@ std::string HostName() {
   return buf;
 }
 
+// An outcome as a metric label.
+const char* OutcomeLabel(worker::Outcome outcome) {
+  switch (outcome) {
+    case worker::Outcome::kSucceeded:
+      return "succeeded";
+    case worker::Outcome::kFailed:
+      return "failed";
+    case worker::Outcome::kCancelled:
+      return "cancelled";
+    case worker::Outcome::kReturned:
+      return "returned";
+  }
+  return "unknown";
+}
+
 // One pool of the worker: its threads, its slots and credits, and its own stream to the master,
 // where it shows as a worker of its own ("name/pool") serving only its kinds. Separate streams
 // keep each pool's credits and prefetch apart without the master knowing of pools.
@@ -39,6 +56,7 @@ struct Lane {
        const std::string& worker_id, const std::string& name, const std::string& host,
        std::vector<std::string> kinds, std::shared_ptr<spdlog::logger> log)
       : name(name),
+        pool_name(pool.name),
         threads(pool.threads > 0
                     ? pool.threads
                     : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
@@ -50,7 +68,8 @@ struct Lane {
                .prefetch_window = options->prefetch_window,
                .batch_bytes = kBatchBytes,
                .progress_interval = options->progress_interval}),
-        pool(&slots, registry,
+        metrics(this->kinds),
+        pool(&slots, registry, &metrics,
              {.worker_name = name,
               .max_output = static_cast<size_t>(std::max<int64_t>(
                   0, int64_t{options->master.max_message_bytes} - int64_t{kResultOverhead}))},
@@ -64,11 +83,13 @@ struct Lane {
                 &slots, log) {}
 
   const std::string name;
+  const std::string pool_name;
   const int threads;
   const int prefetch;
   const std::vector<std::string> kinds;
   // Each is thread-safe or used by one thread at a time (see their headers).
   worker::Slots slots;
+  worker::RunMetrics metrics;
   worker::Pool pool;
   worker::Session session;
 };
@@ -138,6 +159,60 @@ class WorkerImpl final : public Worker {
           &options_, registry_, p, one ? id : absl::StrCat(id, "/", p.name), lane_name, host_,
           kinds_by_pool.at(p.name), one ? log_ : GetLogger(absl::StrCat("worker/", p.name))));
     }
+  }
+
+  absl::Status StartAdmin() {
+    if (options_.admin_listen.empty()) return absl::OkStatus();
+    std::vector<HttpRoute> routes;
+    routes.push_back({"/metrics", false, [this] {
+                        return HttpReply{200, kMetricsContentType, Metrics()};
+                      }});
+    routes.push_back({"/healthz", true, [] { return HttpReply{200, "text/plain", "ok\n"}; }});
+    // Ready while every pool has its stream to the master.
+    routes.push_back({"/readyz", true, [this] {
+                        const bool all = std::all_of(lanes_.begin(), lanes_.end(), [](auto& l) {
+                          return l->session.connected();
+                        });
+                        return all ? HttpReply{200, "text/plain", "connected\n"}
+                                   : HttpReply{503, "text/plain", StatusLine() + "\n"};
+                      }});
+    AdminHttpOptions http;
+    http.listen = options_.admin_listen;
+    http.allow_plaintext = options_.admin_allow_plaintext;
+    absl::StatusOr<std::unique_ptr<AdminHttpServer>> admin =
+        AdminHttpServer::Start(http, std::move(routes), log_);
+    if (!admin.ok()) return admin.status();
+    admin_ = std::move(*admin);
+    return absl::OkStatus();
+  }
+
+  std::string Metrics() const {
+    MetricsText out;
+    for (const auto& lane : lanes_) {
+      const std::string& pool = lane->pool_name;
+      for (const auto& [kind, k] : lane->metrics.Kinds()) {
+        for (worker::Outcome o :
+             {worker::Outcome::kSucceeded, worker::Outcome::kFailed, worker::Outcome::kCancelled}) {
+          out.Counter("taskmaster_worker_tasks_total", "Tasks run, by pool, kind and outcome.",
+                      {{"pool", pool}, {"kind", kind}, {"outcome", OutcomeLabel(o)}},
+                      static_cast<double>(k.outcomes[static_cast<size_t>(o)]));
+        }
+        out.Histogram("taskmaster_worker_task_run_seconds", "How long handlers ran, by kind.",
+                      {{"pool", pool}, {"kind", kind}}, k.run_seconds);
+      }
+      const int busy = std::min(lane->metrics.busy(), lane->threads);
+      out.Gauge("taskmaster_worker_slots", "The pool's threads, running a task or free.",
+                {{"pool", pool}, {"state", "busy"}}, busy);
+      out.Gauge("taskmaster_worker_slots", "The pool's threads, running a task or free.",
+                {{"pool", pool}, {"state", "free"}}, lane->threads - busy);
+      out.Gauge("taskmaster_worker_connected", "1 while the pool's stream to the master is up.",
+                {{"pool", pool}}, lane->session.connected() ? 1 : 0);
+      out.Counter("taskmaster_worker_reconnects_total",
+                  "Streams the master welcomed after the pool's first.", {{"pool", pool}},
+                  static_cast<double>(std::max<int64_t>(0, lane->session.connections() - 1)));
+    }
+    AddProcessMetrics(out);
+    return out.Render();
   }
 
   void Run() {
@@ -215,6 +290,7 @@ class WorkerImpl final : public Worker {
   const std::string name_;
   std::vector<std::unique_ptr<Lane>> lanes_;  // fixed after construction
   std::atomic<bool> aborted_ = false;
+  std::unique_ptr<AdminHttpServer> admin_;  // reads lanes_, so declared after them
 };
 
 }  // namespace
@@ -245,6 +321,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(WorkerOptions options,
       KindsByPool(options.pools, *registry);
   if (!kinds.ok()) return kinds.status();
   auto worker = std::make_unique<WorkerImpl>(std::move(options), registry, *kinds);
+  if (absl::Status s = worker->StartAdmin(); !s.ok()) return s;
   worker->Run();
   return worker;
 }

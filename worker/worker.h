@@ -45,6 +45,10 @@ struct WorkerOptions {
   // Reconnect backoff while the master is unreachable: doubles from min to max, with jitter.
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{10'000};
+  // host:port of the worker's admin listener (/metrics, /healthz, /readyz); empty: off. Off
+  // loopback only with admin_allow_plaintext: it has no certificate of its own.
+  std::string admin_listen;
+  bool admin_allow_plaintext = false;
 };
 
 // A worker process's engine: one stream to the master, a pool of threads running handlers.
