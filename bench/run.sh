@@ -73,13 +73,37 @@ stop() {
   wait "$pid" 2>/dev/null || true
 }
 
+# The admin listener of the masters started next: on, as by default, on a free port.
+master_admin=127.0.0.1:0
+
+# A port free now on loopback (for an admin listener the benchmark scrapes).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Scrapes URLS once a second until stopped (bounded: 600 rounds), counting rounds in FILE.
+scrape_every_second() {
+  python3 - "$@" <<'PY' &
+import sys, time, urllib.request
+count_file, urls = sys.argv[1], sys.argv[2:]
+for rounds in range(1, 601):
+    began = time.monotonic()
+    for url in urls:
+        urllib.request.urlopen(url, timeout=5).read()
+    with open(count_file, "w") as f:
+        f.write(str(rounds))
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+PY
+  scraper_pid=$!
+  pids+=("$scraper_pid")
+}
+
 # Starts a master (insecure, loopback, port chosen by the OS); sets master_pid and addr.
 start_master() {
   local data=$1; shift
   rm -f "$work/port"
   "$bin/master/taskmaster" --insecure --listen 127.0.0.1:0 --port-file "$work/port" \
-    --admin-listen 127.0.0.1:0 \
-    --data-dir "$data" --log-level warn "$@" 2>>"$work/master.log" &
+    --admin-listen "$master_admin" --data-dir "$data" --log-level warn "$@" 2>>"$work/master.log" &
   master_pid=$!
   pids+=("$master_pid")
   # Listening once it has written its port (bounded: 600 polls, about 6 s), unless it exits first.
@@ -166,6 +190,32 @@ for run in $(seq "$runs"); do
     measure "throughput-$store" "$run" throughput --numbers "$work/numbers"
     measure "latency-$store" "$run" latency --numbers "$work/numbers" --count 1000 --warmup 50
   done
+  # What observing costs: memory throughput of 5x the tasks (a few seconds, so that several
+  # scrapes land in it) with the admin listeners off, and with the master's and a worker's on and
+  # scraped every second (the master's /metrics and /api/status, the worker's /metrics).
+  for _ in 1 2 3 4 5; do cat "$work/numbers"; done >"$work/numbers-5x"
+  master_admin=
+  start_master "$work/data-admin-$run" --store memory
+  start_worker
+  record "throughput-admin-off" "$run" "$(tb throughput --numbers "$work/numbers-5x")"
+  stop "$worker_pid"
+  stop "$master_pid"
+  master_admin=127.0.0.1:$(free_port)
+  worker_admin=127.0.0.1:$(free_port)
+  start_master "$work/data-admin-$run" --store memory
+  start_worker --admin-listen "$worker_admin"
+  rm -f "$work/scrapes"
+  scrape_every_second "$work/scrapes" "http://$master_admin/metrics" \
+    "http://$master_admin/api/status" "http://$worker_admin/metrics"
+  line=$(tb throughput --numbers "$work/numbers-5x")
+  stop "$scraper_pid"
+  [ -s "$work/scrapes" ] || { echo "the scraper got no answer from the admin listeners" >&2; exit 1; }
+  record "throughput-admin-scraped" "$run" "${line%\}},\"scrape_rounds\":$(cat "$work/scrapes")}"
+  stop "$worker_pid"
+  stop "$master_pid"
+  master_admin=127.0.0.1:0
+  rm -rf "$work/data-admin-$run"
+
   # One task per Submit call, as the seed puts them: the same tasks, no batching.
   store_flags=(--store memory)
   measure "throughput-memory-one-per-call" "$run" throughput --numbers "$work/numbers" --batch 1

@@ -34,6 +34,8 @@ def main():
         "memory_tasks_per_s": median("throughput-memory", "tasks_per_s"),
         "durable_tasks_per_s": median("throughput-sqlite", "tasks_per_s"),
         "one_per_call_tasks_per_s": median("throughput-memory-one-per-call", "tasks_per_s"),
+        "admin_off_tasks_per_s": median("throughput-admin-off", "tasks_per_s"),
+        "admin_scraped_tasks_per_s": median("throughput-admin-scraped", "tasks_per_s"),
         "memory_p50_us": median("latency-memory", "p50_us"),
         "memory_p99_us": median("latency-memory", "p99_us"),
         "durable_p50_us": median("latency-sqlite", "p50_us"),
@@ -59,6 +61,8 @@ def main():
         "memory_p50_vs_seed": ratio_median("latency-memory", "p50_us", "seed", "p50_us"),
         "python_worker_vs_seed": ratio_median("throughput-python-worker", "tasks_per_s", "seed",
                                               "tasks_per_s"),
+        "scraped_vs_admin_off": ratio_median("throughput-admin-scraped", "tasks_per_s",
+                                             "throughput-admin-off", "tasks_per_s"),
         "exec_cat_vs_echo": ratio_median("throughput-cat", "tasks_per_s", "throughput-echo",
                                          "tasks_per_s"),
         "idle_streams_vs_one_worker": ratio_median("throughput-1000-idle-streams", "tasks_per_s",
@@ -82,6 +86,8 @@ def main():
         check("durable p99 (us)", figures["durable_p99_us"], "<= 3000", lambda v: v <= 3000),
         check("1,000 streams attached vs 1 worker", ratios["idle_streams_vs_one_worker"],
               ">= 0.8", lambda v: v >= 0.8),
+        check("metrics served and scraped vs off", ratios["scraped_vs_admin_off"], ">= 0.97",
+              lambda v: v >= 0.97),
         check("bytes per pending task", figures["bytes_per_pending_task"], "<= 300",
               lambda v: v <= 300),
         check("recovery of 1,000,000 (ms)", figures["recovery_1m_ms"], "<= 5000",
@@ -117,6 +123,9 @@ def main():
     print(f"{'throughput, one task per call':34}"
           f"{fmt(figures['one_per_call_tasks_per_s'], 0):>14}"
           f"{fmt(figures['seed_tasks_per_s'], 0):>12}{fmt(ratios['one_per_call_vs_seed']):>8}x")
+    print(f"{'memory, admin listeners off':34}{fmt(figures['admin_off_tasks_per_s'], 0):>14}")
+    print(f"{'  on, scraped every second':34}{fmt(figures['admin_scraped_tasks_per_s'], 0):>14}"
+          f"{'':12}{fmt(ratios['scraped_vs_admin_off'], 3):>8}x")
     print(f"{'latency p50, memory (us)':34}{fmt(figures['memory_p50_us']):>14}"
           f"{fmt(figures['seed_p50_us']):>12}{fmt(ratios['memory_p50_vs_seed'], 2):>8}x")
     print(f"{'latency p99, memory (us)':34}{fmt(figures['memory_p99_us']):>14}"
