@@ -223,6 +223,41 @@ TEST(Observe, AdminListenerOffLoopbackNeedsTlsAndAnAdminToken) {
   EXPECT_EQ(Sample(scrape, R"(taskmaster_auth_failures_total{reason="unknown_token"})"), 2);
 }
 
+// Lists the services through gRPC server reflection with Python's grpcio (raw bytes: a
+// ServerReflectionRequest whose list_services, field 7, is empty), printing what came back or
+// the status code.
+CommandResult ListServices(const Cluster& cluster) {
+  const std::string script = R"(
+import sys, grpc
+channel = grpc.insecure_channel(sys.argv[1])
+call = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+try:
+    for reply in call(iter([b"\x3a\x00"]), timeout=10):
+        sys.stdout.write(reply.decode("latin-1"))
+        break
+except grpc.RpcError as e:
+    print(e.code().name)
+)";
+  // Debian's interpreter, which has python3-grpcio (another python3 may come first in PATH).
+  return RunCommand({"/usr/bin/python3", "-c", script, cluster.address()}, "", seconds(30));
+}
+
+TEST(Observe, GrpcReflectionOnlyWhenAsked) {
+  Cluster off;
+  off.StartMaster();
+  CommandResult refused = ListServices(off);
+  ASSERT_EQ(refused.exit_code, 0) << refused.err;
+  EXPECT_CONTAINS(refused.out, "UNIMPLEMENTED");
+
+  Cluster on({"--grpc-reflection"});
+  on.StartMaster();
+  CommandResult listed = ListServices(on);
+  ASSERT_EQ(listed.exit_code, 0) << listed.err;
+  EXPECT_CONTAINS(listed.out, "taskmaster.v1.TaskQueue");
+  EXPECT_CONTAINS(listed.out, "taskmaster.v1.WorkerService");
+  EXPECT_CONTAINS(listed.out, "grpc.health.v1.Health");
+}
+
 TEST(Observe, WorkerAdminListenerStaysOnLoopbackUnlessTold) {
   Cluster cluster;
   cluster.StartMaster();

@@ -16,6 +16,8 @@
 #include "common/util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
 #include "master/rpc/health_service.h"
 #include "master/rpc/task_queue_service.h"
 #include "master/rpc/worker_stream.h"
@@ -42,6 +44,19 @@ absl::StatusOr<TokenSet> LoadTokens(const std::string& path) {
   }
   return loaded;
 }
+
+// Linking gRPC's reflection library registers its plugin for every server (a static initializer
+// does), so reflection would always be on: this option takes it out again unless asked for.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* arguments) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    std::erase_if(*plugins, [](const auto& p) { return p->name() == kReflectionPlugin; });
+  }
+
+ private:
+  static constexpr char kReflectionPlugin[] = "proto_server_reflection";
+};
 
 class MasterImpl final : public Master {
  public:
@@ -72,8 +87,11 @@ class MasterImpl final : public Master {
     // The server listens before the store is recovered, so that probes hear NOT_SERVING
     // meanwhile, and every other call is answered UNAVAILABLE until it is.
     auth_.SetRecovering(true);
-    if (options_.grpc_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    if (options_.grpc_reflection) {
+      grpc::reflection::InitProtoReflectionServerBuilderPlugin();  // once, whoever calls it
+    }
     grpc::ServerBuilder builder;
+    if (!options_.grpc_reflection) builder.SetOption(std::make_unique<WithoutReflection>());
     builder.AddListeningPort(
         options_.listen,
         tls_ ? std::shared_ptr<grpc::ServerCredentials>(tls_) : grpc::InsecureServerCredentials(),
