@@ -9,7 +9,8 @@ build_dir=${UBSAN_BUILD_DIR:-build-ubsan}
 # Debug (-O0, with assertions): UBSan's checks are the same, and GCC compiles them in half the
 # time it takes at -O2.
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Debug -DTASKMASTER_SANITIZE=undefined >/dev/null
-cmake --build "$build_dir" -j"$(nproc)" --target unit_tests worker_core_tests rpc_stream_tests store_tests integration_tests
+cmake --build "$build_dir" -j"$(nproc)" --target unit_tests worker_core_tests rpc_stream_tests store_tests integration_tests \
+  observe_tests top_tests
 cd "$build_dir"
 # The fault tests are left out: they time daemons they kill, and this slower build missed their
 # bounds under load (a restarted master answering late); the store tests cover recovery and
