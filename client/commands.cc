@@ -94,7 +94,8 @@ json WorkerJson(const v1::WorkerInfo& w) {
           {"stuck", w.stuck()},
           {"connected", w.connected()},
           {"draining", w.draining()},
-          {"heartbeat_age_ms", w.heartbeat_age_ms()}};
+          {"heartbeat_age_ms", w.heartbeat_age_ms()},
+          {"silent", w.silent()}};
 }
 
 json WorkersJson(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& workers) {
@@ -145,11 +146,11 @@ int Fail(const Console& console, const absl::Status& status) {
   return kExitError;
 }
 
+// "silent": connected, but the master heard no heartbeat for three intervals (or its lease
+// timeout), so likely cut off; it takes the worker's tasks back at the lease timeout.
 std::string WorkerState(const v1::WorkerInfo& w) {
-  // Three of the default heartbeat intervals (a worker sends one every 5 s).
-  constexpr int64_t kSilentMs = 15'000;
   if (!w.connected()) return "disconnected";
-  if (w.heartbeat_age_ms() >= kSilentMs) return "silent";
+  if (w.silent()) return "silent";
   return w.draining() ? "draining" : "connected";
 }
 

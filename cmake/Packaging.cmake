@@ -106,7 +106,7 @@ endforeach()
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
 set(CPACK_DEBIAN_SDK_PACKAGE_SECTION libdevel)
 set(CPACK_DEBIAN_SDK_PACKAGE_DEPENDS "libgrpc++-dev, libprotobuf-dev, protobuf-compiler, \
-libabsl-dev, libspdlog-dev, libtomlplusplus-dev, libsystemd-dev, libssl-dev, libcpp-httplib-dev, \
-prometheus-cpp-dev, pkg-config, cmake")
+libabsl-dev, libspdlog-dev, libtomlplusplus-dev, libsystemd-dev, libssl-dev, prometheus-cpp-dev, \
+cmake")
 
 include(CPack)

@@ -1,6 +1,7 @@
-// The daemons' admin HTTP listener: metrics, probes and the master's status page, over
-// cpp-httplib. GET only, small requests, a few threads: it serves operators and scrapers, and
-// anyone who can reach it is a stranger until it says otherwise.
+// The daemons' admin HTTP listener: metrics, probes and the master's status page. GET only,
+// small requests read within a deadline, a bounded number of connections, TLS with OpenSSL: it
+// serves operators and scrapers, and anyone who can reach it is a stranger until it says
+// otherwise.
 #pragma once
 
 #include <functional>
@@ -25,7 +26,6 @@ struct AdminHttpOptions {
   // Whether a request's Authorization header lets it read what is not a probe; unset: every
   // request may. A browser is asked for it as a Basic password, a scraper sends it as Bearer.
   std::function<bool(std::string_view authorization)> authorize;
-  int threads = 4;
 };
 
 struct HttpReply {
@@ -35,7 +35,7 @@ struct HttpReply {
 };
 
 struct HttpRoute {
-  std::string path;
+  std::string path;  // matched exactly (a query string is ignored)
   // Answered without authorization: health probes carry none, and say only a status.
   bool probe = false;
   std::function<HttpReply()> handler;  // thread-safe: requests run on several threads

@@ -12,9 +12,9 @@ packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-g
 packages+=(systemd file dpkg-dev lintian)
 # taskctl top's test drives it on a terminal: a tmux pane.
 packages+=(tmux)
-# The admin listeners: Prometheus' text format (prometheus-cpp) served by cpp-httplib; their test
-# checks scrapes with promtool (Debian's prometheus package, whose server is kept from starting,
-# below) and the status page in headless Chromium.
+# The admin listeners: Prometheus' text format (prometheus-cpp); their tests ask them with
+# cpp-httplib's client, check scrapes with promtool (Debian's prometheus package, whose server is
+# kept from starting, below) and the status page in headless Chromium.
 packages+=(prometheus-cpp-dev libcpp-httplib-dev prometheus chromium)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.

@@ -30,7 +30,8 @@ class AdminTest : public ::testing::Test {
                          },
                          [] { return AuthFailures{}; },
                          [this] { return ticking_.load(); },
-                         "127.0.0.1:7070"};
+                         "127.0.0.1:7070",
+                         15'000};
     auto admin = MasterAdmin::Start(options, sources, GetLogger("admin-test"));
     ASSERT_TRUE(admin.ok()) << admin.status();
     admin_ = std::move(*admin);
@@ -54,7 +55,7 @@ TEST_F(AdminTest, WhileRecoveringItIsAliveButNotReadyAndReadsNothingOfTheBroker)
   httplib::Result ready = Get("/readyz");
   ASSERT_TRUE(ready);
   EXPECT_EQ(ready->status, 503);
-  EXPECT_EQ(ready->body, "not serving: why\n");
+  EXPECT_EQ(ready->body, "not serving: recovering\n");
   httplib::Result alive = Get("/healthz");
   ASSERT_TRUE(alive);
   EXPECT_EQ(alive->status, 200);

@@ -95,6 +95,33 @@ TEST_F(BrokerTest, OldestReadyAgeFollowsTheHeadOfTheQueue) {
   EXPECT_EQ(broker_->QueueStats()[0].oldest_ready_age_ms, 500);
 }
 
+// Cancelled tasks at the head of a list, however many, do not hide the live ones behind them.
+TEST_F(BrokerTest, OldestReadyAgeLooksPastCancelledTasks) {
+  options_.max_batch = 200;
+  options_.max_queue_length = 1'000;
+  Reset();
+  std::vector<TaskSpec> first(100, Spec("square", "1"));
+  auto cancelled = Submit(first);
+  ASSERT_TRUE(cancelled.ok());
+  clock_.Advance(4'000);
+  SubmitOne(Spec("square", "2"));
+  ASSERT_TRUE(broker_->CancelJob(kClient, cancelled->job_id).ok());
+  clock_.Advance(1'000);
+  EXPECT_EQ(QueueNamed(broker_->Metrics(), "default").oldest_ready_age_ms, 1'000);
+}
+
+// A task given back keeps its place at the head, and counts from its submission, not its return.
+TEST_F(BrokerTest, OldestReadyAgeCountsAGivenBackTaskFromItsSubmission) {
+  const TaskId id = SubmitOne(Spec("square", "1"));
+  auto w = Attach("w", 1, 1);
+  auto tasks = w.channel->Take();
+  ASSERT_EQ(tasks.size(), 1u);
+  clock_.Advance(3'000);
+  Report(w, tasks[0], Outcome::kReturned);
+  EXPECT_EQ(State(id), TaskState::kPending);
+  EXPECT_EQ(QueueNamed(broker_->Metrics(), "default").oldest_ready_age_ms, 3'000);
+}
+
 TEST_F(BrokerTest, MetricsTimeWaitsAndRunsByKind) {
   SubmitOne(Spec("square", "1"));
   clock_.Advance(1'500);

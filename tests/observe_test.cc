@@ -2,6 +2,9 @@
 // load and checked by promtool, the numbers they report, the probes, /api/status against
 // `taskctl stats`, and what an admin listener off loopback asks of its callers.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <optional>
 #include <regex>
@@ -39,11 +42,15 @@ struct Reply {
   std::string body;
 };
 
-Reply Get(int port, const std::string& path) {
+// GET with the harness's admin token (pages but the probes ask for one when the master has
+// tokens), or with `headers`.
+Reply Get(int port, const std::string& path,
+          const httplib::Headers& headers = {
+              {"Authorization", std::string("Bearer ") + kAdminToken}}) {
   httplib::Client client("127.0.0.1", port);
   client.set_connection_timeout(5);
   client.set_read_timeout(10);
-  httplib::Result r = client.Get(path.c_str());
+  httplib::Result r = client.Get(path.c_str(), headers);
   if (!r) return {};
   return {r->status, r->body};
 }
@@ -128,7 +135,8 @@ TEST(Observe, MetricsOfMasterAndWorkerUnderLoad) {
   EXPECT_EQ(Sample(worker_metrics,
                    R"(taskmaster_worker_tasks_total{pool="default",kind="fail",outcome="failed"})"),
             4);
-  EXPECT_EQ(Sample(worker_metrics, R"(taskmaster_worker_slots{pool="default",state="free"})"), 2);
+  EXPECT_EQ(
+      Sample(worker_metrics, R"(taskmaster_worker_pool_threads{pool="default",state="free"})"), 2);
   EXPECT_EQ(Sample(worker_metrics, R"(taskmaster_worker_connected{pool="default"})"), 1);
   EXPECT_EQ(Get(*worker_port, "/readyz").status, 200);
   EXPECT_EQ(Get(*worker_port, "/").status, 404);  // a worker has no status page
@@ -171,11 +179,73 @@ TEST(Observe, ProbesAndPagesOfTheMaster) {
   EXPECT_CONTAINS(page.body, "<html");
   EXPECT_EQ(Get(*port, "/app.js").status, 200);
   EXPECT_EQ(Get(*port, "/nothing-here").status, 404);
+  EXPECT_EQ(Get(*port, "/appXjs").status, 404);  // paths match exactly
+  // With tokens, on loopback too: an admin token, but none for probes.
+  EXPECT_EQ(Get(*port, "/", {}).status, 401);
+  EXPECT_EQ(
+      Get(*port, "/metrics", {{"Authorization", std::string("Bearer ") + kSubmitToken}}).status,
+      401);
+  EXPECT_EQ(Get(*port, "/readyz", {}).status, 200);
+  // A name rebound to 127.0.0.1 by a page from elsewhere does not reach the pages.
+  EXPECT_EQ(Get(*port, "/healthz", {{"Host", "evil.example:7071"}}).status, 421);
+  EXPECT_EQ(Get(*port, "/healthz", {{"Host", "localhost:7071"}}).status, 200);
   // GET only, and nothing the size of a body.
   httplib::Client client("127.0.0.1", *port);
   httplib::Result posted = client.Post("/metrics", std::string(64 << 10, 'x'), "text/plain");
   ASSERT_TRUE(posted);
   EXPECT_GE(posted->status, 400);
+  EXPECT_TRUE(cluster.master().Running());
+}
+
+// A raw connection to the admin listener on loopback.
+int Connect(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(static_cast<uint16_t>(port));
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// What the peer sent until it closed (bounded: 10 s).
+std::string ReadAll(int fd) {
+  timeval timeout{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  std::string in;
+  char buffer[4096];
+  for (ssize_t n; (n = recv(fd, buffer, sizeof(buffer), 0)) > 0;) in.append(buffer, n);
+  return in;
+}
+
+TEST(Observe, AdminListenerBoundsWhatAStrangerSends) {
+  Cluster cluster;
+  cluster.StartMaster();
+  const std::optional<int> port = AdminPort(cluster.master());
+  ASSERT_TRUE(port) << cluster.master().Log();
+  // Endless header lines: refused once they pass 8 KiB, not kept.
+  const int flood = Connect(*port);
+  ASSERT_GE(flood, 0);
+  std::string request = "GET /metrics HTTP/1.1\r\n";
+  for (int i = 0; i < 400; ++i) request += "X-Padding: " + std::string(40, 'x') + "\r\n";
+  send(flood, request.data(), request.size(), MSG_NOSIGNAL);
+  EXPECT_CONTAINS(ReadAll(flood), "HTTP/1.1 431 ");
+  close(flood);
+  // Connections that send nothing: probes are answered meanwhile, and each silent one is closed
+  // within the listener's read deadline (3 s).
+  std::vector<int> idle;
+  for (int i = 0; i < 8; ++i) idle.push_back(Connect(*port));
+  const auto asked = std::chrono::steady_clock::now();
+  EXPECT_EQ(Get(*port, "/healthz", {}).status, 200);
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, seconds(2));
+  for (int fd : idle) {
+    ASSERT_GE(fd, 0);
+    EXPECT_EQ(ReadAll(fd), "");  // closed without an answer
+    close(fd);
+  }
   EXPECT_TRUE(cluster.master().Running());
 }
 

@@ -201,9 +201,9 @@ class WorkerImpl final : public Worker {
                       {{"pool", pool}, {"kind", kind}}, k.run_seconds);
       }
       const int busy = std::min(lane->metrics.busy(), lane->threads);
-      out.Gauge("taskmaster_worker_slots", "The pool's threads, running a task or free.",
+      out.Gauge("taskmaster_worker_pool_threads", "The pool's threads, running a task or free.",
                 {{"pool", pool}, {"state", "busy"}}, busy);
-      out.Gauge("taskmaster_worker_slots", "The pool's threads, running a task or free.",
+      out.Gauge("taskmaster_worker_pool_threads", "The pool's threads, running a task or free.",
                 {{"pool", pool}, {"state", "free"}}, lane->threads - busy);
       out.Gauge("taskmaster_worker_connected", "1 while the pool's stream to the master is up.",
                 {{"pool", pool}}, lane->session.connected() ? 1 : 0);

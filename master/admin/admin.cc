@@ -143,7 +143,7 @@ class MasterAdminImpl final : public MasterAdmin {
     const MasterHealth health = sources_.health();
     json status = {{"version", TASKMASTER_VERSION}, {"listen", sources_.listen},
                    {"time_ms", UnixMs()},           {"state", StateName(health.state)},
-                   {"reason", health.reason},       {"silent_after_ms", kSilentAfterMs}};
+                   {"reason", health.reason},       {"silent_after_ms", sources_.silent_after_ms}};
     if (health.state == MasterState::kRecovering) return status.dump();
     status["epoch"] = sources_.broker->epoch();
     const BrokerMetrics m = sources_.broker->Metrics();
@@ -175,7 +175,8 @@ class MasterAdminImpl final : public MasterAdmin {
                          {"stuck", w.stuck},
                          {"connected", w.connected},
                          {"draining", w.draining},
-                         {"heartbeat_age_ms", w.heartbeat_age_ms}});
+                         {"heartbeat_age_ms", w.heartbeat_age_ms},
+                         {"silent", w.silent}});
     }
     json failures = json::array();
     for (const FailureView& f : m.failures) {
@@ -204,10 +205,6 @@ class MasterAdminImpl final : public MasterAdmin {
   }
 
  private:
-  // A connected worker heard from less recently than this is shown as silent: three of a
-  // worker's default heartbeat intervals.
-  static constexpr int64_t kSilentAfterMs = 15'000;
-
   std::vector<HttpRoute> Routes() {
     std::vector<HttpRoute> routes;
     routes.push_back({"/metrics", false, [this] {
@@ -231,8 +228,11 @@ class MasterAdminImpl final : public MasterAdmin {
                         if (h.state == MasterState::kServing) {
                           return HttpReply{200, "text/plain; charset=utf-8", "serving\n"};
                         }
-                        return HttpReply{503, "text/plain; charset=utf-8",
-                                         absl::StrCat("not serving: ", h.reason, "\n")};
+                        // The state only: probes need no token, and the reason may name paths
+                        // (the store's error); /api/status has it.
+                        return HttpReply{
+                            503, "text/plain; charset=utf-8",
+                            absl::StrCat("not serving: ", std::string(StateName(h.state)), "\n")};
                       }});
     for (const WebAsset& asset : WebAssets()) {
       HttpReply reply{200, asset.content_type, std::string(asset.body)};
@@ -305,9 +305,7 @@ class MasterAdminImpl final : public MasterAdmin {
         workers["disconnected"]++;
         continue;
       }
-      workers[w.heartbeat_age_ms >= kSilentAfterMs ? "silent"
-              : w.draining                         ? "draining"
-                                                   : "connected"]++;
+      workers[w.silent ? "silent" : w.draining ? "draining" : "connected"]++;
       slots += w.slots;
       busy += std::min(w.slots, w.running + w.stuck);
     }
@@ -315,10 +313,10 @@ class MasterAdminImpl final : public MasterAdmin {
       out.Gauge("taskmaster_workers", "Worker streams the master knows, by state.",
                 {{"state", state}}, static_cast<double>(count));
     }
-    out.Gauge("taskmaster_worker_slots", "Slots of connected workers, busy or free.",
-              {{"state", "busy"}}, static_cast<double>(busy));
-    out.Gauge("taskmaster_worker_slots", "Slots of connected workers, busy or free.",
-              {{"state", "free"}}, static_cast<double>(slots - busy));
+    out.Gauge("taskmaster_slots", "Slots of connected workers, busy or free.", {{"state", "busy"}},
+              static_cast<double>(busy));
+    out.Gauge("taskmaster_slots", "Slots of connected workers, busy or free.", {{"state", "free"}},
+              static_cast<double>(slots - busy));
   }
 
   void AddStore(MetricsText& out) const {

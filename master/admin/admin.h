@@ -33,7 +33,8 @@ struct AdminSources {
   std::function<AuthFailures()> auth_failures;
   // Whether the master's timers ran lately (see Master::Ticking): /healthz fails without.
   std::function<bool()> ticking;
-  std::string listen;  // the gRPC address, for the page
+  std::string listen;           // the gRPC address, for the page
+  int64_t silent_after_ms = 0;  // see BrokerOptions::SilentAfterMs
 };
 
 struct MasterAdminOptions {

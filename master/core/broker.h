@@ -61,6 +61,10 @@ struct BrokerOptions {
   size_t max_metric_kinds = 50;
   // Failed attempts kept for the status page, newest first.
   size_t recent_failures = 50;
+
+  // A connected worker unheard for this long is shown as silent: three heartbeats missed, or its
+  // lease timeout if that comes first.
+  int64_t SilentAfterMs() const { return std::min(3 * heartbeat_interval_ms, lease_timeout_ms); }
 };
 
 // What the master's metrics and status page read, in one locked pass.

@@ -108,19 +108,14 @@ bool Broker::Impl::CancelLocked(Task& t, Effects& fx) {
 }
 
 WorkerView Broker::Impl::ViewOf(const Worker& w) const {
-  return {w.id,
-          w.name,
-          w.host,
-          w.kinds,
-          w.queues,
-          w.labels,
-          w.slots,
-          static_cast<int32_t>(w.leases.size()),
-          w.connected,
-          w.draining,
-          w.connected_ms,
-          w.stuck,
-          std::max<int64_t>(0, clock_->NowMs() - w.heard_ms)};
+  const int64_t unheard = std::max<int64_t>(0, clock_->NowMs() - w.heard_ms);
+  return {w.id,           w.name,
+          w.host,         w.kinds,
+          w.queues,       w.labels,
+          w.slots,        static_cast<int32_t>(w.leases.size()),
+          w.connected,    w.draining,
+          w.connected_ms, w.stuck,
+          unheard,        w.connected && unheard >= options_.SilentAfterMs()};
 }
 
 TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
@@ -270,20 +265,21 @@ std::vector<QueueStatsView> Broker::Impl::QueueStats() const {
 }
 
 std::vector<QueueStatsView> Broker::Impl::QueueStatsLocked() const {
-  // The head of a ready list is its oldest entry; those of tasks that left PENDING are skipped
-  // as dispatch skips them, up to a bound that keeps a scrape short whatever the lists hold.
-  constexpr int kStaleLooked = 64;
+  // The head of a ready list is its oldest entry. Those of tasks that left PENDING (cancelled,
+  // leased elsewhere) go as dispatch would drop them: each entry is dropped once, so a scrape
+  // stays short whatever the lists hold, and a stale head never hides the live tasks behind it.
   std::map<std::string_view, int64_t> oldest_since;
   for (const auto& [key, cls] : classes_) {
-    for (const auto& [priority, lane] : cls->ready) {
-      int looked = 0;
-      for (const ReadyEntry& e : lane) {
-        if (++looked > kStaleLooked) break;
-        if (IsStale(e)) continue;
-        auto [it, added] = oldest_since.emplace(cls->queue, tasks_.at(e.id).since_ms);
-        if (!added) it->second = std::min(it->second, tasks_.at(e.id).since_ms);
-        break;
+    for (auto lane = cls->ready.begin(); lane != cls->ready.end();) {
+      while (!lane->second.empty() && IsStale(lane->second.front())) lane->second.pop_front();
+      if (lane->second.empty()) {
+        lane = cls->ready.erase(lane);
+        continue;
       }
+      const int64_t since = tasks_.at(lane->second.front().id).since_ms;
+      auto [it, added] = oldest_since.emplace(cls->queue, since);
+      if (!added) it->second = std::min(it->second, since);
+      ++lane;
     }
   }
   const int64_t now = clock_->NowMs();

@@ -156,6 +156,8 @@ struct WorkerView {
   // Since its last heartbeat: a connected worker silent for long is likely cut off, and loses its
   // leases at the lease timeout.
   int64_t heartbeat_age_ms = 0;
+  // Connected, but unheard for BrokerOptions::SilentAfterMs: likely cut off.
+  bool silent = false;
 };
 
 // A failed attempt, as the status page lists the latest ones.

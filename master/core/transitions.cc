@@ -114,7 +114,6 @@ bool Broker::Impl::Adopt(Task& t, const TaskRef& ref, Worker& w, bool awaited) {
       ref.attempt > t.max_attempts || !CanRun(w, *t.cls)) {
     return false;
   }
-  if (expired_away) t.cls->counters->failed--;  // the expiry was no failed attempt after all
   LeaseTo(t, w, ref.attempt);
   return true;
 }
@@ -123,6 +122,9 @@ void Broker::Impl::GiveBack(Task& t) {
   Unlease(t);
   t.attempts--;
   MakeReady(t, /*front=*/true);
+  // It keeps its place at the head of its list, so it must not look younger than the tasks behind
+  // it: it has waited since it was submitted, as far as anyone can tell now.
+  t.since_ms = t.created_ms;
 }
 
 void Broker::Impl::Finish(Task& t, TaskState state, Effects& fx) {

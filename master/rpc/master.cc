@@ -222,9 +222,9 @@ class MasterImpl final : public Master {
     MasterAdminOptions admin = options_.admin;
     admin.http.tls_cert = options_.tls.cert_file;
     admin.http.tls_key = options_.tls.key_file;
-    // Off loopback, with tokens, the pages are for admins only: they name queues, workers and
-    // the errors of tasks. On loopback, whoever can connect can read the store anyway.
-    if (!options_.insecure && !IsLoopbackAddress(admin.http.listen)) {
+    // With tokens, the pages are for admins only, on loopback too (any local user can connect
+    // there): they name queues, workers and the errors of tasks. Probes need none.
+    if (!options_.insecure) {
       admin.http.authorize = [this](std::string_view header) {
         return auth_.IsAdminAuthorization(header);
       };
@@ -238,7 +238,8 @@ class MasterImpl final : public Master {
             [this] { return Health(); },
             [this] { return auth_.Failures(); },
             [this] { return Ticking(); },
-            options_.listen};
+            options_.listen,
+            options_.broker.SilentAfterMs()};
   }
 
   void MarkTick() {
@@ -299,6 +300,11 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
     if (!IsLoopbackAddress(options.listen)) {
       return absl::InvalidArgumentError(
           absl::StrCat("--insecure listens on loopback addresses only, not ", options.listen));
+    }
+    if (!options.admin.http.listen.empty() && !IsLoopbackAddress(options.admin.http.listen)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--insecure serves its admin pages on loopback addresses only, not ",
+          options.admin.http.listen, ": they would be open to anyone who can reach them"));
     }
   } else {
     if (options.tls.cert_file.empty() && !IsLoopbackAddress(options.listen) &&

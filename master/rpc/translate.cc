@@ -171,6 +171,7 @@ void ToProto(const WorkerView& v, v1::WorkerInfo* p) {
   p->set_connected_ms(v.connected_ms);
   p->set_stuck(v.stuck);
   p->set_heartbeat_age_ms(v.heartbeat_age_ms);
+  p->set_silent(v.silent);
 }
 
 void AddRefs(const std::vector<TaskRef>& refs,
