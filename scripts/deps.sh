@@ -12,6 +12,8 @@ packages=(build-essential cmake pkg-config protobuf-compiler protobuf-compiler-g
 packages+=(systemd file dpkg-dev lintian)
 # taskctl top's test drives it on a terminal: a tmux pane.
 packages+=(tmux)
+# The status page's test loads it in headless Chromium.
+packages+=(chromium)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.
 packages+=(podman buildah runc conmon debootstrap docker-compose procps)
