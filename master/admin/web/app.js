@@ -499,7 +499,8 @@ function render(s) {
 }
 
 // The banner says why the last refresh failed and how old the data shown is; null hides it.
-function showProblem(problem) {
+// `unreachable` says the master did not answer, rather than answered what cannot be shown.
+function showProblem(problem, unreachable = false) {
   const banner = $("banner");
   document.body.classList.toggle("stale", problem !== null);
   if (problem === null) {
@@ -510,7 +511,7 @@ function showProblem(problem) {
   banner.textContent = lastStatus
     ? `${problem} Showing the last data, from ${fmtDuration(Date.now() - lastOkAt)} ago.`
     : `${problem} No data yet.`;
-  if (lastStatus) {
+  if (unreachable && lastStatus) {
     const state = $("state");
     state.textContent = "unreachable";
     state.className = "state state-bad";
@@ -532,7 +533,7 @@ async function refresh() {
     status = await response.json();
   } catch (e) {
     const why = e.name === "AbortError" ? `no answer in ${FETCH_TIMEOUT_MS / 1000} s` : e.message;
-    showProblem(`Master unreachable (${why}).`);
+    showProblem(`Master unreachable (${why}).`, true);
   } finally {
     clearTimeout(timer);
   }
