@@ -199,7 +199,9 @@ TEST(StatusPage, ShowsWhatTaskctlStatsSaysAndKeepsAScreenshot) {
   int port = 0;
   ASSERT_TRUE(WaitFor([&] { return (port = AdminPort(cluster.master())) > 0; }, seconds(10)))
       << cluster.master().Log();
-  const std::string url = absl::StrCat("http://127.0.0.1:", port, "/");
+  // The master has tokens: the page asks for the admin token, which a browser sends as the
+  // password of Basic authentication (here from the URL, then for every request of the page).
+  const std::string url = absl::StrCat("http://admin:", kAdminToken, "@127.0.0.1:", port, "/");
 
   // Quick squares that succeed, and tasks that fail once and are dead (no retry left to change
   // the counts); one error is markup, which the page must show as text.

@@ -92,10 +92,11 @@ function fillTable(id, rows) {
   $(`${id}-empty`).hidden = rows.length > 0;
 }
 
-// connected, draining, silent (no heartbeat for silent_after_ms) or disconnected.
+// connected, draining, silent (connected, but no heartbeat for silent_after_ms: the master
+// says so) or disconnected.
 function workerState(w, silentAfterMs) {
   if (!w.connected) return "disconnected";
-  if (w.heartbeat_age_ms >= silentAfterMs) return "silent";
+  if (w.silent ?? w.heartbeat_age_ms >= silentAfterMs) return "silent";
   return w.draining ? "draining" : "connected";
 }
 
@@ -519,12 +520,22 @@ function showProblem(problem, unreachable = false) {
   }
 }
 
+// api/status beside this page, without the user and password a URL of the page may carry
+// (http://admin:TOKEN@host:7071/): fetch refuses URLs with credentials, and the browser sends
+// the ones it authenticated the page with by itself.
+const STATUS_URL = (() => {
+  const url = new URL("api/status", window.location.href);
+  url.username = "";
+  url.password = "";
+  return url.href;
+})();
+
 async function refresh() {
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), FETCH_TIMEOUT_MS);
   let status = null;
   try {
-    const response = await fetch("api/status", {
+    const response = await fetch(STATUS_URL, {
       cache: "no-store",
       signal: abort.signal,
       headers: { Accept: "application/json" },
