@@ -256,6 +256,7 @@ class MasterAdminImpl final : public MasterAdmin {
       into.failed += q.failed;
       into.retried += q.retried;
       into.redelivered += q.redelivered;
+      into.reclaimed += q.reclaimed;
       into.dead += q.dead;
       into.cancelled += q.cancelled;
     }
@@ -277,9 +278,14 @@ class MasterAdminImpl final : public MasterAdmin {
         out.Counter("taskmaster_tasks_completed_total", "Tasks finished, by outcome.",
                     {{"queue", queue}, {"outcome", outcome}}, d(count));
       }
+      // Stats' `failed` drops a lapse its worker reclaimed; a counter only grows, so the lapse
+      // stays counted here, and the reclaim is counted apart.
       out.Counter("taskmaster_task_attempts_failed_total",
                   "Failed attempts: reported by workers, or leases lost.", {{"queue", queue}},
-                  d(q.failed));
+                  d(q.failed + q.reclaimed));
+      out.Counter("taskmaster_task_leases_reclaimed_total",
+                  "Lost leases their worker came back with in time to keep.", {{"queue", queue}},
+                  d(q.reclaimed));
       out.Counter("taskmaster_tasks_retried_total", "Failed attempts followed by another.",
                   {{"queue", queue}}, d(q.retried));
       out.Counter("taskmaster_tasks_redelivered_total",

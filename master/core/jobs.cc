@@ -295,6 +295,7 @@ std::vector<QueueStatsView> Broker::Impl::QueueStatsLocked() const {
                      .failed = c.failed,
                      .retried = c.retried,
                      .redelivered = c.redelivered,
+                     .reclaimed = c.reclaimed,
                      .dead = c.dead,
                      .cancelled = c.cancelled};
     if (auto it = oldest_since.find(queue); it != oldest_since.end()) {

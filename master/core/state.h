@@ -30,6 +30,7 @@ struct QueueCounters {
   int64_t failed = 0;       // failed attempts: reported, or a lost lease
   int64_t retried = 0;      // failed attempts followed by another
   int64_t redelivered = 0;  // of those, lost leases
+  int64_t reclaimed = 0;    // lost leases taken back by their worker (and no longer failed)
   int64_t dead = 0;
   int64_t cancelled = 0;
 };

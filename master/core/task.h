@@ -136,6 +136,7 @@ struct QueueStatsView {
   int64_t failed = 0;       // failed attempts, retried or not (reported, or a lost lease)
   int64_t retried = 0;      // failed attempts followed by another
   int64_t redelivered = 0;  // of those, lost leases (the worker went silent)
+  int64_t reclaimed = 0;    // lost leases their worker came back with (then not failed)
   int64_t dead = 0;
   int64_t cancelled = 0;
 };

@@ -114,6 +114,12 @@ bool Broker::Impl::Adopt(Task& t, const TaskRef& ref, Worker& w, bool awaited) {
       ref.attempt > t.max_attempts || !CanRun(w, *t.cls)) {
     return false;
   }
+  if (expired_away) {
+    // The expiry was no failed attempt after all: Stats says so; metrics, whose counters only
+    // grow, count the reclaim instead.
+    t.cls->counters->failed--;
+    t.cls->counters->reclaimed++;
+  }
   LeaseTo(t, w, ref.attempt);
   return true;
 }
