@@ -18,8 +18,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/ascii.h"
@@ -112,16 +115,50 @@ std::string HeaderValue(std::string_view head, std::string_view name) {
   return "";
 }
 
+// Header lines as RFC 9112 has them: a name of visible characters right before its colon, no
+// control characters anywhere (a NUL would end the name a C function reads), one Host at most.
+bool WellFormedHeaders(std::string_view head) {
+  for (char c : head) {
+    const auto u = static_cast<unsigned char>(c);
+    if ((u < 0x20 && c != '\r' && c != '\n' && c != '\t') || u == 0x7f) return false;
+  }
+  int hosts = 0;
+  size_t at = head.find("\r\n");
+  while (at != std::string_view::npos && at + 2 < head.size()) {
+    const size_t start = at + 2;
+    const size_t end = head.find("\r\n", start);
+    const std::string_view line = head.substr(start, end - start);
+    const size_t colon = line.find(':');
+    if (colon == 0 || colon == std::string_view::npos) return false;
+    for (char c : line.substr(0, colon)) {
+      if (c == ' ' || c == '\t' || static_cast<unsigned char>(c) > 0x7e) return false;
+    }
+    if (absl::EqualsIgnoreCase(absl::string_view(line.data(), colon), "host")) ++hosts;
+    at = end;
+  }
+  return hosts <= 1;
+}
+
 // A Host header that names this machine's loopback (any port), or none: on loopback, a page a
 // browser loaded from elsewhere must not reach the listener through a name it rebound to
 // 127.0.0.1.
 bool LoopbackHost(const std::string& host) {
   if (host.empty()) return true;
   std::string name = host;
+  std::string port;
   if (name.front() == '[') {
-    name = name.substr(1, name.find(']') == std::string::npos ? 0 : name.find(']') - 1);
-  } else if (name.find(':') != std::string::npos) {
-    name = name.substr(0, name.find(':'));
+    const size_t close = name.find(']');
+    if (close == std::string::npos) return false;
+    port = name.substr(close + 1);
+    name = name.substr(1, close - 1);
+    if (!port.empty() && port.front() != ':') return false;
+    if (!port.empty()) port = port.substr(1);
+  } else if (const size_t colon = name.find(':'); colon != std::string::npos) {
+    port = name.substr(colon + 1);
+    name = name.substr(0, colon);
+  }
+  if (!std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return false;
   }
   return absl::AsciiStrToLower(name) == "localhost" || IsLoopbackAddress(name);
 }
@@ -238,6 +275,8 @@ struct AdminHttpServer::State {
   std::thread acceptor;
   std::mutex mu;
   int active = 0;  // guarded by mu: connections being served
+  // Of those, the ones still reading their request, with when they came (guarded by mu).
+  std::map<int, Clock::time_point> reading;
   std::condition_variable idle;
 
   ~State() {
@@ -254,26 +293,62 @@ struct AdminHttpServer::State {
       if (fds[1].revents) return;
       if (!(fds[0].revents & POLLIN)) continue;
       const int fd = accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) continue;  // the peer left, or descriptors ran out: the next one may do
+      if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          // The connection stays queued, and poll would wake for it at once again: wait a
+          // little for descriptors or memory to come back rather than spin.
+          pollfd stop{stop_pipe[0], POLLIN, 0};
+          if (poll(&stop, 1, 100) > 0) return;
+        }
+        continue;  // else the peer left already
+      }
       {
         std::lock_guard<std::mutex> lock(mu);
         if (active >= kMaxConnections) {
-          close(fd);
-          continue;
+          // Full: the connection that has been reading its request the longest makes room (its
+          // thread sees its stream end), so that idle peers cannot keep a probe out. Threads
+          // stay bounded, as evicted ones end within a poll.
+          auto oldest = std::min_element(reading.begin(), reading.end(),
+                                         [](auto& a, auto& b) { return a.second < b.second; });
+          if (oldest == reading.end() || active >= 2 * kMaxConnections) {
+            close(fd);
+            continue;
+          }
+          shutdown(oldest->first, SHUT_RDWR);
+          reading.erase(oldest);
         }
         ++active;
+        reading.emplace(fd, Clock::now());
       }
-      std::thread([this, fd] {
-        Serve(fd);
+      try {
+        std::thread([this, fd] {
+          Serve(fd);
+          std::lock_guard<std::mutex> lock(mu);
+          --active;
+          idle.notify_all();
+        }).detach();
+      } catch (const std::system_error&) {  // no thread to be had (a pids limit): refuse it
         std::lock_guard<std::mutex> lock(mu);
+        reading.erase(fd);
+        close(fd);
         --active;
         idle.notify_all();
-      }).detach();
+      }
     }
+  }
+
+  // The connection on `fd` has read its request (or given up): it can no longer be evicted.
+  // Before its descriptor closes, so that an eviction never shuts down a reused descriptor.
+  void DoneReading(int fd) {
+    std::lock_guard<std::mutex> lock(mu);
+    reading.erase(fd);
   }
 
   void Serve(int fd) {
     Connection connection(fd, tls, stop_pipe[0]);
+    // Destroyed before the connection, whichever way this returns.
+    const std::unique_ptr<State, std::function<void(State*)>> done_reading(
+        this, [fd](State* s) { s->DoneReading(fd); });
     const Clock::time_point read_by = Clock::now() + kReadTimeout;
     if (!connection.Handshake(read_by)) return;
     std::string request;
@@ -290,11 +365,14 @@ struct AdminHttpServer::State {
       request.append(buffer, static_cast<size_t>(n));
       head_end = request.find("\r\n\r\n");
     }
+    DoneReading(fd);
     const std::string_view head = std::string_view(request).substr(0, head_end + 2);
     const std::string_view line = head.substr(0, head.find("\r\n"));
     const size_t space = line.find(' ');
     const size_t second = space == std::string_view::npos ? space : line.find(' ', space + 1);
-    if (second == std::string_view::npos || !line.substr(second + 1).starts_with("HTTP/1.")) {
+    const std::string_view version =
+        second == std::string_view::npos ? std::string_view() : line.substr(second + 1);
+    if ((version != "HTTP/1.1" && version != "HTTP/1.0") || !WellFormedHeaders(head)) {
       Reply(connection, {400, "text/plain; charset=utf-8", "bad request\n"}, false);
       return;
     }

@@ -2,8 +2,10 @@
 #include "master/rpc/auth.h"
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/util.h"
 
 namespace taskmaster {
 
@@ -59,32 +61,31 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
 
 bool Authorizer::IsAdminAuthorization(std::string_view header) const {
   if (open_) return true;
-  std::optional<std::string_view> token = BearerToken(header);
-  std::string basic;
-  if (!token && header.starts_with("Basic ") &&
-      absl::Base64Unescape(absl::string_view(header.data() + 6, header.size() - 6), &basic) &&
-      basic.find(':') != std::string::npos) {
-    token = std::string_view(basic).substr(basic.find(':') + 1);
+  // Schemes are case-insensitive (RFC 9110). Refusals are not counted with the calls' (a
+  // browser's first request always is one).
+  auto scheme = [&](std::string_view name) {
+    return header.size() > name.size() &&
+           absl::EqualsIgnoreCase(absl::string_view(header.data(), name.size()),
+                                  absl::string_view(name.data(), name.size()));
+  };
+  std::string token;
+  if (scheme("Bearer ")) {
+    token = std::string(Trim(header.substr(7)));
+  } else if (std::string basic;
+             scheme("Basic ") &&
+             absl::Base64Unescape(absl::string_view(header.data() + 6, header.size() - 6),
+                                  &basic) &&
+             basic.find(':') != std::string::npos) {
+    token = basic.substr(basic.find(':') + 1);
   }
-  if (!token) {
-    failures_.missing.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
+  if (token.empty()) return false;
   std::shared_ptr<const TokenSet> tokens;
   {
     absl::MutexLock lock(&mu_);
     tokens = tokens_;
   }
-  std::optional<Identity> identity = tokens->Lookup(*token);
-  if (!identity) {
-    failures_.unknown.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  if (identity->role != Role::kAdmin) {
-    failures_.denied.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  const std::optional<Identity> identity = tokens->Lookup(token);
+  return identity && identity->role == Role::kAdmin;
 }
 
 AuthFailures Authorizer::Failures() const {
