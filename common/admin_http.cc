@@ -18,10 +18,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <system_error>
 #include <thread>
 
@@ -101,14 +101,7 @@ std::string HeaderValue(std::string_view head, std::string_view name) {
     if (colon != std::string_view::npos && colon == name.size() &&
         absl::EqualsIgnoreCase(absl::string_view(line.data(), colon),
                                absl::string_view(name.data(), name.size()))) {
-      std::string_view value = line.substr(colon + 1);
-      while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) {
-        value.remove_prefix(1);
-      }
-      while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) {
-        value.remove_suffix(1);
-      }
-      return std::string(value);
+      return std::string(Trim(line.substr(colon + 1)));
     }
     at = end;
   }
@@ -142,25 +135,18 @@ bool WellFormedHeaders(std::string_view head) {
 // A Host header that names this machine's loopback (any port), or none: on loopback, a page a
 // browser loaded from elsewhere must not reach the listener through a name it rebound to
 // 127.0.0.1.
-bool LoopbackHost(const std::string& host) {
+bool LoopbackHost(std::string_view host) {
   if (host.empty()) return true;
-  std::string name = host;
-  std::string port;
-  if (name.front() == '[') {
-    const size_t close = name.find(']');
-    if (close == std::string::npos) return false;
-    port = name.substr(close + 1);
-    name = name.substr(1, close - 1);
-    if (!port.empty() && port.front() != ':') return false;
-    if (!port.empty()) port = port.substr(1);
-  } else if (const size_t colon = name.find(':'); colon != std::string::npos) {
-    port = name.substr(colon + 1);
-    name = name.substr(0, colon);
+  // A port, if any, must be digits: IsLoopbackAddress reads only what comes before it.
+  const size_t colon = host.rfind(':');
+  const size_t bracket = host.rfind(']');
+  if (colon != std::string_view::npos && (bracket == std::string_view::npos || colon > bracket)) {
+    const std::string_view port = host.substr(colon + 1);
+    if (!std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return false;
+    }
   }
-  if (!std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return false;
-  }
-  return absl::AsciiStrToLower(name) == "localhost" || IsLoopbackAddress(name);
+  return IsLoopbackAddress(absl::AsciiStrToLower(absl::string_view(host.data(), host.size())));
 }
 
 // One connection's transport: the socket, and TLS over it when the server has a context. Every
@@ -266,6 +252,8 @@ class Connection {
 
 struct AdminHttpServer::State {
   AdminHttpOptions options;
+  // On loopback, a request's Host must name loopback too (no DNS rebinding).
+  bool check_host = false;
   std::map<std::string, HttpRoute> routes;  // by exact path
   std::shared_ptr<spdlog::logger> log;
   SSL_CTX* tls = nullptr;
@@ -338,35 +326,46 @@ struct AdminHttpServer::State {
   }
 
   // The connection on `fd` has read its request (or given up): it can no longer be evicted.
-  // Before its descriptor closes, so that an eviction never shuts down a reused descriptor.
   void DoneReading(int fd) {
     std::lock_guard<std::mutex> lock(mu);
     reading.erase(fd);
   }
 
-  void Serve(int fd) {
-    Connection connection(fd, tls, stop_pipe[0]);
-    // Destroyed before the connection, whichever way this returns.
-    const std::unique_ptr<State, std::function<void(State*)>> done_reading(
-        this, [fd](State* s) { s->DoneReading(fd); });
+  // The request's line and headers, each line ending in CRLF; nullopt when the peer left, was
+  // too slow, or sent more than kMaxRequestBytes (then `too_large`).
+  static std::optional<std::string> ReadHead(Connection& connection, bool* too_large) {
     const Clock::time_point read_by = Clock::now() + kReadTimeout;
-    if (!connection.Handshake(read_by)) return;
+    if (!connection.Handshake(read_by)) return std::nullopt;
     std::string request;
-    size_t head_end = std::string::npos;
     char buffer[2048];
-    while (head_end == std::string::npos) {
+    while (true) {
+      if (const size_t end = request.find("\r\n\r\n"); end != std::string::npos) {
+        request.resize(end + 2);
+        return request;
+      }
       if (request.size() >= kMaxRequestBytes) {
-        Reply(connection, {431, "text/plain; charset=utf-8", "request too large\n"}, false);
-        return;
+        *too_large = true;
+        return std::nullopt;
       }
       const ssize_t n = connection.Read(
           buffer, std::min(sizeof(buffer), kMaxRequestBytes - request.size()), read_by);
-      if (n <= 0) return;  // gone, or too slow
+      if (n <= 0) return std::nullopt;
       request.append(buffer, static_cast<size_t>(n));
-      head_end = request.find("\r\n\r\n");
     }
+  }
+
+  void Serve(int fd) {
+    Connection connection(fd, tls, stop_pipe[0]);
+    bool too_large = false;
+    const std::optional<std::string> request = ReadHead(connection, &too_large);
+    // Before the descriptor closes, so that an eviction never shuts down a reused descriptor.
     DoneReading(fd);
-    const std::string_view head = std::string_view(request).substr(0, head_end + 2);
+    if (too_large) {
+      Reply(connection, {431, "text/plain; charset=utf-8", "request too large\n"}, false);
+      return;
+    }
+    if (!request) return;  // gone, or too slow
+    const std::string_view head = *request;
     const std::string_view line = head.substr(0, head.find("\r\n"));
     const size_t space = line.find(' ');
     const size_t second = space == std::string_view::npos ? space : line.find(' ', space + 1);
@@ -384,7 +383,7 @@ struct AdminHttpServer::State {
       Reply(connection, {405, "text/plain; charset=utf-8", "GET only\n"}, false);
       return;
     }
-    if (IsLoopbackAddress(options.listen) && !LoopbackHost(HeaderValue(head, "Host"))) {
+    if (check_host && !LoopbackHost(HeaderValue(head, "Host"))) {
       Reply(connection, {421, "text/plain; charset=utf-8", "not a name of this host\n"}, head_only);
       return;
     }
@@ -449,6 +448,7 @@ absl::StatusOr<std::unique_ptr<AdminHttpServer>> AdminHttpServer::Start(
   }
   auto state = std::make_unique<State>();
   state->options = options;
+  state->check_host = IsLoopbackAddress(options.listen);
   state->log = std::move(log);
   for (HttpRoute& route : routes) state->routes.emplace(route.path, std::move(route));
   if (tls) {

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
@@ -146,8 +147,13 @@ bool IsPrivateFile(const std::string& path) {
 }
 
 std::optional<std::string_view> BearerToken(std::string_view header) {
-  constexpr std::string_view kPrefix = "Bearer ";
-  if (header.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;
+  // The scheme's name is case-insensitive (RFC 9110).
+  constexpr std::string_view kPrefix = "bearer ";
+  if (header.size() < kPrefix.size() ||
+      !absl::EqualsIgnoreCase(absl::string_view(header.data(), kPrefix.size()),
+                              absl::string_view(kPrefix.data(), kPrefix.size()))) {
+    return std::nullopt;
+  }
   header = Trim(header.substr(kPrefix.size()));
   if (header.empty()) return std::nullopt;
   return header;

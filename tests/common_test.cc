@@ -78,6 +78,7 @@ TEST(Auth, RolesAndBearer) {
   EXPECT_TRUE(RoleAllows(Role::kSubmit, Role::kSubmit));
   EXPECT_FALSE(RoleAllows(Role::kWork, Role::kSubmit));
   EXPECT_EQ(BearerToken("Bearer abc"), "abc");
+  EXPECT_EQ(BearerToken("bearer abc"), "abc");  // the scheme in any case
   EXPECT_EQ(BearerToken("Basic abc"), std::nullopt);
   EXPECT_EQ(BearerToken("Bearer   "), std::nullopt);
 }

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
+#include "common/clock.h"
 #include "common/metrics_text.h"
 #include "master/admin/web_assets.h"
 #include "nlohmann/json.hpp"
@@ -18,7 +19,7 @@ using nlohmann::json;
 
 constexpr char kOtherQueues[] = "(other)";
 
-std::string_view StateName(MasterState s) {
+const char* StateName(MasterState s) {
   switch (s) {
     case MasterState::kRecovering:
       return "recovering";
@@ -82,12 +83,6 @@ json QuantileMs(const Histogram& now, const Histogram& before, double q) {
   return seconds < 0 ? json(nullptr) : json(seconds * 1000);
 }
 
-int64_t UnixMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 class MasterAdminImpl final : public MasterAdmin {
  public:
   MasterAdminImpl(const MasterAdminOptions& options, AdminSources sources)
@@ -122,7 +117,7 @@ class MasterAdminImpl final : public MasterAdmin {
     for (MasterState s : {MasterState::kRecovering, MasterState::kServing,
                           MasterState::kStoreFailing, MasterState::kStopping}) {
       out.Gauge("taskmaster_state", "1 for the state the master is in, 0 for the others.",
-                {{"state", std::string(StateName(s))}}, health.state == s ? 1 : 0);
+                {{"state", StateName(s)}}, health.state == s ? 1 : 0);
     }
     const AuthFailures auth = sources_.auth_failures();
     for (const auto& [reason, count] : {std::pair{"missing_token", auth.missing_token},
@@ -141,9 +136,12 @@ class MasterAdminImpl final : public MasterAdmin {
 
   std::string StatusJson() const override {
     const MasterHealth health = sources_.health();
-    json status = {{"version", TASKMASTER_VERSION}, {"listen", sources_.listen},
-                   {"time_ms", UnixMs()},           {"state", StateName(health.state)},
-                   {"reason", health.reason},       {"silent_after_ms", sources_.silent_after_ms}};
+    json status = {{"version", TASKMASTER_VERSION},
+                   {"listen", sources_.listen},
+                   {"time_ms", SystemClock::Get()->NowMs()},
+                   {"state", StateName(health.state)},
+                   {"reason", health.reason},
+                   {"silent_after_ms", sources_.silent_after_ms}};
     if (health.state == MasterState::kRecovering) return status.dump();
     status["epoch"] = sources_.broker->epoch();
     const BrokerMetrics m = sources_.broker->Metrics();
@@ -230,9 +228,8 @@ class MasterAdminImpl final : public MasterAdmin {
                         }
                         // The state only: probes need no token, and the reason may name paths
                         // (the store's error); /api/status has it.
-                        return HttpReply{
-                            503, "text/plain; charset=utf-8",
-                            absl::StrCat("not serving: ", std::string(StateName(h.state)), "\n")};
+                        return HttpReply{503, "text/plain; charset=utf-8",
+                                         absl::StrCat("not serving: ", StateName(h.state), "\n")};
                       }});
     for (const WebAsset& asset : WebAssets()) {
       HttpReply reply{200, asset.content_type, std::string(asset.body)};
@@ -348,7 +345,7 @@ class MasterAdminImpl final : public MasterAdmin {
   }
 
   void AddSample(const Totals& now, const Totals& before) {
-    json sample = {{"time_ms", UnixMs()},
+    json sample = {{"time_ms", SystemClock::Get()->NowMs()},
                    {"submitted", now.submitted - before.submitted},
                    {"completed", now.completed - before.completed},
                    {"failed", now.failed - before.failed},

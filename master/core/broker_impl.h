@@ -181,12 +181,13 @@ class Broker::Impl {
   // `w` holds `t` at `attempt`.
   void LeaseTo(Task& t, Worker& w, int32_t attempt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Lease(Task& t, Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The worker no longer holds `t`; a leased task is counted as a failed attempt.
-  // A failed attempt of `t` (its error set), for the status page's list.
-  void NoteFailure(const Task& t, bool dead) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A failed attempt of `t` (its error set): counted, retried unless `dead`, and kept for the
+  // status page's list.
+  void CountFailure(const Task& t, bool dead) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The counters of every queue, with the age of its oldest ready task.
   std::vector<QueueStatsView> QueueStatsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   KindTimesView* TimesOf(const std::string& kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The worker no longer holds `t`; a leased task is counted as a failed attempt.
   void LoseLease(Task& t, const std::string& reason, Effects& fx)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A reconnecting worker holds `t` (running it, or with its result on the way), but the master

@@ -128,7 +128,7 @@ struct QueueStatsView {
   int64_t delayed = 0;  // of those, DELAYED (a delay or a retry's backoff)
   int64_t leased = 0;   // now
   // How long the oldest PENDING task has waited to be leased (0 with none): the head of each of
-  // its ready lists, where a task given back keeps its place but counts from its return.
+  // its ready lists, where a task given back keeps its place and counts from its submission.
   int64_t oldest_ready_age_ms = 0;
   // Totals since the master started.
   int64_t submitted = 0;

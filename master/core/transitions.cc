@@ -82,22 +82,22 @@ void Broker::Impl::Lease(Task& t, Worker& w) {
 void Broker::Impl::LoseLease(Task& t, const std::string& reason, Effects& fx) {
   Unlease(t);
   if (t.state != TaskState::kLeased) return;
-  QueueCounters& c = *t.cls->counters;
-  c.failed++;
   t.Notes().error = reason;
   const bool dead = t.attempts >= t.max_attempts;
-  NoteFailure(t, dead);
+  CountFailure(t, dead);
   if (dead) {
     Finish(t, TaskState::kDead, fx);
   } else {
-    c.retried++;
-    c.redelivered++;
+    t.cls->counters->redelivered++;
     MakeReady(t, /*front=*/false);
     t.lease_lost = true;
   }
 }
 
-void Broker::Impl::NoteFailure(const Task& t, bool dead) {
+void Broker::Impl::CountFailure(const Task& t, bool dead) {
+  QueueCounters& c = *t.cls->counters;
+  c.failed++;
+  if (!dead) c.retried++;
   if (options_.recent_failures == 0) return;
   if (failures_.size() >= options_.recent_failures) failures_.pop_back();
   failures_.push_front({now_ms_, t.id, t.job->id, t.cls->queue, t.cls->kind, t.worker(), t.attempts,

@@ -170,13 +170,11 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
           break;
         case Outcome::kFailed:
           t.Notes().error = std::move(r.error);
-          t.cls->counters->failed++;
           if (r.permanent || t.attempts >= t.max_attempts) {
-            NoteFailure(t, /*dead=*/true);
+            CountFailure(t, /*dead=*/true);
             Finish(t, TaskState::kDead, fx);
           } else {
-            NoteFailure(t, /*dead=*/false);
-            t.cls->counters->retried++;
+            CountFailure(t, /*dead=*/false);
             const int shift = std::min(t.attempts - 1, 30);
             const int64_t backoff =
                 std::min(options_.retry_backoff_max_ms, options_.retry_backoff_ms << shift);

@@ -5,7 +5,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
-#include "common/util.h"
 
 namespace taskmaster {
 
@@ -39,12 +38,7 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
   }
   std::optional<std::string_view> token =
       BearerToken(std::string_view(it->second.data(), it->second.size()));
-  std::shared_ptr<const TokenSet> tokens;
-  {
-    absl::MutexLock lock(&mu_);
-    tokens = tokens_;
-  }
-  std::optional<Identity> identity = token ? tokens->Lookup(*token) : std::nullopt;
+  std::optional<Identity> identity = token ? Lookup(*token) : std::nullopt;
   if (!identity) {
     failures_.unknown.fetch_add(1, std::memory_order_relaxed);
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
@@ -61,31 +55,26 @@ grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, 
 
 bool Authorizer::IsAdminAuthorization(std::string_view header) const {
   if (open_) return true;
-  // Schemes are case-insensitive (RFC 9110). Refusals are not counted with the calls' (a
-  // browser's first request always is one).
-  auto scheme = [&](std::string_view name) {
-    return header.size() > name.size() &&
-           absl::EqualsIgnoreCase(absl::string_view(header.data(), name.size()),
-                                  absl::string_view(name.data(), name.size()));
-  };
-  std::string token;
-  if (scheme("Bearer ")) {
-    token = std::string(Trim(header.substr(7)));
-  } else if (std::string basic;
-             scheme("Basic ") &&
-             absl::Base64Unescape(absl::string_view(header.data() + 6, header.size() - 6),
-                                  &basic) &&
-             basic.find(':') != std::string::npos) {
-    token = basic.substr(basic.find(':') + 1);
+  // Refusals are not counted with the calls' (a browser's first request always is one).
+  std::optional<std::string_view> token = BearerToken(header);
+  std::string basic;  // a browser's "Basic base64(user:token)"
+  if (!token && header.size() > 6 &&
+      absl::EqualsIgnoreCase(absl::string_view(header.data(), 6), "basic ") &&
+      absl::Base64Unescape(absl::string_view(header.data() + 6, header.size() - 6), &basic) &&
+      basic.find(':') != std::string::npos) {
+    token = std::string_view(basic).substr(basic.find(':') + 1);
   }
-  if (token.empty()) return false;
+  const std::optional<Identity> identity = token ? Lookup(*token) : std::nullopt;
+  return identity && identity->role == Role::kAdmin;
+}
+
+std::optional<Identity> Authorizer::Lookup(std::string_view token) const {
   std::shared_ptr<const TokenSet> tokens;
   {
     absl::MutexLock lock(&mu_);
     tokens = tokens_;
   }
-  const std::optional<Identity> identity = tokens->Lookup(token);
-  return identity && identity->role == Role::kAdmin;
+  return tokens->Lookup(token);
 }
 
 AuthFailures Authorizer::Failures() const {

@@ -45,6 +45,9 @@ class Authorizer {
   void SetRecovering(bool recovering) { recovering_.store(recovering); }
 
  private:
+  // The identity of `token` in the tokens in use.
+  std::optional<Identity> Lookup(std::string_view token) const;
+
   const bool open_;  // --insecure
   std::atomic<bool> recovering_{false};
   struct {
