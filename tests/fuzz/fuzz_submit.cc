@@ -34,6 +34,9 @@ namespace {
 const Caller kOwner{"owner"};
 const Caller kStranger{"stranger"};
 
+// The clock moves at most this far at once: further would only skip the same ticks.
+constexpr int64_t kMaxStepMs = 24 * 3600 * 1000;
+
 BrokerOptions Options() {
   BrokerOptions o;
   // Small limits, so that inputs reach every one of them.
@@ -41,12 +44,11 @@ BrokerOptions Options() {
   o.max_batch = 16;
   o.max_queue_length = 24;
   o.max_task_classes = 6;
-  o.result_retention_ms = 60'000;
+  // Longer than the delays the clock runs past, so that a task cancelled before them (by an id
+  // taken from the request) is still there to read after them.
+  o.result_retention_ms = 2 * kMaxStepMs;
   return o;
 }
-
-// The clock moves at most this far at once: further would only skip the same ticks.
-constexpr int64_t kMaxStepMs = 24 * 3600 * 1000;
 
 absl::StatusOr<SubmitOutcome> SubmitCopy(Broker& broker, const v1::SubmitRequest& request) {
   v1::SubmitRequest copy = request;  // TakeSpecs moves the strings out of what it is given
