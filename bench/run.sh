@@ -170,6 +170,27 @@ record() { echo "{\"kind\":\"$1\",\"run\":$2,\"data\":$3}" >>"$results"; }
 
 tb() { timeout 300 "$bin/bench/taskbench" --master "$addr" "$@"; }
 
+# `taskctl submit --wait` of every number, timed from the process's start to its exit; prints the
+# JSON line of a measurement, or fails unless every result is the square of its number.
+taskctl_submit_wait() {
+  local t0 t1
+  t0=$(date +%s%N)
+  timeout 300 "$bin/client/taskctl" --master "$addr" submit --kind square --file "$work/numbers" \
+    --wait >"$work/taskctl.out" 2>"$work/taskctl.err" ||
+    { echo "taskctl submit --wait failed" >&2; cat "$work/taskctl.err" >&2; exit 1; }
+  t1=$(date +%s%N)
+  python3 - "$work/numbers" "$work/taskctl.out" "$t0" "$t1" <<'PY'
+import json, re, sys
+numbers = [int(line) for line in open(sys.argv[1])]
+want = {f"{n}*{n}={n * n}" for n in numbers}
+got = [m.group(1) for m in (re.search(r"(\d+\*\d+=\d+)", line) for line in open(sys.argv[2])) if m]
+if len(got) != len(numbers) or not set(got) <= want:
+    sys.exit(f"taskctl printed {len(got)} results, not {len(numbers)} correct ones")
+seconds = (int(sys.argv[4]) - int(sys.argv[3])) / 1e9
+print(json.dumps({"tasks": len(numbers), "seconds": seconds, "tasks_per_s": len(numbers) / seconds}))
+PY
+}
+
 python3 -c "
 import random
 r = random.Random(12345)
@@ -189,6 +210,14 @@ for run in $(seq "$runs"); do
     store_flags=(--store "$store")
     measure "throughput-$store" "$run" throughput --numbers "$work/numbers"
     measure "latency-$store" "$run" latency --numbers "$work/numbers" --count 1000 --warmup 50
+    # What a user sees: `taskctl submit --wait` over the same tasks, process start included,
+    # every printed result checked.
+    start_master "$work/data-taskctl-$store-$run" --sync full "${store_flags[@]}"
+    start_worker
+    record "taskctl-$store" "$run" "$(taskctl_submit_wait)"
+    stop "$worker_pid"
+    stop "$master_pid"
+    rm -rf "$work/data-taskctl-$store-$run"
   done
   # What observing costs: memory throughput of 5x the tasks (a few seconds, so that several
   # scrapes land in it) with the admin listeners off, and with the master's and a worker's on and
@@ -220,17 +249,18 @@ for run in $(seq "$runs"); do
   store_flags=(--store memory)
   measure "throughput-memory-one-per-call" "$run" throughput --numbers "$work/numbers" --batch 1
 
-  # 1,000 simulated worker streams beside the worker: first attached and idle (connected,
-  # heartbeating, asking for no task), then working (2 slots, 64 credits each, running square).
+  # Simulated worker streams beside the worker: 10,000 attached and idle (connected,
+  # heartbeating, asking for no task), then 1,000 working (2 slots, 64 credits each, running
+  # square).
   start_master "$work/data-scale-$run" --store memory
   start_worker
   record "throughput-one-worker" "$run" "$(tb throughput --numbers "$work/numbers")"
   for mode in idle working; do
-    credits=0
-    [ "$mode" = working ] && credits=64
+    credits=0 count=10000
+    [ "$mode" = working ] && credits=64 count=1000
     rm -f "$work/streams.out"
     # Not through tb: $! must be timeout's own pid, which passes our SIGTERM on.
-    timeout 300 "$bin/bench/taskbench" --master "$addr" streams --count 1000 \
+    timeout 300 "$bin/bench/taskbench" --master "$addr" streams --count "$count" \
       --credits "$credits" >"$work/streams.out" 2>>"$work/streams.log" &
     streams_pid=$!
     pids+=("$streams_pid")
@@ -242,11 +272,11 @@ for run in $(seq "$runs"); do
       sleep 0.1
     done
     if ! grep -q streams "$work/streams.out" 2>/dev/null; then
-      echo "the 1,000 $mode streams did not attach" >&2
+      echo "the $count $mode streams did not attach" >&2
       cat "$work/streams.log" >&2
       exit 1
     fi
-    record "throughput-1000-$mode-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
+    record "throughput-$count-$mode-streams" "$run" "$(tb throughput --numbers "$work/numbers")"
     stop "$streams_pid"
   done
   stop "$worker_pid"

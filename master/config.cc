@@ -67,6 +67,9 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
   s.Add("max_watches_per_token", &o.max_watches_per_token,
         "job streams (WatchJob, SubmitAndWatch) one token may hold open")
       .Range(1, 1'000'000);
+  s.Add("hold_first_event", &o.hold_first_event,
+        "SubmitAndWatch's first event (the job id) waits for the first results until the next "
+        "tick at most, so that a short task's answer comes in one message");
   s.Add("tenant_max_pending", &b.tenant_limits.max_pending,
         "unfinished tasks one tenant may have (0: no limit; 'limit' lines in the tokens file "
         "override it)");

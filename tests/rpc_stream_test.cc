@@ -1,9 +1,11 @@
 // The client service, the job stream and the worker stream in one process, over gRPC's in-process
 // transport (no socket): a fake worker speaks the worker protocol by hand.
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "common/clock.h"
 #include "common/logging.h"
@@ -21,25 +23,28 @@ namespace {
 using std::chrono::seconds;
 
 // A broker on the memory store behind both services, insecure (every caller an admin).
+// `hold_first_event`: SubmitAndWatch's first event waits for results or TickQueue.
 class InProcessMaster {
  public:
-  InProcessMaster()
+  explicit InProcessMaster(bool hold_first_event = false)
       : store_(NewMemoryStore()),
         broker_(BrokerOptions{}, SystemClock::Get(), store_.get(), GetLogger("rpc-test")),
         auth_(std::nullopt),
-        queue_(&broker_, &auth_, /*max_watches_per_token=*/100),
+        queue_(&broker_, &auth_, /*max_watches_per_token=*/100, hold_first_event),
         workers_(&broker_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20,
                  /*stall=*/std::chrono::seconds(30)) {
     EXPECT_TRUE(broker_.Recover().ok());
     grpc::ServerBuilder builder;
     builder.RegisterService(&queue_);
-    builder.RegisterService(&workers_);
+    workers_.AddTo(builder);
     server_ = builder.BuildAndStart();
+    workers_.Start();
     channel_ = server_->InProcessChannel(grpc::ChannelArguments());
   }
   ~InProcessMaster() {
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + seconds(30));
+    workers_.Stop();
   }
 
   std::unique_ptr<v1::TaskQueue::Stub> Client() { return v1::TaskQueue::NewStub(channel_); }
@@ -47,6 +52,7 @@ class InProcessMaster {
     return v1::WorkerService::NewStub(channel_);
   }
   Authorizer& auth() { return auth_; }
+  void TickQueue() { queue_.Tick(); }
 
  private:
   std::unique_ptr<Store> store_;
@@ -161,6 +167,52 @@ TEST(JobStream, FollowsResultsArrivingOneByOneToTheEnd) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(results, kTasks);
   EXPECT_EQ(done, kTasks);
+}
+
+// A held first event waits for the result, so a one-task job is answered in one message: the
+// event names the job and carries its result, and the stream ends with it.
+TEST(JobStream, AHeldFirstEventCarriesTheResult) {
+  InProcessMaster master(/*hold_first_event=*/true);
+  auto client = master.Client();
+  auto worker_stub = master.Workers();
+  std::thread worker([&] { RunEchoWorker(*worker_stub, 1); });
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+  auto reader = client->SubmitAndWatch(&context, EchoBatch(1));
+  std::vector<v1::JobEvent> events;
+  for (v1::JobEvent event; reader->Read(&event);) events.push_back(event);
+  EXPECT_TRUE(reader->Finish().ok());
+  worker.join();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_FALSE(events[0].progress().job_id().empty());
+  ASSERT_EQ(events[0].results_size(), 1);
+  EXPECT_EQ(events[0].results(0).output(), "p0");
+  EXPECT_EQ(events[0].progress().done(), 1);
+}
+
+// With no result to wait for (no worker), the master's tick lets the first event go: the client
+// learns its job id within a tick, whatever the task takes.
+TEST(JobStream, TheTickReleasesAHeldFirstEvent) {
+  InProcessMaster master(/*hold_first_event=*/true);
+  auto client = master.Client();
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+  auto reader = client->SubmitAndWatch(&context, EchoBatch(1));
+  std::atomic<bool> read{false};
+  v1::JobEvent first;
+  std::thread follower([&] { read = reader->Read(&first); });
+  // Bounded: 200 ticks, 20 ms apart; the first ones may come before the submit is in.
+  for (int tick = 0; tick < 200 && !read; ++tick) {
+    master.TickQueue();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  context.TryCancel();
+  follower.join();
+  EXPECT_TRUE(read);
+  EXPECT_FALSE(first.progress().job_id().empty());
+  EXPECT_EQ(first.results_size(), 0);
+  EXPECT_EQ(first.progress().total(), 1);
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
 // A job that finished before anyone followed it: one write with everything, then the end.

@@ -28,11 +28,19 @@ Broker::Impl::Section::~Section() {
   b_.Collect(fx);
   b_.mu_.Unlock();
   for (auto& [level, line] : fx.logs) b_.log_->log(level, line);
-  for (auto& [channel, message] : fx.sends) channel->Send(std::move(message));
+  // Tasks first, to keep workers busy; then the clients waiting for results; acknowledgements
+  // and echoes last, as nobody waits on them: each send or notification is a write on its own
+  // stream, and a round trip waits for the ones before its own.
+  for (auto& [channel, message] : fx.sends) {
+    if (!message.tasks.empty()) channel->Send(std::move(message));
+  }
   if (fx.finished_through > 0 && b_.persistent_) {
     b_.RevealWhenDurable(fx.finished_through, std::move(fx.reveal_jobs));
   }
   for (auto& watcher : fx.notify) watcher->OnJobChanged();
+  for (auto& [channel, message] : fx.sends) {
+    if (message.tasks.empty()) channel->Send(std::move(message));
+  }
 }
 
 void Broker::Impl::CloseStore() {

@@ -18,7 +18,7 @@ void Authorizer::Replace(TokenSet tokens) {
   tokens_ = std::move(replacement);
 }
 
-grpc::Status Authorizer::Check(grpc::CallbackServerContext* context, Role need, const char* call,
+grpc::Status Authorizer::Check(grpc::ServerContextBase* context, Role need, const char* call,
                                Authorized* who) const {
   context->AddTrailingMetadata(kAnsweredByMaster, "1");
   if (recovering_.load()) {

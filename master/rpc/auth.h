@@ -32,7 +32,7 @@ class Authorizer {
   // UNAUTHENTICATED without a known token, PERMISSION_DENIED when its role may not do `call`;
   // otherwise fills `who`. Every call starts here: it also marks the answer as the master's
   // (kAnsweredByMaster).
-  grpc::Status Check(grpc::CallbackServerContext* context, Role need, const char* call,
+  grpc::Status Check(grpc::ServerContextBase* context, Role need, const char* call,
                      Authorized* who = nullptr) const;
   // New tokens for calls from now on (streams already open keep going).
   void Replace(TokenSet tokens);

@@ -23,7 +23,7 @@ JobStream::JobStream(Broker* broker, Authorized who, StreamQuota* quota, bool su
       link_(std::make_shared<Link>(this)),
       submitting_(submitting) {}
 
-void JobStream::Follow(std::string job_id, int64_t after) {
+void JobStream::Follow(std::string job_id, int64_t after, FirstEventHold* hold) {
   bool cancelled;
   std::optional<grpc::Status> finish;
   {
@@ -35,6 +35,7 @@ void JobStream::Follow(std::string job_id, int64_t after) {
     } else {
       job_id_ = job_id;
       cursor_ = after;
+      hold_first_ = hold != nullptr;
     }
   }
   if (cancelled) {
@@ -44,6 +45,15 @@ void JobStream::Follow(std::string job_id, int64_t after) {
   if (absl::Status status = broker_->Watch(caller_, job_id, link_); !status.ok()) {
     Fail(ToGrpcStatus(status));
     return;
+  }
+  if (hold) hold->Add(link_);
+  Pump();
+}
+
+void JobStream::FirstEventDue() {
+  {
+    absl::MutexLock lock(&mu_);
+    hold_first_ = false;
   }
   Pump();
 }
@@ -63,11 +73,7 @@ void JobStream::OnWriteDone(bool ok) {
   {
     absl::MutexLock lock(&mu_);
     writing_ = false;
-    if (!ok) {
-      finish = FinishOnce(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write failed"));
-    } else if (last_written_) {
-      finish = FinishOnce(grpc::Status::OK);
-    }
+    if (!ok) finish = FinishOnce(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write failed"));
   }
   if (finish) {
     End(std::move(finish));
@@ -108,6 +114,7 @@ void JobStream::Pump() {
     pumping_ = true;
   }
   const v1::JobEvent* write = nullptr;
+  bool last = false;
   std::optional<grpc::Status> finish;
   // Bounded: each round reads what a change brought; changes stop when the job's tasks are done.
   while (true) {
@@ -139,7 +146,8 @@ void JobStream::Pump() {
       pumping_ = false;
       break;
     }
-    if (events->results.empty() && wrote_any_ && events->progress.open == wrote_open_) {
+    if (events->results.empty() &&
+        (wrote_any_ ? events->progress.open == wrote_open_ : hold_first_)) {
       // nothing new yet
       if (repump_) continue;
       pumping_ = false;
@@ -149,8 +157,11 @@ void JobStream::Pump() {
     for (TaskView& v : events->results) ToProto(v, event_.add_results());
     cursor_ += static_cast<int64_t>(events->results.size());
     ToProto(events->progress, event_.mutable_progress());
-    last_written_ =
+    // The last event carries the status with it: the client has its answer with that one
+    // message, instead of waiting for the status to follow the write's completion.
+    last =
         JobFullyRead(events->progress.done, events->progress.total, events->progress.open, cursor_);
+    if (last) finished_ = true;
     wrote_any_ = true;
     wrote_open_ = events->progress.open;
     writing_ = true;
@@ -158,7 +169,11 @@ void JobStream::Pump() {
     pumping_ = false;
     break;
   }
-  if (write) StartWrite(write);
+  if (write && last) {
+    StartWriteAndFinish(write, grpc::WriteOptions(), grpc::Status::OK);
+  } else if (write) {
+    StartWrite(write);
+  }
   End(std::move(finish));
 }
 
@@ -166,6 +181,25 @@ std::optional<grpc::Status> JobStream::FinishOnce(grpc::Status status) {
   if (finished_) return std::nullopt;
   finished_ = true;
   return status;
+}
+
+void FirstEventHold::Add(std::weak_ptr<JobStream::Link> link) {
+  absl::MutexLock lock(&mu_);
+  held_.push_back(std::move(link));
+}
+
+void FirstEventHold::ReleaseAll() {
+  std::vector<std::weak_ptr<JobStream::Link>> held;
+  {
+    absl::MutexLock lock(&mu_);
+    held.swap(held_);
+  }
+  // Outside mu_: a stream's pump calls the broker and gRPC. A stream that is done is skipped.
+  for (const std::weak_ptr<JobStream::Link>& weak : held) {
+    if (std::shared_ptr<JobStream::Link> link = weak.lock()) {
+      link->ref.Call([](JobStream& stream) { stream.FirstEventDue(); });
+    }
+  }
 }
 
 grpc::ServerWriteReactor<v1::JobEvent>* RefusedJobStream(const grpc::Status& status) {

@@ -68,7 +68,8 @@ class MasterImpl final : public Master {
         broker_(options.broker, SystemClock::Get(), store_.get(), GetLogger("broker")),
         auth_(tokens),
         tls_(std::move(tls)),
-        queue_service_(&broker_, &auth_, static_cast<size_t>(options.max_watches_per_token)),
+        queue_service_(&broker_, &auth_, static_cast<size_t>(options.max_watches_per_token),
+                       options.hold_first_event),
         // A write the worker has not taken for half a lease: it holds tasks it cannot know of
         // (cut by the time its leases lapse, whose cancels are written to it).
         worker_service_(&broker_, &auth_, log_,
@@ -97,7 +98,7 @@ class MasterImpl final : public Master {
         tls_ ? std::shared_ptr<grpc::ServerCredentials>(tls_) : grpc::InsecureServerCredentials(),
         &port_);
     builder.RegisterService(&queue_service_);
-    builder.RegisterService(&worker_service_);
+    worker_service_.AddTo(builder);
     builder.RegisterService(&health_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
     builder.SetMaxSendMessageSize(options_.max_message_bytes);
@@ -113,6 +114,7 @@ class MasterImpl final : public Master {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
+    worker_service_.Start();
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -199,6 +201,7 @@ class MasterImpl final : public Master {
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + deadline);
     server_->Wait();
+    worker_service_.Stop();
     admin_.reset();
     log_->info("stopped");
   }
@@ -254,6 +257,7 @@ class MasterImpl final : public Master {
       if (stopping_) break;
       lock.unlock();
       broker_.Tick();
+      queue_service_.Tick();
       MarkTick();
       lock.lock();
     }

@@ -35,6 +35,9 @@ struct MasterOptions {
   int64_t max_worker_buffer_bytes = 256 << 20;
   // WatchJob and SubmitAndWatch streams one token may hold open at once.
   int64_t max_watches_per_token = 1000;
+  // SubmitAndWatch's first event, which names the job, waits for the job's first results until
+  // the next tick at most, so that a short task's answer reaches the client in one message.
+  bool hold_first_event = true;
   // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
   std::string store = "sqlite";
   SqliteStoreOptions sqlite;

@@ -118,9 +118,10 @@ grpc::ServerWriteReactor<v1::JobEvent>* TaskQueueService::SubmitAndWatch(
     return stream;
   }
   broker_->Submit(caller, TargetOf(*request), TakeSpecs(request),
-                  [stream](absl::StatusOr<SubmitOutcome> outcome) {
+                  [stream, hold = hold_first_event_ ? &first_events_ : nullptr](
+                      absl::StatusOr<SubmitOutcome> outcome) {
                     if (outcome.ok()) {
-                      stream->Follow(outcome->job_id, 0);
+                      stream->Follow(outcome->job_id, 0, hold);
                     } else {
                       stream->Fail(ToGrpcStatus(outcome.status()));
                     }

@@ -6,6 +6,7 @@
 
 #include "master/core/broker.h"
 #include "master/rpc/auth.h"
+#include "master/rpc/job_stream.h"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 
 namespace taskmaster {
@@ -13,9 +14,17 @@ namespace taskmaster {
 // The client API: translates protobuf to broker calls and back. Thread-safe.
 class TaskQueueService final : public v1::TaskQueue::CallbackService {
  public:
-  // `max_watches_per_token`: WatchJob and SubmitAndWatch streams one token may hold open.
-  TaskQueueService(Broker* broker, const Authorizer* auth, size_t max_watches_per_token)
-      : broker_(broker), auth_(auth), watches_(max_watches_per_token) {}
+  // `max_watches_per_token`: WatchJob and SubmitAndWatch streams one token may hold open;
+  // `hold_first_event`: SubmitAndWatch's first event waits for results until the next Tick.
+  TaskQueueService(Broker* broker, const Authorizer* auth, size_t max_watches_per_token,
+                   bool hold_first_event)
+      : broker_(broker),
+        auth_(auth),
+        watches_(max_watches_per_token),
+        hold_first_event_(hold_first_event) {}
+
+  // The master's tick: first events held since the last one go out.
+  void Tick() { first_events_.ReleaseAll(); }
 
   grpc::ServerUnaryReactor* Submit(grpc::CallbackServerContext* context,
                                    const v1::SubmitRequest* request,
@@ -48,6 +57,8 @@ class TaskQueueService final : public v1::TaskQueue::CallbackService {
   Broker* const broker_;
   const Authorizer* const auth_;
   StreamQuota watches_;
+  const bool hold_first_event_;
+  FirstEventHold first_events_;
 };
 
 }  // namespace taskmaster

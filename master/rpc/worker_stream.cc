@@ -10,30 +10,67 @@
 #include "master/rpc/worker_outbox.h"
 
 namespace taskmaster {
-namespace {
 
-// One worker's stream. Reads are handled one at a time; what the broker sends goes through the
-// WorkerOutbox, under mu_, and the write or finish it decides is made after mu_ is released.
-class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage> {
+// One worker's stream, from waiting for its call to its end. Its completions run on the queue's
+// thread, one at a time; what the broker sends comes from any thread, through the WorkerOutbox
+// under mu_, and the write or finish it decides is started after mu_ is released. It deletes
+// itself once every operation it started has completed.
+class WorkerStream {
  public:
-  WorkerStream(Broker* broker, std::shared_ptr<spdlog::logger> log, const grpc::Status& auth,
-               grpc::CallbackServerContext* context, size_t max_buffered_bytes,
-               std::chrono::milliseconds stall)
-      : broker_(broker),
-        log_(std::move(log)),
-        context_(context),
-        peer_(context->peer()),
+  explicit WorkerStream(WorkerServiceImpl* service)
+      : service_(service),
+        broker_(service->broker_),
+        log_(service->log_),
+        stream_(&context_),
         channel_(std::make_shared<Channel>(this)),
-        outbox_(max_buffered_bytes, stall) {
-    if (!auth.ok()) {
-      log_->warn("refused a worker stream from {}: {}", peer_, auth.error_message());
-      End(auth);
-      return;
+        outbox_(service->max_buffered_bytes_, service->stall_) {
+    // Delivered only if a call arrives (counted then, in OnCall).
+    context_.AsyncNotifyWhenDone(&done_tag_);
+    {
+      absl::MutexLock lock(&mu_);
+      ops_ = 1;
     }
-    StartRead(&in_);
+    grpc::ServerCompletionQueue* cq = service->queue_->cq();
+    service->RequestConnect(&context_, &stream_, cq, cq, &call_tag_);
   }
 
-  void OnReadDone(bool ok) override {
+ private:
+  // The broker's handle on this stream; it outlives the stream.
+  struct Channel final : WorkerChannel {
+    explicit Channel(WorkerStream* s) : ref(s) {}
+    void Send(WorkerOutbound message) override {
+      ref.Call([&](WorkerStream& stream) { stream.Enqueue(std::move(message)); });
+    }
+    size_t Backlog() const override { return backlog.load(std::memory_order_relaxed); }
+    ReactorRef<WorkerStream> ref;
+    std::atomic<size_t> backlog{0};  // the outbox's buffered bytes, as of its latest change
+  };
+
+  void OnCall(bool ok) {
+    if (ok) {
+      {
+        absl::MutexLock lock(&mu_);
+        ++ops_;  // the done tag
+      }
+      service_->AwaitCall();
+      peer_ = context_.peer();
+      const grpc::Status auth = service_->auth_->Check(&context_, Role::kWork, "Connect");
+      if (auth.ok()) {
+        StartRead();
+      } else {
+        log_->warn("refused a worker stream from {}: {}", peer_, auth.error_message());
+        End(auth);
+      }
+    }  // else the server is shutting down: no call came
+    Completed();
+  }
+
+  void OnReadDone(bool ok) {
+    Read(ok);
+    Completed();
+  }
+
+  void Read(bool ok) {
     if (!ok) {
       // The worker closed its side, the connection broke, or a message could not be parsed:
       // gRPC does not say which. A stream that ends before its hello was read is refused.
@@ -61,35 +98,31 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       attached_ = true;
     }
     Handle(in_);
-    StartRead(&in_);
+    StartRead();
   }
 
-  void OnWriteDone(bool ok) override {
+  void OnWriteDone(bool ok) {
     StreamStep step;
     {
       absl::MutexLock lock(&mu_);
       step = outbox_.WriteDone(ok);
       channel_->backlog.store(outbox_.buffered_bytes(), std::memory_order_relaxed);
+      CountLocked(step);
     }
     Take(step);
+    Completed();
   }
 
-  void OnDone() override {
-    channel_->ref.Detach();
-    delete this;
-  }
+  void OnFinishDone(bool) { Completed(); }
+  void OnDone(bool) { Completed(); }
 
- private:
-  // The broker's handle on this stream; it outlives the stream.
-  struct Channel final : WorkerChannel {
-    explicit Channel(WorkerStream* s) : ref(s) {}
-    void Send(WorkerOutbound message) override {
-      ref.Call([&](WorkerStream& stream) { stream.Enqueue(std::move(message)); });
+  void StartRead() {
+    {
+      absl::MutexLock lock(&mu_);
+      ++ops_;
     }
-    size_t Backlog() const override { return backlog.load(std::memory_order_relaxed); }
-    ReactorRef<WorkerStream> ref;
-    std::atomic<size_t> backlog{0};  // the outbox's buffered bytes, as of its latest change
-  };
+    stream_.Read(&in_, &read_tag_);
+  }
 
   void Handle(v1::WorkerMessage& m) {
     if (const int64_t echo_at = ApplyWorkerMessage(*broker_, handle_, m); echo_at > 0) {
@@ -108,10 +141,11 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
       step = outbox_.Add(std::move(message));
       buffered = outbox_.buffered_bytes();
       channel_->backlog.store(buffered, std::memory_order_relaxed);
+      CountLocked(step);
     }
     if (step.cut_off) {
       log_->warn("cut off worker stream from {}: {} bytes wait for it to read", peer_, buffered);
-      context_->TryCancel();
+      context_.TryCancel();
     }
     Take(step);
   }
@@ -121,23 +155,54 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
     {
       absl::MutexLock lock(&mu_);
       step = outbox_.Finish(status);
+      CountLocked(step);
     }
     Take(step);
   }
 
-  // The outbox decided it under mu_, so no two writes or finishes overlap.
-  void Take(const StreamStep& step) {
-    if (step.write) StartWrite(step.write);
-    if (step.finish) Finish(*step.finish);
+  // The operations `step` starts, counted under the same lock that decided them.
+  void CountLocked(const StreamStep& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ops_ += (step.write ? 1 : 0) + (step.finish ? 1 : 0);
   }
 
+  // The outbox decided it under mu_, so no two writes or finishes overlap.
+  void Take(const StreamStep& step) {
+    if (step.write) stream_.Write(*step.write, &write_tag_);
+    if (step.finish) stream_.Finish(*step.finish, &finish_tag_);
+  }
+
+  // An operation completed; the last one deletes the stream.
+  void Completed() {
+    {
+      absl::MutexLock lock(&mu_);
+      if (--ops_ > 0) return;
+    }
+    // No broker call starts after this; one in progress may have started a write meanwhile,
+    // whose completion comes back here.
+    channel_->ref.Detach();
+    {
+      absl::MutexLock lock(&mu_);
+      if (ops_ > 0) return;
+    }
+    WorkerServiceImpl* service = service_;
+    delete this;
+    service->StreamEnded();
+  }
+
+  WorkerServiceImpl* const service_;
   Broker* const broker_;
   const std::shared_ptr<spdlog::logger> log_;
-  grpc::CallbackServerContext* const context_;  // the call's, valid until OnDone
-  const std::string peer_;
+  grpc::ServerContext context_;
+  grpc::ServerAsyncReaderWriter<v1::MasterMessage, v1::WorkerMessage> stream_;
   const std::shared_ptr<Channel> channel_;
+  CqTag<WorkerStream, &WorkerStream::OnCall> call_tag_{this};
+  CqTag<WorkerStream, &WorkerStream::OnReadDone> read_tag_{this};
+  CqTag<WorkerStream, &WorkerStream::OnWriteDone> write_tag_{this};
+  CqTag<WorkerStream, &WorkerStream::OnFinishDone> finish_tag_{this};
+  CqTag<WorkerStream, &WorkerStream::OnDone> done_tag_{this};
 
-  // Used only by the reactions on the read side, which gRPC runs one at a time.
+  // Used only by the completions of the call and of reads, which come one at a time.
+  std::string peer_;
   v1::WorkerMessage in_;
   Broker::WorkerHandle handle_;
   bool attached_ = false;
@@ -145,14 +210,47 @@ class WorkerStream final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1:
 
   absl::Mutex mu_;
   WorkerOutbox outbox_ ABSL_GUARDED_BY(mu_);
+  int ops_ ABSL_GUARDED_BY(mu_) = 0;  // started and not completed
 };
 
-}  // namespace
+void WorkerServiceImpl::AddTo(grpc::ServerBuilder& builder) {
+  builder.RegisterService(this);
+  queue_ = std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue());
+}
 
-grpc::ServerBidiReactor<v1::WorkerMessage, v1::MasterMessage>* WorkerServiceImpl::Connect(
-    grpc::CallbackServerContext* context) {
-  return new WorkerStream(broker_, log_, auth_->Check(context, Role::kWork, "Connect"), context,
-                          max_buffered_bytes_, stall_);
+void WorkerServiceImpl::Start() {
+  queue_->Start();
+  AwaitCall();
+}
+
+void WorkerServiceImpl::AwaitCall() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopped_) return;
+    ++streams_;
+  }
+  new WorkerStream(this);
+}
+
+void WorkerServiceImpl::StreamEnded() {
+  absl::MutexLock lock(&mu_);
+  --streams_;
+}
+
+void WorkerServiceImpl::Stop() {
+  if (!queue_) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    // The server's shutdown cancelled every call: each stream ends as its operations come back.
+    // Bounded, should a stream never end: its operations then come back as the queue drains.
+    auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_ == 0; };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ended), absl::Seconds(10))) {
+      log_->warn("{} worker streams had not ended 10 s after the server stopped", streams_);
+    }
+  }
+  queue_->Stop();
 }
 
 }  // namespace taskmaster

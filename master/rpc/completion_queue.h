@@ -1,0 +1,56 @@
+// The hot streams' completion queue, served by a thread of our own. gRPC's callback API runs its
+// reactions on two threads that poll in turn and wake each other for every event (measured: four
+// to five context switches and ~40 µs of CPU per ping-pong on a 2-core host); one thread that
+// polls its own queue and runs each completion where it lands costs one switch and ~13 µs.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "grpcpp/grpcpp.h"
+
+namespace taskmaster {
+
+// What an operation started on the queue reports when it completes (`ok`: as gRPC says).
+class CqEvent {
+ public:
+  virtual void Complete(bool ok) = 0;
+
+ protected:
+  ~CqEvent() = default;
+};
+
+// A tag that completes into a member function of its owner: a stream keeps one per kind of
+// operation it has in flight, so no completion allocates.
+template <typename Owner, void (Owner::*kOnComplete)(bool)>
+class CqTag final : public CqEvent {
+ public:
+  explicit CqTag(Owner* owner) : owner_(owner) {}
+  void Complete(bool ok) override { (owner_->*kOnComplete)(ok); }
+
+ private:
+  Owner* const owner_;
+};
+
+// One server completion queue and the thread that serves it. Take the queue from the builder
+// before the server starts; Start once the server runs; Stop after the server has shut down and
+// every call on the queue has ended.
+class CompletionQueueThread {
+ public:
+  explicit CompletionQueueThread(std::unique_ptr<grpc::ServerCompletionQueue> cq)
+      : cq_(std::move(cq)) {}
+  ~CompletionQueueThread() { Stop(); }
+
+  grpc::ServerCompletionQueue* cq() const { return cq_.get(); }
+  void Start();
+  // Shuts the queue down and waits for the thread to drain it. Idempotent.
+  void Stop();
+
+ private:
+  const std::unique_ptr<grpc::ServerCompletionQueue> cq_;
+  std::thread thread_;
+  std::atomic<bool> stopped_{false};
+};
+
+}  // namespace taskmaster
