@@ -29,8 +29,9 @@ TEST_F(Hostile, HostileFieldValues) {
   auto hostile = cluster_->NewClient();
   const auto invalid = absl::StatusCode::kInvalidArgument;
   // A request with a text field that is not UTF-8 cannot be parsed: gRPC answers before the
-  // master sees it, with UNIMPLEMENTED (what its callback API says to a request it cannot read).
-  const auto unparsable = absl::StatusCode::kUnimplemented;
+  // master sees it, with INTERNAL ("Unable to parse request", what its completion-queue API says
+  // to a request it cannot read).
+  const auto unparsable = absl::StatusCode::kInternal;
   constexpr int64_t kCenturyMs = int64_t{100} * 365 * 24 * 3600 * 1000;
   const auto submit = [&](const std::string& what, const v1::SubmitRequest& request,
                           absl::StatusCode want) {

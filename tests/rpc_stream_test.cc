@@ -36,15 +36,20 @@ class InProcessMaster {
     EXPECT_TRUE(broker_.Recover().ok());
     grpc::ServerBuilder builder;
     builder.RegisterService(&queue_);
-    workers_.AddTo(builder);
+    builder.RegisterService(&workers_);
+    queue_thread_ = std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue());
     server_ = builder.BuildAndStart();
-    workers_.Start();
+    queue_thread_->Start();
+    queue_.Start(queue_thread_.get());
+    workers_.Start(queue_thread_.get());
     channel_ = server_->InProcessChannel(grpc::ChannelArguments());
   }
   ~InProcessMaster() {
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + seconds(30));
+    queue_.Stop();
     workers_.Stop();
+    queue_thread_->Stop();
   }
 
   std::unique_ptr<v1::TaskQueue::Stub> Client() { return v1::TaskQueue::NewStub(channel_); }
@@ -60,6 +65,7 @@ class InProcessMaster {
   Authorizer auth_;
   TaskQueueService queue_;
   WorkerServiceImpl workers_;
+  std::unique_ptr<CompletionQueueThread> queue_thread_;
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
 };

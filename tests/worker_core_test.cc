@@ -94,6 +94,7 @@ class SlotsTest : public ::testing::Test {
     time_.Advance(passed);
     std::optional<ToMaster> out = slots_->NextToSend();
     EXPECT_TRUE(out.has_value());
+    if (out) slots_->Sent();
     return out.value_or(ToMaster{});
   }
 
@@ -120,6 +121,7 @@ class SlotsTest : public ::testing::Test {
     auto next = std::async(std::launch::async, [this] { return slots_->NextToSend(); });
     std::optional<ToMaster> out = Wait(next);
     EXPECT_TRUE(out.has_value());
+    if (out) slots_->Sent();
     return out.value_or(ToMaster{});
   }
 
@@ -186,6 +188,41 @@ TEST_F(SlotsTest, CreditsCoverThreadsAndPrefetchAndReturnAsTasksFinish) {
   ToMaster after = Tick();
   EXPECT_EQ(after.credits, 1);
   EXPECT_EQ(Ids(after.results), std::vector<TaskId>{1});
+}
+
+// A thread that finishes while no task waits writes its result itself, with the credit it frees,
+// and the sender has nothing left of it; under load (a task queued) the result waits for the
+// sender, to leave with others; and never while another write is in flight.
+TEST_F(SlotsTest, AResultGoesStraightOutOnlyWhenTheThreadHasNothingQueued) {
+  Make(/*threads=*/1, /*prefetch=*/1);
+  Connect();
+  Tick(milliseconds(0));
+  const auto ok = [](const Assignment& a) {
+    return Result{a.task.task_id, a.task.attempt, Outcome::kSucceeded, "out", ""};
+  };
+
+  Deliver({MakeTask(1)});
+  Assignment one = Take();
+  std::optional<ToMaster> direct = slots_->Finish(one.delivery, ok(one), milliseconds(1), true);
+  ASSERT_TRUE(direct.has_value());
+  EXPECT_EQ(Ids(direct->results), std::vector<TaskId>{1});
+  EXPECT_EQ(direct->credits, 1);
+  slots_->Sent();
+  EXPECT_TRUE(Tick().results.empty()) << "written once";
+
+  Deliver({MakeTask(2), MakeTask(3)});
+  Assignment two = Take();
+  EXPECT_FALSE(slots_->Finish(two.delivery, ok(two), milliseconds(1), true).has_value())
+      << "task 3 is queued: the result waits for the sender";
+  Assignment three = Take();
+  auto sender = std::async(std::launch::async, [this] { return slots_->NextToSend(); });
+  std::optional<ToMaster> held = Wait(sender);  // the sender writes task 2's result...
+  ASSERT_TRUE(held.has_value());
+  EXPECT_EQ(Ids(held->results), std::vector<TaskId>{2});
+  EXPECT_FALSE(slots_->Finish(three.delivery, ok(three), milliseconds(1), true).has_value())
+      << "...so task 3's waits for it";
+  slots_->Sent();
+  EXPECT_EQ(Ids(Next().results), std::vector<TaskId>{3});
 }
 
 TEST_F(SlotsTest, UnusedCreditsAreGrantedAfreshOnANewSession) {

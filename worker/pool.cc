@@ -74,7 +74,9 @@ void Pool::Loop() {
     metrics_->Ended(a->task.kind, result.outcome, took);
     log_->debug("task {} attempt {} ({}): {}", a->task.task_id, a->task.attempt, a->task.kind,
                 OutcomeName(result.outcome));
-    slots_->Finish(a->delivery, std::move(result), took);
+    std::optional<ToMaster> out =
+        slots_->Finish(a->delivery, std::move(result), took, write_now_ != nullptr);
+    if (out) write_now_(std::move(*out));
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -28,17 +29,23 @@ Result RunTask(const Registry& registry, const RunOptions& options, const Task& 
                const std::shared_ptr<const std::atomic<bool>>& cancelled,
                ProgressSink progress = nullptr);
 
+// Writes a message Slots::Finish gave the pool thread to the master's stream, then calls
+// Slots::Sent.
+using WriteNow = std::function<void(ToMaster)>;
+
 // Thread-compatible: Start once, then Join once, after Slots::Stop.
 class Pool {
  public:
-  // `slots`, `registry` and `metrics` must outlive the pool.
+  // `slots`, `registry` and `metrics` must outlive the pool. With `write_now`, a thread that
+  // finishes a task while nobody writes to the stream writes its result itself.
   Pool(Slots* slots, const Registry* registry, RunMetrics* metrics, RunOptions options,
-       std::shared_ptr<spdlog::logger> log)
+       std::shared_ptr<spdlog::logger> log, WriteNow write_now = nullptr)
       : slots_(slots),
         registry_(registry),
         metrics_(metrics),
         options_(std::move(options)),
-        log_(std::move(log)) {}
+        log_(std::move(log)),
+        write_now_(std::move(write_now)) {}
 
   void Start(int threads);
   void Join();
@@ -51,6 +58,7 @@ class Pool {
   RunMetrics* const metrics_;
   const RunOptions options_;
   const std::shared_ptr<spdlog::logger> log_;
+  const WriteNow write_now_;
   std::vector<std::thread> threads_;
 };
 

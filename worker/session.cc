@@ -196,10 +196,18 @@ bool Session::Run(grpc::Status* status) {
   }
   auto stub = v1::WorkerService::NewStub(*channel);
   auto stream = stub->Connect(&context);
+  {
+    absl::MutexLock lock(&mu_);
+    stream_ = stream.get();
+  }
   v1::MasterMessage in;
   const bool answered = stream->Write(MakeHello(*state)) && stream->Read(&in);
   if (!answered || !in.has_welcome()) {
     if (answered) context.TryCancel();  // not a master we understand
+    {
+      absl::MutexLock lock(&mu_);
+      stream_ = nullptr;
+    }
     *status = stream->Finish();
     Ended(false, *status);
     return false;
@@ -221,8 +229,13 @@ bool Session::Run(grpc::Status* status) {
     }
   } while (stream->Read(&in));
   slots_->CloseSession();
-  context.TryCancel();  // unblocks the sender if it waits on flow control
+  context.TryCancel();  // unblocks the writers if they wait on flow control
   sender.join();
+  slots_->AwaitNotSending();
+  {
+    absl::MutexLock lock(&mu_);
+    stream_ = nullptr;
+  }
   *status = stream->Finish();
   if (master_stopping) *status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "master stopping");
   Ended(master_stopping, *status);
@@ -242,14 +255,29 @@ void Session::Ended(bool master_stopping, const grpc::Status& status) {
 
 void Session::SendLoop(Stream* stream) {
   while (std::optional<ToMaster> out = slots_->NextToSend()) {
-    if (out->empty()) continue;
-    const bool bye = out->bye;
-    if (!stream->Write(ToProto(std::move(*out)))) return;
-    if (bye) {
-      stream->WritesDone();
-      return;
-    }
+    const bool more = out->empty() || Write(stream, std::move(*out));
+    slots_->Sent();
+    if (!more) return;
   }
+}
+
+bool Session::Write(Stream* stream, ToMaster out) {
+  const bool bye = out.bye;
+  if (!stream->Write(ToProto(std::move(out)))) return false;
+  if (!bye) return true;
+  stream->WritesDone();
+  return false;
+}
+
+void Session::WriteNow(ToMaster out) {
+  Stream* stream;
+  {
+    absl::MutexLock lock(&mu_);
+    stream = stream_;
+  }
+  // A failed write is the reader's to see: the stream ends, and the results go again on the next.
+  if (stream) Write(stream, std::move(out));
+  slots_->Sent();
 }
 
 void Session::WatchdogLoop() {

@@ -46,6 +46,8 @@ class Session {
   bool connected() const { return connected_.load(std::memory_order_relaxed); }
   // Streams the master welcomed, the first included.
   int64_t connections() const { return connections_.load(std::memory_order_relaxed); }
+  // Writes what Slots::Finish gave a pool thread to the live stream, then calls Slots::Sent.
+  void WriteNow(ToMaster out);
 
  private:
   using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>;
@@ -55,6 +57,8 @@ class Session {
   bool Run(grpc::Status* status);
   void Ended(bool master_stopping, const grpc::Status& status);
   void SendLoop(Stream* stream);
+  // Writes `out` (a goodbye ends the writing side too); false when the stream is broken or done.
+  static bool Write(Stream* stream, ToMaster out);
   void WatchdogLoop();
   // Cancels the stream of session `number` if it is still the live one; 0: whichever is.
   void CancelSession(uint64_t number);
@@ -72,6 +76,8 @@ class Session {
   uint64_t number_ ABSL_GUARDED_BY(mu_) = 0;  // of the latest session
   // Its call, from before its hello to its end; the watchdog and Cancel cancel it.
   std::shared_ptr<grpc::ClientContext> live_ ABSL_GUARDED_BY(mu_);
+  // Its stream, from before its welcome until nothing writes to it any more (WriteNow's).
+  Stream* stream_ ABSL_GUARDED_BY(mu_) = nullptr;
   std::atomic<bool> connected_{false};   // for status lines only
   std::atomic<int64_t> connections_{0};  // for metrics only
 };

@@ -89,7 +89,8 @@ std::optional<Assignment> Slots::NextTask() {
                     .delivery = h.delivery};
 }
 
-void Slots::Finish(uint64_t delivery, Result result, std::chrono::steady_clock::duration took) {
+std::optional<ToMaster> Slots::Finish(uint64_t delivery, Result result,
+                                      std::chrono::steady_clock::duration took, bool take) {
   const double took_us = std::chrono::duration<double, std::micro>(took).count();
   absl::MutexLock lock(&mu_);
   task_us_ewma_ = task_us_ewma_ <= 0
@@ -103,6 +104,15 @@ void Slots::Finish(uint64_t delivery, Result result, std::chrono::steady_clock::
     orphans_.erase(orphan);
   }
   TopUpCreditsLocked();
+  // Only when no task waits for a thread: under load the results gather while the pool works
+  // and leave together with the sender (a message each would cost most of the throughput). And
+  // only in the plain case: a drain or a goodbye is the sender's to write.
+  if (!take || !queue_.empty() || sending_ || !session_open_ || draining_ || leaving_ ||
+      to_send_.empty()) {
+    return std::nullopt;
+  }
+  sending_ = true;
+  return TakeLocked();
 }
 
 void Slots::ReportProgress(TaskId id, uint64_t delivery, Progress progress) {
@@ -235,12 +245,30 @@ void Slots::RememberCancelLocked(TaskId id) {
 std::optional<ToMaster> Slots::NextToSend() {
   absl::MutexLock lock(&mu_);
   auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !session_open_ || !to_send_.empty() || credits_to_send_ > 0 ||
-           (draining_ && !drain_sent_) || leaving_ ||
-           (progress_pending_ && options_.now() >= progress_due_);
+    if (!session_open_) return true;
+    if (sending_) return false;
+    const Time now = options_.now();
+    return !to_send_.empty() || credits_to_send_ > 0 || (draining_ && !drain_sent_) || leaving_ ||
+           (progress_pending_ && now >= progress_due_) || now >= heartbeat_due_;
   };
-  AwaitUntilLocked(ready, heartbeat_due_);
+  mu_.Await(absl::Condition(&ready));
   if (!session_open_) return std::nullopt;
+  sending_ = true;
+  return TakeLocked();
+}
+
+void Slots::Sent() {
+  absl::MutexLock lock(&mu_);
+  sending_ = false;
+}
+
+void Slots::AwaitNotSending() {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !sending_; };
+  mu_.Await(absl::Condition(&idle));
+}
+
+ToMaster Slots::TakeLocked() {
   const Time now = options_.now();
   if (now >= resend_at_) {
     // Still unacknowledged a whole period later: the master could not store them (its disk was

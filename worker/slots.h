@@ -91,8 +91,12 @@ class Slots {
   // Blocks until a task is queued, and marks it running; nullopt once the worker stopped.
   std::optional<Assignment> NextTask();
   // The handler of `delivery` returned after `took`: its result waits for the master's
-  // acknowledgement, unless the task was revoked, fenced or reported stuck meanwhile.
-  void Finish(uint64_t delivery, Result result, std::chrono::steady_clock::duration took);
+  // acknowledgement, unless the task was revoked, fenced or reported stuck meanwhile. With
+  // `take`, when no task is queued, nothing is being written and the session is open, returns
+  // what the caller is to write itself, then call Sent: the result leaves without a hand-off to
+  // the sender's thread.
+  std::optional<ToMaster> Finish(uint64_t delivery, Result result,
+                                 std::chrono::steady_clock::duration took, bool take = false);
   // The handler of `delivery` says how far it has come: kept (the latest only) and sent with the
   // next message at most every progress_interval. Cheap enough to call in a handler's loop.
   void ReportProgress(TaskId id, uint64_t delivery, Progress progress);
@@ -106,9 +110,13 @@ class Slots {
   // lost its state (and with it this worker's tasks and results).
   std::optional<std::string> Welcomed(const Welcome& welcome);
   void Received(FromMaster message);
-  // Blocks until there is something to write or a heartbeat is due; nullopt once the session
-  // closed.
+  // Blocks until there is something to write or a heartbeat is due, and nobody else is writing;
+  // nullopt once the session closed. The caller writes it, then calls Sent.
   std::optional<ToMaster> NextToSend();
+  // What NextToSend or Finish returned is written (or failed to be): another may write.
+  void Sent();
+  // Waits until nobody writes: after CloseSession, before the stream goes.
+  void AwaitNotSending();
   // The stream stopped reading: the sender stops too.
   void CloseSession();
   // The stream ended, with the master's `error` message. Returns what to log of the results
@@ -168,6 +176,8 @@ class Slots {
   void ReportStuckLocked(WatchReport* report) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LeasesHeldSinceLocked(Time since) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int32_t PrefetchLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The next message to write: results, credits, a drain, progress, a heartbeat when due.
+  ToMaster TakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RememberCancelLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<std::string> CountRefusalsLocked(std::string_view error)
@@ -218,6 +228,7 @@ class Slots {
   bool cut_ ABSL_GUARDED_BY(mu_) = false;           // the watchdog cut this session already
   bool welcomed_ ABSL_GUARDED_BY(mu_) = false;      // this session got its welcome
   bool session_open_ ABSL_GUARDED_BY(mu_) = false;  // from its welcome until it stops reading
+  bool sending_ ABSL_GUARDED_BY(mu_) = false;       // a message taken is being written
   Time session_started_ ABSL_GUARDED_BY(mu_);       // its hello left
   Time heard_at_ ABSL_GUARDED_BY(mu_);              // its last message from the master
   Time heartbeat_due_ ABSL_GUARDED_BY(mu_);         // its next heartbeat

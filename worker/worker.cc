@@ -73,7 +73,7 @@ struct Lane {
              {.worker_name = name,
               .max_output = static_cast<size_t>(std::max<int64_t>(
                   0, int64_t{options->master.max_message_bytes} - int64_t{kResultOverhead}))},
-             log),
+             log, [this](worker::ToMaster out) { session.WriteNow(std::move(out)); }),
         session(options,
                 {.worker_id = worker_id,
                  .name = name,

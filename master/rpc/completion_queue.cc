@@ -25,4 +25,24 @@ void CompletionQueueThread::Stop() {
   }
 }
 
+bool CallTracker::Begin() {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return false;
+  ++calls_;
+  return true;
+}
+
+void CallTracker::End() {
+  absl::MutexLock lock(&mu_);
+  --calls_;
+}
+
+int64_t CallTracker::StopAndWait(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  stopping_ = true;
+  auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
+  mu_.AwaitWithTimeout(absl::Condition(&ended), timeout);
+  return calls_;
+}
+
 }  // namespace taskmaster

@@ -8,6 +8,9 @@
 #include <memory>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 
 namespace taskmaster {
@@ -51,6 +54,23 @@ class CompletionQueueThread {
   const std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::thread thread_;
   std::atomic<bool> stopped_{false};
+};
+
+// The calls of a service on the queue, those awaiting a peer included, so that the queue stops
+// only once the last has ended: an operation started on a queue that is shut down aborts the
+// process. Thread-safe.
+class CallTracker {
+ public:
+  // A call begins awaiting a peer; false once stopping (start no more).
+  bool Begin();
+  void End();
+  // Refuses new calls and waits up to `timeout` for those alive to end; returns how many remain.
+  int64_t StopAndWait(absl::Duration timeout);
+
+ private:
+  absl::Mutex mu_;
+  int64_t calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace taskmaster

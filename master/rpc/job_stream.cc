@@ -3,8 +3,10 @@
 
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 #include "common/util.h"
+#include "master/rpc/task_queue_service.h"
 #include "master/rpc/translate.h"
 
 namespace taskmaster {
@@ -15,17 +17,95 @@ constexpr size_t kMaxResultsPerEvent = 1000;
 
 }  // namespace
 
-JobStream::JobStream(Broker* broker, Authorized who, StreamQuota* quota, bool submitting)
-    : broker_(broker),
-      caller_(who.caller()),
-      token_(std::move(who.token)),
-      quota_(quota),
+void JobStream::Await(TaskQueueService* service, Call call) {
+  if (!service->calls_.Begin()) return;
+  new JobStream(service, call);
+}
+
+JobStream::JobStream(TaskQueueService* service, Call call)
+    : service_(service),
+      call_(call),
+      broker_(service->broker_),
       link_(std::make_shared<Link>(this)),
-      submitting_(submitting) {}
+      writer_(&context_) {
+  // Delivered only if a call arrives (counted then, in OnCall).
+  context_.AsyncNotifyWhenDone(&done_tag_);
+  {
+    absl::MutexLock lock(&mu_);
+    ops_ = 1;
+  }
+  grpc::ServerCompletionQueue* cq = service->queue_->cq();
+  if (call == Call::kSubmitAndWatch) {
+    service->RequestSubmitAndWatch(&context_, &submit_request_, &writer_, cq, cq, &call_tag_);
+  } else {
+    service->RequestWatchJob(&context_, &watch_request_, &writer_, cq, cq, &call_tag_);
+  }
+}
+
+void JobStream::OnCall(bool ok) {
+  if (ok) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++ops_;  // the done tag
+    }
+    Await(service_, call_);
+    Begin();
+  }  // else the server is shutting down: no call came
+  Completed();
+}
+
+void JobStream::Begin() {
+  const char* name = call_ == Call::kSubmitAndWatch ? "SubmitAndWatch" : "WatchJob";
+  Authorized who;
+  if (grpc::Status s = service_->auth_->Check(&context_, Role::kSubmit, name, &who); !s.ok()) {
+    Fail(s);
+    return;
+  }
+  if (!service_->watches_.Acquire(who.token)) {
+    Fail(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this token has ", service_->watches_.per_token(),
+                     " job streams open, its limit (--max-watches-per-token); close some first")));
+    return;
+  }
+  holds_quota_ = true;
+  caller_ = who.caller();
+  token_ = std::move(who.token);
+  if (call_ == Call::kWatchJob) {
+    Follow(watch_request_.job_id(), watch_request_.after(), nullptr);
+    return;
+  }
+  // Appending to an open job and following it from here would skip what it already finished.
+  if (!submit_request_.job_id().empty()) {
+    Fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                      "SubmitAndWatch opens a new job; add batches with Submit and follow the "
+                      "job with WatchJob"));
+    return;
+  }
+  Submit();
+}
+
+void JobStream::Submit() {
+  {
+    absl::MutexLock lock(&mu_);
+    submitting_ = true;
+    ++ops_;  // the callback, which may come after the call is over
+  }
+  FirstEventHold* hold = service_->hold_first_event_ ? &service_->first_events_ : nullptr;
+  broker_->Submit(caller_, TargetOf(submit_request_), TakeSpecs(&submit_request_),
+                  [this, hold](absl::StatusOr<SubmitOutcome> outcome) {
+                    if (outcome.ok()) {
+                      Follow(outcome->job_id, 0, hold);
+                    } else {
+                      Fail(ToGrpcStatus(outcome.status()));
+                    }
+                    Completed();
+                  });
+}
 
 void JobStream::Follow(std::string job_id, int64_t after, FirstEventHold* hold) {
-  bool cancelled;
   std::optional<grpc::Status> finish;
+  bool cancelled;
   {
     absl::MutexLock lock(&mu_);
     submitting_ = false;
@@ -77,31 +157,57 @@ void JobStream::OnWriteDone(bool ok) {
   }
   if (finish) {
     End(std::move(finish));
-    return;
+  } else {
+    Pump();
   }
-  Pump();
+  Completed();
 }
 
-void JobStream::OnCancel() {
-  std::optional<grpc::Status> finish;
+void JobStream::OnFinishDone(bool) { Completed(); }
+
+void JobStream::OnDone(bool) {
+  if (context_.IsCancelled()) {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      // A write in flight finishes the stream when it completes (Pump sees cancelled_); a submit
+      // in flight, when its callback comes.
+      if (!writing_ && !submitting_) finish = FinishOnce(grpc::Status::CANCELLED);
+      cancelled_ = true;
+    }
+    End(std::move(finish));
+  }
+  Completed();
+}
+
+void JobStream::Completed() {
   {
     absl::MutexLock lock(&mu_);
-    if (!writing_ && !submitting_) finish = FinishOnce(grpc::Status::CANCELLED);
-    cancelled_ = true;
+    if (--ops_ > 0) return;
   }
-  End(std::move(finish));
-}
-
-void JobStream::OnDone() {
+  // No broker notification starts after this; one in progress may have started a write
+  // meanwhile, whose completion comes back here.
   link_->ref.Detach();
   std::string job_id;
   {
     absl::MutexLock lock(&mu_);
+    if (ops_ > 0) return;
     job_id = job_id_;
   }
   if (!job_id.empty()) broker_->Unwatch(job_id, link_.get());
-  quota_->Release(token_);
+  if (holds_quota_) service_->watches_.Release(token_);
+  TaskQueueService* service = service_;
   delete this;
+  service->calls_.End();
+}
+
+void JobStream::End(std::optional<grpc::Status> status) {
+  if (!status) return;
+  {
+    absl::MutexLock lock(&mu_);
+    ++ops_;
+  }
+  writer_.Finish(*status, &finish_tag_);
 }
 
 void JobStream::Pump() {
@@ -166,13 +272,14 @@ void JobStream::Pump() {
     wrote_open_ = events->progress.open;
     writing_ = true;
     write = &event_;
+    ++ops_;
     pumping_ = false;
     break;
   }
   if (write && last) {
-    StartWriteAndFinish(write, grpc::WriteOptions(), grpc::Status::OK);
+    writer_.WriteAndFinish(*write, grpc::WriteOptions(), grpc::Status::OK, &finish_tag_);
   } else if (write) {
-    StartWrite(write);
+    writer_.Write(*write, &write_tag_);
   }
   End(std::move(finish));
 }
@@ -200,14 +307,6 @@ void FirstEventHold::ReleaseAll() {
       link->ref.Call([](JobStream& stream) { stream.FirstEventDue(); });
     }
   }
-}
-
-grpc::ServerWriteReactor<v1::JobEvent>* RefusedJobStream(const grpc::Status& status) {
-  struct Refused final : grpc::ServerWriteReactor<v1::JobEvent> {
-    explicit Refused(const grpc::Status& s) { Finish(s); }
-    void OnDone() override { delete this; }
-  };
-  return new Refused(status);
 }
 
 }  // namespace taskmaster

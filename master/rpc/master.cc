@@ -98,7 +98,7 @@ class MasterImpl final : public Master {
         tls_ ? std::shared_ptr<grpc::ServerCredentials>(tls_) : grpc::InsecureServerCredentials(),
         &port_);
     builder.RegisterService(&queue_service_);
-    worker_service_.AddTo(builder);
+    builder.RegisterService(&worker_service_);
     builder.RegisterService(&health_service_);
     builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
     builder.SetMaxSendMessageSize(options_.max_message_bytes);
@@ -109,12 +109,17 @@ class MasterImpl final : public Master {
     builder.AddChannelArgument(
         GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
         static_cast<int>(std::clamp<int64_t>(options_.handshake_timeout_ms, 100, 3'600'000)));
+    rpc_queue_ = std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue());
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
-    worker_service_.Start();
+    // Every call runs on rpc_queue_'s one thread (see completion_queue.h).
+    rpc_queue_->Start();
+    queue_service_.Start(rpc_queue_.get());
+    worker_service_.Start(rpc_queue_.get());
+    health_service_.Start(rpc_queue_.get());
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -201,7 +206,10 @@ class MasterImpl final : public Master {
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + deadline);
     server_->Wait();
+    queue_service_.Stop();
     worker_service_.Stop();
+    health_service_.Stop();
+    rpc_queue_->Stop();
     admin_.reset();
     log_->info("stopped");
   }
@@ -273,6 +281,8 @@ class MasterImpl final : public Master {
   TaskQueueService queue_service_;
   WorkerServiceImpl worker_service_;
   HealthService health_service_;
+  // Declared before server_, so that it goes after the server, as gRPC requires.
+  std::unique_ptr<CompletionQueueThread> rpc_queue_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MasterAdmin> admin_;  // reads broker_ and store_, so declared after them
   int port_ = 0;

@@ -1,18 +1,22 @@
 // The client API (TaskQueue): submit, status, results, cancel and stats, translated to broker
-// calls and back.
+// calls and back, on the master's completion queue (see completion_queue.h).
 #pragma once
 
 #include <cstddef>
 
 #include "master/core/broker.h"
 #include "master/rpc/auth.h"
+#include "master/rpc/completion_queue.h"
 #include "master/rpc/job_stream.h"
+#include "master/rpc/unary_call.h"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 
 namespace taskmaster {
 
-// The client API: translates protobuf to broker calls and back. Thread-safe.
-class TaskQueueService final : public v1::TaskQueue::CallbackService {
+// The client API: translates protobuf to broker calls and back. Thread-safe. Register it on the
+// builder, Start it on the server's queue once the server runs, Stop it once the server has shut
+// down and before the queue stops.
+class TaskQueueService final : public v1::TaskQueue::AsyncService {
  public:
   // `max_watches_per_token`: WatchJob and SubmitAndWatch streams one token may hold open;
   // `hold_first_event`: SubmitAndWatch's first event waits for results until the next Tick.
@@ -23,42 +27,32 @@ class TaskQueueService final : public v1::TaskQueue::CallbackService {
         watches_(max_watches_per_token),
         hold_first_event_(hold_first_event) {}
 
+  // Awaits every method's calls on `queue`.
+  void Start(CompletionQueueThread* queue);
+  // The server has shut down: waits for the calls to end. Idempotent.
+  void Stop();
   // The master's tick: first events held since the last one go out.
   void Tick() { first_events_.ReleaseAll(); }
 
-  grpc::ServerUnaryReactor* Submit(grpc::CallbackServerContext* context,
-                                   const v1::SubmitRequest* request,
-                                   v1::SubmitResponse* response) override;
-  grpc::ServerUnaryReactor* GetTask(grpc::CallbackServerContext* context,
-                                    const v1::GetTaskRequest* request,
-                                    v1::TaskInfo* response) override;
-  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
-                                   const v1::GetJobRequest* request,
-                                   v1::JobInfo* response) override;
-  grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
-                                                   const v1::WatchJobRequest* request) override;
-  grpc::ServerWriteReactor<v1::JobEvent>* SubmitAndWatch(grpc::CallbackServerContext* context,
-                                                         const v1::SubmitRequest* request) override;
-  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
-                                   const v1::CancelRequest* request,
-                                   v1::CancelResponse* response) override;
-  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
-                                  const v1::StatsRequest* request,
-                                  v1::StatsResponse* response) override;
-  grpc::ServerUnaryReactor* Workers(grpc::CallbackServerContext* context,
-                                    const v1::WorkersRequest* request,
-                                    v1::WorkersResponse* response) override;
-
  private:
-  // Checks the call and takes a watch stream of the caller's quota; else the stream that refuses.
-  grpc::ServerWriteReactor<v1::JobEvent>* RefuseWatch(grpc::CallbackServerContext* context,
-                                                      const char* call, Authorized* who);
+  friend class JobStream;
+  template <typename Request, typename Response>
+  using Call = UnaryCall<v1::TaskQueue::AsyncService, Request, Response>;
+
+  void Submit(Call<v1::SubmitRequest, v1::SubmitResponse>* call);
+  void GetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call);
+  void GetJob(Call<v1::GetJobRequest, v1::JobInfo>* call);
+  void Cancel(Call<v1::CancelRequest, v1::CancelResponse>* call);
+  void Stats(Call<v1::StatsRequest, v1::StatsResponse>* call);
+  void Workers(Call<v1::WorkersRequest, v1::WorkersResponse>* call);
 
   Broker* const broker_;
   const Authorizer* const auth_;
   StreamQuota watches_;
   const bool hold_first_event_;
   FirstEventHold first_events_;
+  CompletionQueueThread* queue_ = nullptr;  // set by Start
+  CallTracker calls_;
 };
 
 }  // namespace taskmaster

@@ -184,9 +184,9 @@ class WorkerStream {
       absl::MutexLock lock(&mu_);
       if (ops_ > 0) return;
     }
-    WorkerServiceImpl* service = service_;
+    CallTracker* calls = &service_->calls_;
     delete this;
-    service->StreamEnded();
+    calls->End();
   }
 
   WorkerServiceImpl* const service_;
@@ -213,44 +213,19 @@ class WorkerStream {
   int ops_ ABSL_GUARDED_BY(mu_) = 0;  // started and not completed
 };
 
-void WorkerServiceImpl::AddTo(grpc::ServerBuilder& builder) {
-  builder.RegisterService(this);
-  queue_ = std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue());
-}
-
-void WorkerServiceImpl::Start() {
-  queue_->Start();
+void WorkerServiceImpl::Start(CompletionQueueThread* queue) {
+  queue_ = queue;
   AwaitCall();
 }
 
 void WorkerServiceImpl::AwaitCall() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopped_) return;
-    ++streams_;
-  }
-  new WorkerStream(this);
-}
-
-void WorkerServiceImpl::StreamEnded() {
-  absl::MutexLock lock(&mu_);
-  --streams_;
+  if (calls_.Begin()) new WorkerStream(this);
 }
 
 void WorkerServiceImpl::Stop() {
-  if (!queue_) return;
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopped_) return;
-    stopped_ = true;
-    // The server's shutdown cancelled every call: each stream ends as its operations come back.
-    // Bounded, should a stream never end: its operations then come back as the queue drains.
-    auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_ == 0; };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&ended), absl::Seconds(10))) {
-      log_->warn("{} worker streams had not ended 10 s after the server stopped", streams_);
-    }
+  if (const int64_t left = calls_.StopAndWait(absl::Seconds(10)); left > 0) {
+    log_->warn("{} worker streams had not ended 10 s after the server stopped", left);
   }
-  queue_->Stop();
 }
 
 }  // namespace taskmaster

@@ -10,8 +10,6 @@
 #include <cstdint>
 #include <memory>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 #include "master/core/broker.h"
 #include "master/rpc/auth.h"
 #include "master/rpc/completion_queue.h"
@@ -20,7 +18,8 @@
 
 namespace taskmaster {
 
-// Thread-safe. AddTo the builder, Start once the server runs, Stop once it has shut down.
+// Thread-safe. Register it on the builder, Start it on the server's queue once the server runs,
+// Stop it once the server has shut down and before the queue stops.
 class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
  public:
   // `max_buffered_bytes`: what may wait for a worker that does not read its stream before the
@@ -32,14 +31,11 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
         log_(std::move(log)),
         max_buffered_bytes_(max_buffered_bytes),
         stall_(stall) {}
-  ~WorkerServiceImpl() override { Stop(); }
 
-  // Registers the service, and its completion queue, before the server is built.
-  void AddTo(grpc::ServerBuilder& builder);
-  // Waits for worker streams; the server runs.
-  void Start();
-  // The server has shut down (its calls are cancelled): waits for the streams to end, then stops
-  // the queue's thread. Idempotent.
+  // Awaits worker streams on `queue`.
+  void Start(CompletionQueueThread* queue);
+  // The server has shut down (its calls are cancelled): waits for the streams to end.
+  // Idempotent.
   void Stop();
 
  private:
@@ -47,17 +43,14 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
 
   // A stream waits for the next call (each call's stream asks for the one after it).
   void AwaitCall();
-  void StreamEnded();
 
   Broker* const broker_;
   const Authorizer* const auth_;
   const std::shared_ptr<spdlog::logger> log_;
   const size_t max_buffered_bytes_;
   const std::chrono::milliseconds stall_;
-  std::unique_ptr<CompletionQueueThread> queue_;
-  absl::Mutex mu_;
-  int64_t streams_ ABSL_GUARDED_BY(mu_) = 0;  // alive, the one awaiting a call included
-  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  CompletionQueueThread* queue_ = nullptr;  // set by Start
+  CallTracker calls_;
 };
 
 }  // namespace taskmaster
