@@ -67,6 +67,10 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
   s.Add("max_watches_per_token", &o.max_watches_per_token,
         "job streams (WatchJob, SubmitAndWatch) one token may hold open")
       .Range(1, 1'000'000);
+  s.Add("rpc_threads", &o.rpc_threads,
+        "threads that run the gRPC calls, each with a completion queue of its own (1: the "
+        "lowest latency; 2: many busy worker streams spread over two cores)")
+      .Range(1, 64);
   s.Add("hold_first_event", &o.hold_first_event,
         "SubmitAndWatch's first event (the job id) waits for the first results until the next "
         "tick at most, so that a short task's answer comes in one message");

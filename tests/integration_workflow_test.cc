@@ -130,8 +130,12 @@ TEST(Integration, StdinOfAnySizeStreamsIntoOneJob) {
   EXPECT_NE(status.out.find("\"open\":false"), std::string::npos) << status.out;
 }
 
-TEST(Integration, TwoWorkersShareTwoThousandTasksExactlyOnce) {
-  Cluster cluster;
+// Once with the default of one RPC thread, and once with two, whose completion queues share the
+// calls (and a worker's stream and the job it serves may land on different ones).
+class TwoWorkers : public ::testing::TestWithParam<int> {};
+
+TEST_P(TwoWorkers, ShareTwoThousandTasksExactlyOnce) {
+  Cluster cluster({"--rpc-threads", std::to_string(GetParam())});
   cluster.StartMaster();
   cluster.StartWorker("w1", {"--threads", "2"});
   cluster.StartWorker("w2", {"--threads", "2"});
@@ -156,6 +160,8 @@ TEST(Integration, TwoWorkersShareTwoThousandTasksExactlyOnce) {
   }
   EXPECT_EQ(per_worker.size(), 2u) << "both workers ran tasks";
 }
+
+INSTANTIATE_TEST_SUITE_P(RpcThreads, TwoWorkers, ::testing::Values(1, 2));
 
 TEST(Integration, KilledWorkersTaskFinishesElsewhere) {
   Cluster cluster({"--reconnect-grace-ms", "300", "--lease-timeout-ms", "3000"});

@@ -17,14 +17,15 @@ constexpr size_t kMaxResultsPerEvent = 1000;
 
 }  // namespace
 
-void JobStream::Await(TaskQueueService* service, Call call) {
+void JobStream::Await(TaskQueueService* service, Call call, grpc::ServerCompletionQueue* cq) {
   if (!service->calls_.Begin()) return;
-  new JobStream(service, call);
+  new JobStream(service, call, cq);
 }
 
-JobStream::JobStream(TaskQueueService* service, Call call)
+JobStream::JobStream(TaskQueueService* service, Call call, grpc::ServerCompletionQueue* cq)
     : service_(service),
       call_(call),
+      cq_(cq),
       broker_(service->broker_),
       link_(std::make_shared<Link>(this)),
       writer_(&context_) {
@@ -34,7 +35,6 @@ JobStream::JobStream(TaskQueueService* service, Call call)
     absl::MutexLock lock(&mu_);
     ops_ = 1;
   }
-  grpc::ServerCompletionQueue* cq = service->queue_->cq();
   if (call == Call::kSubmitAndWatch) {
     service->RequestSubmitAndWatch(&context_, &submit_request_, &writer_, cq, cq, &call_tag_);
   } else {
@@ -48,7 +48,7 @@ void JobStream::OnCall(bool ok) {
       absl::MutexLock lock(&mu_);
       ++ops_;  // the done tag
     }
-    Await(service_, call_);
+    Await(service_, call_, cq_);
     Begin();
   }  // else the server is shutting down: no call came
   Completed();

@@ -28,8 +28,8 @@ class JobStream {
  public:
   enum class Call { kWatchJob, kSubmitAndWatch };
 
-  // Awaits the next call of `call` on the service's queue.
-  static void Await(TaskQueueService* service, Call call);
+  // Awaits the next call of `call` on `cq`.
+  static void Await(TaskQueueService* service, Call call, grpc::ServerCompletionQueue* cq);
 
   // The broker's handle on this stream; it outlives the stream.
   struct Link final : JobWatcher {
@@ -44,7 +44,7 @@ class JobStream {
   void FirstEventDue();
 
  private:
-  JobStream(TaskQueueService* service, Call call);
+  JobStream(TaskQueueService* service, Call call, grpc::ServerCompletionQueue* cq);
 
   void OnCall(bool ok);
   void OnWriteDone(bool ok);
@@ -68,6 +68,7 @@ class JobStream {
 
   TaskQueueService* const service_;
   const Call call_;
+  grpc::ServerCompletionQueue* const cq_;  // where it and the next call are awaited
   Broker* const broker_;
   const std::shared_ptr<Link> link_;
   grpc::ServerContext context_;

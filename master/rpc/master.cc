@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -109,17 +110,22 @@ class MasterImpl final : public Master {
     builder.AddChannelArgument(
         GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
         static_cast<int>(std::clamp<int64_t>(options_.handshake_timeout_ms, 100, 3'600'000)));
-    rpc_queue_ = std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue());
+    for (int64_t i = 0; i < options_.rpc_threads; ++i) {
+      rpc_queues_.push_back(std::make_unique<CompletionQueueThread>(builder.AddCompletionQueue()));
+    }
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {
       return absl::UnavailableError(
           absl::StrCat("cannot listen on ", options_.listen, " (address in use or invalid)"));
     }
-    // Every call runs on rpc_queue_'s one thread (see completion_queue.h).
-    rpc_queue_->Start();
-    queue_service_.Start(rpc_queue_.get());
-    worker_service_.Start(rpc_queue_.get());
-    health_service_.Start(rpc_queue_.get());
+    // Every call runs on one of rpc_queues_, each with a thread of its own (see
+    // completion_queue.h).
+    for (const std::unique_ptr<CompletionQueueThread>& queue : rpc_queues_) {
+      queue->Start();
+      queue_service_.Start(queue.get());
+      worker_service_.Start(queue.get());
+      health_service_.Start(queue.get());
+    }
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -209,7 +215,7 @@ class MasterImpl final : public Master {
     queue_service_.Stop();
     worker_service_.Stop();
     health_service_.Stop();
-    rpc_queue_->Stop();
+    for (const std::unique_ptr<CompletionQueueThread>& queue : rpc_queues_) queue->Stop();
     admin_.reset();
     log_->info("stopped");
   }
@@ -281,8 +287,8 @@ class MasterImpl final : public Master {
   TaskQueueService queue_service_;
   WorkerServiceImpl worker_service_;
   HealthService health_service_;
-  // Declared before server_, so that it goes after the server, as gRPC requires.
-  std::unique_ptr<CompletionQueueThread> rpc_queue_;
+  // Declared before server_, so that they go after the server, as gRPC requires.
+  std::vector<std::unique_ptr<CompletionQueueThread>> rpc_queues_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MasterAdmin> admin_;  // reads broker_ and store_, so declared after them
   int port_ = 0;

@@ -48,6 +48,10 @@ struct MasterOptions {
   // The gRPC server reflection service, for tools such as grpcurl: it tells only the API's
   // schema (public in docs/api.md), but answers without a token, so it is off unless asked.
   bool grpc_reflection = false;
+  // Threads that run the calls, each serving a completion queue of its own. One costs the least
+  // per message and gives the lowest latency; a second spreads many busy worker streams over
+  // two cores.
+  int64_t rpc_threads = 1;
   // How often leases, delays and retention are checked.
   std::chrono::milliseconds tick{100};
   BrokerOptions broker;

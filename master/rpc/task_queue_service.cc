@@ -11,7 +11,6 @@
 namespace taskmaster {
 
 void TaskQueueService::Start(CompletionQueueThread* queue) {
-  queue_ = queue;
   grpc::ServerCompletionQueue* cq = queue->cq();
   using Service = v1::TaskQueue::AsyncService;
   Call<v1::SubmitRequest, v1::SubmitResponse>::Await(this, &Service::RequestSubmit, cq, &calls_,
@@ -26,8 +25,8 @@ void TaskQueueService::Start(CompletionQueueThread* queue) {
                                                    [this](auto* call) { Stats(call); });
   Call<v1::WorkersRequest, v1::WorkersResponse>::Await(this, &Service::RequestWorkers, cq, &calls_,
                                                        [this](auto* call) { Workers(call); });
-  JobStream::Await(this, JobStream::Call::kWatchJob);
-  JobStream::Await(this, JobStream::Call::kSubmitAndWatch);
+  JobStream::Await(this, JobStream::Call::kWatchJob, cq);
+  JobStream::Await(this, JobStream::Call::kSubmitAndWatch, cq);
 }
 
 void TaskQueueService::Stop() {

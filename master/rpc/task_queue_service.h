@@ -27,7 +27,7 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
         watches_(max_watches_per_token),
         hold_first_event_(hold_first_event) {}
 
-  // Awaits every method's calls on `queue`.
+  // Awaits every method's calls on `queue` (once per queue the server has).
   void Start(CompletionQueueThread* queue);
   // The server has shut down: waits for the calls to end. Idempotent.
   void Stop();
@@ -51,7 +51,6 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
   StreamQuota watches_;
   const bool hold_first_event_;
   FirstEventHold first_events_;
-  CompletionQueueThread* queue_ = nullptr;  // set by Start
   CallTracker calls_;
 };
 

@@ -17,8 +17,9 @@ namespace taskmaster {
 // itself once every operation it started has completed.
 class WorkerStream {
  public:
-  explicit WorkerStream(WorkerServiceImpl* service)
+  WorkerStream(WorkerServiceImpl* service, grpc::ServerCompletionQueue* cq)
       : service_(service),
+        cq_(cq),
         broker_(service->broker_),
         log_(service->log_),
         stream_(&context_),
@@ -30,7 +31,6 @@ class WorkerStream {
       absl::MutexLock lock(&mu_);
       ops_ = 1;
     }
-    grpc::ServerCompletionQueue* cq = service->queue_->cq();
     service->RequestConnect(&context_, &stream_, cq, cq, &call_tag_);
   }
 
@@ -52,7 +52,7 @@ class WorkerStream {
         absl::MutexLock lock(&mu_);
         ++ops_;  // the done tag
       }
-      service_->AwaitCall();
+      service_->AwaitCall(cq_);
       peer_ = context_.peer();
       const grpc::Status auth = service_->auth_->Check(&context_, Role::kWork, "Connect");
       if (auth.ok()) {
@@ -190,6 +190,7 @@ class WorkerStream {
   }
 
   WorkerServiceImpl* const service_;
+  grpc::ServerCompletionQueue* const cq_;  // where it and the next call are awaited
   Broker* const broker_;
   const std::shared_ptr<spdlog::logger> log_;
   grpc::ServerContext context_;
@@ -213,13 +214,10 @@ class WorkerStream {
   int ops_ ABSL_GUARDED_BY(mu_) = 0;  // started and not completed
 };
 
-void WorkerServiceImpl::Start(CompletionQueueThread* queue) {
-  queue_ = queue;
-  AwaitCall();
-}
+void WorkerServiceImpl::Start(CompletionQueueThread* queue) { AwaitCall(queue->cq()); }
 
-void WorkerServiceImpl::AwaitCall() {
-  if (calls_.Begin()) new WorkerStream(this);
+void WorkerServiceImpl::AwaitCall(grpc::ServerCompletionQueue* cq) {
+  if (calls_.Begin()) new WorkerStream(this, cq);
 }
 
 void WorkerServiceImpl::Stop() {

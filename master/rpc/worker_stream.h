@@ -32,7 +32,7 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
         max_buffered_bytes_(max_buffered_bytes),
         stall_(stall) {}
 
-  // Awaits worker streams on `queue`.
+  // Awaits worker streams on `queue` (once per queue the server has).
   void Start(CompletionQueueThread* queue);
   // The server has shut down (its calls are cancelled): waits for the streams to end.
   // Idempotent.
@@ -41,15 +41,14 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
  private:
   friend class WorkerStream;
 
-  // A stream waits for the next call (each call's stream asks for the one after it).
-  void AwaitCall();
+  // A stream waits for the next call on `cq` (each call's stream asks for the one after it).
+  void AwaitCall(grpc::ServerCompletionQueue* cq);
 
   Broker* const broker_;
   const Authorizer* const auth_;
   const std::shared_ptr<spdlog::logger> log_;
   const size_t max_buffered_bytes_;
   const std::chrono::milliseconds stall_;
-  CompletionQueueThread* queue_ = nullptr;  // set by Start
   CallTracker calls_;
 };
 
