@@ -14,17 +14,17 @@ void TaskQueueService::Start(CompletionQueueThread* queue) {
   grpc::ServerCompletionQueue* cq = queue->cq();
   using Service = v1::TaskQueue::AsyncService;
   Call<v1::SubmitRequest, v1::SubmitResponse>::Await(this, &Service::RequestSubmit, cq, &calls_,
-                                                     [this](auto* call) { Submit(call); });
+                                                     [this](auto* call) { AnswerSubmit(call); });
   Call<v1::GetTaskRequest, v1::TaskInfo>::Await(this, &Service::RequestGetTask, cq, &calls_,
-                                                [this](auto* call) { GetTask(call); });
+                                                [this](auto* call) { AnswerGetTask(call); });
   Call<v1::GetJobRequest, v1::JobInfo>::Await(this, &Service::RequestGetJob, cq, &calls_,
-                                              [this](auto* call) { GetJob(call); });
+                                              [this](auto* call) { AnswerGetJob(call); });
   Call<v1::CancelRequest, v1::CancelResponse>::Await(this, &Service::RequestCancel, cq, &calls_,
-                                                     [this](auto* call) { Cancel(call); });
+                                                     [this](auto* call) { AnswerCancel(call); });
   Call<v1::StatsRequest, v1::StatsResponse>::Await(this, &Service::RequestStats, cq, &calls_,
-                                                   [this](auto* call) { Stats(call); });
+                                                   [this](auto* call) { AnswerStats(call); });
   Call<v1::WorkersRequest, v1::WorkersResponse>::Await(this, &Service::RequestWorkers, cq, &calls_,
-                                                       [this](auto* call) { Workers(call); });
+                                                       [this](auto* call) { AnswerWorkers(call); });
   JobStream::Await(this, JobStream::Call::kWatchJob, cq);
   JobStream::Await(this, JobStream::Call::kSubmitAndWatch, cq);
 }
@@ -35,7 +35,7 @@ void TaskQueueService::Stop() {
   }
 }
 
-void TaskQueueService::Submit(Call<v1::SubmitRequest, v1::SubmitResponse>* call) {
+void TaskQueueService::AnswerSubmit(Call<v1::SubmitRequest, v1::SubmitResponse>* call) {
   Authorized who;
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "Submit", &who); !s.ok()) {
     call->Reply(s);
@@ -58,7 +58,7 @@ void TaskQueueService::Submit(Call<v1::SubmitRequest, v1::SubmitResponse>* call)
                   });
 }
 
-void TaskQueueService::GetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call) {
+void TaskQueueService::AnswerGetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call) {
   Authorized who;
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "GetTask", &who); !s.ok()) {
     call->Reply(s);
@@ -80,7 +80,7 @@ void TaskQueueService::GetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call) {
   });
 }
 
-void TaskQueueService::GetJob(Call<v1::GetJobRequest, v1::JobInfo>* call) {
+void TaskQueueService::AnswerGetJob(Call<v1::GetJobRequest, v1::JobInfo>* call) {
   Authorized who;
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "GetJob", &who); !s.ok()) {
     call->Reply(s);
@@ -91,7 +91,7 @@ void TaskQueueService::GetJob(Call<v1::GetJobRequest, v1::JobInfo>* call) {
   call->Reply(ToGrpcStatus(view.status()));
 }
 
-void TaskQueueService::Cancel(Call<v1::CancelRequest, v1::CancelResponse>* call) {
+void TaskQueueService::AnswerCancel(Call<v1::CancelRequest, v1::CancelResponse>* call) {
   Authorized who;
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "Cancel", &who); !s.ok()) {
     call->Reply(s);
@@ -116,7 +116,7 @@ void TaskQueueService::Cancel(Call<v1::CancelRequest, v1::CancelResponse>* call)
   });
 }
 
-void TaskQueueService::Stats(Call<v1::StatsRequest, v1::StatsResponse>* call) {
+void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* call) {
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "Stats"); !s.ok()) {
     call->Reply(s);
     return;
@@ -128,7 +128,7 @@ void TaskQueueService::Stats(Call<v1::StatsRequest, v1::StatsResponse>* call) {
   call->Reply(grpc::Status::OK);
 }
 
-void TaskQueueService::Workers(Call<v1::WorkersRequest, v1::WorkersResponse>* call) {
+void TaskQueueService::AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersResponse>* call) {
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "Workers"); !s.ok()) {
     call->Reply(s);
     return;

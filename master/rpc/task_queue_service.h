@@ -39,12 +39,12 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
   template <typename Request, typename Response>
   using Call = UnaryCall<v1::TaskQueue::AsyncService, Request, Response>;
 
-  void Submit(Call<v1::SubmitRequest, v1::SubmitResponse>* call);
-  void GetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call);
-  void GetJob(Call<v1::GetJobRequest, v1::JobInfo>* call);
-  void Cancel(Call<v1::CancelRequest, v1::CancelResponse>* call);
-  void Stats(Call<v1::StatsRequest, v1::StatsResponse>* call);
-  void Workers(Call<v1::WorkersRequest, v1::WorkersResponse>* call);
+  void AnswerSubmit(Call<v1::SubmitRequest, v1::SubmitResponse>* call);
+  void AnswerGetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call);
+  void AnswerGetJob(Call<v1::GetJobRequest, v1::JobInfo>* call);
+  void AnswerCancel(Call<v1::CancelRequest, v1::CancelResponse>* call);
+  void AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* call);
+  void AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersResponse>* call);
 
   Broker* const broker_;
   const Authorizer* const auth_;
