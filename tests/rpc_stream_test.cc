@@ -58,6 +58,7 @@ class InProcessMaster {
   }
   Authorizer& auth() { return auth_; }
   void TickQueue() { queue_.Tick(); }
+  void StopBroker() { broker_.Shutdown(); }
 
  private:
   std::unique_ptr<Store> store_;
@@ -219,6 +220,30 @@ TEST(JobStream, TheTickReleasesAHeldFirstEvent) {
   EXPECT_EQ(first.results_size(), 0);
   EXPECT_EQ(first.progress().total(), 1);
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// A master that stops while a first event is held for results still names the job, so that the
+// client can follow it on the next master: the stream ends UNAVAILABLE after an event with its id.
+TEST(JobStream, AStoppingMasterNamesTheJobOfAHeldFirstEvent) {
+  InProcessMaster master(/*hold_first_event=*/true);
+  auto client = master.Client();
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+  auto reader = client->SubmitAndWatch(&context, EchoBatch(1));
+  // Bounded: 200 polls, 10 ms apart, until the submit is in (and its first event held).
+  for (int poll = 0; poll < 200; ++poll) {
+    grpc::ClientContext stats_context;
+    v1::StatsResponse stats;
+    ASSERT_TRUE(client->Stats(&stats_context, v1::StatsRequest(), &stats).ok());
+    if (stats.queues_size() > 0 && stats.queues(0).pending() == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  master.StopBroker();
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event)) << "the stream ended without naming its job";
+  EXPECT_FALSE(event.progress().job_id().empty());
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
 }
 
 // A job that finished before anyone followed it: one write with everything, then the end.

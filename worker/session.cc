@@ -276,7 +276,7 @@ void Session::WriteNow(ToMaster out) {
     stream = stream_;
   }
   // A failed write is the reader's to see: the stream ends, and the results go again on the next.
-  if (stream) Write(stream, std::move(out));
+  if (stream && !out.empty()) Write(stream, std::move(out));
   slots_->Sent();
 }
 

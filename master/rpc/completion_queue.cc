@@ -1,6 +1,8 @@
 // The hot streams' completion queue thread (see completion_queue.h).
 #include "master/rpc/completion_queue.h"
 
+#include <functional>
+
 namespace taskmaster {
 
 void CompletionQueueThread::Start() {
@@ -37,12 +39,14 @@ void CallTracker::End() {
   --calls_;
 }
 
-int64_t CallTracker::StopAndWait(absl::Duration timeout) {
+void CallTracker::StopAndWait(absl::Duration report_every,
+                              const std::function<void(int64_t)>& report) {
   absl::MutexLock lock(&mu_);
   stopping_ = true;
   auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
-  mu_.AwaitWithTimeout(absl::Condition(&ended), timeout);
-  return calls_;
+  // Unbounded: a call still alive may yet start an operation on the queue (a reply from a slow
+  // commit), which aborts the process once the queue is shut down. A stuck stop is told.
+  while (!mu_.AwaitWithTimeout(absl::Condition(&ended), report_every)) report(calls_);
 }
 
 }  // namespace taskmaster

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <thread>
 
@@ -64,8 +65,9 @@ class CallTracker {
   // A call begins awaiting a peer; false once stopping (start no more).
   bool Begin();
   void End();
-  // Refuses new calls and waits up to `timeout` for those alive to end; returns how many remain.
-  int64_t StopAndWait(absl::Duration timeout);
+  // Refuses new calls and waits for those alive to end, calling `report` with how many remain
+  // every `report_every`.
+  void StopAndWait(absl::Duration report_every, const std::function<void(int64_t)>& report);
 
  private:
   absl::Mutex mu_;

@@ -221,6 +221,7 @@ void JobStream::Pump() {
   }
   const v1::JobEvent* write = nullptr;
   bool last = false;
+  grpc::Status last_status = grpc::Status::OK;
   std::optional<grpc::Status> finish;
   // Bounded: each round reads what a change brought; changes stop when the job's tasks are done.
   while (true) {
@@ -238,10 +239,9 @@ void JobStream::Pump() {
       job_id = job_id_;
       cursor = cursor_;
     }
+    const bool stopping = broker_->stopping();
     absl::StatusOr<JobEvents> events =
-        broker_->stopping()
-            ? absl::UnavailableError("the master is shutting down; follow the job again")
-            : broker_->ReadJob(caller_, job_id, cursor, kMaxResultsPerEvent, kBatchBytes);
+        broker_->ReadJob(caller_, job_id, cursor, kMaxResultsPerEvent, kBatchBytes);
     absl::MutexLock lock(&mu_);
     if (!events.ok()) {
       finish = FinishOnce(ToGrpcStatus(events.status()));
@@ -252,7 +252,7 @@ void JobStream::Pump() {
       pumping_ = false;
       break;
     }
-    if (events->results.empty() &&
+    if (!stopping && events->results.empty() &&
         (wrote_any_ ? events->progress.open == wrote_open_ : hold_first_)) {
       // nothing new yet
       if (repump_) continue;
@@ -267,6 +267,13 @@ void JobStream::Pump() {
     // message, instead of waiting for the status to follow the write's completion.
     last =
         JobFullyRead(events->progress.done, events->progress.total, events->progress.open, cursor_);
+    if (stopping && !last) {
+      // The master is going: the stream ends with what there is, and with the job's id, which a
+      // held first event has not told yet, so the client follows the job on the next master.
+      last = true;
+      last_status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 "the master is shutting down; follow the job again");
+    }
     if (last) finished_ = true;
     wrote_any_ = true;
     wrote_open_ = events->progress.open;
@@ -277,7 +284,7 @@ void JobStream::Pump() {
     break;
   }
   if (write && last) {
-    writer_.WriteAndFinish(*write, grpc::WriteOptions(), grpc::Status::OK, &finish_tag_);
+    writer_.WriteAndFinish(*write, grpc::WriteOptions(), last_status, &finish_tag_);
   } else if (write) {
     writer_.Write(*write, &write_tag_);
   }

@@ -209,6 +209,8 @@ class MasterImpl final : public Master {
       return;
     }
     log_->info("shutting down: telling workers, waiting up to {} ms for calls", deadline.count());
+    // First events held for results go now, while they can still name their jobs.
+    queue_service_.Tick();
     broker_.Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + deadline);
     server_->Wait();

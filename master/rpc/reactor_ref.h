@@ -1,6 +1,7 @@
 // A handle on a gRPC reactor for callers outside gRPC (the broker telling a worker stream to send,
 // or a job stream that its job changed), who may call after the reactor is done. No lock is held
-// while the call runs: the reactor, in OnDone, detaches and waits for calls in progress.
+// while the call runs: the stream, before it deletes itself, detaches and waits for calls in
+// progress.
 #pragma once
 
 #include <cstddef>
@@ -30,7 +31,7 @@ class ReactorRef {
     --calls_;
   }
 
-  // From the reactor's OnDone: no call starts afterwards, and those in progress have returned.
+  // Before the stream goes: no call starts afterwards, and those in progress have returned.
   void Detach() {
     absl::MutexLock lock(&mu_);
     reactor_ = nullptr;

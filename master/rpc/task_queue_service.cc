@@ -30,9 +30,9 @@ void TaskQueueService::Start(CompletionQueueThread* queue) {
 }
 
 void TaskQueueService::Stop() {
-  if (const int64_t left = calls_.StopAndWait(absl::Seconds(10)); left > 0) {
-    GetLogger("master")->warn("{} client calls had not ended 10 s after the server stopped", left);
-  }
+  calls_.StopAndWait(absl::Seconds(10), [](int64_t left) {
+    GetLogger("master")->warn("stopping: {} client calls wait for the store to answer", left);
+  });
 }
 
 void TaskQueueService::AnswerSubmit(Call<v1::SubmitRequest, v1::SubmitResponse>* call) {

@@ -221,9 +221,9 @@ void WorkerServiceImpl::AwaitCall(grpc::ServerCompletionQueue* cq) {
 }
 
 void WorkerServiceImpl::Stop() {
-  if (const int64_t left = calls_.StopAndWait(absl::Seconds(10)); left > 0) {
-    log_->warn("{} worker streams had not ended 10 s after the server stopped", left);
-  }
+  calls_.StopAndWait(absl::Seconds(10), [this](int64_t left) {
+    log_->warn("stopping: {} worker streams have not ended yet", left);
+  });
 }
 
 }  // namespace taskmaster
