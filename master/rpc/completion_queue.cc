@@ -1,17 +1,23 @@
-// The hot streams' completion queue thread (see completion_queue.h).
+// The master's completion queue threads and call tracking (see completion_queue.h).
 #include "master/rpc/completion_queue.h"
 
-#include <functional>
+#include "absl/time/time.h"
+#include "common/logging.h"
 
 namespace taskmaster {
+namespace {
+
+// Completes every tag of `cq` until it is shut down and every tag on it has come back.
+void Serve(grpc::ServerCompletionQueue* cq) {
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq->Next(&tag, &ok)) static_cast<CqEvent*>(tag)->Complete(ok);
+}
+
+}  // namespace
 
 void CompletionQueueThread::Start() {
-  thread_ = std::thread([cq = cq_.get()] {
-    void* tag = nullptr;
-    bool ok = false;
-    // Ends once the queue is shut down and every tag on it has come back.
-    while (cq->Next(&tag, &ok)) static_cast<CqEvent*>(tag)->Complete(ok);
-  });
+  thread_ = std::thread([cq = cq_.get()] { Serve(cq); });
 }
 
 void CompletionQueueThread::Stop() {
@@ -20,10 +26,7 @@ void CompletionQueueThread::Stop() {
   if (thread_.joinable()) {
     thread_.join();
   } else {
-    // Never started: drain it here, as gRPC requires before the queue goes.
-    void* tag = nullptr;
-    bool ok = false;
-    while (cq_->Next(&tag, &ok)) static_cast<CqEvent*>(tag)->Complete(ok);
+    Serve(cq_.get());  // never started: drained here, as gRPC requires before the queue goes
   }
 }
 
@@ -39,14 +42,15 @@ void CallTracker::End() {
   --calls_;
 }
 
-void CallTracker::StopAndWait(absl::Duration report_every,
-                              const std::function<void(int64_t)>& report) {
+void CallTracker::StopAndWait() {
   absl::MutexLock lock(&mu_);
   stopping_ = true;
   auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_ == 0; };
   // Unbounded: a call still alive may yet start an operation on the queue (a reply from a slow
   // commit), which aborts the process once the queue is shut down. A stuck stop is told.
-  while (!mu_.AwaitWithTimeout(absl::Condition(&ended), report_every)) report(calls_);
+  while (!mu_.AwaitWithTimeout(absl::Condition(&ended), absl::Seconds(10))) {
+    GetLogger("master")->warn("stopping: {} {} have not ended yet", calls_, what_);
+  }
 }
 
 }  // namespace taskmaster

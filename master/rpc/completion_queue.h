@@ -1,17 +1,16 @@
-// The hot streams' completion queue, served by a thread of our own. gRPC's callback API runs its
+// The master's completion queues, each served by a thread of our own. gRPC's callback API runs its
 // reactions on two threads that poll in turn and wake each other for every event (measured: four
 // to five context switches and ~40 µs of CPU per ping-pong on a 2-core host); one thread that
 // polls its own queue and runs each completion where it lands costs one switch and ~13 µs.
 #pragma once
 
 #include <atomic>
-#include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 
 namespace taskmaster {
@@ -62,14 +61,17 @@ class CompletionQueueThread {
 // process. Thread-safe.
 class CallTracker {
  public:
+  // `what`: the calls, as a log line names them ("worker streams").
+  explicit CallTracker(std::string what) : what_(std::move(what)) {}
+
   // A call begins awaiting a peer; false once stopping (start no more).
   bool Begin();
   void End();
-  // Refuses new calls and waits for those alive to end, calling `report` with how many remain
-  // every `report_every`.
-  void StopAndWait(absl::Duration report_every, const std::function<void(int64_t)>& report);
+  // Refuses new calls and waits for those alive to end, logging every 10 s how many remain.
+  void StopAndWait();
 
  private:
+  const std::string what_;
   absl::Mutex mu_;
   int64_t calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

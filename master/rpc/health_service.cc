@@ -3,7 +3,6 @@
 
 #include <string_view>
 
-#include "common/logging.h"
 #include "master/rpc/unary_call.h"
 #include "taskmaster/v1/taskmaster.grpc.pb.h"
 
@@ -79,10 +78,6 @@ void HealthService::Start(CompletionQueueThread* queue) {
   RefusedWatch::Await(this, queue->cq(), &calls_);
 }
 
-void HealthService::Stop() {
-  calls_.StopAndWait(absl::Seconds(10), [](int64_t left) {
-    GetLogger("master")->warn("stopping: {} health checks have not ended yet", left);
-  });
-}
+void HealthService::Stop() { calls_.StopAndWait(); }
 
 }  // namespace taskmaster

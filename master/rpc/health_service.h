@@ -22,7 +22,7 @@ class HealthService final : public grpc::health::v1::Health::AsyncService {
 
  private:
   const std::function<bool()> serving_;
-  CallTracker calls_;
+  CallTracker calls_{"health checks"};
 };
 
 }  // namespace taskmaster

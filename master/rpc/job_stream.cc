@@ -133,6 +133,8 @@ void JobStream::Follow(std::string job_id, int64_t after, FirstEventHold* hold) 
 void JobStream::FirstEventDue() {
   {
     absl::MutexLock lock(&mu_);
+    // Written already (results came within the tick): nothing to read again.
+    if (!hold_first_) return;
     hold_first_ = false;
   }
   Pump();
@@ -276,6 +278,7 @@ void JobStream::Pump() {
     }
     if (last) finished_ = true;
     wrote_any_ = true;
+    hold_first_ = false;
     wrote_open_ = events->progress.open;
     writing_ = true;
     write = &event_;

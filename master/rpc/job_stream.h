@@ -94,7 +94,7 @@ class JobStream {
   bool repump_ ABSL_GUARDED_BY(mu_) = false;  // the job changed while pumping_
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool wrote_any_ ABSL_GUARDED_BY(mu_) = false;
-  bool hold_first_ ABSL_GUARDED_BY(mu_) = false;  // the first event waits for results
+  bool hold_first_ ABSL_GUARDED_BY(mu_) = false;  // the first event, not written, waits
   // Whether the job was open in the last event written: its closing is news even without results.
   bool wrote_open_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

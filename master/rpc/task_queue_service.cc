@@ -5,7 +5,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
-#include "common/logging.h"
 #include "master/rpc/translate.h"
 
 namespace taskmaster {
@@ -29,11 +28,7 @@ void TaskQueueService::Start(CompletionQueueThread* queue) {
   JobStream::Await(this, JobStream::Call::kSubmitAndWatch, cq);
 }
 
-void TaskQueueService::Stop() {
-  calls_.StopAndWait(absl::Seconds(10), [](int64_t left) {
-    GetLogger("master")->warn("stopping: {} client calls wait for the store to answer", left);
-  });
-}
+void TaskQueueService::Stop() { calls_.StopAndWait(); }
 
 void TaskQueueService::AnswerSubmit(Call<v1::SubmitRequest, v1::SubmitResponse>* call) {
   Authorized who;

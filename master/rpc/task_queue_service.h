@@ -51,7 +51,7 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
   StreamQuota watches_;
   const bool hold_first_event_;
   FirstEventHold first_events_;
-  CallTracker calls_;
+  CallTracker calls_{"client calls"};
 };
 
 }  // namespace taskmaster

@@ -220,10 +220,6 @@ void WorkerServiceImpl::AwaitCall(grpc::ServerCompletionQueue* cq) {
   if (calls_.Begin()) new WorkerStream(this, cq);
 }
 
-void WorkerServiceImpl::Stop() {
-  calls_.StopAndWait(absl::Seconds(10), [this](int64_t left) {
-    log_->warn("stopping: {} worker streams have not ended yet", left);
-  });
-}
+void WorkerServiceImpl::Stop() { calls_.StopAndWait(); }
 
 }  // namespace taskmaster

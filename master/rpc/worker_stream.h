@@ -49,7 +49,7 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
   const std::shared_ptr<spdlog::logger> log_;
   const size_t max_buffered_bytes_;
   const std::chrono::milliseconds stall_;
-  CallTracker calls_;
+  CallTracker calls_{"worker streams"};
 };
 
 }  // namespace taskmaster
