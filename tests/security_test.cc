@@ -137,14 +137,20 @@ TEST(Security, SighupReloadsTokensWithoutDroppingConnections) {
   t->set_payload("7");
   t->set_delay_ms(1500);
   std::atomic<int> results{0};
+  std::atomic<bool> opened{false};
   std::thread watcher([&] {
-    auto watched = old_client->SubmitAndWatch(
-        delayed, [&](const v1::JobEvent& e) { results += e.results_size(); });
+    auto watched = old_client->SubmitAndWatch(delayed, [&](const v1::JobEvent& e) {
+      opened = true;
+      results += e.results_size();
+    });
     EXPECT_TRUE(watched.ok()) << watched.status();
   });
   absl::Cleanup join_watcher = [&] {  // also when an assertion below returns early
     if (watcher.joinable()) watcher.join();
   };
+  // The stream is open (its first event came, within a tick) before the token goes: a call that
+  // reached the master only after the reload would rightly be refused.
+  ASSERT_TRUE(WaitFor([&] { return opened.load(); }, std::chrono::seconds(10)));
   auto before = cluster.NewClient()->Workers();
   ASSERT_TRUE(before.ok()) << before.status();
   ASSERT_EQ(before->workers_size(), 1);
