@@ -44,29 +44,31 @@ __attribute__((target("sse4.2"))) uint32_t HardwareCrc(const unsigned char* p, s
 const bool kHasSse42 = __builtin_cpu_supports("sse4.2");
 #endif
 
-}  // namespace
-
-uint32_t Crc32c(std::string_view data, uint32_t crc) {
+// The CRC register before its final inversion: records chain many short fields, so the
+// inversions happen once per record rather than once per field.
+uint32_t Continue(std::string_view data, uint32_t reg) {
   const auto* p = reinterpret_cast<const unsigned char*>(data.data());
-  crc = ~crc;
 #if defined(__x86_64__)
-  crc = kHasSse42 ? HardwareCrc(p, data.size(), crc) : SoftwareCrc(p, data.size(), crc);
+  return kHasSse42 ? HardwareCrc(p, data.size(), reg) : SoftwareCrc(p, data.size(), reg);
 #else
-  crc = SoftwareCrc(p, data.size(), crc);
+  return SoftwareCrc(p, data.size(), reg);
 #endif
-  return ~crc;
 }
 
+}  // namespace
+
+uint32_t Crc32c(std::string_view data, uint32_t crc) { return ~Continue(data, ~crc); }
+
 RecordChecksum& RecordChecksum::Add(int64_t value) {
-  char bytes[8];
+  char bytes[8];  // little-endian, whatever the host
   for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(static_cast<uint64_t>(value) >> (8 * i));
-  crc_ = Crc32c(std::string_view(bytes, 8), crc_);
+  reg_ = Continue(std::string_view(bytes, 8), reg_);
   return *this;
 }
 
 RecordChecksum& RecordChecksum::Add(std::string_view value) {
   Add(static_cast<int64_t>(value.size()));
-  crc_ = Crc32c(value, crc_);
+  reg_ = Continue(value, reg_);
   return *this;
 }
 

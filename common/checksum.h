@@ -14,10 +14,10 @@ class RecordChecksum {
  public:
   RecordChecksum& Add(int64_t value);
   RecordChecksum& Add(std::string_view value);
-  uint32_t value() const { return crc_; }
+  uint32_t value() const { return ~reg_; }
 
  private:
-  uint32_t crc_ = 0;
+  uint32_t reg_ = ~uint32_t{0};  // the CRC register: Crc32c's running value, inverted
 };
 
 }  // namespace taskmaster

@@ -35,6 +35,25 @@ TEST_F(BrokerTest, DelayedTaskWaitsForItsTime) {
   EXPECT_EQ(tasks[0].id, id);
 }
 
+TEST_F(BrokerTest, ADelayedTaskShowsWhenItIsDueThenWaitsFromThen) {
+  TaskSpec s = Spec("square", "7");
+  s.delay_ms = 3'000;
+  const int64_t submitted = clock_.NowMs();
+  const TaskId id = SubmitOne(s);
+  EXPECT_EQ(broker_->GetTask(kClient, id)->not_before_ms, submitted + 3'000);
+  clock_.Advance(3'000);
+  broker_->Tick();
+  EXPECT_EQ(State(id), TaskState::kPending);
+  EXPECT_EQ(broker_->GetTask(kClient, id)->not_before_ms, 0);
+  clock_.Advance(500);
+  // Waiting since it became due, not since it was submitted.
+  EXPECT_EQ(broker_->QueueStats()[0].oldest_ready_age_ms, 500);
+  ASSERT_TRUE(broker_->CancelTask(kClient, id).ok());
+  auto task = broker_->GetTask(kClient, id);
+  EXPECT_EQ(task->finished_ms, submitted + 3'500);
+  EXPECT_EQ(task->not_before_ms, 0);
+}
+
 TEST_F(BrokerTest, UnservedKindWaitsAndSaysWhy) {
   auto out = Submit({Spec("resize", "img")});
   ASSERT_TRUE(out.ok());

@@ -4,6 +4,8 @@
 
 #include "client/commands.h"
 #include "common/auth.h"
+#include "common/checksum.h"
+#include "common/inline_bytes.h"
 #include "common/util.h"
 #include "master/rpc/master.h"
 #include "tests/harness.h"
@@ -146,6 +148,58 @@ TEST(Util, BackoffGrowsWithJitterAndCaps) {
   }
   b.Reset();
   EXPECT_LE(b.Next().count(), 100);
+}
+
+TEST(Checksum, Crc32cAndRecordsAsStoredBefore) {
+  EXPECT_EQ(Crc32c("123456789"), 0xE3069283u);  // the CRC-32C check value
+  EXPECT_EQ(Crc32c(""), 0u);
+  // A record's checksum chains Crc32c over its framed fields: databases written by any earlier
+  // build must still check out.
+  auto le = [](int64_t v) {
+    std::string b(8, '\0');
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<char>(static_cast<uint64_t>(v) >> (8 * i));
+    return b;
+  };
+  const std::string payload(37, 'p');
+  uint32_t chained = Crc32c(le(-7));
+  chained = Crc32c(le(2), chained);
+  chained = Crc32c("ab", chained);
+  chained = Crc32c(le(37), chained);
+  chained = Crc32c(payload, chained);
+  EXPECT_EQ(RecordChecksum().Add(-7).Add("ab").Add(payload).value(), chained);
+  EXPECT_EQ(RecordChecksum().value(), 0u);
+}
+
+TEST(InlineBytes, KeepsShortBytesInsideAndLongOnesOnTheHeap) {
+  for (size_t n : {size_t{0}, size_t{1}, size_t{15}, size_t{16}, InlineBytes::kInline,
+                   InlineBytes::kInline + 1, size_t{1000}}) {
+    std::string s(n, '\0');
+    for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>(i * 7);  // NULs included
+    InlineBytes b(s);
+    EXPECT_EQ(b.size(), n);
+    EXPECT_EQ(b.str(), s);
+    const bool inside = b.view().data() >= reinterpret_cast<const char*>(&b) &&
+                        b.view().data() < reinterpret_cast<const char*>(&b + 1);
+    EXPECT_EQ(inside, n <= InlineBytes::kInline) << n;
+
+    InlineBytes copy(b);
+    EXPECT_EQ(copy, s);
+    InlineBytes moved(std::move(copy));
+    EXPECT_EQ(moved, s);
+    EXPECT_EQ(copy.size(), 0u);  // NOLINT(bugprone-use-after-move): moved-from is empty
+    InlineBytes assigned;
+    assigned = moved;
+    EXPECT_EQ(assigned, s);
+    assigned = std::move(moved);
+    EXPECT_EQ(assigned, s);
+    assigned = assigned.view().substr(n / 2);  // from its own bytes
+    EXPECT_EQ(assigned, s.substr(n / 2));
+    const InlineBytes& same = assigned;
+    assigned = same;
+    EXPECT_EQ(assigned, s.substr(n / 2));
+    assigned = std::string_view("short");
+    EXPECT_EQ(assigned, "short");
+  }
 }
 
 TEST(Durations, Parse) {

@@ -59,7 +59,7 @@ absl::StatusOr<const core::Task*> Broker::Impl::VisibleTask(const Caller& caller
 }
 
 bool Broker::Impl::Settled(const Task& t) const {
-  return !persistent_ || t.completion_seq <= durable_completion_;
+  return !persistent_ || t.completion_seq() <= durable_completion_;
 }
 
 void Broker::Impl::CountDone(Job* job, const Task& t, Effects& fx) {
@@ -68,7 +68,7 @@ void Broker::Impl::CountDone(Job* job, const Task& t, Effects& fx) {
   if (t.state == TaskState::kDead) job->dead++;
   if (t.state == TaskState::kCancelled) job->cancelled++;
   job->completed.push_back(t.id);
-  MaybeJobComplete(job, t.since_ms);
+  MaybeJobComplete(job, t.at_ms);
   if (!fx.touched.insert(job).second) return;
   if (persistent_) {
     fx.reveal_jobs.push_back(job->id);  // its watchers are told once the result is on disk
@@ -97,10 +97,11 @@ void Broker::Impl::DeleteJob(Job& job) {
 
 bool Broker::Impl::CancelLocked(Task& t, Effects& fx) {
   if (IsFinished(t.state)) return false;
-  if (t.state == TaskState::kLeased && t.leased_to) {
+  Worker* w = t.state == TaskState::kLeased ? t.leased_to() : nullptr;
+  if (w) {
     // Its slot stays taken until the worker reports the task stopped.
-    t.leased_to->outbox.cancel.push_back(t.id);
-    MarkDirty(*t.leased_to);
+    w->outbox.cancel.push_back(t.id);
+    MarkDirty(*w);
   }
   t.Notes().error = "cancelled by a client";
   Finish(t, TaskState::kCancelled, fx);
@@ -128,13 +129,13 @@ TaskView Broker::Impl::ViewOf(const Task& t, bool with_payload) const {
   v.attempts = t.attempts;
   v.max_attempts = t.max_attempts;
   v.priority = t.priority;
-  if (with_payload) v.payload = t.payload;
+  if (with_payload) v.payload = t.payload.str();
   v.output = t.output();
   v.error = t.error();
   v.worker = t.worker();
   v.created_ms = t.created_ms;
-  v.finished_ms = IsFinished(t.state) ? t.since_ms : 0;
-  v.not_before_ms = t.not_before_ms;
+  v.finished_ms = IsFinished(t.state) ? t.at_ms : 0;
+  v.not_before_ms = t.not_before_ms();
   return v;
 }
 
@@ -154,7 +155,7 @@ JobView Broker::Impl::ViewOf(const Job& j) const {
 std::string Broker::Impl::WaitingFor(const Task& t) const {
   if (t.state == TaskState::kDelayed) {
     return absl::StrCat(t.attempts > 0 ? "retry backoff" : "delay", ": due in ",
-                        std::max<int64_t>(0, t.not_before_ms - clock_->NowMs()), " ms");
+                        std::max<int64_t>(0, t.at_ms - clock_->NowMs()), " ms");
   }
   if (t.state != TaskState::kPending) return "";
   int capable = 0;
@@ -276,7 +277,7 @@ std::vector<QueueStatsView> Broker::Impl::QueueStatsLocked() const {
         lane = cls->ready.erase(lane);
         continue;
       }
-      const int64_t since = tasks_.at(lane->second.front().id).since_ms;
+      const int64_t since = tasks_.at(lane->second.front().id).at_ms;
       auto [it, added] = oldest_since.emplace(cls->queue, since);
       if (!added) it->second = std::min(it->second, since);
       ++lane;

@@ -47,7 +47,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     t.job = job->second.get();
     t.cls = b_.ClassFor(row.queue, row.kind, row.labels);
     t.cls->tasks++;
-    t.payload = std::move(row.payload);
+    t.payload = row.payload;
     if (!row.status.output.empty() || !row.status.error.empty() || !row.idempotency_key.empty() ||
         !row.status.worker.empty()) {
       t.notes = std::make_unique<core::TaskNotes>(
@@ -55,15 +55,14 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
                           std::move(row.idempotency_key), std::move(row.status.worker)});
     }
     t.created_ms = row.created_ms;
-    t.not_before_ms = row.status.not_before_ms;
     // Ready since it was submitted, as far as the store knows; leased since now, its worker
     // claiming it again.
-    t.since_ms = IsFinished(row.status.state)             ? row.status.finished_ms
-                 : row.status.state == TaskState::kLeased ? now_
-                                                          : row.created_ms;
+    t.at_ms = IsFinished(row.status.state)              ? row.status.finished_ms
+              : row.status.state == TaskState::kLeased  ? now_
+              : row.status.state == TaskState::kDelayed ? row.status.not_before_ms
+                                                        : row.created_ms;
     t.timeout_ms = row.timeout_ms;
-    t.seq = row.status.seq;
-    t.completion_seq = row.status.completion_seq;
+    t.seq = IsFinished(row.status.state) ? row.status.completion_seq : row.status.seq;
     t.priority = row.priority;
     t.attempts = row.status.attempts;
     t.max_attempts = row.max_attempts;
@@ -72,8 +71,8 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     if (!t.key().empty()) b_.keys_[KeyIndex(t)] = t.id;
     if (!IsFinished(t.state)) t.job->account->unfinished++;
     b_.next_id_ = std::max(b_.next_id_, t.id + 1);
-    b_.next_seq_ = std::max(b_.next_seq_, t.seq + 1);
-    b_.next_completion_ = std::max(b_.next_completion_, t.completion_seq + 1);
+    uint64_t& next = IsFinished(t.state) ? b_.next_completion_ : b_.next_seq_;
+    next = std::max(next, t.seq + 1);
     core::QueueCounters& c = *t.cls->counters;
     switch (t.state) {
       case TaskState::kPending:
@@ -84,15 +83,15 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
         c.delayed++;
         // A system clock set back while the master was down must not stretch a delay beyond
         // what it was when it was set.
-        t.not_before_ms = std::min(t.not_before_ms, now_ + (t.not_before_ms - t.created_ms));
-        b_.delayed_.push({t.not_before_ms, t.id});
+        t.at_ms = std::min(t.at_ms, now_ + (t.at_ms - t.created_ms));
+        b_.delayed_.push({t.at_ms, t.id});
         break;
       case TaskState::kLeased:
         c.leased++;
         Relet(t, row.status.worker_id);
         break;
       default:
-        finished_.push_back({static_cast<int64_t>(t.completion_seq), t.job, t.id});
+        finished_.push_back({static_cast<int64_t>(t.seq), t.job, t.id});
     }
   }
 
@@ -108,7 +107,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     } else if (row.position >= 0) {
       early_.push_back({row.position, j, row.task_id});
     } else {
-      finished_.push_back({static_cast<int64_t>(task->second.completion_seq), j, row.task_id});
+      finished_.push_back({static_cast<int64_t>(task->second.completion_seq()), j, row.task_id});
     }
   }
 
@@ -155,7 +154,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
     for (const auto& [id, job] : b_.jobs_) {
       if (job->done != job->total || job->open) continue;
       int64_t last = job->created_ms;
-      for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).since_ms);
+      for (TaskId t : job->completed) last = std::max(last, b_.tasks_.at(t).at_ms);
       expiries.push_back({last + b_.options_.result_retention_ms, id});
     }
     std::sort(expiries.begin(), expiries.end());
@@ -169,7 +168,7 @@ class Broker::Impl::Loader final : public RecoveryVisitor {
   // worker that comes back still holding it keeps it, and otherwise it is requeued then.
   void Relet(Task& t, const std::string& worker_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(b_.mu_) {
     Worker& w = WorkerNamed(worker_id, t.worker().empty() ? worker_id : t.worker());
-    t.leased_to = &w;
+    t.Notes().leased_to = &w;
     w.leases.insert(t.id);
   }
 

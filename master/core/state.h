@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/inline_bytes.h"
 #include "master/core/task.h"
 #include "spdlog/spdlog.h"
 
@@ -61,6 +62,9 @@ struct TaskNotes {
   std::string error;
   std::string idempotency_key;
   std::string worker;  // name of the last worker that held it
+  // Set from lease until the worker reports or the lease is lost. Here, not in Task: a leased task
+  // has notes anyway (`worker`), and a pending one spares the pointer.
+  Worker* leased_to = nullptr;
 };
 
 inline const std::string kNone;
@@ -74,22 +78,24 @@ struct Task {
   const std::string& error() const { return notes ? notes->error : kNone; }
   const std::string& key() const { return notes ? notes->idempotency_key : kNone; }
   const std::string& worker() const { return notes ? notes->worker : kNone; }
+  uint64_t completion_seq() const { return IsFinished(state) ? seq : 0; }
+  int64_t not_before_ms() const { return state == TaskState::kDelayed ? at_ms : 0; }
+  Worker* leased_to() const { return notes ? notes->leased_to : nullptr; }
 
   TaskId id = 0;
   Job* job = nullptr;
   TaskClass* cls = nullptr;
-  Worker* leased_to = nullptr;  // set from lease until the worker reports or the lease is lost
-  std::string payload;
+  InlineBytes payload;
   // What most pending tasks lack, kept apart so that a million pending tasks stay small.
   std::unique_ptr<TaskNotes> notes;
   int64_t created_ms = 0;
-  int64_t not_before_ms = 0;
-  // When it entered its state: ready since (PENDING), leased since, finished at. Read for the
-  // times metrics observe, and as finished_ms.
-  int64_t since_ms = 0;
+  // The time its state turns on: ready since (PENDING), leased since, finished at; DELAYED, when
+  // it becomes ready. Read for the times metrics observe, as finished_ms and as not_before_ms.
+  int64_t at_ms = 0;
   int64_t timeout_ms = 0;
-  uint64_t seq = 0;             // position in its ready list
-  uint64_t completion_seq = 0;  // order of finishing, across all tasks
+  // Its place: unfinished, in its ready list; finished, in the order of finishing across all
+  // tasks. A finished task never waits again, so one field serves both.
+  uint64_t seq = 0;
   int32_t priority = 0;
   int32_t attempts = 0;
   int32_t max_attempts = 0;

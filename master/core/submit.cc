@@ -176,7 +176,7 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
     t.id = next_id_++;
     t.job = job;
     t.cls = cls;
-    t.payload = std::move(s.payload);
+    t.payload = s.payload;
     if (!s.idempotency_key.empty()) t.Notes().idempotency_key = std::move(s.idempotency_key);
     t.created_ms = now;
     t.timeout_ms = s.timeout_ms;
@@ -186,11 +186,10 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
     account.unfinished++;
     job->tasks.push_back(t.id);
     out.task_ids.push_back(t.id);
-    t.since_ms = now;
+    t.at_ms = now + s.delay_ms;
     cls->counters->submitted++;
     if (s.delay_ms > 0) {
       t.state = TaskState::kDelayed;
-      t.not_before_ms = now + s.delay_ms;
       cls->counters->delayed++;
     } else {
       t.seq = next_seq_++;
@@ -408,7 +407,7 @@ absl::Status Broker::Impl::CheckKey(
     std::unordered_map<std::string_view, const TaskSpec*>& batch_keys) const {
   if (s.idempotency_key.empty()) return absl::OkStatus();
   auto same_work = [&s](const std::string& queue, const std::string& kind, const Labels& labels,
-                        const std::string& payload, int32_t priority, int64_t timeout_ms,
+                        std::string_view payload, int32_t priority, int64_t timeout_ms,
                         int32_t max_attempts) {
     return queue == s.queue && kind == s.kind && labels == s.labels && payload == s.payload &&
            priority == s.priority && timeout_ms == s.timeout_ms && max_attempts == s.max_attempts;
@@ -425,8 +424,8 @@ absl::Status Broker::Impl::CheckKey(
       return absl::AbortedError(absl::StrCat("a submit with idempotency key '", s.idempotency_key,
                                              "' is still being stored; retry in a moment"));
     }
-    return same_work(t.cls->queue, t.cls->kind, t.cls->labels, t.payload, t.priority, t.timeout_ms,
-                     t.max_attempts)
+    return same_work(t.cls->queue, t.cls->kind, t.cls->labels, t.payload.view(), t.priority,
+                     t.timeout_ms, t.max_attempts)
                ? absl::OkStatus()
                : mismatch();
   }

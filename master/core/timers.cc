@@ -44,8 +44,7 @@ std::vector<std::string> Broker::Impl::TickLocked(Effects& fx) {
     auto [due, id] = delayed_.top();
     delayed_.pop();
     auto it = tasks_.find(id);
-    if (it != tasks_.end() && it->second.state == TaskState::kDelayed &&
-        it->second.not_before_ms == due) {
+    if (it != tasks_.end() && it->second.state == TaskState::kDelayed && it->second.at_ms == due) {
       MakeReady(it->second, /*front=*/false);
     }
   }

@@ -25,19 +25,20 @@ void Broker::Impl::SetState(Task& t, TaskState state) {
   };
   if (int64_t* was = live(t.state)) --*was;
   t.state = state;
-  t.since_ms = now_ms_;
+  t.at_ms = now_ms_;
   if (int64_t* now = live(state)) ++*now;
 }
 
 void Broker::Impl::Unlease(Task& t) {
-  if (t.leased_to) t.leased_to->leases.erase(t.id);
+  if (Worker* w = t.leased_to()) {
+    w->leases.erase(t.id);
+    t.notes->leased_to = nullptr;
+  }
   progress_.erase(t.id);
-  t.leased_to = nullptr;
 }
 
 void Broker::Impl::MakeReady(Task& t, bool front) {
   SetState(t, TaskState::kPending);
-  t.not_before_ms = 0;
   auto& lane = t.cls->ready[t.priority];
   if (front) {
     lane.push_front({t.seq, t.id});  // a task given back keeps its place
@@ -49,7 +50,7 @@ void Broker::Impl::MakeReady(Task& t, bool front) {
 
 void Broker::Impl::Enqueue(Task& t) {
   if (t.state == TaskState::kDelayed) {
-    delayed_.push({t.not_before_ms, t.id});
+    delayed_.push({t.at_ms, t.id});
   } else {
     t.cls->ready[t.priority].push_back({t.seq, t.id});
   }
@@ -57,7 +58,7 @@ void Broker::Impl::Enqueue(Task& t) {
 
 void Broker::Impl::Delay(Task& t, int64_t not_before) {
   SetState(t, TaskState::kDelayed);
-  t.not_before_ms = not_before;
+  t.at_ms = not_before;
   delayed_.push({not_before, t.id});
 }
 
@@ -65,16 +66,17 @@ void Broker::Impl::LeaseTo(Task& t, Worker& w, int32_t attempt) {
   SetState(t, TaskState::kLeased);
   t.lease_lost = false;
   t.attempts = attempt;
-  t.leased_to = &w;
-  t.Notes().worker = w.name;
+  t.Notes().leased_to = &w;
+  t.notes->worker = w.name;
   w.leases.insert(t.id);
 }
 
 void Broker::Impl::Lease(Task& t, Worker& w) {
-  t.cls->times->wait_seconds.Observe(static_cast<double>(now_ms_ - t.since_ms) / 1000);
+  t.cls->times->wait_seconds.Observe(static_cast<double>(now_ms_ - t.at_ms) / 1000);
   LeaseTo(t, w, t.attempts + 1);
   w.credits--;
-  w.outbox.tasks.push_back({t.id, t.attempts, t.cls->kind, t.payload, t.timeout_ms, t.cls->queue});
+  w.outbox.tasks.push_back(
+      {t.id, t.attempts, t.cls->kind, t.payload.str(), t.timeout_ms, t.cls->queue});
   w.outbox_bytes += t.payload.size();
   MarkDirty(w);
 }
@@ -130,15 +132,15 @@ void Broker::Impl::GiveBack(Task& t) {
   MakeReady(t, /*front=*/true);
   // It keeps its place at the head of its list, so it must not look younger than the tasks behind
   // it: it has waited since it was submitted, as far as anyone can tell now.
-  t.since_ms = t.created_ms;
+  t.at_ms = t.created_ms;
 }
 
 void Broker::Impl::Finish(Task& t, TaskState state, Effects& fx) {
   SetState(t, state);
   t.job->account->unfinished--;
   QueueCounters& c = *t.cls->counters;
-  t.completion_seq = next_completion_++;
-  fx.finished_through = t.completion_seq;
+  t.seq = next_completion_++;
+  fx.finished_through = t.seq;
   if (state == TaskState::kSucceeded) c.succeeded++;
   if (state == TaskState::kDead) c.dead++;
   if (state == TaskState::kCancelled) c.cancelled++;
@@ -162,14 +164,14 @@ TaskStatusRow Broker::Impl::StatusOf(const Task& t) const {
   TaskStatusRow s;
   s.state = t.state;
   s.attempts = t.attempts;
-  s.not_before_ms = t.not_before_ms;
-  s.finished_ms = IsFinished(t.state) ? t.since_ms : 0;
-  s.seq = t.seq;
-  s.completion_seq = t.completion_seq;
+  s.not_before_ms = t.not_before_ms();
+  s.finished_ms = IsFinished(t.state) ? t.at_ms : 0;
+  s.seq = IsFinished(t.state) ? 0 : t.seq;
+  s.completion_seq = t.completion_seq();
   s.output = t.output();
   s.error = t.error();
   s.worker = t.worker();
-  if (t.state == TaskState::kLeased && t.leased_to) s.worker_id = t.leased_to->id;
+  if (const Worker* w = t.leased_to(); w && t.state == TaskState::kLeased) s.worker_id = w->id;
   return s;
 }
 
@@ -180,7 +182,7 @@ TaskRow Broker::Impl::RowOf(const Task& t) const {
   r.queue = t.cls->queue;
   r.kind = t.cls->kind;
   r.labels = t.cls->labels;
-  r.payload = t.payload;
+  r.payload = t.payload.str();
   r.priority = t.priority;
   r.max_attempts = t.max_attempts;
   r.timeout_ms = t.timeout_ms;

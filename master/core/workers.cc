@@ -23,7 +23,7 @@ void Broker::Impl::RemoveWorker(Worker& w, const std::string& reason, Effects& f
   const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
   for (TaskId id : leases) {
     auto it = tasks_.find(id);
-    if (it != tasks_.end() && it->second.leased_to == &w) LoseLease(it->second, reason, fx);
+    if (it != tasks_.end() && it->second.leased_to() == &w) LoseLease(it->second, reason, fx);
   }
   std::erase(dirty_workers_, &w);
   if (persistent_) store_->DeleteWorker(w.id);
@@ -59,7 +59,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
   const std::vector<TaskId> leases(w.leases.begin(), w.leases.end());
   for (TaskId id : leases) {
     auto it = tasks_.find(id);
-    if (it == tasks_.end() || it->second.leased_to != &w) {
+    if (it == tasks_.end() || it->second.leased_to() != &w) {
       w.leases.erase(id);
       continue;
     }
@@ -148,7 +148,7 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
       auto it = tasks_.find(r.id);
       if (it == tasks_.end()) continue;
       Task& t = it->second;
-      if (t.leased_to != w || t.attempts != r.attempt) {
+      if (t.leased_to() != w || t.attempts != r.attempt) {
         ++duplicates_;  // a stale attempt, or a result already recorded
         continue;
       }
@@ -160,7 +160,7 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
       Unlease(t);
       if (t.state != TaskState::kLeased) continue;  // cancelled while it ran: its slot is free
       if (r.outcome != Outcome::kCancelled) {
-        t.cls->times->run_seconds.Observe(static_cast<double>(now_ms_ - t.since_ms) / 1000);
+        t.cls->times->run_seconds.Observe(static_cast<double>(now_ms_ - t.at_ms) / 1000);
       }
       switch (r.outcome) {
         case Outcome::kSucceeded:
@@ -222,7 +222,8 @@ void Broker::Impl::Progress(const WorkerHandle& handle, std::vector<TaskProgress
   for (TaskProgress& p : reports) {
     // Only for a task this worker holds now, at the attempt it holds: never a stale one.
     auto t = tasks_.find(p.id);
-    if (t == tasks_.end() || t->second.leased_to != w || t->second.attempts != p.attempt) continue;
+    if (t == tasks_.end() || t->second.leased_to() != w || t->second.attempts != p.attempt)
+      continue;
     p.done = std::max<int64_t>(p.done, 0);
     p.total = std::max<int64_t>(p.total, 0);
     p.message = Printable(ValidUtf8(p.message, kMaxProgressMessageBytes));

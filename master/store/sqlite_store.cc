@@ -118,7 +118,14 @@ class SqliteStore final : public Store {
   bool persistent() const override { return true; }
 
   absl::Status Load(RecoveryVisitor* visitor) override {
-    return sqlite::LoadRecords(*dir_, visitor);
+    {
+      absl::MutexLock lock(&mu_);
+      loading_ = true;
+    }
+    absl::Status loaded = sqlite::LoadRecords(*dir_, visitor);
+    absl::MutexLock lock(&mu_);
+    loading_ = false;
+    return loaded;
   }
 
   StoreMetrics Metrics() const override {
@@ -229,7 +236,7 @@ class SqliteStore final : public Store {
         // While failing, an empty commit still writes the commit count: it tells when the disk
         // takes writes again, so new submits are accepted again.
         auto work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stop_ || !pending_.empty() || !error_.ok();
+          return !loading_ && (stop_ || !pending_.empty() || !error_.ok());
         };
         mu_.Await(absl::Condition(&work));
         if (stop_ && (pending_.empty() || failing)) {
@@ -544,9 +551,11 @@ class SqliteStore final : public Store {
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;                         // changes recorded
   uint64_t durable_ ABSL_GUARDED_BY(mu_) = 0;                         // changes committed
   std::vector<std::pair<uint64_t, std::function<void(absl::Status)>>> waiters_ ABSL_GUARDED_BY(mu_);
-  StoreMetrics metrics_ ABSL_GUARDED_BY(mu_);      // of the commits that succeeded
-  absl::Status error_ ABSL_GUARDED_BY(mu_);        // the last commit's error, OK once one succeeds
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;         // Close began
+  StoreMetrics metrics_ ABSL_GUARDED_BY(mu_);  // of the commits that succeeded
+  absl::Status error_ ABSL_GUARDED_BY(mu_);    // the last commit's error, OK once one succeeds
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;     // Close began
+  // Load reads the database: the writer waits, as the connection takes one thread at a time.
+  bool loading_ ABSL_GUARDED_BY(mu_) = false;
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written
 };
 
