@@ -31,6 +31,9 @@ struct SubmitArgs {
   std::string kind;
   // Gives the next payload, false once there are no more: input of any size streams through.
   std::function<bool(std::string*)> next_payload;
+  // Whether next_payload may wait for its input (a pipe, a terminal): it is then read on a thread
+  // of its own, so that a batch goes out after batch_wait even while the input is silent.
+  bool input_may_block = true;
   // Payloads per submit call (and at most batch_bytes of them): more make one job of several
   // calls, followed as it grows with --wait.
   size_t batch_size = 10'000;

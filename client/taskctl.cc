@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -152,6 +153,7 @@ int main(int argc, char** argv) {
     std::ifstream in;
     size_t given = 0;
     if (!payloads.empty()) {
+      submit.input_may_block = false;
       submit.next_payload = [&](std::string* payload) {
         if (given == payloads.size()) return false;
         *payload = std::move(payloads[given++]);
@@ -162,6 +164,8 @@ int main(int argc, char** argv) {
     } else {
       in.open(file);
       if (!in) return fail(absl::NotFoundError("cannot read " + file));
+      std::error_code ec;
+      submit.input_may_block = !std::filesystem::is_regular_file(file, ec);
       submit.next_payload = [&](std::string* payload) { return NextLine(in, payload); };
     }
     return taskmaster::RunSubmit(**client, submit, console);

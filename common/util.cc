@@ -205,6 +205,12 @@ std::string Printable(std::string_view s) {
     for (unsigned char c : bytes) AppendHex(out, c);
   };
   while (!s.empty()) {
+    // Plain ASCII, most text, is copied a run at a time.
+    const auto plain =
+        std::find_if(s.begin(), s.end(), [](unsigned char c) { return c < 0x20 || c >= 0x7F; });
+    out.append(s.begin(), plain);
+    s.remove_prefix(plain - s.begin());
+    if (s.empty()) break;
     const size_t n = Utf8SequenceLength(s);
     const auto c = static_cast<unsigned char>(s[0]);
     const bool control = (n == 1 && (c < 0x20 || c == 0x7F)) ||

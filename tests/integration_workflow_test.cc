@@ -109,7 +109,12 @@ TEST(Integration, PayloadsFromStdinAndFailuresSetTheExitCode) {
 
 // More input than one submit may hold (--max-batch, 100,000) streams into one job of several
 // calls, followed with --wait as it grows.
-TEST(Integration, StdinOfAnySizeStreamsIntoOneJob) {
+// Read from stdin (on a thread of its own, as a pipe may keep it waiting) and from a regular file
+// (read as batches fill).
+class InputOfAnySize : public ::testing::TestWithParam<bool> {};
+
+TEST_P(InputOfAnySize, StreamsIntoOneJob) {
+  const bool from_file = GetParam();
   Cluster cluster;
   cluster.StartMaster();
   cluster.StartWorker("w1", {"--threads", "2"});
@@ -117,18 +122,28 @@ TEST(Integration, StdinOfAnySizeStreamsIntoOneJob) {
   constexpr int kTasks = 200'000;
   std::string input;
   for (int i = 0; i < kTasks; ++i) absl::StrAppend(&input, i, "\n");
-  CommandResult r = cluster.Taskctl({"submit", "--kind", "square", "--wait"}, input);
+  std::vector<std::string> args = {"submit", "--kind", "square", "--wait"};
+  if (from_file) {
+    WriteFile(cluster.dir().File("numbers"), input);
+    args.insert(args.end(), {"--file", cluster.dir().File("numbers")});
+    input.clear();
+  }
+  CommandResult r = cluster.Taskctl(args, input);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   std::vector<std::string> lines = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), kTasks + 1u) << r.err;
   const std::string job = lines[0];
   std::set<std::string> results(lines.begin() + 1, lines.end());
   EXPECT_EQ(results.size(), static_cast<size_t>(kTasks)) << "each result once";
+  EXPECT_TRUE(results.contains(Square(0)));
   EXPECT_TRUE(results.contains(Square(kTasks - 1)));
   CommandResult status = cluster.Taskctl({"--format", "json", "status", job});
   EXPECT_NE(status.out.find("\"total\":200000"), std::string::npos) << status.out;
   EXPECT_NE(status.out.find("\"open\":false"), std::string::npos) << status.out;
 }
+
+INSTANTIATE_TEST_SUITE_P(Integration, InputOfAnySize, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "File" : "Stdin"; });
 
 // Once with the default of one RPC thread, and once with two, whose completion queues share the
 // calls (and a worker's stream and the job it serves may land on different ones).
