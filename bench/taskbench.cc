@@ -214,6 +214,7 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
     if (!ok) return;
     if (in_.has_welcome()) welcomed_->fetch_add(1);
     if (in_.tasks_size() > 0) {
+      const auto started = Clock::now();
       v1::WorkerMessage m;
       for (const v1::Task& t : in_.tasks()) {
         v1::TaskResult* r = m.add_results();
@@ -224,6 +225,10 @@ class SimulatedWorker final : public grpc::ClientBidiReactor<v1::WorkerMessage, 
         r->set_output(Square(n));
       }
       m.set_credits(in_.tasks_size());
+      // As a worker says how long its tasks take (at least 1 µs: 0 is "not measured").
+      const double us = std::chrono::duration<double, std::micro>(Clock::now() - started).count() /
+                        in_.tasks_size();
+      m.set_task_us(std::max<int64_t>(1, std::llround(us)));
       Send(std::move(m));
     }
     StartRead(&in_);

@@ -90,6 +90,10 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
         "close a job being built when no batch came for this long")
       .Range(1, 30 * kDayMs);
   s.Add("max_queue_length", &b.max_queue_length, "most pending tasks in one queue");
+  s.Add("pack_wait_ms", &b.pack_wait_ms,
+        "a worker that keeps up takes a batch's tasks in one message, as many as it should start "
+        "within this, before other workers' idle threads get one each (0: idle threads first)")
+      .Range(0, 60'000);
   s.Add("lease_timeout_ms", &b.lease_timeout_ms,
         "requeue a task when its worker sent no heartbeat for this long")
       .Range(100, kDayMs);

@@ -54,6 +54,64 @@ TEST_F(BrokerTest, IdleSlotWinsOverPrefetch) {
   EXPECT_EQ(a.channel->Take().size(), 1u);
 }
 
+// Two idle workers of two slots with room for 64 tasks; `a` says its tasks take `a_task_us`.
+// Returns how many tasks of one batch of `n` each got, and in how many messages `a` got them.
+struct Split {
+  size_t a = 0, b = 0;
+  int a_messages = 0;
+};
+
+class PackTest : public BrokerTest {
+ protected:
+  Split SubmitBeside(int64_t a_task_us, int64_t b_task_us, int n) {
+    auto a = Attach("a", 2, 0);
+    auto b = Attach("b", 2, 0);
+    broker_->AddCredits(a.handle, 64, a_task_us);
+    broker_->AddCredits(b.handle, 64, b_task_us);
+    std::vector<TaskSpec> batch;
+    for (int i = 0; i < n; ++i) batch.push_back(Spec("square", std::to_string(i)));
+    EXPECT_TRUE(Submit(batch).ok());
+    return {a.channel->Take().size(), b.channel->Take().size(), a.channel->task_messages};
+  }
+};
+
+TEST_F(PackTest, AWorkerThatKeepsUpTakesABatchInOneMessage) {
+  // 10 µs a task on 2 slots: 40 tasks start within 200 µs, well within pack_wait_ms.
+  const Split s = SubmitBeside(10, 0, 40);
+  EXPECT_EQ(s.a, 40u);
+  EXPECT_EQ(s.b, 0u) << "b's idle slots are not worth a message each";
+  EXPECT_EQ(s.a_messages, 1);
+}
+
+TEST_F(PackTest, ASlowWorkerTakesNoTaskBeyondItsSlotsWhileAnotherHasOneIdle) {
+  // a: a second a task; b: never said. Idle slots first, then one each in turn.
+  const Split s = SubmitBeside(1'000'000, 0, 40);
+  EXPECT_EQ(s.a, 20u);
+  EXPECT_EQ(s.b, 20u);
+}
+
+TEST_F(PackTest, ANegativeTaskTimeFromAWorkerIsNoMeasurement) {
+  const Split s = SubmitBeside(-5, 0, 40);
+  EXPECT_EQ(s.a, 20u);
+  EXPECT_EQ(s.b, 20u);
+}
+
+TEST_F(PackTest, AFastWorkerIsFilledOnlyAsFarAsItStartsTasksWithinTheWait) {
+  // 1 ms a task on 2 slots and 2 ms of wait: its slots and 4 more; the rest starts at once on b.
+  ASSERT_EQ(options_.pack_wait_ms, 2);
+  const Split s = SubmitBeside(1'000, 0, 8);
+  EXPECT_EQ(s.a, 6u);
+  EXPECT_EQ(s.b, 2u);
+}
+
+TEST_F(PackTest, NoWaitAllowedSpreadsTasksOverIdleSlotsFirst) {
+  options_.pack_wait_ms = 0;
+  Reset();
+  const Split s = SubmitBeside(10, 0, 40);
+  EXPECT_EQ(s.a, 20u);
+  EXPECT_EQ(s.b, 20u);
+}
+
 TEST_F(BrokerTest, LabelsAndKindsSelectWorkers) {
   TaskSpec gpu = Spec("square", "1");
   gpu.labels = {{"gpu", "yes"}};

@@ -24,6 +24,7 @@ class FakeChannel final : public WorkerChannel {
   void Send(WorkerOutbound m) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (m.welcome) welcome = *m.welcome;
+    if (!m.tasks.empty()) ++task_messages;
     for (auto& t : m.tasks) tasks.push_back(std::move(t));
     for (TaskId id : m.cancel) cancels.push_back(id);
     for (auto& a : m.acked) acked.push_back(a);
@@ -38,6 +39,7 @@ class FakeChannel final : public WorkerChannel {
   std::mutex mu_;
   std::optional<Welcome> welcome;
   std::vector<LeasedTask> tasks;
+  int task_messages = 0;  // sends that carried tasks
   std::vector<TaskId> cancels;
   std::vector<TaskRef> acked;
   bool shutting_down = false;

@@ -24,7 +24,10 @@ TEST_F(Hostile, AWorkerThatNeverReads) {
   if (HasFatalFailure()) return;
   BeginAttack();
   RawWorker attacker(RawChannel(Legit()), Bearer(kWorkToken), seconds(90));
-  ASSERT_TRUE(attacker.Write(Hello("never-reads", {"square", "echo"}, 1000, 1000)));
+  // It says its tasks take a microsecond, so that the master fills it before anyone else.
+  v1::WorkerMessage hello = Hello("never-reads", {"square", "echo"}, 1000, 1000);
+  hello.set_task_us(1);
+  ASSERT_TRUE(attacker.Write(hello));
   auto hostile = cluster_->NewClient();
   // 24 MiB of echo tasks, three times the buffer it may hold.
   std::map<uint64_t, std::string> expected;
@@ -66,8 +69,9 @@ TEST_F(Hostile, AWorkerThatNeverReads) {
   }
   EXPECT_EQ(right, expected.size());
   Note("its_tasks_right_elsewhere", static_cast<int64_t>(right));
-  EndAttack(absl::StrCat("a worker with 1000 credits that never reads; ", expected.size(),
-                         " echo tasks of 512 KiB; buffer limit ", kMaxWorkerBufferBytes));
+  EndAttack(absl::StrCat("a worker with 1000 credits that claims 1 us tasks and never reads; ",
+                         expected.size(), " echo tasks of 512 KiB; buffer limit ",
+                         kMaxWorkerBufferBytes));
 }
 
 // Watchers of a finished 10,000-task job (~6 MB of results) that take its first event and never

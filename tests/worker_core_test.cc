@@ -238,12 +238,16 @@ TEST_F(SlotsTest, UnusedCreditsAreGrantedAfreshOnANewSession) {
 TEST_F(SlotsTest, AdaptivePrefetchHoldsAWindowOfShortTasksUpToItsMaximum) {
   Make(2, /*prefetch=*/-1, /*prefetch_max=*/100);
   Connect();
-  EXPECT_EQ(Tick().credits, 4) << "nothing measured yet: a prefetch of one per thread";
+  const ToMaster first = Tick();
+  EXPECT_EQ(first.credits, 4) << "nothing measured yet: a prefetch of one per thread";
+  EXPECT_EQ(first.task_us, 0) << "nor is a task time told";
   Deliver({MakeTask(1), MakeTask(2), MakeTask(3), MakeTask(4)});
   Assignment a = Take();
   // 10 µs tasks: 2 ms per thread is 400 of them, more than the maximum.
   Succeed(a, std::chrono::microseconds(10));
-  EXPECT_EQ(Tick().credits, 2 + 100 - 3);
+  const ToMaster next = Tick();
+  EXPECT_EQ(next.credits, 2 + 100 - 3);
+  EXPECT_EQ(next.task_us, 10) << "the master packs tasks for a worker that says it is fast";
 }
 
 TEST_F(SlotsTest, AdaptivePrefetchHoldsNothingBehindLongTasks) {

@@ -79,6 +79,7 @@ struct FromMaster {
 struct ToMaster {
   std::vector<Result> results;
   int32_t credits = 0;                   // more tasks the worker can take (additive)
+  int64_t task_us = 0;                   // with credits: its tasks' average time (0: unknown)
   std::optional<Time> heartbeat_at;      // a heartbeat, sent at this time
   int32_t stuck = 0;                     // with a heartbeat: handlers running past their deadline
   std::vector<ProgressReport> progress;  // the latest of tasks that reported since the last

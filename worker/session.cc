@@ -83,6 +83,7 @@ v1::WorkerMessage ToProto(ToMaster out) {
     progress->set_message(ValidUtf8(p.message, kMaxProgressMessageBytes));
   }
   m.set_credits(out.credits);
+  m.set_task_us(out.task_us);
   if (out.heartbeat_at) {
     m.set_stuck(out.stuck);
     m.set_heartbeat(true);

@@ -3,6 +3,7 @@
 #include "worker/slots.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "common/limits.h"
@@ -291,7 +292,11 @@ ToMaster Slots::TakeLocked() {
     out.results.push_back(it->second);
     sent_in_session_.insert(it->first);
   }
-  if (credits_to_send_ > 0 && !draining_) out.credits = credits_to_send_;
+  if (credits_to_send_ > 0 && !draining_) {
+    out.credits = credits_to_send_;
+    // Measured: at least 1 µs, as 0 says "not measured".
+    if (task_us_ewma_ > 0) out.task_us = std::max<int64_t>(1, std::llround(task_us_ewma_));
+  }
   credits_to_send_ = 0;
   if (draining_ && !drain_sent_) {
     out.draining = true;

@@ -123,12 +123,13 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Attach(WorkerHello hello,
   return impl_->Attach(std::move(hello), std::move(channel));
 }
 
-void Broker::AddCredits(const WorkerHandle& worker, int32_t credits) {
-  impl_->AddCredits(worker, credits);
+void Broker::AddCredits(const WorkerHandle& worker, int32_t credits, int64_t task_us) {
+  impl_->AddCredits(worker, credits, task_us);
 }
 
-void Broker::Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits) {
-  impl_->Report(worker, std::move(reports), credits);
+void Broker::Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits,
+                    int64_t task_us) {
+  impl_->Report(worker, std::move(reports), credits, task_us);
 }
 
 void Broker::Progress(const WorkerHandle& worker, std::vector<TaskProgress> reports) {

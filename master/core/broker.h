@@ -49,6 +49,11 @@ struct BrokerOptions {
   // read (0: no limit): credits count tasks, and a worker that asks for many large ones must not
   // be sent more than its stream may buffer (the service cuts off a worker past that).
   size_t max_worker_backlog_bytes = 0;
+  // A worker that keeps up may take new tasks beyond its idle slots, before other workers' idle
+  // slots are filled, as long as it is expected to start them within this (0: never). Spread
+  // one task per worker in turn, a batch costs a message to every idle worker; sent where it
+  // starts as soon, it costs a message per credit window.
+  int64_t pack_wait_ms = 2;
   // Jobs built from several submits (SubmitTarget) that are open at once, in all and per
   // tenant; one that gets no batch for open_job_timeout_ms is closed by the master.
   size_t max_open_jobs = 10'000;
@@ -149,11 +154,13 @@ class Broker {
 
   // A worker stream opened. The Welcome (with the tasks it must drop) goes to `channel`.
   absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
-  // The worker can take `credits` more tasks.
-  void AddCredits(const WorkerHandle& worker, int32_t credits);
-  // Results and give-backs, with the credits that came with them. Each report is acknowledged
-  // on the channel once durable.
-  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits = 0);
+  // The worker can take `credits` more tasks; `task_us` > 0: its tasks take that long on average
+  // (see BrokerOptions::pack_wait_ms).
+  void AddCredits(const WorkerHandle& worker, int32_t credits, int64_t task_us = 0);
+  // Results and give-backs, with the credits (and task time) that came with them. Each report is
+  // acknowledged on the channel once durable.
+  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits = 0,
+              int64_t task_us = 0);
   // Extends every lease of the worker; false when the handle is no longer current.
   // Progress of tasks leased to the worker (others are ignored): the latest is kept while the
   // lease lasts, for GetTask and GetJob.

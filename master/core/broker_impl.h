@@ -81,8 +81,9 @@ class Broker::Impl {
   int64_t DuplicateResults() const;
   BrokerMetrics Metrics() const;
   absl::StatusOr<WorkerHandle> Attach(WorkerHello hello, std::shared_ptr<WorkerChannel> channel);
-  void AddCredits(const WorkerHandle& worker, int32_t credits);
-  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits);
+  void AddCredits(const WorkerHandle& worker, int32_t credits, int64_t task_us);
+  void Report(const WorkerHandle& worker, std::vector<TaskReport> reports, int32_t credits,
+              int64_t task_us);
   void Progress(const WorkerHandle& worker, std::vector<TaskProgress> reports);
   bool Heartbeat(const WorkerHandle& worker, int32_t stuck);
   void Drain(const WorkerHandle& worker);
@@ -220,11 +221,15 @@ class Broker::Impl {
   // Stops waiting for workers after a restart once the hold has passed.
   void EndHoldIfDue(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DispatchTo(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Hands ready tasks to every worker with credit, one at a time round robin: first to workers
-  // with an idle slot, then into prefetch, so no task waits behind a busy worker while another
-  // worker has a slot free.
+  // Hands ready tasks to every worker with credit: first to the workers that keep up, each filled
+  // up to its PackDepth in one message; then one at a time round robin to workers with an idle
+  // slot; then into prefetch. No task waits behind a busy worker longer than pack_wait_ms while
+  // another worker has a slot free.
   void DispatchAll() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Grant(Worker& w, int32_t credits) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds credits, and records how long `w` says its tasks take (task_us > 0).
+  void Grant(Worker& w, int32_t credits, int64_t task_us) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // How many tasks `w` may hold beyond its slots and still start each within pack_wait_ms.
+  int32_t PackDepth(const Worker& w) const;
 
   // ---- Workers ----
   Worker* FindWorker(const WorkerHandle& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

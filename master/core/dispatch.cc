@@ -111,6 +111,16 @@ void Broker::Impl::DispatchAll() {
   for (auto& [id, w] : workers_) {
     if (CanTake(*w)) hungry.push_back(w.get());
   }
+  for (Worker* w : hungry) {
+    const int32_t depth = PackDepth(*w);
+    if (depth == 0) continue;
+    const int64_t room = int64_t{w->slots} + depth;
+    while (CanTake(*w) && static_cast<int64_t>(w->leases.size()) < room) {
+      Task* t = PopBest(*w);
+      if (!t) break;
+      Lease(*t, *w);
+    }
+  }
   for (bool slots_only : {true, false}) {
     bool progress = true;
     while (progress) {
@@ -127,7 +137,17 @@ void Broker::Impl::DispatchAll() {
   }
 }
 
-void Broker::Impl::Grant(Worker& w, int32_t credits) {
+int32_t Broker::Impl::PackDepth(const Worker& w) const {
+  if (options_.pack_wait_ms <= 0 || w.task_us <= 0) return 0;
+  // Its slots start a task every task_us / slots on average.
+  const double depth =
+      static_cast<double>(options_.pack_wait_ms) * 1000 * w.slots / static_cast<double>(w.task_us);
+  return static_cast<int32_t>(std::min<double>(depth, core::kMaxHeld));
+}
+
+void Broker::Impl::Grant(Worker& w, int32_t credits, int64_t task_us) {
+  // A peer's claim, bounded: a day per task says as much as any longer time.
+  if (task_us > 0) w.task_us = std::min<int64_t>(task_us, int64_t{86'400} * 1'000'000);
   // Never more tasks out with a worker than it could plausibly run or queue, however many
   // credits it sends while holding its leases. In 64 bits: a peer's count must not overflow ours.
   if (credits > 0) {

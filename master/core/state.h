@@ -166,6 +166,9 @@ struct Worker {
   std::string secret;
   std::shared_ptr<WorkerChannel> channel;
   std::unordered_set<TaskId> leases;
+  // Its handlers' average time per task, as it last said (0: it never said): dispatch fills a
+  // fast worker in one message rather than spread tasks one per worker (PackDepth).
+  int64_t task_us = 0;
   std::vector<TaskClass*> eligible;
   WorkerOutbound outbox;    // collected under the lock, sent after it
   size_t outbox_bytes = 0;  // of the tasks in the outbox, not yet in the channel's backlog

@@ -121,16 +121,16 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
   return WorkerHandle{w.id, w.generation};
 }
 
-void Broker::Impl::AddCredits(const WorkerHandle& handle, int32_t credits) {
+void Broker::Impl::AddCredits(const WorkerHandle& handle, int32_t credits, int64_t task_us) {
   Section section(*this);
   Worker* w = FindWorker(handle);
   if (!w || credits <= 0) return;
-  Grant(*w, credits);
+  Grant(*w, credits, task_us);
   DispatchTo(*w);
 }
 
 void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> reports,
-                          int32_t credits) {
+                          int32_t credits, int64_t task_us) {
   std::shared_ptr<WorkerChannel> channel;
   std::vector<TaskRef> acked;
   acked.reserve(reports.size());
@@ -189,7 +189,7 @@ void Broker::Impl::Report(const WorkerHandle& handle, std::vector<TaskReport> re
           break;
       }
     }
-    Grant(*w, credits);
+    Grant(*w, credits, task_us);
     if (!persistent_) {
       // Nothing to wait for: the acks leave with the next tasks, in one message.
       w->outbox.acked = std::move(acked);

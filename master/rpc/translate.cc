@@ -84,9 +84,9 @@ int64_t ApplyWorkerMessage(Broker& broker, const Broker::WorkerHandle& worker,
                          r.permanent()});
     }
     // The credits ride along: one pass through the broker, one message back.
-    broker.Report(worker, std::move(reports), m.draining() ? 0 : m.credits());
+    broker.Report(worker, std::move(reports), m.draining() ? 0 : m.credits(), m.task_us());
   } else if (m.credits() > 0 && !m.draining()) {
-    broker.AddCredits(worker, m.credits());
+    broker.AddCredits(worker, m.credits(), m.task_us());
   }
   if (m.progress_size() > 0) {
     std::vector<TaskProgress> progress;

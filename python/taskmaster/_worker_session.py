@@ -317,6 +317,8 @@ def _encode(out: ToMaster) -> bytes:
     head = pb.WorkerMessage()
     if out.credits:
         head.credits = out.credits
+    if out.task_us:
+        head.task_us = out.task_us
     if out.heartbeat_at_ms is not None:
         head.heartbeat = True
         head.heartbeat_at = out.heartbeat_at_ms

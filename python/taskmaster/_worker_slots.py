@@ -114,6 +114,7 @@ class ToMaster:
 
     results: List[bytes] = field(default_factory=list)  # encoded WorkerMessage.results entries
     credits: int = 0
+    task_us: int = 0  # with credits: a task's average time in microseconds (0: not measured)
     heartbeat_at_ms: Optional[int] = None  # a heartbeat, on the worker's monotonic clock
     stuck: int = 0
     progress: List[ProgressReport] = field(default_factory=list)
@@ -460,6 +461,10 @@ class Slots:
                 sent.add(tid)
             if self._credits_to_send > 0 and not self._draining:
                 out.credits = self._credits_to_send
+                # The master packs tasks for a worker that says it is fast (at least 1: 0 is
+                # "not measured").
+                if self._task_time_ewma > 0:
+                    out.task_us = max(1, round(self._task_time_ewma * 1e6))
             self._credits_to_send = 0
             if self._draining and not self._drain_sent:
                 out.draining = True

@@ -318,6 +318,18 @@ def test_slots_new_lease_of_a_fenced_task_runs():
     assert out.results == [b"r2"]
 
 
+def test_slots_tell_the_master_how_long_tasks_take():
+    clock = FakeClock()
+    slots = welcomed_slots(clock)
+    first = slots.next_to_send(1)
+    assert first.credits == 2 and first.task_us == 0  # nothing measured yet
+    slots.received([make_task(5, 1)], [], [], 0)
+    task, _ = slots.take_one()
+    slots.finish([result(task)], 0.002)
+    out = slots.next_to_send(1)
+    assert out.credits == 1 and out.task_us == 2000  # the master packs a fast worker's tasks
+
+
 def test_slots_new_epoch_drops_held_and_accepts_reused_ids():
     clock = FakeClock()
     slots = welcomed_slots(clock, "e1")
