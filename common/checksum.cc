@@ -41,6 +41,10 @@ __attribute__((target("sse4.2"))) uint32_t HardwareCrc(const unsigned char* p, s
   return c32;
 }
 
+__attribute__((target("sse4.2"))) uint32_t HardwareCrc64(uint32_t crc, uint64_t word) {
+  return static_cast<uint32_t>(__builtin_ia32_crc32di(crc, word));
+}
+
 const bool kHasSse42 = __builtin_cpu_supports("sse4.2");
 #endif
 
@@ -60,6 +64,13 @@ uint32_t Continue(std::string_view data, uint32_t reg) {
 uint32_t Crc32c(std::string_view data, uint32_t crc) { return ~Continue(data, ~crc); }
 
 RecordChecksum& RecordChecksum::Add(int64_t value) {
+#if defined(__x86_64__)
+  // Little-endian already: one instruction, where a record's many numbers add up at recovery.
+  if (kHasSse42) {
+    reg_ = HardwareCrc64(reg_, static_cast<uint64_t>(value));
+    return *this;
+  }
+#endif
   char bytes[8];  // little-endian, whatever the host
   for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(static_cast<uint64_t>(value) >> (8 * i));
   reg_ = Continue(std::string_view(bytes, 8), reg_);
