@@ -9,8 +9,11 @@
 #include <functional>
 #include <future>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "master/core/broker.h"
 #include "master/store/completer.h"
@@ -83,6 +86,39 @@ TEST(Completer, RunsCallbacksInOrderAndThoseTheyPostBeforeClosing) {
   EXPECT_FALSE(completer.Post(std::move(late), absl::OkStatus()));
   ASSERT_EQ(late.size(), 1u) << "refused callbacks stay with the caller";
   EXPECT_EQ(ran.size(), 4u) << "nothing runs after Close";
+}
+
+TEST(Completer, RunsCallbacksOnTheCallerOnlyWhenNothingPostedEarlierWaits) {
+  Completer completer;
+  const std::thread::id caller = std::this_thread::get_id();
+  std::thread::id ran_on;
+  std::vector<Completer::Callback> first;
+  first.push_back([&](absl::Status) { ran_on = std::this_thread::get_id(); });
+  ASSERT_TRUE(completer.RunOrPost(std::move(first), absl::OkStatus()));
+  EXPECT_EQ(ran_on, caller) << "nothing waited: it ran here, at once";
+  // Behind a callback still queued or running on the completer's thread: after it, there.
+  absl::Mutex mu;
+  std::vector<int> ran;
+  absl::Notification release;
+  std::vector<Completer::Callback> slow;
+  slow.push_back([&](absl::Status) {
+    release.WaitForNotification();
+    absl::MutexLock lock(&mu);
+    ran.push_back(1);
+  });
+  ASSERT_TRUE(completer.Post(std::move(slow), absl::OkStatus()));
+  std::vector<Completer::Callback> next;
+  next.push_back([&](absl::Status) {
+    absl::MutexLock lock(&mu);
+    ran.push_back(2);
+    ran_on = std::this_thread::get_id();
+  });
+  ASSERT_TRUE(completer.RunOrPost(std::move(next), absl::OkStatus()));
+  release.Notify();
+  completer.Close();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(ran, (std::vector<int>{1, 2}));
+  EXPECT_NE(ran_on, caller);
 }
 
 TEST(SqliteStore, Version1DatabaseIsMigrated) {

@@ -14,6 +14,22 @@ bool Completer::Post(std::vector<Callback>&& callbacks, absl::Status status) {
   return true;
 }
 
+bool Completer::RunOrPost(std::vector<Callback>&& callbacks, absl::Status status) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (closed_) return false;
+    if (running_ || !queue_.empty()) {
+      if (!callbacks.empty()) queue_.emplace_back(std::move(callbacks), std::move(status));
+      return true;
+    }
+    running_ = true;
+  }
+  for (Callback& callback : callbacks) callback(status);
+  absl::MutexLock lock(&mu_);
+  running_ = false;
+  return true;
+}
+
 void Completer::Close() {
   {
     absl::MutexLock lock(&mu_);
@@ -27,8 +43,10 @@ void Completer::Loop() {
     std::pair<std::vector<Callback>, absl::Status> next;
     {
       absl::MutexLock lock(&mu_);
-      auto ready = [this]()
-                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return closing_ || !queue_.empty(); };
+      // Not while RunOrPost runs callbacks elsewhere: those posted after them wait their turn.
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !running_ && (closing_ || !queue_.empty());
+      };
       mu_.Await(absl::Condition(&ready));
       if (queue_.empty()) {
         closed_ = true;
@@ -36,8 +54,11 @@ void Completer::Loop() {
       }
       next = std::move(queue_.front());
       queue_.pop_front();
+      running_ = true;
     }
     for (Callback& callback : next.first) callback(next.second);
+    absl::MutexLock lock(&mu_);
+    running_ = false;
   }
 }
 

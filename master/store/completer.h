@@ -25,6 +25,10 @@ class Completer {
 
   // Queues `callbacks` to run with `status`. False once closed: they are left to the caller to run.
   bool Post(std::vector<Callback>&& callbacks, absl::Status status);
+  // Runs `callbacks` on the calling thread when nothing posted before waits or runs (the order
+  // holds), sparing the hand-off to this thread; else, or once closed, posts them as Post does.
+  // False once closed, as Post.
+  bool RunOrPost(std::vector<Callback>&& callbacks, absl::Status status);
   // Runs what is queued, and whatever those callbacks post meanwhile, then stops: no callback
   // runs after it returns. Idempotent.
   void Close();
@@ -35,7 +39,8 @@ class Completer {
   absl::Mutex mu_;
   std::deque<std::pair<std::vector<Callback>, absl::Status>> queue_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;  // the thread ended; Post refuses
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;   // the thread ended; Post refuses
+  bool running_ ABSL_GUARDED_BY(mu_) = false;  // callbacks run (on whichever thread)
   std::thread thread_;
 };
 
