@@ -104,6 +104,33 @@ TEST_F(PackTest, AFastWorkerIsFilledOnlyAsFarAsItStartsTasksWithinTheWait) {
   EXPECT_EQ(s.b, 2u);
 }
 
+TEST_F(PackTest, AWorkerWhoseTasksOutlastTheWaitIsNotPackedHoweverManyItsSlots) {
+  // 64 slots at 3 ms a task start one task every 47 µs on average, but filled at once they all
+  // free up only after 3 ms: a task queued behind them would wait that long, over the 2 ms.
+  auto a = Attach("a", 64, 0);
+  auto b = Attach("b", 2, 0);
+  broker_->AddCredits(a.handle, 1000, 3'000);
+  broker_->AddCredits(b.handle, 64, 0);
+  std::vector<TaskSpec> batch;
+  for (int i = 0; i < 50; ++i) batch.push_back(Spec("square", std::to_string(i)));
+  ASSERT_TRUE(Submit(batch).ok());
+  EXPECT_EQ(b.channel->Take().size(), 2u) << "b's idle slots come before a's queue";
+  EXPECT_EQ(a.channel->Take().size(), 48u);
+}
+
+TEST_F(PackTest, AReconnectedWorkerIsUnmeasuredUntilItSaysAgain) {
+  auto a = Attach("a", 2, 0);
+  broker_->AddCredits(a.handle, 64, 10);
+  broker_->Detach(a.handle, /*bye=*/false);
+  a = Attach("a", 2, 64);
+  auto b = Attach("b", 2, 64);
+  std::vector<TaskSpec> batch;
+  for (int i = 0; i < 8; ++i) batch.push_back(Spec("square", std::to_string(i)));
+  ASSERT_TRUE(Submit(batch).ok());
+  EXPECT_EQ(a.channel->Take().size(), 4u) << "its earlier process's figure is not its own";
+  EXPECT_EQ(b.channel->Take().size(), 4u);
+}
+
 TEST_F(PackTest, NoWaitAllowedSpreadsTasksOverIdleSlotsFirst) {
   options_.pack_wait_ms = 0;
   Reset();

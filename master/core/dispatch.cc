@@ -1,6 +1,7 @@
 // Dispatch: which worker may run which task class, and handing ready tasks to workers with
 // credit, best first (highest priority, then oldest), idle slots before prefetch.
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -139,10 +140,11 @@ void Broker::Impl::DispatchAll() {
 
 int32_t Broker::Impl::PackDepth(const Worker& w) const {
   if (options_.pack_wait_ms <= 0 || w.task_us <= 0) return 0;
-  // Its slots start a task every task_us / slots on average.
-  const double depth =
-      static_cast<double>(options_.pack_wait_ms) * 1000 * w.slots / static_cast<double>(w.task_us);
-  return static_cast<int32_t>(std::min<double>(depth, core::kMaxHeld));
+  // Whole rounds only: the slots of a worker filled at once all free up after task_us, so a
+  // task queued behind them waits at least that long however many slots it has.
+  const double rounds = std::floor(static_cast<double>(options_.pack_wait_ms) * 1000 /
+                                   static_cast<double>(w.task_us));
+  return static_cast<int32_t>(std::min<double>(rounds * w.slots, core::kMaxHeld));
 }
 
 void Broker::Impl::Grant(Worker& w, int32_t credits, int64_t task_us) {

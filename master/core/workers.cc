@@ -79,6 +79,7 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
   w.labels = std::move(hello.labels);
   w.slots = hello.slots;
   w.credits = 0;
+  w.task_us = 0;  // a new process may run other handlers: it says again once it has measured
   w.generation = next_generation_++;
   w.connected = true;
   w.draining = false;

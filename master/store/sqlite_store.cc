@@ -120,6 +120,11 @@ class SqliteStore final : public Store {
   absl::Status Load(RecoveryVisitor* visitor) override {
     {
       absl::MutexLock lock(&mu_);
+      // Nothing queued yet, so the writer has no commit under way: with loading_ set it starts
+      // none, and the connection (opened without SQLite's mutexes) is the loader's alone.
+      if (version_ != 0) {
+        return absl::FailedPreconditionError("the store is loaded before any change, once");
+      }
       loading_ = true;
     }
     absl::Status loaded = sqlite::LoadRecords(*dir_, visitor);
