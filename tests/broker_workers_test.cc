@@ -63,14 +63,18 @@ struct Split {
 
 class PackTest : public BrokerTest {
  protected:
+  static std::vector<TaskSpec> Squares(int n) {
+    std::vector<TaskSpec> batch;
+    for (int i = 0; i < n; ++i) batch.push_back(Spec("square", std::to_string(i)));
+    return batch;
+  }
+
   Split SubmitBeside(int64_t a_task_us, int64_t b_task_us, int n) {
     auto a = Attach("a", 2, 0);
     auto b = Attach("b", 2, 0);
     broker_->AddCredits(a.handle, 64, a_task_us);
     broker_->AddCredits(b.handle, 64, b_task_us);
-    std::vector<TaskSpec> batch;
-    for (int i = 0; i < n; ++i) batch.push_back(Spec("square", std::to_string(i)));
-    EXPECT_TRUE(Submit(batch).ok());
+    EXPECT_TRUE(Submit(Squares(n)).ok());
     return {a.channel->Take().size(), b.channel->Take().size(), a.channel->task_messages};
   }
 };
@@ -111,9 +115,7 @@ TEST_F(PackTest, AWorkerWhoseTasksOutlastTheWaitIsNotPackedHoweverManyItsSlots) 
   auto b = Attach("b", 2, 0);
   broker_->AddCredits(a.handle, 1000, 3'000);
   broker_->AddCredits(b.handle, 64, 0);
-  std::vector<TaskSpec> batch;
-  for (int i = 0; i < 50; ++i) batch.push_back(Spec("square", std::to_string(i)));
-  ASSERT_TRUE(Submit(batch).ok());
+  ASSERT_TRUE(Submit(Squares(50)).ok());
   EXPECT_EQ(b.channel->Take().size(), 2u) << "b's idle slots come before a's queue";
   EXPECT_EQ(a.channel->Take().size(), 48u);
 }
@@ -124,9 +126,7 @@ TEST_F(PackTest, AReconnectedWorkerIsUnmeasuredUntilItSaysAgain) {
   broker_->Detach(a.handle, /*bye=*/false);
   a = Attach("a", 2, 64);
   auto b = Attach("b", 2, 64);
-  std::vector<TaskSpec> batch;
-  for (int i = 0; i < 8; ++i) batch.push_back(Spec("square", std::to_string(i)));
-  ASSERT_TRUE(Submit(batch).ok());
+  ASSERT_TRUE(Submit(Squares(8)).ok());
   EXPECT_EQ(a.channel->Take().size(), 4u) << "its earlier process's figure is not its own";
   EXPECT_EQ(b.channel->Take().size(), 4u);
 }
