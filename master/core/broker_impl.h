@@ -220,7 +220,8 @@ class Broker::Impl {
   bool Dispatching() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Stops waiting for workers after a restart once the hold has passed.
   void EndHoldIfDue(int64_t now, Effects& fx) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void DispatchTo(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Hands `w` ready tasks while it has credit, until it holds `max_leases`.
+  void DispatchTo(Worker& w, size_t max_leases = SIZE_MAX) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Hands ready tasks to every worker with credit: first to the workers that keep up, each filled
   // up to its PackDepth in one message; then one at a time round robin to workers with an idle
   // slot; then into prefetch. No task waits behind a busy worker longer than pack_wait_ms while

@@ -97,9 +97,9 @@ void Broker::Impl::EndHoldIfDue(int64_t now, Effects& fx) {
   awaited_.clear();
 }
 
-void Broker::Impl::DispatchTo(Worker& w) {
+void Broker::Impl::DispatchTo(Worker& w, size_t max_leases) {
   if (!Dispatching()) return;
-  while (CanTake(w)) {
+  while (CanTake(w) && w.leases.size() < max_leases) {
     Task* t = PopBest(w);
     if (!t) break;
     Lease(*t, w);
@@ -113,13 +113,8 @@ void Broker::Impl::DispatchAll() {
     if (CanTake(*w)) hungry.push_back(w.get());
   }
   for (Worker* w : hungry) {
-    const int32_t depth = PackDepth(*w);
-    if (depth == 0) continue;
-    const int64_t room = int64_t{w->slots} + depth;
-    while (CanTake(*w) && static_cast<int64_t>(w->leases.size()) < room) {
-      Task* t = PopBest(*w);
-      if (!t) break;
-      Lease(*t, *w);
+    if (const int32_t depth = PackDepth(*w); depth > 0) {
+      DispatchTo(*w, static_cast<size_t>(w->slots) + static_cast<size_t>(depth));
     }
   }
   for (bool slots_only : {true, false}) {

@@ -155,7 +155,7 @@ JobView Broker::Impl::ViewOf(const Job& j) const {
 std::string Broker::Impl::WaitingFor(const Task& t) const {
   if (t.state == TaskState::kDelayed) {
     return absl::StrCat(t.attempts > 0 ? "retry backoff" : "delay", ": due in ",
-                        std::max<int64_t>(0, t.at_ms - clock_->NowMs()), " ms");
+                        std::max<int64_t>(0, t.not_before_ms() - clock_->NowMs()), " ms");
   }
   if (t.state != TaskState::kPending) return "";
   int capable = 0;
