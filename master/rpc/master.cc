@@ -80,12 +80,6 @@ class MasterImpl final : public Master {
 
   absl::Status Init(const std::optional<TokenSet>& tokens) {
     if (tokens) broker_.SetTenantLimits(tokens->limits());
-    if (!options_.admin.http.listen.empty()) {
-      absl::StatusOr<std::unique_ptr<MasterAdmin>> admin =
-          MasterAdmin::Start(AdminOptions(), AdminSourcesOf(), log_);
-      if (!admin.ok()) return admin.status();
-      admin_ = std::move(*admin);
-    }
     // The server listens before the store is recovered, so that probes hear NOT_SERVING
     // meanwhile, and every other call is answered UNAVAILABLE until it is.
     auth_.SetRecovering(true);
@@ -125,6 +119,14 @@ class MasterImpl final : public Master {
       queue_service_.Start(queue.get());
       worker_service_.Start(queue.get());
       health_service_.Start(queue.get());
+    }
+    // After the server's port: an admin port the system picks (port 0) can then never be the
+    // one a restarting master asks for again.
+    if (!options_.admin.http.listen.empty()) {
+      absl::StatusOr<std::unique_ptr<MasterAdmin>> admin =
+          MasterAdmin::Start(AdminOptions(), AdminSourcesOf(), log_);
+      if (!admin.ok()) return admin.status();
+      admin_ = std::move(*admin);
     }
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     {
