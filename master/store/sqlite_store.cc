@@ -8,13 +8,10 @@
 
 #include <chrono>
 #include <filesystem>
-#include <thread>
-#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "common/logging.h"
-#include "master/store/completer.h"
+#include "master/store/queued_store.h"
 #include "master/store/sqlite_files.h"
 #include "master/store/sqlite_records.h"
 
@@ -32,50 +29,16 @@ constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 // default), itself rather than inside COMMIT, where SQLite would ignore a failed fsync.
 constexpr int kCheckpointPages = 1000;
 
-// One queued change. Changes to the same task within a batch collapse into one.
-struct Op {
-  enum class Kind : uint8_t {
-    kSubmit,
-    kUpdateTask,
-    kDeleteTask,
-    kDeleteJob,
-    kPutWorker,
-    kDeleteWorker,
-    kNone
-  };
-  Kind kind = Kind::kNone;
-  TaskId task_id = 0;    // kUpdateTask, kDeleteTask
-  TaskStatusRow status;  // kUpdateTask
-  std::string key;       // kDeleteJob: the job; kPutWorker, kDeleteWorker: the worker
-  std::string secret;    // kPutWorker
-  // kSubmit: the rows, and who waits for them to be written or refused.
-  std::unique_ptr<SubmitRows> submit;
-  std::function<void(absl::Status)> submitted;
-};
-
-class SqliteStore final : public Store {
+class SqliteStore final : public QueuedStore {
  public:
   SqliteStore(SqliteStoreOptions options, std::unique_ptr<DataDir> dir)
-      : options_(std::move(options)),
+      : QueuedStore(GetLogger("store"), options.retry_interval_ms),
+        options_(std::move(options)),
         dir_(std::move(dir)),
         db_(dir_->db()),
-        reserve_path_(options_.data_dir + "/RESERVE"),
-        log_(GetLogger("store")) {}
+        reserve_path_(options_.data_dir + "/RESERVE") {}
 
   ~SqliteStore() override { Close(); }
-
-  // Called by the broker, then again by the destructor: the second call finds both threads
-  // joined already.
-  void Close() override {
-    {
-      absl::MutexLock lock(&mu_);
-      stop_ = true;
-    }
-    // The writer commits what it can and hands over its last callbacks; the completer runs them
-    // and any they cause, then ends.
-    if (writer_.joinable()) writer_.join();
-    completer_.Close();
-  }
 
   absl::Status Start() {
     const std::string insert_task =
@@ -110,273 +73,31 @@ class SqliteStore final : public Store {
         },
         this);
     KeepReserve();
-    writer_ = std::thread([this] { WriterLoop(); });
+    StartWriter();
     return absl::OkStatus();
   }
 
   std::string Epoch() const override { return dir_->epoch(); }
   bool persistent() const override { return true; }
 
-  absl::Status Load(RecoveryVisitor* visitor) override {
-    {
-      absl::MutexLock lock(&mu_);
-      // Nothing queued yet, so the writer has no commit under way: with loading_ set it starts
-      // none, and the connection (opened without SQLite's mutexes) is the loader's alone.
-      if (version_ != 0) {
-        return absl::FailedPreconditionError("the store is loaded before any change, once");
-      }
-      loading_ = true;
-    }
-    absl::Status loaded = sqlite::LoadRecords(*dir_, visitor);
-    absl::MutexLock lock(&mu_);
-    loading_ = false;
-    return loaded;
-  }
-
-  StoreMetrics Metrics() const override {
-    absl::MutexLock lock(&mu_);
-    return metrics_;
-  }
-
-  absl::Status Writable() const override {
-    absl::MutexLock lock(&mu_);
-    return error_;
-  }
-
-  void Submit(SubmitRows rows, std::function<void(absl::Status)> done) override {
-    auto owned = std::make_unique<SubmitRows>(std::move(rows));
-    {
-      absl::MutexLock lock(&mu_);
-      if (!writer_done_) {
-        Op& op = Append(Op::Kind::kSubmit);
-        op.submit = std::move(owned);
-        op.submitted = std::move(done);
-        return;
-      }
-    }
-    Answer(std::move(done), ClosedError());
-  }
-
-  void UpdateTask(TaskId id, TaskStatusRow status) override {
-    absl::MutexLock lock(&mu_);
-    ++version_;
-    if (auto it = task_ops_.find(id); it != task_ops_.end()) {
-      Op& earlier = pending_[it->second];
-      if (earlier.kind == Op::Kind::kUpdateTask) {
-        earlier.status = std::move(status);
-        return;
-      }
-    }
-    Op& op = Append(Op::Kind::kUpdateTask);
-    op.task_id = id;
-    op.status = std::move(status);
-    task_ops_[id] = pending_.size() - 1;
-  }
-
-  void DeleteTask(TaskId id) override {
-    absl::MutexLock lock(&mu_);
-    if (auto it = task_ops_.find(id); it != task_ops_.end()) {
-      // Whatever this batch would have written of the task is moot now.
-      pending_[it->second].kind = Op::Kind::kNone;
-    }
-    Op& op = Append(Op::Kind::kDeleteTask);
-    op.task_id = id;
-    task_ops_[id] = pending_.size() - 1;
-  }
-
-  void DeleteJob(const std::string& job_id) override {
-    absl::MutexLock lock(&mu_);
-    Op& op = Append(Op::Kind::kDeleteJob);
-    op.key = job_id;
-  }
-
-  void PutWorker(const WorkerRow& worker) override {
-    absl::MutexLock lock(&mu_);
-    Op& op = Append(Op::Kind::kPutWorker);
-    op.key = worker.worker_id;
-    op.secret = worker.secret;
-  }
-
-  void DeleteWorker(const std::string& worker_id) override {
-    absl::MutexLock lock(&mu_);
-    Append(Op::Kind::kDeleteWorker).key = worker_id;
-  }
-
-  void Flush(std::function<void(absl::Status)> done) override {
-    bool durable = false;
-    bool closed = false;
-    {
-      absl::MutexLock lock(&mu_);
-      if (writer_done_ && durable_ < version_) {
-        closed = true;
-      } else if (durable_ < version_ || !error_.ok()) {
-        waiters_.push_back({version_, std::move(done)});
-        return;
-      } else {
-        durable = true;
-      }
-    }
-    if (closed) {
-      Answer(std::move(done), ClosedError());
-    } else {
-      done(durable ? absl::OkStatus() : ClosedError());
-    }
+  absl::Status LoadRecords(RecoveryVisitor* visitor) override {
+    return sqlite::LoadRecords(*dir_, visitor);
   }
 
  private:
-  Op& Append(Op::Kind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    ++version_;
-    pending_.emplace_back().kind = kind;
-    return pending_.back();
-  }
-
-  void WriterLoop() {
-    bool failing = false;  // the last commit failed for want of space: wait, then try again
-    while (true) {
-      if (failing) SleepUnlessStopping(options_.retry_interval_ms);
-      std::vector<Op> batch;
-      uint64_t target;
-      {
-        absl::MutexLock lock(&mu_);
-        // While failing, an empty commit still writes the commit count: it tells when the disk
-        // takes writes again, so new submits are accepted again.
-        auto work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return !loading_ && (stop_ || !pending_.empty() || !error_.ok());
-        };
-        mu_.Await(absl::Condition(&work));
-        if (stop_ && (pending_.empty() || failing)) {
-          if (!pending_.empty()) {
-            log_->error("stopping with {} changes that could not be written", pending_.size());
-          }
-          StopWriting();
-          return;
-        }
-        batch.swap(pending_);
-        task_ops_.clear();
-        target = version_;
-      }
-      const auto began = std::chrono::steady_clock::now();
-      absl::Status status = Commit(batch);
-      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - began;
-      if (status.ok() && wal_pages_ >= kCheckpointPages) {
-        // A full disk stops the checkpoint, not the commit: the WAL holds the data meanwhile.
-        absl::Status copied = Checkpoint(SQLITE_CHECKPOINT_PASSIVE);
-        if (!copied.ok() && !absl::IsResourceExhausted(copied)) Fatal(copied);
-      }
-      if (!status.ok() && !absl::IsResourceExhausted(status)) Fatal(status);
-      if (status.ok()) {
-        KeepReserve();
-      } else {
-        MakeRoom();
-      }
-      // Submits are written whole or dropped: a client told that its batch failed must never
-      // find it stored later. Every other change is kept and written again before newer ones.
-      std::vector<std::function<void(absl::Status)>> done;
-      for (Op& op : batch) {
-        if (op.kind != Op::Kind::kSubmit) continue;
-        done.push_back(std::move(op.submitted));
-        op.kind = Op::Kind::kNone;
-      }
-      const size_t submits = done.size();
-      bool changed;  // from writing to failing or back
-      bool idle;     // nothing waits to be written
-      {
-        absl::MutexLock lock(&mu_);
-        if (status.ok()) {
-          durable_ = target;
-          metrics_.commit_seconds.Observe(took.count());
-          metrics_.commit_changes.Observe(static_cast<double>(batch.size()));
-        }
-        changed = status.ok() != error_.ok();
-        error_ = status;
-        auto first_pending = std::partition(waiters_.begin(), waiters_.end(),
-                                            [&](const auto& w) { return w.first <= target; });
-        for (auto it = waiters_.begin(); it != first_pending; ++it) {
-          done.push_back(std::move(it->second));
-        }
-        waiters_.erase(waiters_.begin(), first_pending);
-        if (!status.ok()) Requeue(std::move(batch));
-        idle = pending_.empty();
-      }
-      failing = !status.ok();
-      if (changed && status.ok()) log_->info("the store writes again");
-      if (changed && !status.ok()) {
-        log_->error("{}; new submits are refused until it writes again",
-                    std::string(status.message()));
-      }
-      if (!status.ok() && submits > 0) {
-        log_->warn("{} submits were refused for want of space and not stored", submits);
-      }
-      // With nothing to commit next, the answers go out from here: a hand-off to the completer
-      // would cost a sequential round trip a thread's wake-up per commit.
-      if (idle) {
-        completer_.RunOrPost(std::move(done), status);
-      } else {
-        completer_.Post(std::move(done), status);
-      }
+  CommitFailure AfterCommit(const absl::Status& status) override {
+    if (status.ok() && wal_pages_ >= kCheckpointPages) {
+      // A full disk stops the checkpoint, not the commit: the WAL holds the data meanwhile.
+      absl::Status copied = Checkpoint(SQLITE_CHECKPOINT_PASSIVE);
+      if (!copied.ok() && !absl::IsResourceExhausted(copied)) Fatal(copied);
     }
-  }
-
-  // The writer's last act: whoever still waits is told that the store closed first.
-  void StopWriting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::vector<std::function<void(absl::Status)>> done;
-    for (Op& op : pending_) {
-      if (op.kind == Op::Kind::kSubmit) done.push_back(std::move(op.submitted));
+    if (!status.ok() && !absl::IsResourceExhausted(status)) Fatal(status);
+    if (status.ok()) {
+      KeepReserve();
+    } else {
+      MakeRoom();
     }
-    for (auto& [version, callback] : waiters_) done.push_back(std::move(callback));
-    waiters_.clear();
-    completer_.Post(std::move(done), ClosedError());
-    writer_done_ = true;
-  }
-
-  static absl::Status ClosedError() {
-    return absl::UnavailableError("the master stopped before this was written");
-  }
-
-  // After the writer stopped: the completer answers while it runs, the caller once it is closed.
-  void Answer(std::function<void(absl::Status)> done, absl::Status status) {
-    std::vector<std::function<void(absl::Status)>> one;
-    one.push_back(std::move(done));
-    if (!completer_.Post(std::move(one), status)) one.front()(status);
-  }
-
-  // Puts the changes of a failed commit back before those queued since, collapsing the changes
-  // of each task again, so a long outage keeps one pending change per task instead of a list.
-  void Requeue(std::vector<Op> failed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::vector<Op> newer;
-    newer.swap(pending_);
-    task_ops_.clear();
-    for (std::vector<Op>* ops : {&failed, &newer}) {
-      for (Op& op : *ops) {
-        if (op.kind == Op::Kind::kNone) continue;
-        const bool per_task = op.kind == Op::Kind::kUpdateTask || op.kind == Op::Kind::kDeleteTask;
-        auto earlier = per_task ? task_ops_.find(op.task_id) : task_ops_.end();
-        if (earlier != task_ops_.end()) {
-          Op& e = pending_[earlier->second];
-          if (op.kind == Op::Kind::kUpdateTask && e.kind == Op::Kind::kUpdateTask) {
-            e.status = std::move(op.status);
-            continue;
-          }
-          if (op.kind == Op::Kind::kDeleteTask) e.kind = Op::Kind::kNone;
-        }
-        if (per_task) task_ops_[op.task_id] = pending_.size();
-        pending_.push_back(std::move(op));
-      }
-    }
-  }
-
-  // Sleeps `ms` unless the store is closing meanwhile, in steps on the monotonic clock: a timed
-  // mutex wait here would follow the wall clock.
-  void SleepUnlessStopping(int64_t ms) {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
-    while (std::chrono::steady_clock::now() < until) {
-      {
-        absl::MutexLock lock(&mu_);
-        if (stop_) return;
-      }
-      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
-          std::chrono::milliseconds(20), until - std::chrono::steady_clock::now()));
-    }
+    return CommitFailure::kRefuseSubmits;
   }
 
   // A write failed for a reason other than space: the disk may no longer hold what an fsync
@@ -438,10 +159,10 @@ class SqliteStore final : public Store {
     }
   }
 
-  absl::Status Commit(const std::vector<Op>& batch) {
+  absl::Status Commit(const std::vector<StoreChange>& batch) override {
     if (absl::Status s = sqlite::Exec(db_, "BEGIN IMMEDIATE"); !s.ok()) return s;
     absl::Status status;
-    for (const Op& op : batch) {
+    for (const StoreChange& op : batch) {
       if (status = Apply(op); !status.ok()) break;
     }
     const int64_t commits = dir_->commits() + 1;
@@ -459,30 +180,30 @@ class SqliteStore final : public Store {
     return absl::OkStatus();
   }
 
-  absl::Status Apply(const Op& op) {
+  absl::Status Apply(const StoreChange& op) {
     switch (op.kind) {
-      case Op::Kind::kNone:
+      case StoreChange::Kind::kNone:
         return absl::OkStatus();
-      case Op::Kind::kSubmit:
+      case StoreChange::Kind::kSubmit:
         return ApplySubmit(*op.submit);
-      case Op::Kind::kUpdateTask:
+      case StoreChange::Kind::kUpdateTask:
         BindStatus(update_task_.get(), 1, op.task_id, op.status);
         sqlite3_bind_int64(update_task_.get(), 12, static_cast<int64_t>(op.task_id));
         return update_task_.Run();
-      case Op::Kind::kDeleteTask:
+      case StoreChange::Kind::kDeleteTask:
         sqlite3_bind_int64(delete_task_.get(), 1, static_cast<int64_t>(op.task_id));
         return delete_task_.Run();
-      case Op::Kind::kDeleteJob:
+      case StoreChange::Kind::kDeleteJob:
         BindText(delete_members_.get(), 1, op.key);
         if (absl::Status s = delete_members_.Run(); !s.ok()) return s;
         BindText(delete_job_.get(), 1, op.key);
         return delete_job_.Run();
-      case Op::Kind::kPutWorker:
+      case StoreChange::Kind::kPutWorker:
         BindText(put_worker_.get(), 1, op.key);
         BindText(put_worker_.get(), 2, op.secret);
         sqlite3_bind_int64(put_worker_.get(), 3, sqlite::WorkerChecksum({op.key, op.secret}));
         return put_worker_.Run();
-      case Op::Kind::kDeleteWorker:
+      case StoreChange::Kind::kDeleteWorker:
         BindText(delete_worker_.get(), 1, op.key);
         return delete_worker_.Run();
     }
@@ -548,28 +269,12 @@ class SqliteStore final : public Store {
   // Used by Start and Load before any change is recorded, then by the writer thread only.
   sqlite3* const db_;
   const std::string reserve_path_;
-  const std::shared_ptr<spdlog::logger> log_;
   Statement insert_task_, update_task_, delete_task_, insert_job_, delete_job_, delete_members_,
       insert_member_, put_worker_, delete_worker_, count_commit_;
-  std::thread writer_;
-  Completer completer_;
   // Writer thread only (the WAL hook runs inside its commits).
   int wal_pages_ = 0;
   bool reserve_held_ = false;
   bool reserve_warned_ = false;
-
-  mutable absl::Mutex mu_;
-  std::vector<Op> pending_ ABSL_GUARDED_BY(mu_);
-  std::unordered_map<TaskId, size_t> task_ops_ ABSL_GUARDED_BY(mu_);  // task → its op in pending_
-  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;                         // changes recorded
-  uint64_t durable_ ABSL_GUARDED_BY(mu_) = 0;                         // changes committed
-  std::vector<std::pair<uint64_t, std::function<void(absl::Status)>>> waiters_ ABSL_GUARDED_BY(mu_);
-  StoreMetrics metrics_ ABSL_GUARDED_BY(mu_);  // of the commits that succeeded
-  absl::Status error_ ABSL_GUARDED_BY(mu_);    // the last commit's error, OK once one succeeds
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;     // Close began
-  // Load reads the database: the writer waits, as the connection takes one thread at a time.
-  bool loading_ ABSL_GUARDED_BY(mu_) = false;
-  bool writer_done_ ABSL_GUARDED_BY(mu_) = false;  // the writer ended: nothing more is written
 };
 
 }  // namespace
