@@ -11,23 +11,54 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
   if (options.master.address.empty()) {
     return absl::InvalidArgumentError("no master address: pass --master or set TASKMASTER_ADDR");
   }
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options.master);
-  if (!channel.ok()) return channel.status();
-  return std::unique_ptr<Client>(new Client(std::move(options), *channel));
+  std::vector<Endpoint> endpoints;
+  for (const std::string& address : SplitList(options.master.address)) {
+    ChannelOptions one = options.master;
+    one.address = address;
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(one);
+    if (!channel.ok()) return channel.status();
+    endpoints.push_back(
+        {address, v1::TaskQueue::NewStub(*channel), grpc::health::v1::Health::NewStub(*channel)});
+  }
+  return std::unique_ptr<Client>(new Client(std::move(options), std::move(endpoints)));
 }
 
-Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
+Client::Client(ClientOptions options, std::vector<Endpoint> endpoints)
     : options_(std::move(options)),
-      stub_(v1::TaskQueue::NewStub(channel)),
-      health_(grpc::health::v1::Health::NewStub(channel)) {}
+      endpoints_(std::move(endpoints)),
+      masters_(options_.master.address) {}
+
+const Client::Endpoint& Client::Current() const {
+  const std::string address = masters_.current();
+  for (const Endpoint& e : endpoints_) {
+    if (e.address == address) return e;
+  }
+  return endpoints_.front();
+}
+
+bool Client::FailOver(const Endpoint& endpoint, const grpc::Status& status,
+                      const grpc::ClientContext& context,
+                      std::chrono::steady_clock::time_point deadline) const {
+  if (endpoints_.size() < 2 || status.error_code() != grpc::StatusCode::UNAVAILABLE) return false;
+  // Nothing was applied: a master answered that it does not serve, or none was reached (gRPC's
+  // words when no connection could be made). A call cut off midway may have been applied.
+  const bool not_applied = context.GetServerTrailingMetadata().contains(kAnsweredByMaster) ||
+                           status.error_message().starts_with("failed to connect");
+  if (!not_applied || std::chrono::steady_clock::now() >= deadline) return false;
+  if (masters_.Failed(endpoint.address, ServingMaster(context))) {
+    // Every master failed this round: one is taking over. A little later, then again.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return true;
+}
 
 void Client::Prepare(grpc::ClientContext* context) const {
   AddBearerToken(*context, options_.token);
   context->set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
 }
 
-absl::Status Client::Explain(const grpc::Status& status, const grpc::ClientContext& context) const {
-  const std::string& addr = options_.master.address;
+absl::Status Client::Explain(const grpc::Status& status, const grpc::ClientContext& context,
+                             const std::string& addr) const {
   switch (status.error_code()) {
     case grpc::StatusCode::OK:
       return absl::OkStatus();
@@ -63,13 +94,19 @@ using StubMethod = grpc::Status (v1::TaskQueue::Stub::*)(grpc::ClientContext*, c
 template <typename Response, typename Request>
 absl::StatusOr<Response> Client::Call(StubMethod<Response, Request> method,
                                       const Request& request) const {
-  grpc::ClientContext context;
-  Prepare(&context);
-  Response response;
-  if (grpc::Status s = (stub_.get()->*method)(&context, request, &response); !s.ok()) {
-    return Explain(s, context);
+  const auto deadline = std::chrono::steady_clock::now() + options_.failover_timeout;
+  while (true) {
+    const Endpoint& endpoint = Current();
+    grpc::ClientContext context;
+    Prepare(&context);
+    Response response;
+    const grpc::Status s = (endpoint.stub.get()->*method)(&context, request, &response);
+    if (s.ok()) {
+      masters_.Served(endpoint.address);
+      return response;
+    }
+    if (!FailOver(endpoint, s, context, deadline)) return Explain(s, context, endpoint.address);
   }
-  return response;
 }
 
 namespace {
@@ -139,13 +176,22 @@ absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
 }
 
 absl::StatusOr<bool> Client::Serving() const {
-  grpc::ClientContext context;
-  Prepare(&context);
-  grpc::health::v1::HealthCheckResponse response;
-  const grpc::Status status =
-      health_->Check(&context, grpc::health::v1::HealthCheckRequest{}, &response);
-  if (!status.ok()) return Explain(status, context);
-  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  // Given several masters: whether one of them serves.
+  absl::Status error;
+  for (const Endpoint& endpoint : endpoints_) {
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::health::v1::HealthCheckResponse response;
+    const grpc::Status status =
+        endpoint.health->Check(&context, grpc::health::v1::HealthCheckRequest{}, &response);
+    if (!status.ok()) {
+      error = Explain(status, context, endpoint.address);
+    } else if (response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return true;
+    }
+  }
+  if (!error.ok() && endpoints_.size() == 1) return error;
+  return false;
 }
 
 absl::Status Client::WatchJob(const std::string& job_id,
@@ -157,25 +203,35 @@ absl::StatusOr<std::string> Client::SubmitAndWatch(
     const v1::SubmitRequest& request,
     const std::function<void(const v1::JobEvent&)>& on_event) const {
   if (absl::Status s = CheckText(request); !s.ok()) return s;
-  grpc::ClientContext context;
-  AddBearerToken(context, options_.token);
-  auto reader = stub_->SubmitAndWatch(&context, request);
-  v1::JobEvent event;
+  const auto deadline = std::chrono::steady_clock::now() + options_.failover_timeout;
   std::string job_id;
   int64_t seen = 0;
-  while (reader->Read(&event)) {
-    job_id = event.progress().job_id();
-    seen += event.results_size();
-    on_event(event);
-    if (JobFullyRead(event.progress().done(), event.progress().total(), event.progress().open(),
-                     seen)) {
-      reader->Finish().IgnoreError();
-      return job_id;
+  grpc::Status status;
+  while (true) {
+    const Endpoint& endpoint = Current();
+    grpc::ClientContext context;
+    AddBearerToken(context, options_.token);
+    auto reader = endpoint.stub->SubmitAndWatch(&context, request);
+    v1::JobEvent event;
+    while (reader->Read(&event)) {
+      job_id = event.progress().job_id();
+      seen += event.results_size();
+      on_event(event);
+      if (JobFullyRead(event.progress().done(), event.progress().total(), event.progress().open(),
+                       seen)) {
+        reader->Finish().IgnoreError();
+        masters_.Served(endpoint.address);
+        return job_id;
+      }
+    }
+    status = reader->Finish();
+    if (!job_id.empty()) break;
+    // Before the first event the job may or may not exist: resubmit with idempotency keys
+    // (unless no master that serves was reached).
+    if (!FailOver(endpoint, status, context, deadline)) {
+      return Explain(status, context, endpoint.address);
     }
   }
-  const grpc::Status status = reader->Finish();
-  // Before the first event the job may or may not exist: resubmit with idempotency keys.
-  if (job_id.empty()) return Explain(status, context);
   absl::Status followed = Follow(job_id, seen, on_event, /*lost_master=*/!status.ok());
   if (!followed.ok()) return followed;
   return job_id;
@@ -196,13 +252,16 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
     request.set_job_id(job_id);
     request.set_after(seen);
     // After losing the master, a fresh channel reconnects at our pace, not gRPC's.
+    const Endpoint& endpoint = Current();
     std::unique_ptr<v1::TaskQueue::Stub> fresh;
     if (lost_master) {
-      absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.master);
+      ChannelOptions one = options_.master;
+      one.address = endpoint.address;
+      absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(one);
       if (!channel.ok()) return channel.status();
       fresh = v1::TaskQueue::NewStub(*channel);
     }
-    auto reader = (fresh ? fresh : stub_)->WatchJob(&context, request);
+    auto reader = (fresh ? fresh : endpoint.stub)->WatchJob(&context, request);
     v1::JobEvent event;
     bool complete = false;
     while (reader->Read(&event)) {
@@ -223,7 +282,7 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
     const bool retryable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
                            status.error_code() == grpc::StatusCode::CANCELLED ||
                            status.ok();  // ended early by a master shutting down
-    if (!retryable) return Explain(status, context);
+    if (!retryable) return Explain(status, context, endpoint.address);
     const auto now = std::chrono::steady_clock::now();
     if (lost_since == std::chrono::steady_clock::time_point::max()) lost_since = now;
     if (now - lost_since > options_.reconnect_timeout) {
@@ -232,7 +291,10 @@ absl::Status Client::Follow(const std::string& job_id, int64_t seen,
                                                  " ms while following ", job_id));
     }
     lost_master = true;
-    std::this_thread::sleep_for(backoff.Next());
+    // Given several masters, the next one (or the one a standby named) is tried at once.
+    if (masters_.Failed(endpoint.address, ServingMaster(context))) {
+      std::this_thread::sleep_for(backoff.Next());
+    }
   }
 }
 

@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/grpc_util.h"
@@ -18,9 +19,14 @@ struct ClientOptions {
   std::chrono::milliseconds rpc_timeout{30'000};
   // WatchJob keeps reconnecting this long after losing the master (e.g. across a restart).
   std::chrono::milliseconds reconnect_timeout{60'000};
+  // Given several masters, a call none of them serves (one died, another takes over) is tried
+  // again, round after round, for this long.
+  std::chrono::milliseconds failover_timeout{15'000};
 };
 
-// The C++ client of a master. Thread-safe. Errors carry a message a person can act on.
+// The C++ client of a master, or of masters sharing a PostgreSQL store (options.master.address
+// lists them): it follows the one that serves. Thread-safe. Errors carry a message a person can
+// act on.
 class Client {
  public:
   static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientOptions options);
@@ -50,7 +56,21 @@ class Client {
       const std::function<void(const v1::JobEvent&)>& on_event) const;
 
  private:
-  Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);
+  // One master of the list, and a channel to it.
+  struct Endpoint {
+    std::string address;
+    std::unique_ptr<v1::TaskQueue::Stub> stub;
+    std::unique_ptr<grpc::health::v1::Health::Stub> health;
+  };
+
+  Client(ClientOptions options, std::vector<Endpoint> endpoints);
+  const Endpoint& Current() const;
+  // After `status` from `endpoint`: whether to try again at the next master. Only a call that
+  // did not reach one that serves (a standby's answer, a refused connection) goes again, and
+  // only while `deadline` has not passed.
+  bool FailOver(const Endpoint& endpoint, const grpc::Status& status,
+                const grpc::ClientContext& context,
+                std::chrono::steady_clock::time_point deadline) const;
   void Prepare(grpc::ClientContext* context) const;
   // A unary call with the token, the deadline, and errors explained.
   template <typename Response, typename Request>
@@ -62,11 +82,12 @@ class Client {
   absl::Status Follow(const std::string& job_id, int64_t seen,
                       const std::function<void(const v1::JobEvent&)>& on_event,
                       bool lost_master) const;
-  absl::Status Explain(const grpc::Status& status, const grpc::ClientContext& context) const;
+  absl::Status Explain(const grpc::Status& status, const grpc::ClientContext& context,
+                       const std::string& address) const;
 
   const ClientOptions options_;
-  const std::unique_ptr<v1::TaskQueue::Stub> stub_;
-  const std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  const std::vector<Endpoint> endpoints_;
+  mutable MasterAddresses masters_;
 };
 
 }  // namespace taskmaster

@@ -37,7 +37,9 @@ int main(int argc, char** argv) {
 
   CLI::App app{"taskctl: submit tasks to a taskmaster master and follow them"};
   app.require_subcommand(1);
-  app.add_option("--master", options.master.address, "host:port of the master")
+  app.add_option("--master", options.master.address,
+                 "host:port of the master, or several comma-separated (masters sharing a "
+                 "PostgreSQL store: the one that serves is found and followed)")
       ->envname("TASKMASTER_ADDR");
   app.add_option("--token-file", token_file, "file holding a token (or set TASKMASTER_TOKEN)");
   app.add_option("--format", format, "text or json")

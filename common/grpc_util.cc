@@ -1,5 +1,7 @@
 #include "common/grpc_util.h"
 
+#include <algorithm>
+
 #include "common/util.h"
 
 namespace taskmaster {
@@ -8,10 +10,45 @@ void AddBearerToken(grpc::ClientContext& context, const std::string& token) {
   if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
 }
 
+MasterAddresses::MasterAddresses(const std::string& list) : all_(SplitList(list)) {}
+
+std::string MasterAddresses::current() const {
+  absl::MutexLock lock(&mu_);
+  return all_.empty() ? "" : all_[current_];
+}
+
+bool MasterAddresses::Failed(const std::string& failed, const std::string& serving_at) {
+  absl::MutexLock lock(&mu_);
+  if (all_.empty() || all_[current_] != failed) return false;  // another caller moved on
+  ++failures_;
+  auto named = std::find(all_.begin(), all_.end(), serving_at);
+  current_ = named != all_.end() && !serving_at.empty() ? static_cast<size_t>(named - all_.begin())
+                                                        : (current_ + 1) % all_.size();
+  if (failures_ < all_.size()) return false;
+  failures_ = 0;
+  return true;
+}
+
+void MasterAddresses::Served(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  if (!all_.empty() && all_[current_] == address) failures_ = 0;
+}
+
+std::string ServingMaster(const grpc::ClientContext& context) {
+  const auto& trailers = context.GetServerTrailingMetadata();
+  auto it = trailers.find(kServingMaster);
+  return it == trailers.end() ? "" : std::string(it->second.data(), it->second.size());
+}
+
 std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token) {
-  if (!has_token || !options.tls_ca_file.empty() || IsLoopbackAddress(options.address)) return "";
-  return "the token goes to " + options.address +
-         " in clear (no --tls-ca): anyone on the path can read it and act with it";
+  if (!has_token || !options.tls_ca_file.empty()) return "";
+  for (const std::string& address : SplitList(options.address)) {
+    if (!IsLoopbackAddress(address)) {
+      return "the token goes to " + address +
+             " in clear (no --tls-ca): anyone on the path can read it and act with it";
+    }
+  }
+  return "";
 }
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options) {

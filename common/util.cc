@@ -1,7 +1,9 @@
 #include "common/util.h"
 
 #include <arpa/inet.h>
+#include <limits.h>
 #include <netinet/in.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -19,6 +21,12 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   std::stringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();
+}
+
+std::string HostName() {
+  char buf[HOST_NAME_MAX + 1] = {};
+  gethostname(buf, sizeof(buf) - 1);
+  return buf;
 }
 
 std::string RandomHex(size_t n) {

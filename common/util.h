@@ -18,6 +18,9 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
 // `n` random bytes as lowercase hex, from a per-thread generator seeded by the OS.
 std::string RandomHex(size_t n);
 
+// This machine's host name.
+std::string HostName();
+
 // Removes leading and trailing spaces, tabs and carriage returns.
 std::string_view Trim(std::string_view s);
 

@@ -45,8 +45,22 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
       .Range(1, 10'000);
   s.Add("grpc_reflection", &o.grpc_reflection,
         "serve gRPC server reflection (the API's schema, without a token) for tools like grpcurl");
-  s.Add("store", &o.store, "sqlite (durable) or memory (lost on restart)")
-      .Choices({"sqlite", "memory"});
+  s.Add("store", &o.store,
+        "sqlite (durable), postgres (durable, shared by several masters: one serves, the others "
+        "stand by to take over) or memory (lost on restart)")
+      .Choices({"sqlite", "postgres", "memory"});
+  s.Add("postgres", &o.postgres.conninfo,
+        "the postgres store's database: a libpq connection string or URL, without a password");
+  s.Add("postgres_password_file", &o.postgres.password_file,
+        "a file holding only the database password (else libpq's PGPASSFILE or ~/.pgpass)")
+      .Path();
+  s.Add("postgres_lease_ms", &o.postgres.lease_ms,
+        "how long a master's hold on the queues lasts unrenewed: a standby takes over within "
+        "about this long of the serving master's death")
+      .Range(500, 600'000);
+  s.Add("advertise", &o.advertise,
+        "host:port where clients reach this master, told to those that reach a standby "
+        "(default: the listen address)");
   s.Add("data_dir", &o.sqlite.data_dir,
         "where the sqlite store keeps its files (default: $STATE_DIRECTORY under systemd)");
   s.Add("sync", &config->sync,

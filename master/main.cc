@@ -68,5 +68,5 @@ int main(int argc, char** argv) {
   }
   notifier.Stopping("draining: telling workers, waiting for calls to end");
   (*master)->Shutdown(std::chrono::milliseconds(config.shutdown_timeout_ms));
-  return 0;
+  return (*master)->exit_code();
 }

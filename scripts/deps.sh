@@ -16,6 +16,10 @@ packages+=(tmux)
 # cpp-httplib's client, check scrapes with promtool (Debian's prometheus package, whose server is
 # kept from starting, below) and the status page in headless Chromium.
 packages+=(prometheus-cpp-dev libcpp-httplib-dev prometheus chromium)
+# The postgres store (libpq), and its high-availability tests and benchmark: a PostgreSQL 15
+# server each test starts in a temporary directory (the package's own cluster is kept from
+# starting, as prometheus' server is), psql, and psycopg2 for the benchmark's SKIP LOCKED baseline.
+packages+=(libpq-dev postgresql-15 postgresql-client-15 python3-psycopg2)
 # The container test: rootful podman (runc, conmon), a base image made with debootstrap (nothing
 # from a registry), the compose file checked by docker-compose; pgrep checks what it left.
 packages+=(podman buildah runc conmon debootstrap docker-compose procps)
@@ -45,5 +49,8 @@ if ((${#missing[@]})); then
   ((installed == 0)) || exit "$installed"
   if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     "${sudo_cmd[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  if [[ " ${missing[*]} " == *" postgresql-15 "* ]] && [ -d /run/systemd/system ]; then
+    "${sudo_cmd[@]}" systemctl disable --now postgresql >/dev/null 2>&1 || true
   fi
 fi

@@ -122,7 +122,7 @@ void RunEchoWorker(v1::WorkerService::Stub& stub, int tasks) {
 // streams included: nothing may reach a broker that is not recovered yet.
 TEST(RpcGate, EveryCallIsUnavailableWhileRecovering) {
   InProcessMaster master;
-  master.auth().SetRecovering(true);
+  master.auth().SetUnavailable("the master is recovering its store; retry in a moment");
   {
     grpc::ClientContext context;
     v1::StatsResponse stats;
@@ -140,7 +140,7 @@ TEST(RpcGate, EveryCallIsUnavailableWhileRecovering) {
     EXPECT_FALSE(stream->Read(&in));
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
   }
-  master.auth().SetRecovering(false);
+  master.auth().SetUnavailable("");
   grpc::ClientContext context;
   v1::StatsResponse stats;
   EXPECT_TRUE(master.Client()->Stats(&context, v1::StatsRequest(), &stats).ok());

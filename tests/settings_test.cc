@@ -132,7 +132,7 @@ TEST(MasterSettings, EveryFlagHasAKeyAndPrintConfigReadsBack) {
 TEST(MasterSettings, FileErrorsNameKeyAndLine) {
   Parsed p(R"(listen = "127.0.0.1:1"
 lease_timeout_ms = "30s"
-store = "postgres"
+store = "cassandra"
 tick_ms = 0
 lease_timout_ms = 5
 [tls]
@@ -142,7 +142,7 @@ cert = "x"
   ASSERT_FALSE(p.status.ok());
   const std::string error(p.status.message());
   EXPECT_CONTAINS(error, "master.toml:2: lease_timeout_ms must be an integer, not a string");
-  EXPECT_CONTAINS(error, "master.toml:3: store: must be one of sqlite, memory\n");
+  EXPECT_CONTAINS(error, "master.toml:3: store: must be one of sqlite, postgres, memory\n");
   EXPECT_CONTAINS(error, "master.toml:4: tick_ms: must be from 1 to 60000");
   EXPECT_CONTAINS(error, "master.toml:5: unknown key 'lease_timout_ms'");
   EXPECT_CONTAINS(error, "master.toml:6: unknown key 'tls'");
@@ -167,7 +167,7 @@ TEST(MasterSettings, FlagsAreCheckedAsTheFileIs) {
   Parsed p("", {}, {"--tick-ms", "0"});
   EXPECT_FALSE(p.status.ok());
   EXPECT_CONTAINS(std::string(p.status.message()), "--tick-ms");
-  Parsed q("", {}, {"--store", "postgres"});
+  Parsed q("", {}, {"--store", "cassandra"});
   EXPECT_FALSE(q.status.ok());
 }
 

@@ -97,7 +97,9 @@ int RunWorker(int argc, char** argv, Registry registry) {
                  "TOML file of these settings, exec kinds and pools (flags override)");
   app.add_flag("--print-config", print_config,
                "print the settings in effect (file and flags merged, secrets masked) and exit");
-  app.add_option("--master", o.master.address, "host:port of the master")
+  app.add_option("--master", o.master.address,
+                 "host:port of the master, or several comma-separated (masters sharing a "
+                 "PostgreSQL store: the one that serves is found and followed)")
       ->envname("TASKMASTER_ADDR");
   app.add_option("--token-file", config.token_file,
                  "file holding a 'work' token (or set TASKMASTER_TOKEN)");

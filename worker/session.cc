@@ -123,20 +123,28 @@ void Session::Loop() {
   bool warned = false;
   while (true) {
     grpc::Status status;
-    if (Run(&status)) {
+    std::string serving_at;
+    const std::string address = masters_.current();
+    const bool welcomed = Run(address, &status, &serving_at);
+    if (welcomed) {
+      masters_.Served(address);
       backoff.Reset();
       warned = false;
     }
-    const std::chrono::milliseconds wait = slots_->ReconnectDelay(backoff.Next());
-    log_->debug("stream ended ({}: {}); next attempt in {} ms",
-                static_cast<int>(status.error_code()), status.error_message(), wait.count());
     if (slots_->Leaving()) return;
+    // Given several masters, the next is tried at once; a round of them all failing backs off.
+    const bool round_failed = masters_.Failed(address, serving_at);
+    const std::chrono::milliseconds wait =
+        round_failed ? slots_->ReconnectDelay(backoff.Next()) : std::chrono::milliseconds(0);
+    log_->debug("stream to {} ended ({}: {}); next attempt {} in {} ms", address,
+                static_cast<int>(status.error_code()), status.error_message(), masters_.current(),
+                wait.count());
     if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
         status.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
         status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
-      log_->error("master {} refused this worker: {}; retrying in {} ms", options_.master.address,
+      log_->error("master {} refused this worker: {}; retrying in {} ms", address,
                   status.error_message(), wait.count());
-    } else if (!warned) {
+    } else if (!warned && round_failed) {
       log_->warn("lost the master {} ({}); reconnecting with backoff", options_.master.address,
                  status.error_message());
       warned = true;
@@ -167,7 +175,7 @@ v1::WorkerMessage Session::MakeHello(const HelloState& state) const {
   return message;
 }
 
-bool Session::Run(grpc::Status* status) {
+bool Session::Run(const std::string& address, grpc::Status* status, std::string* serving_at) {
   auto context_owner = std::make_shared<grpc::ClientContext>();
   grpc::ClientContext& context = *context_owner;
   AddBearerToken(context, options_.token);
@@ -185,6 +193,7 @@ bool Session::Run(grpc::Status* status) {
     return false;
   }
   ChannelOptions channel_options = options_.master;
+  channel_options.address = address;
   if (state->lease.count() > 0) {
     channel_options.keepalive_ms = WorkerKeepaliveMs(state->lease.count());
   }
@@ -210,14 +219,14 @@ bool Session::Run(grpc::Status* status) {
       stream_ = nullptr;
     }
     *status = stream->Finish();
+    *serving_at = ServingMaster(context);
     Ended(false, *status);
     return false;
   }
   if (std::optional<std::string> lost_state = slots_->Welcomed(FromProto(in.welcome()))) {
     log_->warn("{}", *lost_state);
   }
-  log_->info("connected to master {} (epoch {})", options_.master.address,
-             in.welcome().master_epoch());
+  log_->info("connected to master {} (epoch {})", address, in.welcome().master_epoch());
   connected_.store(true, std::memory_order_relaxed);
   connections_.fetch_add(1, std::memory_order_relaxed);
   std::thread sender([this, s = stream.get()] { SendLoop(s); });
@@ -287,7 +296,7 @@ void Session::WatchdogLoop() {
     const std::optional<WatchReport> report = slots_->Watch();
     if (!report) return;
     if (report->cut_session != 0) {
-      log_->warn("master {}: {}; reconnecting on a fresh connection", options_.master.address,
+      log_->warn("master {}: {}; reconnecting on a fresh connection", masters_.current(),
                  report->why);
       CancelSession(report->cut_session);
     }

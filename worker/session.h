@@ -35,7 +35,11 @@ class Session {
   // `options` and `slots` must outlive the session.
   Session(const WorkerOptions* options, SessionIdentity identity, Slots* slots,
           std::shared_ptr<spdlog::logger> log)
-      : options_(*options), identity_(std::move(identity)), slots_(slots), log_(std::move(log)) {}
+      : options_(*options),
+        identity_(std::move(identity)),
+        slots_(slots),
+        log_(std::move(log)),
+        masters_(options_.master.address) {}
 
   // Starts the session thread (connect, read, reconnect) and the watchdog.
   void Start();
@@ -53,8 +57,9 @@ class Session {
   using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::MasterMessage>;
 
   void Loop();
-  // One stream, from hello to its end. Returns whether the master welcomed us.
-  bool Run(grpc::Status* status);
+  // One stream to `address`, from hello to its end. Returns whether the master welcomed us;
+  // `serving_at` gets whom a standby named.
+  bool Run(const std::string& address, grpc::Status* status, std::string* serving_at);
   void Ended(bool master_stopping, const grpc::Status& status);
   void SendLoop(Stream* stream);
   // Writes `out` (a goodbye ends the writing side too); false when the stream is broken or done.
@@ -68,6 +73,7 @@ class Session {
   const SessionIdentity identity_;
   Slots* const slots_;
   const std::shared_ptr<spdlog::logger> log_;
+  MasterAddresses masters_;
   // Session and watchdog threads: started by Start, joined by Join.
   std::thread thread_;
   std::thread watchdog_;

@@ -27,12 +27,6 @@ constexpr size_t kResultOverhead = 4'096;
 // Random bytes in a worker's id after its name: two processes of one name never share an id.
 constexpr size_t kWorkerIdRandomBytes = 6;
 
-std::string HostName() {
-  char buf[HOST_NAME_MAX + 1] = {};
-  gethostname(buf, sizeof(buf) - 1);
-  return buf;
-}
-
 // An outcome as a metric label.
 const char* OutcomeLabel(worker::Outcome outcome) {
   switch (outcome) {

@@ -12,6 +12,13 @@ Authorizer::Authorizer(std::optional<TokenSet> tokens) : open_(!tokens) {
   if (tokens) tokens_ = std::make_shared<const TokenSet>(std::move(*tokens));
 }
 
+void Authorizer::SetUnavailable(std::string reason, std::string serving_at) {
+  absl::MutexLock lock(&mu_);
+  unavailable_.store(!reason.empty(), std::memory_order_release);
+  unavailable_reason_ = std::move(reason);
+  serving_at_ = std::move(serving_at);
+}
+
 void Authorizer::Replace(TokenSet tokens) {
   auto replacement = std::make_shared<const TokenSet>(std::move(tokens));
   absl::MutexLock lock(&mu_);
@@ -21,9 +28,12 @@ void Authorizer::Replace(TokenSet tokens) {
 grpc::Status Authorizer::Check(grpc::ServerContextBase* context, Role need, const char* call,
                                Authorized* who) const {
   context->AddTrailingMetadata(kAnsweredByMaster, "1");
-  if (recovering_.load()) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        "the master is recovering its store; retry in a moment");
+  if (unavailable_.load(std::memory_order_acquire)) {
+    absl::MutexLock lock(&mu_);
+    if (!unavailable_reason_.empty()) {
+      if (!serving_at_.empty()) context->AddTrailingMetadata(kServingMaster, serving_at_);
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, unavailable_reason_);
+    }
   }
   if (open_) {
     if (who) *who = Authorized{};

@@ -40,16 +40,20 @@ class Authorizer {
   // Whether an HTTP Authorization header ("Bearer TOKEN", or Basic with the token as password)
   // holds an admin token, for the admin listener. Always true without tokens (--insecure).
   bool IsAdminAuthorization(std::string_view header) const;
-  // While set, every call is answered UNAVAILABLE: the master listens while it recovers its
-  // store (so that probes hear NOT_SERVING), and nothing may reach the broker before it is done.
-  void SetRecovering(bool recovering) { recovering_.store(recovering); }
+  // While set, every call is answered UNAVAILABLE with `reason`: the master listens while it
+  // recovers its store (so that probes hear NOT_SERVING), or while another master serves
+  // (`serving_at` then goes back as trailing metadata, kServingMaster, for clients to follow),
+  // and nothing may reach the broker meanwhile. An empty reason: the master serves.
+  void SetUnavailable(std::string reason, std::string serving_at = "");
 
  private:
   // The identity of `token` in the tokens in use.
   std::optional<Identity> Lookup(std::string_view token) const;
 
-  const bool open_;  // --insecure
-  std::atomic<bool> recovering_{false};
+  const bool open_;                       // --insecure
+  std::atomic<bool> unavailable_{false};  // unavailable_reason_ is set
+  std::string unavailable_reason_ ABSL_GUARDED_BY(mu_);
+  std::string serving_at_ ABSL_GUARDED_BY(mu_);
   struct {
     std::atomic<int64_t> missing{0}, unknown{0}, denied{0};
   } mutable failures_;

@@ -1,6 +1,7 @@
 #include "master/rpc/master.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -27,6 +28,10 @@
 namespace taskmaster {
 
 namespace {
+
+// Exit codes (sysexits.h): the store cannot be recovered; another master took over.
+constexpr int kExitSoftware = 70;
+constexpr int kExitTempFail = 75;
 
 absl::Status CheckTlsFlags(const TlsFiles& tls) {
   if (tls.cert_file.empty() != tls.key_file.empty()) {
@@ -62,7 +67,8 @@ class WithoutReflection final : public grpc::ServerBuilderOption {
 class MasterImpl final : public Master {
  public:
   MasterImpl(const MasterOptions& options, std::optional<TokenSet> tokens,
-             std::shared_ptr<ReloadableServerCredentials> tls, std::unique_ptr<Store> store)
+             std::shared_ptr<ReloadableServerCredentials> tls, std::unique_ptr<Store> store,
+             PostgresStore* postgres)
       : options_(options),
         log_(GetLogger("master")),
         store_(std::move(store)),
@@ -76,13 +82,14 @@ class MasterImpl final : public Master {
         worker_service_(&broker_, &auth_, log_,
                         static_cast<size_t>(options.max_worker_buffer_bytes),
                         std::chrono::milliseconds(options.broker.lease_timeout_ms / 2)),
-        health_service_([this] { return Health().state == MasterState::kServing; }) {}
+        health_service_([this] { return Health().state == MasterState::kServing; }),
+        postgres_(postgres) {}
 
   absl::Status Init(const std::optional<TokenSet>& tokens) {
     if (tokens) broker_.SetTenantLimits(tokens->limits());
     // The server listens before the store is recovered, so that probes hear NOT_SERVING
     // meanwhile, and every other call is answered UNAVAILABLE until it is.
-    auth_.SetRecovering(true);
+    auth_.SetUnavailable("the master is recovering its store; retry in a moment");
     if (options_.grpc_reflection) {
       grpc::reflection::InitProtoReflectionServerBuilderPlugin();  // once, whoever calls it
     }
@@ -128,26 +135,18 @@ class MasterImpl final : public Master {
       if (!admin.ok()) return admin.status();
       admin_ = std::move(*admin);
     }
-    if (absl::Status s = broker_.Recover(); !s.ok()) return s;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      recovered_ = true;
+    if (postgres_) {
+      // A standby listens (probes say why it does not serve) and waits for the lease.
+      server_thread_ = std::thread([this] { StandByThenServe(); });
+      return absl::OkStatus();
     }
-    auth_.SetRecovering(false);
-    MarkTick();
-    ticker_ = std::thread([this] { TickLoop(); });
-    log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
-               options_.insecure ? "INSECURE: no authentication" : "token authentication",
-               !tls_ ? "" : (options_.tls.client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
-               options_.store == "memory" ? "memory (nothing survives a restart)"
-                                          : "sqlite in " + options_.sqlite.data_dir,
-               broker_.epoch());
-    return absl::OkStatus();
+    return Serve();
   }
 
   ~MasterImpl() override { Shutdown(std::chrono::milliseconds(0)); }
 
   int port() const override { return port_; }
+  int exit_code() const override { return exit_code_.load(); }
   int admin_port() const override { return admin_ ? admin_->port() : 0; }
 
   std::string StatusLine() const override {
@@ -205,6 +204,7 @@ class MasterImpl final : public Master {
       stopping_ = true;
     }
     cv_.notify_all();
+    if (server_thread_.joinable()) server_thread_.join();
     if (ticker_.joinable()) ticker_.join();
     if (!server_) {  // never started
       admin_.reset();
@@ -225,12 +225,88 @@ class MasterImpl final : public Master {
   }
 
  private:
+  // Recovers the store, then serves.
+  absl::Status Serve() {
+    if (absl::Status s = broker_.Recover(); !s.ok()) return s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      recovered_ = true;
+    }
+    auth_.SetUnavailable("");
+    MarkTick();
+    ticker_ = std::thread([this] { TickLoop(); });
+    log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
+               options_.insecure ? "INSECURE: no authentication" : "token authentication",
+               !tls_ ? "" : (options_.tls.client_ca_file.empty() ? ", TLS" : ", mutual TLS"),
+               options_.store == "memory" ? "memory (nothing survives a restart)"
+               : options_.store == "postgres"
+                   ? "postgres at " + RedactedConninfo(options_.postgres.conninfo)
+                   : "sqlite in " + options_.sqlite.data_dir,
+               broker_.epoch());
+    return absl::OkStatus();
+  }
+
+  // With PostgreSQL: stands by until this master holds the lease, then serves until it loses it.
+  void StandByThenServe() {
+    const std::string address = AdvertisedAddress();
+    absl::Status acquired = postgres_->Acquire(
+        address, [this] { return Stopping(); },
+        [this](const PostgresStore::Owner& owner) {
+          const std::string reason =
+              owner.address.empty()
+                  ? std::string("this master stands by for another; retry in a moment")
+                  : absl::StrCat("this master stands by; the master at ", owner.address, " serves");
+          auth_.SetUnavailable(reason, owner.address);
+          std::lock_guard<std::mutex> lock(mu_);
+          standby_reason_ = reason;
+        },
+        [this](const absl::Status& why) { StepDown(why); });
+    if (!acquired.ok()) return;  // stopping
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      standby_reason_.clear();
+    }
+    auth_.SetUnavailable("the master is recovering its store; retry in a moment");
+    if (absl::Status s = Serve(); !s.ok()) {
+      log_->critical("cannot recover the store: {}", std::string(s.message()));
+      Exit(kExitSoftware);
+    }
+  }
+
+  // Another master serves the partition now, or may at any moment: nothing more may be answered
+  // from this one's memory. The process stops (its supervisor starts it again, to stand by).
+  void StepDown(const absl::Status& why) {
+    log_->error("stepping down: {}", std::string(why.message()));
+    auth_.SetUnavailable(absl::StrCat("this master stepped down: ", why.message()));
+    broker_.Shutdown();
+    Exit(kExitTempFail);
+  }
+
+  // Ends the process through main's own shutdown, with `code`.
+  void Exit(int code) {
+    exit_code_.store(code);
+    kill(getpid(), SIGTERM);
+  }
+
+  bool Stopping() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stopping_;
+  }
+
+  std::string AdvertisedAddress() const {
+    if (!options_.advertise.empty()) return options_.advertise;
+    std::string host = options_.listen.substr(0, options_.listen.rfind(':'));
+    if (host.empty() || host == "0.0.0.0" || host == "[::]") host = HostName();
+    return absl::StrCat(host, ":", port_);
+  }
+
   // What the probes answer: not serving while recovering or shutting down, nor while the store
   // cannot write (a full disk), when every submit would be refused.
   MasterHealth Health() const {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return {MasterState::kStopping, "shutting down"};
+      if (!standby_reason_.empty()) return {MasterState::kRecovering, standby_reason_};
       if (!recovered_) return {MasterState::kRecovering, "recovering the store"};
     }
     if (absl::Status s = store_->Writable(); !s.ok()) {
@@ -301,9 +377,13 @@ class MasterImpl final : public Master {
   std::atomic<int64_t> last_tick_{0};
 
   mutable std::mutex mu_;
-  bool stopping_ = false;   // guarded by mu_
-  bool recovered_ = false;  // guarded by mu_
+  bool stopping_ = false;       // guarded by mu_
+  bool recovered_ = false;      // guarded by mu_
+  std::string standby_reason_;  // guarded by mu_; set while another master serves
   std::condition_variable cv_;
+  PostgresStore* const postgres_;  // store_, when it is PostgreSQL's
+  std::thread server_thread_;      // StandByThenServe's
+  std::atomic<int> exit_code_{0};
 };
 
 }  // namespace
@@ -360,17 +440,32 @@ absl::StatusOr<std::unique_ptr<Master>> Master::Start(const MasterOptions& optio
     return absl::InvalidArgumentError("--max-watches-per-token must be at least 1");
   }
   std::unique_ptr<Store> store;
+  PostgresStore* postgres = nullptr;
   if (options.store == "memory") {
     store = NewMemoryStore();
+  } else if (options.store == "postgres") {
+    PostgresStoreOptions pg_options = options.postgres;
+    if (pg_options.conninfo.empty()) {
+      return absl::InvalidArgumentError(
+          "--store postgres needs --postgres, a libpq connection string or URL");
+    }
+    if (pg_options.master_id.empty()) {
+      pg_options.master_id = absl::StrCat(HostName(), "-", getpid(), "-", RandomHex(4));
+    }
+    absl::StatusOr<std::unique_ptr<PostgresStore>> opened = OpenPostgresStore(pg_options);
+    if (!opened.ok()) return opened.status();
+    postgres = opened->get();
+    store = std::move(*opened);
   } else if (options.store == "sqlite") {
     absl::StatusOr<std::unique_ptr<Store>> opened = OpenSqliteStore(options.sqlite);
     if (!opened.ok()) return opened.status();
     store = std::move(*opened);
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown store '", options.store, "' (sqlite or memory)"));
+        absl::StrCat("unknown store '", options.store, "' (sqlite, postgres or memory)"));
   }
-  auto master = std::make_unique<MasterImpl>(options, tokens, std::move(tls), std::move(store));
+  auto master =
+      std::make_unique<MasterImpl>(options, tokens, std::move(tls), std::move(store), postgres);
   if (absl::Status status = master->Init(tokens); !status.ok()) return status;
   return master;
 }

@@ -10,6 +10,7 @@
 #include "master/admin/admin.h"
 #include "master/core/broker.h"
 #include "master/rpc/tls.h"
+#include "master/store/postgres_store.h"
 #include "master/store/sqlite_store.h"
 
 namespace taskmaster {
@@ -38,9 +39,14 @@ struct MasterOptions {
   // SubmitAndWatch's first event, which names the job, waits for the job's first results until
   // the next tick at most, so that a short task's answer reaches the client in one message.
   bool hold_first_event = true;
-  // "sqlite" (durable, under data_dir) or "memory" (state lost when the master stops).
+  // "sqlite" (durable, under data_dir), "postgres" (durable, shared by several masters, of
+  // which one serves and the others stand by) or "memory" (state lost when the master stops).
   std::string store = "sqlite";
   SqliteStoreOptions sqlite;
+  PostgresStoreOptions postgres;
+  // host:port where clients reach this master, told to those that reach a standby (empty: the
+  // listen address, with this host's name when it listens on every address).
+  std::string advertise;
   // The admin listener (metrics, probes, the status page); off when its address is empty. It
   // serves HTTPS with the master's certificate when the master has one, and asks for an admin
   // token when the master has tokens and the listener is off loopback.
@@ -78,6 +84,9 @@ class Master {
   // Whether the timers ticked lately. Gates the watchdog pings, so that systemd restarts a master
   // whose serving loop hung rather than one whose main thread merely runs.
   virtual bool Ticking() const = 0;
+  // The process's exit code once it stopped: 0, or EX_TEMPFAIL (75) when another master took
+  // its partition over (its supervisor restarts it, and it stands by).
+  virtual int exit_code() const = 0;
 };
 
 }  // namespace taskmaster

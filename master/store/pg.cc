@@ -1,0 +1,267 @@
+// The libpq layer of the PostgreSQL store (see pg.h).
+#include "master/store/pg.h"
+
+#include <endian.h>
+
+#include <cstring>
+#include <functional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/logging.h"
+
+namespace taskmaster::pg {
+namespace {
+
+template <typename T>
+void Append(std::string& out, T v) {
+  char raw[sizeof(T)];
+  std::memcpy(raw, &v, sizeof(T));
+  out.append(raw, sizeof(T));
+}
+
+std::string Quoted(std::string_view v) {
+  return absl::StrCat("\"", absl::StrReplaceAll(std::string(v), {{"\\", "\\\\"}, {"\"", "\\\""}}),
+                      "\"");
+}
+
+// The parameters as libpq takes them: pointers into `params`, which must outlive the call.
+std::vector<const char*> Pointers(const Params& params) {
+  std::vector<const char*> out;
+  out.reserve(params.size());
+  for (const auto& p : params) out.push_back(p ? p->c_str() : nullptr);
+  return out;
+}
+
+}  // namespace
+
+int64_t Result::int64(int row, int col) const {
+  const std::string_view b = bytes(row, col);
+  if (b.size() == 8) {
+    uint64_t v;
+    std::memcpy(&v, b.data(), 8);
+    return static_cast<int64_t>(be64toh(v));
+  }
+  if (b.size() == 4) {
+    uint32_t v;
+    std::memcpy(&v, b.data(), 4);
+    return static_cast<int32_t>(be32toh(v));
+  }
+  if (b.size() == 2) {
+    uint16_t v;
+    std::memcpy(&v, b.data(), 2);
+    return static_cast<int16_t>(be16toh(v));
+  }
+  return 0;  // NULL
+}
+
+CopyBuffer::CopyBuffer() {
+  data_.append("PGCOPY\n\377\r\n\0", 11);
+  Append<uint32_t>(data_, 0);  // flags
+  Append<uint32_t>(data_, 0);  // header extension length
+}
+
+void CopyBuffer::Row(int16_t fields) {
+  ++rows_;
+  Append(data_, htobe16(static_cast<uint16_t>(fields)));
+}
+
+void CopyBuffer::Int16(int16_t v) {
+  Append(data_, htobe32(2));
+  Append(data_, htobe16(static_cast<uint16_t>(v)));
+}
+
+void CopyBuffer::Int32(int32_t v) {
+  Append(data_, htobe32(4));
+  Append(data_, htobe32(static_cast<uint32_t>(v)));
+}
+
+void CopyBuffer::Int64(int64_t v) {
+  Append(data_, htobe32(8));
+  Append(data_, htobe64(static_cast<uint64_t>(v)));
+}
+
+void CopyBuffer::Bool(bool v) {
+  Append(data_, htobe32(1));
+  data_.push_back(v ? 1 : 0);
+}
+
+void CopyBuffer::Bytes(std::string_view v) {
+  Append(data_, htobe32(static_cast<uint32_t>(v.size())));
+  data_.append(v);
+}
+
+const std::string& CopyBuffer::Finish() {
+  Append(data_, htobe16(0xFFFF));
+  return data_;
+}
+
+absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& conninfo,
+                                                             const std::string& password,
+                                                             std::chrono::milliseconds timeout) {
+  const std::string seconds = std::to_string(std::max<int64_t>(1, (timeout.count() + 999) / 1000));
+  std::vector<const char*> keys = {"dbname", "connect_timeout", "application_name"};
+  std::vector<const char*> values = {conninfo.c_str(), seconds.c_str(), "taskmaster"};
+  if (!password.empty()) {
+    keys.push_back("password");
+    values.push_back(password.c_str());
+  }
+  keys.push_back(nullptr);
+  values.push_back(nullptr);
+  // expand_dbname: `dbname` holds the whole connection string; the keys after it fill in what
+  // it leaves out, and the password replaces one libpq would look up.
+  PGconn* conn = PQconnectdbParams(keys.data(), values.data(), /*expand_dbname=*/1);
+  auto owned = std::unique_ptr<Connection>(new Connection(conn));
+  // The server's notices ("already exists, skipping") are for a person at psql, not our log.
+  PQsetNoticeProcessor(
+      conn,
+      [](void*, const char* message) { GetLogger("store")->debug("PostgreSQL: {}", message); },
+      nullptr);
+  if (PQstatus(conn) != CONNECTION_OK) {
+    return absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL (", Redacted(conninfo),
+                                               "): ", PQerrorMessage(conn)));
+  }
+  return owned;
+}
+
+Connection::~Connection() { PQfinish(conn_); }
+
+absl::Status Connection::ConnectionError(std::string_view doing) {
+  std::string message = PQerrorMessage(conn_);
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  return absl::UnavailableError(absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message));
+}
+
+absl::Status Connection::ResultError(PGresult* r, std::string_view doing) {
+  if (PQstatus(conn_) != CONNECTION_OK || !r) return ConnectionError(doing);
+  std::string message = PQresultErrorMessage(r);
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+  // Class 08 (connection exception), 57P (operator intervention: a shutdown, a terminated
+  // backend), 40 (a serialization failure or deadlock): worth trying again.
+  const std::string_view code = state ? state : "";
+  const bool transient = code.starts_with("08") || code.starts_with("57P") ||
+                         code.starts_with("40") || code == "53300";  // too many connections
+  std::string text = absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message);
+  return transient ? absl::UnavailableError(text) : absl::FailedPreconditionError(text);
+}
+
+absl::StatusOr<Result> Connection::Exec(const std::string& sql, const Params& params) {
+  const std::vector<const char*> values = Pointers(params);
+  PGresult* r = params.empty() && sql.find(';') != std::string::npos
+                    ? PQexec(conn_, sql.c_str())
+                    : PQexecParams(conn_, sql.c_str(), static_cast<int>(values.size()), nullptr,
+                                   values.data(), nullptr, nullptr, /*resultFormat=*/1);
+  const ExecStatusType s = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+  if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
+    absl::Status error = ResultError(r, sql.substr(0, sql.find_first_of(" (")));
+    PQclear(r);
+    return error;
+  }
+  return Result(r);
+}
+
+absl::Status Connection::Run(const std::string& sql, const Params& params) {
+  return Exec(sql, params).status();
+}
+
+absl::Status Connection::Copy(const std::string& copy_sql, CopyBuffer& buffer) {
+  PGresult* r = PQexec(conn_, copy_sql.c_str());
+  if (!r || PQresultStatus(r) != PGRES_COPY_IN) {
+    absl::Status error = ResultError(r, "COPY");
+    PQclear(r);
+    return error;
+  }
+  PQclear(r);
+  const std::string& data = buffer.Finish();
+  if (PQputCopyData(conn_, data.data(), static_cast<int>(data.size())) != 1 ||
+      PQputCopyEnd(conn_, nullptr) != 1) {
+    return ConnectionError("COPY");
+  }
+  absl::Status status;
+  while ((r = PQgetResult(conn_)) != nullptr) {
+    if (PQresultStatus(r) != PGRES_COMMAND_OK && status.ok()) status = ResultError(r, "COPY");
+    PQclear(r);
+  }
+  return status;
+}
+
+absl::Status Connection::ForEachRow(const std::string& sql, const Params& params,
+                                    const std::function<absl::Status(const Result&)>& row) {
+  const std::vector<const char*> values = Pointers(params);
+  if (PQsendQueryParams(conn_, sql.c_str(), static_cast<int>(values.size()), nullptr, values.data(),
+                        nullptr, nullptr, /*resultFormat=*/1) != 1 ||
+      PQsetSingleRowMode(conn_) != 1) {
+    return ConnectionError("a query");
+  }
+  absl::Status status;
+  PGresult* r;
+  while ((r = PQgetResult(conn_)) != nullptr) {
+    Result owned(r);
+    const ExecStatusType s = PQresultStatus(r);
+    if (s == PGRES_SINGLE_TUPLE) {
+      if (status.ok()) status = row(owned);  // after an error, the rest is only drained
+    } else if (s != PGRES_TUPLES_OK && status.ok()) {
+      status = ResultError(r, "a query");
+    }
+  }
+  return status;
+}
+
+std::string TextArray(const std::vector<std::string>& values) {
+  std::string out = "{";
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) out += ',';
+    out += Quoted(values[i]);
+  }
+  return out + "}";
+}
+
+std::string Int64Array(const std::vector<int64_t>& values) {
+  std::string out = "{";
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) out += ',';
+    out += std::to_string(values[i]);
+  }
+  return out + "}";
+}
+
+std::string Redacted(const std::string& conninfo) {
+  char* error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
+  if (!options) {
+    PQfreemem(error);
+    return "an unreadable connection string";
+  }
+  std::string out;
+  for (PQconninfoOption* o = options; o->keyword; ++o) {
+    if (!o->val || std::strcmp(o->keyword, "password") == 0) continue;
+    absl::StrAppend(&out, out.empty() ? "" : " ", o->keyword, "=", o->val);
+  }
+  PQconninfoFree(options);
+  return out;
+}
+
+absl::Status RefusePasswordIn(const std::string& conninfo) {
+  char* error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
+  if (!options) {
+    std::string message = error ? error : "unreadable";
+    PQfreemem(error);
+    while (!message.empty() && message.back() == '\n') message.pop_back();
+    return absl::InvalidArgumentError(absl::StrCat("--postgres: ", message));
+  }
+  bool has_password = false;
+  for (PQconninfoOption* o = options; o->keyword; ++o) {
+    if (std::strcmp(o->keyword, "password") == 0 && o->val && *o->val) has_password = true;
+  }
+  PQconninfoFree(options);
+  if (has_password) {
+    return absl::InvalidArgumentError(
+        "--postgres carries a password, which any user can read in the process list: put it in "
+        "--postgres-password-file (a file holding only the password) or in PGPASSFILE");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace taskmaster::pg

@@ -1,0 +1,105 @@
+// A thin layer over libpq for the PostgreSQL store: a connection, statements with text
+// parameters and binary results, and COPY in PostgreSQL's binary format. Errors come back as
+// statuses: UNAVAILABLE when the server cannot be reached or the connection broke (worth
+// retrying), FAILED_PRECONDITION for anything the server refused.
+#pragma once
+
+#include <libpq-fe.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace taskmaster::pg {
+
+// A query's result; rows are read in binary (network order).
+class Result {
+ public:
+  explicit Result(PGresult* r) : r_(r, &PQclear) {}
+  int rows() const { return PQntuples(r_.get()); }
+  bool null(int row, int col) const { return PQgetisnull(r_.get(), row, col) != 0; }
+  std::string_view bytes(int row, int col) const {
+    return {PQgetvalue(r_.get(), row, col), static_cast<size_t>(PQgetlength(r_.get(), row, col))};
+  }
+  std::string text(int row, int col) const { return std::string(bytes(row, col)); }
+  int64_t int64(int row, int col) const;  // int8, int4 or int2, by the column's length
+  bool boolean(int row, int col) const { return !null(row, col) && bytes(row, col)[0] != 0; }
+
+ private:
+  std::unique_ptr<PGresult, decltype(&PQclear)> r_;
+};
+
+// A statement's parameters, in text form; nullopt is SQL NULL.
+using Params = std::vector<std::optional<std::string>>;
+
+// The rows of a COPY ... FROM STDIN (FORMAT binary), built in memory.
+class CopyBuffer {
+ public:
+  CopyBuffer();
+  // Starts a row of `fields` fields; then one Add per field, in the table's column order.
+  void Row(int16_t fields);
+  void Int16(int16_t v);
+  void Int32(int32_t v);
+  void Int64(int64_t v);
+  void Bool(bool v);
+  void Bytes(std::string_view v);  // text or bytea
+  // The buffer with its trailer, ready to send; the buffer is done.
+  const std::string& Finish();
+  size_t rows() const { return rows_; }
+
+ private:
+  std::string data_;
+  size_t rows_ = 0;
+};
+
+// One connection. Not thread-safe: each thread keeps its own.
+class Connection {
+ public:
+  // `conninfo`: a libpq connection string or URL; `password` replaces the one libpq would find
+  // (PGPASSWORD, PGPASSFILE, ~/.pgpass) when not empty.
+  static absl::StatusOr<std::unique_ptr<Connection>> Open(const std::string& conninfo,
+                                                          const std::string& password,
+                                                          std::chrono::milliseconds timeout);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Runs one statement (or, without parameters, several separated by ';').
+  absl::StatusOr<Result> Exec(const std::string& sql, const Params& params = {});
+  absl::Status Run(const std::string& sql, const Params& params = {});
+  // COPY `copy_sql` (a COPY ... FROM STDIN (FORMAT binary)) with the rows of `buffer`.
+  absl::Status Copy(const std::string& copy_sql, CopyBuffer& buffer);
+  // Streams a query's rows one at a time to `row` (a Result of one row); stops at its error.
+  absl::Status ForEachRow(const std::string& sql, const Params& params,
+                          const std::function<absl::Status(const Result&)>& row);
+  // Whether the connection is still up, as libpq last saw it.
+  bool ok() const { return PQstatus(conn_) == CONNECTION_OK; }
+  // The server's process id, for pg_terminate_backend in tests.
+  int backend_pid() const { return PQbackendPID(conn_); }
+
+ private:
+  explicit Connection(PGconn* conn) : conn_(conn) {}
+  absl::Status ResultError(PGresult* r, std::string_view doing);
+  absl::Status ConnectionError(std::string_view doing);
+
+  PGconn* conn_;
+};
+
+// A text array literal ({"a","b"}) for an `= ANY($1::text[])` parameter.
+std::string TextArray(const std::vector<std::string>& values);
+std::string Int64Array(const std::vector<int64_t>& values);
+
+// The connection string without its password, for logs and errors.
+std::string Redacted(const std::string& conninfo);
+// An error when `conninfo` carries a password: it would show in ps and in shell histories.
+absl::Status RefusePasswordIn(const std::string& conninfo);
+
+}  // namespace taskmaster::pg

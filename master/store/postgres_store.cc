@@ -1,0 +1,623 @@
+// The PostgreSQL store: schema, the writer's commits (COPY into staging tables, then one
+// set-based statement per kind of change), recovery's reads, and the partition lease.
+#include "master/store/postgres_store.h"
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/logging.h"
+#include "common/util.h"
+#include "master/store/pg.h"
+#include "nlohmann/json.hpp"
+
+namespace taskmaster {
+namespace {
+
+// Bump with a migration when the schema changes.
+constexpr int kSchemaVersion = 1;
+// Serializes schema creation among masters starting at once (pg_advisory_xact_lock's key).
+constexpr int64_t kSchemaLock = 0x544D5047;  // 'TMPG'
+// The partition this master serves (one for now: masters take over for each other whole).
+constexpr int32_t kPartition = 0;
+
+constexpr char kSchema[] = R"sql(
+CREATE SCHEMA IF NOT EXISTS taskmaster;
+CREATE TABLE IF NOT EXISTS taskmaster.meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS taskmaster.partitions (
+  id int PRIMARY KEY,
+  owner text NOT NULL DEFAULT '',
+  address text NOT NULL DEFAULT '',
+  version bigint NOT NULL DEFAULT 0,
+  expires_at timestamptz NOT NULL DEFAULT '-infinity',
+  highest_task_id bigint NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS taskmaster.jobs (
+  job_id text PRIMARY KEY, part int NOT NULL, total bigint NOT NULL, created_ms bigint NOT NULL,
+  tenant text NOT NULL, open bool NOT NULL, batches bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS taskmaster.tasks (
+  id bigint PRIMARY KEY, part int NOT NULL, job_id text NOT NULL, queue text NOT NULL,
+  kind text NOT NULL, labels text NOT NULL, payload bytea NOT NULL, priority int NOT NULL,
+  max_attempts int NOT NULL, timeout_ms bigint NOT NULL, created_ms bigint NOT NULL,
+  idempotency_key text NOT NULL, state smallint NOT NULL, attempts int NOT NULL,
+  not_before_ms bigint NOT NULL, finished_ms bigint NOT NULL, seq bigint NOT NULL,
+  completion_seq bigint NOT NULL, output bytea NOT NULL, error text NOT NULL,
+  worker text NOT NULL, worker_id text NOT NULL) WITH (fillfactor = 80);
+CREATE TABLE IF NOT EXISTS taskmaster.job_members (
+  job_id text NOT NULL, task_id bigint NOT NULL, position bigint NOT NULL, part int NOT NULL,
+  PRIMARY KEY (job_id, task_id));
+CREATE TABLE IF NOT EXISTS taskmaster.workers (
+  part int NOT NULL, worker_id text NOT NULL, secret text NOT NULL,
+  PRIMARY KEY (part, worker_id));
+)sql";
+
+// Per connection of the writer: the rows of a commit are copied here first, then applied to the
+// tables in one statement each. Emptied at every commit.
+constexpr char kStaging[] = R"sql(
+CREATE TEMP TABLE stage_jobs (LIKE taskmaster.jobs) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_tasks (LIKE taskmaster.tasks) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_members (LIKE taskmaster.job_members) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_status (
+  id bigint, state smallint, attempts int, not_before_ms bigint, finished_ms bigint, seq bigint,
+  completion_seq bigint, output bytea, error text, worker text, worker_id text)
+  ON COMMIT DELETE ROWS;
+)sql";
+
+constexpr char kTaskColumns[] =
+    "id, part, job_id, queue, kind, labels, payload, priority, max_attempts, timeout_ms, "
+    "created_ms, idempotency_key, state, attempts, not_before_ms, finished_ms, seq, "
+    "completion_seq, output, error, worker, worker_id";
+
+std::string EncodeLabels(const Labels& labels) {
+  if (labels.empty()) return "";
+  return nlohmann::json(labels).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+void AddStatus(pg::CopyBuffer& copy, const TaskStatusRow& st) {
+  copy.Int16(static_cast<int16_t>(st.state));
+  copy.Int32(st.attempts);
+  copy.Int64(st.not_before_ms);
+  copy.Int64(st.finished_ms);
+  copy.Int64(static_cast<int64_t>(st.seq));
+  copy.Int64(static_cast<int64_t>(st.completion_seq));
+  copy.Bytes(st.output);
+  copy.Bytes(st.error);
+  copy.Bytes(st.worker);
+  copy.Bytes(st.worker_id);
+}
+
+std::string Ms(int64_t ms) { return std::to_string(ms); }
+
+class PostgresStoreImpl final : public PostgresStore {
+ public:
+  PostgresStoreImpl(PostgresStoreOptions options, std::string password)
+      : PostgresStore(GetLogger("store"), options.retry_interval_ms),
+        options_(std::move(options)),
+        password_(std::move(password)) {}
+
+  ~PostgresStoreImpl() override {
+    Close();
+    {
+      absl::MutexLock lock(&lease_mu_);
+      lease_stop_ = true;
+    }
+    if (lease_thread_.joinable()) lease_thread_.join();
+    Release();
+  }
+
+  absl::Status Open() {
+    absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
+    if (!conn.ok()) return conn.status();
+    pg::Connection& c = **conn;
+    // One transaction, under a lock every master takes: two masters starting on an empty
+    // database create the schema once.
+    absl::Status s = c.Run("BEGIN");
+    if (s.ok()) s = c.Run("SELECT pg_advisory_xact_lock($1)", {std::to_string(kSchemaLock)});
+    if (s.ok()) s = c.Run(kSchema);
+    absl::StatusOr<pg::Result> meta;
+    if (s.ok()) {
+      meta = c.Exec("SELECT key, value FROM taskmaster.meta");
+      s = meta.status();
+    }
+    std::map<std::string, std::string> values;
+    if (s.ok()) {
+      for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
+      if (values.empty()) {
+        values = {{"schema_version", std::to_string(kSchemaVersion)},
+                  {"epoch", RandomHex(8)},
+                  {"partitions", "1"}};
+        for (const auto& [key, value] : values) {
+          if (s.ok()) {
+            s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
+          }
+        }
+        if (s.ok()) {
+          s = c.Run("INSERT INTO taskmaster.partitions(id) VALUES($1) ON CONFLICT DO NOTHING",
+                    {std::to_string(kPartition)});
+        }
+      }
+    }
+    if (s.ok()) s = c.Run("COMMIT");
+    if (!s.ok()) return s;
+    if (values["schema_version"] != std::to_string(kSchemaVersion)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the taskmaster schema in ", pg::Redacted(options_.conninfo),
+                       " is of version ", values["schema_version"], "; this master knows ",
+                       kSchemaVersion, " only: run the taskmaster release that wrote it"));
+    }
+    epoch_ = values["epoch"];
+    reader_ = std::move(*conn);
+    return absl::OkStatus();
+  }
+
+  std::string Epoch() const override { return epoch_; }
+  bool persistent() const override { return true; }
+
+  absl::Status Acquire(const std::string& address, const std::function<bool()>& stopping,
+                       const std::function<void(const Owner&)>& standing_by,
+                       std::function<void(const absl::Status&)> lost) override {
+    bool told_standby = false;
+    while (!stopping()) {
+      absl::StatusOr<int64_t> version = TryAcquire(address);
+      if (version.ok()) {
+        {
+          absl::MutexLock lock(&lease_mu_);
+          version_ = *version;
+          renewed_at_ = std::chrono::steady_clock::now();
+          lost_ = std::move(lost);
+        }
+        log_->info("this master now serves partition {} (lease version {})", kPartition, *version);
+        lease_thread_ = std::thread([this] { LeaseLoop(); });
+        StartWriter();
+        return absl::OkStatus();
+      }
+      if (!absl::IsNotFound(version.status())) {
+        log_->warn("cannot take the partition lease: {}", std::string(version.status().message()));
+      } else {
+        const Owner owner = CurrentOwner();
+        standing_by(owner);
+        if (!told_standby) {
+          log_->info("standing by: partition {} is served by {} at {}", kPartition,
+                     Printable(owner.master_id), Printable(owner.address));
+          told_standby = true;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(options_.retry_interval_ms));
+    }
+    return absl::CancelledError("stopped while standing by");
+  }
+
+  Owner CurrentOwner() const override {
+    absl::MutexLock lock(&lease_mu_);
+    return owner_;
+  }
+
+ private:
+  absl::StatusOr<std::unique_ptr<pg::Connection>> Connect() const {
+    return pg::Connection::Open(options_.conninfo, password_,
+                                std::chrono::milliseconds(options_.connect_timeout_ms));
+  }
+
+  // Takes the lease when it is free or expired: its new version, or NOT_FOUND while another
+  // master holds it (then owner_ says who).
+  absl::StatusOr<int64_t> TryAcquire(const std::string& address) {
+    if (!reader_ || !reader_->ok()) {
+      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
+      if (!conn.ok()) return conn.status();
+      reader_ = std::move(*conn);
+    }
+    // The row may be locked by its owner's commit (or by a paused owner until the server ends
+    // its session): look again later rather than wait.
+    if (absl::Status s = reader_->Run(
+            absl::StrCat("SET lock_timeout = ", std::max<int64_t>(options_.retry_interval_ms, 1)));
+        !s.ok()) {
+      return s;
+    }
+    absl::StatusOr<pg::Result> r = reader_->Exec(
+        "UPDATE taskmaster.partitions SET owner = $1, address = $2, version = version + 1, "
+        "expires_at = now() + $3 * interval '1 millisecond' "
+        "WHERE id = $4 AND (owner = '' OR expires_at < now()) RETURNING version",
+        {options_.master_id, address, Ms(options_.lease_ms), std::to_string(kPartition)});
+    if (!r.ok()) return r.status();
+    if (r->rows() == 1) return r->int64(0, 0);
+    absl::StatusOr<pg::Result> owner = reader_->Exec(
+        "SELECT owner, address, expires_at >= now() FROM taskmaster.partitions WHERE id = $1",
+        {std::to_string(kPartition)});
+    if (!owner.ok()) return owner.status();
+    if (owner->rows() == 1) {
+      absl::MutexLock lock(&lease_mu_);
+      owner_ = {owner->text(0, 0), owner->text(0, 1), owner->boolean(0, 2)};
+    }
+    return absl::NotFoundError("held by another master");
+  }
+
+  // Renews the lease every third of its length on a connection of its own. The master's own
+  // clock decides when it must stop serving: the lease counts from before each renewal was
+  // sent, so it ends here before it ends on PostgreSQL's clock (less a tenth, for the two
+  // clocks' rates).
+  void LeaseLoop() {
+    using Clock = std::chrono::steady_clock;
+    std::unique_ptr<pg::Connection> conn;
+    const auto lease = std::chrono::milliseconds(options_.lease_ms);
+    const auto retry =
+        std::min<Clock::duration>(std::chrono::milliseconds(options_.retry_interval_ms), lease / 6);
+    Clock::time_point renewed_at;
+    {
+      absl::MutexLock lock(&lease_mu_);
+      renewed_at = renewed_at_;
+    }
+    Clock::time_point next = renewed_at + lease / 3;
+    absl::Status failure;
+    while (Clock::now() < renewed_at + lease - lease / 10) {
+      // In short steps on the monotonic clock: a timed mutex wait would follow the wall clock.
+      while (Clock::now() < next) {
+        {
+          absl::MutexLock lock(&lease_mu_);
+          if (lease_stop_) return;
+        }
+        std::this_thread::sleep_for(
+            std::min<Clock::duration>(std::chrono::milliseconds(20), next - Clock::now()));
+      }
+      const auto began = Clock::now();
+      failure = Renew(conn);
+      if (failure.ok()) {
+        renewed_at = began;
+        next = began + lease / 3;
+        continue;
+      }
+      if (absl::IsNotFound(failure)) break;
+      log_->warn("cannot renew the partition lease, trying again: {}",
+                 std::string(failure.message()));
+      next = Clock::now() + retry;
+    }
+    LoseLease(absl::UnavailableError(
+        absl::IsNotFound(failure)
+            ? std::string("another master took this master's partition over")
+            : absl::StrCat("the partition lease ran out unrenewed: ", failure.message())));
+  }
+
+  // Tells the master (once) that it must stop serving.
+  void LoseLease(const absl::Status& why) {
+    std::function<void(const absl::Status&)> lost;
+    {
+      absl::MutexLock lock(&lease_mu_);
+      if (lost_status_.ok()) lost_status_ = why;
+      lost = std::move(lost_);
+      lost_ = nullptr;
+    }
+    if (lost) lost(why);
+  }
+
+  absl::Status Renew(std::unique_ptr<pg::Connection>& conn) {
+    if (!conn || !conn->ok()) {
+      absl::StatusOr<std::unique_ptr<pg::Connection>> fresh = Connect();
+      if (!fresh.ok()) return fresh.status();
+      conn = std::move(*fresh);
+    }
+    int64_t version;
+    {
+      absl::MutexLock lock(&lease_mu_);
+      version = version_;
+    }
+    absl::StatusOr<pg::Result> r = conn->Exec(
+        "UPDATE taskmaster.partitions SET expires_at = now() + $1 * interval '1 millisecond' "
+        "WHERE id = $2 AND owner = $3 AND version = $4 RETURNING id",
+        {Ms(options_.lease_ms), std::to_string(kPartition), options_.master_id,
+         std::to_string(version)});
+    if (!r.ok()) return r.status();
+    if (r->rows() != 1) return absl::NotFoundError("the lease has another holder");
+    return absl::OkStatus();
+  }
+
+  // Gives the lease up on a clean stop, so another master need not wait for it to expire.
+  void Release() {
+    int64_t version;
+    {
+      absl::MutexLock lock(&lease_mu_);
+      if (version_ == 0 || !lost_status_.ok()) return;
+      version = version_;
+    }
+    absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
+    if (!conn.ok()) return;
+    (*conn)
+        ->Run(
+            "UPDATE taskmaster.partitions SET owner = '', expires_at = '-infinity' "
+            "WHERE id = $1 AND owner = $2 AND version = $3",
+            {std::to_string(kPartition), options_.master_id, std::to_string(version)})
+        .IgnoreError();
+    log_->info("released partition {}", kPartition);
+  }
+
+  absl::Status LoadRecords(RecoveryVisitor* visitor) override {
+    pg::Connection& c = *reader_;
+    const pg::Params part = {std::to_string(kPartition)};
+    absl::Status s = c.ForEachRow(
+        "SELECT job_id, total, created_ms, tenant, open, batches FROM taskmaster.jobs "
+        "WHERE part = $1",
+        part, [&](const pg::Result& r) {
+          visitor->OnJob({r.text(0, 0), r.int64(0, 1), r.int64(0, 2), r.text(0, 3), r.boolean(0, 4),
+                          r.int64(0, 5)});
+          return absl::OkStatus();
+        });
+    if (s.ok()) {
+      s = c.ForEachRow(
+          absl::StrCat("SELECT ", kTaskColumns, " FROM taskmaster.tasks WHERE part = $1"), part,
+          [&](const pg::Result& r) { return OnTaskRow(r, visitor); });
+    }
+    if (s.ok()) {
+      s = c.ForEachRow(
+          "SELECT job_id, task_id, position FROM taskmaster.job_members WHERE part = $1", part,
+          [&](const pg::Result& r) {
+            visitor->OnJobMember({r.text(0, 0), static_cast<TaskId>(r.int64(0, 1)), r.int64(0, 2)});
+            return absl::OkStatus();
+          });
+    }
+    if (s.ok()) {
+      s = c.ForEachRow("SELECT worker_id, secret FROM taskmaster.workers WHERE part = $1", part,
+                       [&](const pg::Result& r) {
+                         visitor->OnWorker({r.text(0, 0), r.text(0, 1)});
+                         return absl::OkStatus();
+                       });
+    }
+    if (!s.ok()) return s;
+    absl::StatusOr<pg::Result> highest =
+        c.Exec("SELECT highest_task_id FROM taskmaster.partitions WHERE id = $1", part);
+    if (!highest.ok()) return highest.status();
+    if (highest->rows() == 1) visitor->OnHighestTaskId(static_cast<TaskId>(highest->int64(0, 0)));
+    return absl::OkStatus();
+  }
+
+  static absl::Status OnTaskRow(const pg::Result& r, RecoveryVisitor* visitor) {
+    TaskRow t;
+    t.id = static_cast<TaskId>(r.int64(0, 0));
+    t.job_id = r.text(0, 2);
+    t.queue = r.text(0, 3);
+    t.kind = r.text(0, 4);
+    const std::string labels = r.text(0, 5);
+    if (!labels.empty()) {
+      nlohmann::json parsed = nlohmann::json::parse(labels, nullptr, /*allow_exceptions=*/false);
+      if (!parsed.is_object()) {
+        return absl::DataLossError(absl::StrCat("task ", t.id, " has unreadable labels"));
+      }
+      for (const auto& [key, value] : parsed.items()) {
+        if (value.is_string()) t.labels[key] = value.get<std::string>();
+      }
+    }
+    t.payload = r.text(0, 6);
+    t.priority = static_cast<int32_t>(r.int64(0, 7));
+    t.max_attempts = static_cast<int32_t>(r.int64(0, 8));
+    t.timeout_ms = r.int64(0, 9);
+    t.created_ms = r.int64(0, 10);
+    t.idempotency_key = r.text(0, 11);
+    const int64_t state = r.int64(0, 12);
+    if (state < static_cast<int64_t>(TaskState::kPending) ||
+        state > static_cast<int64_t>(TaskState::kCancelled)) {
+      return absl::DataLossError(absl::StrCat("task ", t.id, " has an unknown state ", state));
+    }
+    t.status.state = static_cast<TaskState>(state);
+    t.status.attempts = static_cast<int32_t>(r.int64(0, 13));
+    t.status.not_before_ms = r.int64(0, 14);
+    t.status.finished_ms = r.int64(0, 15);
+    t.status.seq = static_cast<uint64_t>(r.int64(0, 16));
+    t.status.completion_seq = static_cast<uint64_t>(r.int64(0, 17));
+    t.status.output = r.text(0, 18);
+    t.status.error = r.text(0, 19);
+    t.status.worker = r.text(0, 20);
+    t.status.worker_id = r.text(0, 21);
+    visitor->OnTask(std::move(t));
+    return absl::OkStatus();
+  }
+
+  // ---- The writer ----
+
+  CommitFailure AfterCommit(const absl::Status& status) override {
+    if (absl::IsAborted(status)) {
+      // Fenced off: another master serves the partition now. Nothing of this transaction was
+      // written and nothing this master holds ever will be: its clients hear so at once.
+      LoseLease(status);
+      return CommitFailure::kRefuseSubmits;
+    }
+    // A lost connection may have lost the COMMIT's answer, not the commit: every change is
+    // written again (each write is idempotent) until one commit succeeds.
+    return CommitFailure::kRetryAll;
+  }
+
+  absl::Status Commit(const std::vector<StoreChange>& batch) override {
+    if (!writer_ || !writer_->ok()) {
+      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
+      if (!conn.ok()) return conn.status();
+      // A master paused (or cut off) inside a commit keeps its transaction open, and with it
+      // the lock on its lease row that a standby's takeover waits for: the server ends such a
+      // session once it has been idle in its transaction for half a lease.
+      absl::Status s = (*conn)->Run(
+          absl::StrCat("SET idle_in_transaction_session_timeout = ", options_.lease_ms / 2));
+      if (s.ok()) s = (*conn)->Run(kStaging);
+      if (!s.ok()) return s;
+      writer_ = std::move(*conn);
+    }
+    absl::Status s = Write(batch);
+    if (!s.ok()) {
+      if (writer_->ok()) writer_->Run("ROLLBACK").IgnoreError();
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Write(const std::vector<StoreChange>& batch) {
+    pg::Connection& c = *writer_;
+    pg::CopyBuffer jobs, tasks, members, status;
+    std::map<std::string, const JobRow*> job_rows;  // the last row of each job in the batch
+    std::vector<int64_t> deleted_tasks;
+    std::vector<std::string> deleted_jobs;
+    std::vector<const StoreChange*> worker_changes;
+    TaskId highest = 0;
+    for (const StoreChange& op : batch) {
+      switch (op.kind) {
+        case StoreChange::Kind::kNone:
+          break;
+        case StoreChange::Kind::kSubmit:
+          job_rows[op.submit->job.job_id] = &op.submit->job;
+          for (const TaskRow& t : op.submit->tasks) {
+            highest = std::max(highest, t.id);
+            tasks.Row(22);
+            tasks.Int64(static_cast<int64_t>(t.id));
+            tasks.Int32(kPartition);
+            tasks.Bytes(t.job_id);
+            tasks.Bytes(t.queue);
+            tasks.Bytes(t.kind);
+            tasks.Bytes(EncodeLabels(t.labels));
+            tasks.Bytes(t.payload);
+            tasks.Int32(t.priority);
+            tasks.Int32(t.max_attempts);
+            tasks.Int64(t.timeout_ms);
+            tasks.Int64(t.created_ms);
+            tasks.Bytes(t.idempotency_key);
+            AddStatus(tasks, t.status);
+          }
+          for (const JobMemberRow& m : op.submit->members) {
+            members.Row(4);
+            members.Bytes(m.job_id);
+            members.Int64(static_cast<int64_t>(m.task_id));
+            members.Int64(m.position);
+            members.Int32(kPartition);
+          }
+          break;
+        case StoreChange::Kind::kUpdateTask:
+          // A lease is not written: after a takeover the worker that holds the task claims it
+          // back, and a lease lost with its worker is the same as one never granted.
+          if (op.status.state == TaskState::kLeased) break;
+          status.Row(11);
+          status.Int64(static_cast<int64_t>(op.task_id));
+          AddStatus(status, op.status);
+          break;
+        case StoreChange::Kind::kDeleteTask:
+          deleted_tasks.push_back(static_cast<int64_t>(op.task_id));
+          break;
+        case StoreChange::Kind::kDeleteJob:
+          deleted_jobs.push_back(op.key);
+          break;
+        case StoreChange::Kind::kPutWorker:
+        case StoreChange::Kind::kDeleteWorker:
+          worker_changes.push_back(&op);
+          break;
+      }
+    }
+    for (const auto& [id, job] : job_rows) {
+      jobs.Row(7);
+      jobs.Bytes(job->job_id);
+      jobs.Int32(kPartition);
+      jobs.Int64(job->total);
+      jobs.Int64(job->created_ms);
+      jobs.Bytes(job->tenant);
+      jobs.Bool(job->open);
+      jobs.Int64(job->batches);
+    }
+    int64_t version;
+    {
+      absl::MutexLock lock(&lease_mu_);
+      version = version_;
+    }
+    if (absl::Status s = c.Run("BEGIN"); !s.ok()) return s;
+    // The fence: only the lease's holder at this version may write, and the row stays locked
+    // until COMMIT, so a takeover waits for this commit and every later one of ours fails.
+    absl::StatusOr<pg::Result> fence = c.Exec(
+        "UPDATE taskmaster.partitions SET highest_task_id = GREATEST(highest_task_id, $1) "
+        "WHERE id = $2 AND owner = $3 AND version = $4 RETURNING id",
+        {std::to_string(highest), std::to_string(kPartition), options_.master_id,
+         std::to_string(version)});
+    if (!fence.ok()) return fence.status();
+    if (fence->rows() != 1) {
+      return absl::AbortedError(absl::StrCat("partition ", kPartition,
+                                             " was taken over by another master: this master's "
+                                             "unwritten changes are dropped"));
+    }
+    auto apply = [&](pg::CopyBuffer& rows, const char* copy, const char* sql) {
+      if (rows.rows() == 0) return absl::OkStatus();
+      if (absl::Status s = c.Copy(copy, rows); !s.ok()) return s;
+      return c.Run(sql);
+    };
+    absl::Status s =
+        apply(jobs, "COPY stage_jobs FROM STDIN (FORMAT binary)",
+              "INSERT INTO taskmaster.jobs SELECT * FROM stage_jobs ON CONFLICT (job_id) DO UPDATE "
+              "SET total = EXCLUDED.total, open = EXCLUDED.open, batches = EXCLUDED.batches");
+    if (s.ok()) {
+      s = apply(
+          tasks, "COPY stage_tasks FROM STDIN (FORMAT binary)",
+          "INSERT INTO taskmaster.tasks SELECT * FROM stage_tasks ON CONFLICT (id) DO NOTHING");
+    }
+    if (s.ok()) {
+      s = apply(members, "COPY stage_members FROM STDIN (FORMAT binary)",
+                "INSERT INTO taskmaster.job_members SELECT * FROM stage_members "
+                "ON CONFLICT (job_id, task_id) DO UPDATE SET position = EXCLUDED.position");
+    }
+    if (s.ok()) {
+      s = apply(status, "COPY stage_status FROM STDIN (FORMAT binary)",
+                "UPDATE taskmaster.tasks t SET state = s.state, attempts = s.attempts, "
+                "not_before_ms = s.not_before_ms, finished_ms = s.finished_ms, seq = s.seq, "
+                "completion_seq = s.completion_seq, output = s.output, error = s.error, "
+                "worker = s.worker, worker_id = s.worker_id FROM stage_status s WHERE t.id = s.id");
+    }
+    if (s.ok() && !deleted_tasks.empty()) {
+      s = c.Run("DELETE FROM taskmaster.tasks WHERE id = ANY($1::bigint[])",
+                {pg::Int64Array(deleted_tasks)});
+    }
+    if (s.ok() && !deleted_jobs.empty()) {
+      const pg::Params ids = {pg::TextArray(deleted_jobs)};
+      s = c.Run("DELETE FROM taskmaster.job_members WHERE job_id = ANY($1::text[])", ids);
+      if (s.ok()) s = c.Run("DELETE FROM taskmaster.jobs WHERE job_id = ANY($1::text[])", ids);
+    }
+    for (const StoreChange* op : worker_changes) {
+      if (!s.ok()) break;
+      s = op->kind == StoreChange::Kind::kPutWorker
+              ? c.Run(
+                    "INSERT INTO taskmaster.workers(part, worker_id, secret) VALUES($1, $2, $3) "
+                    "ON CONFLICT (part, worker_id) DO UPDATE SET secret = EXCLUDED.secret",
+                    {std::to_string(kPartition), op->key, op->secret})
+              : c.Run("DELETE FROM taskmaster.workers WHERE part = $1 AND worker_id = $2",
+                      {std::to_string(kPartition), op->key});
+    }
+    if (s.ok()) s = c.Run("COMMIT");
+    return s;
+  }
+
+  const PostgresStoreOptions options_;
+  const std::string password_;
+  std::string epoch_;  // set by Open
+  // Open's, then Acquire's and Load's (before the writer starts): one thread at a time.
+  std::unique_ptr<pg::Connection> reader_;
+  std::unique_ptr<pg::Connection> writer_;  // the writer thread's only
+  std::thread lease_thread_;
+
+  mutable absl::Mutex lease_mu_;
+  int64_t version_ ABSL_GUARDED_BY(lease_mu_) = 0;  // of the lease held; 0: none
+  std::chrono::steady_clock::time_point renewed_at_ ABSL_GUARDED_BY(lease_mu_);
+  Owner owner_ ABSL_GUARDED_BY(lease_mu_);  // when another holds the lease
+  std::function<void(const absl::Status&)> lost_ ABSL_GUARDED_BY(lease_mu_);
+  absl::Status lost_status_ ABSL_GUARDED_BY(lease_mu_);  // why the lease was lost
+  bool lease_stop_ ABSL_GUARDED_BY(lease_mu_) = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
+    const PostgresStoreOptions& options) {
+  if (absl::Status s = pg::RefusePasswordIn(options.conninfo); !s.ok()) return s;
+  std::string password;
+  if (!options.password_file.empty()) {
+    absl::StatusOr<std::string> read = ReadWholeFile(options.password_file);
+    if (!read.ok()) return read.status();
+    password = *read;
+    while (!password.empty() && (password.back() == '\n' || password.back() == '\r')) {
+      password.pop_back();
+    }
+  }
+  auto store = std::make_unique<PostgresStoreImpl>(options, std::move(password));
+  if (absl::Status s = store->Open(); !s.ok()) return s;
+  return store;
+}
+
+std::string RedactedConninfo(const std::string& conninfo) { return pg::Redacted(conninfo); }
+
+}  // namespace taskmaster
