@@ -95,15 +95,16 @@ class KeyedSubmitter {
 // Waits until every acknowledged task has succeeded in the database, then checks that each has
 // exactly one result, the right one, and that no task of another id succeeded twice.
 void ExpectEveryResultOnce(const TempPostgres& pg, const std::map<uint64_t, int64_t>& acked) {
-  const std::string count_sql = "SELECT count(*) FROM taskmaster.tasks WHERE state = 3";
+  const std::string count_sql = "SELECT count(*) FROM taskmaster.current_tasks WHERE state = 3";
   EXPECT_TRUE(WaitFor([&] { return pg.Sql(count_sql) == std::to_string(acked.size()); },
                       seconds(90), milliseconds(200)))
       << pg.Sql(count_sql) << " of " << acked.size() << " succeeded; by state: "
       << pg.Sql(
              "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM "
-             "taskmaster.tasks GROUP BY state) s");
+             "taskmaster.current_tasks GROUP BY state) s");
   const std::string rows = pg.Sql(
-      "SELECT id || ' ' || convert_from(output, 'UTF8') FROM taskmaster.tasks WHERE state = 3");
+      "SELECT id || ' ' || convert_from(output, 'UTF8') FROM taskmaster.current_tasks WHERE state "
+      "= 3");
   std::map<uint64_t, std::string> results;
   for (absl::string_view line : absl::StrSplit(rows, '\n', absl::SkipEmpty())) {
     std::pair<std::string, std::string> parts = absl::StrSplit(line, absl::MaxSplits(' ', 1));

@@ -55,45 +55,46 @@ int64_t Result::int64(int row, int col) const {
   return 0;  // NULL
 }
 
-CopyBuffer::CopyBuffer() {
-  data_.append("PGCOPY\n\377\r\n\0", 11);
-  Append<uint32_t>(data_, 0);  // flags
-  Append<uint32_t>(data_, 0);  // header extension length
+void ArrayParam::Int16(int16_t v) {
+  ++count_;
+  Append(elements_, htobe32(2));
+  Append(elements_, htobe16(static_cast<uint16_t>(v)));
 }
 
-void CopyBuffer::Row(int16_t fields) {
-  ++rows_;
-  Append(data_, htobe16(static_cast<uint16_t>(fields)));
+void ArrayParam::Int32(int32_t v) {
+  ++count_;
+  Append(elements_, htobe32(4));
+  Append(elements_, htobe32(static_cast<uint32_t>(v)));
 }
 
-void CopyBuffer::Int16(int16_t v) {
-  Append(data_, htobe32(2));
-  Append(data_, htobe16(static_cast<uint16_t>(v)));
+void ArrayParam::Int64(int64_t v) {
+  ++count_;
+  Append(elements_, htobe32(8));
+  Append(elements_, htobe64(static_cast<uint64_t>(v)));
 }
 
-void CopyBuffer::Int32(int32_t v) {
-  Append(data_, htobe32(4));
-  Append(data_, htobe32(static_cast<uint32_t>(v)));
+void ArrayParam::Bool(bool v) {
+  ++count_;
+  Append(elements_, htobe32(1));
+  elements_.push_back(v ? 1 : 0);
 }
 
-void CopyBuffer::Int64(int64_t v) {
-  Append(data_, htobe32(8));
-  Append(data_, htobe64(static_cast<uint64_t>(v)));
+void ArrayParam::Bytes(std::string_view v) {
+  ++count_;
+  Append(elements_, htobe32(static_cast<uint32_t>(v.size())));
+  elements_.append(v);
 }
 
-void CopyBuffer::Bool(bool v) {
-  Append(data_, htobe32(1));
-  data_.push_back(v ? 1 : 0);
-}
-
-void CopyBuffer::Bytes(std::string_view v) {
-  Append(data_, htobe32(static_cast<uint32_t>(v.size())));
-  data_.append(v);
-}
-
-const std::string& CopyBuffer::Finish() {
-  Append(data_, htobe16(0xFFFF));
-  return data_;
+std::string ArrayParam::Encode() const {
+  std::string out;
+  out.reserve(20 + elements_.size());
+  Append(out, htobe32(1));  // dimensions
+  Append(out, htobe32(0));  // no NULLs
+  Append(out, htobe32(oid_));
+  Append(out, htobe32(static_cast<uint32_t>(count_)));
+  Append(out, htobe32(1));  // lower bound
+  out += elements_;
+  return out;
 }
 
 absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& conninfo,
@@ -132,7 +133,8 @@ absl::Status Connection::ConnectionError(std::string_view doing) {
   return absl::UnavailableError(absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message));
 }
 
-absl::Status Connection::ResultError(PGresult* r, std::string_view doing) {
+absl::Status Connection::ResultError(PGresult* r, std::string_view doing,
+                                     const std::map<std::string, absl::StatusCode>& error_codes) {
   if (PQstatus(conn_) != CONNECTION_OK || !r) return ConnectionError(doing);
   std::string message = PQresultErrorMessage(r);
   while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
@@ -140,6 +142,9 @@ absl::Status Connection::ResultError(PGresult* r, std::string_view doing) {
   // Class 08 (connection exception), 57P (operator intervention: a shutdown, a terminated
   // backend), 40 (a serialization failure or deadlock): worth trying again.
   const std::string_view code = state ? state : "";
+  if (auto own = error_codes.find(std::string(code)); own != error_codes.end()) {
+    return absl::Status(own->second, message);
+  }
   const bool transient = code.starts_with("08") || code.starts_with("57P") ||
                          code.starts_with("40") || code == "53300";  // too many connections
   std::string text = absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message);
@@ -165,24 +170,53 @@ absl::Status Connection::Run(const std::string& sql, const Params& params) {
   return Exec(sql, params).status();
 }
 
-absl::Status Connection::Copy(const std::string& copy_sql, CopyBuffer& buffer) {
-  PGresult* r = PQexec(conn_, copy_sql.c_str());
-  if (!r || PQresultStatus(r) != PGRES_COPY_IN) {
-    absl::Status error = ResultError(r, "COPY");
-    PQclear(r);
-    return error;
-  }
-  PQclear(r);
-  const std::string& data = buffer.Finish();
-  if (PQputCopyData(conn_, data.data(), static_cast<int>(data.size())) != 1 ||
-      PQputCopyEnd(conn_, nullptr) != 1) {
-    return ConnectionError("COPY");
-  }
+absl::Status Connection::Transaction(const std::vector<Statement>& statements,
+                                     const std::map<std::string, absl::StatusCode>& error_codes) {
+  if (PQenterPipelineMode(conn_) != 1) return ConnectionError("entering pipeline mode");
   absl::Status status;
-  while ((r = PQgetResult(conn_)) != nullptr) {
-    if (PQresultStatus(r) != PGRES_COMMAND_OK && status.ok()) status = ResultError(r, "COPY");
-    PQclear(r);
+  for (const Statement& st : statements) {
+    std::vector<const char*> values;
+    std::vector<int> lengths;
+    const std::vector<int> formats(st.params.size(), st.binary ? 1 : 0);
+    for (const std::string& p : st.params) {
+      values.push_back(p.c_str());
+      lengths.push_back(static_cast<int>(p.size()));
+    }
+    if (PQsendQueryParams(conn_, st.sql.c_str(), static_cast<int>(st.params.size()), nullptr,
+                          values.data(), lengths.data(), formats.data(), 1) != 1) {
+      status = ConnectionError("sending a statement");
+      break;
+    }
   }
+  // Statements up to the sync are one transaction: committed there, or rolled back at an error.
+  if (status.ok() && PQpipelineSync(conn_) != 1) status = ConnectionError("a pipeline sync");
+  if (!status.ok()) {
+    PQexitPipelineMode(conn_);
+    return status;
+  }
+  // One result and a null per statement, then the sync's.
+  for (const Statement& st : statements) {
+    PGresult* r = PQgetResult(conn_);
+    if (!r) {
+      status = ConnectionError("reading a result");
+      break;
+    }
+    const ExecStatusType s = PQresultStatus(r);
+    if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK && s != PGRES_PIPELINE_ABORTED &&
+        status.ok()) {
+      status = ResultError(r, st.sql.substr(0, st.sql.find_first_of(" (")), error_codes);
+    }
+    PQclear(r);
+    while ((r = PQgetResult(conn_)) != nullptr) PQclear(r);
+  }
+  if (status.ok() || PQstatus(conn_) == CONNECTION_OK) {
+    PGresult* sync = PQgetResult(conn_);
+    if (!sync || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) {
+      if (status.ok()) status = ConnectionError("the commit");
+    }
+    PQclear(sync);
+  }
+  if (PQexitPipelineMode(conn_) != 1 && status.ok()) status = ConnectionError("the commit");
   return status;
 }
 

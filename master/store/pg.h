@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -40,24 +41,27 @@ class Result {
 // A statement's parameters, in text form; nullopt is SQL NULL.
 using Params = std::vector<std::optional<std::string>>;
 
-// The rows of a COPY ... FROM STDIN (FORMAT binary), built in memory.
-class CopyBuffer {
+// A one-dimensional array in PostgreSQL's binary format, for a statement's binary parameter:
+// a column of rows that `unnest($n::type[])` turns back into rows, so a whole batch goes in one
+// statement.
+class ArrayParam {
  public:
-  CopyBuffer();
-  // Starts a row of `fields` fields; then one Add per field, in the table's column order.
-  void Row(int16_t fields);
+  // Element type oids.
+  static constexpr uint32_t kBool = 16, kBytea = 17, kInt8 = 20, kInt2 = 21, kInt4 = 23, kText = 25;
+  explicit ArrayParam(uint32_t element_oid) : oid_(element_oid) {}
   void Int16(int16_t v);
   void Int32(int32_t v);
   void Int64(int64_t v);
   void Bool(bool v);
   void Bytes(std::string_view v);  // text or bytea
-  // The buffer with its trailer, ready to send; the buffer is done.
-  const std::string& Finish();
-  size_t rows() const { return rows_; }
+  size_t size() const { return count_; }
+  // The array with its header.
+  std::string Encode() const;
 
  private:
-  std::string data_;
-  size_t rows_ = 0;
+  uint32_t oid_;
+  size_t count_ = 0;
+  std::string elements_;
 };
 
 // One connection. Not thread-safe: each thread keeps its own.
@@ -75,8 +79,17 @@ class Connection {
   // Runs one statement (or, without parameters, several separated by ';').
   absl::StatusOr<Result> Exec(const std::string& sql, const Params& params = {});
   absl::Status Run(const std::string& sql, const Params& params = {});
-  // COPY `copy_sql` (a COPY ... FROM STDIN (FORMAT binary)) with the rows of `buffer`.
-  absl::Status Copy(const std::string& copy_sql, CopyBuffer& buffer);
+  // A statement of a Transaction: its parameters are text, or binary (ArrayParam::Encode's).
+  struct Statement {
+    std::string sql;
+    std::vector<std::string> params;
+    bool binary = false;
+  };
+  // Runs `statements` as one transaction in one round trip (libpq's pipeline mode: all are sent,
+  // then a sync, then the results are read). The first error aborts the transaction, and is
+  // returned; `error_codes` maps SQLSTATEs of the statements' own errors to status codes.
+  absl::Status Transaction(const std::vector<Statement>& statements,
+                           const std::map<std::string, absl::StatusCode>& error_codes = {});
   // Streams a query's rows one at a time to `row` (a Result of one row); stops at its error.
   absl::Status ForEachRow(const std::string& sql, const Params& params,
                           const std::function<absl::Status(const Result&)>& row);
@@ -87,7 +100,8 @@ class Connection {
 
  private:
   explicit Connection(PGconn* conn) : conn_(conn) {}
-  absl::Status ResultError(PGresult* r, std::string_view doing);
+  absl::Status ResultError(PGresult* r, std::string_view doing,
+                           const std::map<std::string, absl::StatusCode>& error_codes = {});
   absl::Status ConnectionError(std::string_view doing);
 
   PGconn* conn_;

@@ -44,25 +44,45 @@ CREATE TABLE IF NOT EXISTS taskmaster.tasks (
   idempotency_key text NOT NULL, state smallint NOT NULL, attempts int NOT NULL,
   not_before_ms bigint NOT NULL, finished_ms bigint NOT NULL, seq bigint NOT NULL,
   completion_seq bigint NOT NULL, output bytea NOT NULL, error text NOT NULL,
-  worker text NOT NULL, worker_id text NOT NULL) WITH (fillfactor = 80);
+  worker text NOT NULL, worker_id text NOT NULL);
+-- A task's status once it changed after its submit (most often: its result). Kept apart so that
+-- the common life of a task is two inserts, never an update (and never a dead row) in PostgreSQL.
+CREATE TABLE IF NOT EXISTS taskmaster.statuses (
+  id bigint PRIMARY KEY, state smallint NOT NULL, attempts int NOT NULL,
+  not_before_ms bigint NOT NULL, finished_ms bigint NOT NULL, seq bigint NOT NULL,
+  completion_seq bigint NOT NULL, output bytea NOT NULL, error text NOT NULL,
+  worker text NOT NULL, worker_id text NOT NULL);
+-- Every task as it is now: its submit, with its later status when it has one. Recovery reads it;
+-- so can a person.
+CREATE OR REPLACE VIEW taskmaster.current_tasks AS
+  SELECT t.id, t.part, t.job_id, t.queue, t.kind, t.labels, t.payload, t.priority,
+         t.max_attempts, t.timeout_ms, t.created_ms, t.idempotency_key,
+         COALESCE(s.state, t.state) AS state, COALESCE(s.attempts, t.attempts) AS attempts,
+         COALESCE(s.not_before_ms, t.not_before_ms) AS not_before_ms,
+         COALESCE(s.finished_ms, t.finished_ms) AS finished_ms, COALESCE(s.seq, t.seq) AS seq,
+         COALESCE(s.completion_seq, t.completion_seq) AS completion_seq,
+         COALESCE(s.output, t.output) AS output, COALESCE(s.error, t.error) AS error,
+         COALESCE(s.worker, t.worker) AS worker, COALESCE(s.worker_id, t.worker_id) AS worker_id
+  FROM taskmaster.tasks t LEFT JOIN taskmaster.statuses s ON s.id = t.id;
 CREATE TABLE IF NOT EXISTS taskmaster.job_members (
   job_id text NOT NULL, task_id bigint NOT NULL, position bigint NOT NULL, part int NOT NULL,
   PRIMARY KEY (job_id, task_id));
 CREATE TABLE IF NOT EXISTS taskmaster.workers (
   part int NOT NULL, worker_id text NOT NULL, secret text NOT NULL,
   PRIMARY KEY (part, worker_id));
-)sql";
-
-// Per connection of the writer: the rows of a commit are copied here first, then applied to the
-// tables in one statement each. Emptied at every commit.
-constexpr char kStaging[] = R"sql(
-CREATE TEMP TABLE stage_jobs (LIKE taskmaster.jobs) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_tasks (LIKE taskmaster.tasks) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_members (LIKE taskmaster.job_members) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_status (
-  id bigint, state smallint, attempts int, not_before_ms bigint, finished_ms bigint, seq bigint,
-  completion_seq bigint, output bytea, error text, worker text, worker_id text)
-  ON COMMIT DELETE ROWS;
+-- The first statement of every commit: only the lease's holder at its version may write, and
+-- the row stays locked until the commit ends, so a takeover waits for it, and every later
+-- commit of a master that lost its lease fails here (SQLSTATE TM001).
+CREATE OR REPLACE FUNCTION taskmaster.fence(part int, holder text, lease_version bigint,
+                                            highest bigint) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE taskmaster.partitions SET highest_task_id = GREATEST(highest_task_id, highest)
+    WHERE id = part AND owner = holder AND version = lease_version;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'partition % was taken over by another master: this master''s unwritten '
+                    'changes are dropped', part USING ERRCODE = 'TM001';
+  END IF;
+END $$;
 )sql";
 
 constexpr char kTaskColumns[] =
@@ -75,17 +95,85 @@ std::string EncodeLabels(const Labels& labels) {
   return nlohmann::json(labels).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-void AddStatus(pg::CopyBuffer& copy, const TaskStatusRow& st) {
-  copy.Int16(static_cast<int16_t>(st.state));
-  copy.Int32(st.attempts);
-  copy.Int64(st.not_before_ms);
-  copy.Int64(st.finished_ms);
-  copy.Int64(static_cast<int64_t>(st.seq));
-  copy.Int64(static_cast<int64_t>(st.completion_seq));
-  copy.Bytes(st.output);
-  copy.Bytes(st.error);
-  copy.Bytes(st.worker);
-  copy.Bytes(st.worker_id);
+using pg::ArrayParam;
+
+// A batch's rows of one table as one array per column: `unnest` turns them back into rows
+// server-side, so each table takes one statement per commit, whatever the batch's size.
+struct StatusColumns {
+  ArrayParam state{ArrayParam::kInt2}, attempts{ArrayParam::kInt4},
+      not_before_ms{ArrayParam::kInt8}, finished_ms{ArrayParam::kInt8}, seq{ArrayParam::kInt8},
+      completion_seq{ArrayParam::kInt8}, output{ArrayParam::kBytea}, error{ArrayParam::kText},
+      worker{ArrayParam::kText}, worker_id{ArrayParam::kText};
+
+  void Add(const TaskStatusRow& st) {
+    state.Int16(static_cast<int16_t>(st.state));
+    attempts.Int32(st.attempts);
+    not_before_ms.Int64(st.not_before_ms);
+    finished_ms.Int64(st.finished_ms);
+    seq.Int64(static_cast<int64_t>(st.seq));
+    completion_seq.Int64(static_cast<int64_t>(st.completion_seq));
+    output.Bytes(st.output);
+    error.Bytes(st.error);
+    worker.Bytes(st.worker);
+    worker_id.Bytes(st.worker_id);
+  }
+  void AppendTo(std::vector<std::string>& params) const {
+    for (const ArrayParam* a : {&state, &attempts, &not_before_ms, &finished_ms, &seq,
+                                &completion_seq, &output, &error, &worker, &worker_id}) {
+      params.push_back(a->Encode());
+    }
+  }
+};
+
+constexpr char kStatusTypes[] =
+    "$int2[], $int4[], $int8[], $int8[], $int8[], $int8[], $bytea[], $text[], $text[], $text[]";
+
+struct TaskColumns {
+  ArrayParam id{ArrayParam::kInt8}, part{ArrayParam::kInt4}, job_id{ArrayParam::kText},
+      queue{ArrayParam::kText}, kind{ArrayParam::kText}, labels{ArrayParam::kText},
+      payload{ArrayParam::kBytea}, priority{ArrayParam::kInt4}, max_attempts{ArrayParam::kInt4},
+      timeout_ms{ArrayParam::kInt8}, created_ms{ArrayParam::kInt8},
+      idempotency_key{ArrayParam::kText};
+  StatusColumns status;
+
+  void Add(const TaskRow& t, int32_t partition) {
+    id.Int64(static_cast<int64_t>(t.id));
+    part.Int32(partition);
+    job_id.Bytes(t.job_id);
+    queue.Bytes(t.queue);
+    kind.Bytes(t.kind);
+    labels.Bytes(EncodeLabels(t.labels));
+    payload.Bytes(t.payload);
+    priority.Int32(t.priority);
+    max_attempts.Int32(t.max_attempts);
+    timeout_ms.Int64(t.timeout_ms);
+    created_ms.Int64(t.created_ms);
+    idempotency_key.Bytes(t.idempotency_key);
+    status.Add(t.status);
+  }
+  std::vector<std::string> Params() const {
+    std::vector<std::string> params;
+    for (const ArrayParam* a : {&id, &part, &job_id, &queue, &kind, &labels, &payload, &priority,
+                                &max_attempts, &timeout_ms, &created_ms, &idempotency_key}) {
+      params.push_back(a->Encode());
+    }
+    status.AppendTo(params);
+    return params;
+  }
+};
+
+// "unnest($1::int8[], $2::text[] ...)" from "$int8[], $text[] ...".
+std::string Unnest(std::string_view types) {
+  std::string out = "unnest(";
+  int n = 0;
+  for (size_t i = 0; i < types.size(); ++i) {
+    if (types[i] == '$') {
+      absl::StrAppend(&out, "$", ++n, "::");
+    } else {
+      out += types[i];
+    }
+  }
+  return out + ")";
 }
 
 std::string Ms(int64_t ms) { return std::to_string(ms); }
@@ -343,8 +431,8 @@ class PostgresStoreImpl final : public PostgresStore {
         });
     if (s.ok()) {
       s = c.ForEachRow(
-          absl::StrCat("SELECT ", kTaskColumns, " FROM taskmaster.tasks WHERE part = $1"), part,
-          [&](const pg::Result& r) { return OnTaskRow(r, visitor); });
+          absl::StrCat("SELECT ", kTaskColumns, " FROM taskmaster.current_tasks WHERE part = $1"),
+          part, [&](const pg::Result& r) { return OnTaskRow(r, visitor); });
     }
     if (s.ok()) {
       s = c.ForEachRow(
@@ -431,23 +519,27 @@ class PostgresStoreImpl final : public PostgresStore {
       // A master paused (or cut off) inside a commit keeps its transaction open, and with it
       // the lock on its lease row that a standby's takeover waits for: the server ends such a
       // session once it has been idle in its transaction for half a lease.
-      absl::Status s = (*conn)->Run(
-          absl::StrCat("SET idle_in_transaction_session_timeout = ", options_.lease_ms / 2));
-      if (s.ok()) s = (*conn)->Run(kStaging);
-      if (!s.ok()) return s;
+      if (absl::Status s = (*conn)->Run(
+              absl::StrCat("SET idle_in_transaction_session_timeout = ", options_.lease_ms / 2));
+          !s.ok()) {
+        return s;
+      }
       writer_ = std::move(*conn);
     }
     absl::Status s = Write(batch);
-    if (!s.ok()) {
-      if (writer_->ok()) writer_->Run("ROLLBACK").IgnoreError();
-      return s;
-    }
-    return absl::OkStatus();
+    // A connection that failed mid-transaction is not trusted again: the next commit opens
+    // another.
+    if (absl::IsUnavailable(s)) writer_.reset();
+    return s;
   }
 
   absl::Status Write(const std::vector<StoreChange>& batch) {
     pg::Connection& c = *writer_;
-    pg::CopyBuffer jobs, tasks, members, status;
+    TaskColumns tasks;
+    ArrayParam updated{ArrayParam::kInt8};
+    StatusColumns updates;
+    ArrayParam member_job{ArrayParam::kText}, member_task{ArrayParam::kInt8},
+        member_position{ArrayParam::kInt8};
     std::map<std::string, const JobRow*> job_rows;  // the last row of each job in the batch
     std::vector<int64_t> deleted_tasks;
     std::vector<std::string> deleted_jobs;
@@ -461,36 +553,20 @@ class PostgresStoreImpl final : public PostgresStore {
           job_rows[op.submit->job.job_id] = &op.submit->job;
           for (const TaskRow& t : op.submit->tasks) {
             highest = std::max(highest, t.id);
-            tasks.Row(22);
-            tasks.Int64(static_cast<int64_t>(t.id));
-            tasks.Int32(kPartition);
-            tasks.Bytes(t.job_id);
-            tasks.Bytes(t.queue);
-            tasks.Bytes(t.kind);
-            tasks.Bytes(EncodeLabels(t.labels));
-            tasks.Bytes(t.payload);
-            tasks.Int32(t.priority);
-            tasks.Int32(t.max_attempts);
-            tasks.Int64(t.timeout_ms);
-            tasks.Int64(t.created_ms);
-            tasks.Bytes(t.idempotency_key);
-            AddStatus(tasks, t.status);
+            tasks.Add(t, kPartition);
           }
           for (const JobMemberRow& m : op.submit->members) {
-            members.Row(4);
-            members.Bytes(m.job_id);
-            members.Int64(static_cast<int64_t>(m.task_id));
-            members.Int64(m.position);
-            members.Int32(kPartition);
+            member_job.Bytes(m.job_id);
+            member_task.Int64(static_cast<int64_t>(m.task_id));
+            member_position.Int64(m.position);
           }
           break;
         case StoreChange::Kind::kUpdateTask:
           // A lease is not written: after a takeover the worker that holds the task claims it
           // back, and a lease lost with its worker is the same as one never granted.
           if (op.status.state == TaskState::kLeased) break;
-          status.Row(11);
-          status.Int64(static_cast<int64_t>(op.task_id));
-          AddStatus(status, op.status);
+          updated.Int64(static_cast<int64_t>(op.task_id));
+          updates.Add(op.status);
           break;
         case StoreChange::Kind::kDeleteTask:
           deleted_tasks.push_back(static_cast<int64_t>(op.task_id));
@@ -504,82 +580,100 @@ class PostgresStoreImpl final : public PostgresStore {
           break;
       }
     }
-    for (const auto& [id, job] : job_rows) {
-      jobs.Row(7);
-      jobs.Bytes(job->job_id);
-      jobs.Int32(kPartition);
-      jobs.Int64(job->total);
-      jobs.Int64(job->created_ms);
-      jobs.Bytes(job->tenant);
-      jobs.Bool(job->open);
-      jobs.Int64(job->batches);
+    if (job_rows.empty() && tasks.id.size() == 0 && updated.size() == 0 &&
+        member_task.size() == 0 && deleted_tasks.empty() && deleted_jobs.empty() &&
+        worker_changes.empty()) {
+      return absl::OkStatus();  // only leases: nothing to write
     }
     int64_t version;
     {
       absl::MutexLock lock(&lease_mu_);
       version = version_;
     }
-    if (absl::Status s = c.Run("BEGIN"); !s.ok()) return s;
-    // The fence: only the lease's holder at this version may write, and the row stays locked
-    // until COMMIT, so a takeover waits for this commit and every later one of ours fails.
-    absl::StatusOr<pg::Result> fence = c.Exec(
-        "UPDATE taskmaster.partitions SET highest_task_id = GREATEST(highest_task_id, $1) "
-        "WHERE id = $2 AND owner = $3 AND version = $4 RETURNING id",
-        {std::to_string(highest), std::to_string(kPartition), options_.master_id,
-         std::to_string(version)});
-    if (!fence.ok()) return fence.status();
-    if (fence->rows() != 1) {
-      return absl::AbortedError(absl::StrCat("partition ", kPartition,
-                                             " was taken over by another master: this master's "
-                                             "unwritten changes are dropped"));
+    std::vector<pg::Connection::Statement> statements;
+    statements.push_back({"SELECT taskmaster.fence($1, $2, $3, $4)",
+                          {std::to_string(kPartition), options_.master_id, std::to_string(version),
+                           std::to_string(highest)}});
+    if (!job_rows.empty()) {
+      ArrayParam id{ArrayParam::kText}, part{ArrayParam::kInt4}, total{ArrayParam::kInt8},
+          created{ArrayParam::kInt8}, tenant{ArrayParam::kText}, open{ArrayParam::kBool},
+          batches{ArrayParam::kInt8};
+      for (const auto& [job_id, job] : job_rows) {
+        id.Bytes(job_id);
+        part.Int32(kPartition);
+        total.Int64(job->total);
+        created.Int64(job->created_ms);
+        tenant.Bytes(job->tenant);
+        open.Bool(job->open);
+        batches.Int64(job->batches);
+      }
+      statements.push_back(
+          {absl::StrCat("INSERT INTO taskmaster.jobs SELECT * FROM ",
+                        Unnest("$text[], $int4[], $int8[], $int8[], $text[], $bool[], $int8[]"),
+                        " ON CONFLICT (job_id) DO UPDATE SET total = EXCLUDED.total, "
+                        "open = EXCLUDED.open, batches = EXCLUDED.batches"),
+           {id.Encode(), part.Encode(), total.Encode(), created.Encode(), tenant.Encode(),
+            open.Encode(), batches.Encode()},
+           /*binary=*/true});
     }
-    auto apply = [&](pg::CopyBuffer& rows, const char* copy, const char* sql) {
-      if (rows.rows() == 0) return absl::OkStatus();
-      if (absl::Status s = c.Copy(copy, rows); !s.ok()) return s;
-      return c.Run(sql);
-    };
-    absl::Status s =
-        apply(jobs, "COPY stage_jobs FROM STDIN (FORMAT binary)",
-              "INSERT INTO taskmaster.jobs SELECT * FROM stage_jobs ON CONFLICT (job_id) DO UPDATE "
-              "SET total = EXCLUDED.total, open = EXCLUDED.open, batches = EXCLUDED.batches");
-    if (s.ok()) {
-      s = apply(
-          tasks, "COPY stage_tasks FROM STDIN (FORMAT binary)",
-          "INSERT INTO taskmaster.tasks SELECT * FROM stage_tasks ON CONFLICT (id) DO NOTHING");
+    if (tasks.id.size() > 0) {
+      statements.push_back(
+          {absl::StrCat("INSERT INTO taskmaster.tasks (", kTaskColumns, ") SELECT * FROM ",
+                        Unnest(absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], "
+                                            "$text[], $bytea[], $int4[], $int4[], $int8[], "
+                                            "$int8[], $text[], ",
+                                            kStatusTypes)),
+                        " ON CONFLICT (id) DO NOTHING"),
+           tasks.Params(), /*binary=*/true});
     }
-    if (s.ok()) {
-      s = apply(members, "COPY stage_members FROM STDIN (FORMAT binary)",
-                "INSERT INTO taskmaster.job_members SELECT * FROM stage_members "
-                "ON CONFLICT (job_id, task_id) DO UPDATE SET position = EXCLUDED.position");
+    if (member_task.size() > 0) {
+      ArrayParam part{ArrayParam::kInt4};
+      for (size_t i = 0; i < member_task.size(); ++i) part.Int32(kPartition);
+      statements.push_back(
+          {absl::StrCat("INSERT INTO taskmaster.job_members SELECT * FROM ",
+                        Unnest("$text[], $int8[], $int8[], $int4[]"),
+                        " ON CONFLICT (job_id, task_id) DO UPDATE SET "
+                        "position = EXCLUDED.position"),
+           {member_job.Encode(), member_task.Encode(), member_position.Encode(), part.Encode()},
+           /*binary=*/true});
     }
-    if (s.ok()) {
-      s = apply(status, "COPY stage_status FROM STDIN (FORMAT binary)",
-                "UPDATE taskmaster.tasks t SET state = s.state, attempts = s.attempts, "
-                "not_before_ms = s.not_before_ms, finished_ms = s.finished_ms, seq = s.seq, "
-                "completion_seq = s.completion_seq, output = s.output, error = s.error, "
-                "worker = s.worker, worker_id = s.worker_id FROM stage_status s WHERE t.id = s.id");
+    if (updated.size() > 0) {
+      std::vector<std::string> params = {updated.Encode()};
+      updates.AppendTo(params);
+      statements.push_back(
+          {absl::StrCat("INSERT INTO taskmaster.statuses SELECT * FROM ",
+                        Unnest(absl::StrCat("$int8[], ", kStatusTypes)),
+                        " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, "
+                        "attempts = EXCLUDED.attempts, not_before_ms = EXCLUDED.not_before_ms, "
+                        "finished_ms = EXCLUDED.finished_ms, seq = EXCLUDED.seq, "
+                        "completion_seq = EXCLUDED.completion_seq, output = EXCLUDED.output, "
+                        "error = EXCLUDED.error, worker = EXCLUDED.worker, "
+                        "worker_id = EXCLUDED.worker_id"),
+           std::move(params), /*binary=*/true});
     }
-    if (s.ok() && !deleted_tasks.empty()) {
-      s = c.Run("DELETE FROM taskmaster.tasks WHERE id = ANY($1::bigint[])",
-                {pg::Int64Array(deleted_tasks)});
+    if (!deleted_tasks.empty()) {
+      const std::string ids = pg::Int64Array(deleted_tasks);
+      statements.push_back({"DELETE FROM taskmaster.statuses WHERE id = ANY($1::bigint[])", {ids}});
+      statements.push_back({"DELETE FROM taskmaster.tasks WHERE id = ANY($1::bigint[])", {ids}});
     }
-    if (s.ok() && !deleted_jobs.empty()) {
-      const pg::Params ids = {pg::TextArray(deleted_jobs)};
-      s = c.Run("DELETE FROM taskmaster.job_members WHERE job_id = ANY($1::text[])", ids);
-      if (s.ok()) s = c.Run("DELETE FROM taskmaster.jobs WHERE job_id = ANY($1::text[])", ids);
+    if (!deleted_jobs.empty()) {
+      const std::string ids = pg::TextArray(deleted_jobs);
+      statements.push_back(
+          {"DELETE FROM taskmaster.job_members WHERE job_id = ANY($1::text[])", {ids}});
+      statements.push_back({"DELETE FROM taskmaster.jobs WHERE job_id = ANY($1::text[])", {ids}});
     }
     for (const StoreChange* op : worker_changes) {
-      if (!s.ok()) break;
-      s = op->kind == StoreChange::Kind::kPutWorker
-              ? c.Run(
-                    "INSERT INTO taskmaster.workers(part, worker_id, secret) VALUES($1, $2, $3) "
-                    "ON CONFLICT (part, worker_id) DO UPDATE SET secret = EXCLUDED.secret",
-                    {std::to_string(kPartition), op->key, op->secret})
-              : c.Run("DELETE FROM taskmaster.workers WHERE part = $1 AND worker_id = $2",
-                      {std::to_string(kPartition), op->key});
+      statements.push_back(
+          op->kind == StoreChange::Kind::kPutWorker
+              ? pg::Connection::Statement{"INSERT INTO taskmaster.workers(part, worker_id, secret) "
+                                          "VALUES($1, $2, $3) ON CONFLICT (part, worker_id) DO "
+                                          "UPDATE SET secret = EXCLUDED.secret",
+                                          {std::to_string(kPartition), op->key, op->secret}}
+              : pg::Connection::Statement{
+                    "DELETE FROM taskmaster.workers WHERE part = $1 AND worker_id = $2",
+                    {std::to_string(kPartition), op->key}});
     }
-    if (s.ok()) s = c.Run("COMMIT");
-    return s;
+    return c.Transaction(statements, {{"TM001", absl::StatusCode::kAborted}});
   }
 
   const PostgresStoreOptions options_;
