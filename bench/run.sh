@@ -56,10 +56,12 @@ fi
 
 work=$(mktemp -d)
 pids=()
+pg_dir=
 cleanup() {
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
+  [ -z "$pg_dir" ] || pg_ctl_as -D "$pg_dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+  rm -rf "$work" "$pg_dir"
 }
 trap cleanup EXIT
 results=$work/results.jsonl
@@ -165,6 +167,38 @@ wait_pending() {
   exit 1
 }
 
+# PostgreSQL for the postgres store and its baseline: a server of our own in a temporary
+# directory on a free loopback port, with its default durability (fsync, synchronous commit),
+# run as the postgres user when we are root; stopped and removed at exit.
+pg_bin=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_ctl_as() { as_pg "$pg_bin/pg_ctl" "$@"; }
+start_postgres() {
+  pg_dir=$(mktemp -d)
+  [ "$(id -u)" -ne 0 ] || chown postgres "$pg_dir"
+  as_pg "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U postgres -E UTF8 >/dev/null
+  pg_port=$(free_port)
+  pg_ctl_as -D "$pg_dir/data" -l "$pg_dir/server.log" -w -t 60 \
+    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1" start >/dev/null
+  pg_dsn="host=127.0.0.1 port=$pg_port user=postgres dbname=postgres"
+}
+# A clean database between measurements: taskmaster's schema and the baseline's table dropped.
+pg_reset() {
+  psql -X -q -d "$pg_dsn" -c 'DROP SCHEMA IF EXISTS taskmaster CASCADE' \
+    -c 'DROP TABLE IF EXISTS baseline_jobs' >/dev/null
+}
+pg_baseline() { timeout 400 /usr/bin/python3 bench/pg_baseline.py --dsn "$pg_dsn" "$@"; }
+
+# Waits until the master at $addr serves (a postgres master takes its lease first; bounded: 10 s).
+wait_serving() {
+  for _ in $(seq 200); do
+    "$bin/client/taskctl" --master "$addr" stats >/dev/null 2>&1 && return
+    sleep 0.05
+  done
+  echo "the master at $addr does not serve" >&2
+  exit 1
+}
+
 # Appends one measurement: record KIND RUN JSON.
 record() { echo "{\"kind\":\"$1\",\"run\":$2,\"data\":$3}" >>"$results"; }
 
@@ -195,6 +229,14 @@ python3 -c "
 import random
 r = random.Random(12345)
 print('\n'.join(str(r.randint(0, 10000)) for _ in range($tasks)))" >"$work/numbers"
+
+if [ -x "$pg_bin/postgres" ]; then
+  start_postgres
+  head -n 20000 "$work/numbers" >"$work/numbers-20k"
+  head -n 2000 "$work/numbers" >"$work/numbers-2k"
+else
+  echo "warning: no PostgreSQL 15 server ($pg_bin): no postgres rows" >&2
+fi
 
 for run in $(seq "$runs"); do
   echo "run $run of $runs ..." >&2
@@ -330,6 +372,39 @@ for run in $(seq "$runs"); do
   t1=$(date +%s%N)
   record "recovery" "$run" "{\"tasks\":1000000,\"ms\":$(( (t1 - t0) / 1000000 ))}"
   stop "$master_pid"
+
+  if [ -n "$pg_dir" ]; then
+    # The SKIP LOCKED queue on the same server: 100 jobs per claim, then one (on fewer jobs:
+    # it is far slower), and a LISTEN/NOTIFY round trip.
+    pg_reset
+    record "pg-baseline-claim-100" "$run" \
+      "$(pg_baseline throughput --numbers "$work/numbers-20k" --claim 100 --workers 2)"
+    pg_reset
+    record "pg-baseline-claim-1" "$run" \
+      "$(pg_baseline throughput --numbers "$work/numbers-2k" --claim 1 --workers 2)"
+    pg_reset
+    record "pg-baseline-latency" "$run" "$(pg_baseline latency --count 500 --warmup 50)"
+    # Two masters on it: the first serves, the second stands by; one worker, as above.
+    for what in throughput latency; do
+      pg_reset
+      start_master "$work/data-pg-$run" --store postgres --postgres "$pg_dsn"
+      serving_pid=$master_pid serving_addr=$addr
+      wait_serving
+      start_master "$work/data-pg2-$run" --store postgres --postgres "$pg_dsn"
+      standby_pid=$master_pid
+      addr=$serving_addr
+      start_worker
+      if [ "$what" = throughput ]; then
+        record "throughput-postgres" "$run" "$(tb throughput --numbers "$work/numbers")"
+      else
+        record "latency-postgres" "$run" \
+          "$(tb latency --numbers "$work/numbers" --count 1000 --warmup 50)"
+      fi
+      stop "$worker_pid"
+      stop "$standby_pid"
+      stop "$serving_pid"
+    done
+  fi
   rm -rf "$work"/data-*
 done
 

@@ -52,6 +52,12 @@ def main():
         "python_submit_tasks_per_s": median("python-submit", "tasks_per_s"),
         "bytes_per_pending_task": statistics.median(per_task) if per_task else None,
         "recovery_1m_ms": median("recovery", "ms"),
+        "postgres_tasks_per_s": median("throughput-postgres", "tasks_per_s"),
+        "postgres_p50_us": median("latency-postgres", "p50_us"),
+        "postgres_p99_us": median("latency-postgres", "p99_us"),
+        "pg_baseline_claim_100_tasks_per_s": median("pg-baseline-claim-100", "tasks_per_s"),
+        "pg_baseline_claim_1_tasks_per_s": median("pg-baseline-claim-1", "tasks_per_s"),
+        "pg_baseline_p50_us": median("pg-baseline-latency", "p50_us"),
         "commit_mark_us": median("commit-mark", "mark_us"),
         "commit_fsync_us": median("commit-mark", "fsync_us"),
     }
@@ -66,6 +72,8 @@ def main():
                                               "tasks_per_s"),
         "scraped_vs_admin_off": ratio_median("throughput-admin-scraped", "tasks_per_s",
                                              "throughput-admin-off", "tasks_per_s"),
+        "postgres_vs_baseline": ratio_median("throughput-postgres", "tasks_per_s",
+                                             "pg-baseline-claim-100", "tasks_per_s"),
         "exec_cat_vs_echo": ratio_median("throughput-cat", "tasks_per_s", "throughput-echo",
                                          "tasks_per_s"),
         "idle_streams_vs_one_worker": ratio_median("throughput-10000-idle-streams", "tasks_per_s",
@@ -91,6 +99,11 @@ def main():
                    f"{num(f['memory_p50_us'])} us more",
         "streams": f"1 worker alone: {num(f['one_worker_tasks_per_s'])}/s",
         "recovery": "reading and checking every record of the SQLite file",
+        "postgres": f"the SKIP LOCKED baseline, 100 per claim: "
+                    f"{num(f['pg_baseline_claim_100_tasks_per_s'])}/s; one master on SQLite: "
+                    f"{num(f['durable_tasks_per_s'])}/s",
+        "postgres_p50": f"the baseline's LISTEN/NOTIFY round trip: "
+                        f"{num(f['pg_baseline_p50_us'])} us",
     }
 
     # (name, measured, target, passes, what it is measured against)
@@ -123,6 +136,12 @@ def main():
               lambda v: v <= 200),
         check("recovery of 1,000,000 (ms)", figures["recovery_1m_ms"], "<= 1000",
               lambda v: v <= 1000, context["recovery"]),
+        check("postgres, 2 masters (tasks/s)", figures["postgres_tasks_per_s"], ">= 100000",
+              lambda v: v >= 100_000, context["postgres"]),
+        check("postgres vs SKIP LOCKED baseline", ratios["postgres_vs_baseline"], ">= 2x",
+              lambda v: v >= 2, context["postgres"]),
+        check("postgres p50 (us)", figures["postgres_p50_us"], "<= 1000", lambda v: v <= 1000,
+              context["postgres_p50"]),
         check("Python worker vs seed", ratios["python_worker_vs_seed"], ">= 10x",
               lambda v: v >= 10),
         check("Python client submit (tasks/s)", figures["python_submit_tasks_per_s"],
@@ -184,6 +203,14 @@ def main():
           f"{fmt(figures['python_submit_tasks_per_s'], 0):>14}")
     print(f"{'master bytes per pending task':34}{fmt(figures['bytes_per_pending_task'], 0):>14}")
     print(f"{'recovery of 1,000,000 tasks (ms)':34}{fmt(figures['recovery_1m_ms'], 0):>14}")
+    print(f"{'postgres, 2 masters (tasks/s)':34}{fmt(figures['postgres_tasks_per_s'], 0):>14}")
+    print(f"{'  SKIP LOCKED, 100 / 1 per claim':34}"
+          f"{fmt(figures['pg_baseline_claim_100_tasks_per_s'], 0):>14}"
+          f"{fmt(figures['pg_baseline_claim_1_tasks_per_s'], 0):>12}"
+          f"{fmt(ratios['postgres_vs_baseline']):>8}x")
+    print(f"{'latency p50 / p99, postgres (us)':34}"
+          f"{fmt(figures['postgres_p50_us']) + ' / ' + fmt(figures['postgres_p99_us']):>14}"
+          f"{fmt(figures['pg_baseline_p50_us']):>12}  (LISTEN/NOTIFY)")
     print(f"{'commit mark / fsync per commit (us)':34}"
           f"{fmt(figures['commit_mark_us'], 2) + ' / ' + fmt(figures['commit_fsync_us']):>14}")
     print()

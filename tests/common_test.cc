@@ -5,6 +5,7 @@
 #include "client/commands.h"
 #include "common/auth.h"
 #include "common/checksum.h"
+#include "common/grpc_util.h"
 #include "common/inline_bytes.h"
 #include "common/util.h"
 #include "master/rpc/master.h"
@@ -137,6 +138,26 @@ TEST(Util, LoopbackAddresses) {
   EXPECT_FALSE(IsLoopbackAddress("127.example.com:7070")) << "a name, not an address";
   EXPECT_FALSE(IsLoopbackAddress("127.0.0.1.example.com:7070"));
   EXPECT_FALSE(IsLoopbackAddress("[::1:7070"));
+}
+
+// Several masters: a standby's hint is followed when it is one of ours, else the next address is
+// tried; a round of failures says so, once per round; one that served starts a new round.
+TEST(MasterAddresses, FollowsHintsAndCountsRounds) {
+  MasterAddresses masters("a:1, b:2,c:3");
+  EXPECT_EQ(masters.all(), (std::vector<std::string>{"a:1", "b:2", "c:3"}));
+  EXPECT_EQ(masters.current(), "a:1");
+  EXPECT_FALSE(masters.Failed("a:1", "c:3"));  // named, and ours
+  EXPECT_EQ(masters.current(), "c:3");
+  EXPECT_FALSE(masters.Failed("c:3", "elsewhere:9"));  // named, not ours: the next
+  EXPECT_EQ(masters.current(), "a:1");
+  EXPECT_FALSE(masters.Failed("b:2", ""));  // not the current one: someone moved on already
+  EXPECT_TRUE(masters.Failed("a:1", ""));   // the third failure in a row: a round
+  EXPECT_EQ(masters.current(), "b:2");
+  masters.Served("b:2");
+  EXPECT_FALSE(masters.Failed("b:2", ""));
+  MasterAddresses one("only:1");
+  EXPECT_TRUE(one.Failed("only:1", ""));  // one address: every failure is a round
+  EXPECT_EQ(one.current(), "only:1");
 }
 
 TEST(Util, BackoffGrowsWithJitterAndCaps) {

@@ -5,7 +5,8 @@
 # second run recompiles only what changed), starts a master and two workers, runs the seed's
 # scenario through them (ten `square` tasks, each n*n checked), waits for the HEALTHCHECK,
 # stops everything with SIGTERM, checks each container exited 0, and reads the results back
-# from a new master on the same volume. Also `docker-compose config -q` on compose.yaml.
+# from a new master on the same volume. Also `docker-compose config -q` on compose.yaml and
+# compose.ha.yaml.
 # Exit 77 (skipped, reason printed) only when podman cannot run containers here.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +60,7 @@ done
 log "docker-compose config -q"
 command -v docker-compose >/dev/null || fail "no docker-compose (scripts/deps.sh installs it)"
 docker-compose -f "$docker_dir/compose.yaml" config -q
+docker-compose -f "$docker_dir/compose.ha.yaml" config -q
 
 # The base image: built once, kept under a stable name for later runs.
 if ! podman image exists "$base"; then

@@ -136,7 +136,9 @@ absl::Status Connection::ConnectionError(std::string_view doing) {
 absl::Status Connection::ResultError(PGresult* r, std::string_view doing,
                                      const std::map<std::string, absl::StatusCode>& error_codes) {
   if (PQstatus(conn_) != CONNECTION_OK || !r) return ConnectionError(doing);
-  std::string message = PQresultErrorMessage(r);
+  // The server's own words, without its "ERROR:" prefix and the context lines after them.
+  const char* primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+  std::string message = primary ? primary : PQresultErrorMessage(r);
   while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
   const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
   // Class 08 (connection exception), 57P (operator intervention: a shutdown, a terminated

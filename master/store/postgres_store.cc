@@ -502,6 +502,7 @@ class PostgresStoreImpl final : public PostgresStore {
 
   CommitFailure AfterCommit(const absl::Status& status) override {
     if (absl::IsAborted(status)) {
+      fenced_ = status;
       // Fenced off: another master serves the partition now. Nothing of this transaction was
       // written and nothing this master holds ever will be: its clients hear so at once.
       LoseLease(status);
@@ -513,6 +514,7 @@ class PostgresStoreImpl final : public PostgresStore {
   }
 
   absl::Status Commit(const std::vector<StoreChange>& batch) override {
+    if (!fenced_.ok()) return fenced_;  // for good: another master serves the partition now
     if (!writer_ || !writer_->ok()) {
       absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
       if (!conn.ok()) return conn.status();
@@ -682,6 +684,7 @@ class PostgresStoreImpl final : public PostgresStore {
   // Open's, then Acquire's and Load's (before the writer starts): one thread at a time.
   std::unique_ptr<pg::Connection> reader_;
   std::unique_ptr<pg::Connection> writer_;  // the writer thread's only
+  absl::Status fenced_;                     // the writer thread's only: why commits stopped
   std::thread lease_thread_;
 
   mutable absl::Mutex lease_mu_;

@@ -1,0 +1,213 @@
+// The PostgreSQL store under the broker (ctest -L ha): what a master wrote comes back to the next
+// one that takes the lease, a commit after a takeover is refused, and a standby waits.
+#include <gtest/gtest.h>
+
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/logging.h"
+#include "master/core/broker.h"
+#include "master/store/postgres_store.h"
+#include "tests/fakes.h"
+#include "tests/ha_harness.h"
+
+namespace taskmaster::testing {
+namespace {
+
+#define SKIP_WITHOUT_POSTGRES() \
+  if (std::string why = TempPostgres::Unavailable(); !why.empty()) GTEST_SKIP() << why
+
+// A master's store and broker on the test's PostgreSQL, holding the lease.
+struct PgMaster {
+  PgMaster(const TempPostgres& pg, const std::string& id, FakeClock* clock,
+           const BrokerOptions& options) {
+    PostgresStoreOptions o;
+    o.conninfo = pg.conninfo();
+    o.master_id = id;
+    o.lease_ms = 1'000;
+    o.retry_interval_ms = 50;
+    auto opened = OpenPostgresStore(o);
+    EXPECT_TRUE(opened.ok()) << opened.status();
+    if (!opened.ok()) return;
+    store = std::move(*opened);
+    absl::Status acquired = store->Acquire(
+        "127.0.0.1:1", [] { return false; }, [](const PostgresStore::Owner&) {},
+        [this](const absl::Status& why) { lost.set_value(why); });
+    EXPECT_TRUE(acquired.ok()) << acquired;
+    broker = std::make_unique<Broker>(options, clock, store.get(), GetLogger("ha-store-test"));
+    absl::Status recovered = broker->Recover();
+    EXPECT_TRUE(recovered.ok()) << recovered;
+  }
+
+  absl::StatusOr<SubmitOutcome> Submit(std::vector<TaskSpec> specs) {
+    std::promise<absl::StatusOr<SubmitOutcome>> done;
+    broker->Submit(kClient, std::move(specs),
+                   [&](absl::StatusOr<SubmitOutcome> r) { done.set_value(r); });
+    return done.get_future().get();
+  }
+
+  void Durable() {
+    std::promise<absl::Status> done;
+    broker->WhenDurable([&](absl::Status s) { done.set_value(s); });
+    EXPECT_TRUE(done.get_future().get().ok());
+  }
+
+  TaskView Task(TaskId id) {
+    auto t = broker->GetTask(kClient, id);
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : TaskView{};
+  }
+
+  std::unique_ptr<PostgresStore> store;
+  std::unique_ptr<Broker> broker;
+  std::promise<absl::Status> lost;
+};
+
+struct Attached {
+  Broker::WorkerHandle handle;
+  std::shared_ptr<FakeChannel> channel;
+};
+
+// Attaches worker `id`, showing the secret its last welcome gave it (kept in `secret`, as a
+// worker keeps it across masters).
+Attached Attach(Broker& broker, const std::string& id, std::string* secret, int32_t credits,
+                std::vector<TaskRef> held = {}) {
+  WorkerHello hello;
+  hello.worker_id = id;
+  hello.name = id;
+  hello.kinds = {"square", "fail"};
+  hello.slots = 2;
+  hello.held = std::move(held);
+  hello.master_epoch = broker.epoch();
+  hello.secret = *secret;
+  auto channel = std::make_shared<FakeChannel>();
+  auto handle = broker.Attach(hello, channel);
+  EXPECT_TRUE(handle.ok()) << handle.status();
+  if (!handle.ok()) return {{}, channel};
+  if (channel->welcome) *secret = channel->welcome->secret;
+  if (credits > 0) broker.AddCredits(*handle, credits);
+  return {*handle, channel};
+}
+
+class PostgresStoreTest : public ::testing::Test {
+ protected:
+  PostgresStoreTest() {
+    options_.lease_timeout_ms = 10'000;
+    options_.retry_backoff_ms = 30'000;
+    options_.recovery_hold_ms = 3'000;
+  }
+  BrokerOptions options_;
+  FakeClock clock_;
+};
+
+// What one master wrote, the next one loads: pending, delayed, retried, succeeded and cancelled
+// tasks, their job, idempotency keys, and the workers it awaits; a lease (not written) comes
+// back with the worker that holds it.
+TEST_F(PostgresStoreTest, TheNextMasterLoadsWhatTheFirstWrote) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  std::vector<TaskId> ids;
+  std::string job_id;
+  std::string secret;  // w1's
+  {
+    PgMaster first(pg, "first", &clock_, options_);
+    TaskSpec delayed = Spec("square", "1");
+    delayed.delay_ms = 60'000;
+    TaskSpec keyed = Spec("square", "2");
+    keyed.idempotency_key = "key-2";
+    TaskSpec failing = Spec("fail", "boom", /*priority=*/9);
+    failing.max_attempts = 5;
+    auto job = first.Submit({delayed, keyed, failing, Spec("square", "4", 5), Spec("square", "5")});
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids = job->task_ids;
+    job_id = job->job_id;
+    auto w = Attach(*first.broker, "w1", &secret, 3);
+    auto leased = w.channel->Take();
+    ASSERT_EQ(leased.size(), 3u);  // "boom", "4", then "2" (the oldest)
+    first.broker->Report(w.handle,
+                         {{leased[0].id, leased[0].attempt, Outcome::kFailed, "", "boom 1"},
+                          {leased[1].id, leased[1].attempt, Outcome::kSucceeded, "4*4=16", ""}});
+    EXPECT_EQ(*first.broker->CancelTask(kClient, ids[4]), 1);
+    first.Durable();
+  }  // a clean stop: the lease is given up
+
+  PgMaster second(pg, "second", &clock_, options_);
+  EXPECT_EQ(second.Task(ids[0]).state, TaskState::kDelayed);
+  EXPECT_EQ(second.Task(ids[2]).state, TaskState::kDelayed);
+  EXPECT_EQ(second.Task(ids[2]).attempts, 1);
+  EXPECT_EQ(second.Task(ids[2]).error, "boom 1");
+  EXPECT_EQ(second.Task(ids[3]).state, TaskState::kSucceeded);
+  EXPECT_EQ(second.Task(ids[3]).output, "4*4=16");
+  EXPECT_EQ(second.Task(ids[4]).state, TaskState::kCancelled);
+  // Its lease was not written: pending until w1 comes back holding it.
+  EXPECT_EQ(second.Task(ids[1]).state, TaskState::kPending);
+  auto progress = second.broker->GetJob(kClient, job_id);
+  ASSERT_TRUE(progress.ok());
+  EXPECT_EQ(progress->total, 5);
+  EXPECT_EQ(progress->done, 2);
+  auto again = second.Submit({[] {
+    TaskSpec keyed = Spec("square", "2");
+    keyed.idempotency_key = "key-2";
+    return keyed;
+  }()});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->task_ids[0], ids[1]);
+  // w1 was attached: dispatch waits for it, and it claims the task it still holds.
+  auto back = Attach(*second.broker, "w1", &secret, 0, {{ids[1], 1}});
+  EXPECT_EQ(second.Task(ids[1]).state, TaskState::kLeased);
+  second.broker->Report(back.handle, {{ids[1], 1, Outcome::kSucceeded, "2*2=4", ""}});
+  second.Durable();
+  EXPECT_EQ(second.Task(ids[1]).output, "2*2=4");
+  EXPECT_EQ(second.Task(ids[1]).attempts, 1);
+}
+
+// Once another master took the lease over, the former holder's commits are refused: the submit
+// is answered with the error, and the store says the lease is lost.
+TEST_F(PostgresStoreTest, ACommitAfterATakeoverIsRefused) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  PgMaster master(pg, "paused", &clock_, options_);
+  ASSERT_TRUE(master.Submit({Spec("square", "1")}).ok());
+  // What a standby's takeover does once the lease expired.
+  pg.Sql("UPDATE taskmaster.partitions SET owner = 'other', version = version + 1");
+  auto refused = master.Submit({Spec("square", "2")});
+  EXPECT_TRUE(absl::IsUnavailable(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("taken over by another master"), std::string::npos)
+      << refused.status();
+  auto lost = master.lost.get_future();
+  ASSERT_EQ(lost.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_FALSE(lost.get().ok());
+  // And it stays refused: nothing it holds is written any more.
+  auto later = master.Submit({Spec("square", "3")});
+  EXPECT_FALSE(later.ok());
+  EXPECT_FALSE(master.store->Writable().ok());
+  EXPECT_EQ(pg.Sql("SELECT count(*) FROM taskmaster.tasks"), "1");
+}
+
+// A second master waits while the lease is held and live, naming its holder.
+TEST_F(PostgresStoreTest, AStandbyWaitsAndNamesTheHolder) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  PgMaster holder(pg, "holder", &clock_, options_);
+  PostgresStoreOptions o;
+  o.conninfo = pg.conninfo();
+  o.master_id = "standby";
+  o.lease_ms = 1'000;
+  o.retry_interval_ms = 50;
+  auto standby = OpenPostgresStore(o);
+  ASSERT_TRUE(standby.ok()) << standby.status();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(1'500);
+  PostgresStore::Owner seen;
+  absl::Status acquired = (*standby)->Acquire(
+      "127.0.0.1:2", [&] { return std::chrono::steady_clock::now() > give_up; },
+      [&](const PostgresStore::Owner& owner) { seen = owner; }, [](const absl::Status&) {});
+  EXPECT_TRUE(absl::IsCancelled(acquired)) << acquired;
+  EXPECT_EQ(seen.master_id, "holder");
+  EXPECT_EQ(seen.address, "127.0.0.1:1");
+  EXPECT_TRUE(seen.live);
+}
+
+}  // namespace
+}  // namespace taskmaster::testing
