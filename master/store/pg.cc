@@ -101,8 +101,16 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& 
                                                              const std::string& password,
                                                              std::chrono::milliseconds timeout) {
   const std::string seconds = std::to_string(std::max<int64_t>(1, (timeout.count() + 999) / 1000));
-  std::vector<const char*> keys = {"dbname", "connect_timeout", "application_name"};
-  std::vector<const char*> values = {conninfo.c_str(), seconds.c_str(), "taskmaster"};
+  // A server that stops answering (a partition, a dead host) fails the connection within the
+  // timeout, rather than after TCP's own minutes: unacknowledged data (tcp_user_timeout), and an
+  // idle connection (keepalives).
+  const std::string user_timeout = std::to_string(std::max<int64_t>(1'000, timeout.count()));
+  std::vector<const char*> keys = {"dbname",           "connect_timeout", "application_name",
+                                   "keepalives",       "keepalives_idle", "keepalives_interval",
+                                   "keepalives_count", "tcp_user_timeout"};
+  std::vector<const char*> values = {
+      conninfo.c_str(),    seconds.c_str(), "taskmaster", "1", seconds.c_str(), "1", "3",
+      user_timeout.c_str()};
   if (!password.empty()) {
     keys.push_back("password");
     values.push_back(password.c_str());

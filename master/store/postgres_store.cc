@@ -192,6 +192,7 @@ class PostgresStoreImpl final : public PostgresStore {
       lease_stop_ = true;
     }
     if (lease_thread_.joinable()) lease_thread_.join();
+    if (lease_watch_.joinable()) lease_watch_.join();
     Release();
   }
 
@@ -258,6 +259,7 @@ class PostgresStoreImpl final : public PostgresStore {
         }
         log_->info("this master now serves partition {} (lease version {})", kPartition, *version);
         lease_thread_ = std::thread([this] { LeaseLoop(); });
+        lease_watch_ = std::thread([this] { WatchLease(); });
         StartWriter();
         return absl::OkStatus();
       }
@@ -321,49 +323,72 @@ class PostgresStoreImpl final : public PostgresStore {
     return absl::NotFoundError("held by another master");
   }
 
-  // Renews the lease every third of its length on a connection of its own. The master's own
-  // clock decides when it must stop serving: the lease counts from before each renewal was
-  // sent, so it ends here before it ends on PostgreSQL's clock (less a tenth, for the two
-  // clocks' rates).
+  // Renews the lease every third of its length on a connection of its own, until it is lost
+  // or the store closes.
   void LeaseLoop() {
     using Clock = std::chrono::steady_clock;
     std::unique_ptr<pg::Connection> conn;
     const auto lease = std::chrono::milliseconds(options_.lease_ms);
     const auto retry =
         std::min<Clock::duration>(std::chrono::milliseconds(options_.retry_interval_ms), lease / 6);
-    Clock::time_point renewed_at;
+    Clock::time_point next;
     {
       absl::MutexLock lock(&lease_mu_);
-      renewed_at = renewed_at_;
+      next = renewed_at_ + lease / 3;
     }
-    Clock::time_point next = renewed_at + lease / 3;
-    absl::Status failure;
-    while (Clock::now() < renewed_at + lease - lease / 10) {
-      // In short steps on the monotonic clock: a timed mutex wait would follow the wall clock.
-      while (Clock::now() < next) {
-        {
-          absl::MutexLock lock(&lease_mu_);
-          if (lease_stop_) return;
-        }
-        std::this_thread::sleep_for(
-            std::min<Clock::duration>(std::chrono::milliseconds(20), next - Clock::now()));
-      }
+    while (SleepUntil(next)) {
       const auto began = Clock::now();
-      failure = Renew(conn);
-      if (failure.ok()) {
-        renewed_at = began;
+      const absl::Status renewed = Renew(conn);
+      if (renewed.ok()) {
+        absl::MutexLock lock(&lease_mu_);
+        renewed_at_ = began;
         next = began + lease / 3;
         continue;
       }
-      if (absl::IsNotFound(failure)) break;
+      if (absl::IsNotFound(renewed)) {
+        LoseLease(absl::UnavailableError("another master took this master's partition over"));
+        return;
+      }
       log_->warn("cannot renew the partition lease, trying again: {}",
-                 std::string(failure.message()));
+                 std::string(renewed.message()));
       next = Clock::now() + retry;
     }
-    LoseLease(absl::UnavailableError(
-        absl::IsNotFound(failure)
-            ? std::string("another master took this master's partition over")
-            : absl::StrCat("the partition lease ran out unrenewed: ", failure.message())));
+  }
+
+  // Ends the lease on the master's own monotonic clock, apart from the renewals, which may hang
+  // on a connection PostgreSQL no longer answers: the lease counts from before each renewal was
+  // sent, so it ends here before it ends on PostgreSQL's clock (less a tenth, for the two clocks'
+  // rates).
+  void WatchLease() {
+    const auto lease = std::chrono::milliseconds(options_.lease_ms);
+    while (true) {
+      std::chrono::steady_clock::time_point ends;
+      {
+        absl::MutexLock lock(&lease_mu_);
+        ends = renewed_at_ + lease - lease / 10;
+      }
+      if (std::chrono::steady_clock::now() >= ends) break;
+      if (!SleepUntil(
+              std::min(ends, std::chrono::steady_clock::now() + std::chrono::milliseconds(20)))) {
+        return;
+      }
+    }
+    LoseLease(absl::UnavailableError("the partition lease ran out unrenewed"));
+  }
+
+  // Sleeps until `until` in short steps on the monotonic clock (a timed mutex wait would follow
+  // the wall clock); false when the store closes meanwhile or the lease was lost.
+  bool SleepUntil(std::chrono::steady_clock::time_point until) {
+    while (true) {
+      {
+        absl::MutexLock lock(&lease_mu_);
+        if (lease_stop_ || !lost_status_.ok()) return false;
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= until) return true;
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+          std::chrono::milliseconds(20), until - now));
+    }
   }
 
   // Tells the master (once) that it must stop serving.
@@ -685,7 +710,8 @@ class PostgresStoreImpl final : public PostgresStore {
   std::unique_ptr<pg::Connection> reader_;
   std::unique_ptr<pg::Connection> writer_;  // the writer thread's only
   absl::Status fenced_;                     // the writer thread's only: why commits stopped
-  std::thread lease_thread_;
+  std::thread lease_thread_;                // LeaseLoop
+  std::thread lease_watch_;                 // WatchLease
 
   mutable absl::Mutex lease_mu_;
   int64_t version_ ABSL_GUARDED_BY(lease_mu_) = 0;  // of the lease held; 0: none
