@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -55,19 +57,95 @@ class Connection:
                                   "mutual TLS needs both cert_file and key_file")
         return grpc.ssl_channel_credentials(_read(self.tls.ca_file), key, cert)
 
-    def channel(self, extra: Optional[List[Tuple[str, int]]] = None) -> grpc.Channel:
-        """A blocking-API channel to the master."""
+    def channel(self, address: str,
+                extra: Optional[List[Tuple[str, int]]] = None) -> grpc.Channel:
+        """A blocking-API channel to `address`, one of the masters."""
         creds = self.credentials()
         if creds is None:
-            return grpc.insecure_channel(self.address, options=self.options(extra))
-        return grpc.secure_channel(self.address, creds, options=self.options(extra))
+            return grpc.insecure_channel(address, options=self.options(extra))
+        return grpc.secure_channel(address, creds, options=self.options(extra))
 
-    def aio_channel(self, extra: Optional[List[Tuple[str, int]]] = None) -> "grpc.aio.Channel":
-        """An asyncio channel to the master."""
+    def aio_channel(self, address: str,
+                    extra: Optional[List[Tuple[str, int]]] = None) -> "grpc.aio.Channel":
+        """An asyncio channel to `address`, one of the masters."""
         creds = self.credentials()
         if creds is None:
-            return grpc.aio.insecure_channel(self.address, options=self.options(extra))
-        return grpc.aio.secure_channel(self.address, creds, options=self.options(extra))
+            return grpc.aio.insecure_channel(address, options=self.options(extra))
+        return grpc.aio.secure_channel(address, creds, options=self.options(extra))
+
+
+# Trailing metadata of the master: on every answer of its own (so its UNAVAILABLE differs from
+# one that never reached it), and on a standby's, the address of the master that serves.
+ANSWERED_BY_MASTER = "tm-answered"
+SERVING_MASTER = "tm-serving-master"
+# A call no serving master took is tried again, round after round, for this long.
+FAILOVER_S = 15.0
+# After every master failed in a row, the pause before the next round.
+ROUND_PAUSE_S = 0.2
+
+
+class Masters:
+    """The masters a client or worker was given ("a:7070,b:7070"). With the postgres store one
+    of them serves and the others stand by, answering UNAVAILABLE with the serving one's address:
+    a call goes to the current address, and when it does not serve, to the one named (if it is
+    one of these) or the next. Thread-safe."""
+
+    def __init__(self, addresses: str) -> None:
+        self.all = [a.strip() for a in addresses.split(",") if a.strip()]
+        self._lock = threading.Lock()
+        self._current = 0
+        self._failures = 0  # in a row, since one served
+
+    def current(self) -> str:
+        with self._lock:
+            return self.all[self._current]
+
+    def failed(self, address: str, serving_at: str) -> bool:
+        """`address` did not serve; `serving_at` is whom it named. True once every address has
+        failed since one last served: time to pause before the next round."""
+        with self._lock:
+            if self.all[self._current] != address:
+                return False  # another call moved on already
+            self._failures += 1
+            if serving_at and serving_at in self.all:
+                self._current = self.all.index(serving_at)
+            else:
+                self._current = (self._current + 1) % len(self.all)
+            if self._failures < len(self.all):
+                return False
+            self._failures = 0
+            return True
+
+    def served(self, address: str) -> None:
+        with self._lock:
+            if self.all[self._current] == address:
+                self._failures = 0
+
+
+def serving_master(error: grpc.RpcError) -> str:
+    """The serving master a standby named in `error`'s trailing metadata; "" when none."""
+    trailers = getattr(error, "trailing_metadata", lambda: None)() or ()
+    return next((v for k, v in trailers if k == SERVING_MASTER), "")
+
+
+def fail_over(masters: Masters, address: str, error: grpc.RpcError,
+              deadline: float) -> Optional[float]:
+    """After a call to `address` failed with `error`: the pause before trying it again at the next
+    master, or None to give up. Only a call that reached no serving master goes again, given
+    several, before `deadline` (time.monotonic())."""
+    if len(masters.all) < 2 or not not_applied(error) or time.monotonic() >= deadline:
+        return None
+    return ROUND_PAUSE_S if masters.failed(address, serving_master(error)) else 0.0
+
+
+def not_applied(error: grpc.RpcError) -> bool:
+    """Whether a failed call surely did nothing: a master answered that it does not serve, or
+    none was reached. A call cut off midway may have been applied."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailers = getattr(error, "trailing_metadata", lambda: None)() or ()
+    return (any(k == ANSWERED_BY_MASTER for k, _ in trailers) or
+            (error.details() or "").startswith("failed to connect"))
 
 
 def resolve(address: Optional[str], token: Optional[str], token_file: Optional[str],
@@ -75,7 +153,7 @@ def resolve(address: Optional[str], token: Optional[str], token_file: Optional[s
             ) -> Connection:
     """Fills what the caller left out from the environment, as taskctl does, and checks it."""
     address = address or os.environ.get("TASKMASTER_ADDR", "")
-    if not address:
+    if not Masters(address).all:
         raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
                               "no master address: pass address= or set TASKMASTER_ADDR")
     if token is not None and token_file is not None:
@@ -87,8 +165,9 @@ def resolve(address: Optional[str], token: Optional[str], token_file: Optional[s
         token = os.environ.get("TASKMASTER_TOKEN", "")
     if isinstance(tls, str):
         tls = TLS(ca_file=tls)
-    if token and tls is None and not is_loopback(address):
-        warnings.warn(f"the token travels to {address} in clear (no TLS): anyone on the path "
+    outside = [a for a in Masters(address).all if not is_loopback(a)]
+    if token and tls is None and outside:
+        warnings.warn(f"the token travels to {outside[0]} in clear (no TLS): anyone on the path "
                       "can read it and act with it", stacklevel=3)
     return Connection(address, token, tls, max_message_bytes)
 

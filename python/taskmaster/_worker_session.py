@@ -16,8 +16,8 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import grpc
 
-from . import errors
-from ._conn import Connection
+from . import _conn, errors
+from ._conn import Connection, Masters
 from ._worker_slots import WATCHDOG_PERIOD, HelloState, Slots, ToMaster, Welcome
 from ._worker_wire import MAX_PROGRESS_MESSAGE_BYTES, valid_utf8
 from .v1 import taskmaster_pb2 as pb
@@ -78,6 +78,7 @@ class Session:
         hears why the session stopped for good: the master refused this worker's hello (a bad
         token, say), or the session failed in a way it cannot retry."""
         self._conn = conn
+        self._masters = Masters(conn.address)
         self._identity = identity
         self._slots = slots
         self._poll = poll
@@ -128,11 +129,12 @@ class Session:
 
     def _reconnect_loop(self) -> None:
         backoff = _Backoff(_RECONNECT_MIN, self._reconnect_max)
-        address = self._conn.address
         warned = False
         while True:
-            welcomed, error = self._run()
+            address = self._masters.current()
+            welcomed, error = self._run(address)
             if welcomed:
+                self._masters.served(address)
                 backoff.reset()
                 warned = False
             if self._slots.leaving():
@@ -142,18 +144,24 @@ class Session:
                 log.error("master %s refused this worker: %s", address, refused.message)
                 self._on_fatal(refused)
                 return
-            wait = self._slots.reconnect_delay(backoff.next())
+            # Given several masters, the next is tried at once; a round of them all failing
+            # backs off.
+            serving_at = _conn.serving_master(error) if error is not None else ""
+            round_failed = self._masters.failed(address, serving_at)
+            wait = self._slots.reconnect_delay(backoff.next()) if round_failed else 0.0
             why = _describe(error)
-            if not warned:
-                log.warning("lost the master %s (%s); reconnecting with backoff", address, why)
+            if not warned and round_failed:
+                log.warning("lost the master %s (%s); reconnecting with backoff",
+                            self._conn.address, why)
                 warned = True
-            log.debug("stream ended (%s); next attempt in %.0f ms", why, wait * 1000)
+            log.debug("stream to %s ended (%s); next attempt %s in %.0f ms", address, why,
+                      self._masters.current(), wait * 1000)
             if self._slots.await_leaving(wait):
                 return
 
-    def _run(self) -> Tuple[bool, Optional[grpc.RpcError]]:
-        """One stream, from hello to its end: whether the master welcomed us, and how the stream
-        ended (None: with OK, or not at all: the worker is leaving)."""
+    def _run(self, address: str) -> Tuple[bool, Optional[grpc.RpcError]]:
+        """One stream to `address`, from hello to its end: whether the master welcomed us, and
+        how the stream ended (None: with OK, or not at all: the worker is leaving)."""
         with self._mu:
             self._number += 1
             number = self._number
@@ -167,7 +175,7 @@ class Session:
         # A fresh connection each time: one stalled in TCP's retransmission backoff would not
         # get through.
         try:
-            channel = self._conn.channel([("grpc.keepalive_time_ms", keepalive_ms),
+            channel = self._conn.channel(address, [("grpc.keepalive_time_ms", keepalive_ms),
                                           ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
                                           ("grpc.keepalive_permit_without_calls", 1),
                                           ("grpc.http2.max_pings_without_data", 0)])
@@ -199,8 +207,8 @@ class Session:
             opened.set()
             if lost_state:
                 log.warning("%s", lost_state)
-            log.info("%s connected to master %s (epoch %s)", self._identity.name,
-                     self._conn.address, first.welcome.master_epoch)
+            log.info("%s connected to master %s (epoch %s)", self._identity.name, address,
+                     first.welcome.master_epoch)
             message = first
             while True:
                 self._slots.received(
@@ -259,7 +267,6 @@ class Session:
         return message.SerializeToString()
 
     def _watchdog(self) -> None:
-        address = self._conn.address
         while True:
             time.sleep(WATCHDOG_PERIOD)
             if self._poll is not None:
@@ -268,8 +275,8 @@ class Session:
             if report is None:
                 return
             if report.cut_session:
-                log.warning("master %s: %s; reconnecting on a fresh connection", address,
-                            report.why)
+                log.warning("master %s: %s; reconnecting on a fresh connection",
+                            self._masters.current(), report.why)
                 self._cancel_session(report.cut_session)
             for task_id, attempt in report.stuck:
                 log.warning("task %d attempt %d: the handler is past its deadline and did not "

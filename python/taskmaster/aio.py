@@ -36,15 +36,18 @@ class Client:
         self._conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
         self._timeout = timeout
         self._reconnect_timeout = reconnect_timeout
-        self._channel = self._conn.aio_channel(common.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.TaskQueueStub(self._channel)
+        self._masters = _conn.Masters(self._conn.address)
+        self._channels = {a: self._conn.aio_channel(a, common.CHANNEL_OPTIONS)
+                          for a in self._masters.all}
+        self._stubs = {a: pb_grpc.TaskQueueStub(c) for a, c in self._channels.items()}
 
     @property
     def address(self) -> str:
         return self._conn.address
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels.values():
+            await channel.close()
 
     async def __aenter__(self) -> "Client":
         return self
@@ -61,7 +64,7 @@ class Client:
         plan = common.SubmitPlan(common.make_options(kind, queue, priority, delay, timeout,
                                                      max_attempts, key, labels, batch_size),
                                  payloads)
-        response = await self._call(self._stub.Submit, plan.first())
+        response = await self._call("Submit", plan.first())
         job = Job(self, response.job_id, list(response.task_ids), list(response.warnings))
         try:
             request = plan.next(job.id)
@@ -90,47 +93,62 @@ class Client:
         return Job(self, job_id, None, [])
 
     async def task(self, task_id: int) -> TaskInfo:
-        return common.task_of(await self._call(self._stub.GetTask,
+        return common.task_of(await self._call("GetTask",
                                                pb.GetTaskRequest(id=task_id)))
 
     async def cancel_task(self, task_id: int) -> int:
-        return (await self._call(self._stub.Cancel, pb.CancelRequest(task_id=task_id))).cancelled
+        return (await self._call("Cancel", pb.CancelRequest(task_id=task_id))).cancelled
 
     async def stats(self) -> Stats:
-        return common.stats_of(await self._call(self._stub.Stats, pb.StatsRequest()))
+        return common.stats_of(await self._call("Stats", pb.StatsRequest()))
 
     async def workers(self) -> List[WorkerInfo]:
-        response = await self._call(self._stub.Workers, pb.WorkersRequest())
+        response = await self._call("Workers", pb.WorkersRequest())
         return [common.worker_of(w) for w in response.workers]
 
     # ---- internals ----
 
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return await method(request, timeout=self._timeout, metadata=self._conn.metadata)
-        except grpc.aio.AioRpcError as e:
-            raise errors.from_rpc_error(e, self._conn.address) from None
+    async def _call(self, method: str, request):  # type: ignore[no-untyped-def]
+        """A unary call of the stub's `method`, at the master that serves."""
+        deadline = time.monotonic() + _conn.FAILOVER_S
+        while True:
+            address = self._masters.current()
+            try:
+                response = await getattr(self._stubs[address], method)(
+                    request, timeout=self._timeout, metadata=self._conn.metadata)
+                self._masters.served(address)
+                return response
+            except grpc.aio.AioRpcError as e:
+                pause = _conn.fail_over(self._masters, address, e, deadline)
+                if pause is None:
+                    raise errors.from_rpc_error(e, address) from None
+            await asyncio.sleep(pause)
 
     async def _append(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         deadline = time.monotonic() + self._reconnect_timeout
         backoff = common.Backoff()
         while True:
+            address = self._masters.current()
             try:
-                return await self._stub.Submit(request, timeout=self._timeout,
-                                         metadata=self._conn.metadata)
+                return await self._stubs[address].Submit(request, timeout=self._timeout,
+                                                         metadata=self._conn.metadata)
             except grpc.aio.AioRpcError as e:
                 pause = common.retry_pause(e.code(), deadline, backoff)
                 if pause is None:
-                    raise errors.from_rpc_error(e, self._conn.address) from None
+                    raise errors.from_rpc_error(e, address) from None
+                if not self._masters.failed(address, _conn.serving_master(e)):
+                    pause = 0.0  # the next master at once
             await asyncio.sleep(pause)
 
     async def _follow(self, job_id: str, timeout: Optional[float]) -> AsyncIterator[Result]:
         state = common.Follow(job_id, self._conn.address, timeout, self._reconnect_timeout)
         while True:
-            call = self._stub.WatchJob(state.request(), timeout=state.remaining(),
-                                       metadata=self._conn.metadata)
+            address = self._masters.current()
+            call = self._stubs[address].WatchJob(state.request(), timeout=state.remaining(),
+                                                 metadata=self._conn.metadata)
             code: Optional[grpc.StatusCode] = None
             details = ""
+            serving_at = ""
             try:
                 async for event in call:
                     for result in state.on_event(event):
@@ -138,10 +156,12 @@ class Client:
                     if state.complete:
                         return
             except grpc.aio.AioRpcError as e:
-                code, details = e.code(), e.details() or ""
+                code, details, serving_at = e.code(), e.details() or "", _conn.serving_master(e)
             finally:
                 call.cancel()  # also when the caller stops iterating early
-            await asyncio.sleep(state.on_end(code, details))
+            pause = state.on_end(code, details)
+            # Given several masters, the next one (or the one a standby named) at once.
+            await asyncio.sleep(pause if self._masters.failed(address, serving_at) else 0.0)
 
 
 class Job:
@@ -168,10 +188,10 @@ class Job:
 
     async def status(self) -> JobStatus:
         client = self._client
-        return common.status_of(await client._call(client._stub.GetJob,
+        return common.status_of(await client._call("GetJob",
                                                    pb.GetJobRequest(job_id=self.id)))
 
     async def cancel(self) -> int:
         client = self._client
-        return (await client._call(client._stub.Cancel,
+        return (await client._call("Cancel",
                                    pb.CancelRequest(job_id=self.id))).cancelled

@@ -32,7 +32,8 @@ __all__ = ["Client", "Job", "Result", "JobStatus", "TaskInfo", "Stats", "WorkerI
 class Client:
     """A connection to a master for submitting and following work.
 
-    `address` is host:port (default: $TASKMASTER_ADDR); the token comes from `token`,
+    `address` is host:port (default: $TASKMASTER_ADDR), or several comma-separated: masters
+    sharing a PostgreSQL store, of which the client finds and follows the one that serves; the token comes from `token`,
     `token_file` or $TASKMASTER_TOKEN; `tls` is a CA file path or a taskmaster.TLS for mutual
     TLS. `timeout` bounds each call (seconds); `reconnect_timeout` is how long a job's results
     are looked for while the master is unreachable (a restart, say) before giving up.
@@ -45,8 +46,10 @@ class Client:
         self._conn = _conn.resolve(address, token, token_file, tls, max_message_bytes)
         self._timeout = timeout
         self._reconnect_timeout = reconnect_timeout
-        self._channel = self._conn.channel(common.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.TaskQueueStub(self._channel)
+        self._masters = _conn.Masters(self._conn.address)
+        self._channels = {a: self._conn.channel(a, common.CHANNEL_OPTIONS)
+                          for a in self._masters.all}
+        self._stubs = {a: pb_grpc.TaskQueueStub(c) for a, c in self._channels.items()}
 
     @property
     def address(self) -> str:
@@ -54,7 +57,8 @@ class Client:
 
     def close(self) -> None:
         """Closes the connection; the client is unusable afterwards."""
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -81,7 +85,7 @@ class Client:
         plan = common.SubmitPlan(common.make_options(kind, queue, priority, delay, timeout,
                                                      max_attempts, key, labels, batch_size),
                                  payloads)
-        response = self._call(self._stub.Submit, plan.first())
+        response = self._call("Submit", plan.first())
         job = Job(self, response.job_id, list(response.task_ids), list(response.warnings))
         try:
             request = plan.next(job.id)
@@ -111,28 +115,38 @@ class Client:
 
     def task(self, task_id: int) -> TaskInfo:
         """Everything the master knows of one task, its payload and progress included."""
-        return common.task_of(self._call(self._stub.GetTask, pb.GetTaskRequest(id=task_id)))
+        return common.task_of(self._call("GetTask", pb.GetTaskRequest(id=task_id)))
 
     def cancel_task(self, task_id: int) -> int:
         """Cancels a task (its worker is told to stop it); returns 1, or 0 if it had finished."""
-        return self._call(self._stub.Cancel, pb.CancelRequest(task_id=task_id)).cancelled
+        return self._call("Cancel", pb.CancelRequest(task_id=task_id)).cancelled
 
     def stats(self) -> Stats:
         """Queue counts and the workers the master knows."""
-        return common.stats_of(self._call(self._stub.Stats, pb.StatsRequest()))
+        return common.stats_of(self._call("Stats", pb.StatsRequest()))
 
     def workers(self) -> List[WorkerInfo]:
         """The workers the master knows."""
-        response = self._call(self._stub.Workers, pb.WorkersRequest())
+        response = self._call("Workers", pb.WorkersRequest())
         return [common.worker_of(w) for w in response.workers]
 
     # ---- internals ----
 
-    def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return method(request, timeout=self._timeout, metadata=self._conn.metadata)
-        except grpc.RpcError as e:
-            raise errors.from_rpc_error(e, self._conn.address) from None
+    def _call(self, method: str, request):  # type: ignore[no-untyped-def]
+        """A unary call of the stub's `method`, at the master that serves."""
+        deadline = time.monotonic() + _conn.FAILOVER_S
+        while True:
+            address = self._masters.current()
+            try:
+                response = getattr(self._stubs[address], method)(
+                    request, timeout=self._timeout, metadata=self._conn.metadata)
+                self._masters.served(address)
+                return response
+            except grpc.RpcError as e:
+                pause = _conn.fail_over(self._masters, address, e, deadline)
+                if pause is None:
+                    raise errors.from_rpc_error(e, address) from None
+            time.sleep(pause)
 
     def _append(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         """A later batch of an open job: a lost answer or a master restarting is retried with
@@ -140,32 +154,39 @@ class Client:
         deadline = time.monotonic() + self._reconnect_timeout
         backoff = common.Backoff()
         while True:
+            address = self._masters.current()
             try:
-                return self._stub.Submit(request, timeout=self._timeout,
-                                         metadata=self._conn.metadata)
+                return self._stubs[address].Submit(request, timeout=self._timeout,
+                                                   metadata=self._conn.metadata)
             except grpc.RpcError as e:
                 pause = common.retry_pause(e.code(), deadline, backoff)
                 if pause is None:
-                    raise errors.from_rpc_error(e, self._conn.address) from None
+                    raise errors.from_rpc_error(e, address) from None
+                if not self._masters.failed(address, _conn.serving_master(e)):
+                    pause = 0.0  # the next master at once
             time.sleep(pause)
 
     def _follow(self, job_id: str, timeout: Optional[float]) -> Iterator[Result]:
         state = common.Follow(job_id, self._conn.address, timeout, self._reconnect_timeout)
         while True:
-            stream = self._stub.WatchJob(state.request(), timeout=state.remaining(),
-                                         metadata=self._conn.metadata)
+            address = self._masters.current()
+            stream = self._stubs[address].WatchJob(state.request(), timeout=state.remaining(),
+                                                   metadata=self._conn.metadata)
             code: Optional[grpc.StatusCode] = None
             details = ""
+            serving_at = ""
             try:
                 for event in stream:
                     yield from state.on_event(event)
                     if state.complete:
                         return
             except grpc.RpcError as e:
-                code, details = e.code(), e.details() or ""
+                code, details, serving_at = e.code(), e.details() or "", _conn.serving_master(e)
             finally:
                 stream.cancel()  # also when the caller stops iterating early
-            time.sleep(state.on_end(code, details))
+            pause = state.on_end(code, details)
+            # Given several masters, the next one (or the one a standby named) at once.
+            time.sleep(pause if self._masters.failed(address, serving_at) else 0.0)
 
 
 class Job:
@@ -199,9 +220,9 @@ class Job:
     def status(self) -> JobStatus:
         """The job's counts now."""
         client = self._client
-        return common.status_of(client._call(client._stub.GetJob, pb.GetJobRequest(job_id=self.id)))
+        return common.status_of(client._call("GetJob", pb.GetJobRequest(job_id=self.id)))
 
     def cancel(self) -> int:
         """Cancels every unfinished task of the job; returns how many were cancelled."""
         client = self._client
-        return client._call(client._stub.Cancel, pb.CancelRequest(job_id=self.id)).cancelled
+        return client._call("Cancel", pb.CancelRequest(job_id=self.id)).cancelled

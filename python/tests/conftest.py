@@ -244,10 +244,11 @@ class WorkerProcess:
     """A Python worker in a process of its own, logging to a file."""
 
     def __init__(self, master: Master, name: str, pool: str, pools: Dict[str, str],
-                 options: Dict[str, Any]) -> None:
+                 options: Dict[str, Any], address: Optional[str] = None) -> None:
         self.name = name
         self.log_path = master.dir / f"{name}.log"
-        config = {"address": master.address, "token_file": str(master.work_token_file),
+        config = {"address": address or master.address,
+                  "token_file": str(master.work_token_file),
                   "name": name, "pool": pool, "pools": pools, "options": options}
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(master.build / "python"), os.environ.get("PYTHONPATH")) if p))
@@ -265,14 +266,14 @@ class WorkerProcess:
 @pytest.fixture
 def start_worker(master: Master) -> Iterator[Callable[..., WorkerProcess]]:
     """Starts a worker process running WORKER_PROGRAM (its kinds in `pool`, or as `pools` says
-    by kind; `options` for its Worker) and waits until the master lists it (or, with two pools,
+    by kind; `options` for its Worker; `address` in place of the master's) and waits until the master lists it (or, with two pools,
     one of its streams, "NAME/thread" or "NAME/process"); kills what is left of them at
     teardown."""
     started: List[WorkerProcess] = []
 
     def start(name: str, pool: str = "thread", pools: Optional[Dict[str, str]] = None,
-              **options: Any) -> WorkerProcess:
-        w = WorkerProcess(master, name, pool, pools or {}, options)
+              address: Optional[str] = None, **options: Any) -> WorkerProcess:
+        w = WorkerProcess(master, name, pool, pools or {}, options, address)
         started.append(w)
         wait_for(lambda: any(n == name or n.startswith(name + "/")
                              for n in master.connected_workers()) or w.proc.poll() is not None,

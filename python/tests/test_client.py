@@ -138,6 +138,27 @@ def test_the_async_client(master, start_worker):
     asyncio.run(scenario())
 
 
+def test_a_list_of_masters_finds_the_one_that_serves(master, start_worker):
+    """Given several masters (as the postgres store runs them), the clients and the worker skip
+    one that cannot be reached and follow the one that serves."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    addresses = f"{down},{master.address}"
+    start_worker("w1", address=addresses)
+    with taskmaster.Client(addresses, token_file=str(master.submit_token_file)) as c:
+        job = c.submit("square", ["3", "4"])
+        assert sorted(r.text for r in job.results(timeout=TIMEOUT)) == [square(3), square(4)]
+
+    async def scenario() -> None:
+        async with taskmaster.aio.Client(addresses,
+                                         token_file=str(master.submit_token_file)) as c:
+            job = await c.submit("square", ["5"])
+            assert [r.text async for r in job.results(timeout=TIMEOUT)] == [square(5)]
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture
 def master_flags(tmp_path: Path) -> List[str]:
     """A durable master (SQLite in the test's directory), so a restart keeps the jobs."""
