@@ -209,5 +209,45 @@ TEST_F(PostgresStoreTest, AStandbyWaitsAndNamesTheHolder) {
   EXPECT_TRUE(seen.live);
 }
 
+// A master cut off (or paused) in the middle of a commit holds its lease row's lock for as long
+// as its session lives, and PostgreSQL ends only sessions idle in a transaction, not one cut off
+// mid-send: once its lease expired, the master taking over ends that master's sessions.
+TEST_F(PostgresStoreTest, ATakeoverEndsTheSessionsOfTheExpiredHolder) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  { PgMaster first(pg, "first", &clock_, options_); }  // creates the schema and the lease row
+  pg.Sql(
+      "UPDATE taskmaster.partitions SET owner = 'ghost', version = version + 1, "
+      "expires_at = now() - interval '1 second'");
+  // The ghost's session, inside its commit, holding the row's lock.
+  TempDir dir;
+  Process ghost(
+      {"psql", "-X", "-q", "-d", pg.conninfo() + " application_name=taskmaster:ghost", "-c",
+       "BEGIN; SELECT 1 FROM taskmaster.partitions WHERE id = 0 FOR UPDATE; "
+       "SELECT pg_sleep(120); COMMIT;"},
+      dir.File("ghost.log"));
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return pg.Sql(
+                   "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                   "'taskmaster:ghost' AND query LIKE '%pg_sleep%'") == "1";
+      },
+      std::chrono::seconds(20)));
+  PostgresStoreOptions o;
+  o.conninfo = pg.conninfo();
+  o.master_id = "next";
+  o.lease_ms = 1'000;
+  o.retry_interval_ms = 50;
+  auto next = OpenPostgresStore(o);
+  ASSERT_TRUE(next.ok()) << next.status();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  absl::Status acquired = (*next)->Acquire(
+      "127.0.0.1:3", [&] { return std::chrono::steady_clock::now() > give_up; },
+      [](const PostgresStore::Owner&) {}, [](const absl::Status&) {});
+  EXPECT_TRUE(acquired.ok()) << acquired;
+  EXPECT_TRUE(ghost.Wait(std::chrono::seconds(10)).has_value()) << "the ghost's session lives on";
+  EXPECT_EQ(pg.Sql("SELECT owner FROM taskmaster.partitions"), "next");
+}
+
 }  // namespace
 }  // namespace taskmaster::testing

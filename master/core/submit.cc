@@ -552,6 +552,9 @@ void Broker::Impl::Submit(const Caller& caller, const SubmitTarget& target,
     Staged(outcome.job_id, append, status);
     if (status.ok()) {
       done(std::move(outcome));
+    } else if (absl::IsUnknown(status)) {
+      done(absl::UnknownError(
+          absl::StrCat("the batch may or may not be stored: ", status.message())));
     } else {
       done(absl::UnavailableError(
           absl::StrCat("the batch could not be stored (", status.message(),

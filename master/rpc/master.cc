@@ -203,6 +203,9 @@ class MasterImpl final : public Master {
       if (stopping_) return;
       stopping_ = true;
     }
+    // A lease lost from here on changes nothing: the master stops anyway, and the callback must
+    // not outlive what it reaches.
+    if (postgres_) postgres_->Disarm();
     cv_.notify_all();
     if (server_thread_.joinable()) server_thread_.join();
     if (ticker_.joinable()) ticker_.join();
@@ -230,9 +233,11 @@ class MasterImpl final : public Master {
     if (absl::Status s = broker_.Recover(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      // A lease lost while recovering: it stepped down already, and stays down.
+      if (stepped_down_) return absl::OkStatus();
       recovered_ = true;
+      auth_.SetUnavailable("");
     }
-    auth_.SetUnavailable("");
     MarkTick();
     ticker_ = std::thread([this] { TickLoop(); });
     log_->info("listening on {} (port {}), {}{}, {} store, epoch {}", options_.listen, port_,
@@ -277,7 +282,11 @@ class MasterImpl final : public Master {
   // from this one's memory. The process stops (its supervisor starts it again, to stand by).
   void StepDown(const absl::Status& why) {
     log_->error("stepping down: {}", std::string(why.message()));
-    auth_.SetUnavailable(absl::StrCat("this master stepped down: ", why.message()));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stepped_down_ = true;
+      auth_.SetUnavailable(absl::StrCat("this master stepped down: ", why.message()));
+    }
     broker_.Shutdown();
     Exit(kExitTempFail);
   }
@@ -380,6 +389,7 @@ class MasterImpl final : public Master {
   bool stopping_ = false;       // guarded by mu_
   bool recovered_ = false;      // guarded by mu_
   std::string standby_reason_;  // guarded by mu_; set while another master serves
+  bool stepped_down_ = false;   // guarded by mu_: lost its lease, and serves no more
   std::condition_variable cv_;
   PostgresStore* const postgres_;  // store_, when it is PostgreSQL's
   std::thread server_thread_;      // StandByThenServe's

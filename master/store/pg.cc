@@ -99,6 +99,7 @@ std::string ArrayParam::Encode() const {
 
 absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& conninfo,
                                                              const std::string& password,
+                                                             const std::string& application_name,
                                                              std::chrono::milliseconds timeout) {
   const std::string seconds = std::to_string(std::max<int64_t>(1, (timeout.count() + 999) / 1000));
   // A server that stops answering (a partition, a dead host) fails the connection within the
@@ -108,9 +109,14 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& 
   std::vector<const char*> keys = {"dbname",           "connect_timeout", "application_name",
                                    "keepalives",       "keepalives_idle", "keepalives_interval",
                                    "keepalives_count", "tcp_user_timeout"};
-  std::vector<const char*> values = {
-      conninfo.c_str(),    seconds.c_str(), "taskmaster", "1", seconds.c_str(), "1", "3",
-      user_timeout.c_str()};
+  std::vector<const char*> values = {conninfo.c_str(),
+                                     seconds.c_str(),
+                                     application_name.c_str(),
+                                     "1",
+                                     seconds.c_str(),
+                                     "1",
+                                     "3",
+                                     user_timeout.c_str()};
   if (!password.empty()) {
     keys.push_back("password");
     values.push_back(password.c_str());
@@ -150,13 +156,14 @@ absl::Status Connection::ResultError(PGresult* r, std::string_view doing,
   while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
   const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
   // Class 08 (connection exception), 57P (operator intervention: a shutdown, a terminated
-  // backend), 40 (a serialization failure or deadlock): worth trying again.
+  // backend), 40 (a serialization failure or deadlock), 53 (insufficient resources: a full disk,
+  // too many connections): worth trying again.
   const std::string_view code = state ? state : "";
   if (auto own = error_codes.find(std::string(code)); own != error_codes.end()) {
     return absl::Status(own->second, message);
   }
   const bool transient = code.starts_with("08") || code.starts_with("57P") ||
-                         code.starts_with("40") || code == "53300";  // too many connections
+                         code.starts_with("40") || code.starts_with("53");
   std::string text = absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message);
   return transient ? absl::UnavailableError(text) : absl::FailedPreconditionError(text);
 }
@@ -184,7 +191,20 @@ absl::Status Connection::Transaction(const std::vector<Statement>& statements,
                                      const std::map<std::string, absl::StatusCode>& error_codes) {
   if (PQenterPipelineMode(conn_) != 1) return ConnectionError("entering pipeline mode");
   absl::Status status;
+  // What the server answers, in order: a prepare (nullptr) or a statement's execution.
+  std::vector<const Statement*> answers;
   for (const Statement& st : statements) {
+    // Each statement is parsed and planned once per connection, then only executed.
+    auto [named, unprepared] = prepared_.try_emplace(st.sql, "");
+    if (unprepared) {
+      named->second = absl::StrCat("tm", ++statements_prepared_);
+      if (PQsendPrepare(conn_, named->second.c_str(), st.sql.c_str(),
+                        static_cast<int>(st.params.size()), nullptr) != 1) {
+        status = ConnectionError("preparing a statement");
+        break;
+      }
+      answers.push_back(nullptr);
+    }
     std::vector<const char*> values;
     std::vector<int> lengths;
     const std::vector<int> formats(st.params.size(), st.binary ? 1 : 0);
@@ -192,20 +212,22 @@ absl::Status Connection::Transaction(const std::vector<Statement>& statements,
       values.push_back(p.c_str());
       lengths.push_back(static_cast<int>(p.size()));
     }
-    if (PQsendQueryParams(conn_, st.sql.c_str(), static_cast<int>(st.params.size()), nullptr,
-                          values.data(), lengths.data(), formats.data(), 1) != 1) {
+    if (PQsendQueryPrepared(conn_, named->second.c_str(), static_cast<int>(st.params.size()),
+                            values.data(), lengths.data(), formats.data(), 1) != 1) {
       status = ConnectionError("sending a statement");
       break;
     }
+    answers.push_back(&st);
   }
   // Statements up to the sync are one transaction: committed there, or rolled back at an error.
   if (status.ok() && PQpipelineSync(conn_) != 1) status = ConnectionError("a pipeline sync");
   if (!status.ok()) {
     PQexitPipelineMode(conn_);
+    prepared_.clear();  // which were prepared is unknown now: the connection is dropped anyway
     return status;
   }
-  // One result and a null per statement, then the sync's.
-  for (const Statement& st : statements) {
+  // One result and a null per answer, then the sync's.
+  for (const Statement* st : answers) {
     PGresult* r = PQgetResult(conn_);
     if (!r) {
       status = ConnectionError("reading a result");
@@ -214,7 +236,8 @@ absl::Status Connection::Transaction(const std::vector<Statement>& statements,
     const ExecStatusType s = PQresultStatus(r);
     if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK && s != PGRES_PIPELINE_ABORTED &&
         status.ok()) {
-      status = ResultError(r, st.sql.substr(0, st.sql.find_first_of(" (")), error_codes);
+      status = st ? ResultError(r, st->sql.substr(0, st->sql.find_first_of(" (")), error_codes)
+                  : ResultError(r, "preparing a statement");
     }
     PQclear(r);
     while ((r = PQgetResult(conn_)) != nullptr) PQclear(r);
@@ -227,6 +250,9 @@ absl::Status Connection::Transaction(const std::vector<Statement>& statements,
     PQclear(sync);
   }
   if (PQexitPipelineMode(conn_) != 1 && status.ok()) status = ConnectionError("the commit");
+  // A prepare after the failing statement was skipped: forget them all, and prepare afresh
+  // under new names (a name that was prepared stays taken).
+  if (!status.ok()) prepared_.clear();
   return status;
 }
 

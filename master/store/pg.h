@@ -69,8 +69,10 @@ class Connection {
  public:
   // `conninfo`: a libpq connection string or URL; `password` replaces the one libpq would find
   // (PGPASSWORD, PGPASSFILE, ~/.pgpass) when not empty.
+  // `application_name` names the session in pg_stat_activity.
   static absl::StatusOr<std::unique_ptr<Connection>> Open(const std::string& conninfo,
                                                           const std::string& password,
+                                                          const std::string& application_name,
                                                           std::chrono::milliseconds timeout);
   ~Connection();
   Connection(const Connection&) = delete;
@@ -105,6 +107,9 @@ class Connection {
   absl::Status ConnectionError(std::string_view doing);
 
   PGconn* conn_;
+  // Statements of Transaction prepared on this connection: their SQL → their name.
+  std::map<std::string, std::string> prepared_;
+  int64_t statements_prepared_ = 0;  // names are never reused
 };
 
 // A text array literal ({"a","b"}) for an `= ANY($1::text[])` parameter.

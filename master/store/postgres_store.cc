@@ -19,6 +19,8 @@ namespace {
 
 // Bump with a migration when the schema changes.
 constexpr int kSchemaVersion = 1;
+// The master's exit code when PostgreSQL refuses a commit for good.
+constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 // Serializes schema creation among masters starting at once (pg_advisory_xact_lock's key).
 constexpr int64_t kSchemaLock = 0x544D5047;  // 'TMPG'
 // The partition this master serves (one for now: masters take over for each other whole).
@@ -36,22 +38,22 @@ CREATE TABLE IF NOT EXISTS taskmaster.partitions (
   highest_task_id bigint NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS taskmaster.jobs (
   job_id text PRIMARY KEY, part int NOT NULL, total bigint NOT NULL, created_ms bigint NOT NULL,
-  tenant text NOT NULL, open bool NOT NULL, batches bigint NOT NULL);
+  tenant bytea NOT NULL, open bool NOT NULL, batches bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS taskmaster.tasks (
   id bigint PRIMARY KEY, part int NOT NULL, job_id text NOT NULL, queue text NOT NULL,
   kind text NOT NULL, labels text NOT NULL, payload bytea NOT NULL, priority int NOT NULL,
   max_attempts int NOT NULL, timeout_ms bigint NOT NULL, created_ms bigint NOT NULL,
-  idempotency_key text NOT NULL, state smallint NOT NULL, attempts int NOT NULL,
+  idempotency_key bytea NOT NULL, state smallint NOT NULL, attempts int NOT NULL,
   not_before_ms bigint NOT NULL, finished_ms bigint NOT NULL, seq bigint NOT NULL,
-  completion_seq bigint NOT NULL, output bytea NOT NULL, error text NOT NULL,
-  worker text NOT NULL, worker_id text NOT NULL);
+  completion_seq bigint NOT NULL, output bytea NOT NULL, error bytea NOT NULL,
+  worker bytea NOT NULL, worker_id bytea NOT NULL);
 -- A task's status once it changed after its submit (most often: its result). Kept apart so that
 -- the common life of a task is two inserts, never an update (and never a dead row) in PostgreSQL.
 CREATE TABLE IF NOT EXISTS taskmaster.statuses (
   id bigint PRIMARY KEY, state smallint NOT NULL, attempts int NOT NULL,
   not_before_ms bigint NOT NULL, finished_ms bigint NOT NULL, seq bigint NOT NULL,
-  completion_seq bigint NOT NULL, output bytea NOT NULL, error text NOT NULL,
-  worker text NOT NULL, worker_id text NOT NULL);
+  completion_seq bigint NOT NULL, output bytea NOT NULL, error bytea NOT NULL,
+  worker bytea NOT NULL, worker_id bytea NOT NULL);
 -- Every task as it is now: its submit, with its later status when it has one. Recovery reads it;
 -- so can a person.
 CREATE OR REPLACE VIEW taskmaster.current_tasks AS
@@ -68,7 +70,7 @@ CREATE TABLE IF NOT EXISTS taskmaster.job_members (
   job_id text NOT NULL, task_id bigint NOT NULL, position bigint NOT NULL, part int NOT NULL,
   PRIMARY KEY (job_id, task_id));
 CREATE TABLE IF NOT EXISTS taskmaster.workers (
-  part int NOT NULL, worker_id text NOT NULL, secret text NOT NULL,
+  part int NOT NULL, worker_id bytea NOT NULL, secret text NOT NULL,
   PRIMARY KEY (part, worker_id));
 -- The first statement of every commit: only the lease's holder at its version may write, and
 -- the row stays locked until the commit ends, so a takeover waits for it, and every later
@@ -102,8 +104,8 @@ using pg::ArrayParam;
 struct StatusColumns {
   ArrayParam state{ArrayParam::kInt2}, attempts{ArrayParam::kInt4},
       not_before_ms{ArrayParam::kInt8}, finished_ms{ArrayParam::kInt8}, seq{ArrayParam::kInt8},
-      completion_seq{ArrayParam::kInt8}, output{ArrayParam::kBytea}, error{ArrayParam::kText},
-      worker{ArrayParam::kText}, worker_id{ArrayParam::kText};
+      completion_seq{ArrayParam::kInt8}, output{ArrayParam::kBytea}, error{ArrayParam::kBytea},
+      worker{ArrayParam::kBytea}, worker_id{ArrayParam::kBytea};
 
   void Add(const TaskStatusRow& st) {
     state.Int16(static_cast<int16_t>(st.state));
@@ -126,14 +128,15 @@ struct StatusColumns {
 };
 
 constexpr char kStatusTypes[] =
-    "$int2[], $int4[], $int8[], $int8[], $int8[], $int8[], $bytea[], $text[], $text[], $text[]";
+    "$int2[], $int4[], $int8[], $int8[], $int8[], $int8[], $bytea[], $bytea[], $bytea[], "
+    "$bytea[]";
 
 struct TaskColumns {
   ArrayParam id{ArrayParam::kInt8}, part{ArrayParam::kInt4}, job_id{ArrayParam::kText},
       queue{ArrayParam::kText}, kind{ArrayParam::kText}, labels{ArrayParam::kText},
       payload{ArrayParam::kBytea}, priority{ArrayParam::kInt4}, max_attempts{ArrayParam::kInt4},
       timeout_ms{ArrayParam::kInt8}, created_ms{ArrayParam::kInt8},
-      idempotency_key{ArrayParam::kText};
+      idempotency_key{ArrayParam::kBytea};
   StatusColumns status;
 
   void Add(const TaskRow& t, int32_t partition) {
@@ -178,10 +181,17 @@ std::string Unnest(std::string_view types) {
 
 std::string Ms(int64_t ms) { return std::to_string(ms); }
 
+// A session's application_name: PostgreSQL keeps 63 bytes of it.
+std::string SessionName(const std::string& master_id) {
+  return absl::StrCat("taskmaster:", master_id).substr(0, 63);
+}
+
 class PostgresStoreImpl final : public PostgresStore {
  public:
   PostgresStoreImpl(PostgresStoreOptions options, std::string password)
-      : PostgresStore(GetLogger("store"), options.retry_interval_ms),
+      // A lease is not written: after a takeover the worker that holds the task claims it back,
+      // and a lease lost with its worker is the same as one never granted.
+      : PostgresStore(GetLogger("store"), options.retry_interval_ms, /*writes_leases=*/false),
         options_(std::move(options)),
         password_(std::move(password)) {}
 
@@ -249,12 +259,14 @@ class PostgresStoreImpl final : public PostgresStore {
                        std::function<void(const absl::Status&)> lost) override {
     bool told_standby = false;
     while (!stopping()) {
+      // PostgreSQL's expiry counts from its transaction's start, after this.
+      const auto began = std::chrono::steady_clock::now();
       absl::StatusOr<int64_t> version = TryAcquire(address);
       if (version.ok()) {
         {
           absl::MutexLock lock(&lease_mu_);
           version_ = *version;
-          renewed_at_ = std::chrono::steady_clock::now();
+          renewed_at_ = began;
           lost_ = std::move(lost);
         }
         log_->info("this master now serves partition {} (lease version {})", kPartition, *version);
@@ -284,9 +296,18 @@ class PostgresStoreImpl final : public PostgresStore {
     return owner_;
   }
 
+  void Disarm() override {
+    // Waits for a callback under way: the master may go once this returns.
+    absl::MutexLock calling(&callback_mu_);
+    absl::MutexLock lock(&lease_mu_);
+    lost_ = nullptr;
+  }
+
  private:
+  // Every session of this master is named after it, so that a master taking over can end
+  // the sessions of one whose lease expired (see TryAcquire).
   absl::StatusOr<std::unique_ptr<pg::Connection>> Connect() const {
-    return pg::Connection::Open(options_.conninfo, password_,
+    return pg::Connection::Open(options_.conninfo, password_, SessionName(options_.master_id),
                                 std::chrono::milliseconds(options_.connect_timeout_ms));
   }
 
@@ -310,6 +331,22 @@ class PostgresStoreImpl final : public PostgresStore {
         "expires_at = now() + $3 * interval '1 millisecond' "
         "WHERE id = $4 AND (owner = '' OR expires_at < now()) RETURNING version",
         {options_.master_id, address, Ms(options_.lease_ms), std::to_string(kPartition)});
+    if (!r.ok() && !absl::IsUnavailable(r.status())) {
+      // The row is locked. A master paused or cut off in the middle of a commit holds that lock
+      // for as long as its session lives (the server ends only sessions idle in a transaction,
+      // and one cut off mid-send is not): once its lease has expired, its sessions are ended.
+      absl::StatusOr<pg::Result> ended = reader_->Exec(
+          "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a "
+          "JOIN taskmaster.partitions p ON a.application_name = left('taskmaster:' || p.owner, "
+          "63) WHERE p.id = $1 AND p.owner <> '' AND p.owner <> $2 AND p.expires_at < now()",
+          {std::to_string(kPartition), options_.master_id});
+      if (ended.ok() && ended->rows() == 1 && ended->int64(0, 0) > 0) {
+        log_->warn(
+            "ended {} sessions of the master whose lease on partition {} expired while "
+            "it held the lease row's lock",
+            ended->int64(0, 0), kPartition);
+      }
+    }
     if (!r.ok()) return r.status();
     if (r->rows() == 1) return r->int64(0, 0);
     absl::StatusOr<pg::Result> owner = reader_->Exec(
@@ -391,8 +428,9 @@ class PostgresStoreImpl final : public PostgresStore {
     }
   }
 
-  // Tells the master (once) that it must stop serving.
+  // Tells the master (once) that it must stop serving, unless it was disarmed.
   void LoseLease(const absl::Status& why) {
+    absl::MutexLock calling(&callback_mu_);
     std::function<void(const absl::Status&)> lost;
     {
       absl::MutexLock lock(&lease_mu_);
@@ -424,7 +462,8 @@ class PostgresStoreImpl final : public PostgresStore {
     return absl::OkStatus();
   }
 
-  // Gives the lease up on a clean stop, so another master need not wait for it to expire.
+  // Gives the lease up on a clean stop, so another master need not wait for it to expire. On
+  // the connection Acquire and Load used, idle since.
   void Release() {
     int64_t version;
     {
@@ -432,9 +471,12 @@ class PostgresStoreImpl final : public PostgresStore {
       if (version_ == 0 || !lost_status_.ok()) return;
       version = version_;
     }
-    absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
-    if (!conn.ok()) return;
-    (*conn)
+    if (!reader_ || !reader_->ok()) {
+      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
+      if (!conn.ok()) return;
+      reader_ = std::move(*conn);
+    }
+    reader_
         ->Run(
             "UPDATE taskmaster.partitions SET owner = '', expires_at = '-infinity' "
             "WHERE id = $1 AND owner = $2 AND version = $3",
@@ -533,6 +575,17 @@ class PostgresStoreImpl final : public PostgresStore {
       LoseLease(status);
       return CommitFailure::kRefuseSubmits;
     }
+    if (!status.ok() && !absl::IsUnavailable(status)) {
+      // Refused for what it holds, not for want of a server: trying again cannot help, and the
+      // lease would keep a standby from serving meanwhile. Nothing unwritten was acknowledged;
+      // another master takes over from what is written.
+      log_->critical(
+          "{}; stopping the master: PostgreSQL refuses this commit, and no retry "
+          "can change that",
+          std::string(status.message()));
+      log_->flush();
+      std::_Exit(kFatalExitCode);
+    }
     // A lost connection may have lost the COMMIT's answer, not the commit: every change is
     // written again (each write is idempotent) until one commit succeeds.
     return CommitFailure::kRetryAll;
@@ -589,9 +642,6 @@ class PostgresStoreImpl final : public PostgresStore {
           }
           break;
         case StoreChange::Kind::kUpdateTask:
-          // A lease is not written: after a takeover the worker that holds the task claims it
-          // back, and a lease lost with its worker is the same as one never granted.
-          if (op.status.state == TaskState::kLeased) break;
           updated.Int64(static_cast<int64_t>(op.task_id));
           updates.Add(op.status);
           break;
@@ -607,11 +657,6 @@ class PostgresStoreImpl final : public PostgresStore {
           break;
       }
     }
-    if (job_rows.empty() && tasks.id.size() == 0 && updated.size() == 0 &&
-        member_task.size() == 0 && deleted_tasks.empty() && deleted_jobs.empty() &&
-        worker_changes.empty()) {
-      return absl::OkStatus();  // only leases: nothing to write
-    }
     int64_t version;
     {
       absl::MutexLock lock(&lease_mu_);
@@ -623,7 +668,7 @@ class PostgresStoreImpl final : public PostgresStore {
                            std::to_string(highest)}});
     if (!job_rows.empty()) {
       ArrayParam id{ArrayParam::kText}, part{ArrayParam::kInt4}, total{ArrayParam::kInt8},
-          created{ArrayParam::kInt8}, tenant{ArrayParam::kText}, open{ArrayParam::kBool},
+          created{ArrayParam::kInt8}, tenant{ArrayParam::kBytea}, open{ArrayParam::kBool},
           batches{ArrayParam::kInt8};
       for (const auto& [job_id, job] : job_rows) {
         id.Bytes(job_id);
@@ -636,7 +681,7 @@ class PostgresStoreImpl final : public PostgresStore {
       }
       statements.push_back(
           {absl::StrCat("INSERT INTO taskmaster.jobs SELECT * FROM ",
-                        Unnest("$text[], $int4[], $int8[], $int8[], $text[], $bool[], $int8[]"),
+                        Unnest("$text[], $int4[], $int8[], $int8[], $bytea[], $bool[], $int8[]"),
                         " ON CONFLICT (job_id) DO UPDATE SET total = EXCLUDED.total, "
                         "open = EXCLUDED.open, batches = EXCLUDED.batches"),
            {id.Encode(), part.Encode(), total.Encode(), created.Encode(), tenant.Encode(),
@@ -648,7 +693,7 @@ class PostgresStoreImpl final : public PostgresStore {
           {absl::StrCat("INSERT INTO taskmaster.tasks (", kTaskColumns, ") SELECT * FROM ",
                         Unnest(absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], "
                                             "$text[], $bytea[], $int4[], $int4[], $int8[], "
-                                            "$int8[], $text[], ",
+                                            "$int8[], $bytea[], ",
                                             kStatusTypes)),
                         " ON CONFLICT (id) DO NOTHING"),
            tasks.Params(), /*binary=*/true});
@@ -689,16 +734,23 @@ class PostgresStoreImpl final : public PostgresStore {
           {"DELETE FROM taskmaster.job_members WHERE job_id = ANY($1::text[])", {ids}});
       statements.push_back({"DELETE FROM taskmaster.jobs WHERE job_id = ANY($1::text[])", {ids}});
     }
+    // Worker ids come from peers: bytes, in binary.
     for (const StoreChange* op : worker_changes) {
       statements.push_back(
           op->kind == StoreChange::Kind::kPutWorker
-              ? pg::Connection::Statement{"INSERT INTO taskmaster.workers(part, worker_id, secret) "
-                                          "VALUES($1, $2, $3) ON CONFLICT (part, worker_id) DO "
-                                          "UPDATE SET secret = EXCLUDED.secret",
-                                          {std::to_string(kPartition), op->key, op->secret}}
+              ? pg::Connection::Statement{absl::StrCat("INSERT INTO taskmaster.workers(part, "
+                                                       "worker_id, secret) VALUES(",
+                                                       kPartition,
+                                                       ", $1::bytea, $2::text) ON CONFLICT "
+                                                       "(part, worker_id) DO UPDATE SET secret = "
+                                                       "EXCLUDED.secret"),
+                                          {op->key, op->secret},
+                                          /*binary=*/true}
               : pg::Connection::Statement{
-                    "DELETE FROM taskmaster.workers WHERE part = $1 AND worker_id = $2",
-                    {std::to_string(kPartition), op->key}});
+                    absl::StrCat("DELETE FROM taskmaster.workers WHERE part = ", kPartition,
+                                 " AND worker_id = $1::bytea"),
+                    {op->key},
+                    /*binary=*/true});
     }
     return c.Transaction(statements, {{"TM001", absl::StatusCode::kAborted}});
   }
@@ -713,6 +765,8 @@ class PostgresStoreImpl final : public PostgresStore {
   std::thread lease_thread_;                // LeaseLoop
   std::thread lease_watch_;                 // WatchLease
 
+  // Held while `lost_` runs, and by Disarm: no callback outlives Disarm.
+  absl::Mutex callback_mu_ ABSL_ACQUIRED_BEFORE(lease_mu_);
   mutable absl::Mutex lease_mu_;
   int64_t version_ ABSL_GUARDED_BY(lease_mu_) = 0;  // of the lease held; 0: none
   std::chrono::steady_clock::time_point renewed_at_ ABSL_GUARDED_BY(lease_mu_);

@@ -50,6 +50,9 @@ class PostgresStore : public QueuedStore {
                                std::function<void(const absl::Status&)> lost) = 0;
   // The partition's owner as PostgreSQL last said.
   virtual Owner CurrentOwner() const = 0;
+  // No `lost` callback runs once this returns (one under way is waited for): the master calls
+  // it before it goes.
+  virtual void Disarm() = 0;
 
  protected:
   using QueuedStore::QueuedStore;

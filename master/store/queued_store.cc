@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/strings/str_cat.h"
+
 namespace taskmaster {
 
 QueuedStore::~QueuedStore() { Close(); }
@@ -66,6 +68,8 @@ void QueuedStore::Submit(SubmitRows rows, std::function<void(absl::Status)> done
 }
 
 void QueuedStore::UpdateTask(TaskId id, TaskStatusRow status) {
+  // Not kept: the task's status before its lease (queued, or written) is what recovery reads.
+  if (!writes_leases_ && status.state == TaskState::kLeased) return;
   absl::MutexLock lock(&mu_);
   ++version_;
   if (auto it = task_ops_.find(id); it != task_ops_.end()) {
@@ -169,14 +173,18 @@ void QueuedStore::WriterLoop() {
     // failed must never find it stored later. Every other change is kept and written again
     // before newer ones.
     std::vector<std::function<void(absl::Status)>> done;
+    std::vector<std::function<void(absl::Status)>> maybe_written;  // refused, perhaps written
     if (status.ok() || on_failure == CommitFailure::kRefuseSubmits) {
       for (StoreChange& op : batch) {
         if (op.kind != StoreChange::Kind::kSubmit) continue;
-        done.push_back(std::move(op.submitted));
+        (op.maybe_written && !status.ok() ? maybe_written : done)
+            .push_back(std::move(op.submitted));
         op.kind = StoreChange::Kind::kNone;
       }
+    } else {
+      for (StoreChange& op : batch) op.maybe_written |= op.kind == StoreChange::Kind::kSubmit;
     }
-    const size_t submits = done.size();
+    const size_t submits = done.size() + maybe_written.size();
     bool changed;  // from writing to failing or back
     bool idle;     // nothing waits to be written
     {
@@ -207,6 +215,8 @@ void QueuedStore::WriterLoop() {
       log_->warn("{} submits were refused and not stored: {}", submits,
                  std::string(status.message()));
     }
+    if (!maybe_written.empty())
+      completer_.Post(std::move(maybe_written), MaybeWrittenError(status));
     // With nothing to commit next, the answers go out from here: a hand-off to the completer
     // would cost a sequential round trip a thread's wake-up per commit.
     if (idle) {
@@ -220,13 +230,23 @@ void QueuedStore::WriterLoop() {
 // The writer's last act: whoever still waits is told that the store closed first.
 void QueuedStore::StopWriting() {
   std::vector<std::function<void(absl::Status)>> done;
+  std::vector<std::function<void(absl::Status)>> maybe_written;
   for (StoreChange& op : pending_) {
-    if (op.kind == StoreChange::Kind::kSubmit) done.push_back(std::move(op.submitted));
+    if (op.kind != StoreChange::Kind::kSubmit) continue;
+    (op.maybe_written ? maybe_written : done).push_back(std::move(op.submitted));
   }
   for (auto& [version, callback] : waiters_) done.push_back(std::move(callback));
   waiters_.clear();
+  completer_.Post(std::move(maybe_written), MaybeWrittenError(ClosedError()));
   completer_.Post(std::move(done), ClosedError());
   writer_done_ = true;
+}
+
+absl::Status MaybeWrittenError(const absl::Status& why) {
+  return absl::UnknownError(
+      absl::StrCat(why.message(),
+                   "; an earlier try to write the batch lost its answer, so it may be stored "
+                   "after all: submit it again only with the same idempotency keys"));
 }
 
 absl::Status QueuedStore::ClosedError() {

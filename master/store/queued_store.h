@@ -40,6 +40,9 @@ struct StoreChange {
   // kSubmit: the rows, and who waits for them to be written or refused.
   std::unique_ptr<SubmitRows> submit;
   std::function<void(absl::Status)> submitted;
+  // kSubmit: a commit that held it failed in a way that may have written it (kRetryAll): if it
+  // is given up on after all, its client must not be told that nothing was kept.
+  bool maybe_written = false;
 };
 
 // What a store does when a commit fails.
@@ -50,6 +53,10 @@ enum class CommitFailure {
   // retried until a commit succeeds, and the commit must apply a batch twice harmlessly.
   kRetryAll,
 };
+
+// The error of a submit that a failed commit may have written, when it is given up on (the
+// store closed, or lost its right to write): UNKNOWN, which clients do not retry blindly.
+absl::Status MaybeWrittenError(const absl::Status& why);
 
 class QueuedStore : public Store {
  public:
@@ -69,8 +76,13 @@ class QueuedStore : public Store {
   void Close() final;
 
  protected:
-  QueuedStore(std::shared_ptr<spdlog::logger> log, int64_t retry_interval_ms)
-      : log_(std::move(log)), retry_interval_ms_(retry_interval_ms) {}
+  // `writes_leases`: false for a store that does not keep leases (a worker claims its task back
+  // after a restart): a lease then never replaces the status queued before it.
+  QueuedStore(std::shared_ptr<spdlog::logger> log, int64_t retry_interval_ms,
+              bool writes_leases = true)
+      : log_(std::move(log)),
+        retry_interval_ms_(retry_interval_ms),
+        writes_leases_(writes_leases) {}
 
   // Starts the writer thread; once, after whatever Commit uses is ready.
   void StartWriter();
@@ -95,6 +107,7 @@ class QueuedStore : public Store {
   void SleepUnlessStopping(int64_t ms);
 
   const int64_t retry_interval_ms_;  // between a failed commit and the next try
+  const bool writes_leases_;
   std::thread writer_;
   Completer completer_;
 
