@@ -2,9 +2,11 @@
 
 #include <netinet/in.h>
 #include <pwd.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <filesystem>
 #include <stdexcept>
 #include <thread>
@@ -17,6 +19,9 @@ namespace {
 
 // Debian's PostgreSQL 15 server binaries.
 constexpr char kServerBin[] = "/usr/lib/postgresql/15/bin";
+// A server's directory in the temporary directory, and the file in it naming its test's pid.
+constexpr char kDirPrefix[] = "taskmaster-pg-";
+constexpr char kOwnerFile[] = "owner.pid";
 
 // A port nobody listens on now, for a server that must keep its port across restarts.
 int FreeLoopbackPort() {
@@ -48,9 +53,11 @@ std::string TempPostgres::Unavailable() {
 }
 
 TempPostgres::TempPostgres() : bin_(kServerBin), as_postgres_(geteuid() == 0) {
-  std::string pattern = (std::filesystem::temp_directory_path() / "taskmaster-pg-XXXXXX");
+  StopAbandoned();
+  std::string pattern = (std::filesystem::temp_directory_path() / kDirPrefix).string() + "XXXXXX";
   if (!mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
   dir_ = pattern;
+  WriteFile(dir_ + "/" + kOwnerFile, std::to_string(getpid()));
   if (as_postgres_) {
     const passwd* pw = getpwnam("postgres");
     if (!pw || chown(dir_.c_str(), pw->pw_uid, pw->pw_gid) != 0) {
@@ -73,6 +80,30 @@ TempPostgres::~TempPostgres() {
 CommandResult TempPostgres::AsServerUser(std::vector<std::string> argv) const {
   if (as_postgres_) argv.insert(argv.begin(), {"runuser", "-u", "postgres", "--"});
   return RunCommand(argv, "", std::chrono::seconds(60));
+}
+
+void TempPostgres::StopAbandoned() const {
+  std::error_code ec;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(std::filesystem::temp_directory_path(), ec)) {
+    const std::string dir = entry.path().string();
+    if (!entry.path().filename().string().starts_with(kDirPrefix)) continue;
+    const std::string owner = ReadFile(dir + "/" + kOwnerFile);
+    pid_t pid = 0;
+    try {
+      pid = static_cast<pid_t>(std::stol(owner));
+    } catch (const std::exception&) {
+      continue;  // being made by a test that has not written its pid yet
+    }
+    // Its test still runs: a process that exists and is not a zombie waiting to be reaped.
+    const std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+    const size_t state = stat.rfind(") ");
+    const bool zombie = state != std::string::npos && stat.compare(state + 2, 1, "Z") == 0;
+    if (pid <= 0 || ((kill(pid, 0) == 0 || errno == EPERM) && !zombie)) continue;
+    AsServerUser(
+        {bin_ + "/pg_ctl", "-D", dir + "/data", "-m", "immediate", "-w", "-t", "30", "stop"});
+    std::filesystem::remove_all(dir, ec);
+  }
 }
 
 void TempPostgres::Start() {

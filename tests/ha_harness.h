@@ -11,7 +11,9 @@
 namespace taskmaster::testing {
 
 // A PostgreSQL server in a temporary directory, on a free loopback port. Run as the `postgres`
-// user when the test runs as root (the server refuses root).
+// user when the test runs as root (the server refuses root). A test process that dies without
+// stopping its server (a crash skips destructors) leaves it to the next TempPostgres, which stops
+// every server whose test is gone.
 class TempPostgres {
  public:
   // Why this machine cannot run one (no server binaries), for GTEST_SKIP; empty when it can.
@@ -31,6 +33,7 @@ class TempPostgres {
   void Restart(std::chrono::milliseconds down);
 
  private:
+  void StopAbandoned() const;
   void Start();
   void Stop();
   CommandResult AsServerUser(std::vector<std::string> argv) const;
