@@ -256,12 +256,16 @@ class MasterImpl final : public Master {
     const std::string address = AdvertisedAddress();
     absl::Status acquired = postgres_->Acquire(
         address, [this] { return Stopping(); },
-        [this](const PostgresStore::Owner& owner) {
+        [this, address](const PostgresStore::Owner& owner) {
+          // Only a live holder elsewhere is named: one whose lease expired is taken over next,
+          // and this very address (a holder this master was before a restart) sends clients
+          // back here.
+          const bool named = owner.live && !owner.address.empty() && owner.address != address;
           const std::string reason =
-              owner.address.empty()
-                  ? std::string("this master stands by for another; retry in a moment")
-                  : absl::StrCat("this master stands by; the master at ", owner.address, " serves");
-          auth_.SetUnavailable(reason, owner.address);
+              named
+                  ? absl::StrCat("this master stands by; the master at ", owner.address, " serves")
+                  : std::string("this master stands by for another; retry in a moment");
+          auth_.SetUnavailable(reason, named ? owner.address : "");
           std::lock_guard<std::mutex> lock(mu_);
           standby_reason_ = reason;
         },
