@@ -184,8 +184,8 @@ start_postgres() {
 }
 # A clean database between measurements: taskmaster's schema and the baseline's table dropped.
 pg_reset() {
-  psql -X -q -d "$pg_dsn" -c 'DROP SCHEMA IF EXISTS taskmaster CASCADE' \
-    -c 'DROP TABLE IF EXISTS baseline_jobs' >/dev/null
+  PGOPTIONS='-c client_min_messages=warning' psql -X -q -d "$pg_dsn" \
+    -c 'DROP SCHEMA IF EXISTS taskmaster CASCADE' -c 'DROP TABLE IF EXISTS baseline_jobs' >/dev/null
 }
 pg_baseline() { timeout 400 /usr/bin/python3 bench/pg_baseline.py --dsn "$pg_dsn" "$@"; }
 
