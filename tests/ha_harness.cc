@@ -188,6 +188,11 @@ void HaCluster::StartMaster(size_t i) {
   }
 }
 
+std::optional<size_t> HaCluster::StartAll() {
+  for (size_t i = 0; i < masters_.size(); ++i) StartMaster(i);
+  return Serving();
+}
+
 std::string HaCluster::addresses() const {
   std::vector<std::string> all;
   for (size_t i = 0; i < ports_.size(); ++i) all.push_back(address(i));
@@ -217,17 +222,8 @@ std::optional<size_t> HaCluster::Serving(std::chrono::milliseconds timeout) {
 }
 
 Process& HaCluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
-  std::vector<std::string> argv = {Binary("taskworker"),
-                                   "--master",
-                                   addresses(),
-                                   "--token-file",
-                                   dir_.File("work.token"),
-                                   "--name",
-                                   name,
-                                   "--reconnect-max-ms",
-                                   "500"};
-  argv.insert(argv.end(), flags.begin(), flags.end());
-  workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log")));
+  workers_.push_back(std::make_unique<Process>(
+      WorkerArgv(addresses(), dir_, name, std::move(flags)), dir_.File(name + ".log")));
   return *workers_.back();
 }
 
@@ -243,10 +239,7 @@ std::unique_ptr<Client> HaCluster::NewClient() const {
 }
 
 CommandResult HaCluster::Taskctl(std::vector<std::string> args) const {
-  std::vector<std::string> argv = {Binary("taskctl"), "--master", addresses(), "--token-file",
-                                   dir_.File("submit.token")};
-  argv.insert(argv.end(), args.begin(), args.end());
-  return RunCommand(argv);
+  return RunCommand(TaskctlArgv(addresses(), dir_, std::move(args)));
 }
 
 }  // namespace taskmaster::testing

@@ -53,6 +53,8 @@ class HaCluster {
   void SetMasterConninfo(size_t i, std::string conninfo) { conninfo_.at(i) = std::move(conninfo); }
   // Starts master `i` (again, on its port) and waits until it listens (serving or standing by).
   void StartMaster(size_t i);
+  // Starts every master, in order (so the first serves), and returns the one that serves.
+  std::optional<size_t> StartAll();
   Process& master(size_t i) { return *masters_.at(i); }
   std::string address(size_t i) const { return "127.0.0.1:" + std::to_string(ports_.at(i)); }
   // Every master's address, comma-separated.

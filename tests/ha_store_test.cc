@@ -19,19 +19,24 @@ namespace {
 #define SKIP_WITHOUT_POSTGRES() \
   if (std::string why = TempPostgres::Unavailable(); !why.empty()) GTEST_SKIP() << why
 
+// Master `id`'s store on the test's PostgreSQL, with short timers.
+std::unique_ptr<PostgresStore> OpenStore(const TempPostgres& pg, const std::string& id) {
+  PostgresStoreOptions o;
+  o.conninfo = pg.conninfo();
+  o.master_id = id;
+  o.lease_ms = 1'000;
+  o.retry_interval_ms = 50;
+  auto opened = OpenPostgresStore(o);
+  EXPECT_TRUE(opened.ok()) << opened.status();
+  return opened.ok() ? std::move(*opened) : nullptr;
+}
+
 // A master's store and broker on the test's PostgreSQL, holding the lease.
 struct PgMaster {
   PgMaster(const TempPostgres& pg, const std::string& id, FakeClock* clock,
            const BrokerOptions& options) {
-    PostgresStoreOptions o;
-    o.conninfo = pg.conninfo();
-    o.master_id = id;
-    o.lease_ms = 1'000;
-    o.retry_interval_ms = 50;
-    auto opened = OpenPostgresStore(o);
-    EXPECT_TRUE(opened.ok()) << opened.status();
-    if (!opened.ok()) return;
-    store = std::move(*opened);
+    store = OpenStore(pg, id);
+    if (!store) return;
     absl::Status acquired = store->Acquire(
         "127.0.0.1:1", [] { return false; }, [](const PostgresStore::Owner&) {},
         [this](const absl::Status& why) { lost.set_value(why); });
@@ -191,16 +196,11 @@ TEST_F(PostgresStoreTest, AStandbyWaitsAndNamesTheHolder) {
   SKIP_WITHOUT_POSTGRES();
   TempPostgres pg;
   PgMaster holder(pg, "holder", &clock_, options_);
-  PostgresStoreOptions o;
-  o.conninfo = pg.conninfo();
-  o.master_id = "standby";
-  o.lease_ms = 1'000;
-  o.retry_interval_ms = 50;
-  auto standby = OpenPostgresStore(o);
-  ASSERT_TRUE(standby.ok()) << standby.status();
+  std::unique_ptr<PostgresStore> standby = OpenStore(pg, "standby");
+  ASSERT_TRUE(standby);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(1'500);
   PostgresStore::Owner seen;
-  absl::Status acquired = (*standby)->Acquire(
+  absl::Status acquired = standby->Acquire(
       "127.0.0.1:2", [&] { return std::chrono::steady_clock::now() > give_up; },
       [&](const PostgresStore::Owner& owner) { seen = owner; }, [](const absl::Status&) {});
   EXPECT_TRUE(absl::IsCancelled(acquired)) << acquired;
@@ -233,15 +233,10 @@ TEST_F(PostgresStoreTest, ATakeoverEndsTheSessionsOfTheExpiredHolder) {
                    "'taskmaster:ghost' AND query LIKE '%pg_sleep%'") == "1";
       },
       std::chrono::seconds(20)));
-  PostgresStoreOptions o;
-  o.conninfo = pg.conninfo();
-  o.master_id = "next";
-  o.lease_ms = 1'000;
-  o.retry_interval_ms = 50;
-  auto next = OpenPostgresStore(o);
-  ASSERT_TRUE(next.ok()) << next.status();
+  std::unique_ptr<PostgresStore> next = OpenStore(pg, "next");
+  ASSERT_TRUE(next);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  absl::Status acquired = (*next)->Acquire(
+  absl::Status acquired = next->Acquire(
       "127.0.0.1:3", [&] { return std::chrono::steady_clock::now() > give_up; },
       [](const PostgresStore::Owner&) {}, [](const absl::Status&) {});
   EXPECT_TRUE(acquired.ok()) << acquired;

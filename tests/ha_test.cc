@@ -125,9 +125,7 @@ TEST(HA, SeedScenarioOnTwoMasters) {
   SKIP_WITHOUT_POSTGRES();
   TempPostgres pg;
   HaCluster cluster(&pg, 2);
-  cluster.StartMaster(0);
-  cluster.StartMaster(1);
-  ASSERT_TRUE(cluster.Serving().has_value());
+  ASSERT_TRUE(cluster.StartAll().has_value());
   cluster.StartWorker("w1");
   cluster.StartWorker("w2");
   CommandResult r = cluster.Taskctl(
@@ -143,8 +141,7 @@ TEST(HA, KilledAndPausedMastersLoseNothing) {
   SKIP_WITHOUT_POSTGRES();
   TempPostgres pg;
   HaCluster cluster(&pg, 3, {"--postgres-lease-ms", "1500"});
-  for (size_t i = 0; i < 3; ++i) cluster.StartMaster(i);
-  std::optional<size_t> first = cluster.Serving();
+  std::optional<size_t> first = cluster.StartAll();
   ASSERT_TRUE(first.has_value());
   cluster.StartWorker("w1", {"--threads", "4"});
   cluster.StartWorker("w2", {"--threads", "4"});
@@ -215,9 +212,7 @@ TEST(HA, PostgresRestartUnderLoad) {
   SKIP_WITHOUT_POSTGRES();
   TempPostgres pg;
   HaCluster cluster(&pg, 2);
-  cluster.StartMaster(0);
-  cluster.StartMaster(1);
-  ASSERT_TRUE(cluster.Serving().has_value());
+  ASSERT_TRUE(cluster.StartAll().has_value());
   cluster.StartWorker("w1", {"--threads", "4"});
   std::unique_ptr<Client> client = cluster.NewClient();
   KeyedSubmitter submitter(client.get(), 20, 250);

@@ -228,18 +228,32 @@ void Cluster::KillMaster(int sig) {
   master_->Wait(std::chrono::seconds(20));
 }
 
-Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
+std::vector<std::string> WorkerArgv(const std::string& masters, const TempDir& dir,
+                                    const std::string& name, std::vector<std::string> flags) {
   std::vector<std::string> argv = {Binary("taskworker"),
                                    "--master",
-                                   address(),
+                                   masters,
                                    "--token-file",
-                                   dir_.File("work.token"),
+                                   dir.File("work.token"),
                                    "--name",
                                    name,
                                    "--reconnect-max-ms",
                                    "500"};
   argv.insert(argv.end(), flags.begin(), flags.end());
-  workers_.push_back(std::make_unique<Process>(argv, dir_.File(name + ".log"), env_));
+  return argv;
+}
+
+std::vector<std::string> TaskctlArgv(const std::string& masters, const TempDir& dir,
+                                     std::vector<std::string> args) {
+  std::vector<std::string> argv = {Binary("taskctl"), "--master", masters, "--token-file",
+                                   dir.File("submit.token")};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return argv;
+}
+
+Process& Cluster::StartWorker(const std::string& name, std::vector<std::string> flags) {
+  workers_.push_back(std::make_unique<Process>(WorkerArgv(address(), dir_, name, std::move(flags)),
+                                               dir_.File(name + ".log"), env_));
   return *workers_.back();
 }
 
@@ -274,10 +288,7 @@ std::unique_ptr<Client> Cluster::NewClient(const std::string& token) const {
 }
 
 CommandResult Cluster::Taskctl(std::vector<std::string> args, const std::string& input) const {
-  std::vector<std::string> argv = {Binary("taskctl"), "--master", address(), "--token-file",
-                                   dir_.File("submit.token")};
-  argv.insert(argv.end(), args.begin(), args.end());
-  return RunCommand(argv, input);
+  return RunCommand(TaskctlArgv(address(), dir_, std::move(args)), input);
 }
 
 }  // namespace taskmaster::testing

@@ -93,6 +93,13 @@ inline constexpr char kAdminToken[] = "admin-token-for-tests-0123456789";
 // "work.token" for taskctl and workers; all 0600.
 void WriteTokenFiles(const TempDir& dir);
 
+// The command line of a worker named `name` reaching `masters` (one address or several) with the
+// work token in `dir`, reconnecting fast, plus `flags`; and of taskctl with the submit token.
+std::vector<std::string> WorkerArgv(const std::string& masters, const TempDir& dir,
+                                    const std::string& name, std::vector<std::string> flags);
+std::vector<std::string> TaskctlArgv(const std::string& masters, const TempDir& dir,
+                                     std::vector<std::string> args);
+
 // A cluster on loopback: token files in a temp dir, a master on an OS-chosen port, workers.
 class Cluster {
  public:

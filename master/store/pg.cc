@@ -6,8 +6,8 @@
 #include <cstring>
 #include <functional>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_replace.h"
 #include "common/logging.h"
 
 namespace taskmaster::pg {
@@ -20,9 +20,9 @@ void Append(std::string& out, T v) {
   out.append(raw, sizeof(T));
 }
 
-std::string Quoted(std::string_view v) {
-  return absl::StrCat("\"", absl::StrReplaceAll(std::string(v), {{"\\", "\\\\"}, {"\"", "\\\""}}),
-                      "\"");
+// `message` without the newline and spaces libpq ends it with.
+std::string Trimmed(std::string message) {
+  return std::string(absl::StripTrailingAsciiWhitespace(message));
 }
 
 // The parameters as libpq takes them: pointers into `params`, which must outlive the call.
@@ -55,29 +55,18 @@ int64_t Result::int64(int row, int col) const {
   return 0;  // NULL
 }
 
-void ArrayParam::Int16(int16_t v) {
+template <typename T>
+void ArrayParam::Fixed(T v) {
   ++count_;
-  Append(elements_, htobe32(2));
-  Append(elements_, htobe16(static_cast<uint16_t>(v)));
+  Append(elements_, htobe32(sizeof(T)));
+  Append(elements_, v);
 }
 
-void ArrayParam::Int32(int32_t v) {
-  ++count_;
-  Append(elements_, htobe32(4));
-  Append(elements_, htobe32(static_cast<uint32_t>(v)));
-}
+void ArrayParam::Int16(int16_t v) { Fixed(htobe16(static_cast<uint16_t>(v))); }
+void ArrayParam::Int32(int32_t v) { Fixed(htobe32(static_cast<uint32_t>(v))); }
+void ArrayParam::Int64(int64_t v) { Fixed(htobe64(static_cast<uint64_t>(v))); }
 
-void ArrayParam::Int64(int64_t v) {
-  ++count_;
-  Append(elements_, htobe32(8));
-  Append(elements_, htobe64(static_cast<uint64_t>(v)));
-}
-
-void ArrayParam::Bool(bool v) {
-  ++count_;
-  Append(elements_, htobe32(1));
-  elements_.push_back(v ? 1 : 0);
-}
+void ArrayParam::Bool(bool v) { Fixed(static_cast<uint8_t>(v ? 1 : 0)); }
 
 void ArrayParam::Bytes(std::string_view v) {
   ++count_;
@@ -142,9 +131,8 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const std::string& 
 Connection::~Connection() { PQfinish(conn_); }
 
 absl::Status Connection::ConnectionError(std::string_view doing) {
-  std::string message = PQerrorMessage(conn_);
-  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
-  return absl::UnavailableError(absl::StrCat("PostgreSQL, ", std::string(doing), ": ", message));
+  return absl::UnavailableError(
+      absl::StrCat("PostgreSQL, ", std::string(doing), ": ", Trimmed(PQerrorMessage(conn_))));
 }
 
 absl::Status Connection::ResultError(PGresult* r, std::string_view doing,
@@ -152,8 +140,7 @@ absl::Status Connection::ResultError(PGresult* r, std::string_view doing,
   if (PQstatus(conn_) != CONNECTION_OK || !r) return ConnectionError(doing);
   // The server's own words, without its "ERROR:" prefix and the context lines after them.
   const char* primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
-  std::string message = primary ? primary : PQresultErrorMessage(r);
-  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  const std::string message = Trimmed(primary ? primary : PQresultErrorMessage(r));
   const char* state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
   // Class 08 (connection exception), 57P (operator intervention: a shutdown, a terminated
   // backend), 40 (a serialization failure or deadlock), 53 (insufficient resources: a full disk,
@@ -278,24 +265,6 @@ absl::Status Connection::ForEachRow(const std::string& sql, const Params& params
   return status;
 }
 
-std::string TextArray(const std::vector<std::string>& values) {
-  std::string out = "{";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i > 0) out += ',';
-    out += Quoted(values[i]);
-  }
-  return out + "}";
-}
-
-std::string Int64Array(const std::vector<int64_t>& values) {
-  std::string out = "{";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i > 0) out += ',';
-    out += std::to_string(values[i]);
-  }
-  return out + "}";
-}
-
 std::string Redacted(const std::string& conninfo) {
   char* error = nullptr;
   PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
@@ -316,9 +285,8 @@ absl::Status RefusePasswordIn(const std::string& conninfo) {
   char* error = nullptr;
   PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
   if (!options) {
-    std::string message = error ? error : "unreadable";
+    const std::string message = Trimmed(error ? error : "unreadable");
     PQfreemem(error);
-    while (!message.empty() && message.back() == '\n') message.pop_back();
     return absl::InvalidArgumentError(absl::StrCat("--postgres: ", message));
   }
   bool has_password = false;

@@ -1,5 +1,6 @@
 // A thin layer over libpq for the PostgreSQL store: a connection, statements with text
-// parameters and binary results, and COPY in PostgreSQL's binary format. Errors come back as
+// parameters and binary results, whole transactions in one round trip with arrays in
+// PostgreSQL's binary format as parameters. Errors come back as
 // statuses: UNAVAILABLE when the server cannot be reached or the connection broke (worth
 // retrying), FAILED_PRECONDITION for anything the server refused.
 #pragma once
@@ -59,6 +60,10 @@ class ArrayParam {
   std::string Encode() const;
 
  private:
+  // One element of `bytes` in network order.
+  template <typename T>
+  void Fixed(T v);
+
   uint32_t oid_;
   size_t count_ = 0;
   std::string elements_;
@@ -97,8 +102,6 @@ class Connection {
                           const std::function<absl::Status(const Result&)>& row);
   // Whether the connection is still up, as libpq last saw it.
   bool ok() const { return PQstatus(conn_) == CONNECTION_OK; }
-  // The server's process id, for pg_terminate_backend in tests.
-  int backend_pid() const { return PQbackendPID(conn_); }
 
  private:
   explicit Connection(PGconn* conn) : conn_(conn) {}
@@ -111,10 +114,6 @@ class Connection {
   std::map<std::string, std::string> prepared_;
   int64_t statements_prepared_ = 0;  // names are never reused
 };
-
-// A text array literal ({"a","b"}) for an `= ANY($1::text[])` parameter.
-std::string TextArray(const std::vector<std::string>& values);
-std::string Int64Array(const std::vector<int64_t>& values);
 
 // The connection string without its password, for logs and errors.
 std::string Redacted(const std::string& conninfo);

@@ -1,8 +1,7 @@
-// The PostgreSQL store: schema, the writer's commits (COPY into staging tables, then one
-// set-based statement per kind of change), recovery's reads, and the partition lease.
+// The PostgreSQL store: schema, the writer's commits (one transaction in one round trip, each
+// kind of change one statement over the whole batch), recovery's reads, and the partition lease.
 #include "master/store/postgres_store.h"
 
-#include <atomic>
 #include <chrono>
 #include <map>
 #include <thread>
@@ -11,8 +10,8 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/util.h"
+#include "master/store/labels.h"
 #include "master/store/pg.h"
-#include "nlohmann/json.hpp"
 
 namespace taskmaster {
 namespace {
@@ -91,11 +90,6 @@ constexpr char kTaskColumns[] =
     "id, part, job_id, queue, kind, labels, payload, priority, max_attempts, timeout_ms, "
     "created_ms, idempotency_key, state, attempts, not_before_ms, finished_ms, seq, "
     "completion_seq, output, error, worker, worker_id";
-
-std::string EncodeLabels(const Labels& labels) {
-  if (labels.empty()) return "";
-  return nlohmann::json(labels).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
 
 using pg::ArrayParam;
 
@@ -224,9 +218,7 @@ class PostgresStoreImpl final : public PostgresStore {
     if (s.ok()) {
       for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
       if (values.empty()) {
-        values = {{"schema_version", std::to_string(kSchemaVersion)},
-                  {"epoch", RandomHex(8)},
-                  {"partitions", "1"}};
+        values = {{"schema_version", std::to_string(kSchemaVersion)}, {"epoch", RandomHex(8)}};
         for (const auto& [key, value] : values) {
           if (s.ok()) {
             s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
@@ -311,21 +303,28 @@ class PostgresStoreImpl final : public PostgresStore {
                                 std::chrono::milliseconds(options_.connect_timeout_ms));
   }
 
+  // Opens `conn` again, running `setup` on the new session, unless it is still up.
+  absl::Status Reconnect(std::unique_ptr<pg::Connection>& conn, const std::string& setup = "") {
+    if (conn && conn->ok()) return absl::OkStatus();
+    absl::StatusOr<std::unique_ptr<pg::Connection>> fresh = Connect();
+    if (!fresh.ok()) return fresh.status();
+    if (!setup.empty()) {
+      if (absl::Status s = (*fresh)->Run(setup); !s.ok()) return s;
+    }
+    conn = std::move(*fresh);
+    return absl::OkStatus();
+  }
+
+  // The lease row may be locked by its owner's commit (or by a paused owner until its session
+  // ends): the reader looks again later rather than wait.
+  std::string ReaderSetup() const {
+    return absl::StrCat("SET lock_timeout = ", std::max<int64_t>(options_.retry_interval_ms, 1));
+  }
+
   // Takes the lease when it is free or expired: its new version, or NOT_FOUND while another
   // master holds it (then owner_ says who).
   absl::StatusOr<int64_t> TryAcquire(const std::string& address) {
-    if (!reader_ || !reader_->ok()) {
-      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
-      if (!conn.ok()) return conn.status();
-      reader_ = std::move(*conn);
-    }
-    // The row may be locked by its owner's commit (or by a paused owner until the server ends
-    // its session): look again later rather than wait.
-    if (absl::Status s = reader_->Run(
-            absl::StrCat("SET lock_timeout = ", std::max<int64_t>(options_.retry_interval_ms, 1)));
-        !s.ok()) {
-      return s;
-    }
+    if (absl::Status s = Reconnect(reader_, ReaderSetup()); !s.ok()) return s;
     absl::StatusOr<pg::Result> r = reader_->Exec(
         "UPDATE taskmaster.partitions SET owner = $1, address = $2, version = version + 1, "
         "expires_at = now() + $3 * interval '1 millisecond' "
@@ -442,11 +441,7 @@ class PostgresStoreImpl final : public PostgresStore {
   }
 
   absl::Status Renew(std::unique_ptr<pg::Connection>& conn) {
-    if (!conn || !conn->ok()) {
-      absl::StatusOr<std::unique_ptr<pg::Connection>> fresh = Connect();
-      if (!fresh.ok()) return fresh.status();
-      conn = std::move(*fresh);
-    }
+    if (absl::Status s = Reconnect(conn); !s.ok()) return s;
     int64_t version;
     {
       absl::MutexLock lock(&lease_mu_);
@@ -471,11 +466,7 @@ class PostgresStoreImpl final : public PostgresStore {
       if (version_ == 0 || !lost_status_.ok()) return;
       version = version_;
     }
-    if (!reader_ || !reader_->ok()) {
-      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
-      if (!conn.ok()) return;
-      reader_ = std::move(*conn);
-    }
+    if (!Reconnect(reader_, ReaderSetup()).ok()) return;
     reader_
         ->Run(
             "UPDATE taskmaster.partitions SET owner = '', expires_at = '-infinity' "
@@ -530,16 +521,11 @@ class PostgresStoreImpl final : public PostgresStore {
     t.job_id = r.text(0, 2);
     t.queue = r.text(0, 3);
     t.kind = r.text(0, 4);
-    const std::string labels = r.text(0, 5);
-    if (!labels.empty()) {
-      nlohmann::json parsed = nlohmann::json::parse(labels, nullptr, /*allow_exceptions=*/false);
-      if (!parsed.is_object()) {
-        return absl::DataLossError(absl::StrCat("task ", t.id, " has unreadable labels"));
-      }
-      for (const auto& [key, value] : parsed.items()) {
-        if (value.is_string()) t.labels[key] = value.get<std::string>();
-      }
+    absl::StatusOr<Labels> labels = DecodeLabels(r.bytes(0, 5));
+    if (!labels.ok()) {
+      return absl::DataLossError(absl::StrCat("task ", t.id, ": ", labels.status().message()));
     }
+    t.labels = std::move(*labels);
     t.payload = r.text(0, 6);
     t.priority = static_cast<int32_t>(r.int64(0, 7));
     t.max_attempts = static_cast<int32_t>(r.int64(0, 8));
@@ -593,18 +579,14 @@ class PostgresStoreImpl final : public PostgresStore {
 
   absl::Status Commit(const std::vector<StoreChange>& batch) override {
     if (!fenced_.ok()) return fenced_;  // for good: another master serves the partition now
-    if (!writer_ || !writer_->ok()) {
-      absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
-      if (!conn.ok()) return conn.status();
-      // A master paused (or cut off) inside a commit keeps its transaction open, and with it
-      // the lock on its lease row that a standby's takeover waits for: the server ends such a
-      // session once it has been idle in its transaction for half a lease.
-      if (absl::Status s = (*conn)->Run(
-              absl::StrCat("SET idle_in_transaction_session_timeout = ", options_.lease_ms / 2));
-          !s.ok()) {
-        return s;
-      }
-      writer_ = std::move(*conn);
+    // A master paused (or cut off) inside a commit keeps its transaction open, and with it the
+    // lock on its lease row that a standby's takeover waits for: the server ends such a session
+    // once it has been idle in its transaction for half a lease.
+    if (absl::Status s = Reconnect(writer_, absl::StrCat("SET idle_in_transaction_session_timeout "
+                                                         "= ",
+                                                         options_.lease_ms / 2));
+        !s.ok()) {
+      return s;
     }
     absl::Status s = Write(batch);
     // A connection that failed mid-transaction is not trusted again: the next commit opens
@@ -621,8 +603,7 @@ class PostgresStoreImpl final : public PostgresStore {
     ArrayParam member_job{ArrayParam::kText}, member_task{ArrayParam::kInt8},
         member_position{ArrayParam::kInt8};
     std::map<std::string, const JobRow*> job_rows;  // the last row of each job in the batch
-    std::vector<int64_t> deleted_tasks;
-    std::vector<std::string> deleted_jobs;
+    ArrayParam deleted_tasks{ArrayParam::kInt8}, deleted_jobs{ArrayParam::kText};
     std::vector<const StoreChange*> worker_changes;
     TaskId highest = 0;
     for (const StoreChange& op : batch) {
@@ -646,10 +627,10 @@ class PostgresStoreImpl final : public PostgresStore {
           updates.Add(op.status);
           break;
         case StoreChange::Kind::kDeleteTask:
-          deleted_tasks.push_back(static_cast<int64_t>(op.task_id));
+          deleted_tasks.Int64(static_cast<int64_t>(op.task_id));
           break;
         case StoreChange::Kind::kDeleteJob:
-          deleted_jobs.push_back(op.key);
+          deleted_jobs.Bytes(op.key);
           break;
         case StoreChange::Kind::kPutWorker:
         case StoreChange::Kind::kDeleteWorker:
@@ -723,16 +704,23 @@ class PostgresStoreImpl final : public PostgresStore {
                         "worker_id = EXCLUDED.worker_id"),
            std::move(params), /*binary=*/true});
     }
-    if (!deleted_tasks.empty()) {
-      const std::string ids = pg::Int64Array(deleted_tasks);
-      statements.push_back({"DELETE FROM taskmaster.statuses WHERE id = ANY($1::bigint[])", {ids}});
-      statements.push_back({"DELETE FROM taskmaster.tasks WHERE id = ANY($1::bigint[])", {ids}});
+    if (deleted_tasks.size() > 0) {
+      const std::string ids = deleted_tasks.Encode();
+      for (const char* table : {"statuses", "tasks"}) {
+        statements.push_back(
+            {absl::StrCat("DELETE FROM taskmaster.", table, " WHERE id = ANY($1::bigint[])"),
+             {ids},
+             /*binary=*/true});
+      }
     }
-    if (!deleted_jobs.empty()) {
-      const std::string ids = pg::TextArray(deleted_jobs);
-      statements.push_back(
-          {"DELETE FROM taskmaster.job_members WHERE job_id = ANY($1::text[])", {ids}});
-      statements.push_back({"DELETE FROM taskmaster.jobs WHERE job_id = ANY($1::text[])", {ids}});
+    if (deleted_jobs.size() > 0) {
+      const std::string ids = deleted_jobs.Encode();
+      for (const char* table : {"job_members", "jobs"}) {
+        statements.push_back(
+            {absl::StrCat("DELETE FROM taskmaster.", table, " WHERE job_id = ANY($1::text[])"),
+             {ids},
+             /*binary=*/true});
+      }
     }
     // Worker ids come from peers: bytes, in binary.
     for (const StoreChange* op : worker_changes) {

@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/checksum.h"
 #include "common/util.h"
-#include "nlohmann/json.hpp"
+#include "master/store/labels.h"
 
 namespace taskmaster::sqlite {
 namespace {
@@ -125,10 +125,11 @@ TaskRow ReadTask(sqlite3_stmt* s, std::string* problem) {
   } else if (t.status.state == TaskState::kLeased && t.status.worker_id.empty()) {
     *problem = "leased to no worker";
   } else {
-    try {
-      if (!labels.empty()) t.labels = nlohmann::json::parse(labels).get<Labels>();
-    } catch (const std::exception& e) {
-      *problem = absl::StrCat("unreadable labels: ", e.what());
+    absl::StatusOr<Labels> decoded = DecodeLabels(labels);
+    if (decoded.ok()) {
+      t.labels = std::move(*decoded);
+    } else {
+      *problem = std::string(decoded.status().message());
     }
   }
   return t;
@@ -256,11 +257,6 @@ absl::Status Migrate(sqlite3* db, int from_version) {
     if (s = update.Run(); !s.ok()) return fail(s);
   }
   return Exec(db, absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";COMMIT;"));
-}
-
-std::string EncodeLabels(const Labels& labels) {
-  if (labels.empty()) return "";
-  return nlohmann::json(labels).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 uint32_t JobChecksum(const JobRow& job) {

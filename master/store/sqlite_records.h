@@ -56,8 +56,6 @@ absl::Status CreateSchema(sqlite3* db, const std::string& epoch);
 // Brings a database of an older schema version to kSchemaVersion, in one transaction.
 absl::Status Migrate(sqlite3* db, int from_version);
 
-std::string EncodeLabels(const Labels& labels);
-
 uint32_t JobChecksum(const JobRow& job);
 uint32_t SpecChecksum(const TaskRow& task, std::string_view encoded_labels);
 uint32_t StatusChecksum(TaskId id, const TaskStatusRow& status);

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "master/store/labels.h"
 #include "master/store/queued_store.h"
 #include "master/store/sqlite_files.h"
 #include "master/store/sqlite_records.h"
@@ -226,7 +227,7 @@ class SqliteStore final : public QueuedStore {
       BindText(s, 2, t.job_id);
       BindText(s, 3, t.queue);
       BindText(s, 4, t.kind);
-      const std::string labels = sqlite::EncodeLabels(t.labels);
+      const std::string labels = EncodeLabels(t.labels);
       BindText(s, 5, labels);
       BindBlob(s, 6, t.payload);
       sqlite3_bind_int(s, 7, t.priority);
