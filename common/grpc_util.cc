@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "common/partition.h"
 #include "common/util.h"
 
 namespace taskmaster {
@@ -97,6 +98,13 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions&
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::Status ToGrpcStatus(const absl::Status& status, grpc::ServerContextBase* context) {
+  if (auto owner = status.GetPayload(kServingMasterPayload)) {
+    context->AddTrailingMetadata(kServingMaster, std::string(*owner));
+  }
+  return ToGrpcStatus(status);
 }
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {

@@ -73,6 +73,9 @@ std::string CleartextTokenWarning(const ChannelOptions& options, bool has_token)
 
 // Status conversion at the gRPC edge.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+// The same from a server's call: a refusal naming the master that serves the call's partition
+// (kServingMasterPayload) names it in the trailing metadata too (kServingMaster).
+grpc::Status ToGrpcStatus(const absl::Status& status, grpc::ServerContextBase* context);
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
 }  // namespace taskmaster

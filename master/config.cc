@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "common/files.h"
+#include "common/partition.h"
 
 namespace taskmaster {
 namespace {
@@ -46,8 +47,8 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
   s.Add("grpc_reflection", &o.grpc_reflection,
         "serve gRPC server reflection (the API's schema, without a token) for tools like grpcurl");
   s.Add("store", &o.store,
-        "sqlite (durable), postgres (durable, shared by several masters: one serves, the others "
-        "stand by to take over) or memory (lost on restart)")
+        "sqlite (durable), postgres (durable, shared by several masters that split the queues' "
+        "partitions and take over for each other) or memory (lost on restart)")
       .Choices({"sqlite", "postgres", "memory"});
   s.Add("postgres", &o.postgres.conninfo,
         "the postgres store's database: a libpq connection string or URL, without a password");
@@ -55,9 +56,13 @@ void DeclareMasterSettings(MasterConfig* config, Settings* settings) {
         "a file holding only the database password (else libpq's PGPASSFILE or ~/.pgpass)")
       .Path();
   s.Add("postgres_lease_ms", &o.postgres.lease_ms,
-        "how long a master's hold on the queues lasts unrenewed: a standby takes over within "
-        "about this long of the serving master's death")
+        "how long a master's hold on a partition lasts unrenewed: another master takes over "
+        "within about this long of its death")
       .Range(500, 600'000);
+  s.Add("postgres_partitions", &o.postgres.partitions,
+        "partitions of the queues, each served by one master at a time (up to this many masters "
+        "serve at once; 1: one serves, the others stand by); fixed when the database is first made")
+      .Range(1, kMaxPartitions);
   s.Add("advertise", &o.advertise,
         "host:port where clients reach this master, told to those that reach a standby "
         "(default: the listen address)");

@@ -20,11 +20,12 @@ namespace {
 class AdminTest : public ::testing::Test {
  protected:
   void Start(size_t max_metric_queues = 100) {
+    brokers_.Add(0, std::shared_ptr<Broker>(&broker_, [](Broker*) {}));
     MasterAdminOptions options;
     options.http.listen = "127.0.0.1:0";
     options.max_metric_queues = max_metric_queues;
-    AdminSources sources{&broker_,
-                         store_.get(),
+    AdminSources sources{&brokers_,
+                         [this] { return store_->Metrics(); },
                          [this] {
                            return MasterHealth{state_.load(), "why"};
                          },
@@ -45,6 +46,8 @@ class AdminTest : public ::testing::Test {
   FakeClock clock_;
   std::unique_ptr<Store> store_ = NewMemoryStore();
   Broker broker_{BrokerOptions{}, &clock_, store_.get(), GetLogger("broker-test")};
+  // The admin reads the broker through the set, which does not own it here.
+  BrokerSet brokers_{1, nullptr};
   std::atomic<MasterState> state_{MasterState::kRecovering};
   std::atomic<bool> ticking_{false};
   std::unique_ptr<MasterAdmin> admin_;

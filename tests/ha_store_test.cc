@@ -38,7 +38,8 @@ struct PgMaster {
     store = OpenStore(pg, id);
     if (!store) return;
     absl::Status acquired = store->Acquire(
-        "127.0.0.1:1", [] { return false; }, [](const PostgresStore::Owner&) {},
+        "127.0.0.1:1", [] { return false; }, [] { return true; },
+        [](const PostgresStore::Owner&) {},
         [this](const absl::Status& why) { lost.set_value(why); });
     EXPECT_TRUE(acquired.ok()) << acquired;
     broker = std::make_unique<Broker>(options, clock, store.get(), GetLogger("ha-store-test"));
@@ -202,7 +203,8 @@ TEST_F(PostgresStoreTest, AStandbyWaitsAndNamesTheHolder) {
   PostgresStore::Owner seen;
   absl::Status acquired = standby->Acquire(
       "127.0.0.1:2", [&] { return std::chrono::steady_clock::now() > give_up; },
-      [&](const PostgresStore::Owner& owner) { seen = owner; }, [](const absl::Status&) {});
+      [] { return true; }, [&](const PostgresStore::Owner& owner) { seen = owner; },
+      [](const absl::Status&) {});
   EXPECT_TRUE(absl::IsCancelled(acquired)) << acquired;
   EXPECT_EQ(seen.master_id, "holder");
   EXPECT_EQ(seen.address, "127.0.0.1:1");
@@ -238,10 +240,10 @@ TEST_F(PostgresStoreTest, ATakeoverEndsTheSessionsOfTheExpiredHolder) {
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   absl::Status acquired = next->Acquire(
       "127.0.0.1:3", [&] { return std::chrono::steady_clock::now() > give_up; },
-      [](const PostgresStore::Owner&) {}, [](const absl::Status&) {});
+      [] { return true; }, [](const PostgresStore::Owner&) {}, [](const absl::Status&) {});
   EXPECT_TRUE(acquired.ok()) << acquired;
   EXPECT_TRUE(ghost.Wait(std::chrono::seconds(10)).has_value()) << "the ghost's session lives on";
-  EXPECT_EQ(pg.Sql("SELECT owner FROM taskmaster.partitions"), "next");
+  EXPECT_EQ(pg.Sql("SELECT owner FROM taskmaster.partitions WHERE id = 0"), "next");
 }
 
 }  // namespace

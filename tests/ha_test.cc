@@ -206,6 +206,37 @@ TEST(HA, MasterCutFromPostgresHandsOver) {
   ExpectEveryResultOnce(pg, submitter.acked());
 }
 
+// Two masters serve at once, each its share of the partitions, and one worker given both runs the
+// tasks of every partition. The one killed mid-burst has its partitions taken over by the other.
+TEST(HA, TwoMastersShareThePartitionsAndTakeOverEachOthers) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  HaCluster cluster(&pg, 2, {"--postgres-lease-ms", "1500", "--postgres-partitions", "4"});
+  ASSERT_TRUE(cluster.StartAll().has_value());
+  auto served_by = [&](size_t i) {
+    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
+                               cluster.address(i), "' AND expires_at > now()"));
+  };
+  // The first master took all four alone; once the second is counted, it hands two over.
+  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)))
+      << served_by(0) << " and " << served_by(1) << " partitions";
+  cluster.StartWorker("w1", {"--threads", "4"});
+  std::unique_ptr<Client> client = cluster.NewClient();
+  KeyedSubmitter submitter(client.get(), 20, 250);
+  ASSERT_TRUE(WaitFor([&] { return submitter.acked_batches() >= 8; }, seconds(60)));
+  // Batches went to the partitions of their keys, on both masters.
+  EXPECT_EQ(pg.Sql("SELECT count(DISTINCT part) FROM taskmaster.tasks"), "4");
+  const auto killed_at = steady_clock::now();
+  cluster.master(0).Signal(SIGKILL);
+  cluster.master(0).Wait(seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return served_by(1) == "4"; }, seconds(20), milliseconds(20)));
+  std::cout << "takeover of a killed master's partitions: " << MsSince(killed_at) << " ms"
+            << std::endl;
+  submitter.Finish();
+  ASSERT_EQ(submitter.acked().size(), 5'000u);
+  ExpectEveryResultOnce(pg, submitter.acked());
+}
+
 // PostgreSQL restarted under load: the masters wait for it and go on; nothing acknowledged is
 // lost.
 TEST(HA, PostgresRestartUnderLoad) {

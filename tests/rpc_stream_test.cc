@@ -28,12 +28,15 @@ class InProcessMaster {
  public:
   explicit InProcessMaster(bool hold_first_event = false)
       : store_(NewMemoryStore()),
-        broker_(BrokerOptions{}, SystemClock::Get(), store_.get(), GetLogger("rpc-test")),
+        broker_(std::make_shared<Broker>(BrokerOptions{}, SystemClock::Get(), store_.get(),
+                                         GetLogger("rpc-test"))),
+        brokers_(1, nullptr),
         auth_(std::nullopt),
-        queue_(&broker_, &auth_, /*max_watches_per_token=*/100, hold_first_event),
-        workers_(&broker_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20,
+        queue_(&brokers_, &auth_, /*max_watches_per_token=*/100, hold_first_event),
+        workers_(&brokers_, &auth_, GetLogger("rpc-test"), /*max_buffered_bytes=*/64 << 20,
                  /*stall=*/std::chrono::seconds(30)) {
-    EXPECT_TRUE(broker_.Recover().ok());
+    EXPECT_TRUE(broker_->Recover().ok());
+    brokers_.Add(0, broker_);
     grpc::ServerBuilder builder;
     builder.RegisterService(&queue_);
     builder.RegisterService(&workers_);
@@ -45,7 +48,7 @@ class InProcessMaster {
     channel_ = server_->InProcessChannel(grpc::ChannelArguments());
   }
   ~InProcessMaster() {
-    broker_.Shutdown();
+    broker_->Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() + seconds(30));
     queue_.Stop();
     workers_.Stop();
@@ -58,11 +61,12 @@ class InProcessMaster {
   }
   Authorizer& auth() { return auth_; }
   void TickQueue() { queue_.Tick(); }
-  void StopBroker() { broker_.Shutdown(); }
+  void StopBroker() { broker_->Shutdown(); }
 
  private:
   std::unique_ptr<Store> store_;
-  Broker broker_;
+  std::shared_ptr<Broker> broker_;
+  BrokerSet brokers_;
   Authorizer auth_;
   TaskQueueService queue_;
   WorkerServiceImpl workers_;

@@ -70,6 +70,7 @@ class SlotsTest : public ::testing::Test {
                                                   .prefetch_max = prefetch_max,
                                                   .prefetch_window = milliseconds(2),
                                                   .batch_bytes = 1'000,
+                                                  .on_ready = [this] { feed_.Notify(); },
                                                   .now = [this] { return time_.Now(); }});
   }
 
@@ -165,6 +166,7 @@ class SlotsTest : public ::testing::Test {
   }
 
   FakeTime time_;
+  Feed feed_;  // before slots_, whose on_ready reaches it
   std::unique_ptr<Slots> slots_;
   uint64_t session_ = 0;
   std::optional<std::string> lost_state_;
@@ -761,14 +763,19 @@ TEST_F(RunTaskTest, CancelledAndTimedOut) {
   EXPECT_EQ(timed_out.error, "timed out after 1 ms");
 }
 
+// The pool's threads serve the slots of every partition: here a second one, which gets no task,
+// holds no thread back, and the pool stops only once both slots stopped.
 TEST_F(SlotsTest, APoolRunsWhatTheSlotsHoldAndStopsWithThem) {
   Registry registry;
   ASSERT_TRUE(RegisterBuiltins(registry).ok());
   Make(2, 0);
   Connect();
   Tick();
+  Slots idle(SlotsOptions{.threads = 2, .on_ready = [this] { feed_.Notify(); }});
+  feed_.Add({&idle, nullptr});
+  feed_.Add({slots_.get(), nullptr});
   RunMetrics metrics(registry.Kinds());
-  Pool pool(slots_.get(), &registry, &metrics, {.worker_name = "w1", .max_output = 1'000},
+  Pool pool(&feed_, &registry, &metrics, {.worker_name = "w1", .max_output = 1'000},
             spdlog::default_logger());
   pool.Start(2);
   Deliver({MakeTask(1, "square", "3"), MakeTask(2, "square", "4")});
@@ -784,6 +791,7 @@ TEST_F(SlotsTest, APoolRunsWhatTheSlotsHoldAndStopsWithThem) {
   EXPECT_EQ(results[0].output, "3*3=9");
   EXPECT_EQ(results[1].output, "4*4=16");
   slots_->Stop();
+  idle.Stop();
   pool.Join();
 }
 

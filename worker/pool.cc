@@ -61,22 +61,62 @@ void Pool::Join() {
   threads_.clear();
 }
 
+void Feed::Add(Source source) {
+  absl::MutexLock lock(&mu_);
+  sources_.push_back(std::move(source));
+  ++signals_;
+}
+
+void Feed::Notify() {
+  absl::MutexLock lock(&mu_);
+  ++signals_;
+}
+
+std::optional<Feed::Next> Feed::Wait() {
+  // Far longer than a task takes to queue; only a guard, as every queueing notifies.
+  constexpr absl::Duration kLookAgain = absl::Milliseconds(100);
+  while (true) {
+    std::vector<const Source*> sources;
+    uint64_t seen;
+    size_t start;
+    {
+      absl::MutexLock lock(&mu_);
+      seen = signals_;
+      start = next_++;
+      for (const Source& s : sources_) sources.push_back(&s);
+    }
+    bool stopped = !sources.empty();
+    for (size_t i = 0; i < sources.size(); ++i) {
+      const Source* s = sources[(start + i) % sources.size()];
+      if (std::optional<Assignment> a = s->slots->TryNextTask()) return Next{std::move(*a), s};
+      stopped = stopped && s->slots->Stopped();
+    }
+    if (stopped) return std::nullopt;
+    absl::MutexLock lock(&mu_);
+    auto signalled = [this, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return signals_ != seen; };
+    mu_.AwaitWithTimeout(absl::Condition(&signalled), kLookAgain);
+  }
+}
+
 void Pool::Loop() {
-  while (std::optional<Assignment> a = slots_->NextTask()) {
-    log_->debug("starting task {} attempt {} ({})", a->task.task_id, a->task.attempt, a->task.kind);
+  while (std::optional<Feed::Next> next = feed_->Wait()) {
+    Slots* const slots = next->source->slots;
+    const Assignment& a = next->assignment;
+    log_->debug("starting task {} attempt {} ({})", a.task.task_id, a.task.attempt, a.task.kind);
     const auto start = std::chrono::steady_clock::now();
     metrics_->Started();
-    Result result = RunTask(*registry_, options_, a->task, a->cancelled,
-                            [this, id = a->task.task_id, delivery = a->delivery](Progress p) {
-                              slots_->ReportProgress(id, delivery, std::move(p));
+    Result result = RunTask(*registry_, options_, a.task, a.cancelled,
+                            [slots, id = a.task.task_id, delivery = a.delivery](Progress p) {
+                              slots->ReportProgress(id, delivery, std::move(p));
                             });
     const auto took = std::chrono::steady_clock::now() - start;
-    metrics_->Ended(a->task.kind, result.outcome, took);
-    log_->debug("task {} attempt {} ({}): {}", a->task.task_id, a->task.attempt, a->task.kind,
+    metrics_->Ended(a.task.kind, result.outcome, took);
+    log_->debug("task {} attempt {} ({}): {}", a.task.task_id, a.task.attempt, a.task.kind,
                 OutcomeName(result.outcome));
+    const WriteNow& write_now = next->source->write_now;
     std::optional<ToMaster> out =
-        slots_->Finish(a->delivery, std::move(result), took, write_now_ != nullptr);
-    if (out) write_now_(std::move(*out));
+        slots->Finish(a.delivery, std::move(result), took, write_now != nullptr);
+    if (out) write_now(std::move(*out));
   }
 }
 

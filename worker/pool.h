@@ -3,12 +3,15 @@
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "spdlog/logger.h"
 #include "worker/handlers.h"
 #include "worker/messages.h"
@@ -33,19 +36,45 @@ Result RunTask(const Registry& registry, const RunOptions& options, const Task& 
 // Slots::Sent.
 using WriteNow = std::function<void(ToMaster)>;
 
-// Thread-compatible: Start once, then Join once, after Slots::Stop.
+// The slots a pool's threads take tasks from: one per partition of the queues, each with its own
+// stream. A free thread runs whichever task is queued first. Thread-safe.
+class Feed {
+ public:
+  // `slots` (whose on_ready must call Notify) must outlive the feed. With `write_now`, a thread
+  // that finishes a task while nobody writes to the stream writes its result itself.
+  struct Source {
+    Slots* slots;
+    WriteNow write_now;
+  };
+  void Add(Source source);
+  // A slots queued tasks or stopped.
+  void Notify();
+  struct Next {
+    Assignment assignment;
+    const Source* source;
+  };
+  // Blocks until a task is queued in some slots, and marks it running; nullopt once every slots
+  // stopped.
+  std::optional<Next> Wait();
+
+ private:
+  absl::Mutex mu_;
+  std::deque<Source> sources_ ABSL_GUARDED_BY(mu_);  // a deque: Next points into it
+  uint64_t signals_ ABSL_GUARDED_BY(mu_) = 0;        // Notify calls so far
+  size_t next_ ABSL_GUARDED_BY(mu_) = 0;             // where the next look starts, in turn
+};
+
+// Thread-compatible: Start once, then Join once, after every Slots::Stop.
 class Pool {
  public:
-  // `slots`, `registry` and `metrics` must outlive the pool. With `write_now`, a thread that
-  // finishes a task while nobody writes to the stream writes its result itself.
-  Pool(Slots* slots, const Registry* registry, RunMetrics* metrics, RunOptions options,
-       std::shared_ptr<spdlog::logger> log, WriteNow write_now = nullptr)
-      : slots_(slots),
+  // `feed`, `registry` and `metrics` must outlive the pool.
+  Pool(Feed* feed, const Registry* registry, RunMetrics* metrics, RunOptions options,
+       std::shared_ptr<spdlog::logger> log)
+      : feed_(feed),
         registry_(registry),
         metrics_(metrics),
         options_(std::move(options)),
-        log_(std::move(log)),
-        write_now_(std::move(write_now)) {}
+        log_(std::move(log)) {}
 
   void Start(int threads);
   void Join();
@@ -53,12 +82,11 @@ class Pool {
  private:
   void Loop();
 
-  Slots* const slots_;
+  Feed* const feed_;
   const Registry* const registry_;
   RunMetrics* const metrics_;
   const RunOptions options_;
   const std::shared_ptr<spdlog::logger> log_;
-  const WriteNow write_now_;
   std::vector<std::thread> threads_;
 };
 

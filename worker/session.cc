@@ -172,6 +172,7 @@ v1::WorkerMessage Session::MakeHello(const HelloState& state) const {
   }
   hello->set_master_epoch(state.master_epoch);
   hello->set_worker_secret(state.worker_secret);
+  hello->set_partition(identity_.partition);
   return message;
 }
 
@@ -226,7 +227,10 @@ bool Session::Run(const std::string& address, grpc::Status* status, std::string*
   if (std::optional<std::string> lost_state = slots_->Welcomed(FromProto(in.welcome()))) {
     log_->warn("{}", *lost_state);
   }
-  log_->info("connected to master {} (epoch {})", address, in.welcome().master_epoch());
+  if (identity_.on_partitions) identity_.on_partitions(std::max(1, in.welcome().partitions()));
+  log_->info("connected to master {} (epoch {}{})", address, in.welcome().master_epoch(),
+             in.welcome().partitions() > 1 ? absl::StrCat(", partition ", identity_.partition)
+                                           : std::string());
   connected_.store(true, std::memory_order_relaxed);
   connections_.fetch_add(1, std::memory_order_relaxed);
   std::thread sender([this, s = stream.get()] { SendLoop(s); });

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -27,6 +28,9 @@ struct SessionIdentity {
   std::string host;
   int slots = 0;  // threads
   std::vector<std::string> kinds;
+  int32_t partition = 0;  // of the queues: the session follows whichever master serves it
+  // Hears how many partitions the queues have, at every welcome.
+  std::function<void(int32_t)> on_partitions;
 };
 
 // Thread-safe. Start once; Cancel any time; Join once, after Slots::Stop.

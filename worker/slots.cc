@@ -73,7 +73,16 @@ std::optional<Assignment> Slots::NextTask() {
   absl::MutexLock lock(&mu_);
   auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopped_ || !queue_.empty(); };
   mu_.Await(absl::Condition(&ready));
-  if (stopped_) return std::nullopt;
+  return StartNextLocked();
+}
+
+std::optional<Assignment> Slots::TryNextTask() {
+  absl::MutexLock lock(&mu_);
+  return StartNextLocked();
+}
+
+std::optional<Assignment> Slots::StartNextLocked() {
+  if (stopped_ || queue_.empty()) return std::nullopt;
   const TaskId id = queue_.front();
   queue_.pop_front();
   Held& h = held_.at(id);
@@ -189,6 +198,12 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
 }
 
 void Slots::Received(FromMaster in) {
+  const bool tasks = !in.tasks.empty();
+  ApplyReceived(std::move(in));
+  if (tasks && options_.on_ready) options_.on_ready();
+}
+
+void Slots::ApplyReceived(FromMaster in) {
   absl::MutexLock lock(&mu_);
   heard_at_ = options_.now();
   if (in.heartbeat_echo) {
@@ -552,12 +567,15 @@ Slots::DrainEnd Slots::FinishDrain(Time deadline) {
 }
 
 bool Slots::Stop() {
-  absl::MutexLock lock(&mu_);
-  if (stopped_) return false;
-  stopped_ = true;
-  leaving_ = true;
-  for (auto& [id, h] : held_) h.cancelled->store(true);
-  queue_.clear();
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopped_) return false;
+    stopped_ = true;
+    leaving_ = true;
+    for (auto& [id, h] : held_) h.cancelled->store(true);
+    queue_.clear();
+  }
+  if (options_.on_ready) options_.on_ready();
   return true;
 }
 

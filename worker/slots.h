@@ -42,6 +42,9 @@ struct SlotsOptions {
   size_t batch_bytes = 0;
   // Progress reports reach the master at most this often, the latest of each task in one message.
   std::chrono::milliseconds progress_interval{500};
+  // Runs (outside the lock) once tasks were queued, and once the slots stopped: a pool that takes
+  // from several slots (TryNextTask) waits for it.
+  std::function<void()> on_ready;
   // The monotonic clock; tests pass a fake one.
   std::function<Time()> now = [] { return std::chrono::steady_clock::now(); };
 };
@@ -90,6 +93,8 @@ class Slots {
 
   // Blocks until a task is queued, and marks it running; nullopt once the worker stopped.
   std::optional<Assignment> NextTask();
+  // The same without blocking: nullopt when no task is queued.
+  std::optional<Assignment> TryNextTask();
   // The handler of `delivery` returned after `took`: its result waits for the master's
   // acknowledgement, unless the task was revoked, fenced or reported stuck meanwhile. With
   // `take`, when no task is queued, nothing is being written and the session is open, returns
@@ -166,6 +171,9 @@ class Slots {
 
   template <typename Done>
   bool AwaitUntilLocked(Done done, Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<Assignment> StartNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Received's work, under its own lock; Received tells on_ready after it.
+  void ApplyReceived(FromMaster in) ABSL_LOCKS_EXCLUDED(mu_);
   void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A running handler whose result no longer counts leaves held_ for orphans_, told to stop:

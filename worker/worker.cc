@@ -12,6 +12,7 @@
 #include "common/admin_http.h"
 #include "common/logging.h"
 #include "common/metrics_text.h"
+#include "common/partition.h"
 #include "common/util.h"
 #include "worker/pool.h"
 #include "worker/session.h"
@@ -42,50 +43,117 @@ const char* OutcomeLabel(worker::Outcome outcome) {
   return "unknown";
 }
 
-// One pool of the worker: its threads, its slots and credits, and its own stream to the master,
-// where it shows as a worker of its own ("name/pool") serving only its kinds. Separate streams
-// keep each pool's credits and prefetch apart without the master knowing of pools.
+// One partition's share of a pool: its slots and credits, and its own stream to whichever master
+// serves the partition.
+struct Member {
+  Member(const WorkerOptions* options, worker::SlotsOptions slots_options,
+         worker::SessionIdentity identity, std::shared_ptr<spdlog::logger> log)
+      : slots(std::move(slots_options)), session(options, std::move(identity), &slots, log) {}
+  worker::Slots slots;
+  worker::Session session;
+};
+
+// One pool of the worker: its threads, and a member per partition of the queues, each a stream
+// to the master, where it shows as a worker of its own ("name/pool") serving only its kinds.
+// Separate streams keep each pool's credits and prefetch apart without the master knowing of
+// pools. The threads run the tasks of every partition.
 struct Lane {
-  Lane(const WorkerOptions* options, const Registry* registry, const PoolOptions& pool,
-       const std::string& worker_id, const std::string& name, const std::string& host,
+  Lane(const WorkerOptions* options, const Registry* registry, const PoolOptions& pool_options,
+       std::string worker_id, const std::string& name, std::string host,
        std::vector<std::string> kinds, std::shared_ptr<spdlog::logger> log)
-      : name(name),
-        pool_name(pool.name),
-        threads(pool.threads > 0
-                    ? pool.threads
+      : options(options),
+        name(name),
+        pool_name(pool_options.name),
+        worker_id(std::move(worker_id)),
+        host(std::move(host)),
+        log(log),
+        threads(pool_options.threads > 0
+                    ? pool_options.threads
                     : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
-        prefetch(pool.prefetch.value_or(options->prefetch)),
+        prefetch(pool_options.prefetch.value_or(options->prefetch)),
         kinds(std::move(kinds)),
-        slots({.threads = threads,
-               .prefetch = prefetch,
-               .prefetch_max = options->prefetch_max,
-               .prefetch_window = options->prefetch_window,
-               .batch_bytes = kBatchBytes,
-               .progress_interval = options->progress_interval}),
         metrics(this->kinds),
-        pool(&slots, registry, &metrics,
+        pool(&feed, registry, &metrics,
              {.worker_name = name,
               .max_output = static_cast<size_t>(std::max<int64_t>(
                   0, int64_t{options->master.max_message_bytes} - int64_t{kResultOverhead}))},
-             log, [this](worker::ToMaster out) { session.WriteNow(std::move(out)); }),
-        session(options,
-                {.worker_id = worker_id,
-                 .name = name,
-                 .host = host,
-                 .slots = threads,
-                 .kinds = this->kinds},
-                &slots, log) {}
+             log) {}
 
+  void Start() {
+    pool.Start(threads);
+    EnsurePartitions(1);
+  }
+
+  // The queues have `partitions` partitions (as a welcome said): a member for each it lacks.
+  void EnsurePartitions(int32_t partitions) {
+    absl::MutexLock lock(&mu);
+    if (stopped) return;
+    const auto count = static_cast<int32_t>(std::min<size_t>(partitions, kMaxPartitions));
+    for (auto p = static_cast<int32_t>(members.size()); p < count; ++p) {
+      auto member = std::make_unique<Member>(
+          options,
+          worker::SlotsOptions{.threads = threads,
+                               .prefetch = prefetch,
+                               .prefetch_max = options->prefetch_max,
+                               .prefetch_window = options->prefetch_window,
+                               .batch_bytes = kBatchBytes,
+                               .progress_interval = options->progress_interval,
+                               .on_ready = [this] { feed.Notify(); }},
+          worker::SessionIdentity{.worker_id = worker_id,
+                                  .name = name,
+                                  .host = host,
+                                  .slots = threads,
+                                  .kinds = kinds,
+                                  .partition = p,
+                                  .on_partitions = [this](int32_t n) { EnsurePartitions(n); }},
+          log);
+      Member* m = member.get();
+      feed.Add({&m->slots, [m](worker::ToMaster out) { m->session.WriteNow(std::move(out)); }});
+      m->session.Start();
+      members.push_back(std::move(member));
+    }
+  }
+
+  // Members are never removed, so the pointers stay valid for the lane's life.
+  std::vector<Member*> Members() const {
+    absl::MutexLock lock(&mu);
+    std::vector<Member*> out;
+    for (const auto& m : members) out.push_back(m.get());
+    return out;
+  }
+
+  // No member is added after this.
+  std::vector<Member*> StopMembers() {
+    {
+      absl::MutexLock lock(&mu);
+      stopped = true;
+    }
+    std::vector<Member*> all = Members();
+    for (Member* m : all) m->slots.Stop();
+    return all;
+  }
+
+  bool Connected() const {
+    const std::vector<Member*> all = Members();
+    return std::all_of(all.begin(), all.end(), [](Member* m) { return m->session.connected(); });
+  }
+
+  const WorkerOptions* const options;
   const std::string name;
   const std::string pool_name;
+  const std::string worker_id;
+  const std::string host;
+  const std::shared_ptr<spdlog::logger> log;
   const int threads;
   const int prefetch;
   const std::vector<std::string> kinds;
   // Each is thread-safe or used by one thread at a time (see their headers).
-  worker::Slots slots;
+  worker::Feed feed;
   worker::RunMetrics metrics;
   worker::Pool pool;
-  worker::Session session;
+  mutable absl::Mutex mu;
+  std::vector<std::unique_ptr<Member>> members ABSL_GUARDED_BY(mu);  // [partition]
+  bool stopped ABSL_GUARDED_BY(mu) = false;
 };
 
 // Which pool runs each kind: a pool's own `kinds`, or else the one pool that lists none. Fails on
@@ -164,9 +232,8 @@ class WorkerImpl final : public Worker {
     routes.push_back({"/healthz", true, [] { return HttpReply{200, "text/plain", "ok\n"}; }});
     // Ready while every pool has its stream to the master.
     routes.push_back({"/readyz", true, [this] {
-                        const bool all = std::all_of(lanes_.begin(), lanes_.end(), [](auto& l) {
-                          return l->session.connected();
-                        });
+                        const bool all = std::all_of(lanes_.begin(), lanes_.end(),
+                                                     [](auto& l) { return l->Connected(); });
                         return all ? HttpReply{200, "text/plain", "connected\n"}
                                    : HttpReply{503, "text/plain", StatusLine() + "\n"};
                       }});
@@ -199,11 +266,16 @@ class WorkerImpl final : public Worker {
                 {{"pool", pool}, {"state", "busy"}}, busy);
       out.Gauge("taskmaster_worker_pool_threads", "The pool's threads, running a task or free.",
                 {{"pool", pool}, {"state", "free"}}, lane->threads - busy);
-      out.Gauge("taskmaster_worker_connected", "1 while the pool's stream to the master is up.",
-                {{"pool", pool}}, lane->session.connected() ? 1 : 0);
+      out.Gauge("taskmaster_worker_connected",
+                "1 while the pool's streams to the masters (one per partition) are up.",
+                {{"pool", pool}}, lane->Connected() ? 1 : 0);
+      int64_t reconnects = 0;
+      for (Member* m : lane->Members()) {
+        reconnects += std::max<int64_t>(0, m->session.connections() - 1);
+      }
       out.Counter("taskmaster_worker_reconnects_total",
-                  "Streams the master welcomed after the pool's first.", {{"pool", pool}},
-                  static_cast<double>(std::max<int64_t>(0, lane->session.connections() - 1)));
+                  "Streams the masters welcomed after each of the pool's first.", {{"pool", pool}},
+                  static_cast<double>(reconnects));
     }
     AddProcessMetrics(out);
     return out.Render();
@@ -211,8 +283,7 @@ class WorkerImpl final : public Worker {
 
   void Run() {
     for (auto& lane : lanes_) {
-      lane->pool.Start(lane->threads);
-      lane->session.Start();
+      lane->Start();
       log_->info("worker {} started: {} threads, prefetch {}, kinds [{}], master {}", lane->name,
                  lane->threads,
                  lane->prefetch >= 0 ? std::to_string(lane->prefetch)
@@ -224,10 +295,14 @@ class WorkerImpl final : public Worker {
   ~WorkerImpl() override { Abort(); }
 
   void Drain() override {
-    const worker::Time deadline = lanes_.front()->slots.Now() + options_.drain_timeout;
-    // Every pool drains at once, so that the drain takes the timeout once, not once per pool.
+    const worker::Time deadline = std::chrono::steady_clock::now() + options_.drain_timeout;
+    // Every pool and partition drains at once, so that the drain takes the timeout once.
     std::vector<std::thread> drains;
-    for (auto& lane : lanes_) drains.emplace_back([&, l = lane.get()] { DrainLane(*l, deadline); });
+    for (auto& lane : lanes_) {
+      for (Member* m : lane->Members()) {
+        drains.emplace_back([&, l = lane.get(), m] { DrainMember(*l, *m, deadline); });
+      }
+    }
     for (std::thread& t : drains) t.join();
     Abort();
   }
@@ -235,23 +310,28 @@ class WorkerImpl final : public Worker {
   void Abort() override {
     // Only the first caller joins the threads.
     if (aborted_.exchange(true)) return;
-    for (auto& lane : lanes_) lane->slots.Stop();
-    for (auto& lane : lanes_) {
-      lane->session.Cancel();
-      lane->session.Join();
-      lane->pool.Join();
+    std::vector<std::vector<Member*>> members;
+    for (auto& lane : lanes_) members.push_back(lane->StopMembers());
+    for (size_t i = 0; i < lanes_.size(); ++i) {
+      for (Member* m : members[i]) {
+        m->session.Cancel();
+        m->session.Join();
+      }
+      lanes_[i]->pool.Join();
     }
     log_->info("worker {} stopped", name_);
   }
 
   bool Stopped() const override {
-    return std::all_of(lanes_.begin(), lanes_.end(),
-                       [](const auto& lane) { return lane->slots.Stopped(); });
+    return std::all_of(lanes_.begin(), lanes_.end(), [](const auto& lane) {
+      const std::vector<Member*> all = lane->Members();
+      return std::all_of(all.begin(), all.end(), [](Member* m) { return m->slots.Stopped(); });
+    });
   }
 
   std::string StatusLine() const override {
     size_t connected = 0;
-    for (const auto& lane : lanes_) connected += lane->session.connected() ? 1 : 0;
+    for (const auto& lane : lanes_) connected += lane->Connected() ? 1 : 0;
     const std::string state = connected == lanes_.size()
                                   ? "connected to"
                                   : (connected == 0 ? "connecting to"
@@ -261,12 +341,12 @@ class WorkerImpl final : public Worker {
   }
 
  private:
-  void DrainLane(Lane& lane, worker::Time deadline) {
-    const std::optional<worker::Slots::DrainStart> start = lane.slots.StartDrain();
+  void DrainMember(const Lane& lane, Member& member, worker::Time deadline) {
+    const std::optional<worker::Slots::DrainStart> start = member.slots.StartDrain();
     if (!start) return;
     log_->info("{} draining: {} tasks given back, {} running (up to {} ms)", lane.name,
                start->returned, start->running, options_.drain_timeout.count());
-    const worker::Slots::DrainEnd end = lane.slots.FinishDrain(deadline);
+    const worker::Slots::DrainEnd end = member.slots.FinishDrain(deadline);
     if (end.unfinished > 0) {
       log_->warn("{}: drain timeout: left {} tasks unfinished for the master to requeue", lane.name,
                  end.unfinished);

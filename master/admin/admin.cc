@@ -143,8 +143,8 @@ class MasterAdminImpl final : public MasterAdmin {
                    {"reason", health.reason},
                    {"silent_after_ms", sources_.silent_after_ms}};
     if (health.state == MasterState::kRecovering) return status.dump();
-    status["epoch"] = sources_.broker->epoch();
-    const BrokerMetrics m = sources_.broker->Metrics();
+    status["epoch"] = sources_.brokers->epoch();
+    const BrokerMetrics m = sources_.brokers->Metrics();
     json queues = json::array();
     for (const QueueStatsView& q : m.queues) {
       queues.push_back({{"queue", q.queue},
@@ -161,7 +161,7 @@ class MasterAdminImpl final : public MasterAdmin {
                         {"cancelled", q.cancelled}});
     }
     json workers = json::array();
-    for (const WorkerView& w : sources_.broker->Workers()) {
+    for (const WorkerView& w : sources_.brokers->Workers()) {
       workers.push_back({{"worker_id", w.worker_id},
                          {"name", w.name},
                          {"host", w.host},
@@ -239,7 +239,7 @@ class MasterAdminImpl final : public MasterAdmin {
   }
 
   void AddBroker(MetricsText& out) const {
-    const BrokerMetrics m = sources_.broker->Metrics();
+    const BrokerMetrics m = sources_.brokers->Metrics();
     // Queues past the cap are summed into one series each; ages take the oldest.
     std::map<std::string, QueueStatsView> queues;
     for (const QueueStatsView& q : m.queues) {
@@ -303,7 +303,7 @@ class MasterAdminImpl final : public MasterAdmin {
     std::map<std::string, int64_t> workers = {
         {"connected", 0}, {"draining", 0}, {"silent", 0}, {"disconnected", 0}};
     int64_t slots = 0, busy = 0;
-    for (const WorkerView& w : sources_.broker->Workers()) {
+    for (const WorkerView& w : sources_.brokers->Workers()) {
       if (!w.connected) {
         workers["disconnected"]++;
         continue;
@@ -323,7 +323,7 @@ class MasterAdminImpl final : public MasterAdmin {
   }
 
   void AddStore(MetricsText& out) const {
-    const StoreMetrics s = sources_.store->Metrics();
+    const StoreMetrics s = sources_.store_metrics();
     out.Histogram("taskmaster_store_commit_seconds", "How long each store commit took.", {},
                   s.commit_seconds);
     out.Histogram("taskmaster_store_commit_changes", "Changes (rows) written per store commit.", {},
@@ -336,7 +336,7 @@ class MasterAdminImpl final : public MasterAdmin {
     while (!stop_cv_.wait_for(lock, options_.history_interval, [this] { return stop_; })) {
       lock.unlock();
       if (sources_.health().state != MasterState::kRecovering) {
-        Totals now = SumOf(sources_.broker->Metrics());
+        Totals now = SumOf(sources_.brokers->Metrics());
         if (before) AddSample(now, *before);
         before = std::move(now);
       }

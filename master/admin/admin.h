@@ -11,7 +11,7 @@
 #include "absl/status/statusor.h"
 #include "common/admin_http.h"
 #include "common/auth.h"
-#include "master/core/broker.h"
+#include "master/core/broker_set.h"
 #include "master/store/store.h"
 #include "spdlog/logger.h"
 
@@ -24,11 +24,12 @@ struct MasterHealth {
   std::string reason;  // why it does not serve, for a person
 };
 
-// What the admin pages read; every function is thread-safe. The broker and store are read
+// What the admin pages read; every function is thread-safe. The brokers and stores are read
 // only once the state has left kRecovering.
 struct AdminSources {
-  const Broker* broker = nullptr;
-  const Store* store = nullptr;
+  const BrokerSet* brokers = nullptr;
+  // Of the stores of the partitions served, merged.
+  std::function<StoreMetrics()> store_metrics;
   std::function<MasterHealth()> health;
   std::function<AuthFailures()> auth_failures;
   // Whether the master's timers ran lately (see Master::Ticking): /healthz fails without.

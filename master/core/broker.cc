@@ -4,6 +4,7 @@
 
 #include <utility>
 
+#include "common/partition.h"
 #include "master/core/broker_impl.h"
 
 namespace taskmaster {
@@ -16,7 +17,10 @@ Broker::Impl::Impl(BrokerOptions options, const Clock* clock, Store* store,
       log_(std::move(log)),
       epoch_(store->Epoch()),
       persistent_(store->persistent()),
-      last_tick_ms_(clock->NowMs()) {}
+      last_tick_ms_(clock->NowMs()) {
+  absl::MutexLock lock(&mu_);
+  next_id_ = FirstTaskIdOf(options_.partition);
+}
 
 Broker::Impl::Section::Section(Impl& b) : b_(b) {
   b.mu_.Lock();

@@ -17,6 +17,10 @@
 namespace taskmaster {
 
 struct BrokerOptions {
+  // The partition of the queues this broker serves, of how many (see common/partition.h): its
+  // task and job ids carry it, and its workers' welcomes say how many there are.
+  int32_t partition = 0;
+  int32_t partitions = 1;
   // A leased task returns to pending when no heartbeat of its worker came for this long.
   int64_t lease_timeout_ms = 30'000;
   // How often workers send heartbeats; told to them in the Welcome.

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/partition.h"
 #include "common/util.h"
 #include "master/core/broker_impl.h"
 #include "master/core/validate.h"
@@ -131,7 +132,7 @@ absl::StatusOr<SubmitOutcome> Broker::Impl::SubmitLocked(const Caller& caller,
   } else {
     auto job_owner = std::make_unique<Job>();
     job = job_owner.get();
-    job->id = open_job ? open_job->id : "job-" + RandomHex(8);
+    job->id = open_job ? open_job->id : JobIdPrefixOf(options_.partition) + RandomHex(8);
     job->tenant = tenant;
     job->account = &account;
     job->created_ms = open_job ? open_job->created_ms : now;

@@ -228,7 +228,8 @@ struct Welcome {
   int64_t heartbeat_interval_ms = 0;
   int64_t lease_timeout_ms = 0;
   std::vector<TaskRef> revoked;
-  std::string secret;  // the worker shows it in a later hello to keep its id
+  std::string secret;      // the worker shows it in a later hello to keep its id
+  int32_t partitions = 1;  // the worker holds a stream to the owner of each
 };
 
 // What the master sends a worker; any combination of fields in one message.

@@ -90,7 +90,12 @@ absl::StatusOr<Broker::WorkerHandle> Broker::Impl::Attach(WorkerHello hello,
   for (auto& [key, cls] : classes_) {
     if (CanRun(w, *cls)) w.eligible.push_back(cls.get());
   }
-  Welcome welcome{epoch_, options_.heartbeat_interval_ms, options_.lease_timeout_ms, {}, w.secret};
+  Welcome welcome{epoch_,
+                  options_.heartbeat_interval_ms,
+                  options_.lease_timeout_ms,
+                  {},
+                  w.secret,
+                  options_.partitions};
   size_t adopted = 0;
   const bool awaited = awaited_.contains(w.id);
   for (const auto& [id, attempt] : held) {

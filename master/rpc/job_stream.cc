@@ -26,7 +26,6 @@ JobStream::JobStream(TaskQueueService* service, Call call, grpc::ServerCompletio
     : service_(service),
       call_(call),
       cq_(cq),
-      broker_(service->broker_),
       link_(std::make_shared<Link>(this)),
       writer_(&context_) {
   // Delivered only if a call arrives (counted then, in OnCall).
@@ -72,6 +71,7 @@ void JobStream::Begin() {
   caller_ = who.caller();
   token_ = std::move(who.token);
   if (call_ == Call::kWatchJob) {
+    if (!Route(service_->brokers_->ForJob(watch_request_.job_id()))) return;
     Follow(watch_request_.job_id(), watch_request_.after(), nullptr);
     return;
   }
@@ -82,17 +82,28 @@ void JobStream::Begin() {
                       "job with WatchJob"));
     return;
   }
-  Submit();
+  std::vector<TaskSpec> specs = TakeSpecs(&submit_request_);
+  if (!Route(service_->brokers_->ForSubmit(caller_, SubmitTarget{}, specs))) return;
+  Submit(std::move(specs));
 }
 
-void JobStream::Submit() {
+bool JobStream::Route(absl::StatusOr<std::shared_ptr<Broker>> broker) {
+  if (!broker.ok()) {
+    Fail(ToGrpcStatus(broker.status(), &context_));
+    return false;
+  }
+  broker_ = std::move(*broker);
+  return true;
+}
+
+void JobStream::Submit(std::vector<TaskSpec> specs) {
   {
     absl::MutexLock lock(&mu_);
     submitting_ = true;
     ++ops_;  // the callback, which may come after the call is over
   }
   FirstEventHold* hold = service_->hold_first_event_ ? &service_->first_events_ : nullptr;
-  broker_->Submit(caller_, TargetOf(submit_request_), TakeSpecs(&submit_request_),
+  broker_->Submit(caller_, SubmitTarget{}, std::move(specs),
                   [this, hold](absl::StatusOr<SubmitOutcome> outcome) {
                     if (outcome.ok()) {
                       Follow(outcome->job_id, 0, hold);

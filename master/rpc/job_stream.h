@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
-#include "master/core/broker.h"
+#include "master/core/broker_set.h"
 #include "master/rpc/auth.h"
 #include "master/rpc/completion_queue.h"
 #include "master/rpc/reactor_ref.h"
@@ -54,7 +54,9 @@ class JobStream {
 
   // The call arrived: authorizes it, then follows or submits.
   void Begin();
-  void Submit();
+  // Sets broker_; false (and the stream failed) when the call belongs to another master.
+  bool Route(absl::StatusOr<std::shared_ptr<Broker>> broker);
+  void Submit(std::vector<TaskSpec> specs);
   // Starts following `job_id` after its first `after` results. With `hold`, the first event
   // waits for results to carry, until `hold` releases it, rather than go out with none.
   void Follow(std::string job_id, int64_t after, FirstEventHold* hold);
@@ -69,7 +71,8 @@ class JobStream {
   TaskQueueService* const service_;
   const Call call_;
   grpc::ServerCompletionQueue* const cq_;  // where it and the next call are awaited
-  Broker* const broker_;
+  // Of the job's partition: set before the stream watches the job, and kept until it is deleted.
+  std::shared_ptr<Broker> broker_;
   const std::shared_ptr<Link> link_;
   grpc::ServerContext context_;
   v1::SubmitRequest submit_request_;   // SubmitAndWatch's

@@ -36,21 +36,27 @@ void TaskQueueService::AnswerSubmit(Call<v1::SubmitRequest, v1::SubmitResponse>*
     call->Reply(s);
     return;
   }
-  broker_->Submit(who.caller(), TargetOf(*call->request()), TakeSpecs(call->request()),
-                  [call](absl::StatusOr<SubmitOutcome> outcome) {
-                    if (!outcome.ok()) {
-                      call->Reply(ToGrpcStatus(outcome.status()));
-                      return;
-                    }
-                    v1::SubmitResponse* response = call->response();
-                    response->set_job_id(std::move(outcome->job_id));
-                    response->mutable_task_ids()->Add(outcome->task_ids.begin(),
-                                                      outcome->task_ids.end());
-                    for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
-                    response->set_batch(outcome->batch);
-                    response->set_duplicate(outcome->duplicate);
-                    call->Reply(grpc::Status::OK);
-                  });
+  const SubmitTarget target = TargetOf(*call->request());
+  std::vector<TaskSpec> specs = TakeSpecs(call->request());
+  absl::StatusOr<std::shared_ptr<Broker>> broker = brokers_->ForSubmit(who.caller(), target, specs);
+  if (!broker.ok()) {
+    call->Reply(ToGrpcStatus(broker.status(), call->context()));
+    return;
+  }
+  (*broker)->Submit(
+      who.caller(), target, std::move(specs), [call](absl::StatusOr<SubmitOutcome> outcome) {
+        if (!outcome.ok()) {
+          call->Reply(ToGrpcStatus(outcome.status()));
+          return;
+        }
+        v1::SubmitResponse* response = call->response();
+        response->set_job_id(std::move(outcome->job_id));
+        response->mutable_task_ids()->Add(outcome->task_ids.begin(), outcome->task_ids.end());
+        for (auto& w : outcome->warnings) response->add_warnings(std::move(w));
+        response->set_batch(outcome->batch);
+        response->set_duplicate(outcome->duplicate);
+        call->Reply(grpc::Status::OK);
+      });
 }
 
 void TaskQueueService::AnswerGetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* call) {
@@ -59,15 +65,23 @@ void TaskQueueService::AnswerGetTask(Call<v1::GetTaskRequest, v1::TaskInfo>* cal
     call->Reply(s);
     return;
   }
-  absl::StatusOr<TaskView> view = broker_->GetTask(who.caller(), call->request()->id());
+  absl::StatusOr<std::shared_ptr<Broker>> routed = brokers_->ForTask(call->request()->id());
+  if (!routed.ok()) {
+    call->Reply(ToGrpcStatus(routed.status(), call->context()));
+    return;
+  }
+  std::shared_ptr<Broker> broker = std::move(*routed);
+  absl::StatusOr<TaskView> view = broker->GetTask(who.caller(), call->request()->id());
   if (!view.ok() || view->settled) {
     if (view.ok()) ToProto(*view, call->response());
     call->Reply(ToGrpcStatus(view.status()));
     return;
   }
   // Its result is being written: answer once it is on disk, so it cannot be taken back.
-  broker_->WhenDurable([this, call, caller = who.caller()](absl::Status status) {
-    absl::StatusOr<TaskView> again = broker_->GetTask(caller, call->request()->id());
+  // A raw pointer: the broker runs the store's callbacks before it goes, and the last reference
+  // must never be dropped on the store's own thread.
+  broker->WhenDurable([broker = broker.get(), call, caller = who.caller()](absl::Status status) {
+    absl::StatusOr<TaskView> again = broker->GetTask(caller, call->request()->id());
     if (status.ok() && again.ok()) ToProto(*again, call->response());
     call->Reply(!status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                             "the task's result is not stored yet; retry")
@@ -81,7 +95,12 @@ void TaskQueueService::AnswerGetJob(Call<v1::GetJobRequest, v1::JobInfo>* call) 
     call->Reply(s);
     return;
   }
-  absl::StatusOr<JobView> view = broker_->GetJob(who.caller(), call->request()->job_id());
+  absl::StatusOr<std::shared_ptr<Broker>> broker = brokers_->ForJob(call->request()->job_id());
+  if (!broker.ok()) {
+    call->Reply(ToGrpcStatus(broker.status(), call->context()));
+    return;
+  }
+  absl::StatusOr<JobView> view = (*broker)->GetJob(who.caller(), call->request()->job_id());
   if (view.ok()) ToProto(*view, call->response());
   call->Reply(ToGrpcStatus(view.status()));
 }
@@ -93,17 +112,29 @@ void TaskQueueService::AnswerCancel(Call<v1::CancelRequest, v1::CancelResponse>*
     return;
   }
   const v1::CancelRequest& request = *call->request();
-  absl::StatusOr<int64_t> cancelled =
-      request.has_task_id()  ? broker_->CancelTask(who.caller(), request.task_id())
-      : request.has_job_id() ? broker_->CancelJob(who.caller(), request.job_id())
-                             : absl::InvalidArgumentError("cancel needs a task id or a job id");
+  if (!request.has_task_id() && !request.has_job_id()) {
+    call->Reply(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "cancel needs a task id or a job id"));
+    return;
+  }
+  absl::StatusOr<std::shared_ptr<Broker>> routed = request.has_task_id()
+                                                       ? brokers_->ForTask(request.task_id())
+                                                       : brokers_->ForJob(request.job_id());
+  if (!routed.ok()) {
+    call->Reply(ToGrpcStatus(routed.status(), call->context()));
+    return;
+  }
+  std::shared_ptr<Broker> broker = std::move(*routed);
+  absl::StatusOr<int64_t> cancelled = request.has_task_id()
+                                          ? broker->CancelTask(who.caller(), request.task_id())
+                                          : broker->CancelJob(who.caller(), request.job_id());
   if (!cancelled.ok()) {
     call->Reply(ToGrpcStatus(cancelled.status()));
     return;
   }
   call->response()->set_cancelled(*cancelled);
   // A cancel is acknowledged once it is durable, so a restart cannot forget it.
-  broker_->WhenDurable([call](absl::Status status) {
+  broker->WhenDurable([call](absl::Status status) {
     call->Reply(status.ok() ? grpc::Status::OK
                             : grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                            absl::StrCat("the cancel could not be stored: ",
@@ -117,9 +148,9 @@ void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* ca
     return;
   }
   v1::StatsResponse* response = call->response();
-  for (const QueueStatsView& q : broker_->QueueStats()) ToProto(q, response->add_queues());
-  for (const WorkerView& w : broker_->Workers()) ToProto(w, response->add_workers());
-  response->set_duplicate_results(broker_->DuplicateResults());
+  for (const QueueStatsView& q : brokers_->QueueStats()) ToProto(q, response->add_queues());
+  for (const WorkerView& w : brokers_->Workers()) ToProto(w, response->add_workers());
+  response->set_duplicate_results(brokers_->DuplicateResults());
   call->Reply(grpc::Status::OK);
 }
 
@@ -128,7 +159,7 @@ void TaskQueueService::AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersRespons
     call->Reply(s);
     return;
   }
-  for (const WorkerView& w : broker_->Workers()) ToProto(w, call->response()->add_workers());
+  for (const WorkerView& w : brokers_->Workers()) ToProto(w, call->response()->add_workers());
   call->Reply(grpc::Status::OK);
 }
 

@@ -4,7 +4,7 @@
 
 #include <cstddef>
 
-#include "master/core/broker.h"
+#include "master/core/broker_set.h"
 #include "master/rpc/auth.h"
 #include "master/rpc/completion_queue.h"
 #include "master/rpc/job_stream.h"
@@ -20,9 +20,9 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
  public:
   // `max_watches_per_token`: WatchJob and SubmitAndWatch streams one token may hold open;
   // `hold_first_event`: SubmitAndWatch's first event waits for results until the next Tick.
-  TaskQueueService(Broker* broker, const Authorizer* auth, size_t max_watches_per_token,
+  TaskQueueService(BrokerSet* brokers, const Authorizer* auth, size_t max_watches_per_token,
                    bool hold_first_event)
-      : broker_(broker),
+      : brokers_(brokers),
         auth_(auth),
         watches_(max_watches_per_token),
         hold_first_event_(hold_first_event) {}
@@ -46,7 +46,7 @@ class TaskQueueService final : public v1::TaskQueue::AsyncService {
   void AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* call);
   void AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersResponse>* call);
 
-  Broker* const broker_;
+  BrokerSet* const brokers_;
   const Authorizer* const auth_;
   StreamQuota watches_;
   const bool hold_first_event_;

@@ -21,6 +21,7 @@ StreamStep WorkerOutbox::Add(WorkerOutbound message) {
     w->set_lease_timeout_ms(message.welcome->lease_timeout_ms);
     w->set_echoes_heartbeats(true);  // see WorkerStream::Handle
     w->set_worker_secret(message.welcome->secret);
+    w->set_partitions(message.welcome->partitions);
     AddRefs(message.welcome->revoked, w->mutable_revoked());
   }
   for (LeasedTask& t : message.tasks) {

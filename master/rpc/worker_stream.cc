@@ -20,7 +20,6 @@ class WorkerStream {
   WorkerStream(WorkerServiceImpl* service, grpc::ServerCompletionQueue* cq)
       : service_(service),
         cq_(cq),
-        broker_(service->broker_),
         log_(service->log_),
         stream_(&context_),
         channel_(std::make_shared<Channel>(this)),
@@ -87,6 +86,14 @@ class WorkerStream {
                          "the first message of a worker stream must carry a hello"));
         return;
       }
+      // The stream serves one partition, with the broker that serves it here for its life.
+      absl::StatusOr<std::shared_ptr<Broker>> broker =
+          service_->brokers_->ForPartition(in_.hello().partition());
+      if (!broker.ok()) {
+        End(ToGrpcStatus(broker.status(), &context_));
+        return;
+      }
+      broker_ = std::move(*broker);
       absl::StatusOr<Broker::WorkerHandle> handle =
           broker_->Attach(FromProto(*in_.mutable_hello()), channel_);
       if (!handle.ok()) {
@@ -191,7 +198,6 @@ class WorkerStream {
 
   WorkerServiceImpl* const service_;
   grpc::ServerCompletionQueue* const cq_;  // where it and the next call are awaited
-  Broker* const broker_;
   const std::shared_ptr<spdlog::logger> log_;
   grpc::ServerContext context_;
   grpc::ServerAsyncReaderWriter<v1::MasterMessage, v1::WorkerMessage> stream_;
@@ -205,6 +211,7 @@ class WorkerStream {
   // Used only by the completions of the call and of reads, which come one at a time.
   std::string peer_;
   v1::WorkerMessage in_;
+  std::shared_ptr<Broker> broker_;  // once the hello named its partition
   Broker::WorkerHandle handle_;
   bool attached_ = false;
   bool bye_ = false;

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "master/core/broker.h"
+#include "master/core/broker_set.h"
 #include "master/rpc/auth.h"
 #include "master/rpc/completion_queue.h"
 #include "spdlog/logger.h"
@@ -24,9 +24,10 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
  public:
   // `max_buffered_bytes`: what may wait for a worker that does not read its stream before the
   // stream is cut; `stall`: how long a write may wait for it to read (see WorkerOutbox).
-  WorkerServiceImpl(Broker* broker, const Authorizer* auth, std::shared_ptr<spdlog::logger> log,
-                    size_t max_buffered_bytes, std::chrono::milliseconds stall)
-      : broker_(broker),
+  WorkerServiceImpl(const BrokerSet* brokers, const Authorizer* auth,
+                    std::shared_ptr<spdlog::logger> log, size_t max_buffered_bytes,
+                    std::chrono::milliseconds stall)
+      : brokers_(brokers),
         auth_(auth),
         log_(std::move(log)),
         max_buffered_bytes_(max_buffered_bytes),
@@ -44,7 +45,7 @@ class WorkerServiceImpl final : public v1::WorkerService::AsyncService {
   // A stream waits for the next call on `cq` (each call's stream asks for the one after it).
   void AwaitCall(grpc::ServerCompletionQueue* cq);
 
-  Broker* const broker_;
+  const BrokerSet* const brokers_;
   const Authorizer* const auth_;
   const std::shared_ptr<spdlog::logger> log_;
   const size_t max_buffered_bytes_;

@@ -3,12 +3,14 @@
 #include "master/store/postgres_store.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "common/partition.h"
 #include "common/util.h"
 #include "master/store/labels.h"
 #include "master/store/pg.h"
@@ -22,8 +24,6 @@ constexpr int kSchemaVersion = 1;
 constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 // Serializes schema creation among masters starting at once (pg_advisory_xact_lock's key).
 constexpr int64_t kSchemaLock = 0x544D5047;  // 'TMPG'
-// The partition this master serves (one for now: masters take over for each other whole).
-constexpr int32_t kPartition = 0;
 
 constexpr char kSchema[] = R"sql(
 CREATE SCHEMA IF NOT EXISTS taskmaster;
@@ -68,6 +68,10 @@ CREATE OR REPLACE VIEW taskmaster.current_tasks AS
 CREATE TABLE IF NOT EXISTS taskmaster.job_members (
   job_id text NOT NULL, task_id bigint NOT NULL, position bigint NOT NULL, part int NOT NULL,
   PRIMARY KEY (job_id, task_id));
+-- Every master that runs, serving or not: each counts the live ones to take its fair share of
+-- the partitions.
+CREATE TABLE IF NOT EXISTS taskmaster.masters (
+  id text PRIMARY KEY, address text NOT NULL, expires_at timestamptz NOT NULL);
 CREATE TABLE IF NOT EXISTS taskmaster.workers (
   part int NOT NULL, worker_id bytea NOT NULL, secret text NOT NULL,
   PRIMARY KEY (part, worker_id));
@@ -180,6 +184,64 @@ std::string SessionName(const std::string& master_id) {
   return absl::StrCat("taskmaster:", master_id).substr(0, 63);
 }
 
+// What every master of a database shares, whatever partition it serves.
+struct PostgresLayout {
+  std::string epoch;
+  int32_t partitions = 1;
+};
+
+// Creates the schema when missing (with `options.partitions` partitions); reads the layout.
+absl::StatusOr<PostgresLayout> PreparePostgres(pg::Connection& c,
+                                               const PostgresStoreOptions& options) {
+  // One transaction, under a lock every master takes: two masters starting on an empty
+  // database create the schema once.
+  absl::Status s = c.Run("BEGIN");
+  if (s.ok()) s = c.Run("SELECT pg_advisory_xact_lock($1)", {std::to_string(kSchemaLock)});
+  if (s.ok()) s = c.Run(kSchema);
+  absl::StatusOr<pg::Result> meta;
+  if (s.ok()) {
+    meta = c.Exec("SELECT key, value FROM taskmaster.meta");
+    s = meta.status();
+  }
+  std::map<std::string, std::string> values;
+  if (s.ok()) {
+    for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
+    if (values.empty()) {
+      values = {{"schema_version", std::to_string(kSchemaVersion)},
+                {"epoch", RandomHex(8)},
+                {"partitions", std::to_string(options.partitions)}};
+      for (const auto& [key, value] : values) {
+        if (s.ok()) {
+          s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
+        }
+      }
+      if (s.ok()) {
+        s = c.Run(
+            "INSERT INTO taskmaster.partitions(id) SELECT generate_series(0, $1 - 1) "
+            "ON CONFLICT DO NOTHING",
+            {std::to_string(options.partitions)});
+      }
+    }
+  }
+  if (s.ok()) s = c.Run("COMMIT");
+  if (!s.ok()) return s;
+  if (values["schema_version"] != std::to_string(kSchemaVersion)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the taskmaster schema in ", pg::Redacted(options.conninfo), " is of version ",
+                     values["schema_version"], "; this master knows ", kSchemaVersion,
+                     " only: run the taskmaster release that wrote it"));
+  }
+  PostgresLayout layout;
+  layout.epoch = values["epoch"];
+  // Databases made before partitions have one.
+  layout.partitions = values.contains("partitions") ? std::atoi(values["partitions"].c_str()) : 1;
+  if (layout.partitions < 1 || layout.partitions > kMaxPartitions) {
+    return absl::DataLossError(absl::StrCat("taskmaster.meta says ", values["partitions"],
+                                            " partitions; 1 to ", kMaxPartitions, " can be"));
+  }
+  return layout;
+}
+
 class PostgresStoreImpl final : public PostgresStore {
  public:
   PostgresStoreImpl(PostgresStoreOptions options, std::string password)
@@ -203,42 +265,15 @@ class PostgresStoreImpl final : public PostgresStore {
   absl::Status Open() {
     absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
     if (!conn.ok()) return conn.status();
-    pg::Connection& c = **conn;
-    // One transaction, under a lock every master takes: two masters starting on an empty
-    // database create the schema once.
-    absl::Status s = c.Run("BEGIN");
-    if (s.ok()) s = c.Run("SELECT pg_advisory_xact_lock($1)", {std::to_string(kSchemaLock)});
-    if (s.ok()) s = c.Run(kSchema);
-    absl::StatusOr<pg::Result> meta;
-    if (s.ok()) {
-      meta = c.Exec("SELECT key, value FROM taskmaster.meta");
-      s = meta.status();
+    absl::StatusOr<PostgresLayout> layout = PreparePostgres(**conn, options_);
+    if (!layout.ok()) return layout.status();
+    if (options_.partition < 0 || options_.partition >= layout->partitions) {
+      return absl::InvalidArgumentError(absl::StrCat("partition ", options_.partition,
+                                                     " does not exist: the database has ",
+                                                     layout->partitions));
     }
-    std::map<std::string, std::string> values;
-    if (s.ok()) {
-      for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
-      if (values.empty()) {
-        values = {{"schema_version", std::to_string(kSchemaVersion)}, {"epoch", RandomHex(8)}};
-        for (const auto& [key, value] : values) {
-          if (s.ok()) {
-            s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
-          }
-        }
-        if (s.ok()) {
-          s = c.Run("INSERT INTO taskmaster.partitions(id) VALUES($1) ON CONFLICT DO NOTHING",
-                    {std::to_string(kPartition)});
-        }
-      }
-    }
-    if (s.ok()) s = c.Run("COMMIT");
-    if (!s.ok()) return s;
-    if (values["schema_version"] != std::to_string(kSchemaVersion)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("the taskmaster schema in ", pg::Redacted(options_.conninfo),
-                       " is of version ", values["schema_version"], "; this master knows ",
-                       kSchemaVersion, " only: run the taskmaster release that wrote it"));
-    }
-    epoch_ = values["epoch"];
+    if (absl::Status s = (*conn)->Run(ReaderSetup()); !s.ok()) return s;
+    epoch_ = layout->epoch;
     reader_ = std::move(*conn);
     return absl::OkStatus();
   }
@@ -247,13 +282,14 @@ class PostgresStoreImpl final : public PostgresStore {
   bool persistent() const override { return true; }
 
   absl::Status Acquire(const std::string& address, const std::function<bool()>& stopping,
+                       const std::function<bool()>& wanted,
                        const std::function<void(const Owner&)>& standing_by,
                        std::function<void(const absl::Status&)> lost) override {
     bool told_standby = false;
     while (!stopping()) {
       // PostgreSQL's expiry counts from its transaction's start, after this.
       const auto began = std::chrono::steady_clock::now();
-      absl::StatusOr<int64_t> version = TryAcquire(address);
+      absl::StatusOr<int64_t> version = wanted() ? TryAcquire(address) : LookAtOwner();
       if (version.ok()) {
         {
           absl::MutexLock lock(&lease_mu_);
@@ -261,7 +297,8 @@ class PostgresStoreImpl final : public PostgresStore {
           renewed_at_ = began;
           lost_ = std::move(lost);
         }
-        log_->info("this master now serves partition {} (lease version {})", kPartition, *version);
+        log_->info("this master now serves partition {} (lease version {})", options_.partition,
+                   *version);
         lease_thread_ = std::thread([this] { LeaseLoop(); });
         lease_watch_ = std::thread([this] { WatchLease(); });
         StartWriter();
@@ -273,7 +310,7 @@ class PostgresStoreImpl final : public PostgresStore {
         const Owner owner = CurrentOwner();
         standing_by(owner);
         if (!told_standby) {
-          log_->info("standing by: partition {} is served by {} at {}", kPartition,
+          log_->info("standing by: partition {} is served by {} at {}", options_.partition,
                      Printable(owner.master_id), Printable(owner.address));
           told_standby = true;
         }
@@ -296,6 +333,8 @@ class PostgresStoreImpl final : public PostgresStore {
   }
 
  private:
+  std::string Part() const { return std::to_string(options_.partition); }
+
   // Every session of this master is named after it, so that a master taking over can end
   // the sessions of one whose lease expired (see TryAcquire).
   absl::StatusOr<std::unique_ptr<pg::Connection>> Connect() const {
@@ -329,7 +368,7 @@ class PostgresStoreImpl final : public PostgresStore {
         "UPDATE taskmaster.partitions SET owner = $1, address = $2, version = version + 1, "
         "expires_at = now() + $3 * interval '1 millisecond' "
         "WHERE id = $4 AND (owner = '' OR expires_at < now()) RETURNING version",
-        {options_.master_id, address, Ms(options_.lease_ms), std::to_string(kPartition)});
+        {options_.master_id, address, Ms(options_.lease_ms), Part()});
     if (!r.ok() && !absl::IsUnavailable(r.status())) {
       // The row is locked. A master paused or cut off in the middle of a commit holds that lock
       // for as long as its session lives (the server ends only sessions idle in a transaction,
@@ -338,19 +377,25 @@ class PostgresStoreImpl final : public PostgresStore {
           "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a "
           "JOIN taskmaster.partitions p ON a.application_name = left('taskmaster:' || p.owner, "
           "63) WHERE p.id = $1 AND p.owner <> '' AND p.owner <> $2 AND p.expires_at < now()",
-          {std::to_string(kPartition), options_.master_id});
+          {Part(), options_.master_id});
       if (ended.ok() && ended->rows() == 1 && ended->int64(0, 0) > 0) {
         log_->warn(
             "ended {} sessions of the master whose lease on partition {} expired while "
             "it held the lease row's lock",
-            ended->int64(0, 0), kPartition);
+            ended->int64(0, 0), options_.partition);
       }
     }
     if (!r.ok()) return r.status();
     if (r->rows() == 1) return r->int64(0, 0);
+    return LookAtOwner();
+  }
+
+  // Who holds the lease (into owner_); NOT_FOUND when that worked.
+  absl::StatusOr<int64_t> LookAtOwner() {
+    if (absl::Status s = Reconnect(reader_, ReaderSetup()); !s.ok()) return s;
     absl::StatusOr<pg::Result> owner = reader_->Exec(
         "SELECT owner, address, expires_at >= now() FROM taskmaster.partitions WHERE id = $1",
-        {std::to_string(kPartition)});
+        {Part()});
     if (!owner.ok()) return owner.status();
     if (owner->rows() == 1) {
       absl::MutexLock lock(&lease_mu_);
@@ -450,35 +495,41 @@ class PostgresStoreImpl final : public PostgresStore {
     absl::StatusOr<pg::Result> r = conn->Exec(
         "UPDATE taskmaster.partitions SET expires_at = now() + $1 * interval '1 millisecond' "
         "WHERE id = $2 AND owner = $3 AND version = $4 RETURNING id",
-        {Ms(options_.lease_ms), std::to_string(kPartition), options_.master_id,
-         std::to_string(version)});
+        {Ms(options_.lease_ms), Part(), options_.master_id, std::to_string(version)});
     if (!r.ok()) return r.status();
     if (r->rows() != 1) return absl::NotFoundError("the lease has another holder");
     return absl::OkStatus();
   }
 
-  // Gives the lease up on a clean stop, so another master need not wait for it to expire. On
-  // the connection Acquire and Load used, idle since.
-  void Release() {
+  // On the connection Acquire and Load used, idle since.
+  void Release() override {
     int64_t version;
     {
       absl::MutexLock lock(&lease_mu_);
       if (version_ == 0 || !lost_status_.ok()) return;
       version = version_;
     }
+    {
+      // Renewals stop first: one after the release would take the lease back.
+      absl::MutexLock lock(&lease_mu_);
+      lease_stop_ = true;
+      version_ = 0;
+    }
+    if (lease_thread_.joinable()) lease_thread_.join();
+    if (lease_watch_.joinable()) lease_watch_.join();
     if (!Reconnect(reader_, ReaderSetup()).ok()) return;
     reader_
         ->Run(
             "UPDATE taskmaster.partitions SET owner = '', expires_at = '-infinity' "
             "WHERE id = $1 AND owner = $2 AND version = $3",
-            {std::to_string(kPartition), options_.master_id, std::to_string(version)})
+            {Part(), options_.master_id, std::to_string(version)})
         .IgnoreError();
-    log_->info("released partition {}", kPartition);
+    log_->info("released partition {}", options_.partition);
   }
 
   absl::Status LoadRecords(RecoveryVisitor* visitor) override {
     pg::Connection& c = *reader_;
-    const pg::Params part = {std::to_string(kPartition)};
+    const pg::Params part = {Part()};
     absl::Status s = c.ForEachRow(
         "SELECT job_id, total, created_ms, tenant, open, batches FROM taskmaster.jobs "
         "WHERE part = $1",
@@ -614,7 +665,7 @@ class PostgresStoreImpl final : public PostgresStore {
           job_rows[op.submit->job.job_id] = &op.submit->job;
           for (const TaskRow& t : op.submit->tasks) {
             highest = std::max(highest, t.id);
-            tasks.Add(t, kPartition);
+            tasks.Add(t, options_.partition);
           }
           for (const JobMemberRow& m : op.submit->members) {
             member_job.Bytes(m.job_id);
@@ -644,16 +695,16 @@ class PostgresStoreImpl final : public PostgresStore {
       version = version_;
     }
     std::vector<pg::Connection::Statement> statements;
-    statements.push_back({"SELECT taskmaster.fence($1, $2, $3, $4)",
-                          {std::to_string(kPartition), options_.master_id, std::to_string(version),
-                           std::to_string(highest)}});
+    statements.push_back(
+        {"SELECT taskmaster.fence($1, $2, $3, $4)",
+         {Part(), options_.master_id, std::to_string(version), std::to_string(highest)}});
     if (!job_rows.empty()) {
       ArrayParam id{ArrayParam::kText}, part{ArrayParam::kInt4}, total{ArrayParam::kInt8},
           created{ArrayParam::kInt8}, tenant{ArrayParam::kBytea}, open{ArrayParam::kBool},
           batches{ArrayParam::kInt8};
       for (const auto& [job_id, job] : job_rows) {
         id.Bytes(job_id);
-        part.Int32(kPartition);
+        part.Int32(options_.partition);
         total.Int64(job->total);
         created.Int64(job->created_ms);
         tenant.Bytes(job->tenant);
@@ -681,7 +732,7 @@ class PostgresStoreImpl final : public PostgresStore {
     }
     if (member_task.size() > 0) {
       ArrayParam part{ArrayParam::kInt4};
-      for (size_t i = 0; i < member_task.size(); ++i) part.Int32(kPartition);
+      for (size_t i = 0; i < member_task.size(); ++i) part.Int32(options_.partition);
       statements.push_back(
           {absl::StrCat("INSERT INTO taskmaster.job_members SELECT * FROM ",
                         Unnest("$text[], $int8[], $int8[], $int4[]"),
@@ -728,14 +779,14 @@ class PostgresStoreImpl final : public PostgresStore {
           op->kind == StoreChange::Kind::kPutWorker
               ? pg::Connection::Statement{absl::StrCat("INSERT INTO taskmaster.workers(part, "
                                                        "worker_id, secret) VALUES(",
-                                                       kPartition,
+                                                       options_.partition,
                                                        ", $1::bytea, $2::text) ON CONFLICT "
                                                        "(part, worker_id) DO UPDATE SET secret = "
                                                        "EXCLUDED.secret"),
                                           {op->key, op->secret},
                                           /*binary=*/true}
               : pg::Connection::Statement{
-                    absl::StrCat("DELETE FROM taskmaster.workers WHERE part = ", kPartition,
+                    absl::StrCat("DELETE FROM taskmaster.workers WHERE part = ", options_.partition,
                                  " AND worker_id = $1::bytea"),
                     {op->key},
                     /*binary=*/true});
@@ -764,10 +815,61 @@ class PostgresStoreImpl final : public PostgresStore {
   bool lease_stop_ ABSL_GUARDED_BY(lease_mu_) = false;
 };
 
-}  // namespace
+class PostgresMembershipImpl final : public PostgresMembership {
+ public:
+  PostgresMembershipImpl(PostgresStoreOptions options, std::string password)
+      : options_(std::move(options)), password_(std::move(password)) {}
 
-absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
-    const PostgresStoreOptions& options) {
+  absl::Status Open() {
+    if (absl::Status s = Reconnect(); !s.ok()) return s;
+    absl::StatusOr<PostgresLayout> layout = PreparePostgres(*conn_, options_);
+    if (!layout.ok()) return layout.status();
+    partitions_ = layout->partitions;
+    return absl::OkStatus();
+  }
+
+  int32_t partitions() const override { return partitions_; }
+
+  absl::StatusOr<int32_t> Beat(const std::string& address) override {
+    if (absl::Status s = Reconnect(); !s.ok()) return s;
+    absl::Status s = conn_->Run(
+        "INSERT INTO taskmaster.masters(id, address, expires_at) "
+        "VALUES($1, $2, now() + $3 * interval '1 millisecond') ON CONFLICT (id) DO UPDATE SET "
+        "address = EXCLUDED.address, expires_at = EXCLUDED.expires_at",
+        {options_.master_id, address, Ms(options_.lease_ms)});
+    if (!s.ok()) return s;
+    // Masters long gone leave no rows behind (a row per process start).
+    s = conn_->Run("DELETE FROM taskmaster.masters WHERE expires_at < now() - interval '1 hour'");
+    if (!s.ok()) return s;
+    absl::StatusOr<pg::Result> live =
+        conn_->Exec("SELECT count(*) FROM taskmaster.masters WHERE expires_at >= now()");
+    if (!live.ok()) return live.status();
+    return static_cast<int32_t>(std::max<int64_t>(1, live->int64(0, 0)));
+  }
+
+  void Leave() override {
+    if (!Reconnect().ok()) return;
+    conn_->Run("DELETE FROM taskmaster.masters WHERE id = $1", {options_.master_id}).IgnoreError();
+  }
+
+ private:
+  absl::Status Reconnect() {
+    if (conn_ && conn_->ok()) return absl::OkStatus();
+    absl::StatusOr<std::unique_ptr<pg::Connection>> fresh =
+        pg::Connection::Open(options_.conninfo, password_, SessionName(options_.master_id),
+                             std::chrono::milliseconds(options_.connect_timeout_ms));
+    if (!fresh.ok()) return fresh.status();
+    conn_ = std::move(*fresh);
+    return absl::OkStatus();
+  }
+
+  const PostgresStoreOptions options_;
+  const std::string password_;
+  int32_t partitions_ = 1;
+  std::unique_ptr<pg::Connection> conn_;  // one thread at a time: the caller's
+};
+
+absl::StatusOr<std::string> ReadPassword(const PostgresStoreOptions& options) {
   if (absl::Status s = pg::RefusePasswordIn(options.conninfo); !s.ok()) return s;
   std::string password;
   if (!options.password_file.empty()) {
@@ -778,9 +880,27 @@ absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
       password.pop_back();
     }
   }
-  auto store = std::make_unique<PostgresStoreImpl>(options, std::move(password));
+  return password;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
+    const PostgresStoreOptions& options) {
+  absl::StatusOr<std::string> password = ReadPassword(options);
+  if (!password.ok()) return password.status();
+  auto store = std::make_unique<PostgresStoreImpl>(options, std::move(*password));
   if (absl::Status s = store->Open(); !s.ok()) return s;
   return store;
+}
+
+absl::StatusOr<std::unique_ptr<PostgresMembership>> OpenPostgresMembership(
+    const PostgresStoreOptions& options) {
+  absl::StatusOr<std::string> password = ReadPassword(options);
+  if (!password.ok()) return password.status();
+  auto membership = std::make_unique<PostgresMembershipImpl>(options, std::move(*password));
+  if (absl::Status s = membership->Open(); !s.ok()) return s;
+  return membership;
 }
 
 std::string RedactedConninfo(const std::string& conninfo) { return pg::Redacted(conninfo); }

@@ -22,6 +22,11 @@ struct PostgresStoreOptions {
   std::string password_file;
   // Names this master process in the lease rows: unique per process start.
   std::string master_id;
+  // The partition this store serves.
+  int32_t partition = 0;
+  // How many partitions the queues have: set when the schema is created, fixed afterwards (the
+  // database's count wins). Up to this many masters serve at once; with one, the others stand by.
+  int32_t partitions = 1;
   // A lease lasts this long after its last renewal; it is renewed every third of it. Another
   // master takes a partition over within about this long of its owner's death.
   int64_t lease_ms = 3'000;
@@ -41,13 +46,18 @@ class PostgresStore : public QueuedStore {
   };
 
   // Blocks until this master holds the partition's lease, or `stopping` says to give up
-  // (CANCELLED); `address` (host:port) is where clients reach it, told to the others. Meanwhile
-  // `standing_by` hears who serves, at every look. Load may be called only after it succeeded.
-  // `lost` runs (once, on a thread of the store) when the lease is lost afterwards: the master
-  // must stop serving at once.
+  // (CANCELLED); `address` (host:port) is where clients reach it, told to the others. It tries
+  // to take a free or expired lease only while `wanted` says so. Meanwhile `standing_by` hears
+  // who serves, at every look. Load may be called only after it succeeded. `lost` runs (once,
+  // on a thread of the store) when the lease is lost afterwards: the master must stop serving at
+  // once.
   virtual absl::Status Acquire(const std::string& address, const std::function<bool()>& stopping,
+                               const std::function<bool()>& wanted,
                                const std::function<void(const Owner&)>& standing_by,
                                std::function<void(const absl::Status&)> lost) = 0;
+  // Gives the lease up now (a handover, or a clean stop), so that another master need not wait
+  // for it to expire. Disarm first: a commit after it is refused.
+  virtual void Release() = 0;
   // The partition's owner as PostgreSQL last said.
   virtual Owner CurrentOwner() const = 0;
   // No `lost` callback runs once this returns (one under way is waited for): the master calls
@@ -59,6 +69,24 @@ class PostgresStore : public QueuedStore {
 };
 
 absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
+    const PostgresStoreOptions& options);
+
+// A master's place among those that share the database, serving or not: each counts the live
+// ones to take its fair share of the partitions. One thread at a time.
+class PostgresMembership {
+ public:
+  virtual ~PostgresMembership() = default;
+  // How many partitions the queues have.
+  virtual int32_t partitions() const = 0;
+  // Says this master lives, at `address`, for a lease more; returns how many masters live, this
+  // one included.
+  virtual absl::StatusOr<int32_t> Beat(const std::string& address) = 0;
+  // Leaves (a clean stop): the others count without it at once.
+  virtual void Leave() = 0;
+};
+
+// Creates the schema when missing, with `options.partitions` partitions.
+absl::StatusOr<std::unique_ptr<PostgresMembership>> OpenPostgresMembership(
     const PostgresStoreOptions& options);
 
 // A connection string as logs may show it: without its password.

@@ -209,6 +209,13 @@ class Session:
                 log.warning("%s", lost_state)
             log.info("%s connected to master %s (epoch %s)", self._identity.name, address,
                      first.welcome.master_epoch)
+            if first.welcome.partitions > 1:
+                # Several masters serve partitions of the queues at once (postgres store): this
+                # worker holds a stream to the first partition's only, for now.
+                log.error("%s: the queues have %d partitions and this Python worker serves "
+                          "partition 0 only; run taskworker for the others, or make the "
+                          "database with --postgres-partitions 1", self._identity.name,
+                          first.welcome.partitions)
             message = first
             while True:
                 self._slots.received(

@@ -1,0 +1,193 @@
+#include "master/core/broker_set.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "common/partition.h"
+
+namespace taskmaster {
+
+void BrokerSet::Add(int32_t p, std::shared_ptr<Broker> broker) {
+  std::map<std::string, TenantLimits> limits;
+  {
+    absl::MutexLock lock(&mu_);
+    limits = limits_;
+  }
+  broker->SetTenantLimits(std::move(limits));
+  absl::MutexLock lock(&mu_);
+  brokers_[p] = std::move(broker);
+}
+
+std::shared_ptr<Broker> BrokerSet::Remove(int32_t p) {
+  absl::MutexLock lock(&mu_);
+  auto node = brokers_.extract(p);
+  return node.empty() ? nullptr : std::move(node.mapped());
+}
+
+std::vector<int32_t> BrokerSet::Served() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int32_t> served;
+  for (const auto& [p, broker] : brokers_) served.push_back(p);
+  return served;
+}
+
+std::vector<std::shared_ptr<Broker>> BrokerSet::Brokers() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<Broker>> all;
+  for (const auto& [p, broker] : brokers_) all.push_back(broker);
+  return all;
+}
+
+absl::StatusOr<std::shared_ptr<Broker>> BrokerSet::ForPartition(int32_t p) const {
+  if (p < 0 || p >= partitions_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("partition ", p, " does not exist: the queues have ", partitions_));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = brokers_.find(p); it != brokers_.end()) return it->second;
+  }
+  const std::string owner = owner_of_ ? owner_of_(p) : "";
+  absl::Status refused = absl::UnavailableError(
+      owner.empty() ? absl::StrCat("partition ", p, " is being taken over; retry in a moment")
+                    : absl::StrCat("partition ", p, " is served by the master at ", owner));
+  if (!owner.empty()) refused.SetPayload(kServingMasterPayload, absl::Cord(owner));
+  return refused;
+}
+
+absl::StatusOr<std::shared_ptr<Broker>> BrokerSet::ForTask(TaskId id) const {
+  const int32_t p = PartitionOfTask(id);
+  if (p >= partitions_) return absl::NotFoundError(absl::StrCat("no task ", id));
+  return ForPartition(p);
+}
+
+absl::StatusOr<std::shared_ptr<Broker>> BrokerSet::ForJob(const std::string& job_id) const {
+  const std::optional<int32_t> p = PartitionOfJob(job_id);
+  if (!p || *p >= partitions_) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  return ForPartition(*p);
+}
+
+absl::StatusOr<std::shared_ptr<Broker>> BrokerSet::ForSubmit(const Caller& caller,
+                                                             const SubmitTarget& target,
+                                                             const std::vector<TaskSpec>& specs) {
+  if (!target.job_id.empty()) return ForJob(target.job_id);
+  for (const TaskSpec& spec : specs) {
+    if (!spec.idempotency_key.empty()) {
+      return ForPartition(PartitionOfKey(caller.tenant, spec.idempotency_key, partitions_));
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (!brokers_.empty()) {
+      auto it = brokers_.begin();
+      std::advance(it, next_submit_++ % brokers_.size());
+      return it->second;
+    }
+  }
+  return ForPartition(0);  // nothing served here: names a master that serves
+}
+
+void BrokerSet::SetTenantLimits(std::map<std::string, TenantLimits> limits) {
+  {
+    absl::MutexLock lock(&mu_);
+    limits_ = limits;
+  }
+  for (const std::shared_ptr<Broker>& broker : Brokers()) broker->SetTenantLimits(limits);
+}
+
+std::vector<QueueStatsView> BrokerSet::QueueStats() const {
+  std::map<std::string, QueueStatsView> merged;
+  for (const std::shared_ptr<Broker>& broker : Brokers()) {
+    for (QueueStatsView& q : broker->QueueStats()) {
+      auto [it, added] = merged.try_emplace(q.queue, q);
+      if (added) continue;
+      QueueStatsView& m = it->second;
+      m.pending += q.pending;
+      m.delayed += q.delayed;
+      m.leased += q.leased;
+      m.oldest_ready_age_ms = std::max(m.oldest_ready_age_ms, q.oldest_ready_age_ms);
+      m.submitted += q.submitted;
+      m.succeeded += q.succeeded;
+      m.failed += q.failed;
+      m.retried += q.retried;
+      m.redelivered += q.redelivered;
+      m.reclaimed += q.reclaimed;
+      m.dead += q.dead;
+      m.cancelled += q.cancelled;
+    }
+  }
+  std::vector<QueueStatsView> out;
+  for (auto& [name, q] : merged) out.push_back(std::move(q));
+  return out;
+}
+
+std::vector<WorkerView> BrokerSet::Workers() const {
+  std::map<std::string, WorkerView> merged;
+  for (const std::shared_ptr<Broker>& broker : Brokers()) {
+    for (WorkerView& w : broker->Workers()) {
+      auto [it, added] = merged.try_emplace(w.worker_id, w);
+      if (added) continue;
+      WorkerView& m = it->second;
+      m.running += w.running;
+      m.stuck = std::max(m.stuck, w.stuck);
+      m.connected = m.connected || w.connected;
+      m.draining = m.draining || w.draining;
+      m.connected_ms = std::min(m.connected_ms, w.connected_ms);
+      m.heartbeat_age_ms = std::min(m.heartbeat_age_ms, w.heartbeat_age_ms);
+      m.silent = m.silent && w.silent;
+    }
+  }
+  std::vector<WorkerView> out;
+  for (auto& [id, w] : merged) out.push_back(std::move(w));
+  return out;
+}
+
+int64_t BrokerSet::DuplicateResults() const {
+  int64_t total = 0;
+  for (const std::shared_ptr<Broker>& broker : Brokers()) total += broker->DuplicateResults();
+  return total;
+}
+
+BrokerMetrics BrokerSet::Metrics() const {
+  const std::vector<std::shared_ptr<Broker>> brokers = Brokers();
+  if (brokers.size() == 1) return brokers.front()->Metrics();
+  BrokerMetrics out;
+  std::map<std::string, KindTimesView> kinds;
+  size_t keep_failures = 0;
+  for (const std::shared_ptr<Broker>& broker : brokers) {
+    BrokerMetrics m = broker->Metrics();
+    out.duplicate_results += m.duplicate_results;
+    for (KindTimesView& k : m.kinds) {
+      auto [it, added] = kinds.try_emplace(k.kind, k);
+      if (added) continue;
+      it->second.wait_seconds.Merge(k.wait_seconds);
+      it->second.run_seconds.Merge(k.run_seconds);
+    }
+    keep_failures = std::max(keep_failures, m.failures.size());
+    std::move(m.failures.begin(), m.failures.end(), std::back_inserter(out.failures));
+  }
+  out.queues = QueueStats();
+  for (auto& [name, k] : kinds) out.kinds.push_back(std::move(k));
+  std::stable_sort(
+      out.failures.begin(), out.failures.end(),
+      [](const FailureView& a, const FailureView& b) { return a.time_ms > b.time_ms; });
+  if (out.failures.size() > keep_failures) out.failures.resize(keep_failures);
+  return out;
+}
+
+std::string BrokerSet::epoch() const {
+  absl::MutexLock lock(&mu_);
+  return brokers_.empty() ? std::string() : brokers_.begin()->second->epoch();
+}
+
+void BrokerSet::Tick() {
+  for (const std::shared_ptr<Broker>& broker : Brokers()) broker->Tick();
+}
+
+void BrokerSet::Shutdown() {
+  for (const std::shared_ptr<Broker>& broker : Brokers()) broker->Shutdown();
+}
+
+}  // namespace taskmaster
