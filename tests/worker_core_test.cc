@@ -126,14 +126,10 @@ class SlotsTest : public ::testing::Test {
     return out.value_or(ToMaster{});
   }
 
-  // Takes the next queued task; fails rather than hangs when none is.
+  // Takes the next queued task; fails when none is.
   Assignment Take() {
-    auto next = std::async(std::launch::async, [this] { return slots_->NextTask(); });
-    if (next.wait_for(kBound) != std::future_status::ready) {
-      ADD_FAILURE() << "no task queued";
-      slots_->Stop();
-    }
-    std::optional<Assignment> a = next.get();
+    std::optional<Assignment> a = slots_->TryNextTask();
+    if (!a) ADD_FAILURE() << "no task queued";
     return a.value_or(Assignment{});
   }
 
@@ -672,7 +668,8 @@ TEST_F(SlotsTest, StopEndsThePoolsWaitAndCancelsRunningTasks) {
   Connect();
   Deliver({MakeTask(1)});
   Assignment running = Take();
-  auto waiting = std::async(std::launch::async, [this] { return slots_->NextTask(); });
+  feed_.Add({slots_.get(), nullptr});
+  auto waiting = std::async(std::launch::async, [this] { return feed_.Wait(); });
   EXPECT_TRUE(slots_->Stop());
   EXPECT_FALSE(slots_->Stop()) << "stopped once";
   EXPECT_FALSE(Wait(waiting).has_value());

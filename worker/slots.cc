@@ -69,19 +69,8 @@ bool Slots::AwaitUntilLocked(Done done, Time deadline) {
 
 // ---- The pool ----
 
-std::optional<Assignment> Slots::NextTask() {
-  absl::MutexLock lock(&mu_);
-  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopped_ || !queue_.empty(); };
-  mu_.Await(absl::Condition(&ready));
-  return StartNextLocked();
-}
-
 std::optional<Assignment> Slots::TryNextTask() {
   absl::MutexLock lock(&mu_);
-  return StartNextLocked();
-}
-
-std::optional<Assignment> Slots::StartNextLocked() {
   if (stopped_ || queue_.empty()) return std::nullopt;
   const TaskId id = queue_.front();
   queue_.pop_front();

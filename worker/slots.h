@@ -43,7 +43,7 @@ struct SlotsOptions {
   // Progress reports reach the master at most this often, the latest of each task in one message.
   std::chrono::milliseconds progress_interval{500};
   // Runs (outside the lock) once tasks were queued, and once the slots stopped: a pool that takes
-  // from several slots (TryNextTask) waits for it.
+  // from several slots waits for it (see Feed).
   std::function<void()> on_ready;
   // The monotonic clock; tests pass a fake one.
   std::function<Time()> now = [] { return std::chrono::steady_clock::now(); };
@@ -79,7 +79,7 @@ struct WatchReport {
 };
 
 // Thread-safe: one mutex guards every field, and no call does I/O or runs a handler under it.
-// Only NextTask, NextToSend, FinishDrain and AwaitLeaving block; timed waits end when the clock
+// Only NextToSend, FinishDrain and AwaitLeaving block; timed waits end when the clock
 // passes their deadline at the next call that takes the lock (the watchdog's Watch, at least).
 class Slots {
  public:
@@ -91,9 +91,8 @@ class Slots {
 
   // ---- The pool ----
 
-  // Blocks until a task is queued, and marks it running; nullopt once the worker stopped.
-  std::optional<Assignment> NextTask();
-  // The same without blocking: nullopt when no task is queued.
+  // Marks the first queued task running; nullopt when none is queued or the worker stopped. The
+  // pool waits for on_ready between tries (see Feed).
   std::optional<Assignment> TryNextTask();
   // The handler of `delivery` returned after `took`: its result waits for the master's
   // acknowledgement, unless the task was revoked, fenced or reported stuck meanwhile. With
@@ -171,7 +170,6 @@ class Slots {
 
   template <typename Done>
   bool AwaitUntilLocked(Done done, Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::optional<Assignment> StartNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Received's work, under its own lock; Received tells on_ready after it.
   void ApplyReceived(FromMaster in) ABSL_LOCKS_EXCLUDED(mu_);
   void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -243,19 +243,7 @@ class MasterAdminImpl final : public MasterAdmin {
     // Queues past the cap are summed into one series each; ages take the oldest.
     std::map<std::string, QueueStatsView> queues;
     for (const QueueStatsView& q : m.queues) {
-      QueueStatsView& into = queues[queues_.Admit(q.queue)];
-      into.pending += q.pending;
-      into.delayed += q.delayed;
-      into.leased += q.leased;
-      into.oldest_ready_age_ms = std::max(into.oldest_ready_age_ms, q.oldest_ready_age_ms);
-      into.submitted += q.submitted;
-      into.succeeded += q.succeeded;
-      into.failed += q.failed;
-      into.retried += q.retried;
-      into.redelivered += q.redelivered;
-      into.reclaimed += q.reclaimed;
-      into.dead += q.dead;
-      into.cancelled += q.cancelled;
+      AddCounts(queues[queues_.Admit(q.queue)], q);
     }
     for (const auto& [queue, q] : queues) {
       const auto d = [](int64_t v) { return static_cast<double>(v); };

@@ -1,6 +1,7 @@
 #include "master/core/broker_set.h"
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -8,6 +9,26 @@
 #include "common/partition.h"
 
 namespace taskmaster {
+namespace {
+
+// One queue's counts over the partitions, by name.
+class QueueSums {
+ public:
+  void Add(const QueueStatsView& q) {
+    auto [it, added] = sums_.try_emplace(q.queue, q);
+    if (!added) AddCounts(it->second, q);
+  }
+  std::vector<QueueStatsView> Take() && {
+    std::vector<QueueStatsView> out;
+    for (auto& [name, q] : sums_) out.push_back(std::move(q));
+    return out;
+  }
+
+ private:
+  std::map<std::string, QueueStatsView> sums_;
+};
+
+}  // namespace
 
 void BrokerSet::Add(int32_t p, std::shared_ptr<Broker> broker) {
   std::map<std::string, TenantLimits> limits;
@@ -98,29 +119,11 @@ void BrokerSet::SetTenantLimits(std::map<std::string, TenantLimits> limits) {
 }
 
 std::vector<QueueStatsView> BrokerSet::QueueStats() const {
-  std::map<std::string, QueueStatsView> merged;
+  QueueSums sums;
   for (const std::shared_ptr<Broker>& broker : Brokers()) {
-    for (QueueStatsView& q : broker->QueueStats()) {
-      auto [it, added] = merged.try_emplace(q.queue, q);
-      if (added) continue;
-      QueueStatsView& m = it->second;
-      m.pending += q.pending;
-      m.delayed += q.delayed;
-      m.leased += q.leased;
-      m.oldest_ready_age_ms = std::max(m.oldest_ready_age_ms, q.oldest_ready_age_ms);
-      m.submitted += q.submitted;
-      m.succeeded += q.succeeded;
-      m.failed += q.failed;
-      m.retried += q.retried;
-      m.redelivered += q.redelivered;
-      m.reclaimed += q.reclaimed;
-      m.dead += q.dead;
-      m.cancelled += q.cancelled;
-    }
+    for (const QueueStatsView& q : broker->QueueStats()) sums.Add(q);
   }
-  std::vector<QueueStatsView> out;
-  for (auto& [name, q] : merged) out.push_back(std::move(q));
-  return out;
+  return std::move(sums).Take();
 }
 
 std::vector<WorkerView> BrokerSet::Workers() const {
@@ -151,29 +154,27 @@ int64_t BrokerSet::DuplicateResults() const {
 }
 
 BrokerMetrics BrokerSet::Metrics() const {
-  const std::vector<std::shared_ptr<Broker>> brokers = Brokers();
-  if (brokers.size() == 1) return brokers.front()->Metrics();
   BrokerMetrics out;
+  QueueSums queues;
   std::map<std::string, KindTimesView> kinds;
-  size_t keep_failures = 0;
-  for (const std::shared_ptr<Broker>& broker : brokers) {
+  for (const std::shared_ptr<Broker>& broker : Brokers()) {
     BrokerMetrics m = broker->Metrics();
     out.duplicate_results += m.duplicate_results;
+    for (const QueueStatsView& q : m.queues) queues.Add(q);
     for (KindTimesView& k : m.kinds) {
       auto [it, added] = kinds.try_emplace(k.kind, k);
       if (added) continue;
       it->second.wait_seconds.Merge(k.wait_seconds);
       it->second.run_seconds.Merge(k.run_seconds);
     }
-    keep_failures = std::max(keep_failures, m.failures.size());
     std::move(m.failures.begin(), m.failures.end(), std::back_inserter(out.failures));
   }
-  out.queues = QueueStats();
+  out.queues = std::move(queues).Take();
   for (auto& [name, k] : kinds) out.kinds.push_back(std::move(k));
+  // Each partition's newest (BrokerOptions::recent_failures of each), newest first.
   std::stable_sort(
       out.failures.begin(), out.failures.end(),
       [](const FailureView& a, const FailureView& b) { return a.time_ms > b.time_ms; });
-  if (out.failures.size() > keep_failures) out.failures.resize(keep_failures);
   return out;
 }
 

@@ -53,7 +53,7 @@ class BrokerSet {
   void SetTenantLimits(std::map<std::string, TenantLimits> limits);
 
   // Of the partitions served here, merged: a queue's counts summed over partitions, a worker
-  // (which holds a stream to each) shown once.
+  // (which holds a stream to each) shown once, each partition's recent failures together.
   std::vector<QueueStatsView> QueueStats() const;
   std::vector<WorkerView> Workers() const;
   int64_t DuplicateResults() const;

@@ -1,5 +1,7 @@
-// Names of task states, as clients and logs show them.
+// Names of task states, as clients and logs show them, and sums of queue counts.
 #include "master/core/task.h"
+
+#include <algorithm>
 
 namespace taskmaster {
 
@@ -19,6 +21,21 @@ std::string_view TaskStateName(TaskState state) {
       return "CANCELLED";
   }
   return "?";
+}
+
+void AddCounts(QueueStatsView& into, const QueueStatsView& from) {
+  into.pending += from.pending;
+  into.delayed += from.delayed;
+  into.leased += from.leased;
+  into.oldest_ready_age_ms = std::max(into.oldest_ready_age_ms, from.oldest_ready_age_ms);
+  into.submitted += from.submitted;
+  into.succeeded += from.succeeded;
+  into.failed += from.failed;
+  into.retried += from.retried;
+  into.redelivered += from.redelivered;
+  into.reclaimed += from.reclaimed;
+  into.dead += from.dead;
+  into.cancelled += from.cancelled;
 }
 
 }  // namespace taskmaster

@@ -141,6 +141,10 @@ struct QueueStatsView {
   int64_t cancelled = 0;
 };
 
+// Adds `from`'s counts to `into`'s (the oldest age stays): one queue over several partitions, or
+// several queues summed under one name.
+void AddCounts(QueueStatsView& into, const QueueStatsView& from);
+
 struct WorkerView {
   std::string worker_id;
   std::string name;

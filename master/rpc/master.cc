@@ -304,6 +304,7 @@ class MasterImpl final : public Master {
     {
       std::lock_guard<std::mutex> lock(mu_);
       units_[p] = std::move(unit);
+      owners_.erase(p);  // whoever served it before: named again only once it is handed over
     }
     brokers_.Add(p, std::move(broker));
     UpdateServing();
@@ -378,9 +379,11 @@ class MasterImpl final : public Master {
     UpdateServing();
     unit->postgres->Disarm();
     broker->Shutdown();
-    std::promise<void> written;
-    broker->WhenDurable([&written](const absl::Status&) { written.set_value(); });
-    written.get_future().wait_for(std::chrono::milliseconds(2 * options_.postgres.lease_ms));
+    // Shared: the store may answer after the wait gave up.
+    auto written = std::make_shared<std::promise<void>>();
+    std::future<void> done = written->get_future();
+    broker->WhenDurable([written](const absl::Status&) { written->set_value(); });
+    done.wait_for(std::chrono::milliseconds(2 * options_.postgres.lease_ms));
     unit->postgres->Release();
   }
 

@@ -20,8 +20,6 @@ namespace {
 
 // Bump with a migration when the schema changes.
 constexpr int kSchemaVersion = 1;
-// The master's exit code when PostgreSQL refuses a commit for good.
-constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 // Serializes schema creation among masters starting at once (pg_advisory_xact_lock's key).
 constexpr int64_t kSchemaLock = 0x544D5047;  // 'TMPG'
 
@@ -190,41 +188,51 @@ struct PostgresLayout {
   int32_t partitions = 1;
 };
 
-// Creates the schema when missing (with `options.partitions` partitions); reads the layout.
-absl::StatusOr<PostgresLayout> PreparePostgres(pg::Connection& c,
-                                               const PostgresStoreOptions& options) {
+using MetaValues = std::map<std::string, std::string>;
+
+absl::StatusOr<MetaValues> ReadMeta(pg::Connection& c) {
+  absl::StatusOr<pg::Result> meta = c.Exec("SELECT key, value FROM taskmaster.meta");
+  if (!meta.ok()) return meta.status();
+  MetaValues values;
+  for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
+  return values;
+}
+
+// Creates (or updates) the schema, with `options.partitions` partitions when the database had
+// none; returns taskmaster.meta.
+absl::StatusOr<MetaValues> CreateSchema(pg::Connection& c, const PostgresStoreOptions& options) {
   // One transaction, under a lock every master takes: two masters starting on an empty
   // database create the schema once.
   absl::Status s = c.Run("BEGIN");
   if (s.ok()) s = c.Run("SELECT pg_advisory_xact_lock($1)", {std::to_string(kSchemaLock)});
   if (s.ok()) s = c.Run(kSchema);
-  absl::StatusOr<pg::Result> meta;
+  absl::StatusOr<MetaValues> values = MetaValues{};
   if (s.ok()) {
-    meta = c.Exec("SELECT key, value FROM taskmaster.meta");
-    s = meta.status();
+    values = ReadMeta(c);
+    s = values.status();
   }
-  std::map<std::string, std::string> values;
-  if (s.ok()) {
-    for (int i = 0; i < meta->rows(); ++i) values[meta->text(i, 0)] = meta->text(i, 1);
-    if (values.empty()) {
-      values = {{"schema_version", std::to_string(kSchemaVersion)},
-                {"epoch", RandomHex(8)},
-                {"partitions", std::to_string(options.partitions)}};
-      for (const auto& [key, value] : values) {
-        if (s.ok()) {
-          s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
-        }
-      }
+  if (s.ok() && values->empty()) {
+    *values = {{"schema_version", std::to_string(kSchemaVersion)},
+               {"epoch", RandomHex(8)},
+               {"partitions", std::to_string(options.partitions)}};
+    for (const auto& [key, value] : *values) {
       if (s.ok()) {
-        s = c.Run(
-            "INSERT INTO taskmaster.partitions(id) SELECT generate_series(0, $1 - 1) "
-            "ON CONFLICT DO NOTHING",
-            {std::to_string(options.partitions)});
+        s = c.Run("INSERT INTO taskmaster.meta(key, value) VALUES($1, $2)", {key, value});
       }
+    }
+    if (s.ok()) {
+      s = c.Run(
+          "INSERT INTO taskmaster.partitions(id) SELECT generate_series(0, $1 - 1) "
+          "ON CONFLICT DO NOTHING",
+          {std::to_string(options.partitions)});
     }
   }
   if (s.ok()) s = c.Run("COMMIT");
   if (!s.ok()) return s;
+  return values;
+}
+
+absl::StatusOr<PostgresLayout> LayoutOf(MetaValues values, const PostgresStoreOptions& options) {
   if (values["schema_version"] != std::to_string(kSchemaVersion)) {
     return absl::FailedPreconditionError(
         absl::StrCat("the taskmaster schema in ", pg::Redacted(options.conninfo), " is of version ",
@@ -265,7 +273,15 @@ class PostgresStoreImpl final : public PostgresStore {
   absl::Status Open() {
     absl::StatusOr<std::unique_ptr<pg::Connection>> conn = Connect();
     if (!conn.ok()) return conn.status();
-    absl::StatusOr<PostgresLayout> layout = PreparePostgres(**conn, options_);
+    // The master made the schema at its start (see PostgresMembership): a partition's store only
+    // reads the layout, unless it runs alone (tools, tests).
+    absl::StatusOr<pg::Result> made =
+        (*conn)->Exec("SELECT to_regclass('taskmaster.meta') IS NOT NULL");
+    if (!made.ok()) return made.status();
+    absl::StatusOr<MetaValues> meta =
+        made->boolean(0, 0) ? ReadMeta(**conn) : CreateSchema(**conn, options_);
+    if (!meta.ok()) return meta.status();
+    absl::StatusOr<PostgresLayout> layout = LayoutOf(std::move(*meta), options_);
     if (!layout.ok()) return layout.status();
     if (options_.partition < 0 || options_.partition >= layout->partitions) {
       return absl::InvalidArgumentError(absl::StrCat("partition ", options_.partition,
@@ -616,12 +632,7 @@ class PostgresStoreImpl final : public PostgresStore {
       // Refused for what it holds, not for want of a server: trying again cannot help, and the
       // lease would keep a standby from serving meanwhile. Nothing unwritten was acknowledged;
       // another master takes over from what is written.
-      log_->critical(
-          "{}; stopping the master: PostgreSQL refuses this commit, and no retry "
-          "can change that",
-          std::string(status.message()));
-      log_->flush();
-      std::_Exit(kFatalExitCode);
+      StopTheMaster(status, "PostgreSQL refuses this commit, and no retry can change that");
     }
     // A lost connection may have lost the COMMIT's answer, not the commit: every change is
     // written again (each write is idempotent) until one commit succeeds.
@@ -822,7 +833,9 @@ class PostgresMembershipImpl final : public PostgresMembership {
 
   absl::Status Open() {
     if (absl::Status s = Reconnect(); !s.ok()) return s;
-    absl::StatusOr<PostgresLayout> layout = PreparePostgres(*conn_, options_);
+    absl::StatusOr<MetaValues> meta = CreateSchema(*conn_, options_);
+    if (!meta.ok()) return meta.status();
+    absl::StatusOr<PostgresLayout> layout = LayoutOf(std::move(*meta), options_);
     if (!layout.ok()) return layout.status();
     partitions_ = layout->partitions;
     return absl::OkStatus();
@@ -883,24 +896,26 @@ absl::StatusOr<std::string> ReadPassword(const PostgresStoreOptions& options) {
   return password;
 }
 
+// An `Impl` with the password, once its Open connected.
+template <typename Impl>
+absl::StatusOr<std::unique_ptr<Impl>> OpenImpl(const PostgresStoreOptions& options) {
+  absl::StatusOr<std::string> password = ReadPassword(options);
+  if (!password.ok()) return password.status();
+  auto opened = std::make_unique<Impl>(options, std::move(*password));
+  if (absl::Status s = opened->Open(); !s.ok()) return s;
+  return opened;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PostgresStore>> OpenPostgresStore(
     const PostgresStoreOptions& options) {
-  absl::StatusOr<std::string> password = ReadPassword(options);
-  if (!password.ok()) return password.status();
-  auto store = std::make_unique<PostgresStoreImpl>(options, std::move(*password));
-  if (absl::Status s = store->Open(); !s.ok()) return s;
-  return store;
+  return OpenImpl<PostgresStoreImpl>(options);
 }
 
 absl::StatusOr<std::unique_ptr<PostgresMembership>> OpenPostgresMembership(
     const PostgresStoreOptions& options) {
-  absl::StatusOr<std::string> password = ReadPassword(options);
-  if (!password.ok()) return password.status();
-  auto membership = std::make_unique<PostgresMembershipImpl>(options, std::move(*password));
-  if (absl::Status s = membership->Open(); !s.ok()) return s;
-  return membership;
+  return OpenImpl<PostgresMembershipImpl>(options);
 }
 
 std::string RedactedConninfo(const std::string& conninfo) { return pg::Redacted(conninfo); }

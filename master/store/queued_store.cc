@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 
@@ -298,6 +299,13 @@ void QueuedStore::SleepUnlessStopping(int64_t ms) {
     std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
         std::chrono::milliseconds(20), until - std::chrono::steady_clock::now()));
   }
+}
+
+void QueuedStore::StopTheMaster(const absl::Status& status, std::string_view why) {
+  constexpr int kExitSoftware = 70;
+  log_->critical("{}; stopping the master: {}", std::string(status.message()), why);
+  log_->flush();
+  std::_Exit(kExitSoftware);
 }
 
 }  // namespace taskmaster

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -94,6 +95,11 @@ class QueuedStore : public Store {
   // After each commit, on the writer thread: how a failure is handled (a store may also end the
   // process on an error it cannot retry, or make room to retry in).
   virtual CommitFailure AfterCommit(const absl::Status& status) = 0;
+
+  // A commit failed in a way no retry can mend: logs why, `status` and then `why`, and ends the
+  // process (exit code 70, EX_SOFTWARE) without running anything more. Nothing unwritten was
+  // acknowledged; recovery, or another master, starts from what is stored.
+  [[noreturn]] void StopTheMaster(const absl::Status& status, std::string_view why);
 
   const std::shared_ptr<spdlog::logger> log_;
 

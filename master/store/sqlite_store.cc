@@ -24,8 +24,6 @@ using sqlite::BindText;
 using sqlite::DataDir;
 using sqlite::Statement;
 
-// The master's exit code when its store cannot be trusted to hold what it wrote.
-constexpr int kFatalExitCode = 70;  // EX_SOFTWARE
 // The writer copies the WAL back into the database once it holds this many pages (SQLite's own
 // default), itself rather than inside COMMIT, where SQLite would ignore a failed fsync.
 constexpr int kCheckpointPages = 1000;
@@ -105,12 +103,9 @@ class SqliteStore final : public QueuedStore {
   // claimed, and retrying could report lost data as saved. Stop, and let recovery read what is
   // really on disk.
   [[noreturn]] void Fatal(const absl::Status& status) {
-    log_->critical(
-        "{}; stopping the master: after a failed write or fsync the disk may not hold what it "
-        "was told to, and only a restart reads what it really holds",
-        std::string(status.message()));
-    log_->flush();
-    std::_Exit(kFatalExitCode);
+    StopTheMaster(status,
+                  "after a failed write or fsync the disk may not hold what it was told to, and "
+                  "only a restart reads what it really holds");
   }
 
   // The disk is full: give back the reserve and shrink the WAL to nothing, so the next commit
