@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/util.h"
 #include "spdlog/pattern_formatter.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -116,6 +117,10 @@ std::unique_ptr<spdlog::formatter> MakeLogFormatter(LogFormat format) {
 }
 
 std::shared_ptr<spdlog::logger> GetLogger(const std::string& name) {
+  // Looking up and registering are two steps of spdlog's registry: two threads asking for a new
+  // name at once would both register it, and the second would throw.
+  static absl::Mutex mu;
+  absl::MutexLock lock(&mu);
   if (auto existing = spdlog::get(name)) return existing;
   auto logger = spdlog::stderr_color_mt(name);
   logger->set_level(spdlog::get_level());

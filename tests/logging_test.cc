@@ -1,13 +1,16 @@
 // Unit tests of the log formats: what one message becomes in text and in JSON, however hostile
-// the strings in it.
+// the strings in it; and loggers asked for from several threads.
 #include "common/logging.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <latch>
 #include <regex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/util.h"
@@ -102,6 +105,33 @@ TEST(Logging, SetupRefusesAnUnknownLevelOrFormat) {
   EXPECT_EQ(format.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(format.message(), "unknown log format 'xml' (text, json)");
   EXPECT_EQ(SetupLogging("loud", "text").code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Threads that ask for the same new logger at once (a master's partitions open their stores
+// together) all get it: none throws because another registered the name first.
+TEST(Logging, ThreadsAskingForANewLoggerAtOnceShareIt) {
+  constexpr int kThreads = 4;
+  constexpr int kNames = 200;
+  std::atomic<int> failures{0};
+  for (int n = 0; n < kNames; ++n) {
+    const std::string name = "logging-test-" + std::to_string(n);
+    std::latch start(kThreads);
+    std::vector<std::shared_ptr<spdlog::logger>> got(kThreads);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        start.arrive_and_wait();
+        try {
+          got[t] = GetLogger(name);
+        } catch (const std::exception&) {
+          failures.fetch_add(1);
+        }
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (int t = 1; t < kThreads; ++t) EXPECT_EQ(got[t].get(), got[0].get()) << name;
+  }
+  EXPECT_EQ(failures.load(), 0) << "GetLogger threw when another thread registered the name";
 }
 
 }  // namespace
