@@ -199,6 +199,42 @@ wait_serving() {
   exit 1
 }
 
+# Waits until two masters serve a partition each: the first took both alone, and hands one over
+# once it counts the second (bounded: 300 polls, 30 s at least).
+wait_partitions_shared() {
+  local owners=
+  for _ in $(seq 300); do
+    owners=$(psql -X -q -t -A -d "$pg_dsn" -c "SELECT count(DISTINCT owner) FROM
+      taskmaster.partitions WHERE owner <> '' AND expires_at > now()" 2>/dev/null) || true
+    [ "$owners" = 2 ] && return
+    sleep 0.1
+  done
+  echo "the two masters did not share the partitions (${owners:-no} owners)" >&2
+  exit 1
+}
+
+# taskbench throughput through each of two masters at once, half the numbers each: the JSON of
+# both together (the tasks of both over the longer time).
+tb_each_master() {
+  local half=$(( $(wc -l <"$work/numbers") / 2 ))
+  head -n "$half" "$work/numbers" >"$work/numbers-a"
+  tail -n +"$((half + 1))" "$work/numbers" >"$work/numbers-b"
+  timeout 300 "$bin/bench/taskbench" --master "$1" throughput --numbers "$work/numbers-a" \
+    >"$work/tb-a.json" &
+  local a=$!
+  timeout 300 "$bin/bench/taskbench" --master "$2" throughput --numbers "$work/numbers-b" \
+    >"$work/tb-b.json" &
+  local b=$!
+  wait "$a" && wait "$b" || { echo "taskbench through each master failed" >&2; exit 1; }
+  python3 - "$work/tb-a.json" "$work/tb-b.json" <<'PY'
+import json, sys
+parts = [json.load(open(path)) for path in sys.argv[1:]]
+tasks = sum(p["tasks"] for p in parts)
+seconds = max(p["seconds"] for p in parts)
+print(json.dumps({"tasks": tasks, "seconds": seconds, "tasks_per_s": tasks / seconds}))
+PY
+}
+
 # Appends one measurement: record KIND RUN JSON.
 record() { echo "{\"kind\":\"$1\",\"run\":$2,\"data\":$3}" >>"$results"; }
 
@@ -384,25 +420,30 @@ for run in $(seq "$runs"); do
       "$(pg_baseline throughput --numbers "$work/numbers-2k" --claim 1 --workers 2)"
     pg_reset
     record "pg-baseline-latency" "$run" "$(pg_baseline latency --count 500 --warmup 50)"
-    # Two masters on it: the first serves, the second stands by; one worker, as above.
+    # Two masters on it, each serving one of two partitions; one worker (as above) on both.
+    # Throughput: a taskbench per master, half the numbers each, at once. Latency: through one.
     for what in throughput latency; do
       pg_reset
-      start_master "$work/data-pg-$run" --store postgres --postgres "$pg_dsn"
-      serving_pid=$master_pid serving_addr=$addr
+      start_master "$work/data-pg-$run" --store postgres --postgres "$pg_dsn" \
+        --postgres-partitions 2
+      first_pid=$master_pid first_addr=$addr
       wait_serving
-      start_master "$work/data-pg2-$run" --store postgres --postgres "$pg_dsn"
-      standby_pid=$master_pid
-      addr=$serving_addr
+      start_master "$work/data-pg2-$run" --store postgres --postgres "$pg_dsn" \
+        --postgres-partitions 2
+      second_pid=$master_pid second_addr=$addr
+      wait_partitions_shared
+      addr="$first_addr,$second_addr"
       start_worker
       if [ "$what" = throughput ]; then
-        record "throughput-postgres" "$run" "$(tb throughput --numbers "$work/numbers")"
+        record "throughput-postgres" "$run" "$(tb_each_master "$first_addr" "$second_addr")"
       else
+        addr=$first_addr
         record "latency-postgres" "$run" \
           "$(tb latency --numbers "$work/numbers" --count 1000 --warmup 50)"
       fi
       stop "$worker_pid"
-      stop "$standby_pid"
-      stop "$serving_pid"
+      stop "$second_pid"
+      stop "$first_pid"
     done
   fi
   rm -rf "$work"/data-*
