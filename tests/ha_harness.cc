@@ -227,6 +227,17 @@ Process& HaCluster::StartWorker(const std::string& name, std::vector<std::string
   return *workers_.back();
 }
 
+Process& HaCluster::StartPythonWorker(const std::string& name) {
+  workers_.push_back(std::make_unique<Process>(
+      std::vector<std::string>{"/usr/bin/python3", std::string(TASKMASTER_SOURCE_DIR) +
+                                                       "/examples/python/task_worker.py"},
+      dir_.File(name + ".log"),
+      std::vector<std::string>{"PYTHONPATH=" + std::string(TASKMASTER_BINARY_DIR) + "/python",
+                               "PYTHONDONTWRITEBYTECODE=1", "TASKMASTER_ADDR=" + addresses(),
+                               absl::StrCat("TASKMASTER_TOKEN=", kWorkToken)}));
+  return *workers_.back();
+}
+
 std::unique_ptr<Client> HaCluster::NewClient() const {
   ClientOptions options;
   options.master.address = addresses();

@@ -62,6 +62,9 @@ class HaCluster {
   // The index of the master that serves, waiting up to `timeout` for one; nullopt when none.
   std::optional<size_t> Serving(std::chrono::milliseconds timeout = std::chrono::seconds(20));
   Process& StartWorker(const std::string& name, std::vector<std::string> flags = {});
+  // The Python library's example worker (examples/python/task_worker.py: square on a process
+  // pool) from the build tree, given every master's address.
+  Process& StartPythonWorker(const std::string& name);
   std::unique_ptr<Client> NewClient() const;
   CommandResult Taskctl(std::vector<std::string> args) const;
   const TempDir& dir() const { return dir_; }

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <thread>
@@ -235,6 +236,36 @@ TEST(HA, TwoMastersShareThePartitionsAndTakeOverEachOthers) {
   submitter.Finish();
   ASSERT_EQ(submitter.acked().size(), 5'000u);
   ExpectEveryResultOnce(pg, submitter.acked());
+}
+
+// The Python worker, given both masters, holds a stream for every partition and runs the tasks
+// of all four, before and after one master is killed.
+TEST(HA, PythonWorkerServesEveryPartition) {
+  SKIP_WITHOUT_POSTGRES();
+  if (!std::filesystem::exists(std::string(TASKMASTER_BINARY_DIR) + "/python/taskmaster")) {
+    GTEST_SKIP() << "the Python library was not built (no /usr/bin/python3)";
+  }
+  TempPostgres pg;
+  HaCluster cluster(&pg, 2, {"--postgres-lease-ms", "1500", "--postgres-partitions", "4"});
+  ASSERT_TRUE(cluster.StartAll().has_value());
+  auto served_by = [&](size_t i) {
+    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
+                               cluster.address(i), "' AND expires_at > now()"));
+  };
+  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)))
+      << served_by(0) << " and " << served_by(1) << " partitions";
+  Process& worker = cluster.StartPythonWorker("py");
+  std::unique_ptr<Client> client = cluster.NewClient();
+  KeyedSubmitter submitter(client.get(), 8, 250);
+  ASSERT_TRUE(WaitFor([&] { return submitter.acked_batches() >= 4; }, seconds(60)));
+  EXPECT_EQ(pg.Sql("SELECT count(DISTINCT part) FROM taskmaster.tasks"), "4");
+  cluster.master(0).Signal(SIGKILL);
+  cluster.master(0).Wait(seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return served_by(1) == "4"; }, seconds(20)));
+  submitter.Finish();
+  ASSERT_EQ(submitter.acked().size(), 2'000u);
+  ExpectEveryResultOnce(pg, submitter.acked());
+  EXPECT_TRUE(worker.Running()) << worker.Log();
 }
 
 // PostgreSQL restarted under load: the masters wait for it and go on; nothing acknowledged is

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ._worker_slots import Result, Slots, Task
+from ._worker_slots import Partitions, Result, Task
 from ._worker_task import Handler, run_task
 from ._worker_wire import CANCELLED, FAILED, RETURNED, encode_result
 
@@ -46,9 +46,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 class ThreadPool:
-    """`threads` threads, each running one task at a time from the accounting."""
+    """`threads` threads, each running one task at a time from the partitions' accountings."""
 
-    def __init__(self, slots: Slots, handlers: Dict[str, Handler], threads: int,
+    def __init__(self, slots: Partitions, handlers: Dict[str, Handler], threads: int,
                  max_output: int, worker_name: str) -> None:
         self._slots = slots
         self._handlers = handlers
@@ -74,12 +74,16 @@ class ThreadPool:
                         "leaving them behind", busy)
 
     def _loop(self) -> None:
-        slots, handlers = self._slots, self._handlers
+        partitions, handlers = self._slots, self._handlers
+        feed = partitions.feed
         while True:
-            taken = slots.take_one()
+            seen = feed.ticks()
+            taken = partitions.take_one()
             if taken is None:
-                return
-            task, stop = taken
+                if not feed.wait(seen):
+                    return
+                continue
+            slots, task, stop = taken
             began = time.monotonic()
             outcome, encoded = run_task(handlers.get(task[2]), task, stop, slots.report_progress,
                                         self._max_output, self._worker_name)
@@ -286,7 +290,7 @@ class ProcessPool:
         self._on_failure = on_failure
         self._ring = _CancelRing(self._ctx)
         self._processes: List[_Process] = []  # fixed once started
-        self._slots: Optional[Slots] = None
+        self._slots: Optional[Partitions] = None
         self._threads: List[threading.Thread] = []
         # Taken before the accounting's lock when both are held (the accounting calls this pool
         # only through stop_task and forget_stops, which take no lock).
@@ -320,8 +324,8 @@ class ProcessPool:
         with self._lock:
             self._alive = self._size
 
-    def attach(self, slots: Slots) -> None:
-        """Starts taking tasks from `slots` (whose StopSink is this pool)."""
+    def attach(self, slots: Partitions) -> None:
+        """Starts taking tasks from the accountings of `slots` (whose StopSink is this pool)."""
         self._slots = slots
         self._threads = [threading.Thread(target=self._dispatch, name="taskmaster-dispatch",
                                           daemon=True),
@@ -388,9 +392,12 @@ class ProcessPool:
                 closing = self._closing
             if closing:
                 break
+            seen = self._slots.feed.ticks()
             tasks = self._slots.take(sum(room for _, room in rooms))
-            if tasks is None:
-                break
+            if not tasks:
+                if not self._slots.feed.wait(seen):
+                    break
+                continue
             self._send(tasks, rooms)
         with self._lock:  # the processes' exits that follow are no failure
             self._closing = True

@@ -1,8 +1,9 @@
-"""A pool's stream to the master, as worker/session.cc runs it for the C++ worker: connecting, the
-hello and welcome, reading, the sender, reconnecting with backoff, and the watchdog that cuts a
-silent stream. The only part of the worker that sees gRPC or protobuf: it converts messages from
-and to the plain tuples of _worker_slots. Results go out as the ready-made bytes their handlers'
-side encoded (_worker_wire), after the other fields of their message.
+"""A pool's stream to the master serving one partition of the queues, as worker/session.cc runs it
+for the C++ worker: connecting, the hello and welcome, reading, the sender, reconnecting with
+backoff, and the watchdog that cuts a silent stream. The only part of the worker that sees gRPC or
+protobuf: it converts messages from and to the plain tuples of _worker_slots. Results go out as the
+ready-made bytes their handlers' side encoded (_worker_wire), after the other fields of their
+message.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Identity:
     queues: Sequence[str]
     labels: Dict[str, str]
     slots: int  # tasks it runs at once
+    partition: int = 0  # the partition of the queues this stream serves
+    # Hears how many partitions the queues have, from every welcome.
+    on_partitions: Optional[Callable[[int], None]] = None
 
 
 class _Backoff:
@@ -207,15 +211,16 @@ class Session:
             opened.set()
             if lost_state:
                 log.warning("%s", lost_state)
-            log.info("%s connected to master %s (epoch %s)", self._identity.name, address,
-                     first.welcome.master_epoch)
+            me = self._identity
             if first.welcome.partitions > 1:
-                # Several masters serve partitions of the queues at once (postgres store): this
-                # worker holds a stream to the first partition's only, for now.
-                log.error("%s: the queues have %d partitions and this Python worker serves "
-                          "partition 0 only; run taskworker for the others, or make the "
-                          "database with --postgres-partitions 1", self._identity.name,
-                          first.welcome.partitions)
+                log.info("%s connected to master %s for partition %d of %d (epoch %s)", me.name,
+                         address, me.partition, first.welcome.partitions,
+                         first.welcome.master_epoch)
+            else:
+                log.info("%s connected to master %s (epoch %s)", me.name, address,
+                         first.welcome.master_epoch)
+            if me.on_partitions is not None:
+                me.on_partitions(first.welcome.partitions)
             message = first
             while True:
                 self._slots.received(
@@ -267,6 +272,7 @@ class Session:
         hello.queues.extend(me.queues)
         hello.labels.update(me.labels)
         hello.slots = me.slots
+        hello.partition = me.partition
         for task_id, attempt in state.held:
             hello.held.add(task_id=task_id, attempt=attempt)
         hello.master_epoch = state.master_epoch

@@ -73,6 +73,44 @@ class StopSink(Protocol):
         """The master lost its state: task ids stopped so far may come again as new tasks."""
 
 
+class Feed:
+    """Where a pool's threads wait for tasks from any of its accountings (a pool holds one per
+    partition of the queues): each accounting says when it queues tasks, and a thread that found
+    none anywhere waits for the next such word. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition(threading.Lock())
+        # Guarded by _ready's lock: how many times tasks were queued; the pool stopped.
+        self._ticks = 0
+        self._closed = False
+
+    def ticks(self) -> int:
+        """Read before looking for tasks, for wait()."""
+        with self._ready:
+            return self._ticks
+
+    def notify(self, n: Optional[int] = None) -> None:
+        """Tasks were queued: wakes `n` waiting threads (None: all)."""
+        with self._ready:
+            self._ticks += 1
+            if n is None:
+                self._ready.notify_all()
+            else:
+                self._ready.notify(n)
+
+    def wait(self, seen: int) -> bool:
+        """Waits until tasks were queued after ticks() returned `seen`; False once closed."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._closed or self._ticks != seen)
+            return not self._closed
+
+    def close(self) -> None:
+        """The pool stops: every wait returns False."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+
 @dataclass(frozen=True)
 class SlotsOptions:
     """What a pool's accounting needs to know; the Worker fills it from its arguments."""
@@ -83,6 +121,7 @@ class SlotsOptions:
     prefetch_window: float      # seconds of work the adaptive prefetch keeps at hand
     progress_interval: float    # progress reaches the master at most this often
     stops: Optional[StopSink] = None
+    feed: "Feed" = field(default_factory=lambda: Feed())  # told when tasks are queued
     now: Callable[[], float] = time.monotonic
 
 
@@ -157,14 +196,13 @@ class _Held:
 
 class Slots:
     """Thread-safe: `_lock` guards every field below it; no method does I/O or runs a handler
-    under it. take, take_one, next_to_send, finish_drain and await_leaving block."""
+    under it. next_to_send, finish_drain and await_leaving block."""
 
     def __init__(self, options: SlotsOptions) -> None:
         self._options = options
         self._now = options.now
         self._lock = threading.Lock()
-        # One lock, three wait lists, so that a result does not wake every pool thread.
-        self._task_ready = threading.Condition(self._lock)   # pool threads, the dispatcher
+        # One lock, two wait lists (pool threads wait on the options' feed).
         self._send_ready = threading.Condition(self._lock)   # the sender
         self._changed = threading.Condition(self._lock)      # drain and leaving waits
         self._threads = options.threads
@@ -214,12 +252,11 @@ class Slots:
     # ---- The pool ----
 
     def take_one(self) -> Optional[Tuple[Task, threading.Event]]:
-        """Blocks until a task is queued, and marks it running with an event that tells its
-        handler to stop; None once the pool stopped. For thread pools."""
+        """The next queued task, marked running with an event that tells its handler to stop;
+        None when none is queued or the pool stopped. For thread pools (which wait on the feed
+        when every accounting returned None)."""
         with self._lock:
-            while not self._stopped and not self._queue:
-                self._task_ready.wait()
-            if self._stopped:
+            if self._stopped or not self._queue:
                 return None
             h = self._held[self._queue.popleft()]
             h.running = True
@@ -228,14 +265,12 @@ class Slots:
                 h.deadline = self._now() + h.task[4] / 1000.0
             return h.task, h.event
 
-    def take(self, max_tasks: int) -> Optional[List[Task]]:
-        """Blocks until a task is queued, then marks up to `max_tasks` running; None once the pool
+    def take(self, max_tasks: int) -> List[Task]:
+        """Up to `max_tasks` queued tasks, marked running; none when none is queued or the pool
         stopped. For the process pool's dispatcher, which reports starts with `started`."""
         with self._lock:
-            while not self._stopped and not self._queue:
-                self._task_ready.wait()
             if self._stopped:
-                return None
+                return []
             queue, held = self._queue, self._held
             tasks = []
             for _ in range(min(max_tasks, len(queue))):
@@ -411,7 +446,7 @@ class Slots:
                         self._refusals.pop(tid, None)
             self._top_up_credits_locked()
             if queue:
-                self._task_ready.notify(len(queue))
+                self._options.feed.notify(len(queue))
             self._send_ready.notify()
             self._changed.notify_all()
 
@@ -702,6 +737,111 @@ class Slots:
                 if h.running:
                     self._stop_locked(h)
             self._queue.clear()
-            self._task_ready.notify_all()
             self._send_ready.notify_all()
             self._changed.notify_all()
+
+
+# A task id carries its partition in its high bits (common/partition.h).
+_PARTITION_SHIFT = 48
+
+
+def partition_of(task_id: int) -> int:
+    return task_id >> _PARTITION_SHIFT
+
+
+class Partitions:
+    """A pool's accountings, one per partition of the queues (each with a stream of its own to
+    the master serving that partition), as the pool sees them: its threads take tasks from any,
+    and each result goes back to its task's. Thread-safe; accountings are only ever added."""
+
+    def __init__(self, feed: Feed, threads: int) -> None:
+        self.feed = feed
+        self._lock = threading.Lock()
+        # Guarded by _lock. The accountings, by partition, replaced whole when one is added
+        # (readers use the list they got); where the next take looks first, so that every
+        # partition's tasks get their turn; tasks the pool runs at once.
+        self._slots: List[Slots] = []
+        self._next = 0
+        self._threads = threads
+
+    def add(self, slots: Slots) -> int:
+        """Adds the next partition's accounting; returns its partition."""
+        with self._lock:
+            self._slots = self._slots + [slots]
+            return len(self._slots) - 1
+
+    def all(self) -> List[Slots]:
+        with self._lock:
+            return self._slots
+
+    def of(self, task_id: int) -> Slots:
+        slots = self.all()
+        p = partition_of(task_id)
+        # A session only ever queues its own partition's tasks; partition 0's is the fallback
+        # for an id from a master of an older kind.
+        return slots[p] if p < len(slots) else slots[0]
+
+    def take_one(self) -> Optional[Tuple[Slots, Task, threading.Event]]:
+        """A queued task of any partition, with its accounting; None when none is queued."""
+        with self._lock:
+            slots, start = self._slots, self._next
+            self._next = (start + 1) % max(1, len(slots))
+        for i in range(len(slots)):
+            s = slots[(start + i) % len(slots)]
+            taken = s.take_one()
+            if taken is not None:
+                return s, taken[0], taken[1]
+        return None
+
+    def take(self, max_tasks: int) -> List[Task]:
+        """Up to `max_tasks` queued tasks from the partitions in turn."""
+        with self._lock:
+            slots, start = self._slots, self._next
+            self._next = (start + 1) % max(1, len(slots))
+        tasks: List[Task] = []
+        for i in range(len(slots)):
+            if len(tasks) >= max_tasks:
+                break
+            tasks += slots[(start + i) % len(slots)].take(max_tasks - len(tasks))
+        return tasks
+
+    def finish(self, done: Sequence[Tuple[Task, Result]], busy: Optional[float]) -> None:
+        """Slots.finish, each task's result to its partition's accounting (`busy` shared out by
+        count)."""
+        if not done:
+            return
+        by_slots: Dict[int, List[Tuple[Task, Result]]] = {}
+        for d in done:
+            by_slots.setdefault(id(self.of(d[0][0])), []).append(d)
+        if len(by_slots) == 1:
+            self.of(done[0][0][0]).finish(done, busy)
+            return
+        for part in by_slots.values():
+            self.of(part[0][0][0]).finish(part, None if busy is None
+                                          else busy * len(part) / len(done))
+
+    def started(self, task_id: int, at: float) -> None:
+        self.of(task_id).started(task_id, at)
+
+    def report_progress(self, task_id: int, attempt: int, done: int, total: int,
+                        message: str) -> None:
+        self.of(task_id).report_progress(task_id, attempt, done, total, message)
+
+    def task_time(self) -> float:
+        """How long a task takes, seconds: the mean of the partitions that measured it; 0 when
+        none did."""
+        times = [t for t in (s.task_time() for s in self.all()) if t > 0]
+        return sum(times) / len(times) if times else 0.0
+
+    def threads(self) -> int:
+        """Tasks the pool runs at once now: a new partition's accounting grants as many."""
+        with self._lock:
+            return self._threads
+
+    def set_threads(self, threads: int) -> None:
+        """The pool now runs `threads` tasks at once (a pool process died)."""
+        with self._lock:
+            self._threads = threads
+            slots = self._slots
+        for s in slots:
+            s.set_threads(threads)

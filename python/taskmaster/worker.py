@@ -23,8 +23,10 @@ attempt (the master retries it while attempts remain) with the exception's text;
 fails the task for good.
 
 Each pool holds its own stream to the master, as the C++ worker's pools do: a worker with
-thread and process handlers shows as two workers, "NAME/thread" and "NAME/process". The stream
-protocol (credits and prefetch, heartbeats, leases, results kept until acknowledged and sent
+thread and process handlers shows as two workers, "NAME/thread" and "NAME/process". When the
+queues are split into partitions (several masters on PostgreSQL, each serving some), each pool
+holds a stream for every partition, to the master serving it, and runs the tasks of all. The
+stream protocol (credits and prefetch, heartbeats, leases, results kept until acknowledged and sent
 again after a reconnect, cancels, drain) is the C++ worker's: see docs/api.md.
 """
 
@@ -40,12 +42,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
+                    Union)
 
 from . import _conn
 from ._worker_pools import ProcessPool, ThreadPool
 from ._worker_session import Identity, Session
-from ._worker_slots import Slots, SlotsOptions
+from ._worker_slots import Feed, Partitions, Slots, SlotsOptions
 from ._worker_task import Handler, PermanentError, TaskContext, takes_context
 from ._worker_wire import RESULT_OVERHEAD_BYTES
 from .errors import InvalidArgument
@@ -69,6 +72,9 @@ _MAX_LABELS = 64
 _MAX_LABEL_VALUE_BYTES = 256
 # A worker holds at most threads + prefetch tasks, and a hello lists at most 100,000.
 _MAX_PREFETCH = 50000
+# The most partitions the queues may have (common/partition.h, kMaxPartitions): a welcome
+# saying more is held to it.
+_MAX_PARTITIONS = 256
 # Random bytes in a worker's id after its name: two processes of one name never share an id.
 _WORKER_ID_RANDOM_BYTES = 6
 # How long the session and pool threads may take to end once stopped, and how long process
@@ -337,58 +343,99 @@ class _Settings:
 
 
 class _Lane:
-    """One pool of the worker with its accounting and its own stream to the master, where it
-    shows as a worker of its own serving only its kinds: separate streams keep each pool's
-    credits and prefetch apart without the master knowing of pools."""
+    """One pool of the worker, with an accounting and a stream to the master for each partition
+    of the queues (a welcome says how many there are). It shows as a worker of its own serving
+    only its kinds: separate streams keep each pool's credits and prefetch apart without the
+    master knowing of pools."""
 
     def __init__(self, settings: _Settings, pool: str, handlers: Dict[str, Handler],
                  worker_id: str, name: str, on_fatal: Callable[[BaseException], None]) -> None:
         """Starts the pool's processes, if it has any: before any gRPC channel exists."""
         s = settings
         self._settings = settings
+        self._worker_id = worker_id
+        self._on_fatal = on_fatal
         self.name = name
         self.pool = pool
         self.kinds = sorted(handlers)
         self.size = s.processes if pool == PROCESS else s.threads
         self.process_pool: Optional[ProcessPool] = None
         self.thread_pool: Optional[ThreadPool] = None
+        self.slots = Partitions(Feed(), self.size)
         if pool == PROCESS:
             self.process_pool = ProcessPool(handlers, self.size, s.mp_context, s.max_output,
                                             name, s.progress_interval,
                                             lambda why: on_fatal(RuntimeError(why)))
             self.process_pool.start()
-        self.slots = Slots(SlotsOptions(
-            threads=self.size, prefetch=s.prefetch, prefetch_max=s.prefetch_max,
-            prefetch_window=s.prefetch_window, progress_interval=s.progress_interval,
-            stops=self.process_pool))
-        if self.process_pool is not None:
             self.process_pool.attach(self.slots)
         else:
             self.thread_pool = ThreadPool(self.slots, handlers, self.size, s.max_output, name)
-        self.session = Session(
-            s.conn, Identity(worker_id=worker_id, name=name, host=s.host, kinds=self.kinds,
-                             queues=s.queues, labels=s.labels, slots=self.size),
-            self.slots, self.process_pool.poll if self.process_pool else None, s.reconnect_max,
-            on_fatal)
+        self._lock = threading.Lock()
+        # Guarded by _lock: a session for each partition's accounting, in order; no partition
+        # is added once the lane drains or stops.
+        self._sessions: List[Session] = []
+        self._closed = False
 
     def start(self) -> None:
         s = self._settings
         if self.thread_pool is not None:
             self.thread_pool.start()
-        self.session.start()
+        self._ensure_partitions(1)
         prefetch = (str(s.prefetch) if s.prefetch is not None
                     else f"adaptive up to {s.prefetch_max}")
         log.info("worker %s started: %d %s, prefetch %s, kinds [%s], master %s", self.name,
                  self.size, "processes" if self.pool == PROCESS else "threads", prefetch,
                  ",".join(self.kinds), s.conn.address)
 
+    def _ensure_partitions(self, partitions: int) -> None:
+        # The queues have `partitions` partitions (as a welcome said): an accounting and a
+        # stream for each this lane lacks.
+        s = self._settings
+        with self._lock:
+            if self._closed:
+                return
+            for p in range(len(self._sessions), min(partitions, _MAX_PARTITIONS)):
+                slots = Slots(SlotsOptions(
+                    threads=self.slots.threads(), prefetch=s.prefetch,
+                    prefetch_max=s.prefetch_max, prefetch_window=s.prefetch_window,
+                    progress_interval=s.progress_interval, stops=self.process_pool,
+                    feed=self.slots.feed))
+                self.slots.add(slots)
+                # One watchdog polls the process pool, which reports for every partition.
+                poll = self.process_pool.poll if self.process_pool and p == 0 else None
+                session = Session(
+                    s.conn, Identity(worker_id=self._worker_id, name=self.name, host=s.host,
+                                     kinds=self.kinds, queues=s.queues, labels=s.labels,
+                                     slots=self.size, partition=p,
+                                     on_partitions=self._ensure_partitions),
+                    slots, poll, s.reconnect_max, self._on_fatal)
+                self._sessions.append(session)
+                session.start()
+
+    def _close(self) -> List[Session]:
+        # No partition is added after this.
+        with self._lock:
+            self._closed = True
+            return list(self._sessions)
+
     def drain(self, deadline: float) -> None:
-        start = self.slots.start_drain()
-        if start is None:
+        self._close()
+        accountings = self.slots.all()
+        starts = [start for start in (a.start_drain() for a in accountings) if start is not None]
+        if not starts:
             return
         log.info("%s draining: %d tasks given back, %d running (up to %.0f s)", self.name,
-                 start[0], start[1], self._settings.drain_timeout)
-        unfinished, unacked = self.slots.finish_drain(deadline)
+                 sum(given for given, _ in starts), sum(running for _, running in starts),
+                 self._settings.drain_timeout)
+        # Every partition's stream waits for its tasks and acknowledgements at once.
+        left: List[Tuple[int, int]] = []
+        waits = [threading.Thread(target=lambda a=a: left.append(a.finish_drain(deadline)),
+                                  daemon=True) for a in accountings]
+        for t in waits:
+            t.start()
+        for t in waits:
+            t.join()
+        unfinished, unacked = sum(u for u, _ in left), sum(a for _, a in left)
         if unfinished:
             log.warning("%s: drain timeout: left %d tasks unfinished for the master to requeue",
                         self.name, unfinished)
@@ -397,11 +444,16 @@ class _Lane:
                         unacked)
 
     def abort(self) -> None:
-        """Stops at once: handlers told to stop, the stream cancelled, threads and processes
+        """Stops at once: handlers told to stop, the streams cancelled, threads and processes
         ended."""
-        self.slots.stop()
-        self.session.cancel()
-        self.session.join(_CLOSE_TIMEOUT)
+        sessions = self._close()
+        for a in self.slots.all():
+            a.stop()
+        self.slots.feed.close()
+        for session in sessions:
+            session.cancel()
+        for session in sessions:
+            session.join(_CLOSE_TIMEOUT)
         if self.thread_pool is not None:
             self.thread_pool.close(_CLOSE_TIMEOUT)
         if self.process_pool is not None:

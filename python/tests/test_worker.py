@@ -16,7 +16,7 @@ from typing import Callable, Iterator, List, Optional
 import pytest
 
 from conftest import MASTER_FLAGS, TIMEOUT, Master, wait_for
-from taskmaster._worker_slots import Slots, SlotsOptions, Welcome
+from taskmaster._worker_slots import Feed, Partitions, Slots, SlotsOptions, Welcome
 from taskmaster.errors import PermissionDenied, Unauthenticated
 from taskmaster.v1 import taskmaster_pb2 as pb
 from taskmaster.worker import PermanentError, TaskContext, Worker
@@ -279,9 +279,9 @@ class FakeClock:
         return self.now
 
 
-def welcomed_slots(clock: FakeClock, epoch: str = "e1") -> Slots:
+def welcomed_slots(clock: FakeClock, epoch: str = "e1", feed: Optional[Feed] = None) -> Slots:
     slots = Slots(SlotsOptions(threads=1, prefetch=1, prefetch_max=1, prefetch_window=0.02,
-                               progress_interval=0.5, now=clock))
+                               progress_interval=0.5, feed=feed or Feed(), now=clock))
     assert slots.begin_session(1) is not None
     slots.welcomed(Welcome(master_epoch=epoch, heartbeat_interval_ms=200, lease_timeout_ms=2000,
                            revoked=[], echoes_heartbeats=True, worker_secret="s"))
@@ -379,3 +379,26 @@ def test_handler_ignoring_its_deadline_is_reported_timed_out(master, run_in_thre
                  "the master to show the stuck handler")
     finally:
         release.set()
+
+
+def test_partitions_take_from_each_and_route_results_to_their_own():
+    clock = FakeClock()
+    partitions = Partitions(Feed(), threads=1)
+    first = welcomed_slots(clock, feed=partitions.feed)
+    second = welcomed_slots(clock, feed=partitions.feed)
+    partitions.add(first)
+    partitions.add(second)
+    seen = partitions.feed.ticks()
+    in_second = make_task((1 << 48) + 5, 1)  # a task id carries its partition
+    second.received([in_second], [], [], 0)
+    assert partitions.feed.wait(seen)  # queuing told the feed
+    _, task, _ = partitions.take_one()
+    assert task is in_second
+    first.received([make_task(6, 1)], [], [], 0)
+    assert [t[0] for t in partitions.take(5)] == [6]
+    partitions.finish([result(in_second)], 0.002)
+    assert first.next_to_send(1).results == []
+    assert second.next_to_send(1).results == [b"r1"]
+    assert partitions.take_one() is None
+    partitions.feed.close()
+    assert not partitions.feed.wait(partitions.feed.ticks())
