@@ -1,6 +1,11 @@
 #include "client/client.h"
 
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <set>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/util.h"
@@ -167,12 +172,137 @@ absl::StatusOr<int64_t> Client::CancelJob(const std::string& job_id) const {
   return response->cancelled();
 }
 
+namespace {
+
+// The answers of masters serving different partitions, merged as a master merges its own
+// partitions' (BrokerSet): a queue's counts summed, a worker (with a stream to each) shown once.
+void MergeWorkers(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& from,
+                  google::protobuf::RepeatedPtrField<v1::WorkerInfo>* into) {
+  std::map<std::string, v1::WorkerInfo*> by_id;
+  for (v1::WorkerInfo& w : *into) by_id[w.worker_id()] = &w;
+  for (const v1::WorkerInfo& w : from) {
+    auto it = by_id.find(w.worker_id());
+    if (it == by_id.end()) {
+      *into->Add() = w;
+      continue;
+    }
+    v1::WorkerInfo& m = *it->second;
+    m.set_running(m.running() + w.running());
+    m.set_stuck(std::max(m.stuck(), w.stuck()));
+    m.set_connected(m.connected() || w.connected());
+    m.set_draining(m.draining() || w.draining());
+    m.set_connected_ms(std::min(m.connected_ms(), w.connected_ms()));
+    m.set_heartbeat_age_ms(std::min(m.heartbeat_age_ms(), w.heartbeat_age_ms()));
+    m.set_silent(m.silent() && w.silent());
+  }
+}
+
+void MergeStats(const v1::StatsResponse& from, v1::StatsResponse* into) {
+  std::map<std::string, v1::QueueStats*> by_name;
+  for (v1::QueueStats& q : *into->mutable_queues()) by_name[q.queue()] = &q;
+  for (const v1::QueueStats& q : from.queues()) {
+    auto it = by_name.find(q.queue());
+    if (it == by_name.end()) {
+      *into->add_queues() = q;
+      continue;
+    }
+    v1::QueueStats& m = *it->second;
+    m.set_pending(m.pending() + q.pending());
+    m.set_leased(m.leased() + q.leased());
+    m.set_succeeded(m.succeeded() + q.succeeded());
+    m.set_failed(m.failed() + q.failed());
+    m.set_dead(m.dead() + q.dead());
+    m.set_cancelled(m.cancelled() + q.cancelled());
+    m.set_delayed(m.delayed() + q.delayed());
+    m.set_oldest_ready_age_ms(std::max(m.oldest_ready_age_ms(), q.oldest_ready_age_ms()));
+    m.set_submitted(m.submitted() + q.submitted());
+    m.set_retried(m.retried() + q.retried());
+    m.set_redelivered(m.redelivered() + q.redelivered());
+  }
+  std::sort(into->mutable_queues()->begin(), into->mutable_queues()->end(),
+            [](const v1::QueueStats& a, const v1::QueueStats& b) { return a.queue() < b.queue(); });
+  MergeWorkers(from.workers(), into->mutable_workers());
+  into->set_duplicate_results(into->duplicate_results() + from.duplicate_results());
+}
+
+void MergeWorkerLists(const v1::WorkersResponse& from, v1::WorkersResponse* into) {
+  MergeWorkers(from.workers(), into->mutable_workers());
+}
+
+}  // namespace
+
+template <typename Response, typename Request>
+absl::StatusOr<Response> Client::CallEveryPartition(StubMethod<Response, Request> method,
+                                                    const Request& request,
+                                                    void (*merge)(const Response&,
+                                                                  Response*)) const {
+  absl::StatusOr<Response> first = Call(method, request);
+  if (!first.ok() || first->partition_count() <= 1) return first;
+  Response merged = *std::move(first);
+  const int32_t count = merged.partition_count();
+  std::set<int32_t> counted(merged.partitions().begin(), merged.partitions().end());
+  std::deque<std::string> to_ask(merged.other_masters().begin(), merged.other_masters().end());
+  std::set<std::string> asked = {masters_.current()};
+  std::vector<std::string> unreachable;
+  // Each master once, and no more masters than partitions: a master's list bounds the walk.
+  while (!to_ask.empty() && std::cmp_less(counted.size(), count) &&
+         std::cmp_less(asked.size(), count + 1)) {
+    const std::string address = std::move(to_ask.front());
+    to_ask.pop_front();
+    if (!asked.insert(address).second) continue;
+    absl::StatusOr<Response> answer = CallAt(address, method, request);
+    if (!answer.ok()) {
+      unreachable.push_back(address);
+      continue;
+    }
+    to_ask.insert(to_ask.end(), answer->other_masters().begin(), answer->other_masters().end());
+    // A partition being handed over may be counted by both masters for a moment: an answer
+    // that repeats one counted already is left out rather than counted twice.
+    if (std::any_of(answer->partitions().begin(), answer->partitions().end(),
+                    [&](int32_t p) { return counted.contains(p); })) {
+      continue;
+    }
+    merge(*answer, &merged);
+    counted.insert(answer->partitions().begin(), answer->partitions().end());
+  }
+  merged.clear_partitions();
+  for (int32_t p : counted) merged.add_partitions(p);
+  merged.clear_other_masters();
+  for (std::string& address : unreachable) merged.add_other_masters(std::move(address));
+  return merged;
+}
+
+template <typename Response, typename Request>
+absl::StatusOr<Response> Client::CallAt(const std::string& address,
+                                        StubMethod<Response, Request> method,
+                                        const Request& request) const {
+  std::unique_ptr<v1::TaskQueue::Stub> own;
+  v1::TaskQueue::Stub* stub = nullptr;
+  for (const Endpoint& e : endpoints_) {
+    if (e.address == address) stub = e.stub.get();
+  }
+  if (stub == nullptr) {  // a master the others named, not in the list this client was given
+    ChannelOptions one = options_.master;
+    one.address = address;
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(one);
+    if (!channel.ok()) return channel.status();
+    own = v1::TaskQueue::NewStub(*channel);
+    stub = own.get();
+  }
+  grpc::ClientContext context;
+  Prepare(&context);
+  Response response;
+  const grpc::Status s = (stub->*method)(&context, request, &response);
+  if (!s.ok()) return Explain(s, context, address);
+  return response;
+}
+
 absl::StatusOr<v1::StatsResponse> Client::Stats() const {
-  return Call(&v1::TaskQueue::Stub::Stats, v1::StatsRequest{});
+  return CallEveryPartition(&v1::TaskQueue::Stub::Stats, v1::StatsRequest{}, &MergeStats);
 }
 
 absl::StatusOr<v1::WorkersResponse> Client::Workers() const {
-  return Call(&v1::TaskQueue::Stub::Workers, v1::WorkersRequest{});
+  return CallEveryPartition(&v1::TaskQueue::Stub::Workers, v1::WorkersRequest{}, &MergeWorkerLists);
 }
 
 absl::StatusOr<bool> Client::Serving() const {

@@ -37,6 +37,9 @@ class Client {
   absl::StatusOr<v1::JobInfo> GetJob(const std::string& job_id) const;
   absl::StatusOr<int64_t> CancelTask(uint64_t id) const;
   absl::StatusOr<int64_t> CancelJob(const std::string& job_id) const;
+  // With the queues split into partitions, Stats and Workers ask every master that serves some
+  // (as the masters name each other) and merge their answers; `partitions` then lists those
+  // counted, and `other_masters` the masters that could not be asked.
   absl::StatusOr<v1::StatsResponse> Stats() const;
   absl::StatusOr<v1::WorkersResponse> Workers() const;
   // The master's answer to the standard health check (grpc.health.v1): whether it serves.
@@ -72,6 +75,19 @@ class Client {
                 const grpc::ClientContext& context,
                 std::chrono::steady_clock::time_point deadline) const;
   void Prepare(grpc::ClientContext* context) const;
+  // One call at `address`, without following another master.
+  template <typename Response, typename Request>
+  absl::StatusOr<Response> CallAt(const std::string& address,
+                                  grpc::Status (v1::TaskQueue::Stub::*method)(grpc::ClientContext*,
+                                                                              const Request&,
+                                                                              Response*),
+                                  const Request& request) const;
+  // Call, then the same call at each master serving partitions the answers did not cover yet,
+  // merged with `merge`.
+  template <typename Response, typename Request>
+  absl::StatusOr<Response> CallEveryPartition(
+      grpc::Status (v1::TaskQueue::Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+      const Request& request, void (*merge)(const Response&, Response*)) const;
   // A unary call with the token, the deadline, and errors explained.
   template <typename Response, typename Request>
   absl::StatusOr<Response> Call(grpc::Status (v1::TaskQueue::Stub::*method)(grpc::ClientContext*,

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -559,9 +560,31 @@ int RunHealth(const Client& client, const Console& console) {
   return *serving ? kExitOk : kExitNotServing;
 }
 
+namespace {
+
+// An answer over partitions some of which no master reached serves (one is being taken over, or
+// could not be asked) is printed, with a warning of what it leaves out.
+template <typename Response>
+void WarnUncounted(const Console& console, const Response& response) {
+  if (response.partition_count() <= 1 || response.partitions_size() >= response.partition_count()) {
+    return;
+  }
+  console.err << "taskctl: warning: this counts " << response.partitions_size() << " of the "
+              << response.partition_count() << " partitions of the queues";
+  if (response.other_masters_size() > 0) {
+    console.err << "; could not ask " << absl::StrJoin(response.other_masters(), ", ");
+  } else {
+    console.err << "; no master reached serves the others now (one may be taking them over)";
+  }
+  console.err << "\n";
+}
+
+}  // namespace
+
 int RunStats(const Client& client, const Console& console) {
   absl::StatusOr<v1::StatsResponse> stats = client.Stats();
   if (!stats.ok()) return Fail(console, stats.status());
+  WarnUncounted(console, *stats);
   if (console.format == OutputFormat::kJson) {
     json queues = json::array();
     for (const v1::QueueStats& q : stats->queues()) {
@@ -602,6 +625,7 @@ int RunStats(const Client& client, const Console& console) {
 int RunWorkers(const Client& client, const Console& console) {
   absl::StatusOr<v1::WorkersResponse> workers = client.Workers();
   if (!workers.ok()) return Fail(console, workers.status());
+  WarnUncounted(console, *workers);
   if (console.format == OutputFormat::kJson) {
     console.out << Dump(WorkersJson(workers->workers())) << "\n";
     return kExitOk;

@@ -238,6 +238,59 @@ TEST(HA, TwoMastersShareThePartitionsAndTakeOverEachOthers) {
   ExpectEveryResultOnce(pg, submitter.acked());
 }
 
+// Stats and Workers asked of one master count every partition: it names the master serving the
+// others, and taskctl asks it too.
+TEST(HA, StatsCountEveryPartitionWhicheverMasterIsAsked) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  HaCluster cluster(&pg, 2, {"--postgres-partitions", "4"});
+  ASSERT_TRUE(cluster.StartAll().has_value());
+  auto served_by = [&](size_t i) {
+    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
+                               cluster.address(i), "' AND expires_at > now()"));
+  };
+  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)));
+  cluster.StartWorker("w1", {"--threads", "1"});
+  // Tasks of a kind no worker runs stay pending: 20 batches with keys, spread over the
+  // partitions by their first keys.
+  std::unique_ptr<Client> client = cluster.NewClient();
+  for (int b = 0; b < 20; ++b) {
+    v1::SubmitRequest request;
+    for (int i = 0; i < 10; ++i) {
+      v1::TaskSpec* t = request.add_tasks();
+      t->set_kind("nobody-runs-this");
+      t->set_idempotency_key(absl::StrCat("stats-", b, "-", i));
+    }
+    ASSERT_TRUE(client->Submit(request).ok());
+  }
+  ASSERT_EQ(pg.Sql("SELECT count(DISTINCT part) FROM taskmaster.tasks"), "4");
+  for (size_t asked = 0; asked < 2; ++asked) {
+    const CommandResult stats = RunCommand(
+        TaskctlArgv(cluster.address(asked), cluster.dir(), {"--format", "json", "stats"}));
+    ASSERT_EQ(stats.exit_code, 0) << stats.err;
+    EXPECT_NE(stats.out.find("\"pending\":200"), std::string::npos) << stats.out;
+    EXPECT_EQ(stats.err, "");
+    // The worker holds a stream to each partition, and shows once.
+    const CommandResult workers = RunCommand(
+        TaskctlArgv(cluster.address(asked), cluster.dir(), {"--format", "json", "workers"}));
+    ASSERT_EQ(workers.exit_code, 0) << workers.err;
+    const std::vector<std::string> split = absl::StrSplit(workers.out, "\"worker_id\"");
+    EXPECT_EQ(split.size(), 2u) << workers.out;
+    // The Python client merges the same way.
+    if (!std::filesystem::exists(std::string(TASKMASTER_BINARY_DIR) + "/python/taskmaster")) {
+      continue;
+    }
+    const CommandResult python = RunCommand(
+        {"/usr/bin/python3", "-m", "taskmaster", "--master", cluster.address(asked), "--token-file",
+         cluster.dir().File("submit.token"), "--format", "json", "stats"},
+        "", seconds(60), {"PYTHONPATH=" + std::string(TASKMASTER_BINARY_DIR) + "/python"});
+    ASSERT_EQ(python.exit_code, 0) << python.err;
+    EXPECT_NE(python.out.find("\"pending\": 200"), std::string::npos) << python.out;
+    EXPECT_NE(python.out.find("\"partitions\": [0, 1, 2, 3]"), std::string::npos) << python.out;
+    EXPECT_EQ(python.err, "");
+  }
+}
+
 // The Python worker, given both masters, holds a stream for every partition and runs the tasks
 // of all four, before and after one master is killed.
 TEST(HA, PythonWorkerServesEveryPartition) {

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <iterator>
+#include <set>
+#include <string>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -151,6 +153,20 @@ int64_t BrokerSet::DuplicateResults() const {
   int64_t total = 0;
   for (const std::shared_ptr<Broker>& broker : Brokers()) total += broker->DuplicateResults();
   return total;
+}
+
+std::vector<std::string> BrokerSet::OtherMasters() const {
+  std::set<int32_t> served;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [p, broker] : brokers_) served.insert(p);
+  }
+  std::set<std::string> others;
+  for (int32_t p = 0; owner_of_ && p < partitions_; ++p) {
+    if (served.contains(p)) continue;
+    if (std::string owner = owner_of_(p); !owner.empty()) others.insert(std::move(owner));
+  }
+  return {others.begin(), others.end()};
 }
 
 BrokerMetrics BrokerSet::Metrics() const {

@@ -57,6 +57,8 @@ class BrokerSet {
   std::vector<QueueStatsView> QueueStats() const;
   std::vector<WorkerView> Workers() const;
   int64_t DuplicateResults() const;
+  // The masters known to serve the partitions not served here, each once.
+  std::vector<std::string> OtherMasters() const;
   BrokerMetrics Metrics() const;
   // Of the first partition served here ("" with none).
   std::string epoch() const;

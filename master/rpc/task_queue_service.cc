@@ -142,6 +142,21 @@ void TaskQueueService::AnswerCancel(Call<v1::CancelRequest, v1::CancelResponse>*
   });
 }
 
+namespace {
+
+// Which partitions an answer of Stats or Workers covers, and who serves the others.
+template <typename Response>
+void AddPartitions(const BrokerSet& brokers, Response* response) {
+  if (brokers.partitions() <= 1) return;
+  response->set_partition_count(brokers.partitions());
+  for (int32_t p : brokers.Served()) response->add_partitions(p);
+  for (std::string& address : brokers.OtherMasters()) {
+    response->add_other_masters(std::move(address));
+  }
+}
+
+}  // namespace
+
 void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* call) {
   if (grpc::Status s = auth_->Check(call->context(), Role::kSubmit, "Stats"); !s.ok()) {
     call->Reply(s);
@@ -151,6 +166,7 @@ void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* ca
   for (const QueueStatsView& q : brokers_->QueueStats()) ToProto(q, response->add_queues());
   for (const WorkerView& w : brokers_->Workers()) ToProto(w, response->add_workers());
   response->set_duplicate_results(brokers_->DuplicateResults());
+  AddPartitions(*brokers_, response);
   call->Reply(grpc::Status::OK);
 }
 
@@ -160,6 +176,7 @@ void TaskQueueService::AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersRespons
     return;
   }
   for (const WorkerView& w : brokers_->Workers()) ToProto(w, call->response()->add_workers());
+  AddPartitions(*brokers_, call->response());
   call->Reply(grpc::Status::OK);
 }
 

@@ -123,6 +123,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             return _follow(client, args.id, as_json, out)
         if args.command == "stats":
             stats = client.stats()
+            if not stats.complete:
+                print(f"taskmaster: warning: this counts {len(stats.partitions)} of the "
+                      f"{stats.partition_count} partitions of the queues (a master taking some "
+                      "over could not be reached)", file=sys.stderr)
             out.write(json.dumps(dataclasses.asdict(stats)) + "\n" if as_json else
                       "".join(f"{q.queue}: {q.pending} pending, {q.leased} leased, "
                               f"{q.succeeded} succeeded, {q.dead} dead\n" for q in stats.queues))

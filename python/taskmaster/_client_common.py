@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
@@ -136,6 +137,14 @@ class Stats:
     queues: List[QueueStats]
     workers: List[WorkerInfo]
     duplicate_results: int
+    # With the queues split into partitions: those counted, and how many there are (0: one).
+    partitions: List[int] = field(default_factory=list)
+    partition_count: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every partition is counted (a master taking some over may not be reached)."""
+        return self.partition_count <= 1 or len(self.partitions) >= self.partition_count
 
 
 def encode(payload: Payload) -> bytes:
@@ -293,7 +302,89 @@ def worker_of(w: pb.WorkerInfo) -> WorkerInfo:
 def stats_of(s: pb.StatsResponse) -> Stats:
     return Stats([QueueStats(q.queue, q.pending, q.leased, q.succeeded, q.failed, q.dead,
                              q.cancelled) for q in s.queues],
-                 [worker_of(w) for w in s.workers], s.duplicate_results)
+                 [worker_of(w) for w in s.workers], s.duplicate_results, list(s.partitions),
+                 s.partition_count)
+
+
+def _merge_workers(into: Any, workers: Any) -> None:
+    # A worker holds a stream to each partition: shown once (the rules of the master's own
+    # merge, BrokerSet).
+    by_id = {w.worker_id: w for w in into}
+    for w in workers:
+        m = by_id.get(w.worker_id)
+        if m is None:
+            into.add().CopyFrom(w)
+            continue
+        m.running += w.running
+        m.stuck = max(m.stuck, w.stuck)
+        m.connected = m.connected or w.connected
+        m.draining = m.draining or w.draining
+        m.connected_ms = min(m.connected_ms, w.connected_ms)
+        m.heartbeat_age_ms = min(m.heartbeat_age_ms, w.heartbeat_age_ms)
+        m.silent = m.silent and w.silent
+
+
+_SUMMED_QUEUE_FIELDS = ("pending", "leased", "succeeded", "failed", "dead", "cancelled", "delayed",
+                        "submitted", "retried", "redelivered")
+
+
+def _merge_stats(into: pb.StatsResponse, other: pb.StatsResponse) -> None:
+    by_name = {q.queue: q for q in into.queues}
+    for q in other.queues:
+        m = by_name.get(q.queue)
+        if m is None:
+            into.queues.add().CopyFrom(q)
+            continue
+        for name in _SUMMED_QUEUE_FIELDS:
+            setattr(m, name, getattr(m, name) + getattr(q, name))
+        m.oldest_ready_age_ms = max(m.oldest_ready_age_ms, q.oldest_ready_age_ms)
+    into.queues.sort(key=lambda q: q.queue)
+    _merge_workers(into.workers, other.workers)
+    into.duplicate_results += other.duplicate_results
+
+
+class EveryPartition:
+    """Stats or Workers over every partition of the queues: the first answer names the masters
+    serving the partitions it does not count; each is asked once (no more masters than
+    partitions), and answers that count new partitions are merged, as the C++ client does. An
+    answer repeating a partition counted already (one being handed over) is left out."""
+
+    def __init__(self, first: Any, asked: str) -> None:
+        self.merged = first
+        self._count = first.partition_count
+        self._counted = set(first.partitions)
+        self._to_ask = deque(first.other_masters)
+        self._asked = {asked}
+        self._unreachable: List[str] = []
+
+    def next(self) -> Optional[str]:
+        """The next master to ask; None once done."""
+        while (self._to_ask and len(self._counted) < self._count
+               and len(self._asked) <= self._count):
+            address = self._to_ask.popleft()
+            if address not in self._asked:
+                self._asked.add(address)
+                return address
+        m = self.merged
+        del m.partitions[:]
+        m.partitions.extend(sorted(self._counted))
+        del m.other_masters[:]
+        m.other_masters.extend(self._unreachable)
+        return None
+
+    def add(self, address: str, answer: Any) -> None:
+        """`address`'s answer; None when it could not be asked."""
+        if answer is None:
+            self._unreachable.append(address)
+            return
+        self._to_ask.extend(answer.other_masters)
+        if self._counted.intersection(answer.partitions):
+            return
+        if isinstance(answer, pb.StatsResponse):
+            _merge_stats(self.merged, answer)
+        else:
+            _merge_workers(self.merged.workers, answer.workers)
+        self._counted.update(answer.partitions)
 
 
 class Backoff:

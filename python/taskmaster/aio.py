@@ -100,10 +100,10 @@ class Client:
         return (await self._call("Cancel", pb.CancelRequest(task_id=task_id))).cancelled
 
     async def stats(self) -> Stats:
-        return common.stats_of(await self._call("Stats", pb.StatsRequest()))
+        return common.stats_of(await self._every_partition("Stats", pb.StatsRequest()))
 
     async def workers(self) -> List[WorkerInfo]:
-        response = await self._call("Workers", pb.WorkersRequest())
+        response = await self._every_partition("Workers", pb.WorkersRequest())
         return [common.worker_of(w) for w in response.workers]
 
     # ---- internals ----
@@ -123,6 +123,27 @@ class Client:
                 if pause is None:
                     raise errors.from_rpc_error(e, address) from None
             await asyncio.sleep(pause)
+
+    async def _every_partition(self, method: str, request):  # type: ignore[no-untyped-def]
+        walk = common.EveryPartition(await self._call(method, request), self._masters.current())
+        address = walk.next()
+        while address is not None:
+            walk.add(address, await self._call_at(address, method, request))
+            address = walk.next()
+        return walk.merged
+
+    async def _call_at(self, address: str, method: str, request):  # type: ignore[no-untyped-def]
+        channel = None if address in self._stubs else self._conn.aio_channel(
+            address, common.CHANNEL_OPTIONS)
+        stub = self._stubs[address] if channel is None else pb_grpc.TaskQueueStub(channel)
+        try:
+            return await getattr(stub, method)(request, timeout=self._timeout,
+                                               metadata=self._conn.metadata)
+        except grpc.aio.AioRpcError:
+            return None
+        finally:
+            if channel is not None:
+                await channel.close()
 
     async def _append(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         deadline = time.monotonic() + self._reconnect_timeout

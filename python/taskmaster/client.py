@@ -122,12 +122,14 @@ class Client:
         return self._call("Cancel", pb.CancelRequest(task_id=task_id)).cancelled
 
     def stats(self) -> Stats:
-        """Queue counts and the workers the master knows."""
-        return common.stats_of(self._call("Stats", pb.StatsRequest()))
+        """Queue counts and the workers the masters know. With the queues split into
+        partitions, every master serving some is asked (the masters name each other) and the
+        answers merged; `complete` says whether every partition was counted."""
+        return common.stats_of(self._every_partition("Stats", pb.StatsRequest()))
 
     def workers(self) -> List[WorkerInfo]:
-        """The workers the master knows."""
-        response = self._call("Workers", pb.WorkersRequest())
+        """The workers the masters know (of every partition, as stats())."""
+        response = self._every_partition("Workers", pb.WorkersRequest())
         return [common.worker_of(w) for w in response.workers]
 
     # ---- internals ----
@@ -147,6 +149,29 @@ class Client:
                 if pause is None:
                     raise errors.from_rpc_error(e, address) from None
             time.sleep(pause)
+
+    def _every_partition(self, method: str, request):  # type: ignore[no-untyped-def]
+        walk = common.EveryPartition(self._call(method, request), self._masters.current())
+        address = walk.next()
+        while address is not None:
+            walk.add(address, self._call_at(address, method, request))
+            address = walk.next()
+        return walk.merged
+
+    def _call_at(self, address: str, method: str, request):  # type: ignore[no-untyped-def]
+        """One call at `address` (a master the others named, perhaps not in this client's
+        list); None when it fails."""
+        channel = None if address in self._stubs else self._conn.channel(
+            address, common.CHANNEL_OPTIONS)
+        stub = self._stubs[address] if channel is None else pb_grpc.TaskQueueStub(channel)
+        try:
+            return getattr(stub, method)(request, timeout=self._timeout,
+                                         metadata=self._conn.metadata)
+        except grpc.RpcError:
+            return None
+        finally:
+            if channel is not None:
+                channel.close()
 
     def _append(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         """A later batch of an open job: a lost answer or a master restarting is retried with
