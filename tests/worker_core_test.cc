@@ -233,6 +233,90 @@ TEST_F(SlotsTest, UnusedCreditsAreGrantedAfreshOnANewSession) {
   EXPECT_EQ(Tick().credits, 2) << "the task still held takes one of the three";
 }
 
+// ---- Credits shared by the partitions of a pool ----
+
+TEST(SharedCreditsTest, OnePartitionIsGrantedTheWholePool) {
+  SharedCredits credits;
+  EXPECT_EQ(credits.Allow(0, 0, 0, 10), 10);
+  EXPECT_EQ(credits.Allow(0, 10, 0, 10), 0);
+  EXPECT_EQ(credits.Allow(0, 9, 0, 10), 1);
+  EXPECT_FALSE(credits.TakeWaiting(0));
+}
+
+TEST(SharedCreditsTest, AnIdlePartitionKeepsOneCreditWhileAnotherWorks) {
+  SharedCredits credits;
+  EXPECT_EQ(credits.Allow(0, 0, 0, 10), 10);  // alone so far
+  EXPECT_EQ(credits.Allow(1, 0, 0, 10), 5) << "no partition has tasks: each is granted its part";
+  EXPECT_EQ(credits.Allow(0, 10, 0, 10), 0) << "partition 0's master used its ten";
+  EXPECT_EQ(credits.Allow(1, 0, 0, 10), 1) << "one credit waits at the idle partition";
+  EXPECT_EQ(credits.Allow(1, 0, 1, 10), 0);
+}
+
+TEST(SharedCreditsTest, BusyPartitionsShareThePoolEqually) {
+  SharedCredits credits;
+  EXPECT_EQ(credits.Allow(0, 10, 0, 10), 0);
+  // Partition 1's one credit was used: it has a task, and is held back below its share of five.
+  EXPECT_EQ(credits.Allow(1, 1, 0, 10), 0);
+  EXPECT_TRUE(credits.TakeWaiting(0)) << "partition 0's finishes must tell it";
+  EXPECT_FALSE(credits.TakeWaiting(0)) << "told once";
+  // Partition 0 finishes tasks: over its share, it grants nothing, and the room goes to 1.
+  int32_t to_one = 0;
+  for (int32_t held = 9; held >= 5; --held) {
+    EXPECT_EQ(credits.Allow(0, held, 0, 10), 0);
+    to_one += credits.Allow(1, 1, to_one, 10);
+  }
+  EXPECT_EQ(to_one, 4) << "up to its share: five with the task it holds";
+  EXPECT_EQ(credits.Allow(0, 4, 0, 10), 1) << "back to its share: five each";
+  EXPECT_FALSE(credits.TakeWaiting(1)) << "nobody is held back";
+}
+
+// A partition held back below its share gets the room another partition's finish opens, at once.
+TEST_F(SlotsTest, RoomThatOpensInOnePartitionGoesToTheOneHeldBack) {
+  auto credits = std::make_shared<SharedCredits>();
+  std::vector<Slots*> all;
+  auto options = [&](size_t member) {
+    return SlotsOptions{.threads = 4,
+                        .prefetch = 0,
+                        .on_ready = [this] { feed_.Notify(); },
+                        .shared_credits = credits,
+                        .member = member,
+                        .on_room =
+                            [&] {
+                              for (Slots* s : all) s->TopUp();
+                            },
+                        .now = [this] { return time_.Now(); }};
+  };
+  slots_ = std::make_unique<Slots>(options(0));
+  Slots other(options(1));
+  all = {slots_.get(), &other};
+  const auto other_credits = [&] {
+    time_.Advance(kHeartbeat);
+    std::optional<ToMaster> out = other.NextToSend();
+    other.Sent();
+    return out ? out->credits : -1;
+  };
+  Connect();
+  EXPECT_EQ(Tick(milliseconds(0)).credits, 4) << "partition 0 is alone so far";
+  Deliver({MakeTask(1), MakeTask(2), MakeTask(3), MakeTask(4)});
+  Assignment a = Take(), b = Take();
+  Take();
+  Take();
+  ASSERT_TRUE(other.BeginSession(1).has_value());
+  other.Welcomed(MakeWelcome());
+  EXPECT_EQ(other_credits(), 1) << "one credit waits at the idle partition";
+  FromMaster to_other;
+  to_other.tasks = {MakeTask(5)};
+  other.Received(std::move(to_other));
+  EXPECT_EQ(other_credits(), 0) << "below its share of two, but the pool is full";
+  Succeed(a);
+  EXPECT_EQ(Tick().credits, 0) << "task 5 takes the thread";
+  EXPECT_EQ(other_credits(), 0);
+  Succeed(b);
+  EXPECT_EQ(Tick().credits, 0) << "partition 0 holds its share";
+  EXPECT_EQ(other_credits(), 1) << "partition 1 gets the room partition 0's finish opened";
+  other.Stop();
+}
+
 TEST_F(SlotsTest, AdaptivePrefetchHoldsAWindowOfShortTasksUpToItsMaximum) {
   Make(2, /*prefetch=*/-1, /*prefetch_max=*/100);
   Connect();

@@ -91,27 +91,43 @@ std::optional<Assignment> Slots::TryNextTask() {
 std::optional<ToMaster> Slots::Finish(uint64_t delivery, Result result,
                                       std::chrono::steady_clock::duration took, bool take) {
   const double took_us = std::chrono::duration<double, std::micro>(took).count();
+  std::optional<ToMaster> out;
+  bool waiting;
+  {
+    absl::MutexLock lock(&mu_);
+    task_us_ewma_ = task_us_ewma_ <= 0
+                        ? took_us
+                        : (1 - kTaskTimeWeight) * task_us_ewma_ + kTaskTimeWeight * took_us;
+    if (auto it = held_.find(result.task_id);
+        it != held_.end() && it->second.delivery == delivery) {
+      held_.erase(it);
+      AddResultLocked(std::move(result));
+    } else if (auto orphan = orphans_.find(delivery); orphan != orphans_.end()) {
+      stuck_ -= orphan->second ? 1 : 0;
+      orphans_.erase(orphan);
+    }
+    TopUpCreditsLocked();
+    waiting = OthersWaiting();
+    // Only when no task waits for a thread: under load the results gather while the pool works
+    // and leave together with the sender (a message each would cost most of the throughput).
+    // And only in the plain case: a drain or a goodbye is the sender's to write.
+    if (take && queue_.empty() && !sending_ && session_open_ && !draining_ && !leaving_ &&
+        !to_send_.empty()) {
+      sending_ = true;
+      out = TakeLocked();
+    }
+  }
+  TellRoom(waiting);
+  return out;
+}
+
+void Slots::TopUp() {
   absl::MutexLock lock(&mu_);
-  task_us_ewma_ = task_us_ewma_ <= 0
-                      ? took_us
-                      : (1 - kTaskTimeWeight) * task_us_ewma_ + kTaskTimeWeight * took_us;
-  if (auto it = held_.find(result.task_id); it != held_.end() && it->second.delivery == delivery) {
-    held_.erase(it);
-    AddResultLocked(std::move(result));
-  } else if (auto orphan = orphans_.find(delivery); orphan != orphans_.end()) {
-    stuck_ -= orphan->second ? 1 : 0;
-    orphans_.erase(orphan);
-  }
   TopUpCreditsLocked();
-  // Only when no task waits for a thread: under load the results gather while the pool works
-  // and leave together with the sender (a message each would cost most of the throughput). And
-  // only in the plain case: a drain or a goodbye is the sender's to write.
-  if (!take || !queue_.empty() || sending_ || !session_open_ || draining_ || leaving_ ||
-      to_send_.empty()) {
-    return std::nullopt;
-  }
-  sending_ = true;
-  return TakeLocked();
+}
+
+void Slots::TellRoom(bool waiting) {
+  if (waiting && options_.on_room) options_.on_room();
 }
 
 void Slots::ReportProgress(TaskId id, uint64_t delivery, Progress progress) {
@@ -188,11 +204,12 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
 
 void Slots::Received(FromMaster in) {
   const bool tasks = !in.tasks.empty();
-  ApplyReceived(std::move(in));
+  const bool waiting = ApplyReceived(std::move(in));
   if (tasks && options_.on_ready) options_.on_ready();
+  TellRoom(waiting);
 }
 
-void Slots::ApplyReceived(FromMaster in) {
+bool Slots::ApplyReceived(FromMaster in) {
   absl::MutexLock lock(&mu_);
   heard_at_ = options_.now();
   if (in.heartbeat_echo) {
@@ -236,6 +253,7 @@ void Slots::ApplyReceived(FromMaster in) {
     }
   }
   TopUpCreditsLocked();
+  return OthersWaiting();
 }
 
 void Slots::RememberCancelLocked(TaskId id) {
@@ -480,14 +498,66 @@ int32_t Slots::PrefetchLocked() const {
 }
 
 // Grants the master what the worker can take now: its threads plus prefetch, less what it holds
-// and what it granted already.
+// and what it granted already; with shared credits, this partition's part of that.
 void Slots::TopUpCreditsLocked() {
-  if (draining_ || !session_open_) return;
+  const bool granting = !draining_ && session_open_;
   const auto held = static_cast<int32_t>(held_.size()) + stuck_;
-  const int32_t want = options_.threads + PrefetchLocked() - held - outstanding_credit_;
-  if (want <= 0) return;
-  credits_to_send_ += want;
-  outstanding_credit_ += want;
+  const int32_t capacity = granting ? options_.threads + PrefetchLocked() : 0;
+  int32_t want = capacity - held - outstanding_credit_;
+  if (options_.shared_credits) {
+    // A closed session's credits are void (the next welcome starts from none).
+    want = options_.shared_credits->Allow(options_.member, held,
+                                          session_open_ ? outstanding_credit_ : 0, capacity);
+  }
+  if (granting && want > 0) {
+    credits_to_send_ += want;
+    outstanding_credit_ += want;
+  }
+}
+
+bool Slots::OthersWaiting() const {
+  return options_.shared_credits && options_.shared_credits->TakeWaiting(options_.member);
+}
+
+int32_t SharedCredits::Allow(size_t member, int32_t held, int32_t outstanding, int32_t capacity) {
+  absl::MutexLock lock(&mu_);
+  if (members_.size() <= member) members_.resize(member + 1);
+  members_[member] = {held, outstanding};
+  int64_t busy = 0;       // partitions with tasks
+  int64_t busy_used = 0;  // their tasks and credits
+  for (const Use& u : members_) {
+    if (u.held > 0) {
+      ++busy;
+      busy_used += u.held + u.outstanding;
+    }
+  }
+  const auto parts = [](int64_t whole, int64_t n) { return (whole + n - 1) / n; };
+  int64_t allow;
+  if (held == 0) {
+    // With no partition busy a burst anywhere starts at once; otherwise one credit waits.
+    allow = (busy == 0 ? parts(capacity, static_cast<int64_t>(members_.size())) : 1) - outstanding;
+  } else {
+    const int64_t share = parts(capacity, busy);
+    const int64_t used = held + outstanding;
+    allow = std::min(capacity - busy_used, share - used);
+    // Held back below its share by the others' tasks: their finishes open room for it.
+    members_[member].waiting = used < share && allow < share - used;
+  }
+  allow = std::max<int64_t>(0, allow);
+  members_[member].outstanding += static_cast<int32_t>(allow);
+  return static_cast<int32_t>(allow);
+}
+
+bool SharedCredits::TakeWaiting(size_t member) {
+  absl::MutexLock lock(&mu_);
+  bool any = false;
+  for (size_t i = 0; i < members_.size(); ++i) {
+    if (i != member && members_[i].waiting) {
+      members_[i].waiting = false;
+      any = true;
+    }
+  }
+  return any;
 }
 
 // Drops a held task: a queued one now, a running one when its handler returns.

@@ -30,6 +30,35 @@ inline constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
 // its task is reported timed out without it.
 inline constexpr auto kStuckGrace = std::chrono::milliseconds(500);
 
+// The credits of one pool's slots, one slots per partition of the queues (each with a stream to
+// the master serving it), shared out: the partitions with tasks share the pool's threads and
+// prefetch, in equal parts when each wants more, while a partition without any keeps one credit,
+// so that its master can hand it a task at once; when none has tasks, each is granted its part.
+// Without it, each partition's master would be granted the whole pool, and a worker of N
+// partitions would hold up to N times what it runs. Credits granted cannot be taken back, so a
+// partition whose tasks ran out keeps what it was granted; the others share the pool without
+// counting it. Thread-safe; the slots call it under their own locks (it takes only its own).
+class SharedCredits {
+ public:
+  // Slots `member` holds `held` tasks with `outstanding` credits granted and not used; the pool
+  // takes `capacity` (threads and prefetch; 0 while it grants nothing). Returns how many more it
+  // may grant now, counted as granted.
+  int32_t Allow(size_t member, int32_t held, int32_t outstanding, int32_t capacity);
+  // Called by `member` after its tasks changed: whether another partition with tasks was held
+  // back below its share since. Every slots is then asked to top up (Slots::TopUp), as
+  // room may have opened.
+  bool TakeWaiting(size_t member);
+
+ private:
+  struct Use {
+    int32_t held = 0;
+    int32_t outstanding = 0;
+    bool waiting = false;  // held back below its share
+  };
+  absl::Mutex mu_;
+  std::vector<Use> members_ ABSL_GUARDED_BY(mu_);
+};
+
 // The worker fills these from WorkerOptions, whose fields of the same names say what they mean
 // and their defaults.
 struct SlotsOptions {
@@ -45,6 +74,12 @@ struct SlotsOptions {
   // Runs (outside the lock) once tasks were queued, and once the slots stopped: a pool that takes
   // from several slots waits for it (see Feed).
   std::function<void()> on_ready;
+  // The pool's credits, shared with its other partitions' slots (this one is `member`); null:
+  // this slots grants the whole pool. `on_room` runs (outside the lock) when another's slots may
+  // now grant more: it calls their TopUp.
+  std::shared_ptr<SharedCredits> shared_credits = nullptr;
+  size_t member = 0;
+  std::function<void()> on_room = nullptr;
   // The monotonic clock; tests pass a fake one.
   std::function<Time()> now = [] { return std::chrono::steady_clock::now(); };
 };
@@ -119,6 +154,8 @@ class Slots {
   std::optional<ToMaster> NextToSend();
   // What NextToSend or Finish returned is written (or failed to be): another may write.
   void Sent();
+  // Grants what the shared credits allow now (see SlotsOptions::on_room).
+  void TopUp();
   // Waits until nobody writes: after CloseSession, before the stream goes.
   void AwaitNotSending();
   // The stream stopped reading: the sender stops too.
@@ -170,8 +207,9 @@ class Slots {
 
   template <typename Done>
   bool AwaitUntilLocked(Done done, Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Received's work, under its own lock; Received tells on_ready after it.
-  void ApplyReceived(FromMaster in) ABSL_LOCKS_EXCLUDED(mu_);
+  // Received's work, under its own lock; Received tells on_ready (and on_room: the result)
+  // after it.
+  bool ApplyReceived(FromMaster in) ABSL_LOCKS_EXCLUDED(mu_);
   void AddResultLocked(Result result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RevokeLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A running handler whose result no longer counts leaves held_ for orphans_, told to stop:
@@ -185,6 +223,11 @@ class Slots {
   // The next message to write: results, credits, a drain, progress, a heartbeat when due.
   ToMaster TakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After this slots' tasks changed: whether another partition's slots waits for room (to tell
+  // on_room, once the lock is released).
+  bool OthersWaiting() const;
+  // Tells on_room, outside the lock, when `waiting`.
+  void TellRoom(bool waiting) ABSL_LOCKS_EXCLUDED(mu_);
   void RememberCancelLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<std::string> CountRefusalsLocked(std::string_view error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

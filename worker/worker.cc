@@ -98,7 +98,13 @@ struct Lane {
                                .prefetch_window = options->prefetch_window,
                                .batch_bytes = kBatchBytes,
                                .progress_interval = options->progress_interval,
-                               .on_ready = [this] { feed.Notify(); }},
+                               .on_ready = [this] { feed.Notify(); },
+                               .shared_credits = credits,
+                               .member = static_cast<size_t>(p),
+                               .on_room =
+                                   [this] {
+                                     for (Member* m : Members()) m->slots.TopUp();
+                                   }},
           worker::SessionIdentity{.worker_id = worker_id,
                                   .name = name,
                                   .host = host,
@@ -149,6 +155,7 @@ struct Lane {
   const std::vector<std::string> kinds;
   // Each is thread-safe or used by one thread at a time (see their headers).
   worker::Feed feed;
+  const std::shared_ptr<worker::SharedCredits> credits = std::make_shared<worker::SharedCredits>();
   worker::RunMetrics metrics;
   worker::Pool pool;
   mutable absl::Mutex mu;

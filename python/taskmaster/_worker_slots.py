@@ -19,8 +19,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import (Callable, Deque, Dict, Iterable, List, Optional, Protocol, Sequence, Set,
-                    Tuple)
+from typing import (Any, Callable, Deque, Dict, Iterable, List, Optional, Protocol, Sequence,
+                    Set, Tuple)
 
 from ._worker_wire import CANCELLED, OUTCOME_NAMES, RETURNED, FAILED, encode_result
 
@@ -111,6 +111,57 @@ class Feed:
             self._ready.notify_all()
 
 
+class SharedCredits:
+    """The credits of one pool's accountings, one per partition of the queues, shared out as the
+    C++ worker's SharedCredits (worker/slots.h) does: the partitions with tasks share the pool's
+    threads and prefetch, in equal parts when each wants more; a partition without any keeps one
+    credit, so that its master can hand it a task at once; when none has tasks, each is granted
+    its part. Credits granted cannot be taken back: a partition whose tasks ran out keeps what it
+    was granted, and the others share the pool without counting it. Thread-safe; the
+    accountings call it under their own locks (it takes only its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Guarded by _lock: per member, [held, outstanding, held back below its share].
+        self._members: List[List[Any]] = []
+
+    def allow(self, member: int, held: int, outstanding: int, capacity: int) -> int:
+        """Accounting `member` holds `held` tasks with `outstanding` credits granted and not
+        used; the pool takes `capacity` (0 while it grants nothing). Returns how many more it may
+        grant now, counted as granted."""
+        with self._lock:
+            members = self._members
+            while len(members) <= member:
+                members.append([0, 0, False])
+            use = members[member]
+            use[0], use[1] = held, outstanding
+            busy = [u for u in members if u[0] > 0]
+            if held == 0:
+                # With no partition busy a burst anywhere starts at once; otherwise one credit
+                # waits.
+                allow = (-(-capacity // len(members)) if not busy else 1) - outstanding
+            else:
+                share = -(-capacity // len(busy))
+                used = held + outstanding
+                allow = min(capacity - sum(u[0] + u[1] for u in busy), share - used)
+                # Held back below its share by the others' tasks: their finishes open room.
+                use[2] = used < share and allow < share - used
+            allow = max(0, allow)
+            use[1] += allow
+            return allow
+
+    def take_waiting(self, member: int) -> bool:
+        """Called by `member` after its tasks changed: whether another partition with tasks was
+        held back below its share since (every accounting is then asked to top up)."""
+        with self._lock:
+            waiting = False
+            for i, use in enumerate(self._members):
+                if i != member and use[2]:
+                    use[2] = False
+                    waiting = True
+            return waiting
+
+
 @dataclass(frozen=True)
 class SlotsOptions:
     """What a pool's accounting needs to know; the Worker fills it from its arguments."""
@@ -122,6 +173,12 @@ class SlotsOptions:
     progress_interval: float    # progress reaches the master at most this often
     stops: Optional[StopSink] = None
     feed: "Feed" = field(default_factory=lambda: Feed())  # told when tasks are queued
+    # The pool's credits, shared with its other partitions' accountings (this one is `member`);
+    # None: this accounting grants the whole pool. `on_room` runs (outside the lock) when
+    # another's accounting may now grant more: it calls their top_up.
+    shared_credits: Optional["SharedCredits"] = None
+    member: int = 0
+    on_room: Optional[Callable[[], None]] = None
     now: Callable[[], float] = time.monotonic
 
 
@@ -312,8 +369,10 @@ class Slots:
                 if orphan is not None and orphan.stuck:
                     self._stuck -= 1
             self._top_up_credits_locked()
+            waiting = self._others_waiting()
             self._send_ready.notify()
             self._changed.notify_all()
+        self._tell_room(waiting)
 
     def report_progress(self, task_id: int, attempt: int, done: int, total: int,
                         message: str) -> None:
@@ -445,10 +504,12 @@ class Slots:
                     if self._refusals:
                         self._refusals.pop(tid, None)
             self._top_up_credits_locked()
+            waiting = self._others_waiting()
             if queue:
                 self._options.feed.notify(len(queue))
             self._send_ready.notify()
             self._changed.notify_all()
+        self._tell_room(waiting)
 
     def _remember_cancel_locked(self, tid: int) -> None:
         if len(self._recent_cancels_order) >= _RECENT_CANCELS:
@@ -647,16 +708,38 @@ class Slots:
         want = self._threads * o.prefetch_window / self._task_time_ewma
         return int(min(max(want, 0), o.prefetch_max))
 
+    def top_up(self) -> None:
+        """Grants what the shared credits allow now (see SlotsOptions.on_room)."""
+        with self._lock:
+            self._top_up_credits_locked()
+            if self._credits_to_send > 0:
+                self._send_ready.notify()
+
     def _top_up_credits_locked(self) -> None:
         # Grants the master what the pool can take now: its slots plus prefetch, less what it
-        # holds and what it granted already.
-        if self._draining or not self._session_open:
-            return
+        # holds and what it granted already; with shared credits, this partition's part of that.
+        granting = not self._draining and self._session_open
         held = len(self._held) + self._stuck
-        want = self._threads + self._prefetch_locked() - held - self._outstanding_credit
-        if want > 0:
+        capacity = self._threads + self._prefetch_locked() if granting else 0
+        want = capacity - held - self._outstanding_credit
+        shared = self._options.shared_credits
+        if shared is not None:
+            # A closed session's credits are void (the next welcome starts from none).
+            want = shared.allow(self._options.member, held,
+                                self._outstanding_credit if self._session_open else 0, capacity)
+        if granting and want > 0:
             self._credits_to_send += want
             self._outstanding_credit += want
+
+    def _others_waiting(self) -> bool:
+        # After this accounting's tasks changed: whether another partition's waits for room (to
+        # tell on_room, once the lock is released).
+        shared = self._options.shared_credits
+        return shared is not None and shared.take_waiting(self._options.member)
+
+    def _tell_room(self, waiting: bool) -> None:
+        if waiting and self._options.on_room is not None:
+            self._options.on_room()
 
     def _stop_locked(self, h: _Held) -> None:
         if h.event is not None:

@@ -48,7 +48,7 @@ from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tupl
 from . import _conn
 from ._worker_pools import ProcessPool, ThreadPool
 from ._worker_session import Identity, Session
-from ._worker_slots import Feed, Partitions, Slots, SlotsOptions
+from ._worker_slots import Feed, Partitions, SharedCredits, Slots, SlotsOptions
 from ._worker_task import Handler, PermanentError, TaskContext, takes_context
 from ._worker_wire import RESULT_OVERHEAD_BYTES
 from .errors import InvalidArgument
@@ -362,6 +362,7 @@ class _Lane:
         self.process_pool: Optional[ProcessPool] = None
         self.thread_pool: Optional[ThreadPool] = None
         self.slots = Partitions(Feed(), self.size)
+        self._credits = SharedCredits()
         if pool == PROCESS:
             self.process_pool = ProcessPool(handlers, self.size, s.mp_context, s.max_output,
                                             name, s.progress_interval,
@@ -399,7 +400,8 @@ class _Lane:
                     threads=self.slots.threads(), prefetch=s.prefetch,
                     prefetch_max=s.prefetch_max, prefetch_window=s.prefetch_window,
                     progress_interval=s.progress_interval, stops=self.process_pool,
-                    feed=self.slots.feed))
+                    feed=self.slots.feed, shared_credits=self._credits, member=p,
+                    on_room=self._top_up))
                 self.slots.add(slots)
                 # One watchdog polls the process pool, which reports for every partition.
                 poll = self.process_pool.poll if self.process_pool and p == 0 else None
@@ -411,6 +413,11 @@ class _Lane:
                     slots, poll, s.reconnect_max, self._on_fatal)
                 self._sessions.append(session)
                 session.start()
+
+    def _top_up(self) -> None:
+        # Room for credits opened in one partition: whichever is held back takes it.
+        for a in self.slots.all():
+            a.top_up()
 
     def _close(self) -> List[Session]:
         # No partition is added after this.

@@ -16,7 +16,8 @@ from typing import Callable, Iterator, List, Optional
 import pytest
 
 from conftest import MASTER_FLAGS, TIMEOUT, Master, wait_for
-from taskmaster._worker_slots import Feed, Partitions, Slots, SlotsOptions, Welcome
+from taskmaster._worker_slots import (Feed, Partitions, SharedCredits, Slots, SlotsOptions,
+                                      Welcome)
 from taskmaster.errors import PermissionDenied, Unauthenticated
 from taskmaster.v1 import taskmaster_pb2 as pb
 from taskmaster.worker import PermanentError, TaskContext, Worker
@@ -402,3 +403,54 @@ def test_partitions_take_from_each_and_route_results_to_their_own():
     assert partitions.take_one() is None
     partitions.feed.close()
     assert not partitions.feed.wait(partitions.feed.ticks())
+
+
+def test_shared_credits_idle_partition_keeps_one_and_busy_ones_share_the_pool():
+    credits = SharedCredits()
+    assert credits.allow(0, 0, 0, 10) == 10  # alone so far: the whole pool
+    assert credits.allow(1, 0, 0, 10) == 5  # no partition has tasks: each its part
+    assert credits.allow(0, 10, 0, 10) == 0
+    assert credits.allow(1, 0, 0, 10) == 1  # one credit waits at the idle partition
+    assert credits.allow(1, 1, 0, 10) == 0  # it has a task now, held back below its share
+    assert credits.take_waiting(0) and not credits.take_waiting(0)
+    to_one = 0
+    for held in range(9, 4, -1):  # partition 0 finishes tasks: the room goes to partition 1
+        assert credits.allow(0, held, 0, 10) == 0
+        to_one += credits.allow(1, 1, to_one, 10)
+    assert to_one == 4  # its share: five with the task it holds
+    assert credits.allow(0, 4, 0, 10) == 1  # back to its own share
+    assert not credits.take_waiting(1)
+
+
+def test_slots_room_opened_in_one_partition_goes_to_the_one_held_back():
+    clock = FakeClock()
+    credits = SharedCredits()
+    partitions = Partitions(Feed(), threads=4)
+
+    def make(member: int) -> Slots:
+        return Slots(SlotsOptions(threads=4, prefetch=0, prefetch_max=0, prefetch_window=0.02,
+                                  progress_interval=0.5, feed=partitions.feed,
+                                  shared_credits=credits, member=member, now=clock,
+                                  on_room=lambda: [s.top_up() for s in partitions.all()]))
+
+    first, second = make(0), make(1)
+    partitions.add(first)
+    partitions.add(second)
+    welcome = Welcome("e1", 200, 2000, [], True, "s")
+    first.begin_session(1)
+    first.welcomed(welcome)
+    assert first.next_to_send(1).credits == 4  # alone so far
+    tasks = [make_task(i, 1) for i in range(1, 5)]
+    first.received(tasks, [], [], 0)
+    assert [t[0] for t in first.take(4)] == [1, 2, 3, 4]
+    second.begin_session(1)
+    second.welcomed(welcome)
+    assert second.next_to_send(1).credits == 1  # one waits at the idle partition
+    second.received([make_task((1 << 48) + 5, 1)], [], [], 0)
+    first.finish([result(tasks[0])], 0.001)  # task 5 takes the thread
+    clock.now += 1
+    assert first.next_to_send(1).credits == 0 and second.next_to_send(1).credits == 0
+    first.finish([result(tasks[1])], 0.001)
+    clock.now += 1
+    assert first.next_to_send(1).credits == 0  # partition 0 holds its share of two
+    assert second.next_to_send(1).credits == 1  # partition 1 gets the room that opened
