@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/partition.h"
 #include "common/util.h"
 
 namespace taskmaster {
@@ -188,13 +189,16 @@ void MergeWorkers(const google::protobuf::RepeatedPtrField<v1::WorkerInfo>& from
     }
     v1::WorkerInfo& m = *it->second;
     m.set_running(m.running() + w.running());
-    m.set_stuck(std::max(m.stuck(), w.stuck()));
+    m.set_stuck(m.stuck() + w.stuck());  // each stream counts its own partition's
     m.set_connected(m.connected() || w.connected());
     m.set_draining(m.draining() || w.draining());
     m.set_connected_ms(std::min(m.connected_ms(), w.connected_ms()));
     m.set_heartbeat_age_ms(std::min(m.heartbeat_age_ms(), w.heartbeat_age_ms()));
     m.set_silent(m.silent() && w.silent());
   }
+  std::sort(into->begin(), into->end(), [](const v1::WorkerInfo& a, const v1::WorkerInfo& b) {
+    return a.worker_id() < b.worker_id();
+  });
 }
 
 void MergeStats(const v1::StatsResponse& from, v1::StatsResponse* into) {
@@ -239,14 +243,19 @@ absl::StatusOr<Response> Client::CallEveryPartition(StubMethod<Response, Request
   absl::StatusOr<Response> first = Call(method, request);
   if (!first.ok() || first->partition_count() <= 1) return first;
   Response merged = *std::move(first);
-  const int32_t count = merged.partition_count();
-  std::set<int32_t> counted(merged.partitions().begin(), merged.partitions().end());
+  // What masters say is bounded before it steers the walk: each master asked once, no more
+  // masters than partitions, partitions in range.
+  const auto count = static_cast<size_t>(
+      std::min<int32_t>(merged.partition_count(), static_cast<int32_t>(kMaxPartitions)));
+  const auto valid = [&](int32_t p) { return p >= 0 && static_cast<size_t>(p) < count; };
+  std::set<int32_t> counted;
+  for (int32_t p : merged.partitions()) {
+    if (valid(p)) counted.insert(p);
+  }
   std::deque<std::string> to_ask(merged.other_masters().begin(), merged.other_masters().end());
   std::set<std::string> asked = {masters_.current()};
   std::vector<std::string> unreachable;
-  // Each master once, and no more masters than partitions: a master's list bounds the walk.
-  while (!to_ask.empty() && std::cmp_less(counted.size(), count) &&
-         std::cmp_less(asked.size(), count + 1)) {
+  while (!to_ask.empty() && counted.size() < count && asked.size() <= count) {
     const std::string address = std::move(to_ask.front());
     to_ask.pop_front();
     if (!asked.insert(address).second) continue;
@@ -255,11 +264,13 @@ absl::StatusOr<Response> Client::CallEveryPartition(StubMethod<Response, Request
       unreachable.push_back(address);
       continue;
     }
-    to_ask.insert(to_ask.end(), answer->other_masters().begin(), answer->other_masters().end());
+    for (const std::string& next : answer->other_masters()) {
+      if (to_ask.size() < count) to_ask.push_back(next);
+    }
     // A partition being handed over may be counted by both masters for a moment: an answer
     // that repeats one counted already is left out rather than counted twice.
     if (std::any_of(answer->partitions().begin(), answer->partitions().end(),
-                    [&](int32_t p) { return counted.contains(p); })) {
+                    [&](int32_t p) { return !valid(p) || counted.contains(p); })) {
       continue;
     }
     merge(*answer, &merged);

@@ -270,6 +270,22 @@ TEST(SharedCreditsTest, BusyPartitionsShareThePoolEqually) {
   EXPECT_FALSE(credits.TakeWaiting(1)) << "nobody is held back";
 }
 
+// A partition of short tasks prefetches far more than one of long tasks: the pool is shared as the
+// most demanding sees it, each partition within what it takes itself.
+TEST(SharedCreditsTest, APartitionOfLongTasksIsNotCrowdedOutByOneThatPrefetchesMore) {
+  SharedCredits credits;
+  EXPECT_EQ(credits.Allow(0, 800, 0, 804), 4);  // short tasks: threads and a large prefetch
+  EXPECT_EQ(credits.Allow(1, 1, 0, 4), 0) << "long tasks: threads only; the pool is full";
+  EXPECT_TRUE(credits.TakeWaiting(0));
+  // Partition 0 finishes tasks: over its share of 402, it grants nothing; the room goes to 1.
+  int32_t to_one = 0;
+  for (int32_t held = 803; held >= 798; --held) {
+    EXPECT_EQ(credits.Allow(0, held, 0, 804), 0);
+    to_one += credits.Allow(1, 1, to_one, 4);
+  }
+  EXPECT_EQ(to_one, 3) << "up to what partition 1 takes itself: its four threads";
+}
+
 // A partition held back below its share gets the room another partition's finish opens, at once.
 TEST_F(SlotsTest, RoomThatOpensInOnePartitionGoesToTheOneHeldBack) {
   auto credits = std::make_shared<SharedCredits>();
@@ -314,6 +330,11 @@ TEST_F(SlotsTest, RoomThatOpensInOnePartitionGoesToTheOneHeldBack) {
   Succeed(b);
   EXPECT_EQ(Tick().credits, 0) << "partition 0 holds its share";
   EXPECT_EQ(other_credits(), 1) << "partition 1 gets the room partition 0's finish opened";
+  // Partition 0's master goes silent: once its leases may lapse, its tasks are stopped, and the
+  // room they held goes to partition 1.
+  time_.Advance(kLease);
+  EXPECT_EQ(slots_->Watch()->stopped, 2u);
+  EXPECT_EQ(other_credits(), 2) << "its share is now the whole pool of four, one task held";
   other.Stop();
 }
 

@@ -107,7 +107,7 @@ std::optional<ToMaster> Slots::Finish(uint64_t delivery, Result result,
       orphans_.erase(orphan);
     }
     TopUpCreditsLocked();
-    waiting = OthersWaiting();
+    waiting = TakeOthersWaitingLocked();
     // Only when no task waits for a thread: under load the results gather while the pool works
     // and leave together with the sender (a message each would cost most of the throughput).
     // And only in the plain case: a drain or a goodbye is the sender's to write.
@@ -157,6 +157,13 @@ std::optional<HelloState> Slots::BeginSession(uint64_t session) {
 }
 
 std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
+  bool waiting = false;
+  std::optional<std::string> lost_state = ApplyWelcome(welcome, waiting);
+  TellRoom(waiting);
+  return lost_state;
+}
+
+std::optional<std::string> Slots::ApplyWelcome(const Welcome& welcome, bool& waiting) {
   absl::MutexLock lock(&mu_);
   std::optional<std::string> lost_state;
   if (!epoch_.empty() && epoch_ != welcome.master_epoch) {
@@ -199,6 +206,7 @@ std::optional<std::string> Slots::Welcomed(const Welcome& welcome) {
   drain_echoed_ = false;
   session_open_ = true;
   TopUpCreditsLocked();
+  waiting = TakeOthersWaitingLocked();
   return lost_state;
 }
 
@@ -253,7 +261,7 @@ bool Slots::ApplyReceived(FromMaster in) {
     }
   }
   TopUpCreditsLocked();
-  return OthersWaiting();
+  return TakeOthersWaitingLocked();
 }
 
 void Slots::RememberCancelLocked(TaskId id) {
@@ -350,8 +358,13 @@ ToMaster Slots::TakeLocked() {
 }
 
 void Slots::CloseSession() {
-  absl::MutexLock lock(&mu_);
-  session_open_ = false;
+  bool waiting;
+  {
+    absl::MutexLock lock(&mu_);
+    session_open_ = false;
+    waiting = RecordUseLocked();  // its credits are void: the others may use the room
+  }
+  TellRoom(waiting);
 }
 
 std::vector<std::string> Slots::SessionEnded(bool master_stopping, std::string_view error) {
@@ -406,6 +419,13 @@ bool Slots::AwaitLeaving(std::chrono::milliseconds wait) {
 // reconnects afresh; and tasks whose leases are about to lapse on the master are stopped, so they
 // never run in two places at once.
 std::optional<WatchReport> Slots::Watch() {
+  bool waiting = false;
+  std::optional<WatchReport> report = WatchPass(waiting);
+  TellRoom(waiting);
+  return report;
+}
+
+std::optional<WatchReport> Slots::WatchPass(bool& waiting) {
   absl::MutexLock lock(&mu_);
   if (stopped_) return std::nullopt;
   WatchReport report;
@@ -429,6 +449,8 @@ std::optional<WatchReport> Slots::Watch() {
   }
   if (echoes_ && lease_.count() > 0 && now > fence_at_) FenceLocked(&report);
   ReportStuckLocked(&report);
+  // Fewer held: the others may use the room.
+  if (report.stopped + report.dropped > 0) waiting = RecordUseLocked();
   return report;
 }
 
@@ -515,36 +537,54 @@ void Slots::TopUpCreditsLocked() {
   }
 }
 
-bool Slots::OthersWaiting() const {
+bool Slots::TakeOthersWaitingLocked() {
   return options_.shared_credits && options_.shared_credits->TakeWaiting(options_.member);
+}
+
+bool Slots::RecordUseLocked() {
+  if (!options_.shared_credits) return false;
+  options_.shared_credits->Allow(options_.member, static_cast<int32_t>(held_.size()) + stuck_,
+                                 session_open_ ? outstanding_credit_ : 0, 0);
+  return TakeOthersWaitingLocked();
 }
 
 int32_t SharedCredits::Allow(size_t member, int32_t held, int32_t outstanding, int32_t capacity) {
   absl::MutexLock lock(&mu_);
   if (members_.size() <= member) members_.resize(member + 1);
-  members_[member] = {held, outstanding};
+  Use& use = members_[member];
+  if (use.held > 0 && held == 0) {
+    // One partition fewer with tasks: the others' shares grow.
+    for (Use& u : members_) u.waiting = u.waiting || u.held > 0;
+  }
+  use = {.held = held, .outstanding = outstanding, .capacity = capacity};
   int64_t busy = 0;       // partitions with tasks
   int64_t busy_used = 0;  // their tasks and credits
+  int64_t pool = 0;       // the most any of them takes
   for (const Use& u : members_) {
     if (u.held > 0) {
       ++busy;
       busy_used += u.held + u.outstanding;
+      pool = std::max<int64_t>(pool, u.capacity);
     }
   }
   const auto parts = [](int64_t whole, int64_t n) { return (whole + n - 1) / n; };
   int64_t allow;
-  if (held == 0) {
+  if (capacity <= 0) {
+    allow = 0;
+  } else if (held == 0) {
     // With no partition busy a burst anywhere starts at once; otherwise one credit waits.
     allow = (busy == 0 ? parts(capacity, static_cast<int64_t>(members_.size())) : 1) - outstanding;
   } else {
-    const int64_t share = parts(capacity, busy);
+    // The pool as the most demanding busy partition sees it (one of short tasks prefetches
+    // more), shared equally, each within what it takes itself.
+    const int64_t share = std::min<int64_t>(capacity, parts(pool, busy));
     const int64_t used = held + outstanding;
-    allow = std::min(capacity - busy_used, share - used);
+    allow = std::min(pool - busy_used, share - used);
     // Held back below its share by the others' tasks: their finishes open room for it.
-    members_[member].waiting = used < share && allow < share - used;
+    use.waiting = used < share && allow < share - used;
   }
   allow = std::max<int64_t>(0, allow);
-  members_[member].outstanding += static_cast<int32_t>(allow);
+  use.outstanding += static_cast<int32_t>(allow);
   return static_cast<int32_t>(allow);
 }
 

@@ -40,20 +40,21 @@ inline constexpr auto kStuckGrace = std::chrono::milliseconds(500);
 // counting it. Thread-safe; the slots call it under their own locks (it takes only its own).
 class SharedCredits {
  public:
-  // Slots `member` holds `held` tasks with `outstanding` credits granted and not used; the pool
-  // takes `capacity` (threads and prefetch; 0 while it grants nothing). Returns how many more it
-  // may grant now, counted as granted.
+  // Slots `member` holds `held` tasks with `outstanding` credits granted and not used, and would
+  // take `capacity` (its threads and prefetch; 0 while it grants nothing). Returns how many more
+  // it may grant now, counted as granted.
   int32_t Allow(size_t member, int32_t held, int32_t outstanding, int32_t capacity);
   // Called by `member` after its tasks changed: whether another partition with tasks was held
-  // back below its share since. Every slots is then asked to top up (Slots::TopUp), as
-  // room may have opened.
+  // back below its share, or saw its share grow (one partition fewer has tasks), since. Every slots
+  // is then asked to top up (Slots::TopUp), as room may have opened.
   bool TakeWaiting(size_t member);
 
  private:
   struct Use {
     int32_t held = 0;
     int32_t outstanding = 0;
-    bool waiting = false;  // held back below its share
+    int32_t capacity = 0;
+    bool waiting = false;  // held back below its share, or its share grew
   };
   absl::Mutex mu_;
   std::vector<Use> members_ ABSL_GUARDED_BY(mu_);
@@ -225,7 +226,15 @@ class Slots {
   void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // After this slots' tasks changed: whether another partition's slots waits for room (to tell
   // on_room, once the lock is released).
-  bool OthersWaiting() const;
+  bool TakeOthersWaitingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tells the shared credits what this slots holds now, granting nothing (after a fence, or at
+  // the session's end); returns TakeOthersWaitingLocked's answer.
+  bool RecordUseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Watch's and Welcomed's work, under their own lock; `waiting` as TakeOthersWaitingLocked
+  // says (they tell on_room after it).
+  std::optional<WatchReport> WatchPass(bool& waiting) ABSL_LOCKS_EXCLUDED(mu_);
+  std::optional<std::string> ApplyWelcome(const Welcome& welcome, bool& waiting)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Tells on_room, outside the lock, when `waiting`.
   void TellRoom(bool waiting) ABSL_LOCKS_EXCLUDED(mu_);
   void RememberCancelLocked(TaskId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -120,23 +120,33 @@ void BrokerSet::SetTenantLimits(std::map<std::string, TenantLimits> limits) {
   for (const std::shared_ptr<Broker>& broker : Brokers()) broker->SetTenantLimits(limits);
 }
 
-std::vector<QueueStatsView> BrokerSet::QueueStats() const {
+BrokerSet::Snapshot BrokerSet::Take() const {
+  absl::MutexLock lock(&mu_);
+  Snapshot snapshot;
+  for (const auto& [p, broker] : brokers_) {
+    snapshot.served.push_back(p);
+    snapshot.brokers.push_back(broker);
+  }
+  return snapshot;
+}
+
+std::vector<QueueStatsView> BrokerSet::QueueStats(const Snapshot& snapshot) {
   QueueSums sums;
-  for (const std::shared_ptr<Broker>& broker : Brokers()) {
+  for (const std::shared_ptr<Broker>& broker : snapshot.brokers) {
     for (const QueueStatsView& q : broker->QueueStats()) sums.Add(q);
   }
   return std::move(sums).Take();
 }
 
-std::vector<WorkerView> BrokerSet::Workers() const {
+std::vector<WorkerView> BrokerSet::Workers(const Snapshot& snapshot) {
   std::map<std::string, WorkerView> merged;
-  for (const std::shared_ptr<Broker>& broker : Brokers()) {
+  for (const std::shared_ptr<Broker>& broker : snapshot.brokers) {
     for (WorkerView& w : broker->Workers()) {
       auto [it, added] = merged.try_emplace(w.worker_id, w);
       if (added) continue;
       WorkerView& m = it->second;
       m.running += w.running;
-      m.stuck = std::max(m.stuck, w.stuck);
+      m.stuck += w.stuck;  // each stream counts its own partition's stuck handlers
       m.connected = m.connected || w.connected;
       m.draining = m.draining || w.draining;
       m.connected_ms = std::min(m.connected_ms, w.connected_ms);
@@ -149,9 +159,11 @@ std::vector<WorkerView> BrokerSet::Workers() const {
   return out;
 }
 
-int64_t BrokerSet::DuplicateResults() const {
+int64_t BrokerSet::DuplicateResults(const Snapshot& snapshot) {
   int64_t total = 0;
-  for (const std::shared_ptr<Broker>& broker : Brokers()) total += broker->DuplicateResults();
+  for (const std::shared_ptr<Broker>& broker : snapshot.brokers) {
+    total += broker->DuplicateResults();
+  }
   return total;
 }
 

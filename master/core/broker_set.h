@@ -52,11 +52,22 @@ class BrokerSet {
   // For every broker, now and added later.
   void SetTenantLimits(std::map<std::string, TenantLimits> limits);
 
-  // Of the partitions served here, merged: a queue's counts summed over partitions, a worker
-  // (which holds a stream to each) shown once, each partition's recent failures together.
-  std::vector<QueueStatsView> QueueStats() const;
-  std::vector<WorkerView> Workers() const;
-  int64_t DuplicateResults() const;
+  // The partitions served at one moment and their brokers: an answer built from one snapshot
+  // counts each partition it names, and only those (one may be handed over meanwhile).
+  struct Snapshot {
+    std::vector<int32_t> served;
+    std::vector<std::shared_ptr<Broker>> brokers;
+  };
+  Snapshot Take() const;
+  // Of a snapshot's partitions, merged: a queue's counts summed over partitions, a worker (which
+  // holds a stream to each) shown once with its running and stuck tasks summed.
+  static std::vector<QueueStatsView> QueueStats(const Snapshot& snapshot);
+  static std::vector<WorkerView> Workers(const Snapshot& snapshot);
+  static int64_t DuplicateResults(const Snapshot& snapshot);
+  // The same, of the partitions served now; Metrics keeps each partition's recent failures.
+  std::vector<QueueStatsView> QueueStats() const { return QueueStats(Take()); }
+  std::vector<WorkerView> Workers() const { return Workers(Take()); }
+
   // The masters known to serve the partitions not served here, each once.
   std::vector<std::string> OtherMasters() const;
   BrokerMetrics Metrics() const;

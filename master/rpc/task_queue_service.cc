@@ -146,10 +146,11 @@ namespace {
 
 // Which partitions an answer of Stats or Workers covers, and who serves the others.
 template <typename Response>
-void AddPartitions(const BrokerSet& brokers, Response* response) {
+void AddPartitions(const BrokerSet& brokers, const std::vector<int32_t>& served,
+                   Response* response) {
   if (brokers.partitions() <= 1) return;
   response->set_partition_count(brokers.partitions());
-  for (int32_t p : brokers.Served()) response->add_partitions(p);
+  for (int32_t p : served) response->add_partitions(p);
   for (std::string& address : brokers.OtherMasters()) {
     response->add_other_masters(std::move(address));
   }
@@ -163,10 +164,13 @@ void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* ca
     return;
   }
   v1::StatsResponse* response = call->response();
-  for (const QueueStatsView& q : brokers_->QueueStats()) ToProto(q, response->add_queues());
-  for (const WorkerView& w : brokers_->Workers()) ToProto(w, response->add_workers());
-  response->set_duplicate_results(brokers_->DuplicateResults());
-  AddPartitions(*brokers_, response);
+  const BrokerSet::Snapshot snapshot = brokers_->Take();
+  for (const QueueStatsView& q : BrokerSet::QueueStats(snapshot)) {
+    ToProto(q, response->add_queues());
+  }
+  for (const WorkerView& w : BrokerSet::Workers(snapshot)) ToProto(w, response->add_workers());
+  response->set_duplicate_results(BrokerSet::DuplicateResults(snapshot));
+  AddPartitions(*brokers_, snapshot.served, response);
   call->Reply(grpc::Status::OK);
 }
 
@@ -175,8 +179,11 @@ void TaskQueueService::AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersRespons
     call->Reply(s);
     return;
   }
-  for (const WorkerView& w : brokers_->Workers()) ToProto(w, call->response()->add_workers());
-  AddPartitions(*brokers_, call->response());
+  const BrokerSet::Snapshot snapshot = brokers_->Take();
+  for (const WorkerView& w : BrokerSet::Workers(snapshot)) {
+    ToProto(w, call->response()->add_workers());
+  }
+  AddPartitions(*brokers_, snapshot.served, call->response());
   call->Reply(grpc::Status::OK);
 }
 

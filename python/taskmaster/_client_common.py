@@ -316,12 +316,13 @@ def _merge_workers(into: Any, workers: Any) -> None:
             into.add().CopyFrom(w)
             continue
         m.running += w.running
-        m.stuck = max(m.stuck, w.stuck)
+        m.stuck += w.stuck  # each stream counts its own partition's
         m.connected = m.connected or w.connected
         m.draining = m.draining or w.draining
         m.connected_ms = min(m.connected_ms, w.connected_ms)
         m.heartbeat_age_ms = min(m.heartbeat_age_ms, w.heartbeat_age_ms)
         m.silent = m.silent and w.silent
+    into.sort(key=lambda w: w.worker_id)
 
 
 _SUMMED_QUEUE_FIELDS = ("pending", "leased", "succeeded", "failed", "dead", "cancelled", "delayed",
@@ -343,6 +344,9 @@ def _merge_stats(into: pb.StatsResponse, other: pb.StatsResponse) -> None:
     into.duplicate_results += other.duplicate_results
 
 
+_MAX_PARTITIONS = 256
+
+
 class EveryPartition:
     """Stats or Workers over every partition of the queues: the first answer names the masters
     serving the partitions it does not count; each is asked once (no more masters than
@@ -351,9 +355,10 @@ class EveryPartition:
 
     def __init__(self, first: Any, asked: str) -> None:
         self.merged = first
-        self._count = first.partition_count
-        self._counted = set(first.partitions)
-        self._to_ask = deque(first.other_masters)
+        # What masters say is bounded before it steers the walk (common/partition.h).
+        self._count = min(first.partition_count, _MAX_PARTITIONS)
+        self._counted = {p for p in first.partitions if 0 <= p < self._count}
+        self._to_ask = deque(first.other_masters[:self._count])
         self._asked = {asked}
         self._unreachable: List[str] = []
 
@@ -377,8 +382,8 @@ class EveryPartition:
         if answer is None:
             self._unreachable.append(address)
             return
-        self._to_ask.extend(answer.other_masters)
-        if self._counted.intersection(answer.partitions):
+        self._to_ask.extend(answer.other_masters[:max(0, self._count - len(self._to_ask))])
+        if any(not 0 <= p < self._count or p in self._counted for p in answer.partitions):
             return
         if isinstance(answer, pb.StatsResponse):
             _merge_stats(self.merged, answer)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ._worker_slots import Partitions, Result, Task
+from ._worker_slots import Partitions, Result, Slots, Task, partition_of
 from ._worker_task import Handler, run_task
 from ._worker_wire import CANCELLED, FAILED, RETURNED, encode_result
 
@@ -62,8 +62,8 @@ class ThreadPool:
             t.start()
 
     def close(self, timeout: float) -> None:
-        """Waits up to `timeout` seconds for the threads, which exit once the accounting stopped;
-        a handler that ignores its stop keeps its (daemon) thread."""
+        """Waits up to `timeout` seconds for the threads, which exit once the feed closed; a
+        handler that ignores its stop keeps its (daemon) thread."""
         deadline = time.monotonic() + timeout
         for t in self._threads:
             if t.ident is not None:  # started
@@ -93,14 +93,16 @@ class ThreadPool:
 
 class _CancelRing:
     """Tasks (id, attempt) the pool's processes must stop, in shared memory: entries
-    [start, count) of a ring, the latest _RING_SIZE at most. The worker writes (one writer at a
-    time: the accounting calls under its lock), processes read."""
+    [start, count) of a ring, the latest _RING_SIZE at most. The worker writes (the accountings
+    of every partition, one at a time: the pool's ring lock), processes read; `edits` counts
+    entries rewritten in place, so that readers read the ring again."""
 
     def __init__(self, ctx: Any) -> None:
         self.ids = ctx.RawArray(ctypes.c_uint64, _RING_SIZE)
         self.attempts = ctx.RawArray(ctypes.c_int32, _RING_SIZE)
         self.count = ctx.RawValue(ctypes.c_uint64, 0)
         self.start = ctx.RawValue(ctypes.c_uint64, 0)
+        self.edits = ctx.RawValue(ctypes.c_uint64, 0)
 
     def add(self, task_id: int, attempt: int) -> None:
         n = self.count.value
@@ -110,8 +112,13 @@ class _CancelRing:
         # readers' loads of aligned words they see after the count).
         self.count.value = n + 1
 
-    def clear(self) -> None:
-        self.start.value = self.count.value
+    def forget(self, partition: int) -> None:
+        """Drops the entries of `partition`'s tasks (id 0 names no task)."""
+        start, n = self.start.value, self.count.value
+        for i in range(max(start, n - _RING_SIZE), n):
+            if partition_of(self.ids[i % _RING_SIZE]) == partition:
+                self.ids[i % _RING_SIZE] = 0
+        self.edits.value += 1
 
 
 class _CancelView:
@@ -119,16 +126,16 @@ class _CancelView:
 
     def __init__(self, ring: _CancelRing) -> None:
         self._ring = ring
-        # ((start, count) when read, the tasks stopped then): one attribute, replaced whole, so
-        # that a handler's own threads asking at once never see halves of two reads.
-        self._view: Tuple[Tuple[int, int], frozenset] = ((0, 0), frozenset())
+        # ((start, count, edits) when read, the tasks stopped then): one attribute, replaced
+        # whole, so that a handler's own threads asking at once never see halves of two reads.
+        self._view: Tuple[Tuple[int, int, int], frozenset] = ((0, 0, 0), frozenset())
 
     def __contains__(self, task: Tuple[int, int]) -> bool:
         ring = self._ring
-        seen = (ring.start.value, ring.count.value)
+        seen = (ring.start.value, ring.count.value, ring.edits.value)
         view = self._view
         if seen != view[0]:
-            start, n = seen
+            start, n, _ = seen
             ids, attempts = ring.ids, ring.attempts
             view = (seen, frozenset((ids[i % _RING_SIZE], attempts[i % _RING_SIZE])
                                     for i in range(max(start, n - _RING_SIZE), n)))
@@ -252,6 +259,16 @@ def _process_main(handlers: Dict[str, Handler], tasks: multiprocessing.connectio
             out.send(("r", batch, monotonic() - last))
 
 
+def _finish(done: List[Tuple[Tuple[Slots, Task], Result]], busy: Optional[float]) -> None:
+    """Slots.finish for tasks taken from several accountings: each result goes back to the one
+    its task came from, with `busy` shared out by count."""
+    by_accounting: Dict[int, Tuple[Slots, List[Tuple[Task, Result]]]] = {}
+    for (accounting, task), r in done:
+        by_accounting.setdefault(id(accounting), (accounting, []))[1].append((task, r))
+    for accounting, part in by_accounting.values():
+        accounting.finish(part, None if busy is None else busy * len(part) / len(done))
+
+
 def _returned(task: Task) -> Result:
     return task[0], task[1], RETURNED, encode_result(task[0], task[1], RETURNED)
 
@@ -268,9 +285,10 @@ class _Process:
         self.results = results      # the worker reads results (the collector only)
         self.current_id = current_id        # the task its handler runs now; 0: none
         self.current_start = current_start  # when that handler started (monotonic)
-        # Guarded by ProcessPool._lock: tasks sent, in order, whose results have not come back
-        # (a process answers every task of its chunks, in order); whether it runs.
-        self.inflight: Deque[Task] = deque()
+        # Guarded by ProcessPool._lock: tasks sent, in order, with the accounting each came
+        # from, whose results have not come back (a process answers every task of its chunks, in
+        # order); whether it runs.
+        self.inflight: Deque[Tuple[Slots, Task]] = deque()
         self.alive = True
 
 
@@ -289,11 +307,14 @@ class ProcessPool:
         self._progress_interval = progress_interval
         self._on_failure = on_failure
         self._ring = _CancelRing(self._ctx)
+        # The ring's one writer at a time: every partition's accounting writes it, each under
+        # its own lock.
+        self._ring_lock = threading.Lock()
         self._processes: List[_Process] = []  # fixed once started
         self._slots: Optional[Partitions] = None
         self._threads: List[threading.Thread] = []
         # Taken before the accounting's lock when both are held (the accounting calls this pool
-        # only through stop_task and forget_stops, which take no lock).
+        # only through stop_task and forget_stops, which take only the ring's lock).
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a process can take more tasks
         # Guarded by _lock: processes still running; the pool is closing.
@@ -336,12 +357,15 @@ class ProcessPool:
 
     def stop_task(self, task_id: int, attempt: int) -> None:
         """StopSink: the processes stop (or skip) this task."""
-        self._ring.add(task_id, attempt)
+        with self._ring_lock:
+            self._ring.add(task_id, attempt)
 
-    def forget_stops(self) -> None:
-        """StopSink: tasks stopped so far are forgotten. Handlers of a lost epoch then run to
-        their end (their results are dropped), and new tasks that reuse their ids run."""
-        self._ring.clear()
+    def forget_stops(self, partition: int) -> None:
+        """StopSink: the tasks of `partition` stopped so far are forgotten. Handlers of a lost
+        epoch then run to their end (their results are dropped), and new tasks that reuse their
+        ids run."""
+        with self._ring_lock:
+            self._ring.forget(partition)
 
     def poll(self) -> None:
         """The watchdog's pass: tells the accounting when running handlers started, so that
@@ -353,8 +377,8 @@ class ProcessPool:
                 self._slots.started(task_id, p.current_start.value)
 
     def close(self, timeout: float) -> None:
-        """Stops the processes (after the accounting stopped): each finishes its chunk (tasks
-        told to stop are skipped) and exits; those still running after `timeout` seconds are
+        """Stops the processes (after the feed closed): each finishes its chunk (tasks told to
+        stop are skipped) and exits; those still running after `timeout` seconds are
         killed."""
         with self._lock:
             self._closing = True
@@ -407,10 +431,10 @@ class ProcessPool:
             except OSError:
                 pass  # gone already
 
-    def _send(self, tasks: List[Task], rooms: List[Tuple[_Process, int]]) -> None:
+    def _send(self, tasks: List[Tuple[Slots, Task]], rooms: List[Tuple[_Process, int]]) -> None:
         share = -(-len(tasks) // len(rooms))
         start = 0
-        unsent: List[Task] = []
+        unsent: List[Tuple[Slots, Task]] = []
         for p, room in rooms:
             part = tasks[start:start + min(share, room)]
             start += len(part)
@@ -422,12 +446,12 @@ class ProcessPool:
                     continue
                 p.inflight.extend(part)
             try:
-                p.tasks.send(part)
+                p.tasks.send([t for _, t in part])
             except OSError:
                 pass  # it died: the collector reads its pipe's end and accounts for them
         unsent += tasks[start:]
         if unsent:  # only when processes died meanwhile: the master hands them to others
-            self._slots.finish([(t, _returned(t)) for t in unsent], None)
+            _finish([(taken, _returned(taken[1])) for taken in unsent], None)
 
     def _collect(self) -> None:
         assert self._slots is not None
@@ -451,7 +475,7 @@ class ProcessPool:
                     inflight = p.inflight
                     done = [(inflight.popleft(), r) for r in results]
                     self._room.notify()
-                slots.finish(done, busy)
+                _finish(done, busy)
 
     def _ended(self, p: _Process) -> None:
         # A process's results pipe ended: it exited, on its own or told to.
@@ -467,8 +491,8 @@ class ProcessPool:
         running = p.current_id.value
         why = f"pool process {p.index} exited with code {p.process.exitcode}"
         # The task it was running failed with it; the others never started.
-        self._slots.finish([(t, (t[0], t[1], FAILED, encode_result(t[0], t[1], FAILED, error=why))
-                             if t[0] == running else _returned(t)) for t in lost], None)
+        _finish([((a, t), (t[0], t[1], FAILED, encode_result(t[0], t[1], FAILED, error=why))
+                  if t[0] == running else _returned(t)) for a, t in lost], None)
         if closing:
             return
         log.error("%s; %d tasks it held given back; %d processes left", why, len(lost), alive)

@@ -69,8 +69,9 @@ class StopSink(Protocol):
     def stop_task(self, task_id: int, attempt: int) -> None:
         """The handler of this task must stop, or not start."""
 
-    def forget_stops(self) -> None:
-        """The master lost its state: task ids stopped so far may come again as new tasks."""
+    def forget_stops(self, partition: int) -> None:
+        """The master of `partition` lost its state: its task ids stopped so far may come again
+        as new tasks."""
 
 
 class Feed:
@@ -122,42 +123,53 @@ class SharedCredits:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # Guarded by _lock: per member, [held, outstanding, held back below its share].
+        # Guarded by _lock: per member, [held, outstanding, capacity, held back below its
+        # share].
         self._members: List[List[Any]] = []
 
     def allow(self, member: int, held: int, outstanding: int, capacity: int) -> int:
         """Accounting `member` holds `held` tasks with `outstanding` credits granted and not
-        used; the pool takes `capacity` (0 while it grants nothing). Returns how many more it may
-        grant now, counted as granted."""
+        used, and would take `capacity` (its threads and prefetch; 0 while it grants nothing).
+        Returns how many more it may grant now, counted as granted."""
         with self._lock:
             members = self._members
             while len(members) <= member:
-                members.append([0, 0, False])
+                members.append([0, 0, 0, False])
             use = members[member]
-            use[0], use[1] = held, outstanding
+            if use[0] > 0 and held == 0:
+                # One partition fewer with tasks: the others' shares grow.
+                for u in members:
+                    u[3] = u[3] or u[0] > 0
+            use[:] = [held, outstanding, capacity, False]
             busy = [u for u in members if u[0] > 0]
-            if held == 0:
+            if capacity <= 0:
+                allow = 0
+            elif held == 0:
                 # With no partition busy a burst anywhere starts at once; otherwise one credit
                 # waits.
                 allow = (-(-capacity // len(members)) if not busy else 1) - outstanding
             else:
-                share = -(-capacity // len(busy))
+                # The pool as the most demanding busy partition sees it (a partition of short
+                # tasks prefetches more), shared equally, each within what it takes itself.
+                pool = max(u[2] for u in busy)
+                share = min(capacity, -(-pool // len(busy)))
                 used = held + outstanding
-                allow = min(capacity - sum(u[0] + u[1] for u in busy), share - used)
+                allow = min(pool - sum(u[0] + u[1] for u in busy), share - used)
                 # Held back below its share by the others' tasks: their finishes open room.
-                use[2] = used < share and allow < share - used
+                use[3] = used < share and allow < share - used
             allow = max(0, allow)
             use[1] += allow
             return allow
 
     def take_waiting(self, member: int) -> bool:
         """Called by `member` after its tasks changed: whether another partition with tasks was
-        held back below its share since (every accounting is then asked to top up)."""
+        held back below its share, or saw its share grow (one partition fewer has tasks), since
+        (every accounting is then asked to top up)."""
         with self._lock:
             waiting = False
             for i, use in enumerate(self._members):
-                if i != member and use[2]:
-                    use[2] = False
+                if i != member and use[3]:
+                    use[3] = False
                     waiting = True
             return waiting
 
@@ -429,7 +441,7 @@ class Slots:
                 self._recent_cancels.clear()
                 self._recent_cancels_order.clear()
                 if self._options.stops is not None:
-                    self._options.stops.forget_stops()
+                    self._options.stops.forget_stops(self._options.member)
             for tid, _ in welcome.revoked:
                 if tid in self._held:
                     self._drop_locked(tid)
@@ -455,8 +467,10 @@ class Slots:
             self._drain_sent = False
             self._session_open = True
             self._top_up_credits_locked()
+            waiting = self._others_waiting()
             self._send_ready.notify()
-            return lost_state
+        self._tell_room(waiting)
+        return lost_state
 
     def received(self, tasks: Iterable[Task], cancels: Iterable[int], acked: Iterable[TaskRef],
                  heartbeat_echo_ms: int) -> None:
@@ -583,8 +597,11 @@ class Slots:
         """The stream stopped reading: the sender stops too."""
         with self._lock:
             self._session_open = False
+            self._record_use_locked()  # its credits are void: the others may use the room
+            waiting = self._others_waiting()
             self._send_ready.notify_all()
             self._changed.notify_all()
+        self._tell_room(waiting)
 
     def session_ended(self, master_stopping: bool, error: str) -> List[str]:
         """The stream ended, with the master's `error` message. Returns what to log of the
@@ -660,10 +677,14 @@ class Slots:
             if self._echoes and self._lease > 0 and now > self._fence_at:
                 self._fence_locked(report)
             self._report_stuck_locked(report, now)
+            waiting = False
             if report.stuck or report.stopped or report.dropped:
+                self._record_use_locked()  # fewer held: the others may use the room
+                waiting = self._others_waiting()
                 self._send_ready.notify()
                 self._changed.notify_all()
-            return report
+        self._tell_room(waiting)
+        return report
 
     def _report_stuck_locked(self, report: WatchReport, now: float) -> None:
         # A handler that ignores its deadline must not hold its result back forever: past the
@@ -730,6 +751,13 @@ class Slots:
         if granting and want > 0:
             self._credits_to_send += want
             self._outstanding_credit += want
+
+    def _record_use_locked(self) -> None:
+        # Tells the shared credits what this accounting holds now, granting nothing.
+        shared = self._options.shared_credits
+        if shared is not None:
+            shared.allow(self._options.member, len(self._held) + self._stuck,
+                         self._outstanding_credit if self._session_open else 0, 0)
 
     def _others_waiting(self) -> bool:
         # After this accounting's tasks changed: whether another partition's waits for room (to
@@ -810,7 +838,8 @@ class Slots:
             return unfinished, unacked
 
     def stop(self) -> None:
-        """Stops: pool threads exit, running handlers are told to stop, no more sessions."""
+        """Stops: running handlers are told to stop, no more sessions (the pool's threads exit
+        once its feed closes)."""
         with self._lock:
             if self._stopped:
                 return
@@ -835,7 +864,8 @@ def partition_of(task_id: int) -> int:
 class Partitions:
     """A pool's accountings, one per partition of the queues (each with a stream of its own to
     the master serving that partition), as the pool sees them: its threads take tasks from any,
-    and each result goes back to its task's. Thread-safe; accountings are only ever added."""
+    and each result goes back to the accounting its task came from. Thread-safe; accountings are
+    only ever added."""
 
     def __init__(self, feed: Feed, threads: int) -> None:
         self.feed = feed
@@ -847,22 +877,22 @@ class Partitions:
         self._next = 0
         self._threads = threads
 
-    def add(self, slots: Slots) -> int:
-        """Adds the next partition's accounting; returns its partition."""
+    def add(self, slots: Slots) -> None:
+        """Adds the next partition's accounting, granting the pool's threads as they are now."""
         with self._lock:
+            slots.set_threads(self._threads)
             self._slots = self._slots + [slots]
-            return len(self._slots) - 1
 
     def all(self) -> List[Slots]:
         with self._lock:
             return self._slots
 
-    def of(self, task_id: int) -> Slots:
+    def of(self, task_id: int) -> Optional[Slots]:
+        """The accounting of the task's partition (for reports about a running task; results go
+        back to the accounting their task was taken from)."""
         slots = self.all()
         p = partition_of(task_id)
-        # A session only ever queues its own partition's tasks; partition 0's is the fallback
-        # for an id from a master of an older kind.
-        return slots[p] if p < len(slots) else slots[0]
+        return slots[p] if p < len(slots) else None
 
     def take_one(self) -> Optional[Tuple[Slots, Task, threading.Event]]:
         """A queued task of any partition, with its accounting; None when none is queued."""
@@ -876,50 +906,36 @@ class Partitions:
                 return s, taken[0], taken[1]
         return None
 
-    def take(self, max_tasks: int) -> List[Task]:
-        """Up to `max_tasks` queued tasks from the partitions in turn."""
+    def take(self, max_tasks: int) -> List[Tuple[Slots, Task]]:
+        """Up to `max_tasks` queued tasks from the partitions in turn, each with its
+        accounting."""
         with self._lock:
             slots, start = self._slots, self._next
             self._next = (start + 1) % max(1, len(slots))
-        tasks: List[Task] = []
+        taken: List[Tuple[Slots, Task]] = []
         for i in range(len(slots)):
-            if len(tasks) >= max_tasks:
+            if len(taken) >= max_tasks:
                 break
-            tasks += slots[(start + i) % len(slots)].take(max_tasks - len(tasks))
-        return tasks
-
-    def finish(self, done: Sequence[Tuple[Task, Result]], busy: Optional[float]) -> None:
-        """Slots.finish, each task's result to its partition's accounting (`busy` shared out by
-        count)."""
-        if not done:
-            return
-        by_slots: Dict[int, List[Tuple[Task, Result]]] = {}
-        for d in done:
-            by_slots.setdefault(id(self.of(d[0][0])), []).append(d)
-        if len(by_slots) == 1:
-            self.of(done[0][0][0]).finish(done, busy)
-            return
-        for part in by_slots.values():
-            self.of(part[0][0][0]).finish(part, None if busy is None
-                                          else busy * len(part) / len(done))
+            s = slots[(start + i) % len(slots)]
+            taken += [(s, t) for t in s.take(max_tasks - len(taken))]
+        return taken
 
     def started(self, task_id: int, at: float) -> None:
-        self.of(task_id).started(task_id, at)
+        slots = self.of(task_id)
+        if slots is not None:
+            slots.started(task_id, at)
 
     def report_progress(self, task_id: int, attempt: int, done: int, total: int,
                         message: str) -> None:
-        self.of(task_id).report_progress(task_id, attempt, done, total, message)
+        slots = self.of(task_id)
+        if slots is not None:
+            slots.report_progress(task_id, attempt, done, total, message)
 
     def task_time(self) -> float:
         """How long a task takes, seconds: the mean of the partitions that measured it; 0 when
         none did."""
         times = [t for t in (s.task_time() for s in self.all()) if t > 0]
         return sum(times) / len(times) if times else 0.0
-
-    def threads(self) -> int:
-        """Tasks the pool runs at once now: a new partition's accounting grants as many."""
-        with self._lock:
-            return self._threads
 
     def set_threads(self, threads: int) -> None:
         """The pool now runs `threads` tasks at once (a pool process died)."""

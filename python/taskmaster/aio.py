@@ -133,8 +133,11 @@ class Client:
         return walk.merged
 
     async def _call_at(self, address: str, method: str, request):  # type: ignore[no-untyped-def]
-        channel = None if address in self._stubs else self._conn.aio_channel(
-            address, common.CHANNEL_OPTIONS)
+        try:
+            channel = None if address in self._stubs else self._conn.aio_channel(
+                address, common.CHANNEL_OPTIONS)
+        except errors.TaskmasterError:  # its TLS files went away since
+            return None
         stub = self._stubs[address] if channel is None else pb_grpc.TaskQueueStub(channel)
         try:
             return await getattr(stub, method)(request, timeout=self._timeout,

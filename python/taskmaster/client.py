@@ -161,8 +161,11 @@ class Client:
     def _call_at(self, address: str, method: str, request):  # type: ignore[no-untyped-def]
         """One call at `address` (a master the others named, perhaps not in this client's
         list); None when it fails."""
-        channel = None if address in self._stubs else self._conn.channel(
-            address, common.CHANNEL_OPTIONS)
+        try:
+            channel = None if address in self._stubs else self._conn.channel(
+                address, common.CHANNEL_OPTIONS)
+        except errors.TaskmasterError:  # its TLS files went away since
+            return None
         stub = self._stubs[address] if channel is None else pb_grpc.TaskQueueStub(channel)
         try:
             return getattr(stub, method)(request, timeout=self._timeout,

@@ -397,7 +397,7 @@ class _Lane:
                 return
             for p in range(len(self._sessions), min(partitions, _MAX_PARTITIONS)):
                 slots = Slots(SlotsOptions(
-                    threads=self.slots.threads(), prefetch=s.prefetch,
+                    threads=self.size, prefetch=s.prefetch,
                     prefetch_max=s.prefetch_max, prefetch_window=s.prefetch_window,
                     progress_interval=s.progress_interval, stops=self.process_pool,
                     feed=self.slots.feed, shared_credits=self._credits, member=p,

@@ -382,7 +382,7 @@ def test_handler_ignoring_its_deadline_is_reported_timed_out(master, run_in_thre
         release.set()
 
 
-def test_partitions_take_from_each_and_route_results_to_their_own():
+def test_partitions_take_from_each_with_its_accounting():
     clock = FakeClock()
     partitions = Partitions(Feed(), threads=1)
     first = welcomed_slots(clock, feed=partitions.feed)
@@ -393,11 +393,11 @@ def test_partitions_take_from_each_and_route_results_to_their_own():
     in_second = make_task((1 << 48) + 5, 1)  # a task id carries its partition
     second.received([in_second], [], [], 0)
     assert partitions.feed.wait(seen)  # queuing told the feed
-    _, task, _ = partitions.take_one()
-    assert task is in_second
+    accounting, task, _ = partitions.take_one()
+    assert task is in_second and accounting is second
     first.received([make_task(6, 1)], [], [], 0)
-    assert [t[0] for t in partitions.take(5)] == [6]
-    partitions.finish([result(in_second)], 0.002)
+    assert [(a, t[0]) for a, t in partitions.take(5)] == [(first, 6)]
+    accounting.finish([result(in_second)], 0.002)
     assert first.next_to_send(1).results == []
     assert second.next_to_send(1).results == [b"r1"]
     assert partitions.take_one() is None
@@ -454,3 +454,16 @@ def test_slots_room_opened_in_one_partition_goes_to_the_one_held_back():
     clock.now += 1
     assert first.next_to_send(1).credits == 0  # partition 0 holds its share of two
     assert second.next_to_send(1).credits == 1  # partition 1 gets the room that opened
+
+
+def test_cancel_ring_forgets_one_partitions_stops_only():
+    import multiprocessing as mp
+    from taskmaster._worker_pools import _CancelRing, _CancelView
+    ring = _CancelRing(mp.get_context("fork"))
+    view = _CancelView(ring)
+    in_zero, in_one = (7, 1), ((1 << 48) + 7, 1)
+    ring.add(*in_zero)
+    ring.add(*in_one)
+    assert in_zero in view and in_one in view
+    ring.forget(0)  # partition 0's master lost its state: its ids may come again as new tasks
+    assert in_zero not in view and in_one in view
