@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <optional>
+#include <string>
 
 #include "common/clock.h"
 #include "common/histogram.h"
@@ -19,12 +21,14 @@ namespace {
 
 class AdminTest : public ::testing::Test {
  protected:
-  void Start(size_t max_metric_queues = 100) {
-    brokers_.Add(0, std::shared_ptr<Broker>(&broker_, [](Broker*) {}));
+  // With `partitions`, the broker serves partition 0 and another master the rest.
+  void Start(size_t max_metric_queues = 100, int32_t partitions = 1) {
+    brokers_.emplace(partitions, [](int32_t) { return std::string("127.0.0.1:7080"); });
+    brokers_->Add(0, std::shared_ptr<Broker>(&broker_, [](Broker*) {}));
     MasterAdminOptions options;
     options.http.listen = "127.0.0.1:0";
     options.max_metric_queues = max_metric_queues;
-    AdminSources sources{&brokers_,
+    AdminSources sources{&*brokers_,
                          [this] { return store_->Metrics(); },
                          [this] {
                            return MasterHealth{state_.load(), "why"};
@@ -47,7 +51,7 @@ class AdminTest : public ::testing::Test {
   std::unique_ptr<Store> store_ = NewMemoryStore();
   Broker broker_{BrokerOptions{}, &clock_, store_.get(), GetLogger("broker-test")};
   // The admin reads the broker through the set, which does not own it here.
-  BrokerSet brokers_{1, nullptr};
+  std::optional<BrokerSet> brokers_;
   std::atomic<MasterState> state_{MasterState::kRecovering};
   std::atomic<bool> ticking_{false};
   std::unique_ptr<MasterAdmin> admin_;
@@ -79,6 +83,16 @@ TEST_F(AdminTest, ReadyWhileServingAndNotAliveWhenTheTimersStall) {
   state_ = MasterState::kStoreFailing;
   EXPECT_EQ(Get("/readyz")->status, 503);
   EXPECT_CONTAINS(admin_->Metrics(), "taskmaster_state{state=\"store_failing\"} 1\n");
+}
+
+TEST_F(AdminTest, TheStatusNamesThePartitionsServedHereAndWhoServesTheOthers) {
+  ASSERT_TRUE(broker_.Recover().ok());
+  state_ = MasterState::kServing;
+  Start(100, /*partitions=*/4);
+  const std::string status = admin_->StatusJson();
+  EXPECT_CONTAINS(status, "\"partitions\":[0]");
+  EXPECT_CONTAINS(status, "\"partition_count\":4");
+  EXPECT_CONTAINS(status, "\"other_masters\":[\"127.0.0.1:7080\"]");
 }
 
 TEST_F(AdminTest, QueuesPastTheCapShareOneLabel) {

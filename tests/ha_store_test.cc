@@ -20,12 +20,14 @@ namespace {
   if (std::string why = TempPostgres::Unavailable(); !why.empty()) GTEST_SKIP() << why
 
 // Master `id`'s store on the test's PostgreSQL, with short timers.
-std::unique_ptr<PostgresStore> OpenStore(const TempPostgres& pg, const std::string& id) {
+std::unique_ptr<PostgresStore> OpenStore(const TempPostgres& pg, const std::string& id,
+                                         size_t max_statement_bytes = size_t{64} << 20) {
   PostgresStoreOptions o;
   o.conninfo = pg.conninfo();
   o.master_id = id;
   o.lease_ms = 1'000;
   o.retry_interval_ms = 50;
+  o.max_statement_bytes = max_statement_bytes;
   auto opened = OpenPostgresStore(o);
   EXPECT_TRUE(opened.ok()) << opened.status();
   return opened.ok() ? std::move(*opened) : nullptr;
@@ -34,8 +36,8 @@ std::unique_ptr<PostgresStore> OpenStore(const TempPostgres& pg, const std::stri
 // A master's store and broker on the test's PostgreSQL, holding the lease.
 struct PgMaster {
   PgMaster(const TempPostgres& pg, const std::string& id, FakeClock* clock,
-           const BrokerOptions& options) {
-    store = OpenStore(pg, id);
+           const BrokerOptions& options, size_t max_statement_bytes = size_t{64} << 20) {
+    store = OpenStore(pg, id, max_statement_bytes);
     if (!store) return;
     absl::Status acquired = store->Acquire(
         "127.0.0.1:1", [] { return false; }, [] { return true; },
@@ -167,6 +169,39 @@ TEST_F(PostgresStoreTest, TheNextMasterLoadsWhatTheFirstWrote) {
   second.Durable();
   EXPECT_EQ(second.Task(ids[1]).output, "2*2=4");
   EXPECT_EQ(second.Task(ids[1]).attempts, 1);
+}
+
+// A commit whose rows outgrow one statement (PostgreSQL takes at most 1 GB in one; here a
+// kilobyte) is written in several, in the one transaction, and loads back whole.
+TEST_F(PostgresStoreTest, ACommitLargerThanAStatementIsWrittenInSeveral) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  std::vector<TaskId> ids;
+  {
+    PgMaster first(pg, "first", &clock_, options_, /*max_statement_bytes=*/1'000);
+    std::vector<TaskSpec> specs;
+    for (int i = 0; i < 40; ++i) specs.push_back(Spec("square", std::string(200, 'a' + i % 26)));
+    auto job = first.Submit(specs);
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids = job->task_ids;
+    std::string secret;
+    auto w = Attach(*first.broker, "w1", &secret, 40);
+    std::vector<TaskReport> reports;
+    for (const auto& leased : w.channel->Take()) {
+      reports.push_back({leased.id, leased.attempt, Outcome::kSucceeded,
+                         std::string(300, 'z') + std::to_string(leased.id), ""});
+    }
+    ASSERT_EQ(reports.size(), 40u);
+    first.broker->Report(w.handle, std::move(reports));
+    first.Durable();
+  }
+  EXPECT_EQ(pg.Sql("SELECT count(*) FROM taskmaster.tasks"), "40");
+  PgMaster second(pg, "second", &clock_, options_);
+  for (TaskId id : ids) {
+    const TaskView t = second.Task(id);
+    EXPECT_EQ(t.state, TaskState::kSucceeded) << id;
+    EXPECT_EQ(t.output, std::string(300, 'z') + std::to_string(id));
+  }
 }
 
 // Once another master took the lease over, the former holder's commits are refused: the submit

@@ -144,6 +144,12 @@ class MasterAdminImpl final : public MasterAdmin {
                    {"silent_after_ms", sources_.silent_after_ms}};
     if (health.state == MasterState::kRecovering) return status.dump();
     status["epoch"] = sources_.brokers->epoch();
+    if (sources_.brokers->partitions() > 1) {
+      // This page counts the partitions served here: the others' masters show theirs.
+      status["partitions"] = sources_.brokers->Take().served;
+      status["partition_count"] = sources_.brokers->partitions();
+      status["other_masters"] = sources_.brokers->OtherMasters();
+    }
     const BrokerMetrics m = sources_.brokers->Metrics();
     json queues = json::array();
     for (const QueueStatsView& q : m.queues) {

@@ -161,6 +161,47 @@ struct TaskColumns {
   }
 };
 
+// A status row's columns, and an update's: its task id with them.
+struct UpdateColumns {
+  ArrayParam id{ArrayParam::kInt8};
+  StatusColumns status;
+};
+
+size_t RowBytes(const TaskStatusRow& st) {
+  return 64 + st.output.size() + st.error.size() + st.worker.size() + st.worker_id.size();
+}
+
+size_t RowBytes(const TaskRow& t) {
+  size_t labels = 0;
+  for (const auto& [key, value] : t.labels) labels += key.size() + value.size() + 8;
+  return 64 + t.job_id.size() + t.queue.size() + t.kind.size() + labels + t.payload.size() +
+         t.idempotency_key.size() + RowBytes(t.status);
+}
+
+// A table's rows of one commit, in statements of about `limit` bytes at most: a statement's
+// parameters travel in one protocol message, which PostgreSQL caps at 1 GB (a row larger than
+// the limit gets a statement of its own).
+template <typename Columns>
+class Chunks {
+ public:
+  explicit Chunks(size_t limit) : limit_(limit) {}
+  // The columns to add a row of `bytes` to.
+  Columns& For(size_t bytes) {
+    if (chunks_.empty() || (bytes_ > 0 && bytes_ + bytes > limit_)) {
+      chunks_.emplace_back();
+      bytes_ = 0;
+    }
+    bytes_ += bytes;
+    return chunks_.back();
+  }
+  const std::vector<Columns>& all() const { return chunks_; }
+
+ private:
+  const size_t limit_;
+  size_t bytes_ = 0;  // of the last chunk
+  std::vector<Columns> chunks_;
+};
+
 // "unnest($1::int8[], $2::text[] ...)" from "$int8[], $text[] ...".
 std::string Unnest(std::string_view types) {
   std::string out = "unnest(";
@@ -659,9 +700,8 @@ class PostgresStoreImpl final : public PostgresStore {
 
   absl::Status Write(const std::vector<StoreChange>& batch) {
     pg::Connection& c = *writer_;
-    TaskColumns tasks;
-    ArrayParam updated{ArrayParam::kInt8};
-    StatusColumns updates;
+    Chunks<TaskColumns> tasks(options_.max_statement_bytes);
+    Chunks<UpdateColumns> updates(options_.max_statement_bytes);
     ArrayParam member_job{ArrayParam::kText}, member_task{ArrayParam::kInt8},
         member_position{ArrayParam::kInt8};
     std::map<std::string, const JobRow*> job_rows;  // the last row of each job in the batch
@@ -676,7 +716,7 @@ class PostgresStoreImpl final : public PostgresStore {
           job_rows[op.submit->job.job_id] = &op.submit->job;
           for (const TaskRow& t : op.submit->tasks) {
             highest = std::max(highest, t.id);
-            tasks.Add(t, options_.partition);
+            tasks.For(RowBytes(t)).Add(t, options_.partition);
           }
           for (const JobMemberRow& m : op.submit->members) {
             member_job.Bytes(m.job_id);
@@ -684,10 +724,12 @@ class PostgresStoreImpl final : public PostgresStore {
             member_position.Int64(m.position);
           }
           break;
-        case StoreChange::Kind::kUpdateTask:
-          updated.Int64(static_cast<int64_t>(op.task_id));
-          updates.Add(op.status);
+        case StoreChange::Kind::kUpdateTask: {
+          UpdateColumns& u = updates.For(RowBytes(op.status));
+          u.id.Int64(static_cast<int64_t>(op.task_id));
+          u.status.Add(op.status);
           break;
+        }
         case StoreChange::Kind::kDeleteTask:
           deleted_tasks.Int64(static_cast<int64_t>(op.task_id));
           break;
@@ -731,7 +773,7 @@ class PostgresStoreImpl final : public PostgresStore {
             open.Encode(), batches.Encode()},
            /*binary=*/true});
     }
-    if (tasks.id.size() > 0) {
+    for (const TaskColumns& chunk : tasks.all()) {
       statements.push_back(
           {absl::StrCat("INSERT INTO taskmaster.tasks (", kTaskColumns, ") SELECT * FROM ",
                         Unnest(absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], "
@@ -739,7 +781,7 @@ class PostgresStoreImpl final : public PostgresStore {
                                             "$int8[], $bytea[], ",
                                             kStatusTypes)),
                         " ON CONFLICT (id) DO NOTHING"),
-           tasks.Params(), /*binary=*/true});
+           chunk.Params(), /*binary=*/true});
     }
     if (member_task.size() > 0) {
       ArrayParam part{ArrayParam::kInt4};
@@ -752,9 +794,9 @@ class PostgresStoreImpl final : public PostgresStore {
            {member_job.Encode(), member_task.Encode(), member_position.Encode(), part.Encode()},
            /*binary=*/true});
     }
-    if (updated.size() > 0) {
-      std::vector<std::string> params = {updated.Encode()};
-      updates.AppendTo(params);
+    for (const UpdateColumns& chunk : updates.all()) {
+      std::vector<std::string> params = {chunk.id.Encode()};
+      chunk.status.AppendTo(params);
       statements.push_back(
           {absl::StrCat("INSERT INTO taskmaster.statuses SELECT * FROM ",
                         Unnest(absl::StrCat("$int8[], ", kStatusTypes)),

@@ -33,6 +33,9 @@ struct PostgresStoreOptions {
   // Between tries while PostgreSQL cannot be reached, and between a standby's looks at the lease.
   int64_t retry_interval_ms = 500;
   int64_t connect_timeout_ms = 5'000;
+  // A commit's rows of one table go in statements of about this many bytes at most (PostgreSQL
+  // takes at most 1 GB in one); a row larger than this gets a statement of its own.
+  size_t max_statement_bytes = size_t{64} << 20;
 };
 
 // A master's hold on its partition, as the master sees it.

@@ -106,6 +106,14 @@ function renderHeader(s) {
   $("master").textContent = s.listen || "–";
   $("version").textContent = s.version || "–";
   $("epoch").textContent = s.epoch === undefined ? "–" : String(s.epoch);
+  // With the queues split into partitions, this page counts the ones served here.
+  const partitioned = (s.partition_count ?? 0) > 1;
+  $("partitions-fact").hidden = !partitioned;
+  if (partitioned) {
+    const others = (s.other_masters ?? []).join(", ");
+    $("partitions").textContent = `${(s.partitions ?? []).join(", ") || "none"} of ` +
+        `${s.partition_count}` + (others ? ` · others at ${others}` : "");
+  }
   $("updated").textContent = fmtClock(s.time_ms);
   const state = $("state");
   state.textContent = s.state;
