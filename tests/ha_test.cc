@@ -121,6 +121,28 @@ void ExpectEveryResultOnce(const TempPostgres& pg, const std::map<uint64_t, int6
   EXPECT_EQ(right, acked.size()) << "acknowledged tasks with their one right result";
 }
 
+// How many partitions master `i` serves now: its leases that have not expired.
+std::string ServedBy(const TempPostgres& pg, const HaCluster& cluster, size_t i) {
+  return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
+                             cluster.address(i), "' AND expires_at > now()"));
+}
+
+// Waits until each of two masters serves two of four partitions: the first takes all four
+// alone, and hands two over once the second is counted.
+::testing::AssertionResult EachServesTwo(const TempPostgres& pg, const HaCluster& cluster) {
+  if (WaitFor([&] { return ServedBy(pg, cluster, 0) == "2" && ServedBy(pg, cluster, 1) == "2"; },
+              seconds(30))) {
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure()
+         << ServedBy(pg, cluster, 0) << " and " << ServedBy(pg, cluster, 1) << " partitions";
+}
+
+// The Python library in the build tree (not built without /usr/bin/python3).
+bool PythonLibraryBuilt() {
+  return std::filesystem::exists(std::string(TASKMASTER_BINARY_DIR) + "/python/taskmaster");
+}
+
 // The seed's scenario with two masters: whichever serves squares ten numbers on the workers.
 TEST(HA, SeedScenarioOnTwoMasters) {
   SKIP_WITHOUT_POSTGRES();
@@ -214,13 +236,7 @@ TEST(HA, TwoMastersShareThePartitionsAndTakeOverEachOthers) {
   TempPostgres pg;
   HaCluster cluster(&pg, 2, {"--postgres-lease-ms", "1500", "--postgres-partitions", "4"});
   ASSERT_TRUE(cluster.StartAll().has_value());
-  auto served_by = [&](size_t i) {
-    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
-                               cluster.address(i), "' AND expires_at > now()"));
-  };
-  // The first master took all four alone; once the second is counted, it hands two over.
-  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)))
-      << served_by(0) << " and " << served_by(1) << " partitions";
+  ASSERT_TRUE(EachServesTwo(pg, cluster));
   cluster.StartWorker("w1", {"--threads", "4"});
   std::unique_ptr<Client> client = cluster.NewClient();
   KeyedSubmitter submitter(client.get(), 20, 250);
@@ -230,7 +246,8 @@ TEST(HA, TwoMastersShareThePartitionsAndTakeOverEachOthers) {
   const auto killed_at = steady_clock::now();
   cluster.master(0).Signal(SIGKILL);
   cluster.master(0).Wait(seconds(10));
-  ASSERT_TRUE(WaitFor([&] { return served_by(1) == "4"; }, seconds(20), milliseconds(20)));
+  ASSERT_TRUE(
+      WaitFor([&] { return ServedBy(pg, cluster, 1) == "4"; }, seconds(20), milliseconds(20)));
   std::cout << "takeover of a killed master's partitions: " << MsSince(killed_at) << " ms"
             << std::endl;
   submitter.Finish();
@@ -245,11 +262,7 @@ TEST(HA, StatsCountEveryPartitionWhicheverMasterIsAsked) {
   TempPostgres pg;
   HaCluster cluster(&pg, 2, {"--postgres-partitions", "4"});
   ASSERT_TRUE(cluster.StartAll().has_value());
-  auto served_by = [&](size_t i) {
-    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
-                               cluster.address(i), "' AND expires_at > now()"));
-  };
-  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)));
+  ASSERT_TRUE(EachServesTwo(pg, cluster));
   cluster.StartWorker("w1", {"--threads", "1"});
   // Tasks of a kind no worker runs stay pending: 20 batches with keys, spread over the
   // partitions by their first keys.
@@ -277,7 +290,7 @@ TEST(HA, StatsCountEveryPartitionWhicheverMasterIsAsked) {
     const std::vector<std::string> split = absl::StrSplit(workers.out, "\"worker_id\"");
     EXPECT_EQ(split.size(), 2u) << workers.out;
     // The Python client merges the same way.
-    if (!std::filesystem::exists(std::string(TASKMASTER_BINARY_DIR) + "/python/taskmaster")) {
+    if (!PythonLibraryBuilt()) {
       continue;
     }
     const CommandResult python = RunCommand(
@@ -295,18 +308,13 @@ TEST(HA, StatsCountEveryPartitionWhicheverMasterIsAsked) {
 // of all four, before and after one master is killed.
 TEST(HA, PythonWorkerServesEveryPartition) {
   SKIP_WITHOUT_POSTGRES();
-  if (!std::filesystem::exists(std::string(TASKMASTER_BINARY_DIR) + "/python/taskmaster")) {
+  if (!PythonLibraryBuilt()) {
     GTEST_SKIP() << "the Python library was not built (no /usr/bin/python3)";
   }
   TempPostgres pg;
   HaCluster cluster(&pg, 2, {"--postgres-lease-ms", "1500", "--postgres-partitions", "4"});
   ASSERT_TRUE(cluster.StartAll().has_value());
-  auto served_by = [&](size_t i) {
-    return pg.Sql(absl::StrCat("SELECT count(*) FROM taskmaster.partitions WHERE address = '",
-                               cluster.address(i), "' AND expires_at > now()"));
-  };
-  ASSERT_TRUE(WaitFor([&] { return served_by(0) == "2" && served_by(1) == "2"; }, seconds(30)))
-      << served_by(0) << " and " << served_by(1) << " partitions";
+  ASSERT_TRUE(EachServesTwo(pg, cluster));
   Process& worker = cluster.StartPythonWorker("py");
   std::unique_ptr<Client> client = cluster.NewClient();
   KeyedSubmitter submitter(client.get(), 8, 250);
@@ -314,7 +322,7 @@ TEST(HA, PythonWorkerServesEveryPartition) {
   EXPECT_EQ(pg.Sql("SELECT count(DISTINCT part) FROM taskmaster.tasks"), "4");
   cluster.master(0).Signal(SIGKILL);
   cluster.master(0).Wait(seconds(10));
-  ASSERT_TRUE(WaitFor([&] { return served_by(1) == "4"; }, seconds(20)));
+  ASSERT_TRUE(WaitFor([&] { return ServedBy(pg, cluster, 1) == "4"; }, seconds(20)));
   submitter.Finish();
   ASSERT_EQ(submitter.acked().size(), 2'000u);
   ExpectEveryResultOnce(pg, submitter.acked());

@@ -523,18 +523,19 @@ int32_t Slots::PrefetchLocked() const {
 // and what it granted already; with shared credits, this partition's part of that.
 void Slots::TopUpCreditsLocked() {
   const bool granting = !draining_ && session_open_;
-  const auto held = static_cast<int32_t>(held_.size()) + stuck_;
-  const int32_t capacity = granting ? options_.threads + PrefetchLocked() : 0;
-  int32_t want = capacity - held - outstanding_credit_;
-  if (options_.shared_credits) {
-    // A closed session's credits are void (the next welcome starts from none).
-    want = options_.shared_credits->Allow(options_.member, held,
-                                          session_open_ ? outstanding_credit_ : 0, capacity);
-  }
+  const int32_t want = AllowLocked(granting ? options_.threads + PrefetchLocked() : 0);
   if (granting && want > 0) {
     credits_to_send_ += want;
     outstanding_credit_ += want;
   }
+}
+
+int32_t Slots::AllowLocked(int32_t capacity) {
+  const auto held = static_cast<int32_t>(held_.size()) + stuck_;
+  if (!options_.shared_credits) return capacity - held - outstanding_credit_;
+  // A closed session's credits are void (the next welcome starts from none).
+  return options_.shared_credits->Allow(options_.member, held,
+                                        session_open_ ? outstanding_credit_ : 0, capacity);
 }
 
 bool Slots::TakeOthersWaitingLocked() {
@@ -542,9 +543,7 @@ bool Slots::TakeOthersWaitingLocked() {
 }
 
 bool Slots::RecordUseLocked() {
-  if (!options_.shared_credits) return false;
-  options_.shared_credits->Allow(options_.member, static_cast<int32_t>(held_.size()) + stuck_,
-                                 session_open_ ? outstanding_credit_ : 0, 0);
+  AllowLocked(0);
   return TakeOthersWaitingLocked();
 }
 

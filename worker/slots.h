@@ -224,6 +224,9 @@ class Slots {
   // The next message to write: results, credits, a drain, progress, a heartbeat when due.
   ToMaster TakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TopUpCreditsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What this slots may grant of `capacity` (threads and prefetch; 0: it grants nothing, and
+  // only tells the shared credits what it holds).
+  int32_t AllowLocked(int32_t capacity) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // After this slots' tasks changed: whether another partition's slots waits for room (to tell
   // on_room, once the lock is released).
   bool TakeOthersWaitingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

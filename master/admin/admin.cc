@@ -146,9 +146,10 @@ class MasterAdminImpl final : public MasterAdmin {
     status["epoch"] = sources_.brokers->epoch();
     if (sources_.brokers->partitions() > 1) {
       // This page counts the partitions served here: the others' masters show theirs.
-      status["partitions"] = sources_.brokers->Take().served;
+      const BrokerSet::Snapshot snapshot = sources_.brokers->Take();
+      status["partitions"] = snapshot.served;
       status["partition_count"] = sources_.brokers->partitions();
-      status["other_masters"] = sources_.brokers->OtherMasters();
+      status["other_masters"] = sources_.brokers->OtherMasters(snapshot);
     }
     const BrokerMetrics m = sources_.brokers->Metrics();
     json queues = json::array();

@@ -167,12 +167,8 @@ int64_t BrokerSet::DuplicateResults(const Snapshot& snapshot) {
   return total;
 }
 
-std::vector<std::string> BrokerSet::OtherMasters() const {
-  std::set<int32_t> served;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [p, broker] : brokers_) served.insert(p);
-  }
+std::vector<std::string> BrokerSet::OtherMasters(const Snapshot& snapshot) const {
+  const std::set<int32_t> served(snapshot.served.begin(), snapshot.served.end());
   std::set<std::string> others;
   for (int32_t p = 0; owner_of_ && p < partitions_; ++p) {
     if (served.contains(p)) continue;

@@ -68,8 +68,8 @@ class BrokerSet {
   std::vector<QueueStatsView> QueueStats() const { return QueueStats(Take()); }
   std::vector<WorkerView> Workers() const { return Workers(Take()); }
 
-  // The masters known to serve the partitions not served here, each once.
-  std::vector<std::string> OtherMasters() const;
+  // The masters known to serve the partitions a snapshot does not hold, each once.
+  std::vector<std::string> OtherMasters(const Snapshot& snapshot) const;
   BrokerMetrics Metrics() const;
   // Of the first partition served here ("" with none).
   std::string epoch() const;

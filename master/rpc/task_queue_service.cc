@@ -146,12 +146,12 @@ namespace {
 
 // Which partitions an answer of Stats or Workers covers, and who serves the others.
 template <typename Response>
-void AddPartitions(const BrokerSet& brokers, const std::vector<int32_t>& served,
+void AddPartitions(const BrokerSet& brokers, const BrokerSet::Snapshot& snapshot,
                    Response* response) {
   if (brokers.partitions() <= 1) return;
   response->set_partition_count(brokers.partitions());
-  for (int32_t p : served) response->add_partitions(p);
-  for (std::string& address : brokers.OtherMasters()) {
+  for (int32_t p : snapshot.served) response->add_partitions(p);
+  for (std::string& address : brokers.OtherMasters(snapshot)) {
     response->add_other_masters(std::move(address));
   }
 }
@@ -170,7 +170,7 @@ void TaskQueueService::AnswerStats(Call<v1::StatsRequest, v1::StatsResponse>* ca
   }
   for (const WorkerView& w : BrokerSet::Workers(snapshot)) ToProto(w, response->add_workers());
   response->set_duplicate_results(BrokerSet::DuplicateResults(snapshot));
-  AddPartitions(*brokers_, snapshot.served, response);
+  AddPartitions(*brokers_, snapshot, response);
   call->Reply(grpc::Status::OK);
 }
 
@@ -183,7 +183,7 @@ void TaskQueueService::AnswerWorkers(Call<v1::WorkersRequest, v1::WorkersRespons
   for (const WorkerView& w : BrokerSet::Workers(snapshot)) {
     ToProto(w, call->response()->add_workers());
   }
-  AddPartitions(*brokers_, snapshot.served, call->response());
+  AddPartitions(*brokers_, snapshot, call->response());
   call->Reply(grpc::Status::OK);
 }
 

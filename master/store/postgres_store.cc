@@ -187,7 +187,7 @@ class Chunks {
   explicit Chunks(size_t limit) : limit_(limit) {}
   // The columns to add a row of `bytes` to.
   Columns& For(size_t bytes) {
-    if (chunks_.empty() || (bytes_ > 0 && bytes_ + bytes > limit_)) {
+    if (chunks_.empty() || bytes_ + bytes > limit_) {
       chunks_.emplace_back();
       bytes_ = 0;
     }

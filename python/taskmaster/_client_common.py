@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import grpc
 
-from . import errors
+from . import _conn, errors
 from .v1 import taskmaster_pb2 as pb
 
 Payload = Union[bytes, str]
@@ -344,9 +344,6 @@ def _merge_stats(into: pb.StatsResponse, other: pb.StatsResponse) -> None:
     into.duplicate_results += other.duplicate_results
 
 
-_MAX_PARTITIONS = 256
-
-
 class EveryPartition:
     """Stats or Workers over every partition of the queues: the first answer names the masters
     serving the partitions it does not count; each is asked once (no more masters than
@@ -356,7 +353,7 @@ class EveryPartition:
     def __init__(self, first: Any, asked: str) -> None:
         self.merged = first
         # What masters say is bounded before it steers the walk (common/partition.h).
-        self._count = min(first.partition_count, _MAX_PARTITIONS)
+        self._count = min(first.partition_count, _conn.MAX_PARTITIONS)
         self._counted = {p for p in first.partitions if 0 <= p < self._count}
         self._to_ask = deque(first.other_masters[:self._count])
         self._asked = {asked}

@@ -80,6 +80,9 @@ ANSWERED_BY_MASTER = "tm-answered"
 SERVING_MASTER = "tm-serving-master"
 # A call no serving master took is tried again, round after round, for this long.
 FAILOVER_S = 15.0
+# The most partitions the queues may have (common/partition.h, kMaxPartitions): what a master
+# says of more is held to it.
+MAX_PARTITIONS = 256
 # After every master failed in a row, the pause before the next round.
 ROUND_PAUSE_S = 0.2
 

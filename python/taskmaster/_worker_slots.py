@@ -597,7 +597,7 @@ class Slots:
         """The stream stopped reading: the sender stops too."""
         with self._lock:
             self._session_open = False
-            self._record_use_locked()  # its credits are void: the others may use the room
+            self._allow_locked(0)  # its credits are void: the others may use the room
             waiting = self._others_waiting()
             self._send_ready.notify_all()
             self._changed.notify_all()
@@ -679,7 +679,7 @@ class Slots:
             self._report_stuck_locked(report, now)
             waiting = False
             if report.stuck or report.stopped or report.dropped:
-                self._record_use_locked()  # fewer held: the others may use the room
+                self._allow_locked(0)  # fewer held: the others may use the room
                 waiting = self._others_waiting()
                 self._send_ready.notify()
                 self._changed.notify_all()
@@ -740,24 +740,21 @@ class Slots:
         # Grants the master what the pool can take now: its slots plus prefetch, less what it
         # holds and what it granted already; with shared credits, this partition's part of that.
         granting = not self._draining and self._session_open
-        held = len(self._held) + self._stuck
-        capacity = self._threads + self._prefetch_locked() if granting else 0
-        want = capacity - held - self._outstanding_credit
-        shared = self._options.shared_credits
-        if shared is not None:
-            # A closed session's credits are void (the next welcome starts from none).
-            want = shared.allow(self._options.member, held,
-                                self._outstanding_credit if self._session_open else 0, capacity)
+        want = self._allow_locked(self._threads + self._prefetch_locked() if granting else 0)
         if granting and want > 0:
             self._credits_to_send += want
             self._outstanding_credit += want
 
-    def _record_use_locked(self) -> None:
-        # Tells the shared credits what this accounting holds now, granting nothing.
+    def _allow_locked(self, capacity: int) -> int:
+        # What this accounting may grant of `capacity` (threads and prefetch; 0: it grants
+        # nothing, and only tells the shared credits what it holds).
+        held = len(self._held) + self._stuck
         shared = self._options.shared_credits
-        if shared is not None:
-            shared.allow(self._options.member, len(self._held) + self._stuck,
-                         self._outstanding_credit if self._session_open else 0, 0)
+        if shared is None:
+            return capacity - held - self._outstanding_credit
+        # A closed session's credits are void (the next welcome starts from none).
+        return shared.allow(self._options.member, held,
+                            self._outstanding_credit if self._session_open else 0, capacity)
 
     def _others_waiting(self) -> bool:
         # After this accounting's tasks changed: whether another partition's waits for room (to

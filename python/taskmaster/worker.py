@@ -72,9 +72,6 @@ _MAX_LABELS = 64
 _MAX_LABEL_VALUE_BYTES = 256
 # A worker holds at most threads + prefetch tasks, and a hello lists at most 100,000.
 _MAX_PREFETCH = 50000
-# The most partitions the queues may have (common/partition.h, kMaxPartitions): a welcome
-# saying more is held to it.
-_MAX_PARTITIONS = 256
 # Random bytes in a worker's id after its name: two processes of one name never share an id.
 _WORKER_ID_RANDOM_BYTES = 6
 # How long the session and pool threads may take to end once stopped, and how long process
@@ -395,7 +392,7 @@ class _Lane:
         with self._lock:
             if self._closed:
                 return
-            for p in range(len(self._sessions), min(partitions, _MAX_PARTITIONS)):
+            for p in range(len(self._sessions), min(partitions, _conn.MAX_PARTITIONS)):
                 slots = Slots(SlotsOptions(
                     threads=self.size, prefetch=s.prefetch,
                     prefetch_max=s.prefetch_max, prefetch_window=s.prefetch_window,
