@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <future>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/logging.h"
@@ -169,6 +171,67 @@ TEST_F(PostgresStoreTest, TheNextMasterLoadsWhatTheFirstWrote) {
   second.Durable();
   EXPECT_EQ(second.Task(ids[1]).output, "2*2=4");
   EXPECT_EQ(second.Task(ids[1]).attempts, 1);
+}
+
+// A commit of one row writes it as scalars, a larger one as arrays (see Rows): a task and its
+// result written alone load back exactly as those written in a batch.
+TEST_F(PostgresStoreTest, ARowWrittenAloneLoadsBackAsOneWrittenInABatch) {
+  SKIP_WITHOUT_POSTGRES();
+  TempPostgres pg;
+  auto spec = [](const std::string& key) {
+    TaskSpec s = Spec("square", std::string("\0\xff payload", 10), /*priority=*/7);
+    s.timeout_ms = 1'234;
+    s.max_attempts = 4;
+    s.idempotency_key = key;
+    return s;
+  };
+  TaskId alone = 0;
+  std::vector<TaskId> batch;
+  {
+    PgMaster first(pg, "first", &clock_, options_);
+    auto one = first.Submit({spec("alone")});
+    ASSERT_TRUE(one.ok()) << one.status();
+    alone = one->task_ids[0];
+    auto two = first.Submit({spec("batch-1"), spec("batch-2")});
+    ASSERT_TRUE(two.ok()) << two.status();
+    batch = two->task_ids;
+    std::string secret;
+    auto w = Attach(*first.broker, "w1", &secret, 3);
+    std::map<TaskId, LeasedTask> leased;
+    for (LeasedTask& t : w.channel->Take()) leased[t.id] = t;
+    ASSERT_EQ(leased.size(), 3u);
+    const std::string output("\0\xfe output", 9);
+    first.broker->Report(w.handle,
+                         {{alone, leased[alone].attempt, Outcome::kSucceeded, output, ""}});
+    first.Durable();
+    first.broker->Report(w.handle,
+                         {{batch[0], leased[batch[0]].attempt, Outcome::kSucceeded, output, ""},
+                          {batch[1], leased[batch[1]].attempt, Outcome::kSucceeded, output, ""}});
+    first.Durable();
+  }
+  PgMaster second(pg, "second", &clock_, options_);
+  const TaskView a = second.Task(alone);
+  EXPECT_EQ(a.state, TaskState::kSucceeded);
+  EXPECT_EQ(a.output, std::string("\0\xfe output", 9));
+  EXPECT_EQ(a.payload, std::string("\0\xff payload", 10));
+  for (TaskId id : batch) {
+    const TaskView b = second.Task(id);
+    EXPECT_EQ(std::tie(b.queue, b.kind, b.state, b.attempts, b.max_attempts, b.priority, b.payload,
+                       b.output, b.error, b.worker, b.created_ms, b.finished_ms, b.not_before_ms),
+              std::tie(a.queue, a.kind, a.state, a.attempts, a.max_attempts, a.priority, a.payload,
+                       a.output, a.error, a.worker, a.created_ms, a.finished_ms, a.not_before_ms))
+        << id;
+  }
+  // Their jobs and idempotency keys too.
+  auto again = second.Submit({spec("alone")});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->task_ids, std::vector<TaskId>{alone});
+  auto job = second.broker->GetJob(kClient, again->job_id);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->done, 1);
+  again = second.Submit({spec("batch-1"), spec("batch-2")});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->task_ids, batch);
 }
 
 // A commit whose rows outgrow one statement (PostgreSQL takes at most 1 GB in one; here a

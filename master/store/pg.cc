@@ -59,6 +59,7 @@ template <typename T>
 void ArrayParam::Fixed(T v) {
   ++count_;
   Append(elements_, htobe32(sizeof(T)));
+  last_ = elements_.size();
   Append(elements_, v);
 }
 
@@ -71,6 +72,7 @@ void ArrayParam::Bool(bool v) { Fixed(static_cast<uint8_t>(v ? 1 : 0)); }
 void ArrayParam::Bytes(std::string_view v) {
   ++count_;
   Append(elements_, htobe32(static_cast<uint32_t>(v.size())));
+  last_ = elements_.size();
   elements_.append(v);
 }
 

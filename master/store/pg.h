@@ -58,6 +58,8 @@ class ArrayParam {
   size_t size() const { return count_; }
   // The array with its header.
   std::string Encode() const;
+  // The last element alone, for a scalar parameter of the element's type.
+  std::string Element() const { return elements_.substr(last_); }
 
  private:
   // One element of `bytes` in network order.
@@ -66,7 +68,8 @@ class ArrayParam {
 
   uint32_t oid_;
   size_t count_ = 0;
-  std::string elements_;
+  std::string elements_;  // each as its length, then its bytes
+  size_t last_ = 0;       // where the last element's bytes start in elements_
 };
 
 // One connection. Not thread-safe: each thread keeps its own.

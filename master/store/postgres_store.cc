@@ -115,11 +115,9 @@ struct StatusColumns {
     worker.Bytes(st.worker);
     worker_id.Bytes(st.worker_id);
   }
-  void AppendTo(std::vector<std::string>& params) const {
-    for (const ArrayParam* a : {&state, &attempts, &not_before_ms, &finished_ms, &seq,
-                                &completion_seq, &output, &error, &worker, &worker_id}) {
-      params.push_back(a->Encode());
-    }
+  void AppendTo(std::vector<const ArrayParam*>& columns) const {
+    columns.insert(columns.end(), {&state, &attempts, &not_before_ms, &finished_ms, &seq,
+                                   &completion_seq, &output, &error, &worker, &worker_id});
   }
 };
 
@@ -150,14 +148,12 @@ struct TaskColumns {
     idempotency_key.Bytes(t.idempotency_key);
     status.Add(t.status);
   }
-  std::vector<std::string> Params() const {
-    std::vector<std::string> params;
-    for (const ArrayParam* a : {&id, &part, &job_id, &queue, &kind, &labels, &payload, &priority,
-                                &max_attempts, &timeout_ms, &created_ms, &idempotency_key}) {
-      params.push_back(a->Encode());
-    }
-    status.AppendTo(params);
-    return params;
+  std::vector<const ArrayParam*> Columns() const {
+    std::vector<const ArrayParam*> columns = {
+        &id,      &part,     &job_id,       &queue,      &kind,       &labels,
+        &payload, &priority, &max_attempts, &timeout_ms, &created_ms, &idempotency_key};
+    status.AppendTo(columns);
+    return columns;
   }
 };
 
@@ -202,18 +198,32 @@ class Chunks {
   std::vector<Columns> chunks_;
 };
 
-// "unnest($1::int8[], $2::text[] ...)" from "$int8[], $text[] ...".
-std::string Unnest(std::string_view types) {
-  std::string out = "unnest(";
+// A table's rows of one commit, as a statement's row source ("SELECT * FROM " it) and its
+// parameters, from one column each, typed as in "$int8[], $text[] ...": `unnest` over one array
+// per column, so that a table takes one statement whatever the batch's size; a single row goes
+// as scalars in VALUES instead, since unnest's scans (a tuplestore per column) cost a lone row
+// several times its insert, and a lone round trip waits for each of its commits.
+struct RowSource {
+  std::string sql;
+  std::vector<std::string> params;
+};
+
+RowSource Rows(const std::string& types, const std::vector<const ArrayParam*>& columns) {
+  const bool single = columns.front()->size() == 1;
+  RowSource rows{single ? "(VALUES (" : "unnest(", {}};
   int n = 0;
   for (size_t i = 0; i < types.size(); ++i) {
     if (types[i] == '$') {
-      absl::StrAppend(&out, "$", ++n, "::");
-    } else {
-      out += types[i];
+      absl::StrAppend(&rows.sql, "$", ++n, "::");
+    } else if (!single || (types[i] != '[' && types[i] != ']')) {
+      rows.sql += types[i];
     }
   }
-  return out + ")";
+  rows.sql += single ? ")) AS r" : ")";
+  for (const ArrayParam* column : columns) {
+    rows.params.push_back(single ? column->Element() : column->Encode());
+  }
+  return rows;
 }
 
 std::string Ms(int64_t ms) { return std::to_string(ms); }
@@ -751,6 +761,14 @@ class PostgresStoreImpl final : public PostgresStore {
     statements.push_back(
         {"SELECT taskmaster.fence($1, $2, $3, $4)",
          {Part(), options_.master_id, std::to_string(version), std::to_string(highest)}});
+    // "INTO `into` SELECT * FROM (the rows) `then`".
+    auto insert = [&](const std::string& into, const std::string& types,
+                      const std::vector<const ArrayParam*>& columns, const std::string& then) {
+      RowSource rows = Rows(types, columns);
+      statements.push_back(
+          {absl::StrCat("INSERT INTO ", into, " SELECT * FROM ", rows.sql, " ", then),
+           std::move(rows.params), /*binary=*/true});
+    };
     if (!job_rows.empty()) {
       ArrayParam id{ArrayParam::kText}, part{ArrayParam::kInt4}, total{ArrayParam::kInt8},
           created{ArrayParam::kInt8}, tenant{ArrayParam::kBytea}, open{ArrayParam::kBool},
@@ -764,49 +782,34 @@ class PostgresStoreImpl final : public PostgresStore {
         open.Bool(job->open);
         batches.Int64(job->batches);
       }
-      statements.push_back(
-          {absl::StrCat("INSERT INTO taskmaster.jobs SELECT * FROM ",
-                        Unnest("$text[], $int4[], $int8[], $int8[], $bytea[], $bool[], $int8[]"),
-                        " ON CONFLICT (job_id) DO UPDATE SET total = EXCLUDED.total, "
-                        "open = EXCLUDED.open, batches = EXCLUDED.batches"),
-           {id.Encode(), part.Encode(), total.Encode(), created.Encode(), tenant.Encode(),
-            open.Encode(), batches.Encode()},
-           /*binary=*/true});
+      insert("taskmaster.jobs", "$text[], $int4[], $int8[], $int8[], $bytea[], $bool[], $int8[]",
+             {&id, &part, &total, &created, &tenant, &open, &batches},
+             "ON CONFLICT (job_id) DO UPDATE SET total = EXCLUDED.total, open = EXCLUDED.open, "
+             "batches = EXCLUDED.batches");
     }
     for (const TaskColumns& chunk : tasks.all()) {
-      statements.push_back(
-          {absl::StrCat("INSERT INTO taskmaster.tasks (", kTaskColumns, ") SELECT * FROM ",
-                        Unnest(absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], "
-                                            "$text[], $bytea[], $int4[], $int4[], $int8[], "
-                                            "$int8[], $bytea[], ",
-                                            kStatusTypes)),
-                        " ON CONFLICT (id) DO NOTHING"),
-           chunk.Params(), /*binary=*/true});
+      insert(absl::StrCat("taskmaster.tasks (", kTaskColumns, ")"),
+             absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], $text[], $bytea[], "
+                          "$int4[], $int4[], $int8[], $int8[], $bytea[], ",
+                          kStatusTypes),
+             chunk.Columns(), "ON CONFLICT (id) DO NOTHING");
     }
     if (member_task.size() > 0) {
       ArrayParam part{ArrayParam::kInt4};
       for (size_t i = 0; i < member_task.size(); ++i) part.Int32(options_.partition);
-      statements.push_back(
-          {absl::StrCat("INSERT INTO taskmaster.job_members SELECT * FROM ",
-                        Unnest("$text[], $int8[], $int8[], $int4[]"),
-                        " ON CONFLICT (job_id, task_id) DO UPDATE SET "
-                        "position = EXCLUDED.position"),
-           {member_job.Encode(), member_task.Encode(), member_position.Encode(), part.Encode()},
-           /*binary=*/true});
+      insert("taskmaster.job_members", "$text[], $int8[], $int8[], $int4[]",
+             {&member_job, &member_task, &member_position, &part},
+             "ON CONFLICT (job_id, task_id) DO UPDATE SET position = EXCLUDED.position");
     }
     for (const UpdateColumns& chunk : updates.all()) {
-      std::vector<std::string> params = {chunk.id.Encode()};
-      chunk.status.AppendTo(params);
-      statements.push_back(
-          {absl::StrCat("INSERT INTO taskmaster.statuses SELECT * FROM ",
-                        Unnest(absl::StrCat("$int8[], ", kStatusTypes)),
-                        " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, "
-                        "attempts = EXCLUDED.attempts, not_before_ms = EXCLUDED.not_before_ms, "
-                        "finished_ms = EXCLUDED.finished_ms, seq = EXCLUDED.seq, "
-                        "completion_seq = EXCLUDED.completion_seq, output = EXCLUDED.output, "
-                        "error = EXCLUDED.error, worker = EXCLUDED.worker, "
-                        "worker_id = EXCLUDED.worker_id"),
-           std::move(params), /*binary=*/true});
+      std::vector<const ArrayParam*> columns = {&chunk.id};
+      chunk.status.AppendTo(columns);
+      insert("taskmaster.statuses", absl::StrCat("$int8[], ", kStatusTypes), columns,
+             "ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempts = "
+             "EXCLUDED.attempts, not_before_ms = EXCLUDED.not_before_ms, finished_ms = "
+             "EXCLUDED.finished_ms, seq = EXCLUDED.seq, completion_seq = EXCLUDED.completion_seq, "
+             "output = EXCLUDED.output, error = EXCLUDED.error, worker = EXCLUDED.worker, "
+             "worker_id = EXCLUDED.worker_id");
     }
     if (deleted_tasks.size() > 0) {
       const std::string ids = deleted_tasks.Encode();
