@@ -55,26 +55,80 @@ int64_t Result::int64(int row, int col) const {
   return 0;  // NULL
 }
 
-template <typename T>
-void ArrayParam::Fixed(T v) {
+void ArrayParam::Int64(int64_t v) {
   ++count_;
-  Append(elements_, htobe32(sizeof(T)));
-  last_ = elements_.size();
-  Append(elements_, v);
+  Append(elements_, htobe32(8));
+  Append(elements_, htobe64(static_cast<uint64_t>(v)));
 }
-
-void ArrayParam::Int16(int16_t v) { Fixed(htobe16(static_cast<uint16_t>(v))); }
-void ArrayParam::Int32(int32_t v) { Fixed(htobe32(static_cast<uint32_t>(v))); }
-void ArrayParam::Int64(int64_t v) { Fixed(htobe64(static_cast<uint64_t>(v))); }
-
-void ArrayParam::Bool(bool v) { Fixed(static_cast<uint8_t>(v ? 1 : 0)); }
 
 void ArrayParam::Bytes(std::string_view v) {
   ++count_;
   Append(elements_, htobe32(static_cast<uint32_t>(v.size())));
-  last_ = elements_.size();
   elements_.append(v);
 }
+
+// A record element: its length, then the field count and the fields.
+void ArrayParam::Add(const Record& row) {
+  ++count_;
+  Append(elements_, htobe32(static_cast<uint32_t>(4 + row.fields_.size())));
+  Append(elements_, htobe32(row.count_));
+  elements_ += row.fields_;
+}
+
+Record::Scalars Record::AsScalars() const {
+  // fields_ holds what Fixed and Variable wrote: a type, a length, the bytes, and again.
+  auto read32 = [this](size_t at) {
+    uint32_t v;
+    std::memcpy(&v, fields_.data() + at, 4);
+    return be32toh(v);
+  };
+  Scalars out{"(", {}};
+  size_t at = 0;
+  for (uint32_t i = 0; i < count_; ++i) {
+    const uint32_t oid = read32(at), length = read32(at + 4);
+    const char* type = oid == ArrayParam::kBool    ? "bool"
+                       : oid == ArrayParam::kBytea ? "bytea"
+                       : oid == ArrayParam::kInt8  ? "int8"
+                       : oid == ArrayParam::kInt2  ? "int2"
+                       : oid == ArrayParam::kInt4  ? "int4"
+                                                   : "text";
+    absl::StrAppend(&out.sql, i == 0 ? "" : ", ", "$", i + 1, "::", type);
+    out.values.push_back(fields_.substr(at + 8, length));
+    at += 8 + length;
+  }
+  out.sql += ")";
+  return out;
+}
+
+template <typename T>
+Record& Record::Fixed(uint32_t oid, T v) {
+  ++count_;
+  Append(fields_, htobe32(oid));
+  Append(fields_, htobe32(sizeof(T)));
+  Append(fields_, v);
+  return *this;
+}
+
+Record& Record::Variable(uint32_t oid, std::string_view v) {
+  ++count_;
+  Append(fields_, htobe32(oid));
+  Append(fields_, htobe32(static_cast<uint32_t>(v.size())));
+  fields_.append(v);
+  return *this;
+}
+
+Record& Record::Int16(int16_t v) {
+  return Fixed(ArrayParam::kInt2, htobe16(static_cast<uint16_t>(v)));
+}
+Record& Record::Int32(int32_t v) {
+  return Fixed(ArrayParam::kInt4, htobe32(static_cast<uint32_t>(v)));
+}
+Record& Record::Int64(int64_t v) {
+  return Fixed(ArrayParam::kInt8, htobe64(static_cast<uint64_t>(v)));
+}
+Record& Record::Bool(bool v) { return Fixed(ArrayParam::kBool, static_cast<uint8_t>(v ? 1 : 0)); }
+Record& Record::Text(std::string_view v) { return Variable(ArrayParam::kText, v); }
+Record& Record::Bytea(std::string_view v) { return Variable(ArrayParam::kBytea, v); }
 
 std::string ArrayParam::Encode() const {
   std::string out;

@@ -42,34 +42,52 @@ class Result {
 // A statement's parameters, in text form; nullopt is SQL NULL.
 using Params = std::vector<std::optional<std::string>>;
 
+// A table's row in PostgreSQL's binary record format, for an ArrayParam of the table's row type,
+// which `unnest($1::schema.table[])` turns into the table's rows in one scan. Fields go in the
+// table's column order, each of the column's type.
+class Record {
+ public:
+  Record& Int16(int16_t v);
+  Record& Int32(int32_t v);
+  Record& Int64(int64_t v);
+  Record& Bool(bool v);
+  Record& Text(std::string_view v);
+  Record& Bytea(std::string_view v);
+  // The fields as a row of scalar parameters, "($1::int8, $2::text ...)", and their values.
+  struct Scalars {
+    std::string sql;
+    std::vector<std::string> values;
+  };
+  Scalars AsScalars() const;
+
+ private:
+  friend class ArrayParam;
+  template <typename T>
+  Record& Fixed(uint32_t oid, T v);
+  Record& Variable(uint32_t oid, std::string_view v);
+
+  uint32_t count_ = 0;
+  std::string fields_;  // each as its type, its length, then its bytes
+};
+
 // A one-dimensional array in PostgreSQL's binary format, for a statement's binary parameter:
-// a column of rows that `unnest($n::type[])` turns back into rows, so a whole batch goes in one
-// statement.
+// of a table's rows (Records, over the row type's oid), or of values (ids to delete).
 class ArrayParam {
  public:
   // Element type oids.
   static constexpr uint32_t kBool = 16, kBytea = 17, kInt8 = 20, kInt2 = 21, kInt4 = 23, kText = 25;
   explicit ArrayParam(uint32_t element_oid) : oid_(element_oid) {}
-  void Int16(int16_t v);
-  void Int32(int32_t v);
   void Int64(int64_t v);
-  void Bool(bool v);
   void Bytes(std::string_view v);  // text or bytea
+  void Add(const Record& row);
   size_t size() const { return count_; }
   // The array with its header.
   std::string Encode() const;
-  // The last element alone, for a scalar parameter of the element's type.
-  std::string Element() const { return elements_.substr(last_); }
 
  private:
-  // One element of `bytes` in network order.
-  template <typename T>
-  void Fixed(T v);
-
   uint32_t oid_;
   size_t count_ = 0;
   std::string elements_;  // each as its length, then its bytes
-  size_t last_ = 0;       // where the last element's bytes start in elements_
 };
 
 // One connection. Not thread-safe: each thread keeps its own.

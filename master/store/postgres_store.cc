@@ -94,137 +94,93 @@ constexpr char kTaskColumns[] =
     "completion_seq, output, error, worker, worker_id";
 
 using pg::ArrayParam;
+using pg::Record;
 
-// A batch's rows of one table as one array per column: `unnest` turns them back into rows
-// server-side, so each table takes one statement per commit, whatever the batch's size.
-struct StatusColumns {
-  ArrayParam state{ArrayParam::kInt2}, attempts{ArrayParam::kInt4},
-      not_before_ms{ArrayParam::kInt8}, finished_ms{ArrayParam::kInt8}, seq{ArrayParam::kInt8},
-      completion_seq{ArrayParam::kInt8}, output{ArrayParam::kBytea}, error{ArrayParam::kBytea},
-      worker{ArrayParam::kBytea}, worker_id{ArrayParam::kBytea};
+// The tables a commit writes, whose rows go as Records of their row types.
+constexpr const char* kWrittenTables[] = {"taskmaster.jobs", "taskmaster.tasks",
+                                          "taskmaster.statuses", "taskmaster.job_members"};
+enum WrittenTable { kJobs, kTasks, kStatuses, kJobMembers };
 
-  void Add(const TaskStatusRow& st) {
-    state.Int16(static_cast<int16_t>(st.state));
-    attempts.Int32(st.attempts);
-    not_before_ms.Int64(st.not_before_ms);
-    finished_ms.Int64(st.finished_ms);
-    seq.Int64(static_cast<int64_t>(st.seq));
-    completion_seq.Int64(static_cast<int64_t>(st.completion_seq));
-    output.Bytes(st.output);
-    error.Bytes(st.error);
-    worker.Bytes(st.worker);
-    worker_id.Bytes(st.worker_id);
-  }
-  void AppendTo(std::vector<const ArrayParam*>& columns) const {
-    columns.insert(columns.end(), {&state, &attempts, &not_before_ms, &finished_ms, &seq,
-                                   &completion_seq, &output, &error, &worker, &worker_id});
-  }
-};
+// A status's columns, after its task id, in the tables' order (tasks, statuses).
+Record& AddStatus(Record& row, const TaskStatusRow& st) {
+  return row.Int16(static_cast<int16_t>(st.state))
+      .Int32(st.attempts)
+      .Int64(st.not_before_ms)
+      .Int64(st.finished_ms)
+      .Int64(static_cast<int64_t>(st.seq))
+      .Int64(static_cast<int64_t>(st.completion_seq))
+      .Bytea(st.output)
+      .Bytea(st.error)
+      .Bytea(st.worker)
+      .Bytea(st.worker_id);
+}
 
-constexpr char kStatusTypes[] =
-    "$int2[], $int4[], $int8[], $int8[], $int8[], $int8[], $bytea[], $bytea[], $bytea[], "
-    "$bytea[]";
+Record TaskRecord(const TaskRow& t, int32_t partition) {
+  Record row;
+  row.Int64(static_cast<int64_t>(t.id))
+      .Int32(partition)
+      .Text(t.job_id)
+      .Text(t.queue)
+      .Text(t.kind)
+      .Text(EncodeLabels(t.labels))
+      .Bytea(t.payload)
+      .Int32(t.priority)
+      .Int32(t.max_attempts)
+      .Int64(t.timeout_ms)
+      .Int64(t.created_ms)
+      .Bytea(t.idempotency_key);
+  AddStatus(row, t.status);
+  return row;
+}
 
-struct TaskColumns {
-  ArrayParam id{ArrayParam::kInt8}, part{ArrayParam::kInt4}, job_id{ArrayParam::kText},
-      queue{ArrayParam::kText}, kind{ArrayParam::kText}, labels{ArrayParam::kText},
-      payload{ArrayParam::kBytea}, priority{ArrayParam::kInt4}, max_attempts{ArrayParam::kInt4},
-      timeout_ms{ArrayParam::kInt8}, created_ms{ArrayParam::kInt8},
-      idempotency_key{ArrayParam::kBytea};
-  StatusColumns status;
-
-  void Add(const TaskRow& t, int32_t partition) {
-    id.Int64(static_cast<int64_t>(t.id));
-    part.Int32(partition);
-    job_id.Bytes(t.job_id);
-    queue.Bytes(t.queue);
-    kind.Bytes(t.kind);
-    labels.Bytes(EncodeLabels(t.labels));
-    payload.Bytes(t.payload);
-    priority.Int32(t.priority);
-    max_attempts.Int32(t.max_attempts);
-    timeout_ms.Int64(t.timeout_ms);
-    created_ms.Int64(t.created_ms);
-    idempotency_key.Bytes(t.idempotency_key);
-    status.Add(t.status);
-  }
-  std::vector<const ArrayParam*> Columns() const {
-    std::vector<const ArrayParam*> columns = {
-        &id,      &part,     &job_id,       &queue,      &kind,       &labels,
-        &payload, &priority, &max_attempts, &timeout_ms, &created_ms, &idempotency_key};
-    status.AppendTo(columns);
-    return columns;
-  }
-};
-
-// A status row's columns, and an update's: its task id with them.
-struct UpdateColumns {
-  ArrayParam id{ArrayParam::kInt8};
-  StatusColumns status;
-};
-
+// About a row's bytes in a statement: each field's type and length (8 bytes), the fixed-size
+// values, then the others.
 size_t RowBytes(const TaskStatusRow& st) {
-  return 64 + st.output.size() + st.error.size() + st.worker.size() + st.worker_id.size();
+  return 128 + st.output.size() + st.error.size() + st.worker.size() + st.worker_id.size();
 }
 
 size_t RowBytes(const TaskRow& t) {
   size_t labels = 0;
   for (const auto& [key, value] : t.labels) labels += key.size() + value.size() + 8;
-  return 64 + t.job_id.size() + t.queue.size() + t.kind.size() + labels + t.payload.size() +
+  return 128 + t.job_id.size() + t.queue.size() + t.kind.size() + labels + t.payload.size() +
          t.idempotency_key.size() + RowBytes(t.status);
 }
+
+// Rows of one table for one statement: an array of records, the first also kept whole, since
+// a lone row goes as scalars (see Write).
+struct RowSet {
+  explicit RowSet(uint32_t row_type) : array(row_type) {}
+  void Add(Record row) {
+    array.Add(row);
+    if (array.size() == 1) first = std::move(row);
+  }
+  ArrayParam array;
+  Record first;
+};
 
 // A table's rows of one commit, in statements of about `limit` bytes at most: a statement's
 // parameters travel in one protocol message, which PostgreSQL caps at 1 GB (a row larger than
 // the limit gets a statement of its own).
-template <typename Columns>
 class Chunks {
  public:
-  explicit Chunks(size_t limit) : limit_(limit) {}
-  // The columns to add a row of `bytes` to.
-  Columns& For(size_t bytes) {
+  Chunks(size_t limit, uint32_t row_type) : limit_(limit), row_type_(row_type) {}
+  // The rows to add a row of `bytes` to.
+  RowSet& For(size_t bytes) {
     if (chunks_.empty() || bytes_ + bytes > limit_) {
-      chunks_.emplace_back();
+      chunks_.emplace_back(row_type_);
       bytes_ = 0;
     }
     bytes_ += bytes;
     return chunks_.back();
   }
-  const std::vector<Columns>& all() const { return chunks_; }
+  const std::vector<RowSet>& all() const { return chunks_; }
 
  private:
   const size_t limit_;
+  const uint32_t row_type_;
   size_t bytes_ = 0;  // of the last chunk
-  std::vector<Columns> chunks_;
+  std::vector<RowSet> chunks_;
 };
-
-// A table's rows of one commit, as a statement's row source ("SELECT * FROM " it) and its
-// parameters, from one column each, typed as in "$int8[], $text[] ...": `unnest` over one array
-// per column, so that a table takes one statement whatever the batch's size; a single row goes
-// as scalars in VALUES instead, since unnest's scans (a tuplestore per column) cost a lone row
-// several times its insert, and a lone round trip waits for each of its commits.
-struct RowSource {
-  std::string sql;
-  std::vector<std::string> params;
-};
-
-RowSource Rows(const std::string& types, const std::vector<const ArrayParam*>& columns) {
-  const bool single = columns.front()->size() == 1;
-  RowSource rows{single ? "(VALUES (" : "unnest(", {}};
-  int n = 0;
-  for (size_t i = 0; i < types.size(); ++i) {
-    if (types[i] == '$') {
-      absl::StrAppend(&rows.sql, "$", ++n, "::");
-    } else if (!single || (types[i] != '[' && types[i] != ']')) {
-      rows.sql += types[i];
-    }
-  }
-  rows.sql += single ? ")) AS r" : ")";
-  for (const ArrayParam* column : columns) {
-    rows.params.push_back(single ? column->Element() : column->Encode());
-  }
-  return rows;
-}
 
 std::string Ms(int64_t ms) { return std::to_string(ms); }
 
@@ -340,6 +296,15 @@ class PostgresStoreImpl final : public PostgresStore {
                                                      layout->partitions));
     }
     if (absl::Status s = (*conn)->Run(ReaderSetup()); !s.ok()) return s;
+    // Commits send rows as records of their tables' row types, which arrays name by oid.
+    absl::StatusOr<pg::Result> types = (*conn)->Exec(
+        "SELECT $1::regtype::oid, $2::regtype::oid, $3::regtype::oid, "
+        "$4::regtype::oid",
+        pg::Params(std::begin(kWrittenTables), std::end(kWrittenTables)));
+    if (!types.ok()) return types.status();
+    for (int i = 0; i < static_cast<int>(std::size(row_types_)); ++i) {
+      row_types_[i] = static_cast<uint32_t>(types->int64(0, i));
+    }
     epoch_ = layout->epoch;
     reader_ = std::move(*conn);
     return absl::OkStatus();
@@ -710,10 +675,9 @@ class PostgresStoreImpl final : public PostgresStore {
 
   absl::Status Write(const std::vector<StoreChange>& batch) {
     pg::Connection& c = *writer_;
-    Chunks<TaskColumns> tasks(options_.max_statement_bytes);
-    Chunks<UpdateColumns> updates(options_.max_statement_bytes);
-    ArrayParam member_job{ArrayParam::kText}, member_task{ArrayParam::kInt8},
-        member_position{ArrayParam::kInt8};
+    Chunks tasks(options_.max_statement_bytes, row_types_[kTasks]);
+    Chunks statuses(options_.max_statement_bytes, row_types_[kStatuses]);
+    RowSet members(row_types_[kJobMembers]);
     std::map<std::string, const JobRow*> job_rows;  // the last row of each job in the batch
     ArrayParam deleted_tasks{ArrayParam::kInt8}, deleted_jobs{ArrayParam::kText};
     std::vector<const StoreChange*> worker_changes;
@@ -726,18 +690,20 @@ class PostgresStoreImpl final : public PostgresStore {
           job_rows[op.submit->job.job_id] = &op.submit->job;
           for (const TaskRow& t : op.submit->tasks) {
             highest = std::max(highest, t.id);
-            tasks.For(RowBytes(t)).Add(t, options_.partition);
+            tasks.For(RowBytes(t)).Add(TaskRecord(t, options_.partition));
           }
           for (const JobMemberRow& m : op.submit->members) {
-            member_job.Bytes(m.job_id);
-            member_task.Int64(static_cast<int64_t>(m.task_id));
-            member_position.Int64(m.position);
+            members.Add(Record()
+                            .Text(m.job_id)
+                            .Int64(static_cast<int64_t>(m.task_id))
+                            .Int64(m.position)
+                            .Int32(options_.partition));
           }
           break;
         case StoreChange::Kind::kUpdateTask: {
-          UpdateColumns& u = updates.For(RowBytes(op.status));
-          u.id.Int64(static_cast<int64_t>(op.task_id));
-          u.status.Add(op.status);
+          Record row;
+          row.Int64(static_cast<int64_t>(op.task_id));
+          statuses.For(RowBytes(op.status)).Add(AddStatus(row, op.status));
           break;
         }
         case StoreChange::Kind::kDeleteTask:
@@ -761,50 +727,45 @@ class PostgresStoreImpl final : public PostgresStore {
     statements.push_back(
         {"SELECT taskmaster.fence($1, $2, $3, $4)",
          {Part(), options_.master_id, std::to_string(version), std::to_string(highest)}});
-    // "INTO `into` SELECT * FROM (the rows) `then`".
-    auto insert = [&](const std::string& into, const std::string& types,
-                      const std::vector<const ArrayParam*>& columns, const std::string& then) {
-      RowSource rows = Rows(types, columns);
+    // "INSERT INTO `table` SELECT * FROM (the rows) `then`". A lone row (what a lone round trip
+    // commits) goes as scalars in VALUES: `unnest`'s scan costs one row more than its insert.
+    auto insert = [&](WrittenTable table, const RowSet& rows, const std::string& then) {
+      const char* name = kWrittenTables[table];
+      if (rows.array.size() > 1) {
+        statements.push_back(
+            {absl::StrCat("INSERT INTO ", name, " SELECT * FROM unnest($1::", name, "[]) ", then),
+             {rows.array.Encode()},
+             /*binary=*/true});
+        return;
+      }
+      Record::Scalars row = rows.first.AsScalars();
       statements.push_back(
-          {absl::StrCat("INSERT INTO ", into, " SELECT * FROM ", rows.sql, " ", then),
-           std::move(rows.params), /*binary=*/true});
+          {absl::StrCat("INSERT INTO ", name, " SELECT * FROM (VALUES ", row.sql, ") AS r ", then),
+           std::move(row.values), /*binary=*/true});
     };
     if (!job_rows.empty()) {
-      ArrayParam id{ArrayParam::kText}, part{ArrayParam::kInt4}, total{ArrayParam::kInt8},
-          created{ArrayParam::kInt8}, tenant{ArrayParam::kBytea}, open{ArrayParam::kBool},
-          batches{ArrayParam::kInt8};
+      RowSet jobs(row_types_[kJobs]);
       for (const auto& [job_id, job] : job_rows) {
-        id.Bytes(job_id);
-        part.Int32(options_.partition);
-        total.Int64(job->total);
-        created.Int64(job->created_ms);
-        tenant.Bytes(job->tenant);
-        open.Bool(job->open);
-        batches.Int64(job->batches);
+        jobs.Add(Record()
+                     .Text(job_id)
+                     .Int32(options_.partition)
+                     .Int64(job->total)
+                     .Int64(job->created_ms)
+                     .Bytea(job->tenant)
+                     .Bool(job->open)
+                     .Int64(job->batches));
       }
-      insert("taskmaster.jobs", "$text[], $int4[], $int8[], $int8[], $bytea[], $bool[], $int8[]",
-             {&id, &part, &total, &created, &tenant, &open, &batches},
+      insert(kJobs, jobs,
              "ON CONFLICT (job_id) DO UPDATE SET total = EXCLUDED.total, open = EXCLUDED.open, "
              "batches = EXCLUDED.batches");
     }
-    for (const TaskColumns& chunk : tasks.all()) {
-      insert(absl::StrCat("taskmaster.tasks (", kTaskColumns, ")"),
-             absl::StrCat("$int8[], $int4[], $text[], $text[], $text[], $text[], $bytea[], "
-                          "$int4[], $int4[], $int8[], $int8[], $bytea[], ",
-                          kStatusTypes),
-             chunk.Columns(), "ON CONFLICT (id) DO NOTHING");
-    }
-    if (member_task.size() > 0) {
-      ArrayParam part{ArrayParam::kInt4};
-      for (size_t i = 0; i < member_task.size(); ++i) part.Int32(options_.partition);
-      insert("taskmaster.job_members", "$text[], $int8[], $int8[], $int4[]",
-             {&member_job, &member_task, &member_position, &part},
+    for (const RowSet& chunk : tasks.all()) insert(kTasks, chunk, "ON CONFLICT (id) DO NOTHING");
+    if (members.array.size() > 0) {
+      insert(kJobMembers, members,
              "ON CONFLICT (job_id, task_id) DO UPDATE SET position = EXCLUDED.position");
     }
-    for (const UpdateColumns& chunk : updates.all()) {
-      std::vector<const ArrayParam*> columns = {&chunk.id};
-      chunk.status.AppendTo(columns);
-      insert("taskmaster.statuses", absl::StrCat("$int8[], ", kStatusTypes), columns,
+    for (const RowSet& chunk : statuses.all()) {
+      insert(kStatuses, chunk,
              "ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempts = "
              "EXCLUDED.attempts, not_before_ms = EXCLUDED.not_before_ms, finished_ms = "
              "EXCLUDED.finished_ms, seq = EXCLUDED.seq, completion_seq = EXCLUDED.completion_seq, "
@@ -852,7 +813,8 @@ class PostgresStoreImpl final : public PostgresStore {
 
   const PostgresStoreOptions options_;
   const std::string password_;
-  std::string epoch_;  // set by Open
+  std::string epoch_;                                   // set by Open
+  uint32_t row_types_[std::size(kWrittenTables)] = {};  // by WrittenTable; set by Open
   // Open's, then Acquire's and Load's (before the writer starts): one thread at a time.
   std::unique_ptr<pg::Connection> reader_;
   std::unique_ptr<pg::Connection> writer_;  // the writer thread's only
