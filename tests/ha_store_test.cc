@@ -173,8 +173,9 @@ TEST_F(PostgresStoreTest, TheNextMasterLoadsWhatTheFirstWrote) {
   EXPECT_EQ(second.Task(ids[1]).attempts, 1);
 }
 
-// A commit of one row writes it as scalars, a larger one as arrays (see Rows): a task and its
-// result written alone load back exactly as those written in a batch.
+// A commit of one row writes its fields as scalars, a larger one an array of records (see
+// PostgresStoreImpl::Write): a task and its result written alone load back exactly as those
+// written in a batch.
 TEST_F(PostgresStoreTest, ARowWrittenAloneLoadsBackAsOneWrittenInABatch) {
   SKIP_WITHOUT_POSTGRES();
   TempPostgres pg;

@@ -1,6 +1,6 @@
 // A thin layer over libpq for the PostgreSQL store: a connection, statements with text
-// parameters and binary results, whole transactions in one round trip with arrays in
-// PostgreSQL's binary format as parameters. Errors come back as
+// parameters and binary results, whole transactions in one round trip with binary parameters
+// (arrays of rows, or a row's fields) in PostgreSQL's binary format. Errors come back as
 // statuses: UNAVAILABLE when the server cannot be reached or the connection broke (worth
 // retrying), FAILED_PRECONDITION for anything the server refused.
 #pragma once
@@ -107,7 +107,8 @@ class Connection {
   // Runs one statement (or, without parameters, several separated by ';').
   absl::StatusOr<Result> Exec(const std::string& sql, const Params& params = {});
   absl::Status Run(const std::string& sql, const Params& params = {});
-  // A statement of a Transaction: its parameters are text, or binary (ArrayParam::Encode's).
+  // A statement of a Transaction: its parameters are text, or binary (an ArrayParam's encoding,
+  // a Record's fields).
   struct Statement {
     std::string sql;
     std::vector<std::string> params;
